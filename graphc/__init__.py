@@ -1,0 +1,25 @@
+"""graphc: a compiler for neural-network training.
+
+Declare a static graph, derive its gradient graph with `grad`, run it on the numpy reference
+executor (`evaluate`) or compile it to native code.
+"""
+from .autodiff import grad
+from .errors import ShapeError
+from .gradcheck import GradCheckReport, grad_check
+from .init import init_params
+from .ir import Graph, Tensor
+from .ops import (add, avg_pool2d, broadcast_to, conv2d, div, exp, flatten, global_avg_pool2d, linear, log,
+                  matmul, max_pool2d, mean, mse, mul, neg, power, relu, reshape, sigmoid,
+                  sigmoid_binary_cross_entropy, softmax, softmax_cross_entropy, softplus, sqrt, sub, sum, tanh,
+                  transpose)
+from .reference import evaluate
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Graph", "Tensor", "ShapeError", "grad", "evaluate", "init_params", "grad_check", "GradCheckReport",
+    "add", "avg_pool2d", "broadcast_to", "conv2d", "div", "exp", "flatten", "global_avg_pool2d", "linear", "log",
+    "matmul", "max_pool2d", "mean", "mse", "mul", "neg", "power", "relu", "reshape", "sigmoid",
+    "sigmoid_binary_cross_entropy", "softmax", "softmax_cross_entropy", "softplus", "sqrt", "sub", "sum", "tanh",
+    "transpose",
+]

@@ -1,0 +1,273 @@
+"""A thin, readable layer over `llvmlite.ir.IRBuilder` for float32 kernels.
+
+Every kernel generator (GEMM, elementwise, conv, pooling) builds on this so
+that loops, addressing and SIMD look the same everywhere:
+
+    kb = KernelBuilder(ir.IRBuilder(entry_block))
+    with kb.for_range(0, n, step=kb.width) as i:      # an IR loop, not unrolled
+        x = kb.load_vec(src, i)
+        kb.store_vec(kb.fma(x, kb.splat(2.0), kb.splat(1.0)), dst, i)
+
+Conventions:
+  * Pointers are opaque (`ptr`) and always point at float32 elements;
+    `gep` offsets are in elements, never bytes.  Addresses are computed
+    with GEP, not integer arithmetic, so LLVM can reason about them.
+  * Indices and loop counters are i64.  Python ints are accepted anywhere
+    an i64 or f32 value is expected and become constants.
+  * Vectors are `<width x float>`; `width` defaults to the host's
+    `vector_width_f32()`.  Only generic LLVM vector types and target
+    independent intrinsics (llvm.fma, llvm.masked.*) are used, so the same
+    IR compiles for x86 and ARM.
+  * Vector memory access is unaligned (align 4): callers pass plain numpy
+    buffers and offsets inside them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Iterator, Sequence, Union
+
+import llvmlite.ir as ir
+
+from graphc.codegen.target import vector_width_f32
+
+__all__ = ["KernelBuilder", "F32", "I64", "I32", "I1", "PTR", "FAST_MATH"]
+
+F32 = ir.FloatType()
+I64 = ir.IntType(64)
+I32 = ir.IntType(32)
+I1 = ir.IntType(1)
+PTR = ir.PointerType()
+
+# All fast-math flags: lets LLVM reassociate float reductions (needed to
+# vectorize them) and contract mul+add into fma.
+FAST_MATH = ("fast",)
+
+ValueLike = Union[ir.Value, int, float]
+
+
+class KernelBuilder:
+    """Wraps an IRBuilder with the handful of idioms kernels need."""
+
+    def __init__(self, builder: ir.IRBuilder, width: int | None = None):
+        self.b = builder
+        self.width = width or vector_width_f32()
+        self.vec_type = ir.VectorType(F32, self.width)
+        self.mask_type = ir.VectorType(I1, self.width)
+
+    @property
+    def module(self) -> ir.Module:
+        return self.b.module
+
+    # ----------------------------------------------------------- constants
+    @staticmethod
+    def f32(value: float) -> ir.Constant:
+        return ir.Constant(F32, float(value))
+
+    @staticmethod
+    def i64(value: int) -> ir.Constant:
+        return ir.Constant(I64, int(value))
+
+    def as_i64(self, value: ValueLike) -> ir.Value:
+        return value if isinstance(value, ir.Value) else self.i64(value)
+
+    def as_f32(self, value: ValueLike) -> ir.Value:
+        return value if isinstance(value, ir.Value) else self.f32(value)
+
+    # ------------------------------------------------------ i64 arithmetic
+    # Index arithmetic never overflows in practice; `nsw` tells LLVM so,
+    # which lets scalar evolution compute trip counts and strides.
+    def add(self, a: ValueLike, b: ValueLike) -> ir.Value:
+        return self.b.add(self.as_i64(a), self.as_i64(b), flags=("nsw",))
+
+    def sub(self, a: ValueLike, b: ValueLike) -> ir.Value:
+        return self.b.sub(self.as_i64(a), self.as_i64(b), flags=("nsw",))
+
+    def mul(self, a: ValueLike, b: ValueLike) -> ir.Value:
+        return self.b.mul(self.as_i64(a), self.as_i64(b), flags=("nsw",))
+
+    def min(self, a: ValueLike, b: ValueLike) -> ir.Value:
+        a, b = self.as_i64(a), self.as_i64(b)
+        return self.b.select(self.b.icmp_signed("<", a, b), a, b)
+
+    def max(self, a: ValueLike, b: ValueLike) -> ir.Value:
+        a, b = self.as_i64(a), self.as_i64(b)
+        return self.b.select(self.b.icmp_signed(">", a, b), a, b)
+
+    # ---------------------------------------------------------------- loops
+    @contextlib.contextmanager
+    def for_range(self, start: ValueLike, stop: ValueLike, step: int = 1,
+                  name: str = "i") -> Iterator[ir.Value]:
+        """`for i in range(start, stop, step)` as an IR loop; yields i (i64).
+
+        `step` must be a positive Python int.  The body is whatever the
+        caller emits inside the `with`; it may contain nested loops.  After
+        the `with`, the builder is positioned after the loop.
+        """
+        if step <= 0:
+            raise ValueError("for_range needs a positive step")
+        start, stop = self.as_i64(start), self.as_i64(stop)
+        preheader = self.b.block
+        header = self.b.append_basic_block(f"{name}.header")
+        body = self.b.append_basic_block(f"{name}.body")
+        exit_ = self.b.append_basic_block(f"{name}.exit")
+        self.b.branch(header)
+
+        self.b.position_at_end(header)
+        index = self.b.phi(I64, name=name)
+        index.add_incoming(start, preheader)
+        self.b.cbranch(self.b.icmp_signed("<", index, stop), body, exit_)
+
+        self.b.position_at_end(body)
+        yield index
+        # The body may have ended in another block (nested loops); the back
+        # edge comes from wherever the builder is now.
+        index.add_incoming(self.add(index, step), self.b.block)
+        self.b.branch(header)
+
+        self.b.position_at_end(exit_)
+
+    @contextlib.contextmanager
+    def if_then(self, condition: ir.Value) -> Iterator[None]:
+        """Emit the `with` body only when the i1 `condition` holds."""
+        with self.b.if_then(condition):
+            yield
+
+    def split_range(self, n: ValueLike, tid: ValueLike,
+                    nthreads: ValueLike) -> tuple[ir.Value, ir.Value]:
+        """Thread `tid`'s share [lo, hi) of range(n), as i64 IR values.
+
+        lo = n*tid // nthreads: shares differ by at most one item, cover
+        range(n) exactly and never overlap, for any nthreads >= 1 (threads
+        beyond n get empty ranges).
+        """
+        n, tid, nthreads = self.as_i64(n), self.as_i64(tid), self.as_i64(nthreads)
+        lo = self.b.sdiv(self.mul(n, tid), nthreads)
+        hi = self.b.sdiv(self.mul(n, self.add(tid, 1)), nthreads)
+        return lo, hi
+
+    # ------------------------------------------------------ scalar memory
+    def gep(self, ptr: ir.Value, index: ValueLike) -> ir.Value:
+        """Address of float element `index` past `ptr`."""
+        return self.b.gep(ptr, [self.as_i64(index)], inbounds=True,
+                          source_etype=F32)
+
+    def load(self, ptr: ir.Value, index: ValueLike = 0) -> ir.Value:
+        return self.b.load(self.gep(ptr, index), typ=F32, align=4)
+
+    def store(self, value: ir.Value, ptr: ir.Value, index: ValueLike = 0) -> None:
+        self.b.store(value, self.gep(ptr, index), align=4)
+
+    # ------------------------------------------------------ vector memory
+    def load_vec(self, ptr: ir.Value, index: ValueLike = 0) -> ir.Value:
+        """Load `width` consecutive floats starting at element `index`."""
+        return self.b.load(self.gep(ptr, index), typ=self.vec_type, align=4)
+
+    def store_vec(self, value: ir.Value, ptr: ir.Value,
+                  index: ValueLike = 0) -> None:
+        self.b.store(value, self.gep(ptr, index), align=4)
+
+    def lane_mask(self, n_active: int) -> ir.Constant:
+        """Constant mask enabling the first `n_active` lanes."""
+        return ir.Constant(self.mask_type,
+                           [i < n_active for i in range(self.width)])
+
+    def lane_mask_dynamic(self, n_active: ir.Value) -> ir.Value:
+        """Mask enabling the first `n_active` (an i64 value) lanes."""
+        lanes = ir.Constant(ir.VectorType(I64, self.width), list(range(self.width)))
+        return self.b.icmp_signed("<", lanes, self.splat_i64(n_active))
+
+    def masked_load_vec(self, ptr: ir.Value, index: ValueLike, mask: ir.Value,
+                        passthru: ir.Value | None = None) -> ir.Value:
+        """Load the lanes enabled by `mask`; disabled lanes are `passthru`
+        (zero by default) and their memory is never touched."""
+        fn = self._intrinsic("llvm.masked.load", self.vec_type,
+                             [PTR, I32, self.mask_type, self.vec_type])
+        if passthru is None:
+            passthru = self.splat(0.0)
+        return self.b.call(fn, [self.gep(ptr, index), ir.Constant(I32, 4),
+                                mask, passthru])
+
+    def masked_store_vec(self, value: ir.Value, ptr: ir.Value,
+                         index: ValueLike, mask: ir.Value) -> None:
+        """Store only the lanes of `value` enabled by `mask`."""
+        fn = self._intrinsic("llvm.masked.store", ir.VoidType(),
+                             [self.vec_type, PTR, I32, self.mask_type])
+        self.b.call(fn, [value, self.gep(ptr, index), ir.Constant(I32, 4), mask])
+
+    # ------------------------------------------------------ vector values
+    def splat(self, scalar: ValueLike) -> ir.Value:
+        """Broadcast a float (IR value or Python number) to every lane."""
+        if not isinstance(scalar, ir.Value):
+            return ir.Constant(self.vec_type, [float(scalar)] * self.width)
+        return self._splat(scalar, self.vec_type)
+
+    def splat_i64(self, scalar: ir.Value) -> ir.Value:
+        return self._splat(scalar, ir.VectorType(I64, self.width))
+
+    def _splat(self, scalar: ir.Value, vec_type: ir.VectorType) -> ir.Value:
+        # insertelement + zero shufflevector is the canonical broadcast;
+        # a broadcast of a load becomes a single vbroadcastss / ld1r.
+        one_lane = self.b.insert_element(ir.Constant(vec_type, ir.Undefined),
+                                         scalar, ir.Constant(I32, 0))
+        zeros = ir.Constant(ir.VectorType(I32, self.width), [0] * self.width)
+        return self.b.shuffle_vector(one_lane, ir.Constant(vec_type, ir.Undefined),
+                                     zeros)
+
+    def fma(self, a: ir.Value, b: ir.Value, c: ir.Value) -> ir.Value:
+        """a*b + c with one rounding, on f32 scalars or <width x float>."""
+        fn = self._intrinsic("llvm.fma", a.type, [a.type, a.type, a.type])
+        return self.b.call(fn, [a, b, c])
+
+    def fadd(self, a: ir.Value, b: ir.Value, fast: bool = False) -> ir.Value:
+        return self.b.fadd(a, b, flags=FAST_MATH if fast else ())
+
+    def fmul(self, a: ir.Value, b: ir.Value, fast: bool = False) -> ir.Value:
+        return self.b.fmul(a, b, flags=FAST_MATH if fast else ())
+
+    def relu(self, x: ir.Value) -> ir.Value:
+        """max(x, 0) for a float or vector; NaN stays NaN like numpy."""
+        zero = self.splat(0.0) if isinstance(x.type, ir.VectorType) else self.f32(0.0)
+        # `x < 0 ? 0 : x` is false for NaN, so NaN propagates.
+        return self.b.select(self.b.fcmp_ordered("<", x, zero), zero, x)
+
+    @staticmethod
+    def set_fast_math(instruction: ir.Instruction,
+                      flags: Sequence[str] = FAST_MATH) -> ir.Instruction:
+        """Add fast-math flags to an already emitted float instruction."""
+        if isinstance(instruction, ir.CallInstr):
+            for flag in flags:
+                instruction.fastmath.add(flag)
+        else:
+            instruction.flags.extend(f for f in flags if f not in instruction.flags)
+        return instruction
+
+    # ------------------------------------------------------------ helpers
+    def _intrinsic(self, name: str, return_type: ir.Type,
+                   arg_types: Sequence[ir.Type]) -> ir.Function:
+        """Declare (once per module) an overloaded intrinsic by its mangled
+        name, e.g. llvm.masked.load.v8f32.p0."""
+        suffix = {
+            "llvm.fma": [return_type],
+            "llvm.masked.load": [return_type, PTR],
+            "llvm.masked.store": [arg_types[0], PTR],
+        }[name]
+        mangled = name + "".join("." + _type_suffix(t) for t in suffix)
+        existing = self.module.globals.get(mangled)
+        if existing is not None:
+            return existing
+        return ir.Function(self.module, ir.FunctionType(return_type, arg_types),
+                           name=mangled)
+
+
+def _type_suffix(typ: ir.Type) -> str:
+    """LLVM's intrinsic name mangling for the types we use."""
+    if isinstance(typ, ir.PointerType):
+        return "p0"
+    if isinstance(typ, ir.VectorType):
+        return f"v{typ.count}{_type_suffix(typ.element)}"
+    if isinstance(typ, ir.FloatType):
+        return "f32"
+    if isinstance(typ, ir.DoubleType):
+        return "f64"
+    raise TypeError(f"no intrinsic mangling for {typ}")

@@ -1,0 +1,190 @@
+"""The host target: one LLVM target machine shared by every kernel generator.
+
+Kernels are specialised for the machine that compiles them (host CPU name and
+feature string), so an emitted object file is only valid on that machine;
+`target_fingerprint()` names it for object caches.
+
+Objects are emitted here and loaded by the runtime with an MCJIT engine
+(`add_object_file`).  That is why the target machine is created with
+``jit=True`` and the ``jitdefault`` code model: LLVM then picks relocations
+that RuntimeDyld can resolve wherever it places the sections in memory, even
+far away from libc/libm symbols the code calls.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import llvmlite
+import llvmlite.binding as llvm
+import llvmlite.ir as ir
+
+__all__ = [
+    "host_target_machine",
+    "new_jit_target_machine",
+    "host_features",
+    "vector_width_f32",
+    "vector_register_count",
+    "new_module",
+    "optimize",
+    "parse_and_verify",
+    "compile_to_object",
+    "compile_to_assembly",
+    "target_fingerprint",
+    "load_object",
+]
+
+
+@functools.lru_cache(maxsize=None)
+def _initialize_llvm() -> None:
+    # llvmlite >= 0.45 refuses llvm.initialize(); the native pieces suffice.
+    llvm.initialize_native_target()
+    llvm.initialize_native_asmprinter()
+    llvm.initialize_native_asmparser()
+
+
+@functools.lru_cache(maxsize=None)
+def host_features() -> str:
+    """LLVM feature string of the host CPU, e.g. '+avx2,+fma,-avx512f,...'."""
+    _initialize_llvm()
+    try:
+        return llvm.get_host_cpu_features().flatten()
+    except RuntimeError:
+        # Some hosts (and some LLVM builds) cannot report features; an empty
+        # string means "baseline of the triple", which is always safe.
+        return ""
+
+
+def _has_feature(name: str) -> bool:
+    return f"+{name}" in host_features().split(",")
+
+
+@functools.lru_cache(maxsize=None)
+def host_target_machine() -> llvm.TargetMachine:
+    """The shared target machine for this process's CPU, at -O3, used to
+    optimise and emit code.
+
+    Never pass it to `llvm.create_mcjit_compiler`: the engine takes
+    ownership of its target machine and destroys it with itself, which
+    would leave this cached object dangling (a later compile then crashes).
+    Engines get their own from `new_jit_target_machine()`.
+    """
+    return new_jit_target_machine()
+
+
+def new_jit_target_machine() -> llvm.TargetMachine:
+    """A fresh host target machine (same settings), e.g. for an MCJIT engine."""
+    _initialize_llvm()
+    target = llvm.Target.from_triple(llvm.get_process_triple())
+    return target.create_target_machine(
+        cpu=llvm.get_host_cpu_name(),
+        features=host_features(),
+        opt=3,
+        reloc="default",
+        codemodel="jitdefault",
+        jit=True,
+    )
+
+
+@functools.lru_cache(maxsize=None)
+def vector_width_f32() -> int:
+    """Floats per SIMD register that generated kernels should use.
+
+    16 with AVX-512F, 8 with AVX/AVX2, else 4 (SSE, NEON, and the generic
+    lowering of <4 x float> on anything else).
+    """
+    if _has_feature("avx512f"):
+        return 16
+    if _has_feature("avx"):
+        return 8
+    return 4
+
+
+@functools.lru_cache(maxsize=None)
+def vector_register_count() -> int:
+    """Architectural SIMD registers available for register tiling.
+
+    x86-64 has 32 with AVX-512 and 16 otherwise; AArch64 has 32.  Unknown
+    targets get the conservative 16.
+    """
+    if _has_feature("avx512f"):
+        return 32
+    if llvm.get_process_triple().startswith(("aarch64", "arm64")):
+        return 32
+    return 16
+
+
+def new_module(name: str) -> ir.Module:
+    """An empty IR module whose triple and data layout match the host.
+
+    Without them LLVM's cost model assumes a target without vector
+    registers and the vectorizers do nothing.
+    """
+    tm = host_target_machine()
+    module = ir.Module(name=name)
+    module.triple = tm.triple
+    module.data_layout = str(tm.target_data)
+    return module
+
+
+def optimize(module_ref: llvm.ModuleRef) -> llvm.ModuleRef:
+    """Run the new-pass-manager O3 pipeline (loop + SLP vectorization) in place."""
+    tm = host_target_machine()
+    tuning = llvm.create_pipeline_tuning_options(speed_level=3)
+    tuning.loop_vectorization = True
+    tuning.slp_vectorization = True
+    tuning.loop_unrolling = True
+    tuning.loop_interleaving = True
+    pass_builder = llvm.create_pass_builder(tm, tuning)
+    pass_builder.getModulePassManager().run(module_ref, pass_builder)
+    return module_ref
+
+
+def parse_and_verify(ir_text: str) -> llvm.ModuleRef:
+    """Parse textual IR and verify it, with the host triple and layout."""
+    _initialize_llvm()
+    module_ref = llvm.parse_assembly(str(ir_text))
+    module_ref.verify()
+    tm = host_target_machine()
+    module_ref.triple = tm.triple
+    module_ref.data_layout = str(tm.target_data)
+    return module_ref
+
+
+def compile_to_object(ir_text: str) -> bytes:
+    """Parse, verify, optimise and emit a native object file for the host."""
+    module_ref = optimize(parse_and_verify(ir_text))
+    return host_target_machine().emit_object(module_ref)
+
+
+def compile_to_assembly(ir_text: str) -> str:
+    """Like `compile_to_object`, but returns the assembly, for inspection."""
+    module_ref = optimize(parse_and_verify(ir_text))
+    return host_target_machine().emit_assembly(module_ref)
+
+
+@functools.lru_cache(maxsize=None)
+def target_fingerprint() -> str:
+    """Identifies everything that makes an emitted object host-specific."""
+    _initialize_llvm()
+    return "|".join([
+        llvm.get_process_triple(),
+        llvm.get_host_cpu_name(),
+        host_features(),
+        f"llvmlite-{llvmlite.__version__}",
+        "llvm-" + ".".join(map(str, llvm.llvm_version_info)),
+    ])
+
+
+def load_object(obj: bytes) -> llvm.ExecutionEngine:
+    """Load an emitted object into a new MCJIT engine (tests and benchmarks).
+
+    The runtime has its own loader; this one exists so codegen can be
+    tested end to end the same way.  Keep the engine alive while its
+    functions are used: `engine.get_function_address(name)`.
+    """
+    engine = llvm.create_mcjit_compiler(llvm.parse_assembly(""),
+                                        new_jit_target_machine())
+    engine.add_object_file(llvm.ObjectFileRef.from_data(obj))
+    engine.finalize_object()
+    return engine

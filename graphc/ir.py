@@ -1,0 +1,233 @@
+"""The graph IR: a Graph is an append-only DAG of Tensors, one Tensor per node.
+
+A node has an op name, input nodes, hashable attrs and one typed output (static shape, dtype).
+Nodes are created in topological order (an op's inputs exist before it), so a graph's node list
+is always a valid schedule; graph algorithms beyond that go through `to_networkx()`.
+
+Every node records its provenance: `site`, the user's `file:line` that built it, and `grad_of`,
+the forward node whose gradient it helps compute (None for forward nodes).
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+from typing import Any, Iterable
+
+import networkx as nx
+import numpy as np
+
+from .errors import ShapeError, user_site
+
+FLOAT_DTYPES = ("float32", "float64")
+INT_DTYPES = ("int32", "int64")
+SOURCE_OPS = ("input", "param", "constant", "fill")
+
+
+def normalize_dtype(dtype) -> str:
+    name = np.dtype(dtype).name
+    if name not in FLOAT_DTYPES + INT_DTYPES:
+        raise ValueError(f"unsupported dtype {name!r}: graphc tensors are one of {FLOAT_DTYPES + INT_DTYPES}")
+    return name
+
+
+def normalize_shape(shape, what: str) -> tuple[int, ...]:
+    try:
+        dims = tuple(int(d) for d in shape)
+    except TypeError:
+        raise ValueError(f"{what}: shape must be a tuple of ints, got {shape!r}") from None
+    if any(d < 0 for d in dims):
+        raise ValueError(f"{what}: shape dimensions must be >= 0, got {dims}")
+    return dims
+
+
+class ConstArray:
+    """A numpy array held as a node attribute: hashable by content, so CSE can merge equal constants."""
+
+    __slots__ = ("array", "_digest")
+
+    def __init__(self, array: np.ndarray):
+        self.array = np.ascontiguousarray(array)
+        self.array.setflags(write=False)
+        h = hashlib.sha256(self.array.tobytes())
+        h.update(repr((self.array.shape, self.array.dtype.str)).encode())
+        self._digest = h.hexdigest()
+
+    def __hash__(self):
+        return hash(self._digest)
+
+    def __eq__(self, other):
+        return isinstance(other, ConstArray) and other._digest == self._digest
+
+    def __repr__(self):
+        if self.array.size <= 4:
+            return np.array2string(self.array, separator=",")
+        return f"<{self.array.dtype}{list(self.array.shape)} {self._digest[:8]}>"
+
+
+class Tensor:
+    """A node of a Graph and the value it produces."""
+
+    __slots__ = ("graph", "id", "op", "inputs", "attrs", "shape", "dtype", "name", "site", "grad_of", "__weakref__")
+
+    def __init__(self, graph, id, op, inputs, attrs, shape, dtype, name, site, grad_of):
+        self.graph = graph
+        self.id = id
+        self.op = op
+        self.inputs = inputs
+        self.attrs = attrs
+        self.shape = shape
+        self.dtype = dtype
+        self.name = name
+        self.site = site
+        self.grad_of = grad_of
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+    @property
+    def size(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64))
+
+    @property
+    def is_backward(self) -> bool:
+        return self.grad_of is not None
+
+    @property
+    def T(self) -> "Tensor":
+        from .ops.shape import transpose
+        return transpose(self)
+
+    def __repr__(self):
+        label = f" {self.name!r}" if self.name else ""
+        return f"<Tensor %{self.id} {self.op}{label} {self.dtype}{list(self.shape)}>"
+
+    # Arithmetic with numpy broadcasting; Python scalars become constants of the expression.
+    def __add__(self, other): return _ew().add(self, other)
+    def __radd__(self, other): return _ew().add(other, self)
+    def __sub__(self, other): return _ew().sub(self, other)
+    def __rsub__(self, other): return _ew().sub(other, self)
+    def __mul__(self, other): return _ew().mul(self, other)
+    def __rmul__(self, other): return _ew().mul(other, self)
+    def __truediv__(self, other): return _ew().div(self, other)
+    def __rtruediv__(self, other): return _ew().div(other, self)
+    def __pow__(self, exponent): return _ew().power(self, exponent)
+    def __neg__(self): return _ew().neg(self)
+
+    def __matmul__(self, other):
+        from .ops.linalg import matmul
+        return matmul(self, other)
+
+    def __rmatmul__(self, other):
+        from .ops.linalg import matmul
+        return matmul(other, self)
+
+    # Tensors are graph nodes: identity is equality (networkx and dicts rely on it).
+    __hash__ = object.__hash__
+
+    def __bool__(self):
+        raise TypeError("a graphc Tensor is symbolic and has no truth value; evaluate it first")
+
+
+def _ew():
+    from .ops import elementwise
+    return elementwise
+
+
+class Graph:
+    """A static computation graph: inputs, trainable params, and the ops between them."""
+
+    def __init__(self, name: str = "graph"):
+        self.name = name
+        self.nodes: list[Tensor] = []
+        self.inputs: dict[str, Tensor] = {}
+        self.params: dict[str, Tensor] = {}
+        self._grad_of_stack: list[Tensor] = []
+
+    # ---- declaring sources -------------------------------------------------------------
+    def input(self, name: str, shape, dtype="float32") -> Tensor:
+        """A value fed at every call (a minibatch, its labels)."""
+        return self._source("input", self.inputs, name, shape, dtype)
+
+    def param(self, name: str, shape, dtype="float32") -> Tensor:
+        """A trainable parameter; its values live outside the graph (see `gc.init_params`)."""
+        return self._source("param", self.params, name, shape, dtype)
+
+    def constant(self, value, dtype=None, name: str | None = None) -> Tensor:
+        """A fixed array baked into the graph (e.g. a fixed filter bank)."""
+        array = np.asarray(value, dtype=dtype if dtype is not None else None)
+        if array.dtype.kind == "f" and dtype is None:
+            array = array.astype(np.float32)
+        elif array.dtype.kind in "iub" and dtype is None:
+            array = array.astype(np.int32)
+        dt = normalize_dtype(array.dtype)
+        return self.add_node("constant", [], {"value": ConstArray(array.astype(dt))},
+                             array.shape, dt, name=name)
+
+    def _source(self, op, table, name, shape, dtype) -> Tensor:
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"{op} name must be a non-empty string, got {name!r}")
+        if name in self.inputs or name in self.params:
+            raise ValueError(f"graph {self.name!r} already has an input or param named {name!r}")
+        node = self.add_node(op, [], {}, normalize_shape(shape, f"{op} {name!r}"), normalize_dtype(dtype), name=name)
+        table[name] = node
+        return node
+
+    # ---- adding nodes ------------------------------------------------------------------
+    def add_node(self, op: str, inputs: list[Tensor], attrs: dict[str, Any], shape, dtype: str,
+                 name: str | None = None, site: str | None = None) -> Tensor:
+        """Append a node. Ops call this after their type rule has accepted the operands."""
+        grad_of = self._grad_of_stack[-1] if self._grad_of_stack else None
+        node = Tensor(self, len(self.nodes), op, tuple(inputs), dict(attrs), tuple(shape), dtype,
+                      name, site or user_site(), grad_of)
+        self.nodes.append(node)
+        return node
+
+    @contextlib.contextmanager
+    def building_gradient_of(self, forward: Tensor):
+        """Nodes created inside this block are marked as computing the gradient of `forward`."""
+        self._grad_of_stack.append(forward)
+        try:
+            yield
+        finally:
+            self._grad_of_stack.pop()
+
+    # ---- graph algorithms --------------------------------------------------------------
+    def to_networkx(self) -> nx.MultiDiGraph:
+        """The graph as networkx: node ids, one edge per operand use (an op may use a value twice)."""
+        dg = nx.MultiDiGraph()
+        for node in self.nodes:
+            dg.add_node(node.id, tensor=node)
+            for index, operand in enumerate(node.inputs):
+                dg.add_edge(operand.id, node.id, operand_index=index)
+        return dg
+
+    def ancestors(self, outputs: Iterable[Tensor]) -> list[Tensor]:
+        """Every node `outputs` depend on, outputs included, in topological order."""
+        outputs = list(outputs)
+        dg = self.to_networkx()
+        needed: set[int] = set()
+        for out in outputs:
+            needed.add(out.id)
+            needed |= nx.ancestors(dg, out.id)
+        return [self.nodes[i] for i in sorted(needed)]
+
+    # ---- inspection --------------------------------------------------------------------
+    def __str__(self) -> str:
+        from .display import listing
+        return listing(self)
+
+    def __repr__(self) -> str:
+        return f"<Graph {self.name!r}: {len(self.nodes)} nodes, {len(self.inputs)} inputs, {len(self.params)} params>"
+
+    def to_dot(self, outputs: Iterable[Tensor] | None = None) -> str:
+        """Graphviz DOT text; backward nodes are drawn distinctly from forward ones."""
+        from .display import to_dot
+        return to_dot(self, outputs)
+
+
+def check_same_graph(op: str, tensors: list[Tensor]) -> Graph:
+    graphs = {id(t.graph) for t in tensors}
+    if len(graphs) != 1:
+        raise ShapeError(f"{op}: operands belong to different graphs (at {user_site()})")
+    return tensors[0].graph
