@@ -3,6 +3,8 @@
 Declare a static graph, derive its gradient graph with `grad`, run it on the numpy reference
 executor (`evaluate`) or compile it to native code.
 """
+__version__ = "0.1.0"
+
 from .autodiff import grad
 from .errors import ShapeError
 from .gradcheck import GradCheckReport, grad_check
@@ -13,11 +15,15 @@ from .ops import (add, avg_pool2d, broadcast_to, conv2d, div, exp, flatten, glob
                   sigmoid_binary_cross_entropy, softmax, softmax_cross_entropy, softplus, sqrt, sub, sum, tanh,
                   transpose)
 from .reference import evaluate
+from .optim import SGD
+from .compiler import CompiledFunction, CompiledTrainingStep, compile, compile_training_step
+from graphc_runtime import get_num_threads, set_num_threads
 
-__version__ = "0.1.0"
 
 __all__ = [
     "Graph", "Tensor", "ShapeError", "grad", "evaluate", "init_params", "grad_check", "GradCheckReport",
+    "compile", "compile_training_step", "CompiledFunction", "CompiledTrainingStep", "SGD",
+    "get_num_threads", "set_num_threads",
     "add", "avg_pool2d", "broadcast_to", "conv2d", "div", "exp", "flatten", "global_avg_pool2d", "linear", "log",
     "matmul", "max_pool2d", "mean", "mse", "mul", "neg", "power", "relu", "reshape", "sigmoid",
     "sigmoid_binary_cross_entropy", "softmax", "softmax_cross_entropy", "softplus", "sqrt", "sub", "sum", "tanh",

@@ -23,16 +23,18 @@ How it is fast (see shared/NOTES-llvm.md for the measurements):
     code and the compile time stay small whatever the shape.
 
 Threads: the function takes (tid, nthreads) and computes only its share of
-strips of N (or of row tiles of M when N has fewer strips than M has tiles).
-Shares never overlap, each thread packs into its own slice of the
-workspace, so nthreads concurrent calls with tid = 0..nthreads-1 compute C
-without races.  C is written only by the thread owning the tile.
+strips of N (or of row tiles of M when N has too few strips to share; see
+`choose_plan`).  Shares never overlap and each thread packs into its own
+slice of the workspace, so nthreads concurrent calls with tid = 0..nthreads-1
+compute C without races: every element of C is written by one thread only.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
+from typing import NamedTuple
 
 import llvmlite.ir as ir
 
@@ -60,10 +62,13 @@ class GemmPlan:
     rows: int         # rows of C per register tile
     vecs: int         # vectors per row of a register tile
     kc: int           # K block length
+    split: str        # "n": threads share strips of N; "m": row tiles of M
 
     def __post_init__(self):
         if min(self.M, self.N, self.K) < 1:
             raise ValueError(f"GEMM dims must be >= 1, got {self.M}x{self.N}x{self.K}")
+        if self.split not in ("n", "m"):
+            raise ValueError(f"split must be 'n' or 'm', not {self.split!r}")
 
     @property
     def strip_width(self) -> int:
@@ -94,18 +99,18 @@ class GemmPlan:
         return self.full_tiles + (self.tail_rows > 0)
 
     @property
-    def split_n(self) -> bool:
-        """Threads share strips of N (True) or row tiles of M (False).
+    def panel_rows(self) -> int:
+        """Rows of a packed panel: kc rounded up to whole vectors, because
+        the transposing packer writes W rows at a time."""
+        return -(-self.kc // self.width) * self.width
 
-        Splitting N is preferred: each thread then packs only its own
-        strips.  Splitting M makes every thread pack all of B, so it is only
-        used when M offers more units of work to share.
-        """
-        return self.strips >= self.tiles
+    @property
+    def panel_floats(self) -> int:
+        return self.panel_rows * self.strip_width
 
     def workspace_floats(self, nthreads: int = 1) -> int:
         """Scratch floats for `nthreads` threads: one packed panel each."""
-        return max(1, nthreads) * self.kc * self.strip_width
+        return max(1, nthreads) * self.panel_floats
 
 
 def choose_plan(M: int, N: int, K: int, *, width: int | None = None,
@@ -114,11 +119,19 @@ def choose_plan(M: int, N: int, K: int, *, width: int | None = None,
     width = width or vector_width_f32()
     registers = vector_registers or vector_register_count()
     rows, vecs = _register_tile(registers)
+    strips = math.ceil(N / (vecs * width))
+    tiles = math.ceil(M / rows)
+    # Splitting N is preferred: each thread then packs only its own strips,
+    # and it measured as fast or faster whenever N has a few strips.
+    # Splitting M makes every thread pack all of B; it wins only when N has
+    # too few strips to share (e.g. N = 16 with M = 100: 1 strip, 17 tiles).
+    split = "n" if strips >= min(tiles, 8) else "m"
     # Balance the K blocks (K=300 -> 150+150, not 256+44): the short block
     # would otherwise pay the same C load/store per tile for little work.
     k_blocks = math.ceil(K / MAX_K_BLOCK)
     kc = math.ceil(K / k_blocks)
-    return GemmPlan(M=M, N=N, K=K, width=width, rows=rows, vecs=vecs, kc=kc)
+    return GemmPlan(M=M, N=N, K=K, width=width, rows=rows, vecs=vecs, kc=kc,
+                    split=split)
 
 
 def _register_tile(vector_registers: int) -> tuple[int, int]:
@@ -166,6 +179,23 @@ def emit_gemm(module: ir.Module, name: str, M: int, N: int, K: int, *,
     return emitter.emit()
 
 
+class _Operands(NamedTuple):
+    """The driver's pointers: its arguments and this thread's panel."""
+    a: ir.Value
+    b: ir.Value
+    c: ir.Value
+    bias: ir.Value
+    panel: ir.Value
+
+
+class _KBlock(NamedTuple):
+    """The K block being computed, as IR values of the driver."""
+    k0: ir.Value        # first k of the block
+    kc: ir.Value        # its length (the last block may be shorter)
+    load_c: ir.Value    # i1: accumulate onto C (else start from zero)
+    is_last: ir.Value   # i1: apply bias and relu after this block
+
+
 class _GemmEmitter:
     """Emits one GEMM: the public driver plus its internal helper functions
     (panel packers and one micro-kernel per tile shape actually needed)."""
@@ -183,6 +213,7 @@ class _GemmEmitter:
 
     # ------------------------------------------------------------ driver
     def emit(self) -> ir.Function:
+        """The driver: K blocks > this thread's strips > row tiles."""
         p = self.plan
         fn = ir.Function(self.module, ir.FunctionType(
             ir.VoidType(), [PTR] * 5 + [I64, I64]), name=self.name)
@@ -193,84 +224,88 @@ class _GemmEmitter:
         a, b, c, bias, workspace, tid, nthreads = fn.args
         kb = KernelBuilder(ir.IRBuilder(fn.append_basic_block("entry")), p.width)
 
-        if p.split_n:
-            strip_lo, strip_hi = kb.split_range(p.strips, tid, nthreads)
-            tile_lo, tile_hi = kb.i64(0), kb.i64(p.tiles)
+        if p.split == "n":
+            strips = kb.split_range(p.strips, tid, nthreads)
+            tiles = (kb.i64(0), kb.i64(p.tiles))
         else:
-            strip_lo, strip_hi = kb.i64(0), kb.i64(p.strips)
-            tile_lo, tile_hi = kb.split_range(p.tiles, tid, nthreads)
-        panel = kb.gep(workspace, kb.mul(tid, p.kc * p.strip_width))
+            strips = (kb.i64(0), kb.i64(p.strips))
+            tiles = kb.split_range(p.tiles, tid, nthreads)
+        operands = _Operands(a, b, c, bias,
+                             panel=kb.gep(workspace, kb.mul(tid, p.panel_floats)))
 
-        # Only threads with work touch memory: a thread beyond the number of
-        # work units must not even pack (its share is empty anyway).
-        has_work = kb.b.and_(kb.b.icmp_signed("<", strip_lo, strip_hi),
-                             kb.b.icmp_signed("<", tile_lo, tile_hi))
+        # A thread beyond the number of work units has an empty share; it
+        # must not even pack (its workspace slice may not exist).
+        has_work = kb.b.and_(kb.b.icmp_signed("<", *strips),
+                             kb.b.icmp_signed("<", *tiles))
         with kb.if_then(has_work):
             with kb.for_range(0, p.K, step=p.kc, name="k0") as k0:
-                self._emit_k_block(kb, k0, a, b, c, bias, panel,
-                                   (strip_lo, strip_hi), (tile_lo, tile_hi))
+                self._emit_k_block(kb, operands, self._k_block(kb, k0),
+                                   strips, tiles)
         kb.b.ret_void()
         return fn
 
-    def _emit_k_block(self, kb, k0, a, b, c, bias, panel, strip_range, tile_range):
-        """All of this thread's strips for K block [k0, k0 + kc)."""
+    def _k_block(self, kb, k0) -> _KBlock:
         p = self.plan
-        kc = kb.min(p.kc, kb.sub(p.K, k0))
         # C holds a partial sum after the first block; before it, only when
         # the caller asked to accumulate.
         load_c = (ir.Constant(I1, 1) if self.accumulate
                   else kb.b.icmp_signed("!=", k0, kb.i64(0)))
-        is_last = kb.b.icmp_signed(">=", kb.add(k0, p.kc), kb.i64(p.K))
-        block = (k0, kc, load_c, is_last)
-        strip_lo, strip_hi = strip_range
+        return _KBlock(k0=k0, kc=kb.min(p.kc, kb.sub(p.K, k0)), load_c=load_c,
+                       is_last=kb.b.icmp_signed(">=", kb.add(k0, p.kc), kb.i64(p.K)))
 
+    def _emit_k_block(self, kb, ops, block, strips, tiles):
+        """This thread's strips of N for one K block: pack, then row tiles."""
+        p = self.plan
+        strip_lo, strip_hi = strips
         if p.full_strips:
             pack = self._pack_function(p.vecs, p.strip_width)
             with kb.for_range(strip_lo, kb.min(strip_hi, p.full_strips),
                               name="strip") as strip:
                 j0 = kb.mul(strip, p.strip_width)
-                kb.b.call(pack, [b, panel, k0, kc, j0])
-                self._emit_row_tiles(kb, p.vecs, p.strip_width, j0,
-                                     a, c, bias, panel, block, tile_range)
+                kb.b.call(pack, [ops.b, ops.panel, block.k0, block.kc, j0])
+                self._emit_row_tiles(kb, ops, block, tiles, j0, p.vecs, p.strip_width)
         if p.tail_cols:
+            # The narrow last strip belongs to the thread whose share ends N.
             vecs = math.ceil(p.tail_cols / p.width)
             pack = self._pack_function(vecs, p.tail_cols)
             with kb.if_then(kb.b.icmp_signed("==", strip_hi, kb.i64(p.strips))):
                 j0 = kb.i64(p.full_strips * p.strip_width)
-                kb.b.call(pack, [b, panel, k0, kc, j0])
-                self._emit_row_tiles(kb, vecs, p.tail_cols, j0,
-                                     a, c, bias, panel, block, tile_range)
+                kb.b.call(pack, [ops.b, ops.panel, block.k0, block.kc, j0])
+                self._emit_row_tiles(kb, ops, block, tiles, j0, vecs, p.tail_cols)
 
-    def _emit_row_tiles(self, kb, vecs, cols, j0, a, c, bias, panel, block,
-                        tile_range):
-        """This thread's row tiles of one packed strip (columns j0..j0+cols)."""
+    def _emit_row_tiles(self, kb, ops, block, tiles, j0, vecs, cols):
+        """This thread's row tiles of the packed strip of columns [j0, j0+cols)."""
         p = self.plan
-        k0, kc, load_c, is_last = block
-        tile_lo, tile_hi = tile_range
-
-        def call_micro_kernel(kernel, i0):
-            if self.trans_a:
-                a_tile = kb.gep(a, kb.add(kb.mul(k0, p.M), i0))
-            else:
-                a_tile = kb.gep(a, kb.add(kb.mul(i0, p.K), k0))
-            c_tile = kb.gep(c, kb.add(kb.mul(i0, p.N), j0))
-            if self.bias == "col":
-                bias_tile = kb.gep(bias, j0)
-            elif self.bias == "row":
-                bias_tile = kb.gep(bias, i0)
-            else:
-                bias_tile = bias  # may be null; never read
-            kb.b.call(kernel, [a_tile, panel, c_tile, bias_tile, kc, load_c, is_last])
-
+        tile_lo, tile_hi = tiles
         if p.full_tiles:
             kernel = self._micro_kernel(p.rows, vecs, cols)
             with kb.for_range(tile_lo, kb.min(tile_hi, p.full_tiles),
                               name="tile") as tile:
-                call_micro_kernel(kernel, kb.mul(tile, p.rows))
+                self._call_micro_kernel(kb, kernel, ops, block,
+                                        kb.mul(tile, p.rows), j0)
         if p.tail_rows:
+            # The short last tile belongs to the thread whose share ends M.
             kernel = self._micro_kernel(p.tail_rows, vecs, cols)
             with kb.if_then(kb.b.icmp_signed("==", tile_hi, kb.i64(p.tiles))):
-                call_micro_kernel(kernel, kb.i64(p.full_tiles * p.rows))
+                self._call_micro_kernel(kb, kernel, ops, block,
+                                        kb.i64(p.full_tiles * p.rows), j0)
+
+    def _call_micro_kernel(self, kb, kernel, ops, block, i0, j0):
+        """Call `kernel` on the tile of C at row i0, column j0."""
+        p = self.plan
+        if self.trans_a:   # A stored (K, M): element (i, k) at k*M + i
+            a_tile = kb.gep(ops.a, kb.add(kb.mul(block.k0, p.M), i0))
+        else:              # A stored (M, K): element (i, k) at i*K + k
+            a_tile = kb.gep(ops.a, kb.add(kb.mul(i0, p.K), block.k0))
+        c_tile = kb.gep(ops.c, kb.add(kb.mul(i0, p.N), j0))
+        if self.bias == "col":
+            bias_tile = kb.gep(ops.bias, j0)
+        elif self.bias == "row":
+            bias_tile = kb.gep(ops.bias, i0)
+        else:
+            bias_tile = ops.bias  # may be null; never read
+        kb.b.call(kernel, [a_tile, ops.panel, c_tile, bias_tile,
+                           block.kc, block.load_c, block.is_last])
 
     # ------------------------------------------------------------ helpers
     def _internal_function(self, suffix, arg_types):
@@ -320,20 +355,36 @@ class _GemmEmitter:
                 kb.store_vec(value, dst, v * p.width)
 
     def _emit_pack_transposed(self, kb, b, panel, k0, kc, j0, vecs, cols):
-        """B stored (N, K): panel column c is a contiguous slice of B row
-        j0+c, so read along K and write with the panel's row stride."""
+        """B stored (N, K): column c of the panel is a contiguous run of B's
+        row j0+c.  Load W columns x W values of k, transpose the block in
+        registers and store it as W panel rows: no scalar loop, no gather.
+
+        A k remainder (< W) is loaded masked; its padding rows are written
+        as zeros into the panel's spare rows (panel_rows >= kc) and never
+        read.  Column groups past `cols` are zero vectors."""
         p = self.plan
-        panel_stride = vecs * p.width
-        with kb.for_range(0, cols, name="col") as col:
-            src = kb.gep(b, kb.add(kb.mul(kb.add(j0, col), p.K), k0))
-            dst = kb.gep(panel, col)
-            with kb.for_range(0, kc, name="k") as k:
-                kb.store(kb.load(src, k), dst, kb.mul(k, panel_stride))
-        if cols < panel_stride:
-            with kb.for_range(0, kc, name="kz") as k:
-                row = kb.gep(panel, kb.mul(k, panel_stride))
-                for col in range(cols, panel_stride):
-                    kb.store(kb.f32(0.0), row, col)
+        w = p.width
+        panel_stride = vecs * w
+
+        def pack_block(k, mask):
+            for group in range(vecs):
+                columns = []
+                for c in range(group * w, (group + 1) * w):
+                    if c >= cols:
+                        columns.append(kb.splat(0.0))
+                        continue
+                    src = kb.gep(b, kb.add(kb.mul(kb.add(j0, c), p.K), k0))
+                    columns.append(kb.load_vec(src, k) if mask is None
+                                   else kb.masked_load_vec(src, k, mask))
+                for i, row in enumerate(kb.transpose(columns)):
+                    kb.store_vec(row, panel,
+                                 kb.add(kb.mul(kb.add(k, i), panel_stride), group * w))
+
+        kc_whole = kb.sub(kc, kb.b.srem(kc, kb.i64(w)))
+        with kb.for_range(0, kc_whole, step=w, name="k") as k:
+            pack_block(k, None)
+        with kb.if_then(kb.b.icmp_signed("<", kc_whole, kc)):
+            pack_block(kc_whole, kb.lane_mask_dynamic(kb.sub(kc, kc_whole)))
 
     def _micro_kernel(self, rows: int, vecs: int, cols: int) -> ir.Function:
         """`micro(A_tile, panel, C_tile, bias_tile, kc, load_c, is_last)`:
@@ -349,10 +400,13 @@ class _GemmEmitter:
         masks = [None if lanes == p.width else kb.lane_mask(lanes)
                  for lanes in (min(p.width, cols - v * p.width) for v in range(vecs))]
 
-        # Accumulators live in allocas that LLVM promotes to registers; this
-        # keeps the loop free of hand-written phis.
-        acc = [[kb.b.alloca(kb.vec_type) for _ in range(vecs)] for _ in range(rows)]
-        self._emit_init_accumulators(kb, acc, c, masks, load_c)
+        tile = list(itertools.product(range(rows), range(vecs)))  # (r, v) pairs
+
+        # acc[r, v]: the accumulator of row r, vector v, kept in registers.
+        acc = {rv: kb.variable(kb.splat(0.0)) for rv in tile}
+        with kb.if_then(load_c):
+            for r, v in tile:
+                kb.set(acc[r, v], self._load_masked(kb, c, self._c_offset(r, v), masks[v]))
 
         # The k loop: one broadcast of A per row, one fma per accumulator.
         a_row_stride, a_k_stride = (1, p.M) if self.trans_a else (p.K, 1)
@@ -364,46 +418,26 @@ class _GemmEmitter:
             for r in range(rows):
                 a_bcast = kb.splat(kb.load(a_col, r * a_row_stride))
                 for v in range(vecs):
-                    total = kb.fma(a_bcast, b_vecs[v], kb.b.load(acc[r][v], typ=kb.vec_type))
-                    kb.b.store(total, acc[r][v])
+                    kb.set(acc[r, v], kb.fma(a_bcast, b_vecs[v], kb.get(acc[r, v])))
 
-        self._emit_store_tile(kb, acc, c, bias, masks, is_last)
+        if self.bias or self.relu:
+            with kb.if_then(is_last):
+                for r, v in tile:
+                    kb.set(acc[r, v], self._epilogue(kb, kb.get(acc[r, v]), bias,
+                                                     r, v, masks[v]))
+        for r, v in tile:
+            self._store_masked(kb, kb.get(acc[r, v]), c, self._c_offset(r, v), masks[v])
         kb.b.ret_void()
         return fn
 
-    def _emit_init_accumulators(self, kb, acc, c, masks, load_c):
-        """acc = C_tile if load_c else 0."""
-        n = self.plan.N
-        for row in acc:
-            for slot in row:
-                kb.b.store(kb.splat(0.0), slot)
-        with kb.if_then(load_c):
-            for r, row in enumerate(acc):
-                for v, slot in enumerate(row):
-                    kb.b.store(self._load_c(kb, c, r * n + v * kb.width, masks[v]), slot)
-
-    def _emit_store_tile(self, kb, acc, c, bias, masks, is_last):
-        """C_tile = acc, after bias and relu when this is the last K block."""
-        n = self.plan.N
-        if self.bias or self.relu:
-            with kb.if_then(is_last):
-                for r, row in enumerate(acc):
-                    for v, slot in enumerate(row):
-                        kb.b.store(self._epilogue(kb, kb.b.load(slot, typ=kb.vec_type),
-                                                  bias, r, v, masks[v]), slot)
-        for r, row in enumerate(acc):
-            for v, slot in enumerate(row):
-                value = kb.b.load(slot, typ=kb.vec_type)
-                offset = r * n + v * kb.width
-                if masks[v] is None:
-                    kb.store_vec(value, c, offset)
-                else:
-                    kb.masked_store_vec(value, c, offset, masks[v])
+    def _c_offset(self, r, v):
+        """Offset in C_tile of row r, vector v of the register tile."""
+        return r * self.plan.N + v * self.plan.width
 
     def _epilogue(self, kb, value, bias, r, v, mask):
         """bias then relu on the accumulator of row r, vector v of a tile."""
         if self.bias == "col":
-            value = kb.fadd(value, self._load_c(kb, bias, v * kb.width, mask))
+            value = kb.fadd(value, self._load_masked(kb, bias, v * kb.width, mask))
         elif self.bias == "row":
             value = kb.fadd(value, kb.splat(kb.load(bias, r)))
         if self.relu:
@@ -411,7 +445,14 @@ class _GemmEmitter:
         return value
 
     @staticmethod
-    def _load_c(kb, ptr, offset, mask):
+    def _load_masked(kb, ptr, offset, mask):
         if mask is None:
             return kb.load_vec(ptr, offset)
         return kb.masked_load_vec(ptr, offset, mask)
+
+    @staticmethod
+    def _store_masked(kb, value, ptr, offset, mask):
+        if mask is None:
+            kb.store_vec(value, ptr, offset)
+        else:
+            kb.masked_store_vec(value, ptr, offset, mask)

@@ -146,6 +146,25 @@ class KernelBuilder:
         hi = self.b.sdiv(self.mul(n, self.add(tid, 1)), nthreads)
         return lo, hi
 
+    # ------------------------------------------------------ local variables
+    def variable(self, initial: ir.Value) -> ir.AllocaInstr:
+        """A mutable local holding `initial`; read with `get`, write with `set`.
+
+        Use it for loop-carried values (accumulators) instead of phis.  The
+        alloca is placed in the entry block, where LLVM's mem2reg/SROA turn it
+        into SSA registers; an alloca inside a loop would stay in memory.
+        """
+        with self.b.goto_entry_block():
+            slot = self.b.alloca(initial.type)
+        self.b.store(initial, slot)
+        return slot
+
+    def get(self, variable: ir.AllocaInstr) -> ir.Value:
+        return self.b.load(variable, typ=variable.allocated_type)
+
+    def set(self, variable: ir.AllocaInstr, value: ir.Value) -> None:
+        self.b.store(value, variable)
+
     # ------------------------------------------------------ scalar memory
     def gep(self, ptr: ir.Value, index: ValueLike) -> ir.Value:
         """Address of float element `index` past `ptr`."""
@@ -213,6 +232,29 @@ class KernelBuilder:
         zeros = ir.Constant(ir.VectorType(I32, self.width), [0] * self.width)
         return self.b.shuffle_vector(one_lane, ir.Constant(vec_type, ir.Undefined),
                                      zeros)
+
+    def transpose(self, rows: Sequence[ir.Value]) -> list[ir.Value]:
+        """Transpose a width x width block held in `width` vectors.
+
+        log2(width) rounds of interleaving: each round pairs vector i with
+        vector i + width/2 and interleaves their low and high halves.  One
+        round rotates the bits of an element's (vector, lane) index left by
+        one, so log2(width) rounds swap vector and lane indices.
+        """
+        w = self.width
+        if len(rows) != w or w & (w - 1):
+            raise ValueError("transpose needs `width` vectors, width a power of 2")
+        half = w // 2
+        low = [idx for i in range(half) for idx in (i, w + i)]
+        high = [idx for i in range(half, w) for idx in (i, w + i)]
+        mask = lambda idx: ir.Constant(ir.VectorType(I32, w), idx)  # noqa: E731
+        rows = list(rows)
+        for _ in range(w.bit_length() - 1):
+            rows = [out
+                    for i in range(half)
+                    for out in (self.b.shuffle_vector(rows[i], rows[i + half], mask(low)),
+                                self.b.shuffle_vector(rows[i], rows[i + half], mask(high)))]
+        return rows
 
     def fma(self, a: ir.Value, b: ir.Value, c: ir.Value) -> ir.Value:
         """a*b + c with one rounding, on f32 scalars or <width x float>."""

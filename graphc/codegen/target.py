@@ -6,9 +6,14 @@ feature string), so an emitted object file is only valid on that machine;
 
 Objects are emitted here and loaded by the runtime with an MCJIT engine
 (`add_object_file`).  That is why the target machine is created with
-``jit=True`` and the ``jitdefault`` code model: LLVM then picks relocations
-that RuntimeDyld can resolve wherever it places the sections in memory, even
-far away from libc/libm symbols the code calls.
+``jit=True`` and the ``jitdefault`` code model: on x86-64 LLVM then uses the
+large code model (64-bit absolute addresses for constants and calls), which
+RuntimeDyld resolves wherever it places the sections, however far from the
+libc/libm symbols the code calls.  Tested end to end in
+tests/test_codegen_gemm.py.
+
+Engines own their target machine (see `host_target_machine`): give each
+engine a fresh one from `new_jit_target_machine()`.
 """
 
 from __future__ import annotations

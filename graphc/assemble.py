@@ -1,0 +1,142 @@
+"""From an optimized graph to one LLVM module and the runtime's argument slots.
+
+Lowering picks a kernel for each step (lowering.py), the schedule and memory plan place them
+(memory.py), and the entry (codegen/entry.py) calls them in order. The result, a `ProgramSpec`,
+holds everything the runtime needs to load and call the program.
+"""
+from __future__ import annotations
+
+import dataclasses
+import re
+
+import graphc_runtime as rt
+
+from .codegen.entry import ENTRY_NAME, EntryBuilder, emit_constant
+from .codegen.target import new_module
+from .ir import Graph, Tensor
+from .lowering import Step, alias_root, copy_step, plan_steps
+from .memory import MemoryPlan, plan_memory, schedule
+
+SUPPORTED_DTYPES = ("float32", "int32")
+
+
+@dataclasses.dataclass
+class ProgramSpec:
+    llvm_ir: str
+    slots: list
+    steps: list[Step]            # in schedule order
+    memory: MemoryPlan
+    max_threads: int
+
+
+def assemble(graph: Graph, outputs: list[Tensor], *, output_names: list[str], inplace: dict[int, str],
+             state_names: set[str], max_threads: int) -> ProgramSpec:
+    """Lower `outputs` of `graph`.
+
+    `inplace` maps a node id to the name of the param (or state) whose buffer receives that
+    node's value: the optimizer's updates. Params named in `state_names` become runtime-owned
+    State slots (momentum buffers) instead of caller-bound params.
+    """
+    writes = [graph.nodes[i] for i in inplace]
+    needed = graph.ancestors(list(outputs) + writes)
+    _check_dtypes(needed)
+
+    slots, locations = _slots(graph, needed, outputs, output_names, inplace, state_names)
+    steps = plan_steps(graph, list(outputs) + writes)
+    inplace_sources = {node_id: graph.params[name].id for node_id, name in inplace.items()}
+    for node_id, name in inplace.items():
+        locations[node_id] = locations[graph.params[name].id]
+
+    step_ids = {step.node.id for step in steps}
+    output_steps, output_locations = [], {}
+    for k, out in enumerate(outputs):
+        slot = ("slot", next(i for i, s in enumerate(slots) if isinstance(s, rt.Output) and s.name == output_names[k]))
+        if out.id in step_ids and out.id not in inplace and out.id not in output_locations:
+            output_locations[out.id] = slot
+        else:
+            output_steps.append((copy_step(out, alias_root(out)), slot))
+    locations.update(output_locations)
+
+    ordered = schedule(steps, inplace_sources) + [step for step, _ in output_steps]
+    step_out = [locations.get(step.node.id) for step in ordered[: len(steps)]] + [slot for _, slot in output_steps]
+
+    module = new_module(graph.name)
+    kernels = [step.build(module, _kernel_name(i, step), max_threads) for i, step in enumerate(ordered)]
+    memory = plan_memory(ordered, [k.scratch_floats * 4 for k in kernels], [loc is None for loc in step_out])
+
+    workspace_index = len(slots)
+    slots.append(rt.Workspace(max(memory.arena_bytes, 64)))
+    entry = EntryBuilder(module, len(slots), workspace_index)
+    constants = {}
+    for i, (step, kernel) in enumerate(zip(ordered, kernels)):
+        out_location = step_out[i] if step_out[i] is not None else ("arena", memory.offset_of_value(step.node.id))
+        in_pointers = [entry.pointer(_location_of(alias_root(o), locations, memory, module, constants))
+                       for o in step.operands]
+        scratch_offset = memory.offset_of_scratch(i)
+        scratch = entry.pointer(("arena", scratch_offset)) if scratch_offset is not None else None
+        entry.call_phases(kernel.phases, entry.pointer(out_location), in_pointers, scratch)
+    entry.finish()
+    return ProgramSpec(str(module), slots, ordered, memory, max_threads)
+
+
+def _slots(graph, needed, outputs, output_names, inplace, state_names):
+    """The runtime slots (inputs, params, state, outputs) and where each source node lives."""
+    needed_ids = {node.id for node in needed}
+    updated = set(inplace.values())
+    slots, locations = [], {}
+    label_ranges = _label_ranges(needed)
+    for name, node in graph.inputs.items():
+        if node.id in needed_ids:
+            locations[node.id] = ("slot", len(slots))
+            slots.append(rt.Input(name, node.shape, node.dtype, valid_range=label_ranges.get(node.id)))
+    for name, node in graph.params.items():
+        if node.id in needed_ids or name in updated:
+            locations[node.id] = ("slot", len(slots))
+            if name in state_names:
+                slots.append(rt.State(name, node.shape, node.dtype))
+            else:
+                slots.append(rt.Param(name, node.shape, node.dtype, updated=name in updated))
+    for name, out in zip(output_names, outputs):
+        slots.append(rt.Output(name, out.shape, out.dtype))
+    return slots, locations
+
+
+def _label_ranges(nodes) -> dict[int, tuple[int, int]]:
+    """Integer inputs used as class ids must lie in [0, classes): the runtime checks before native code runs."""
+    ranges: dict[int, tuple[int, int]] = {}
+    for node in nodes:
+        if node.op == "softmax_cross_entropy":
+            labels, classes = alias_root(node.inputs[1]), node.inputs[0].shape[1]
+        elif node.op == "one_hot":
+            labels, classes = alias_root(node.inputs[0]), node.attrs["classes"]
+        else:
+            continue
+        if labels.op == "input":
+            lo, hi = ranges.get(labels.id, (0, classes))
+            ranges[labels.id] = (0, min(hi, classes))
+    return ranges
+
+
+def _location_of(node, locations, memory, module, constants):
+    if node.id in locations:
+        return locations[node.id]
+    if node.op == "constant":
+        if node.id not in constants:
+            constants[node.id] = emit_constant(module, f"graphc.const{node.id}", node.attrs["value"].array)
+        return ("global", constants[node.id])
+    offset = memory.offset_of_value(node.id)
+    if offset is None:
+        raise RuntimeError(f"internal error: no buffer for %{node.id} ({node.op})")
+    return ("arena", offset)
+
+
+def _kernel_name(index: int, step: Step) -> str:
+    return f"k{index}.{re.sub(r'[^A-Za-z0-9_]', '_', step.label)}"
+
+
+def _check_dtypes(nodes):
+    for node in nodes:
+        if node.dtype not in SUPPORTED_DTYPES:
+            raise NotImplementedError(
+                f"native code supports float32 and int32 tensors; %{node.id} ({node.op}, at {node.site}) is "
+                f"{node.dtype}. Use gc.evaluate for float64.")

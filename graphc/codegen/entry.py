@@ -1,0 +1,125 @@
+"""The program's entry function: runs every step's kernel phases in order, on all threads.
+
+    void graphc_entry(void **args, i64 tid, i64 nthreads)
+
+All threads run the same sequence of calls; a barrier after each phase keeps every thread from
+starting a phase before all have finished the one before (phases read what earlier ones wrote).
+"""
+from __future__ import annotations
+
+import llvmlite.ir as ir
+
+from .kernel_builder import I64, PTR
+
+ENTRY_NAME = "graphc_entry"
+SPINS_BEFORE_YIELD = 2000
+I8 = ir.IntType(8)
+
+
+def emit_barrier(module: ir.Module) -> ir.Function:
+    """`void barrier(i64 nthreads)`: a sense-by-generation spin barrier on two module globals.
+
+    The last thread to arrive resets the count, then bumps the generation (release); the others
+    spin until they see the generation change (acquire), so everything written before the
+    barrier by any thread is visible after it to all.
+    """
+    count = ir.GlobalVariable(module, I64, "graphc.barrier.count")
+    generation = ir.GlobalVariable(module, I64, "graphc.barrier.generation")
+    for g in (count, generation):
+        g.initializer = ir.Constant(I64, 0)
+        g.linkage = "internal"
+        g.align = 64
+    fn = ir.Function(module, ir.FunctionType(ir.VoidType(), [I64]), "graphc.barrier")
+    fn.linkage = "internal"
+    (nthreads,) = fn.args
+    b = ir.IRBuilder(fn.append_basic_block("entry"))
+    alone, together = fn.append_basic_block("alone"), fn.append_basic_block("together")
+    b.cbranch(b.icmp_signed("<=", nthreads, ir.Constant(I64, 1)), alone, together)
+    b.position_at_end(alone)
+    b.ret_void()
+
+    b.position_at_end(together)
+    seen = b.load_atomic(generation, "acquire", 8, typ=I64)
+    arrived = b.atomic_rmw("add", count, ir.Constant(I64, 1), "acq_rel")
+    last, wait = fn.append_basic_block("last"), fn.append_basic_block("wait")
+    b.cbranch(b.icmp_signed("==", arrived, b.sub(nthreads, ir.Constant(I64, 1))), last, wait)
+
+    b.position_at_end(last)
+    b.store_atomic(ir.Constant(I64, 0), count, "monotonic", 8)
+    b.atomic_rmw("add", generation, ir.Constant(I64, 1), "release")
+    b.ret_void()
+
+    # Spin briefly (phases are short), then yield the core: on a loaded machine a pure spin
+    # would starve the very thread it waits for.
+    b.position_at_end(wait)
+    spins = b.phi(I64, "spins")
+    spins.add_incoming(ir.Constant(I64, 0), together)
+    now = b.load_atomic(generation, "acquire", 8, typ=I64)
+    done, again = fn.append_basic_block("done"), fn.append_basic_block("again")
+    b.cbranch(b.icmp_signed("!=", now, seen), done, again)
+    b.position_at_end(again)
+    with b.if_then(b.icmp_unsigned(">=", spins, ir.Constant(I64, SPINS_BEFORE_YIELD))):
+        b.call(_sched_yield(module), [])
+    spins.add_incoming(b.add(spins, ir.Constant(I64, 1)), b.block)
+    b.branch(wait)
+    b.position_at_end(done)
+    b.ret_void()
+    return fn
+
+
+def _sched_yield(module: ir.Module) -> ir.Function:
+    existing = module.globals.get("sched_yield")
+    return existing or ir.Function(module, ir.FunctionType(ir.IntType(32), []), "sched_yield")
+
+
+class EntryBuilder:
+    """Builds the entry: pointers to slots, arena offsets and globals, then the kernel calls."""
+
+    def __init__(self, module: ir.Module, slot_count: int, workspace_slot: int | None):
+        self.module = module
+        self.barrier = emit_barrier(module)
+        fn = ir.Function(module, ir.FunctionType(ir.VoidType(), [PTR, I64, I64]), ENTRY_NAME)
+        self.fn = fn
+        args, self.tid, self.nthreads = fn.args
+        args.name, self.tid.name, self.nthreads.name = "args", "tid", "nthreads"
+        self.b = ir.IRBuilder(fn.append_basic_block("entry"))
+        self.slots = [self.b.load(self.b.gep(args, [ir.Constant(I64, i)], source_etype=PTR), typ=PTR, name=f"slot{i}")
+                      for i in range(slot_count)]
+        self.arena = self.slots[workspace_slot] if workspace_slot is not None else None
+        self._pending_barrier = False
+
+    def pointer(self, location) -> ir.Value:
+        kind, where = location
+        if kind == "slot":
+            return self.slots[where]
+        if kind == "arena":
+            return self.b.gep(self.arena, [ir.Constant(I64, where)], source_etype=I8)
+        if kind == "global":
+            return where
+        raise ValueError(f"unknown location {location!r}")
+
+    def call_phases(self, phases, out, inputs, scratch):
+        null = ir.Constant(PTR, None)
+        for phase in phases:
+            if self._pending_barrier:
+                self.b.call(self.barrier, [self.nthreads])
+            self.b.call(phase, [out, *inputs, scratch if scratch is not None else null, self.tid, self.nthreads])
+            self._pending_barrier = True
+
+    def finish(self) -> ir.Function:
+        self.b.ret_void()
+        return self.fn
+
+
+def emit_constant(module: ir.Module, name: str, array) -> ir.GlobalVariable:
+    """A read-only global holding `array` (float32 or int32), 64-byte aligned."""
+    element = ir.FloatType() if array.dtype.kind == "f" else ir.IntType(32)
+    flat = array.reshape(-1)
+    typ = ir.ArrayType(element, flat.size)
+    gv = ir.GlobalVariable(module, typ, name)
+    gv.global_constant = True
+    gv.linkage = "internal"
+    gv.align = 64
+    values = [float(v) for v in flat] if element == ir.FloatType() else [int(v) for v in flat]
+    gv.initializer = ir.Constant(typ, values)
+    return gv

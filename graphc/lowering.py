@@ -1,0 +1,273 @@
+"""Lowering an optimized graph to steps: which kernel computes which node, with what fused in.
+
+Each Step produces one IR node's value with one kernel (`Kernel`, codegen/kernel.py). Some nodes
+need no step: inputs and params live in the caller's arrays, constants in the module, reshapes
+alias their operand's buffer, and a 2-D transpose read only by matmuls is folded into the GEMM
+as an operand layout. Some steps cover several nodes: a GEMM or a convolution absorbs the
+bias-add and ReLU that follow it (its epilogue), so their output is never written twice.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Callable
+
+import llvmlite.ir as ir
+import sympy
+
+from .codegen.kernel import Kernel, phase_args, phase_function
+from .ir import Tensor
+from .scalar import Relu, symbol
+
+NO_STEP_OPS = ("input", "param", "constant", "reshape")
+
+
+@dataclasses.dataclass
+class Step:
+    node: Tensor                       # the node whose value this step writes
+    operands: list[Tensor]             # nodes whose buffers the kernel reads, in kernel input order
+    build: Callable[[ir.Module, str, int], Kernel]   # (module, function name, max_threads) -> Kernel
+    label: str                         # what runs, for listings and profiles: "gemm+bias+relu"
+    covers: list[Tensor]               # every IR node this step computes
+    flops: int = 0
+
+
+def alias_root(node: Tensor) -> Tensor:
+    """The node whose buffer holds `node`'s value (reshapes share their operand's buffer)."""
+    while node.op == "reshape":
+        node = node.inputs[0]
+    return node
+
+
+class _Consumers:
+    def __init__(self, nodes):
+        self.of: dict[int, list[Tensor]] = {node.id: [] for node in nodes}
+        for node in nodes:
+            for operand in node.inputs:
+                self.of[operand.id].append(node)
+
+    def only(self, node: Tensor) -> Tensor | None:
+        users = self.of[node.id]
+        return users[0] if len(users) == 1 else None
+
+
+def plan_steps(graph, outputs: list[Tensor]) -> list[Step]:
+    """Steps computing every node `outputs` need, in the graph's (topological) order."""
+    nodes = graph.ancestors(outputs)
+    consumers = _Consumers(nodes)
+    output_ids = {out.id for out in outputs}
+    absorbed: set[int] = set()
+    steps = []
+    for node in nodes:
+        if node.op in NO_STEP_OPS or node.id in absorbed:
+            continue
+        if node.op == "transpose" and _folds_into_gemm(node, consumers):
+            continue
+        epilogue = None
+        if node.op in ("matmul", "conv2d") and node.id not in output_ids:
+            epilogue = _bias_epilogue(node, consumers, "col" if node.op == "matmul" else "row")
+        if epilogue is not None:
+            absorbed.add(epilogue.node.id)
+        steps.append(_LOWERINGS[node.op](node, epilogue))
+    return steps
+
+
+# ---- patterns -----------------------------------------------------------------------------
+
+def _is_2d_swap(node: Tensor) -> bool:
+    return node.op == "transpose" and node.attrs["axes"] == (1, 0)
+
+
+def _folds_into_gemm(node: Tensor, consumers: _Consumers) -> bool:
+    users = consumers.of[node.id]
+    return _is_2d_swap(node) and bool(users) and all(user.op == "matmul" for user in users)
+
+
+@dataclasses.dataclass
+class _Epilogue:
+    node: Tensor        # the ew node whose value the fused step writes
+    bias: Tensor        # the bias operand
+    relu: bool
+
+
+def _bias_epilogue(producer: Tensor, consumers: _Consumers, kind: str) -> _Epilogue | None:
+    """`relu(producer + bias)` or `producer + bias` right after a GEMM or conv, if fusable.
+
+    kind "col": a bias of N values added to every row of an (M, N) matmul;
+    kind "row": one value per output channel of an (N, O, H, W) convolution.
+    """
+    user = consumers.only(producer)
+    if user is None or user.op != "ew" or user.shape != producer.shape or len(user.inputs) != 2:
+        return None
+    i = user.inputs.index(producer)
+    bias = user.inputs[1 - i]
+    if bias.dtype != "float32":
+        return None
+    channels = producer.shape[1]
+    if kind == "col" and bias.shape not in ((channels,), (1, channels)):
+        return None
+    if kind == "row" and bias.shape not in ((channels,), (1, channels, 1, 1)):
+        return None
+    total = symbol(i) + symbol(1 - i)
+    expr = user.attrs["expr"]
+    if expr == total:
+        return _Epilogue(user, bias, relu=False)
+    if expr == Relu(total):
+        return _Epilogue(user, bias, relu=True)
+    return None
+
+
+# ---- one lowering per op ----------------------------------------------------------------------
+
+def _elementwise(node, _epilogue):
+    from .codegen.elementwise_kernel import emit_elementwise
+    if node.op == "fill":
+        expr, operands = sympy.Float(node.attrs["value"]), []
+    elif node.op == "broadcast_to":
+        expr, operands = symbol(0), list(node.inputs)
+    else:
+        expr, operands = node.attrs["expr"], list(node.inputs)
+    shapes = [o.shape for o in operands]
+    label = "fill" if node.op == "fill" else "ew"
+    return Step(node, operands,
+                lambda m, name, threads: emit_elementwise(m, name, node.shape, shapes, expr, max_threads=threads),
+                label, [node], flops=node.size * max(1, sympy.count_ops(expr)))
+
+
+def _matmul(node, epilogue):
+    from .codegen.gemm import emit_gemm, gemm_workspace_floats
+    a, b = node.inputs
+    trans_a, trans_b = _is_2d_swap(a), _is_2d_swap(b)
+    a_src = a.inputs[0] if trans_a else a
+    b_src = b.inputs[0] if trans_b else b
+    M, K = a.shape
+    N = b.shape[1]
+    operands = [a_src, b_src] + ([epilogue.bias] if epilogue else [])
+    bias = "col" if epilogue else None
+    relu = bool(epilogue and epilogue.relu)
+
+    def build(module, name, threads):
+        gemm = emit_gemm(module, f"{name}.gemm", M, N, K, trans_a=trans_a, trans_b=trans_b, bias=bias, relu=relu)
+        gemm.linkage = "internal"
+        fn, kb = phase_function(module, name, len(operands))
+        out, ins, scratch, tid, nthreads = phase_args(fn)
+        bias_ptr = ins[2] if epilogue else ir.Constant(ins[0].type, None)
+        kb.b.call(gemm, [ins[0], ins[1], out, bias_ptr, scratch, tid, nthreads])
+        kb.b.ret_void()
+        return Kernel([fn], gemm_workspace_floats(M, N, K, trans_a=trans_a, trans_b=trans_b, nthreads=threads))
+
+    label = "gemm" + ("T" if trans_a else "") + ("+bias" if epilogue else "") + ("+relu" if relu else "")
+    covers = [node] + ([epilogue.node] if epilogue else [])
+    return Step(epilogue.node if epilogue else node, operands, build, label, covers, flops=2 * M * N * K)
+
+
+def _conv2d(node, epilogue):
+    from .codegen.conv_kernels import emit_conv2d
+    x, w = node.inputs
+    operands = [x, w] + ([epilogue.bias] if epilogue else [])
+    relu = bool(epilogue and epilogue.relu)
+    attrs = node.attrs
+    build = lambda m, name, threads: emit_conv2d(m, name, x.shape, w.shape, attrs["stride"], attrs["padding"],  # noqa: E731
+                                                 bias=epilogue is not None, relu=relu, max_threads=threads)
+    label = "conv2d" + ("+bias" if epilogue else "") + ("+relu" if relu else "")
+    covers = [node] + ([epilogue.node] if epilogue else [])
+    return Step(epilogue.node if epilogue else node, operands, build, label, covers,
+                flops=2 * node.size * math.prod(w.shape[1:]))
+
+
+def _conv2d_input_grad(node, _epilogue):
+    from .codegen.conv_kernels import emit_conv2d_input_grad
+    g, w = node.inputs
+    a = node.attrs
+    return Step(node, [g, w],
+                lambda m, name, threads: emit_conv2d_input_grad(m, name, g.shape, w.shape, a["x_shape"], a["stride"],
+                                                                a["padding"], max_threads=threads),
+                "conv2d_input_grad", [node], flops=2 * g.size * math.prod(w.shape[1:]))
+
+
+def _conv2d_weight_grad(node, _epilogue):
+    from .codegen.conv_kernels import emit_conv2d_weight_grad
+    x, g = node.inputs
+    a = node.attrs
+    return Step(node, [x, g],
+                lambda m, name, threads: emit_conv2d_weight_grad(m, name, x.shape, g.shape, a["w_shape"], a["stride"],
+                                                                 a["padding"], max_threads=threads),
+                "conv2d_weight_grad", [node], flops=2 * g.size * math.prod(a["w_shape"][1:]))
+
+
+def _pool(emitter_name, x_shape_of):
+    def lower(node, _epilogue):
+        from .codegen import pool_kernels
+        emit = getattr(pool_kernels, emitter_name)
+        a = node.attrs
+        x_shape = x_shape_of(node)
+        return Step(node, list(node.inputs),
+                    lambda m, name, threads: emit(m, name, x_shape, a["kernel"], a["stride"], a["padding"],
+                                                  max_threads=threads),
+                    node.op, [node], flops=node.size * math.prod(a["kernel"]))
+    return lower
+
+
+def _sum(node, _epilogue):
+    from .codegen.misc_kernels import emit_sum
+    x = node.inputs[0]
+    return Step(node, [x], lambda m, name, threads: emit_sum(m, name, x.shape, node.attrs["axes"], max_threads=threads),
+                "sum", [node], flops=x.size)
+
+
+def _softmax(node, _epilogue):
+    from .codegen.misc_kernels import emit_softmax
+    return Step(node, [node.inputs[0]],
+                lambda m, name, threads: emit_softmax(m, name, node.shape, node.attrs["axis"], max_threads=threads),
+                "softmax", [node], flops=4 * node.size)
+
+
+def _softmax_cross_entropy(node, _epilogue):
+    from .codegen.misc_kernels import emit_softmax_cross_entropy
+    logits = node.inputs[0]
+    return Step(node, list(node.inputs),
+                lambda m, name, threads: emit_softmax_cross_entropy(m, name, logits.shape, max_threads=threads),
+                "softmax_cross_entropy", [node], flops=4 * logits.size)
+
+
+def _one_hot(node, _epilogue):
+    from .codegen.misc_kernels import emit_one_hot
+    return Step(node, [node.inputs[0]],
+                lambda m, name, threads: emit_one_hot(m, name, node.shape[0], node.attrs["classes"],
+                                                      max_threads=threads),
+                "one_hot", [node], flops=0)
+
+
+def _transpose(node, _epilogue):
+    from .codegen.misc_kernels import emit_transpose
+    x = node.inputs[0]
+    return Step(node, [x], lambda m, name, threads: emit_transpose(m, name, x.shape, node.attrs["axes"],
+                                                                    max_threads=threads),
+                "transpose", [node], flops=0)
+
+
+def copy_step(node: Tensor, source: Tensor) -> Step:
+    """A step copying `source`'s buffer into `node`'s (materializes an output that aliases another value)."""
+    from .codegen.misc_kernels import emit_copy
+    return Step(node, [source], lambda m, name, threads: emit_copy(m, name, node.size, max_threads=threads),
+                "copy", [], flops=0)
+
+
+_LOWERINGS = {
+    "ew": _elementwise,
+    "fill": _elementwise,
+    "broadcast_to": _elementwise,
+    "matmul": _matmul,
+    "conv2d": _conv2d,
+    "conv2d_input_grad": _conv2d_input_grad,
+    "conv2d_weight_grad": _conv2d_weight_grad,
+    "avg_pool2d": _pool("emit_avg_pool2d", lambda n: n.inputs[0].shape),
+    "avg_pool2d_grad": _pool("emit_avg_pool2d_grad", lambda n: n.attrs["x_shape"]),
+    "max_pool2d": _pool("emit_max_pool2d", lambda n: n.inputs[0].shape),
+    "max_pool2d_grad": _pool("emit_max_pool2d_grad", lambda n: n.inputs[0].shape),
+    "sum": _sum,
+    "softmax": _softmax,
+    "softmax_cross_entropy": _softmax_cross_entropy,
+    "one_hot": _one_hot,
+    "transpose": _transpose,
+}

@@ -1,0 +1,418 @@
+"""Generated GEMM (graphc.codegen.gemm) against numpy, plus its foundations
+(target.py, kernel_builder.py).
+
+Every GEMM is compiled once, all in one module (module-scoped fixture), and
+loaded through MCJIT from an emitted object file, the way the runtime loads
+kernels.  Buffers are surrounded by sentinel floats so that any write past
+C, or past a thread's slice of the workspace, fails the test.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import dataclasses
+import gc
+import threading
+import time
+
+import llvmlite.binding as llvm
+import llvmlite.ir as ir
+import numpy as np
+import pytest
+
+from graphc.codegen import target
+from graphc.codegen.gemm import (GemmPlan, choose_plan, emit_gemm,
+                                 gemm_workspace_floats)
+from graphc.codegen.kernel_builder import I64, PTR, KernelBuilder
+
+_P = ctypes.c_void_p
+GEMM_CFUNC = ctypes.CFUNCTYPE(None, _P, _P, _P, _P, _P, ctypes.c_int64, ctypes.c_int64)
+SENTINEL = np.float32(-12345.0)
+GUARD = 64  # sentinel floats on each side of an output buffer
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    M: int
+    N: int
+    K: int
+    trans_a: bool = False
+    trans_b: bool = False
+    accumulate: bool = False
+    bias: str | None = None
+    relu: bool = False
+    # Blocking overrides: vector width (another host's), split axis.
+    width: int | None = None
+    split: str | None = None
+
+    @property
+    def name(self) -> str:
+        flags = "".join(f"_{k}{int(v) if isinstance(v, bool) else v}"
+                        for k, v in dataclasses.asdict(self).items()
+                        if k not in ("M", "N", "K") and v not in (None, False))
+        return f"gemm_{self.M}x{self.N}x{self.K}{flags}"
+
+    def plan(self) -> GemmPlan:
+        if self.width is None:
+            plan = choose_plan(self.M, self.N, self.K)
+        else:  # 32 registers: the AVX-512 / NEON tile, whatever the width
+            plan = choose_plan(self.M, self.N, self.K, width=self.width,
+                               vector_registers=32)
+        return dataclasses.replace(plan, split=self.split) if self.split else plan
+
+
+def _all_transposes(M, N, K, **kw):
+    return [Case(M, N, K, trans_a=ta, trans_b=tb, **kw)
+            for ta in (False, True) for tb in (False, True)]
+
+
+SHAPE_CASES = [
+    case
+    for shape in [
+        (1, 1, 1), (1, 1, 300), (1, 19, 1), (5, 1, 7), (2, 9, 3),
+        (6, 16, 8),            # exactly one register tile on AVX2
+        (12, 32, 256),         # whole tiles, whole strips, one full K block
+        (7, 13, 300),          # K > 256, not a multiple of it
+        (13, 37, 513),         # three K blocks; tails everywhere
+        (31, 47, 29),          # primes
+        (6, 784, 25),          # conv-like
+        (100, 16, 150),        # one strip: threads split M
+    ]
+    for case in _all_transposes(*shape)
+]
+
+EPILOGUE_CASES = [
+    Case(7, 13, 300, bias="col"),
+    Case(7, 13, 300, bias="row", relu=True),
+    Case(19, 45, 70, trans_a=True, bias="col", relu=True),
+    Case(19, 45, 70, trans_b=True, bias="row"),
+    Case(9, 20, 530, relu=True),
+    Case(9, 20, 530, accumulate=True),
+    Case(9, 20, 530, trans_a=True, trans_b=True, accumulate=True, bias="col", relu=True),
+    Case(1, 1, 1, accumulate=True, bias="row", relu=True),
+]
+
+# Blocking of other hosts, compiled here: 4 wide (SSE / NEON) and 16 wide
+# (AVX-512) with the 32-register tile.
+OTHER_WIDTH_CASES = [
+    Case(13, 37, 300, width=w, trans_a=ta, trans_b=tb, bias=bias, relu=True)
+    for w in (4, 16)
+    for ta, tb, bias in [(False, False, "col"), (True, True, "row")]
+] + [Case(3, 5, 2, width=w, trans_b=True) for w in (4, 16)]
+
+THREAD_CASES = [
+    Case(37, 150, 300, split="n"),
+    Case(37, 150, 300, split="m", trans_a=True, trans_b=True, bias="col", relu=True),
+    Case(64, 100, 70, trans_b=True, accumulate=True, bias="row"),
+    Case(100, 16, 150),
+    Case(3, 4, 5),   # less work than threads: some shares are empty
+]
+
+ALL_CASES = list(dict.fromkeys(SHAPE_CASES + EPILOGUE_CASES + OTHER_WIDTH_CASES
+                               + THREAD_CASES))
+
+
+def _compile_cases(cases) -> bytes:
+    module = target.new_module("test_gemm")
+    for case in cases:
+        emit_gemm(module, case.name, case.M, case.N, case.K, trans_a=case.trans_a,
+                  trans_b=case.trans_b, accumulate=case.accumulate,
+                  bias=case.bias, relu=case.relu, plan=case.plan())
+    return target.compile_to_object(str(module))
+
+
+@pytest.fixture(scope="module")
+def compiled():
+    """{case: callable} for every case, from one module and one engine."""
+    engine = target.load_object(_compile_cases(ALL_CASES))
+    functions = {case: GEMM_CFUNC(engine.get_function_address(case.name))
+                 for case in ALL_CASES}
+    yield functions
+    del functions, engine
+
+
+# ---------------------------------------------------------------- helpers
+def _guarded(size: int) -> tuple[np.ndarray, np.ndarray]:
+    """(whole buffer, view of `size` floats inside it) with sentinels around."""
+    whole = np.full(size + 2 * GUARD, SENTINEL, np.float32)
+    return whole, whole[GUARD:GUARD + size]
+
+
+def _assert_guards_intact(whole: np.ndarray, what: str) -> None:
+    assert (whole[:GUARD] == SENTINEL).all(), f"{what}: write before the buffer"
+    assert (whole[-GUARD:] == SENTINEL).all(), f"{what}: write past the buffer"
+
+
+class Problem:
+    """Random operands for a case, the numpy reference and an error bound."""
+
+    def __init__(self, case: Case, seed: int = 0):
+        rng = np.random.default_rng(seed)
+        M, N, K = case.M, case.N, case.K
+        self.case = case
+        self.A = rng.standard_normal((K, M) if case.trans_a else (M, K), dtype=np.float32)
+        self.B = rng.standard_normal((N, K) if case.trans_b else (K, N), dtype=np.float32)
+        self.bias = (rng.standard_normal(N if case.bias == "col" else M, dtype=np.float32)
+                     if case.bias else None)
+        self.C0 = rng.standard_normal((M, N), dtype=np.float32)
+
+        a = (self.A.T if case.trans_a else self.A).astype(np.float64)
+        b = (self.B.T if case.trans_b else self.B).astype(np.float64)
+        ref, scale = a @ b, np.abs(a) @ np.abs(b)
+        if case.accumulate:
+            ref, scale = ref + self.C0, scale + np.abs(self.C0)
+        if case.bias == "col":
+            ref, scale = ref + self.bias, scale + np.abs(self.bias)
+        elif case.bias == "row":
+            ref, scale = ref + self.bias[:, None], scale + np.abs(self.bias)[:, None]
+        self.expected = np.maximum(ref, 0) if case.relu else ref
+        # float32 summation error grows with the sum of |terms|, not |result|.
+        self.tolerance = 1e-4 * scale + 1e-6
+
+    def run(self, fn, nthreads: int = 1, concurrent: bool = True) -> np.ndarray:
+        case = self.case
+        c_whole, c = _guarded(case.M * case.N)
+        c[:] = self.C0.ravel()
+        ws_floats = case.plan().workspace_floats(nthreads)
+        ws_whole, ws = _guarded(ws_floats)
+        args = (self.A.ctypes.data, self.B.ctypes.data, c.ctypes.data,
+                None if self.bias is None else self.bias.ctypes.data, ws.ctypes.data)
+        if nthreads == 1:
+            fn(*args, 0, 1)
+        elif concurrent:
+            _run_concurrently(fn, args, nthreads)
+        else:
+            for tid in range(nthreads):
+                fn(*args, tid, nthreads)
+        _assert_guards_intact(c_whole, "C")
+        _assert_guards_intact(ws_whole, "workspace")
+        return c.reshape(case.M, case.N).copy()
+
+    def check(self, result: np.ndarray) -> None:
+        error = np.abs(result - self.expected)
+        worst = np.unravel_index(np.argmax(error - self.tolerance), error.shape)
+        assert (error <= self.tolerance).all(), (
+            f"{self.case}: C{list(worst)} = {result[worst]}, "
+            f"expected {self.expected[worst]}")
+
+
+def _run_concurrently(fn, args, nthreads):
+    """Call fn(*args, tid, nthreads) from nthreads Python threads at once.
+    ctypes releases the GIL during the call, so they really overlap."""
+    start = threading.Barrier(nthreads)
+    errors = []
+
+    def worker(tid):
+        try:
+            start.wait()
+            fn(*args, tid, nthreads)
+        except BaseException as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=worker, args=(tid,)) for tid in range(nthreads)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not errors, errors
+
+
+# ------------------------------------------------------------------ GEMM
+@pytest.mark.parametrize("case", SHAPE_CASES + EPILOGUE_CASES, ids=lambda c: c.name)
+def test_gemm_matches_numpy(compiled, case):
+    problem = Problem(case)
+    problem.check(problem.run(compiled[case]))
+
+
+@pytest.mark.parametrize("case", OTHER_WIDTH_CASES, ids=lambda c: c.name)
+def test_gemm_blocking_of_other_vector_widths(compiled, case):
+    problem = Problem(case)
+    problem.check(problem.run(compiled[case]))
+
+
+@pytest.mark.parametrize("case", THREAD_CASES, ids=lambda c: c.name)
+@pytest.mark.parametrize("nthreads", [2, 3, 8])
+def test_gemm_threads_match_single_thread(compiled, case, nthreads):
+    problem = Problem(case)
+    single = problem.run(compiled[case])
+    problem.check(single)
+    # Each tile is computed the same way whichever thread owns it, so the
+    # split result is bitwise identical; concurrent runs must not race.
+    together = problem.run(compiled[case], nthreads, concurrent=True)
+    np.testing.assert_array_equal(together, single)
+    one_by_one = problem.run(compiled[case], nthreads, concurrent=False)
+    np.testing.assert_array_equal(one_by_one, single)
+
+
+def test_thread_cases_cover_both_split_axes():
+    assert {case.plan().split for case in THREAD_CASES} == {"n", "m"}
+
+
+def test_gemm_is_repeatable_and_accumulates(compiled):
+    case = Case(9, 20, 530, accumulate=True)
+    problem = Problem(case)
+    c = problem.C0.copy()
+    args = (problem.A.ctypes.data, problem.B.ctypes.data, c.ctypes.data, None)
+    ws = np.empty(gemm_workspace_floats(case.M, case.N, case.K), np.float32)
+    for _ in range(2):
+        compiled[case](*args, ws.ctypes.data, 0, 1)
+    product = problem.expected - problem.C0
+    np.testing.assert_allclose(c, problem.C0 + 2 * product, atol=1e-3)
+
+
+def test_workspace_size_covers_every_thread():
+    for nthreads in (1, 2, 5):
+        plan = choose_plan(37, 150, 300)
+        assert gemm_workspace_floats(37, 150, 300, trans_a=True,
+                                     nthreads=nthreads) == plan.workspace_floats(nthreads)
+        assert plan.workspace_floats(nthreads) >= nthreads * plan.kc * plan.strip_width
+
+
+def test_plan_blocks_k_evenly():
+    assert choose_plan(4, 4, 256).kc == 256
+    assert choose_plan(4, 4, 300).kc == 150
+    assert choose_plan(4, 4, 513).kc == 171
+    with pytest.raises(ValueError):
+        choose_plan(0, 4, 4)
+
+
+def test_emit_gemm_rejects_bad_arguments():
+    module = target.new_module("bad")
+    with pytest.raises(ValueError):
+        emit_gemm(module, "g", 2, 2, 2, bias="diag")
+    with pytest.raises(ValueError):
+        emit_gemm(module, "g", 2, 2, 2, plan=choose_plan(3, 2, 2))
+
+
+def test_gemm_compiles_quickly():
+    """Loops stay IR loops: a large GEMM compiles in well under a second
+    (typically ~100 ms; the bound is loose for slow CI machines)."""
+    module = target.new_module("timing")
+    emit_gemm(module, "g", 256, 784, 512, trans_b=True, bias="col", relu=True)
+    start = time.perf_counter()
+    target.compile_to_object(str(module))
+    assert time.perf_counter() - start < 2.0
+
+
+# ---------------------------------------------------------------- target
+def test_vector_width_follows_host_features():
+    features = set(target.host_features().split(","))
+    expected = 16 if "+avx512f" in features else 8 if "+avx" in features else 4
+    assert target.vector_width_f32() == expected
+
+
+def test_new_module_carries_host_triple_and_layout():
+    module = target.new_module("m")
+    assert module.triple == target.host_target_machine().triple
+    assert module.data_layout == str(target.host_target_machine().target_data)
+
+
+def test_fingerprint_names_cpu_and_llvmlite():
+    import llvmlite
+    fingerprint = target.target_fingerprint()
+    assert llvm.get_host_cpu_name() in fingerprint
+    assert llvmlite.__version__ in fingerprint
+
+
+def test_gemm_assembly_uses_host_fma():
+    module = target.new_module("asm")
+    emit_gemm(module, "g", 12, 32, 64)
+    asm = target.compile_to_assembly(str(module))
+    if "+fma" in target.host_features().split(","):
+        assert "vfmadd" in asm
+
+
+def _add_one_module(name: str) -> str:
+    module = target.new_module(name)
+    fn = ir.Function(module, ir.FunctionType(I64, [I64]), name=name)
+    builder = ir.IRBuilder(fn.append_basic_block())
+    builder.ret(builder.add(fn.args[0], ir.Constant(I64, 1)))
+    return str(module)
+
+
+def test_objects_load_after_engines_are_destroyed():
+    """An engine owns its target machine; destroying engines must not break
+    later compiles (the shared target machine is never handed to one)."""
+    for round_ in range(3):
+        engine = target.load_object(target.compile_to_object(_add_one_module(f"f{round_}")))
+        fn = ctypes.CFUNCTYPE(ctypes.c_int64, ctypes.c_int64)(
+            engine.get_function_address(f"f{round_}"))
+        assert fn(41) == 42
+        del fn, engine
+        gc.collect()
+
+
+def test_object_calling_libm_loads_through_mcjit():
+    """Relocations to libc/libm symbols resolve when MCJIT loads the object."""
+    module = target.new_module("libm")
+    f32 = ir.FloatType()
+    expf = ir.Function(module, ir.FunctionType(f32, [f32]), name="expf")
+    fn = ir.Function(module, ir.FunctionType(f32, [f32]), name="exp_plus_half")
+    builder = ir.IRBuilder(fn.append_basic_block())
+    builder.ret(builder.fadd(builder.call(expf, [fn.args[0]]), ir.Constant(f32, 0.5)))
+    engine = target.load_object(target.compile_to_object(str(module)))
+    call = ctypes.CFUNCTYPE(ctypes.c_float, ctypes.c_float)(
+        engine.get_function_address("exp_plus_half"))
+    assert call(1.0) == pytest.approx(np.exp(1.0) + 0.5, rel=1e-6)
+
+
+# -------------------------------------------------------- kernel builder
+def _compile_one(build, arg_types, width=None):
+    """Build `void kernel(args...)` with build(kb, args) and load it."""
+    module = target.new_module("kb")
+    fn = ir.Function(module, ir.FunctionType(ir.VoidType(), arg_types), name="kernel")
+    kb = KernelBuilder(ir.IRBuilder(fn.append_basic_block("entry")), width)
+    build(kb, fn.args)
+    kb.b.ret_void()
+    engine = target.load_object(target.compile_to_object(str(module)))
+    ctypes_args = [ctypes.c_void_p if t == PTR else ctypes.c_int64 for t in arg_types]
+    return engine, ctypes.CFUNCTYPE(None, *ctypes_args)(engine.get_function_address("kernel"))
+
+
+def test_split_range_partitions_exactly():
+    def build(kb, args):
+        out, n, nthreads = args
+        with kb.for_range(0, nthreads, name="t") as tid:
+            lo, hi = kb.split_range(n, tid, nthreads)
+            # Store as floats: exact for these small numbers.
+            kb.store(kb.b.sitofp(lo, ir.FloatType()), out, kb.mul(tid, 2))
+            kb.store(kb.b.sitofp(hi, ir.FloatType()), out, kb.add(kb.mul(tid, 2), 1))
+
+    engine, fn = _compile_one(build, [PTR, I64, I64])
+    for n in (0, 1, 5, 16, 17):
+        for nthreads in (1, 2, 3, 8):
+            out = np.empty((nthreads, 2), np.float32)
+            fn(out.ctypes.data, n, nthreads)
+            assert out[0, 0] == 0 and out[-1, 1] == n
+            assert (out[1:, 0] == out[:-1, 1]).all()          # contiguous, disjoint
+            sizes = out[:, 1] - out[:, 0]
+            assert sizes.max() - sizes.min() <= 1              # balanced
+
+
+@pytest.mark.parametrize("width", [4, 8, 16])
+def test_vector_loop_with_masked_tail_and_transpose(width):
+    """y[i] = relu(2 x[i] - 1) over n (masked tail), and one transposed block."""
+    def build(kb, args):
+        src, dst, block, n = args
+        w = kb.width
+        whole = kb.mul(kb.b.sdiv(n, kb.i64(w)), w)
+        body = lambda x: kb.relu(kb.fma(x, kb.splat(2.0), kb.splat(-1.0)))  # noqa: E731
+        with kb.for_range(0, whole, step=w) as i:
+            kb.store_vec(body(kb.load_vec(src, i)), dst, i)
+        mask = kb.lane_mask_dynamic(kb.sub(n, whole))
+        kb.masked_store_vec(body(kb.masked_load_vec(src, whole, mask)), dst, whole, mask)
+        rows = kb.transpose([kb.load_vec(block, r * w) for r in range(w)])
+        for r, row in enumerate(rows):
+            kb.store_vec(row, block, r * w)
+
+    engine, fn = _compile_one(build, [PTR, PTR, PTR, I64], width)
+    rng = np.random.default_rng(1)
+    for n in (0, 1, width - 1, width, 3 * width + 2):
+        x = rng.standard_normal(n, dtype=np.float32)
+        y_whole, y = _guarded(n)
+        block = np.arange(width * width, dtype=np.float32).reshape(width, width)
+        expected_block = block.T.copy()
+        fn(x.ctypes.data, y.ctypes.data, block.ctypes.data, n)
+        np.testing.assert_allclose(y, np.maximum(2 * x - 1, 0), rtol=1e-6)
+        _assert_guards_intact(y_whole, "y")
+        np.testing.assert_array_equal(block, expected_block)

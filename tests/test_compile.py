@@ -1,0 +1,183 @@
+"""Compiled programs against the numpy reference executor: whole networks, gradients, training
+steps, feed validation and parameter binding."""
+import numpy as np
+import pytest
+
+import graphc as gc
+from graphc import models
+
+
+def assert_matches(actual, expected, rtol=1e-4, what=""):
+    """Agreement to float32 rounding: errors measured against the largest reference magnitude."""
+    actual, expected = np.asarray(actual), np.asarray(expected)
+    assert actual.shape == expected.shape, what
+    scale = max(float(np.abs(expected).max(initial=0.0)), 1e-6)
+    error = float(np.abs(actual - expected).max(initial=0.0)) / scale
+    assert error < rtol, f"{what}: relative error {error:.3e}"
+
+
+NETWORKS = {
+    "logistic": lambda: models.logistic_regression(16, 64),
+    "softmax_regression": lambda: models.softmax_regression(16),
+    "mlp": lambda: models.mlp(8),
+    "lenet5": lambda: models.lenet5(4),
+    "small_convnet": lambda: models.small_convnet(3),
+}
+
+
+@pytest.mark.parametrize("name", list(NETWORKS))
+def test_network_loss_and_gradients_match_reference(name):
+    model = NETWORKS[name]()
+    params = gc.init_params(model.graph, seed=1)
+    for value in params.values():
+        if value.ndim == 1:
+            value[:] = np.linspace(-0.1, 0.1, value.size)   # non-zero biases exercise the epilogues
+    feeds = models.random_batch(model, np.random.default_rng(2))
+    wrt = list(model.graph.params.values())
+    outputs = [model.loss, model.logits] + gc.grad(model.loss, wrt)
+    compiled = gc.compile(outputs, params)
+    expected = gc.evaluate(outputs, feeds, params)
+    for value, reference, label in zip(compiled(**feeds), expected, ["loss", "logits"] + [p.name for p in wrt]):
+        assert_matches(value, reference, what=f"{name} {label}")
+
+
+def reference_sgd(model, params, batches, lr, momentum, weight_decay, nesterov=False):
+    """The same steps with the reference executor and torch.optim.SGD's update rule, in numpy."""
+    names = list(params)
+    params = {k: v.copy() for k, v in params.items()}
+    grads = gc.grad(model.loss, [model.graph.params[n] for n in names])
+    buffers = {n: np.zeros_like(params[n]) for n in names}
+    losses = []
+    for feeds in batches:
+        values = gc.evaluate([model.loss] + grads, feeds, params)
+        losses.append(float(values[0]))
+        for n, g in zip(names, values[1:]):
+            d = g + weight_decay * params[n]
+            if momentum:
+                buffers[n] = momentum * buffers[n] + d
+                d = d + momentum * buffers[n] if nesterov else buffers[n]
+            params[n] = (params[n] - lr * d).astype(np.float32)
+    return losses, params
+
+
+@pytest.mark.parametrize("name", ["softmax_regression", "mlp", "lenet5", "small_convnet"])
+def test_ten_training_steps_with_momentum_and_weight_decay_match_reference(name):
+    model = NETWORKS[name]()
+    params = gc.init_params(model.graph, seed=3)
+    rng = np.random.default_rng(4)
+    batches = [models.random_batch(model, rng) for _ in range(10)]
+    expected_losses, expected_params = reference_sgd(model, params, batches, lr=0.05, momentum=0.9,
+                                                     weight_decay=1e-3)
+    step = gc.compile_training_step(model.loss, params, gc.SGD(lr=0.05, momentum=0.9, weight_decay=1e-3))
+    losses = [step(**feeds) for feeds in batches]
+    assert isinstance(losses[0], float)
+    np.testing.assert_allclose(losses, expected_losses, rtol=2e-4)
+    for n in params:
+        assert_matches(params[n], expected_params[n], rtol=2e-4, what=n)
+
+
+def test_training_step_plain_sgd_and_nesterov():
+    model = models.mlp(4, sizes=(20, 16, 3))
+    for optimizer in (gc.SGD(lr=0.1), gc.SGD(lr=0.1, momentum=0.5, nesterov=True)):
+        params = gc.init_params(model.graph, seed=5)
+        batches = [models.random_batch(model, np.random.default_rng(i)) for i in range(5)]
+        expected_losses, expected_params = reference_sgd(model, params, batches, optimizer.lr, optimizer.momentum,
+                                                         optimizer.weight_decay, optimizer.nesterov)
+        step = gc.compile_training_step(model.loss, params, optimizer)
+        np.testing.assert_allclose([step(**f) for f in batches], expected_losses, rtol=2e-4)
+        for n in params:
+            assert_matches(params[n], expected_params[n], rtol=2e-4, what=n)
+
+
+def test_training_step_leaves_the_users_graph_alone():
+    model = models.mlp(4, sizes=(20, 16, 3))
+    before = len(model.graph.nodes)
+    gc.compile_training_step(model.loss, gc.init_params(model.graph), gc.SGD(lr=0.1))
+    assert len(model.graph.nodes) == before
+
+
+def test_params_are_bound_without_copy():
+    model = models.softmax_regression(4, features=8, classes=3)
+    params = gc.init_params(model.graph, seed=0)
+    predict = gc.compile([model.logits], params)
+    feeds = models.random_batch(model, np.random.default_rng(0))
+    before = predict(x=feeds["x"])[0]
+    params["b"][:] = 5.0
+    after = predict(x=feeds["x"])[0]
+    assert_matches(after, before + 5.0)
+
+
+def test_outputs_are_fresh_arrays_owned_by_the_caller():
+    model = models.softmax_regression(4, features=8, classes=3)
+    fn = gc.compile([model.logits], gc.init_params(model.graph))
+    x = np.ones((4, 8), np.float32)
+    first = fn(x=x)[0]
+    second = fn(x=x)[0]
+    assert first is not second and not np.shares_memory(first, second)
+
+
+def test_single_tensor_gives_single_array_and_outputs_that_alias():
+    g = gc.Graph("alias")
+    x = g.input("x", (2, 3))
+    w = g.param("w", (2, 3))
+    y = gc.reshape(x * w, (3, 2))
+    params = {"w": np.full((2, 3), 2.0, np.float32)}
+    fn = gc.compile([y, x, w, y], params)
+    xv = np.arange(6, dtype=np.float32).reshape(2, 3)
+    y1, x1, w1, y2 = fn(x=xv)
+    assert_matches(y1, (xv * 2).reshape(3, 2))
+    assert_matches(y2, y1)
+    assert_matches(x1, xv)
+    assert_matches(w1, params["w"])
+    single = gc.compile(y, params)(x=xv)
+    assert isinstance(single, np.ndarray) and single.shape == (3, 2)
+
+
+def test_feed_validation_happens_before_native_code():
+    model = models.softmax_regression(4, features=8, classes=3)
+    fn = gc.compile([model.loss], gc.init_params(model.graph))
+    good = {"x": np.zeros((4, 8), np.float32), "y": np.zeros(4, np.int32)}
+    fn(**good)
+    cases = [
+        ({"x": good["x"]}, "y"),                                            # missing
+        ({**good, "z": good["x"]}, "z"),                                    # extra
+        ({**good, "x": np.zeros((4, 9), np.float32)}, "x"),                 # shape
+        ({**good, "y": np.zeros(4, np.float32)}, "y"),                      # kind
+        ({**good, "x": np.zeros((4, 8), np.int32)}, "x"),                   # kind
+        ({**good, "y": np.array([0, 1, 2, 3], np.int32)}, "y"),             # label out of range
+        ({**good, "y": np.array([0, -1, 2, 1], np.int32)}, "y"),
+    ]
+    for feeds, name in cases:
+        with pytest.raises(ValueError, match=repr(name)):
+            fn(**feeds)
+
+
+def test_non_contiguous_and_float64_inputs_are_accepted():
+    model = models.softmax_regression(4, features=8, classes=3)
+    params = gc.init_params(model.graph)
+    fn = gc.compile([model.logits], params)
+    x = np.random.default_rng(0).standard_normal((8, 4)).T       # float64, Fortran order
+    expected = gc.evaluate(model.logits, {"x": x.astype(np.float32)}, params)
+    assert_matches(fn(x=x)[0], expected)
+
+
+def test_compile_rejects_missing_params():
+    model = models.softmax_regression(4, features=8, classes=3)
+    with pytest.raises(ValueError, match="'b'"):
+        gc.compile([model.logits], {"w": np.zeros((3, 8), np.float32)})
+
+
+def test_compiled_function_exposes_graph_and_llvm_ir():
+    model = models.mlp(4, sizes=(20, 16, 3))
+    fn = gc.compile([model.loss], gc.init_params(model.graph))
+    assert "define" in fn.llvm_ir and "graphc_entry" in fn.llvm_ir
+    listing = str(fn.graph)
+    assert "softmax_cross_entropy" in listing
+    assert "gemm" in fn.describe()
+
+
+def test_gemm_epilogue_fuses_bias_and_relu():
+    model = models.mlp(4, sizes=(20, 16, 3))
+    fn = gc.compile([model.logits], gc.init_params(model.graph))
+    labels = [step.label for step in fn.steps]
+    assert labels == ["gemm+bias+relu", "gemm+bias"], labels
