@@ -48,17 +48,20 @@ def to_dot(graph: Graph, outputs=None) -> str:
     lines = [f'digraph "{_dot_escape(graph.name)}" {{', "  rankdir=TB;",
              '  node [shape=box, style="rounded,filled", fillcolor=white, fontname="Helvetica", fontsize=10];']
     for node in nodes:
-        label = f"%{node.id} {node_summary(node)}\\n{type_string(node)}"
+        label = [f"%{node.id} {node_summary(node)}", type_string(node)]
         if node.op == "input":
             style = 'shape=ellipse, fillcolor="#fff3b0"'
         elif node.op == "param":
             style = 'shape=ellipse, fillcolor="#c8f0c8"'
         elif node.is_backward:
-            label += f"\\ngrad of %{node.grad_of.id}"
+            label.append(f"grad of %{node.grad_of.id}")
             style = 'fillcolor="#cfe2ff", color="#1f4e9c", style="rounded,filled,dashed"'
         else:
             style = ""
-        lines.append(f'  n{node.id} [label="{_dot_escape(label)}"{", " + style if style else ""}];')
+        # escape each line, then join with DOT's line break (escaping the joined text would turn
+        # the break into a literal backslash-n)
+        text = "\\n".join(_dot_escape(part) for part in label)
+        lines.append(f'  n{node.id} [label="{text}"{", " + style if style else ""}];')
     shown = {node.id for node in nodes}
     for node in nodes:
         for operand in node.inputs:

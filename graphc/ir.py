@@ -46,7 +46,9 @@ class ConstArray:
     __slots__ = ("array", "_digest")
 
     def __init__(self, array: np.ndarray):
-        self.array = np.ascontiguousarray(array)
+        # a private C-ordered copy: np.ascontiguousarray would turn a 0-d array 1-d, and would
+        # share (then freeze) a caller's array
+        self.array = np.array(array, order="C", copy=True)
         self.array.setflags(write=False)
         h = hashlib.sha256(self.array.tobytes())
         h.update(repr((self.array.shape, self.array.dtype.str)).encode())

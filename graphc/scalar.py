@@ -90,4 +90,7 @@ def symbol_index(sym: sympy.Symbol) -> int:
 def numpy_function(expr: sympy.Expr, arity: int):
     """A numpy function of `arity` arrays computing `expr` (cached: graphs repeat expressions)."""
     args = [symbol(i) for i in range(arity)]
+    # lambdify prints a Float with 15 significant digits, which rounds a double like 1/3 (mean's
+    # scale) by ~1e-15; 17 digits print every double exactly.
+    expr = expr.xreplace({f: sympy.Float(f, 17) for f in expr.atoms(sympy.Float)})
     return sympy.lambdify(args, expr, modules=[NUMPY_FUNCTIONS, "numpy"])

@@ -1,0 +1,64 @@
+"""graphc_runtime: what running a compiled graphc program needs, and nothing more.
+
+    cache        on-disk cache of compiled object code (ObjectCache, make_key)
+    loader       links object code into the process (NativeLibrary, create_host_target_machine)
+    threads      thread count and the team that runs an entry on several threads (ThreadTeam)
+    slots        descriptions of the entry's arguments (Input, Param, State, Output, Workspace)
+    program      a loaded program, callable with numpy arrays (Program)
+    buffers      aligned allocation and fast data pointers (internal)
+    team_native  the native fork/join code behind ThreadTeam (internal)
+
+The ABI between compiler and runtime: a program is one function
+
+    void entry(void **args, int64_t tid, int64_t nthreads)
+
+run concurrently by threads tid = 0 .. nthreads-1, where args[i] points to the memory of
+slot i. It imports neither the compiler nor sympy nor networkx.
+"""
+
+from .cache import CacheStats, ObjectCache, default_cache_directory, make_key
+from .loader import (
+    HostTarget,
+    MissingSymbolError,
+    NativeLibrary,
+    create_host_target_machine,
+    host_target,
+    initialize_llvm,
+)
+from .program import Program
+from .slots import Input, Output, Param, State, Workspace
+from .threads import (
+    MAX_THREADS,
+    EntryFunction,
+    ThreadTeam,
+    default_team,
+    get_num_threads,
+    set_num_threads,
+    usable_cpu_count,
+)
+
+__all__ = [
+    "CacheStats",
+    "EntryFunction",
+    "HostTarget",
+    "Input",
+    "MAX_THREADS",
+    "MissingSymbolError",
+    "NativeLibrary",
+    "ObjectCache",
+    "Output",
+    "Param",
+    "Program",
+    "State",
+    "ThreadTeam",
+    "Workspace",
+    "create_host_target_machine",
+    "default_cache_directory",
+    "default_team",
+    "get_num_threads",
+    "host_target",
+    "initialize_llvm",
+    "make_key",
+    "set_num_threads",
+    "usable_cpu_count",
+]

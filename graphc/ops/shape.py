@@ -86,6 +86,9 @@ def flatten(x: Tensor) -> Tensor:
 
 def transpose(x: Tensor, axes=None) -> Tensor:
     """Permute axes (default: reverse them), as numpy.transpose."""
+    if axes is not None and any(not -x.ndim <= int(a) < x.ndim for a in axes):
+        # checked before wrapping negatives: a modulo would turn axis 5 of a 2-D tensor into axis 1
+        raise shape_error("transpose", f"axes {tuple(axes)} out of range for a {x.ndim}-D tensor", [x])
     axes = tuple(reversed(range(x.ndim))) if axes is None else tuple(int(a) % max(x.ndim, 1) for a in axes)
     if axes == tuple(range(x.ndim)):
         return x

@@ -1,0 +1,277 @@
+"""Softmax along any axis, softmax cross-entropy, and one-hot encoding of int32 labels.
+
+Both softmax kernels are numerically stable: they exponentiate x - max(x) <= 0, so exp never
+overflows, and cross-entropy takes log(sum(exp(x - max))) - (x[label] - max), which stays
+exact for logits of magnitude 100 and more. exp is evaluated in registers (`vector_exp`),
+not by calling libm per lane.
+"""
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import llvmlite.ir as ir
+
+from .kernel import Kernel, phase_args, phase_function
+from .kernel_builder import F32, I32, I64, KernelBuilder
+from .layout_kernels import (declare_intrinsic, for_each_vector, load_lanes, only_thread_zero,
+                             open_phase, store_lanes, vector_lanes, vector_suffix, zero_floats)
+from .reduce_kernels import (ROW_BLOCK, SPAN_BLOCK, SUM_IDENTITY, VectorAccumulators,
+                             blocked_sum, for_each_column_chunk, horizontal_max,
+                             horizontal_sum, span_max, span_sum, vector_add, vector_max)
+
+__all__ = ["emit_softmax", "emit_softmax_cross_entropy", "emit_one_hot", "vector_exp"]
+
+# Columns per work item of a softmax along a non-last axis, in vectors: one cache line of
+# each row with AVX2, and few inlined exps.
+SOFTMAX_CHUNK_VECTORS = 2
+# Below this many logits, cross-entropy runs in one phase on one thread: a second phase and
+# its barrier would cost more than the rows take.
+PARALLEL_LOSS_MIN = 16384
+
+# exp(x) = 2**n * exp(r) with n = round(x / ln 2) and |r| <= ln(2) / 2. ln 2 is split so that
+# n * LN2_HI is exact (LN2_HI = 355/512 has 9 significant bits, n needs at most 8), which
+# keeps r accurate (Cody and Waite's reduction).
+LN2_HI = 0.693359375
+LN2_LO = math.log(2.0) - LN2_HI
+# Below ln(2**-126) the result would be subnormal; it is flushed to 0 (so is exp(-inf)).
+EXP_UNDERFLOW = math.log(2.0 ** -126)
+# exp(r) on |r| <= ln(2)/2 by its Taylor polynomial of degree 7: the first omitted term is
+# below 6e-9 relative, a tenth of float32's rounding step.
+EXP_TAYLOR_DEGREE = 7
+FLOAT32_EXPONENT_BIAS = 127
+FLOAT32_MANTISSA_BITS = 23
+
+
+def vector_exp(kb: KernelBuilder, x: ir.Value) -> ir.Value:
+    """Lanewise exp(x) of a float vector for x <= 0, within about 1 ulp.
+
+    The domain is what stable softmax needs (x - max(x)); no overflow handling is emitted.
+    NaN lanes stay NaN.
+    """
+    b = kb.b
+    floor = declare_intrinsic(kb.module, f"llvm.floor.{vector_suffix(kb)}", kb.vec_type,
+                              [kb.vec_type])
+    n = b.call(floor, [kb.fma(x, kb.splat(1.0 / math.log(2.0)), kb.splat(0.5))])
+    r = kb.fma(n, kb.splat(-LN2_HI), x)
+    r = kb.fma(n, kb.splat(-LN2_LO), r)
+    poly = kb.splat(1.0 / math.factorial(EXP_TAYLOR_DEGREE))
+    for k in reversed(range(EXP_TAYLOR_DEGREE)):
+        poly = kb.fma(poly, r, kb.splat(1.0 / math.factorial(k)))
+    # 2**n for n in [-126, 0]: the biased exponent n + 127 placed in the exponent field.
+    int_vec = ir.VectorType(I32, kb.width)
+    bias = ir.Constant(int_vec, [FLOAT32_EXPONENT_BIAS] * kb.width)
+    shift = ir.Constant(int_vec, [FLOAT32_MANTISSA_BITS] * kb.width)
+    power = b.bitcast(b.shl(b.add(b.fptosi(n, int_vec), bias), shift), kb.vec_type)
+    # Lanes below the underflow bound computed garbage exponents: replace them by 0.
+    underflow = b.fcmp_ordered("<", x, kb.splat(EXP_UNDERFLOW))
+    return b.select(underflow, kb.splat(0.0), kb.fmul(poly, power))
+
+
+def _log(kb: KernelBuilder, value: ir.Value) -> ir.Value:
+    log = declare_intrinsic(kb.module, "llvm.log.f32", F32, [F32])
+    return kb.b.call(log, [value])
+
+
+# ---------------------------------------------------------------------------- contiguous rows
+
+def _row_max(kb: KernelBuilder, x: ir.Value, start: ir.Value, length: int) -> ir.Value:
+    return horizontal_max(kb, span_max(kb, x, start, length))
+
+
+def _row_exp_sum(kb: KernelBuilder, x: ir.Value, start: ir.Value, length: int,
+                 maximum: ir.Value, exps_out: ir.Value | None = None) -> ir.Value:
+    """sum(exp(x[start:][:length] - maximum)), also storing the exponentials at the same
+    positions of `exps_out` when given."""
+    shift = kb.splat(maximum)
+
+    def block_sum(block_start: ir.Value, count: int) -> list[ir.Value]:
+        # One accumulator suffices: each add waits on a ~20-instruction exp, not on the
+        # previous add, and one exp per iteration keeps the code small.
+        sums = VectorAccumulators(kb, 1, SUM_IDENTITY, vector_add)
+        sums.reset()
+
+        def exponentiate(index: ir.Value, lanes: int, _slot: int) -> None:
+            # Lanes past the row read -inf, whose exponential adds 0.
+            value = load_lanes(kb, x, index, lanes, fill=-math.inf)
+            exp = vector_exp(kb, kb.b.fsub(value, shift))
+            if exps_out is not None:
+                store_lanes(kb, exp, exps_out, index, lanes)
+            sums.update(0, exp)
+
+        for_each_vector(kb, kb.add(start, block_start), count, exponentiate)
+        return sums.values()
+
+    return horizontal_sum(kb, blocked_sum(kb, length, SPAN_BLOCK, 1, block_sum)[0])
+
+
+def _scale_row(kb: KernelBuilder, ptr: ir.Value, start: ir.Value, length: int,
+               factor: ir.Value) -> None:
+    """ptr[start:][:length] *= factor (a scalar)."""
+    factor = kb.splat(factor)
+
+    def scale(index: ir.Value, lanes: int, _slot: int) -> None:
+        store_lanes(kb, kb.fmul(load_lanes(kb, ptr, index, lanes), factor), ptr, index, lanes)
+
+    for_each_vector(kb, start, length, scale)
+
+
+# ---------------------------------------------------------------------------- softmax
+
+def emit_softmax(module: ir.Module, name: str, shape: Sequence[int], axis: int, *,
+                 max_threads: int, width: int | None = None) -> Kernel:
+    """out = softmax(in0, axis): exp(x - max) / sum(exp(x - max)) along `axis`.
+
+    The tensor is viewed as (outer, length, inner) around the axis. With inner == 1 (the last
+    axis) each row is contiguous and threads split the rows; otherwise threads split
+    (outer, chunk of inner columns) items and every pass runs down the axis with vectors of
+    adjacent columns. `width` overrides the host's vector width (for tests).
+    """
+    shape = tuple(shape)
+    if not -len(shape) <= axis < len(shape):
+        raise ValueError(f"axis {axis} out of range for shape {shape}")
+    axis %= len(shape)
+    outer, length = math.prod(shape[:axis]), shape[axis]
+    inner = math.prod(shape[axis + 1:])
+    fn, kb = open_phase(module, name, 1, width)
+    out, (x,), _, tid, nthreads = phase_args(fn)
+    if inner == 1:
+        _emit_softmax_rows(kb, out, x, tid, nthreads, outer, length)
+    else:
+        _emit_softmax_columns(kb, out, x, tid, nthreads, outer, length, inner)
+    kb.b.ret_void()
+    return Kernel([fn])
+
+
+def _emit_softmax_rows(kb: KernelBuilder, out: ir.Value, x: ir.Value, tid: ir.Value,
+                       nthreads: ir.Value, n_rows: int, length: int) -> None:
+    lo, hi = kb.split_range(n_rows, tid, nthreads)
+    with kb.for_range(lo, hi, name="row") as row:
+        start = kb.mul(row, length)
+        maximum = _row_max(kb, x, start, length)
+        total = _row_exp_sum(kb, x, start, length, maximum, exps_out=out)
+        _scale_row(kb, out, start, length, kb.b.fdiv(kb.f32(1.0), total))
+
+
+def _emit_softmax_columns(kb: KernelBuilder, out: ir.Value, x: ir.Value, tid: ir.Value,
+                          nthreads: ir.Value, outer: int, length: int, inner: int) -> None:
+    """Softmax down the axis for chunks of adjacent columns: element (o, a, i) is at
+    (o * length + a) * inner + i in both x and out."""
+    def emit_chunk(start: ir.Value, _out_start: ir.Value, chunk_width: int) -> None:
+        _emit_column_chunk_softmax(kb, out, x, start, vector_lanes(kb, chunk_width),
+                                   length, inner)
+
+    strides = [length * inner]
+    for_each_column_chunk(kb, tid, nthreads, [outer], strides, strides, inner, emit_chunk,
+                          chunk_vectors=SOFTMAX_CHUNK_VECTORS)
+
+
+def _emit_column_chunk_softmax(kb: KernelBuilder, out: ir.Value, x: ir.Value,
+                               start: ir.Value, lanes: list[int], length: int,
+                               inner: int) -> None:
+    """Three passes down the axis over the vectors (of `lanes` lanes) of one column chunk:
+    running maxima, exponentials (stored) with their sums, then scaling by 1 / sum."""
+    def down_the_axis(first: ir.Value, count: int, body) -> None:
+        """body(v, index, n_lanes) for vector v of the chunk, rows [first, first + count)."""
+        with kb.for_range(first, kb.add(first, count), name="a") as a:
+            row_start = kb.add(start, kb.mul(a, inner))
+            for v, n_lanes in enumerate(lanes):
+                body(v, kb.add(row_start, v * kb.width), n_lanes)
+
+    maxima = VectorAccumulators(kb, len(lanes), -math.inf, vector_max, name="max")
+    maxima.reset()
+    down_the_axis(kb.i64(0), length, lambda v, index, n_lanes: maxima.update(
+        v, load_lanes(kb, x, index, n_lanes, fill=-math.inf)))
+    shifts = maxima.values()
+
+    def block_sums(first: ir.Value, count: int) -> list[ir.Value]:
+        sums = VectorAccumulators(kb, len(lanes), SUM_IDENTITY, vector_add)
+        sums.reset()
+
+        def exponentiate(v: int, index: ir.Value, n_lanes: int) -> None:
+            # Lanes past the chunk compute garbage that is never stored.
+            exp = vector_exp(kb, kb.b.fsub(load_lanes(kb, x, index, n_lanes), shifts[v]))
+            store_lanes(kb, exp, out, index, n_lanes)
+            sums.update(v, exp)
+
+        down_the_axis(first, count, exponentiate)
+        return sums.values()
+
+    totals = blocked_sum(kb, length, ROW_BLOCK, len(lanes), block_sums)
+    factors = [kb.b.fdiv(kb.splat(1.0), total) for total in totals]
+    down_the_axis(kb.i64(0), length, lambda v, index, n_lanes: store_lanes(
+        kb, kb.fmul(load_lanes(kb, out, index, n_lanes), factors[v]), out, index, n_lanes))
+
+
+# ---------------------------------------------------------------------------- cross-entropy
+
+def emit_softmax_cross_entropy(module: ir.Module, name: str, logits_shape: Sequence[int], *,
+                               max_threads: int, width: int | None = None) -> Kernel:
+    """out[0] = mean over rows i of logsumexp(logits[i]) - logits[i, labels[i]].
+
+    in0 is the (N, C) float32 logits, in1 the (N,) int32 labels, already checked to lie in
+    [0, C). Row losses go to `scratch` (N floats) and are summed in order by thread 0, so
+    the result is the same for every thread count. Large batches take two phases (rows
+    split between threads, then the mean); small ones one phase on thread 0.
+    """
+    n_rows, classes = logits_shape
+    if max_threads == 1 or n_rows * classes < PARALLEL_LOSS_MIN:
+        fn, kb = open_phase(module, name, 2, width)
+        out, (logits, labels), scratch, tid, _ = phase_args(fn)
+        only_thread_zero(kb, tid)
+        _emit_row_losses(kb, scratch, logits, labels, kb.i64(0), kb.i64(n_rows), classes)
+        _emit_mean(kb, out, scratch, n_rows)
+        kb.b.ret_void()
+        return Kernel([fn], scratch_floats=n_rows)
+
+    rows_fn, kb = open_phase(module, f"{name}_row_losses", 2, width)
+    _, (logits, labels), scratch, tid, nthreads = phase_args(rows_fn)
+    lo, hi = kb.split_range(n_rows, tid, nthreads)
+    _emit_row_losses(kb, scratch, logits, labels, lo, hi, classes)
+    kb.b.ret_void()
+
+    mean_fn, kb = open_phase(module, f"{name}_mean", 2, width)
+    out, _, scratch, tid, _ = phase_args(mean_fn)
+    only_thread_zero(kb, tid)
+    _emit_mean(kb, out, scratch, n_rows)
+    kb.b.ret_void()
+    return Kernel([rows_fn, mean_fn], scratch_floats=n_rows)
+
+
+def _load_label(kb: KernelBuilder, labels: ir.Value, row: ir.Value) -> ir.Value:
+    """labels[row] (int32) as an i64 index."""
+    address = kb.b.gep(labels, [row], inbounds=True, source_etype=I32)
+    return kb.b.sext(kb.b.load(address, typ=I32, align=4), I64)
+
+
+def _emit_row_losses(kb: KernelBuilder, losses: ir.Value, logits: ir.Value,
+                     labels: ir.Value, lo: ir.Value, hi: ir.Value, classes: int) -> None:
+    """losses[i] = log(sum(exp(row - max))) - (row[label] - max) for rows [lo, hi)."""
+    with kb.for_range(lo, hi, name="row") as row:
+        start = kb.mul(row, classes)
+        maximum = _row_max(kb, logits, start, classes)
+        total = _row_exp_sum(kb, logits, start, classes, maximum)
+        picked = kb.load(logits, kb.add(start, _load_label(kb, labels, row)))
+        loss = kb.b.fsub(_log(kb, total), kb.b.fsub(picked, maximum))
+        kb.store(loss, losses, row)
+
+
+def _emit_mean(kb: KernelBuilder, out: ir.Value, values: ir.Value, count: int) -> None:
+    total = horizontal_sum(kb, span_sum(kb, values, kb.i64(0), count))
+    kb.store(kb.b.fdiv(total, kb.f32(count)), out)
+
+
+# ---------------------------------------------------------------------------- one-hot
+
+def emit_one_hot(module: ir.Module, name: str, n: int, classes: int, *,
+                 max_threads: int) -> Kernel:
+    """out (n, classes) float32 = 1.0 at [i, labels[i]], else 0; in0 is int32 labels,
+    already checked to lie in [0, classes). Threads split the rows: a memset, then the ones."""
+    fn, kb = phase_function(module, name, 1)
+    out, (labels,), _, tid, nthreads = phase_args(fn)
+    lo, hi = kb.split_range(n, tid, nthreads)
+    zero_floats(kb, out, kb.mul(lo, classes), kb.mul(kb.sub(hi, lo), classes))
+    with kb.for_range(lo, hi, name="row") as row:
+        kb.store(kb.f32(1.0), out, kb.add(kb.mul(row, classes), _load_label(kb, labels, row)))
+    kb.b.ret_void()
+    return Kernel([fn])

@@ -1,0 +1,175 @@
+"""Loading compiled object code into this process.
+
+The compiler emits an object file (possibly from the on-disk cache); `NativeLibrary` links
+it into memory with LLVM's MCJIT and hands out function addresses. External symbols the
+generated code uses (expf, logf, tanhf from libm; memset, memcpy from libc; pthread
+functions) are resolved against the libraries already loaded in the Python process.
+MCJIT trusts what it links, so on ELF hosts the object is checked first: malformed bytes
+or an external no loaded library provides raise an error instead of crashing the process.
+
+Objects must be emitted by a target machine from `create_host_target_machine`: it selects
+the JIT code model, whose absolute 64-bit calls reach libm wherever MCJIT places the code;
+the default small code model can overflow its 32-bit relocations.
+"""
+
+from __future__ import annotations
+
+import functools
+import struct
+import sys
+import threading
+from typing import NamedTuple
+
+import llvmlite.binding as llvm
+
+__all__ = [
+    "HostTarget",
+    "MissingSymbolError",
+    "NativeLibrary",
+    "create_host_target_machine",
+    "host_target",
+    "initialize_llvm",
+    "undefined_symbols",
+]
+
+
+class MissingSymbolError(LookupError):
+    """A symbol a library defines or needs cannot be found."""
+
+
+_initialize_lock = threading.Lock()
+_initialized = False
+
+
+def initialize_llvm() -> None:
+    """Initialize LLVM for the host target; cheap and safe to call any number of times.
+
+    llvmlite 0.50 removed `llvm.initialize()` (it raises); the three native initializers
+    are all that code generation and loading for the host need.
+    """
+    global _initialized
+    if _initialized:
+        return
+    with _initialize_lock:
+        if not _initialized:
+            llvm.initialize_native_target()
+            llvm.initialize_native_asmprinter()
+            llvm.initialize_native_asmparser()
+            _initialized = True
+
+
+class HostTarget(NamedTuple):
+    """What machine code is specialized to; part of every cache key."""
+
+    triple: str
+    cpu: str
+    features: str
+
+
+@functools.cache
+def host_target() -> HostTarget:
+    initialize_llvm()
+    return HostTarget(
+        triple=llvm.get_process_triple(),
+        cpu=llvm.get_host_cpu_name(),
+        features=llvm.get_host_cpu_features().flatten(),
+    )
+
+
+def create_host_target_machine(opt_level: int = 3) -> llvm.TargetMachine:
+    """A fresh target machine for this CPU with the JIT code model.
+
+    Fresh because MCJIT takes ownership of the target machine it is given.
+    """
+    host = host_target()
+    return llvm.Target.from_triple(host.triple).create_target_machine(
+        cpu=host.cpu, features=host.features, opt=opt_level, jit=True
+    )
+
+
+class NativeLibrary:
+    """An object file linked into this process, alive as long as this object is."""
+
+    def __init__(self, object_bytes: bytes):
+        object_bytes = bytes(object_bytes)
+        target_machine = create_host_target_machine()
+        # MCJIT is created around a module; an empty one serves, the code comes from the object.
+        anchor = llvm.parse_assembly("")
+        anchor.triple = target_machine.triple
+        anchor.data_layout = str(target_machine.target_data)
+        self._engine = llvm.create_mcjit_compiler(anchor, target_machine)
+        # Only after an engine exists does LLVM search the process's own symbols.
+        _check_loadable(object_bytes)
+        self._engine.add_object_file(llvm.ObjectFileRef.from_data(object_bytes))
+        self._engine.finalize_object()
+        self._addresses: dict[str, int] = {}
+
+    def address(self, symbol: str) -> int:
+        """Address of a function the object defines; raises MissingSymbolError if it does not."""
+        address = self._addresses.get(symbol)
+        if address is None:
+            address = self._engine.get_function_address(symbol)
+            if not address:
+                raise MissingSymbolError(f"the compiled object defines no symbol {symbol!r}")
+            self._addresses[symbol] = address
+        return address
+
+
+def _check_loadable(object_bytes: bytes) -> None:
+    # MCJIT trusts its input: malformed bytes crash the interpreter, and an unresolved
+    # external is linked to address 0, so the first call crashes. Where objects are ELF64
+    # little-endian (Linux on x86-64 and aarch64), check both and refuse with a clear error.
+    if not _HOST_USES_ELF64_LITTLE_ENDIAN:
+        return
+    try:
+        needed = undefined_symbols(object_bytes)
+    except (struct.error, IndexError, ValueError) as error:
+        raise ValueError(f"not a loadable object file: {error}") from None
+    missing = sorted(name for name in needed if llvm.address_of_symbol(name) is None)
+    if missing:
+        raise MissingSymbolError(
+            "the compiled object needs symbols this process does not provide: " + ", ".join(missing)
+        )
+
+
+# ELF64 little-endian layouts (the System V ABI), enough to list a relocatable object's
+# undefined symbols.
+_ELF64_HEADER = struct.Struct("<16sHHIQQQIHHHHHH")
+_ELF64_SECTION = struct.Struct("<IIQQQQIIQQ")
+_ELF64_SYMBOL = struct.Struct("<IBBHQQ")
+_ELF64_LITTLE_ENDIAN_MAGIC = b"\x7fELF\x02\x01"
+_SHT_SYMTAB = 2
+_SHN_UNDEF = 0
+_HOST_USES_ELF64_LITTLE_ENDIAN = (
+    llvm.get_object_format() == "ELF" and sys.byteorder == "little" and struct.calcsize("P") == 8
+)
+
+
+def undefined_symbols(object_bytes: bytes) -> list[str]:
+    """Names an ELF64 little-endian object expects from elsewhere.
+
+    Raises ValueError (or struct.error, IndexError for damaged tables) for anything else.
+    """
+    if not object_bytes.startswith(_ELF64_LITTLE_ENDIAN_MAGIC):
+        raise ValueError("not an ELF64 little-endian object")
+    header = _ELF64_HEADER.unpack_from(object_bytes)
+    section_offset, section_entry_size, section_count = header[6], header[11], header[12]
+    sections = [
+        _ELF64_SECTION.unpack_from(object_bytes, section_offset + index * section_entry_size)
+        for index in range(section_count)
+    ]
+    names = []
+    for _, kind, _, _, offset, size, link, _, _, entry_size in sections:
+        if kind != _SHT_SYMTAB:
+            continue
+        strings_offset = sections[link][4]
+        # Entry 0 of a symbol table is the reserved null symbol.
+        for position in range(offset + entry_size, offset + size, entry_size):
+            name_offset, _, _, section_index, _, _ = _ELF64_SYMBOL.unpack_from(object_bytes, position)
+            if section_index == _SHN_UNDEF and name_offset:
+                names.append(_c_string(object_bytes, strings_offset + name_offset))
+    return names
+
+
+def _c_string(blob: bytes, start: int) -> str:
+    return blob[start:blob.index(b"\0", start)].decode("utf-8")

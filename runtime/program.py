@@ -1,0 +1,171 @@
+"""`Program`: a loaded compiled program, callable with numpy arrays.
+
+A call validates and converts every feed before any native code runs, allocates the outputs,
+writes their addresses into the argument vector and runs the entry once on the program's
+threads. Small training steps cost a few microseconds of native time, so everything that
+does not change between calls (param, state and workspace addresses, the ctypes function,
+slot positions) is prepared at construction and the call path does only what must be done.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import threading
+from collections.abc import Mapping, Sequence
+from types import MappingProxyType
+
+import numpy as np
+
+from .buffers import aligned_zeros, data_pointer, unchecked_data_pointer
+from .loader import NativeLibrary
+from .slots import Input, Output, Param, Slot, State, Workspace
+from .threads import EntryFunction, default_team, get_num_threads
+
+__all__ = ["Program"]
+
+# Arguments of a single-threaded call, prebuilt: ctypes converts its own objects fastest.
+_TID_0 = ctypes.c_int64(0)
+_ONE_THREAD = ctypes.c_int64(1)
+
+
+class Program:
+    """A compiled entry `void entry(void **args, int64 tid, int64 nthreads)` with bound memory.
+
+    `slots[i]` describes what `args[i]` points to (see `graphc_runtime.slots`). `params` maps
+    each Param slot's name to the caller's array, bound without copy; extra names are
+    ignored so a model's whole parameter dict can be passed. `max_threads` is the most
+    threads the entry can use (1 for code that ignores tid); a call uses
+    min(get_num_threads(), max_threads).
+
+    Calls from several Python threads are serialized per program: the argument vector,
+    the workspace and the state are shared by all calls.
+    """
+
+    def __init__(
+        self,
+        library: NativeLibrary,
+        entry: str,
+        slots: Sequence[Slot],
+        params: Mapping[str, np.ndarray] | None = None,
+        *,
+        max_threads: int = 1,
+    ):
+        self.library = library  # keeps the machine code mapped while the program exists
+        self.entry = entry
+        self.slots = tuple(slots)
+        if isinstance(max_threads, bool) or not isinstance(max_threads, int) or max_threads < 1:
+            raise ValueError(f"max_threads must be a positive int, got {max_threads!r}")
+        self.max_threads = max_threads
+        _check_unique_names(self.slots)
+
+        self.inputs = tuple(slot for slot in self.slots if isinstance(slot, Input))
+        self.outputs = tuple(slot for slot in self.slots if isinstance(slot, Output))
+        self._input_names = frozenset(slot.name for slot in self.inputs)
+        # (slot, argv position) of the slots that get new memory on every call.
+        self._input_plan = _plan_of(Input, self.slots)
+        self._output_plan = _plan_of(Output, self.slots)
+
+        # Memory bound for the program's life; held here so it outlives every call. The
+        # mappings are read-only views: replacing an array in them would not rebind it.
+        self.params = MappingProxyType(_bind_params(self.slots, params or {}))
+        self.state = MappingProxyType(
+            {slot.name: aligned_zeros(slot.shape, slot.dtype) for slot in self.slots if isinstance(slot, State)}
+        )
+        self._workspaces = {
+            slot.name: aligned_zeros(slot.nbytes, np.uint8) for slot in self.slots if isinstance(slot, Workspace)
+        }
+
+        self._argv = (ctypes.c_void_p * max(len(self.slots), 1))()
+        self._argv_address = ctypes.addressof(self._argv)
+        self._argv_pointer = ctypes.c_void_p(self._argv_address)  # converts faster than an int
+        for position, slot in enumerate(self.slots):
+            memory = self._bound_memory(slot)
+            if memory is not None:
+                self._argv[position] = data_pointer(memory)
+
+        self._entry_address = library.address(entry)
+        self._entry_function = EntryFunction(self._entry_address)
+        self._lock = threading.Lock()
+
+    @property
+    def num_threads(self) -> int:
+        """Threads the next call will use."""
+        return min(get_num_threads(), self.max_threads)
+
+    def __call__(self, /, **feeds) -> list[np.ndarray]:
+        """Run the program on `feeds` (one per Input, by name); return the outputs in slot order."""
+        if feeds.keys() != self._input_names:
+            raise self._feed_names_error(feeds)
+        argv = self._argv
+        with self._lock:
+            # Addresses written before a feed fails validation are harmless: native code
+            # runs only after every feed passed, and each call rewrites all of them.
+            prepared = []  # keeps converted copies alive until the native code returns
+            for slot, position in self._input_plan:
+                array = slot.prepare(feeds[slot.name])
+                prepared.append(array)
+                argv[position] = unchecked_data_pointer(array)
+            outputs = []
+            for slot, position in self._output_plan:
+                array = np.empty(slot.shape, slot.dtype)
+                outputs.append(array)
+                argv[position] = unchecked_data_pointer(array)
+            nthreads = min(get_num_threads(), self.max_threads)
+            if nthreads == 1:
+                self._entry_function(self._argv_pointer, _TID_0, _ONE_THREAD)
+            else:
+                default_team().run(self._entry_address, self._argv_address, nthreads)
+        return outputs
+
+    def reset_state(self) -> None:
+        """Zero every State buffer (e.g. forget the optimizer's momentum)."""
+        with self._lock:
+            for buffer in self.state.values():
+                buffer.fill(0)
+
+    def _bound_memory(self, slot: Slot) -> np.ndarray | None:
+        if isinstance(slot, Param):
+            return self.params[slot.name]
+        if isinstance(slot, State):
+            return self.state[slot.name]
+        if isinstance(slot, Workspace):
+            return self._workspaces[slot.name]
+        return None  # inputs and outputs get new addresses on every call
+
+    def _feed_names_error(self, feeds: Mapping) -> ValueError:
+        missing = [slot for slot in self.inputs if slot.name not in feeds]
+        extra = sorted(name for name in feeds if name not in self._input_names)
+        problems = [f"missing input {slot.name!r} ({slot.description})" for slot in missing]
+        problems += [f"unexpected input {name!r}" for name in extra]
+        expected = ", ".join(repr(slot.name) for slot in self.inputs) or "none"
+        return ValueError("; ".join(problems) + f"; the program's inputs are: {expected}")
+
+    def __repr__(self) -> str:
+        listing = ", ".join(f"{type(slot).__name__}({slot.name!r})" for slot in self.slots)
+        return f"<Program {self.entry!r} max_threads={self.max_threads} [{listing}]>"
+
+
+def _plan_of(kind: type, slots: Sequence[Slot]) -> tuple[tuple[Slot, int], ...]:
+    return tuple((slot, position) for position, slot in enumerate(slots) if isinstance(slot, kind))
+
+
+def _check_unique_names(slots: Sequence[Slot]) -> None:
+    # A name identifies a feed, a param binding, a state buffer: two slots sharing one
+    # would silently share or shadow memory.
+    seen = set()
+    for slot in slots:
+        if not isinstance(slot, (Input, Param, State, Output, Workspace)):
+            raise TypeError(f"not a slot: {slot!r}")
+        if slot.name in seen:
+            raise ValueError(f"two slots are named {slot.name!r}")
+        seen.add(slot.name)
+
+
+def _bind_params(slots: Sequence[Slot], params: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    bound = {}
+    for slot in slots:
+        if isinstance(slot, Param):
+            if slot.name not in params:
+                raise ValueError(f"param {slot.name!r} ({slot.description}) is missing from params")
+            bound[slot.name] = slot.check_binding(params[slot.name])
+    return bound
