@@ -16,13 +16,14 @@ from .ops import (add, avg_pool2d, broadcast_to, conv2d, div, exp, flatten, glob
                   transpose)
 from .reference import evaluate
 from .optim import SGD
+from .passes import optimize
 from .compiler import CompiledFunction, CompiledTrainingStep, compile, compile_training_step
 from graphc_runtime import get_num_threads, set_num_threads
 
 
 __all__ = [
     "Graph", "Tensor", "ShapeError", "grad", "evaluate", "init_params", "grad_check", "GradCheckReport",
-    "compile", "compile_training_step", "CompiledFunction", "CompiledTrainingStep", "SGD",
+    "compile", "compile_training_step", "optimize", "CompiledFunction", "CompiledTrainingStep", "SGD",
     "get_num_threads", "set_num_threads",
     "add", "avg_pool2d", "broadcast_to", "conv2d", "div", "exp", "flatten", "global_avg_pool2d", "linear", "log",
     "matmul", "max_pool2d", "mean", "mse", "mul", "neg", "power", "relu", "reshape", "sigmoid",

@@ -11,13 +11,14 @@ import re
 
 import graphc_runtime as rt
 
-from .codegen.entry import ENTRY_NAME, EntryBuilder, emit_constant
+from .codegen.entry import EntryBuilder, emit_constant, emit_ticks_function
 from .codegen.target import new_module
 from .ir import Graph, Tensor
 from .lowering import Step, alias_root, copy_step, plan_steps
 from .memory import MemoryPlan, plan_memory, schedule
 
 SUPPORTED_DTYPES = ("float32", "int32")
+PROFILE_SLOT = "profile:ticks"
 
 
 @dataclasses.dataclass
@@ -27,10 +28,11 @@ class ProgramSpec:
     steps: list[Step]            # in schedule order
     memory: MemoryPlan
     max_threads: int
+    phase_steps: list[int]       # for each phase the entry calls, the index of its step
 
 
 def assemble(graph: Graph, outputs: list[Tensor], *, output_names: list[str], inplace: dict[int, str],
-             state_names: set[str], max_threads: int) -> ProgramSpec:
+             state_names: set[str], max_threads: int, profile: bool = False) -> ProgramSpec:
     """Lower `outputs` of `graph`.
 
     `inplace` maps a node id to the name of the param (or state) whose buffer receives that
@@ -66,7 +68,13 @@ def assemble(graph: Graph, outputs: list[Tensor], *, output_names: list[str], in
 
     workspace_index = len(slots)
     slots.append(rt.Workspace(max(memory.arena_bytes, 64)))
-    entry = EntryBuilder(module, len(slots), workspace_index)
+    phase_steps = [i for i, kernel in enumerate(kernels) for _ in kernel.phases]
+    profile_index = None
+    if profile:
+        profile_index = len(slots)
+        slots.append(rt.State(PROFILE_SLOT, (len(phase_steps),), "int64"))
+        emit_ticks_function(module)
+    entry = EntryBuilder(module, len(slots), workspace_index, profile_index)
     constants = {}
     for i, (step, kernel) in enumerate(zip(ordered, kernels)):
         out_location = step_out[i] if step_out[i] is not None else ("arena", memory.offset_of_value(step.node.id))
@@ -76,7 +84,7 @@ def assemble(graph: Graph, outputs: list[Tensor], *, output_names: list[str], in
         scratch = entry.pointer(("arena", scratch_offset)) if scratch_offset is not None else None
         entry.call_phases(kernel.phases, entry.pointer(out_location), in_pointers, scratch)
     entry.finish()
-    return ProgramSpec(str(module), slots, ordered, memory, max_threads)
+    return ProgramSpec(str(module), slots, ordered, memory, max_threads, phase_steps)
 
 
 def _slots(graph, needed, outputs, output_names, inplace, state_names):

@@ -8,6 +8,7 @@ and allocates outputs.
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Mapping
 
 import llvmlite
@@ -41,9 +42,10 @@ class CompiledFunction:
     the kernels in execution order.
     """
 
-    def __init__(self, program: rt.Program, spec: ProgramSpec, optimized, outputs, single: bool):
+    def __init__(self, program: rt.Program, spec: ProgramSpec, optimized, outputs, single: bool, recipe):
         self._program = program
         self._spec = spec
+        self.recipe = recipe               # how to assemble this program again (e.g. for profiling)
         self.optimization = optimized      # what each pass did (passes.OptimizeResult)
         self.graph = optimized.graph
         self.outputs = outputs
@@ -64,6 +66,16 @@ class CompiledFunction:
     @property
     def num_threads(self) -> int:
         return self._program.num_threads
+
+    @property
+    def params(self):
+        """The arrays bound as params (the caller's own arrays)."""
+        return self._program.params
+
+    def profile(self, repeats: int = 20, **feeds):
+        """Time each kernel (see graphc.profile); params are copied, so nothing is updated."""
+        from .profile import profile
+        return profile(self, feeds, repeats)
 
     def __call__(self, **feeds):
         results = self._program(**feeds)
@@ -112,14 +124,23 @@ def build(cls, outputs, params, *, output_names, single=False, inplace=(), state
                    if not (node.op == "param" and node.name == name)}
     work = _estimate_flops(graph, new_outputs)
     threads = rt.get_num_threads() if work >= MIN_FLOPS_FOR_THREADS else 1
-    spec = assemble(graph, user_outputs, output_names=output_names, inplace=inplace_ids,
-                    state_names=set(state_names), max_threads=threads)
-    library = rt.NativeLibrary(_object_code(spec.llvm_ir))
+    recipe = Recipe(graph, user_outputs, dict(output_names=output_names, inplace=inplace_ids,
+                                              state_names=set(state_names), max_threads=threads))
+    spec = assemble(recipe.graph, recipe.outputs, **recipe.assemble_args)
+    library = rt.NativeLibrary(object_code(spec.llvm_ir))
     program = rt.Program(library, ENTRY_NAME, spec.slots, params, max_threads=threads)
-    return cls(program, spec, optimized, user_outputs, single)
+    return cls(program, spec, optimized, user_outputs, single, recipe)
 
 
-def _object_code(llvm_ir: str) -> bytes:
+@dataclasses.dataclass
+class Recipe:
+    graph: object
+    outputs: list
+    assemble_args: dict
+
+
+def object_code(llvm_ir: str) -> bytes:
+    """Machine code for `llvm_ir`, from the disk cache when this exact IR was compiled before."""
     cache = object_cache()
     key = rt.make_key(llvm_ir, target_fingerprint(), llvmlite.__version__, __version__)
     obj = cache.get(key)

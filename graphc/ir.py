@@ -206,12 +206,12 @@ class Graph:
 
     def ancestors(self, outputs: Iterable[Tensor]) -> list[Tensor]:
         """Every node `outputs` depend on, outputs included, in topological order."""
-        outputs = list(outputs)
-        dg = self.to_networkx()
-        needed: set[int] = set()
-        for out in outputs:
-            needed.add(out.id)
-            needed |= nx.ancestors(dg, out.id)
+        # Nodes are stored in topological order, so one backward sweep marks every ancestor:
+        # linear in the graph's size however many outputs there are.
+        needed = {out.id for out in outputs}
+        for node in reversed(self.nodes):
+            if node.id in needed:
+                needed.update(operand.id for operand in node.inputs)
         return [self.nodes[i] for i in sorted(needed)]
 
     # ---- inspection --------------------------------------------------------------------

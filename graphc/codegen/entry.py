@@ -12,6 +12,7 @@ import llvmlite.ir as ir
 from .kernel_builder import I64, PTR
 
 ENTRY_NAME = "graphc_entry"
+TICKS_NAME = "graphc_ticks"      # i64 graphc_ticks(void): the profiler's clock, for calibration
 SPINS_BEFORE_YIELD = 2000
 I8 = ir.IntType(8)
 
@@ -75,7 +76,8 @@ def _sched_yield(module: ir.Module) -> ir.Function:
 class EntryBuilder:
     """Builds the entry: pointers to slots, arena offsets and globals, then the kernel calls."""
 
-    def __init__(self, module: ir.Module, slot_count: int, workspace_slot: int | None):
+    def __init__(self, module: ir.Module, slot_count: int, workspace_slot: int | None,
+                 profile_slot: int | None = None):
         self.module = module
         self.barrier = emit_barrier(module)
         fn = ir.Function(module, ir.FunctionType(ir.VoidType(), [PTR, I64, I64]), ENTRY_NAME)
@@ -87,6 +89,11 @@ class EntryBuilder:
                       for i in range(slot_count)]
         self.arena = self.slots[workspace_slot] if workspace_slot is not None else None
         self._pending_barrier = False
+        # Profiling: after each phase all threads meet, and thread 0 adds the ticks since the
+        # previous phase ended to that phase's counter (an i64 per phase in the profile slot).
+        self.profile_counters = self.slots[profile_slot] if profile_slot is not None else None
+        self.phase_count = 0
+        self._last_tick = _timestamp(self.b, module) if self.profile_counters is not None else None
 
     def pointer(self, location) -> ir.Value:
         kind, where = location
@@ -105,10 +112,46 @@ class EntryBuilder:
                 self.b.call(self.barrier, [self.nthreads])
             self.b.call(phase, [out, *inputs, scratch if scratch is not None else null, self.tid, self.nthreads])
             self._pending_barrier = True
+            if self.profile_counters is not None:
+                self._count_phase_ticks()
+            self.phase_count += 1
+
+    def _count_phase_ticks(self):
+        self.b.call(self.barrier, [self.nthreads])
+        self._pending_barrier = False
+        now = _timestamp(self.b, self.module)
+        with self.b.if_then(self.b.icmp_signed("==", self.tid, ir.Constant(I64, 0))):
+            counter = self.b.gep(self.profile_counters, [ir.Constant(I64, self.phase_count)], source_etype=I64)
+            elapsed = self.b.sub(now, self._last_tick)
+            self.b.store(self.b.add(self.b.load(counter, typ=I64), elapsed), counter)
+        self._last_tick = now
 
     def finish(self) -> ir.Function:
         self.b.ret_void()
         return self.fn
+
+
+def emit_ticks_function(module: ir.Module) -> ir.Function:
+    fn = ir.Function(module, ir.FunctionType(I64, []), TICKS_NAME)
+    b = ir.IRBuilder(fn.append_basic_block("entry"))
+    b.ret(_timestamp(b, module))
+    return fn
+
+
+def _timestamp(b: ir.IRBuilder, module: ir.Module) -> ir.Value:
+    """A monotonic tick count: the time-stamp counter on x86, clock_gettime(CLOCK_MONOTONIC) in ns
+    elsewhere (reading the cycle counter from user space traps on some ARM systems)."""
+    if module.triple.startswith(("x86_64", "i686", "i386")):
+        fn = module.globals.get("llvm.readcyclecounter") or ir.Function(
+            module, ir.FunctionType(I64, []), "llvm.readcyclecounter")
+        return b.call(fn, [])
+    fn = module.globals.get("clock_gettime") or ir.Function(
+        module, ir.FunctionType(ir.IntType(32), [ir.IntType(32), PTR]), "clock_gettime")
+    timespec = b.alloca(ir.ArrayType(I64, 2))
+    b.call(fn, [ir.Constant(ir.IntType(32), 1), timespec])
+    seconds = b.load(b.gep(timespec, [ir.Constant(I64, 0), ir.Constant(I64, 0)]), typ=I64)
+    nanoseconds = b.load(b.gep(timespec, [ir.Constant(I64, 0), ir.Constant(I64, 1)]), typ=I64)
+    return b.add(b.mul(seconds, ir.Constant(I64, 1_000_000_000)), nanoseconds)
 
 
 def emit_constant(module: ir.Module, name: str, array) -> ir.GlobalVariable:

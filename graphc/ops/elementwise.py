@@ -13,7 +13,7 @@ import sympy
 
 from ..errors import shape_error, user_site
 from ..ir import Tensor
-from ..scalar import Relu, Sigmoid, Softplus, numpy_function, symbol, symbol_index
+from ..scalar import Relu, Sigmoid, Softplus, Step, numpy_function, symbol, symbol_index
 from .registry import Mismatch, OpDef, op, register
 
 
@@ -45,12 +45,30 @@ class Elementwise(OpDef):
             if not wanted[i]:
                 grads.append(None)
                 continue
-            local = make_ew(sympy.diff(expr, symbol(i)) * g_symbol, list(node.inputs) + [g], node.shape)
+            derivative, operands = _derivative_via_output(expr, i, node)
+            local = make_ew(derivative * g_symbol, operands + [g], node.shape)
             grads.append(sum_to(local, operand.shape))
         return grads
 
     def describe(self, attrs):
         return str(attrs["expr"])
+
+
+def _derivative_via_output(expr: sympy.Expr, i: int, node: Tensor):
+    """d expr / d x_i, written in terms of the op's own output y where that removes every operand.
+
+    relu' = Step(y), sigmoid' = y(1-y), exp' = y, tanh' = 1-y²: as in PyTorch, the backward
+    pass then reads the activation rather than its input, so the input has a single consumer
+    and can be fused away (e.g. a GEMM's bias + ReLU epilogue).
+    Returns (derivative over x0..xk, the operands those symbols stand for)."""
+    derivative = sympy.diff(expr, symbol(i))
+    if len(node.inputs) == 1:
+        y = symbol(0)
+        via_output = derivative.xreplace({Step(symbol(0)): Step(expr)} if isinstance(expr, Relu) else {})
+        via_output = via_output.xreplace({expr: sympy.Dummy("y")})
+        if symbol(0) not in via_output.free_symbols:
+            return via_output.xreplace({d: y for d in via_output.atoms(sympy.Dummy)}), [node]
+    return derivative, list(node.inputs)
 
 
 def make_ew(expr: sympy.Expr, inputs: list[Tensor], shape=None, site: str | None = None) -> Tensor:

@@ -1,0 +1,272 @@
+"""Native conv2d / pooling kernels against the numpy reference ops.
+
+Every kernel of a test goes into one LLVM module, compiled once. Each kernel then runs with
+one thread and with two threads called concurrently from Python (ctypes releases the GIL),
+with a barrier between phases as the program entry has. Output and scratch start as NaN so
+a kernel that reads either before writing it fails.
+"""
+from __future__ import annotations
+
+import ctypes
+import dataclasses
+import threading
+import types
+
+import numpy as np
+import pytest
+
+from graphc.codegen import conv_kernels, target
+from graphc.codegen.conv_kernels import (emit_conv2d, emit_conv2d_input_grad,
+                                         emit_conv2d_weight_grad)
+from graphc.codegen.pool_kernels import (emit_avg_pool2d, emit_avg_pool2d_grad,
+                                         emit_max_pool2d, emit_max_pool2d_grad)
+from graphc.ops import OPS
+
+MAX_THREADS = 2
+RTOL = 1e-4
+
+
+# ----------------------------------------------------------------------------- harness
+
+@dataclasses.dataclass
+class Case:
+    """One kernel to check: how to emit it, its numpy inputs and the expected output."""
+
+    label: str
+    emit: object            # emit(module, name) -> Kernel
+    inputs: list
+    expected: np.ndarray
+
+
+def check_cases(cases: list[Case]) -> None:
+    module = target.new_module("test_conv_pool")
+    kernels = [case.emit(module, f"k{i}") for i, case in enumerate(cases)]
+    for kernel in kernels:
+        for phase in kernel.phases:
+            phase.linkage = "external"  # phases are internal; the test calls them directly
+    engine = target.load_object(target.compile_to_object(str(module)))
+    failures = []
+    for case, kernel in zip(cases, kernels):
+        for nthreads in (1, MAX_THREADS):
+            got = run_kernel(engine, kernel, case.inputs, case.expected.shape, nthreads)
+            error = relative_error(got, case.expected)
+            if not error <= RTOL:
+                failures.append(f"{case.label} threads={nthreads}: relative error {error:.3g}")
+    assert not failures, "\n".join(failures)
+
+
+def run_kernel(engine, kernel, inputs, out_shape, nthreads: int) -> np.ndarray:
+    """Call the kernel's phases in order on `nthreads` concurrent threads."""
+    pointer = ctypes.c_void_p
+    signature = ctypes.CFUNCTYPE(None, *[pointer] * (len(inputs) + 2),
+                                 ctypes.c_int64, ctypes.c_int64)
+    phases = [signature(engine.get_function_address(fn.name)) for fn in kernel.phases]
+    out = np.full(out_shape, np.nan, np.float32)
+    scratch = np.full(max(1, kernel.scratch_floats), np.nan, np.float32)
+    args = [out.ctypes.data] + [a.ctypes.data for a in inputs] + [scratch.ctypes.data]
+    barrier = threading.Barrier(nthreads)
+
+    def thread_body(tid):
+        for phase in phases:
+            phase(*args, tid, nthreads)
+            barrier.wait()
+
+    threads = [threading.Thread(target=thread_body, args=(tid,)) for tid in range(1, nthreads)]
+    for thread in threads:
+        thread.start()
+    thread_body(0)
+    for thread in threads:
+        thread.join()
+    return out
+
+
+def relative_error(got: np.ndarray, expected: np.ndarray) -> float:
+    if np.isnan(expected).any():
+        same_nans = np.array_equal(np.isnan(got), np.isnan(expected))
+        got, expected = np.nan_to_num(got), np.nan_to_num(expected)
+        if not same_nans:
+            return np.inf
+    scale = max(float(np.abs(expected).max()), 1e-30)
+    return float(np.abs(got - expected).max()) / scale
+
+
+def reference(op_name, args, out_shape, **attrs):
+    node = types.SimpleNamespace(shape=tuple(out_shape))
+    return OPS[op_name].reference(args, attrs, node, np.float32).astype(np.float32)
+
+
+def random(rng, shape):
+    return rng.standard_normal(shape).astype(np.float32)
+
+
+# ---------------------------------------------------------------------------- conv cases
+
+def same_padding(kernel):
+    """PyTorch's "same" padding: the odd cell of an even kernel goes after."""
+    return tuple(((k - 1) // 2, k - 1 - (k - 1) // 2) for k in kernel)
+
+
+PADDINGS = {
+    "0": lambda k: ((0, 0), (0, 0)),
+    "1": lambda k: ((1, 1), (1, 1)),
+    "(1,2)": lambda k: ((1, 1), (2, 2)),
+    "same": same_padding,
+    "full": lambda k: ((k[0] - 1,) * 2, (k[1] - 1,) * 2),
+}
+KERNELS = [(1, 1), (3, 3), (5, 5), (2, 3)]
+STRIDES = [(1, 1), (2, 2), (2, 1)]
+IMAGES = [(7, 8), (8, 7), (9, 9), (6, 10)]     # odd and even H and W
+
+
+def conv_grid():
+    """(x_shape, w_shape, stride, padding): every kernel with every padding mode, the other
+    dimensions cycling so that each stride, image shape, batch 1/3 and C 1/3 all occur."""
+    grid = []
+    for index, (kernel, (mode, padding_of)) in enumerate(
+            (k, p) for k in KERNELS for p in PADDINGS.items()):
+        stride = (1, 1) if mode == "same" else STRIDES[index % 3]
+        h, w = IMAGES[index % 4]
+        batch, channels, out_channels = (1, 3, 4) if index % 2 else (3, 1, 5)
+        grid.append(((batch, channels, h, w), (out_channels, channels) + kernel, stride,
+                     padding_of(kernel)))
+    grid += [
+        ((2, 3, 6, 6), (4, 3, 3, 3), (1, 1), ((3, 3), (3, 3))),      # more padding than "full"
+        ((2, 2, 7, 9), (3, 2, 3, 3), (3, 3), ((0, 0), (0, 0))),      # unused rows and columns
+        ((2, 3, 8, 8), (5, 3, 1, 1), (2, 2), ((0, 0), (0, 0))),      # 1x1 strided
+        ((3, 4, 5, 6), (1, 4, 1, 1), (1, 1), ((0, 0), (0, 0))),      # pointwise, one channel out
+        ((2, 2, 5, 4), (3, 2, 2, 3), (1, 2), ((0, 1), (2, 0))),      # asymmetric everything
+        ((1, 2, 5, 19), (3, 2, 3, 3), (1, 1), ((1, 1), (1, 1))),     # rows of several vectors
+    ]
+    return grid
+
+
+def conv_cases(x_shape, w_shape, stride, padding, rng, index):
+    x, w = random(rng, x_shape), random(rng, w_shape)
+    attrs = dict(stride=stride, padding=padding)
+    y_shape = conv_output_shape(x_shape, w_shape, stride, padding)
+    label = f"x={x_shape} w={w_shape} stride={stride} padding={padding}"
+    # Bias and relu alternate so that both epilogues and the plain GEMM are covered.
+    bias, relu = index % 2 == 0, index % 3 != 1
+    b = random(rng, w_shape[:1])
+    y = reference("conv2d", [x, w], y_shape, **attrs)
+    if bias:
+        y = y + b[None, :, None, None]
+    if relu:
+        y = np.maximum(y, 0)
+    g = random(rng, y_shape)
+    return [
+        Case(f"conv2d bias={bias} relu={relu} {label}",
+             lambda m, n: emit_conv2d(m, n, x_shape, w_shape, stride, padding, bias=bias,
+                                      relu=relu, max_threads=MAX_THREADS),
+             [x, w, b] if bias else [x, w], y),
+        Case(f"conv2d_input_grad {label}",
+             lambda m, n: emit_conv2d_input_grad(m, n, y_shape, w_shape, x_shape, stride, padding,
+                                                 max_threads=MAX_THREADS),
+             [g, w], reference("conv2d_input_grad", [g, w], x_shape, x_shape=x_shape, **attrs)),
+        Case(f"conv2d_weight_grad {label}",
+             lambda m, n: emit_conv2d_weight_grad(m, n, x_shape, y_shape, w_shape, stride, padding,
+                                                  max_threads=MAX_THREADS),
+             [x, g], reference("conv2d_weight_grad", [x, g], w_shape, w_shape=w_shape, **attrs)),
+    ]
+
+
+def conv_output_shape(x_shape, w_shape, stride, padding):
+    (n, _, h, w), (o, _, kh, kw) = x_shape, w_shape
+    (pt, pb), (pl, pr) = padding
+    return n, o, (h + pt + pb - kh) // stride[0] + 1, (w + pl + pr - kw) // stride[1] + 1
+
+
+def test_conv_kernels_match_reference():
+    rng = np.random.default_rng(0)
+    cases = [case for index, geometry in enumerate(conv_grid())
+             for case in conv_cases(*geometry, rng, index)]
+    check_cases(cases)
+
+
+def test_conv_kernels_in_bands_match_reference(monkeypatch):
+    """Large layers run im2col and the GEMM a band of output rows at a time; a small cols
+    budget makes these small cases do so too: full bands plus a shorter last band, and
+    bands of a single row."""
+    monkeypatch.setattr(conv_kernels, "_COLS_BUDGET_FLOATS", 300)
+    rng = np.random.default_rng(3)
+    grid = [
+        ((3, 3, 9, 10), (4, 3, 3, 3), (1, 1), ((1, 1), (1, 1))),     # 27*10 per row: 1-row bands
+        ((2, 2, 11, 7), (5, 2, 2, 3), (2, 1), ((1, 0), (1, 1))),     # 12*7 per row: 3 + 3
+        ((2, 1, 13, 6), (3, 1, 3, 2), (1, 1), ((0, 0), (0, 0))),     # 6*5 per row: 6 + 5
+    ]
+    cases = [case for index, geometry in enumerate(grid)
+             for case in conv_cases(*geometry, rng, index)]
+    check_cases(cases)
+
+
+# ---------------------------------------------------------------------------- pool cases
+
+POOL_GRID = [
+    # (x_shape, kernel, stride, padding): kernels 2 and 3, strides 1 and 2, padding 0 and 1,
+    # alternating between two inputs that cover batch 1/3, C 1/3, and odd and even H and W.
+    ([(1, 3, 7, 8), (3, 1, 6, 5)][index % 2], (k, k), (s, s), ((p, p), (p, p)))
+    for index, (k, s, p) in enumerate((k, s, p) for k in (2, 3) for s in (1, 2) for p in (0, 1))
+] + [
+    ((2, 2, 7, 6), (2, 3), (2, 1), ((1, 1), (1, 1))),
+    ((1, 2, 5, 9), (3, 2), (1, 3), ((0, 0), (1, 1))),
+    ((2, 1, 4, 4), (4, 4), (1, 1), ((0, 0), (0, 0))),    # one window covers the plane
+    # Wide enough for whole vectors of windows plus a partial one, at strides 1 and 2.
+    ((2, 3, 9, 21), (2, 2), (1, 1), ((0, 0), (0, 0))),
+    ((1, 2, 8, 37), (3, 3), (2, 2), ((1, 1), (1, 1))),
+]
+
+
+def pool_cases(x_shape, kernel, stride, padding, rng):
+    # Few distinct values: windows often hold several maxima, testing the tie rule.
+    x = rng.integers(-2, 3, size=x_shape).astype(np.float32)
+    attrs = dict(kernel=kernel, stride=stride, padding=padding)
+    y_shape = conv_output_shape(x_shape, (x_shape[1], 1) + kernel, stride, padding)
+    g = random(rng, y_shape)
+    label = f"x={x_shape} kernel={kernel} stride={stride} padding={padding}"
+    emit_args = (x_shape, kernel, stride, padding)
+    options = dict(max_threads=MAX_THREADS)
+    return [
+        Case(f"avg_pool2d {label}", lambda m, n: emit_avg_pool2d(m, n, *emit_args, **options),
+             [x], reference("avg_pool2d", [x], y_shape, **attrs)),
+        Case(f"avg_pool2d_grad {label}",
+             lambda m, n: emit_avg_pool2d_grad(m, n, *emit_args, **options),
+             [g], reference("avg_pool2d_grad", [g], x_shape, x_shape=x_shape, **attrs)),
+        Case(f"max_pool2d {label}", lambda m, n: emit_max_pool2d(m, n, *emit_args, **options),
+             [x], reference("max_pool2d", [x], y_shape, **attrs)),
+        Case(f"max_pool2d_grad {label}",
+             lambda m, n: emit_max_pool2d_grad(m, n, *emit_args, **options),
+             [x, g], reference("max_pool2d_grad", [x, g], x_shape, **attrs)),
+    ]
+
+
+def test_pool_kernels_match_reference():
+    rng = np.random.default_rng(1)
+    check_cases([case for geometry in POOL_GRID for case in pool_cases(*geometry, rng)])
+
+
+def test_max_pool_propagates_nan_like_numpy():
+    rng = np.random.default_rng(2)
+    x_shape, kernel, stride, padding = (1, 2, 6, 6), (3, 3), (2, 2), ((1, 1), (1, 1))
+    cases = pool_cases(x_shape, kernel, stride, padding, rng)[2:]
+    x = cases[0].inputs[0]
+    x[0, 0, 1, 1] = x[0, 0, 2, 3] = x[0, 1, 5, 5] = np.nan
+    g = cases[1].inputs[1]
+    attrs = dict(kernel=kernel, stride=stride, padding=padding)
+    cases[0].expected = reference("max_pool2d", [x], cases[0].expected.shape, **attrs)
+    cases[1].expected = reference("max_pool2d_grad", [x, g], x_shape, **attrs)
+    assert np.isnan(cases[0].expected).any()
+    check_cases(cases)
+
+
+# ------------------------------------------------------------------------ invalid geometry
+
+@pytest.mark.parametrize("emit, args", [
+    (emit_conv2d, ((1, 3, 5, 5), (2, 4, 3, 3), (1, 1), ((0, 0), (0, 0)))),   # channel mismatch
+    (emit_conv2d, ((1, 3, 2, 5), (2, 3, 3, 3), (1, 1), ((0, 0), (0, 0)))),   # kernel too tall
+    (emit_conv2d_input_grad, ((1, 2, 4, 4), (2, 3, 3, 3), (1, 3, 5, 5), (1, 1),
+                              ((0, 0), (0, 0)))),                            # wrong g shape
+    (emit_max_pool2d, ((1, 1, 4, 4), (2, 2), (1, 1), ((2, 2), (0, 0)))),     # window of padding
+])
+def test_invalid_geometry_is_rejected(emit, args):
+    with pytest.raises(ValueError):
+        emit(target.new_module("invalid"), "k", *args, max_threads=1)
