@@ -15,7 +15,7 @@ import numpy as np
 
 import graphc_runtime as rt
 
-from .assemble import PROFILE_SLOT, assemble
+from .assemble import PROFILE_SLOT
 from .codegen.entry import ENTRY_NAME, TICKS_NAME
 
 
@@ -54,9 +54,8 @@ class ProfileReport:
 
 def profile(fn, feeds: dict, repeats: int = 20) -> ProfileReport:
     """Time each kernel of compiled function `fn` over `repeats` calls on `feeds`."""
-    recipe = fn.recipe
-    spec = assemble(recipe.graph, recipe.outputs, profile=True, **recipe.assemble_args)
     from .compiler import object_code
+    spec = fn.recipe.assemble(profile=True)
     library = rt.NativeLibrary(object_code(spec.llvm_ir))
     params = {name: array.copy() for name, array in fn.params.items()}
     program = rt.Program(library, ENTRY_NAME, spec.slots, params, max_threads=spec.max_threads)

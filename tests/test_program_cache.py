@@ -1,0 +1,63 @@
+"""The disk cache of compiled programs: misses compile, hits skip code generation, damaged
+entries are rebuilt and never loaded."""
+import numpy as np
+import pytest
+
+import graphc as gc
+import graphc_runtime as rt
+from graphc import compiler, models
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch):
+    fresh = rt.ObjectCache(tmp_path)
+    monkeypatch.setattr(compiler, "_cache", fresh)
+    return fresh
+
+
+def compile_mlp(batch=4):
+    model = models.mlp(batch, sizes=(12, 8, 3))
+    params = gc.init_params(model.graph, seed=0)
+    return model, params, gc.compile_training_step(model.loss, params, gc.SGD(lr=0.1, momentum=0.9))
+
+
+def test_miss_then_hit_without_generating_ir(cache):
+    compile_mlp()
+    assert (cache.stats.hits, cache.stats.misses) == (0, 1)
+    _, _, step = compile_mlp()
+    assert (cache.stats.hits, cache.stats.misses) == (1, 1)
+    assert "_spec" not in vars(step)          # no LLVM IR was generated for the hit
+    assert "graphc_entry" in step.llvm_ir     # ... until someone asks for it
+
+
+def test_cached_program_computes_the_same_steps(cache):
+    model, params_a, step_a = compile_mlp()
+    _, params_b, step_b = compile_mlp()       # loaded from the cache
+    feeds = models.random_batch(model, np.random.default_rng(0))
+    for _ in range(3):
+        assert step_a(**feeds) == step_b(**feeds)
+    for name in params_a:
+        np.testing.assert_array_equal(params_a[name], params_b[name])
+
+
+def test_different_graphs_get_different_entries(cache):
+    compile_mlp(batch=4)
+    compile_mlp(batch=5)
+    assert cache.stats.misses == 2 and cache.stats.hits == 0
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip"])
+def test_damaged_entry_is_rebuilt_not_loaded(cache, tmp_path, damage):
+    compile_mlp()
+    (entry,) = [p for p in tmp_path.rglob("*") if p.is_file()]
+    blob = bytearray(entry.read_bytes())
+    if damage == "truncate":
+        blob = blob[: len(blob) // 2]
+    else:
+        blob[len(blob) // 2] ^= 0xFF
+    entry.write_bytes(bytes(blob))
+    model, params, step = compile_mlp()
+    assert cache.stats.corrupt == 1 and cache.stats.hits == 0
+    feeds = models.random_batch(model, np.random.default_rng(1))
+    reference = gc.evaluate(model.loss, feeds, params)
+    assert abs(step(**feeds) - float(reference)) < 1e-4 * max(1.0, abs(float(reference)))
