@@ -21,7 +21,8 @@ def node_summary(node: Tensor) -> str:
     return f"{node.op}({operands}){named}" + (f" {attrs}" if attrs else "")
 
 
-def listing(graph: Graph, nodes=None) -> str:
+def listing(graph: Graph, nodes=None, groups: dict[int, str] | None = None) -> str:
+    """One line per node. `groups` (node id -> kernel label) adds the kernel computing each node."""
     nodes = graph.nodes if nodes is None else list(nodes)
     backward = sum(node.is_backward for node in nodes)
     lines = [f"graph {graph.name!r}: {len(graph.inputs)} inputs, {len(graph.params)} params, "
@@ -30,10 +31,12 @@ def listing(graph: Graph, nodes=None) -> str:
     summaries = [node_summary(node) for node in nodes]
     width = min(max((len(s) for s in summaries), default=0), 72)
     id_width = len(str(len(graph.nodes)))
+    group_width = max((len(label) for label in (groups or {}).values()), default=1)
     for node, summary in zip(nodes, summaries):
         mark = "*" if node.is_backward else " "
         origin = f"grad of %{node.grad_of.id}  {node.site}" if node.is_backward else node.site
-        lines.append(f"{mark} %{node.id:<{id_width}} = {summary:<{width}}  {type_string(node):<18} {origin}")
+        group = f"[{groups.get(node.id, '-')}]".ljust(group_width + 3) if groups is not None else ""
+        lines.append(f"{mark} {group}%{node.id:<{id_width}} = {summary:<{width}}  {type_string(node):<18} {origin}")
     return "\n".join(lines)
 
 
@@ -41,9 +44,10 @@ def _dot_escape(text: str) -> str:
     return text.replace("\\", "\\\\").replace('"', '\\"')
 
 
-def to_dot(graph: Graph, outputs=None) -> str:
+def to_dot(graph: Graph, outputs=None, groups: dict[int, str] | None = None) -> str:
     """Graphviz DOT. Forward ops: white boxes; inputs yellow, params green; backward ops blue
-    and dashed, each labelled with the forward node whose gradient it computes."""
+    and dashed, each labelled with the forward node whose gradient it computes. `groups`
+    (node id -> kernel label) draws the nodes one kernel computes inside one box (a cluster)."""
     nodes = graph.nodes if outputs is None else graph.ancestors(outputs)
     lines = [f'digraph "{_dot_escape(graph.name)}" {{', "  rankdir=TB;",
              '  node [shape=box, style="rounded,filled", fillcolor=white, fontname="Helvetica", fontsize=10];']
@@ -62,6 +66,7 @@ def to_dot(graph: Graph, outputs=None) -> str:
         # the break into a literal backslash-n)
         text = "\\n".join(_dot_escape(part) for part in label)
         lines.append(f'  n{node.id} [label="{text}"{", " + style if style else ""}];')
+    lines += _kernel_clusters(nodes, groups or {})
     shown = {node.id for node in nodes}
     for node in nodes:
         for operand in node.inputs:
@@ -70,3 +75,14 @@ def to_dot(graph: Graph, outputs=None) -> str:
                 lines.append(f"  n{operand.id} -> n{node.id}{edge_style};")
     lines.append("}")
     return "\n".join(lines) + "\n"
+
+
+def _kernel_clusters(nodes, groups: dict[int, str]) -> list[str]:
+    """One DOT cluster per kernel, around the nodes it computes."""
+    members: dict[str, list[int]] = {}
+    for node in nodes:
+        if node.id in groups:
+            members.setdefault(groups[node.id], []).append(node.id)
+    return [f'  subgraph cluster_{index} {{ label="{_dot_escape(group)}"; style="rounded"; color="#c05000"; '
+            + " ".join(f"n{i};" for i in ids) + " }"
+            for index, (group, ids) in enumerate(members.items())]

@@ -136,10 +136,26 @@ def _ew():
     return elementwise
 
 
+_graph_collectors: list[list] = []
+
+
+@contextlib.contextmanager
+def collect_graphs():
+    """Yields a list that receives every Graph created inside the block (for `graphc show`)."""
+    created: list = []
+    _graph_collectors.append(created)
+    try:
+        yield created
+    finally:
+        _graph_collectors.remove(created)
+
+
 class Graph:
     """A static computation graph: inputs, trainable params, and the ops between them."""
 
     def __init__(self, name: str = "graph"):
+        for collector in _graph_collectors:
+            collector.append(self)
         self.name = name
         self.nodes: list[Tensor] = []
         self.inputs: dict[str, Tensor] = {}

@@ -66,6 +66,8 @@ def plan_steps(graph, outputs: list[Tensor]) -> list[Step]:
         epilogue = None
         if node.op in ("matmul", "conv2d") and node.id not in output_ids:
             epilogue = _bias_epilogue(node, consumers, "col" if node.op == "matmul" else "row")
+            if epilogue is not None and epilogue.node.id in absorbed:
+                epilogue = None  # a sum of two products: the other product already took it
         if epilogue is not None:
             absorbed.add(epilogue.node.id)
         steps.append(_LOWERINGS[node.op](node, epilogue))
@@ -157,7 +159,8 @@ def _matmul(node, epilogue):
         return Kernel([fn], gemm_workspace_floats(M, N, K, trans_a=trans_a, trans_b=trans_b, nthreads=threads))
 
     label = "gemm" + ("T" if trans_a else "") + ("+bias" if epilogue else "") + ("+relu" if relu else "")
-    covers = [node] + ([epilogue.node] if epilogue else [])
+    folded = [t for t, is_folded in ((a, trans_a), (b, trans_b)) if is_folded]
+    covers = folded + [node] + ([epilogue.node] if epilogue else [])
     return Step(epilogue.node if epilogue else node, operands, build, label, covers, flops=2 * M * N * K)
 
 
@@ -271,3 +274,12 @@ _LOWERINGS = {
     "one_hot": _one_hot,
     "transpose": _transpose,
 }
+
+
+def kernel_groups(graph, outputs: list[Tensor]) -> dict[int, str]:
+    """node id -> "k<i> <kernel>" for every node a kernel computes: fusion groups, for display."""
+    groups = {}
+    for i, step in enumerate(plan_steps(graph, outputs)):
+        for node in step.covers:
+            groups[node.id] = f"k{i} {step.label}"
+    return groups

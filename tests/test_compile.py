@@ -184,3 +184,14 @@ def test_gemm_epilogue_fuses_bias_and_relu():
     fn = gc.compile([model.logits], gc.init_params(model.graph))
     labels = [step.label for step in fn.steps]
     assert labels == ["gemm+bias+relu", "gemm+bias"], labels
+
+
+def test_sum_of_two_products_keeps_both_products():
+    """Each matmul of `a @ w1 + a @ w2` could take the sum as its bias epilogue; only one may."""
+    g = gc.Graph("two_products")
+    a = g.input("a", (1, 5))
+    w1, w2 = g.param("w1", (5, 3)), g.param("w2", (5, 3))
+    y = a @ w1 + a @ w2
+    params = gc.init_params(g, seed=0)
+    av = np.arange(5, dtype=np.float32).reshape(1, 5)
+    assert_matches(gc.compile(y, params)(a=av), av @ params["w1"] + av @ params["w2"])

@@ -1,0 +1,52 @@
+"""The `graphc` command: help for every subcommand, a short demo run that writes every file,
+`show` on a script, and `profile`."""
+import subprocess
+import sys
+
+import pytest
+
+from graphc.cli import main
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["demo", "--help"], ["show", "--help"], ["profile", "--help"]])
+def test_help_explains_every_option(argv, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 0
+    text = capsys.readouterr().out
+    assert "usage: graphc" in text
+    if argv == ["demo", "--help"]:
+        for option in ("--out", "--epochs", "--batch", "--lr", "--seed", "--threads", "--quick", "--no-progress"):
+            assert option in text
+
+
+def test_quick_demo_prints_every_classifier_and_writes_its_files(tmp_path, capsys):
+    assert main(["demo", "--quick", "--no-progress", "--out", str(tmp_path)]) == 0
+    text = capsys.readouterr().out
+    for name in ("logistic regression", "softmax on pixels", "softmax on orientation histograms",
+                 "1-nearest neighbour", "3-nearest neighbour", "decision tree", "MLP", "CNN"):
+        assert name in text
+    assert "DIFFERS" not in text
+    for picture in ("cnn_training.png", "learning_curve.png", "cnn_conv1_filters.png"):
+        assert (tmp_path / picture).stat().st_size > 1000
+    assert (tmp_path / "cnn_gradient_graph.dot").read_text().startswith("digraph")
+
+
+def test_show_prints_forward_backward_and_kernels(tmp_path, capsys):
+    script = tmp_path / "model.py"
+    script.write_text(
+        "import graphc as gc\n"
+        "g = gc.Graph('tiny')\n"
+        "x = g.input('x', (4, 3))\n"
+        "y = g.input('y', (4,), dtype='int32')\n"
+        "loss = gc.softmax_cross_entropy(gc.linear(x, g.param('w', (2, 3)), g.param('b', (2,))), y)\n")
+    assert main(["show", str(script), "--grad", "--out", str(tmp_path / "graphs")]) == 0
+    text = capsys.readouterr().out
+    assert "graph 'tiny'" in text and "* %" in text          # backward nodes are listed and marked
+    assert "[k0 gemm" in text                                 # the kernel of each optimized node
+    assert (tmp_path / "graphs" / "0_tiny_kernels.dot").read_text().count("subgraph cluster_") >= 2
+
+
+def test_console_script_entry_point_runs():
+    result = subprocess.run([sys.executable, "-m", "graphc.cli", "--help"], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0 and "demo" in result.stdout
