@@ -23,7 +23,7 @@ def main(argv=None) -> int:
                                            "and the gradient graph to the output folder.")
     demo.add_argument("--out", default="graphc-out", help="folder for the pictures (default: %(default)s)")
     demo.add_argument("--epochs", type=int, default=30, help="CNN training epochs (default: %(default)s)")
-    demo.add_argument("--batch", type=int, default=64, help="minibatch size (default: %(default)s)")
+    demo.add_argument("--batch", type=int, default=32, help="minibatch size (default: %(default)s)")
     demo.add_argument("--lr", type=float, default=0.05, help="CNN learning rate (default: %(default)s)")
     demo.add_argument("--seed", type=int, default=0, help="seed of the split, the init and the sampling")
     demo.add_argument("--threads", type=int, default=None, help="native threads (default: all cores)")

@@ -41,7 +41,7 @@ def run_demo(args) -> int:
 
     print(f"Training the CNN with the compiled training step ({epochs} epochs, batch {args.batch}):")
     cnn = train(classic.digits_cnn, data, epochs=epochs, batch_size=args.batch, lr=args.lr, momentum=0.9,
-                weight_decay=5e-4, seed=args.seed, progress=not args.no_progress)
+                weight_decay=1e-4, seed=args.seed, progress=not args.no_progress)
     rows = [_trained_row("CNN (conv, ReLU, max pool, GAP)", cnn, data)]
 
     print("\nThe classic classifiers:")
