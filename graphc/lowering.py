@@ -66,6 +66,8 @@ def plan_steps(graph, outputs: list[Tensor]) -> list[Step]:
         epilogue = None
         if node.op in ("matmul", "conv2d") and node.id not in output_ids:
             epilogue = _bias_epilogue(node, consumers, "col" if node.op == "matmul" else "row")
+            if epilogue is None and node.op == "matmul":
+                epilogue = _elementwise_epilogue(node, consumers)
             if epilogue is not None and epilogue.node.id in absorbed:
                 epilogue = None  # a sum of two products: the other product already took it
         if epilogue is not None:
@@ -88,8 +90,38 @@ def _folds_into_gemm(node: Tensor, consumers: _Consumers) -> bool:
 @dataclasses.dataclass
 class _Epilogue:
     node: Tensor        # the ew node whose value the fused step writes
-    bias: Tensor        # the bias operand
-    relu: bool
+    bias: Tensor | None = None     # the bias operand
+    relu: bool = False
+    expr: sympy.Expr | None = None  # a general epilogue: x0 the product, x1.. the `operands`
+    operands: tuple = ()            # (M, N) operands of `expr`
+
+
+# A general epilogue reads its operands while C is being written, so C must be final after one K
+# block (see emit_gemm); more operands than this would spill the micro-kernel's registers.
+MAX_EPILOGUE_OPERANDS = 4
+
+
+def _elementwise_epilogue(producer: Tensor, consumers: _Consumers) -> _Epilogue | None:
+    """An elementwise consumer of a GEMM whose other operands are all (M, N) matrices: the SGD
+    update of a weight from its gradient, ReLU's backward after an input gradient, ..."""
+    from .codegen.gemm import MAX_K_BLOCK
+    user = consumers.only(producer)
+    if user is None or user.op != "ew" or user.shape != producer.shape:
+        return None
+    others = [t for t in user.inputs if t is not producer]
+    k = producer.inputs[0].shape[1]
+    if (k > MAX_K_BLOCK or len(others) > MAX_EPILOGUE_OPERANDS
+            or any(t.shape != producer.shape or t.dtype != "float32" for t in others)):
+        return None
+    product_operands = {alias_root(t).id for t in producer.inputs} | \
+        {alias_root(t.inputs[0]).id for t in producer.inputs if _is_2d_swap(t)}
+    if any(alias_root(t).id in product_operands for t in others):
+        # The fused step may write its result over an operand (a param updated in place); the
+        # GEMM must not be reading that same buffer as A or B meanwhile.
+        return None
+    renames = {symbol(i): symbol(0) if t is producer else symbol(1 + others.index(t))
+               for i, t in enumerate(user.inputs)}
+    return _Epilogue(user, expr=user.attrs["expr"].xreplace(renames), operands=tuple(others))
 
 
 def _bias_epilogue(producer: Tensor, consumers: _Consumers, kind: str) -> _Epilogue | None:
@@ -144,24 +176,28 @@ def _matmul(node, epilogue):
     b_src = b.inputs[0] if trans_b else b
     M, K = a.shape
     N = b.shape[1]
-    operands = [a_src, b_src] + ([epilogue.bias] if epilogue else [])
-    bias = "col" if epilogue else None
-    relu = bool(epilogue and epilogue.relu)
+    epilogue = epilogue or _Epilogue(node)
+    has_bias = epilogue.bias is not None
+    operands = [a_src, b_src] + ([epilogue.bias] if has_bias else []) + list(epilogue.operands)
 
     def build(module, name, threads):
-        gemm = emit_gemm(module, f"{name}.gemm", M, N, K, trans_a=trans_a, trans_b=trans_b, bias=bias, relu=relu)
+        gemm = emit_gemm(module, f"{name}.gemm", M, N, K, trans_a=trans_a, trans_b=trans_b,
+                         bias="col" if has_bias else None, relu=epilogue.relu,
+                         epilogue=epilogue.expr, epilogue_operands=len(epilogue.operands))
         gemm.linkage = "internal"
         fn, kb = phase_function(module, name, len(operands))
         out, ins, scratch, tid, nthreads = phase_args(fn)
-        bias_ptr = ins[2] if epilogue else ir.Constant(ins[0].type, None)
-        kb.b.call(gemm, [ins[0], ins[1], out, bias_ptr, scratch, tid, nthreads])
+        bias_ptr = ins[2] if has_bias else ir.Constant(ins[0].type, None)
+        extras = ins[3:] if has_bias else ins[2:]
+        kb.b.call(gemm, [ins[0], ins[1], out, bias_ptr, scratch, tid, nthreads] + list(extras))
         kb.b.ret_void()
         return Kernel([fn], gemm_workspace_floats(M, N, K, trans_a=trans_a, trans_b=trans_b, nthreads=threads))
 
-    label = "gemm" + ("T" if trans_a else "") + ("+bias" if epilogue else "") + ("+relu" if relu else "")
+    label = ("gemm" + ("T" if trans_a else "") + ("+bias" if has_bias else "") + ("+relu" if epilogue.relu else "")
+             + ("+ew" if epilogue.expr is not None else ""))
     folded = [t for t, is_folded in ((a, trans_a), (b, trans_b)) if is_folded]
-    covers = folded + [node] + ([epilogue.node] if epilogue else [])
-    return Step(epilogue.node if epilogue else node, operands, build, label, covers, flops=2 * M * N * K)
+    covers = folded + [node] + ([epilogue.node] if epilogue.node is not node else [])
+    return Step(epilogue.node, operands, build, label, covers, flops=2 * M * N * K)
 
 
 def _conv2d(node, epilogue):

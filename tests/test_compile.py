@@ -195,3 +195,24 @@ def test_sum_of_two_products_keeps_both_products():
     params = gc.init_params(g, seed=0)
     av = np.arange(5, dtype=np.float32).reshape(1, 5)
     assert_matches(gc.compile(y, params)(a=av), av @ params["w1"] + av @ params["w2"])
+
+
+def test_sgd_update_fuses_into_the_weight_gradient_gemm():
+    model = models.mlp(8, sizes=(20, 16, 3))
+    params = gc.init_params(model.graph, seed=0)
+    step = gc.compile_training_step(model.loss, params, gc.SGD(lr=0.1, weight_decay=0.01))
+    labels = [s.label for s in step.steps]
+    assert sum(label.startswith("gemmT") and label.endswith("+ew") for label in labels) == 2, labels
+
+
+def test_update_of_a_weight_the_gradient_gemm_reads_is_not_done_in_place():
+    """loss(w) = sum((x @ w) @ w): the gradient GEMMs read w, so w's update must wait for them."""
+    g = gc.Graph("self_product")
+    x = g.input("x", (3, 4))
+    w = g.param("w", (4, 4))
+    loss = gc.sum((x @ w) @ w)
+    params = {"w": (np.eye(4) * 0.5 + 0.1).astype(np.float32)}
+    expected = params["w"] - 0.01 * gc.evaluate(gc.grad(loss, w), {"x": np.ones((3, 4), np.float32)}, params)
+    step = gc.compile_training_step(loss, params, gc.SGD(lr=0.01))
+    step(x=np.ones((3, 4), np.float32))
+    assert_matches(params["w"], expected)

@@ -38,6 +38,7 @@ from typing import NamedTuple
 
 import llvmlite.ir as ir
 
+from graphc.codegen.expr import ExprEmitter
 from graphc.codegen.kernel_builder import I1, I64, PTR, KernelBuilder
 from graphc.codegen.target import vector_register_count, vector_width_f32
 
@@ -160,8 +161,15 @@ def gemm_workspace_floats(M: int, N: int, K: int, *, trans_a: bool = False,
 def emit_gemm(module: ir.Module, name: str, M: int, N: int, K: int, *,
               trans_a: bool = False, trans_b: bool = False,
               accumulate: bool = False, bias: str | None = None,
-              relu: bool = False, plan: GemmPlan | None = None) -> ir.Function:
-    """Add `void name(A, B, C, bias, workspace, tid, nthreads)` to `module`.
+              relu: bool = False, plan: GemmPlan | None = None,
+              epilogue=None, epilogue_operands: int = 0) -> ir.Function:
+    """Add `void name(A, B, C, bias, workspace, tid, nthreads, E_1..E_k)` to `module`.
+
+    `epilogue` (a sympy expression over x0 = the result after bias and relu, and x1..xk = the
+    k = `epilogue_operands` matrices E_1..E_k, each (M, N) row-major) replaces every element of
+    C by its value before C is stored: an elementwise consumer fused into the GEMM. E_i may be
+    C itself (an in-place update) only when K <= MAX_K_BLOCK: with several K blocks, C holds
+    partial sums before the last one.
 
     All pointers are float*; `bias` may be null when `bias` is None, and
     must hold N floats for bias="col" (added to every row) or M floats for
@@ -175,7 +183,8 @@ def emit_gemm(module: ir.Module, name: str, M: int, N: int, K: int, *,
     if (plan.M, plan.N, plan.K) != (M, N, K):
         raise ValueError("plan was made for another shape")
     emitter = _GemmEmitter(module, name, plan, trans_a=trans_a, trans_b=trans_b,
-                           accumulate=accumulate, bias=bias, relu=relu)
+                           accumulate=accumulate, bias=bias, relu=relu,
+                           epilogue=epilogue, epilogue_operands=epilogue_operands)
     return emitter.emit()
 
 
@@ -186,6 +195,7 @@ class _Operands(NamedTuple):
     c: ir.Value
     bias: ir.Value
     panel: ir.Value
+    extras: tuple = ()   # the epilogue's (M, N) operands
 
 
 class _KBlock(NamedTuple):
@@ -201,7 +211,7 @@ class _GemmEmitter:
     (panel packers and one micro-kernel per tile shape actually needed)."""
 
     def __init__(self, module, name, plan, *, trans_a, trans_b, accumulate,
-                 bias, relu):
+                 bias, relu, epilogue=None, epilogue_operands=0):
         self.module = module
         self.name = name
         self.plan = plan
@@ -210,18 +220,22 @@ class _GemmEmitter:
         self.accumulate = accumulate
         self.bias = bias
         self.relu = relu
+        self.epilogue = epilogue
+        self.extras = epilogue_operands
 
     # ------------------------------------------------------------ driver
     def emit(self) -> ir.Function:
         """The driver: K blocks > this thread's strips > row tiles."""
         p = self.plan
         fn = ir.Function(self.module, ir.FunctionType(
-            ir.VoidType(), [PTR] * 5 + [I64, I64]), name=self.name)
-        for arg, arg_name in zip(fn.args, GEMM_ARG_NAMES):
+            ir.VoidType(), [PTR] * 5 + [I64, I64] + [PTR] * self.extras), name=self.name)
+        for arg, arg_name in zip(fn.args, GEMM_ARG_NAMES + tuple(f"E{i + 1}" for i in range(self.extras))):
             arg.name = arg_name
-        for arg in fn.args[:5]:
+        # An epilogue operand may be C itself (a param updated in place): C is then not noalias.
+        for arg in fn.args[:5] if not self.extras else (fn.args[0], fn.args[1], fn.args[3], fn.args[4]):
             arg.add_attribute("noalias")
-        a, b, c, bias, workspace, tid, nthreads = fn.args
+        a, b, c, bias, workspace, tid, nthreads = fn.args[:7]
+        extras = tuple(fn.args[7:])
         kb = KernelBuilder(ir.IRBuilder(fn.append_basic_block("entry")), p.width)
 
         if p.split == "n":
@@ -231,7 +245,7 @@ class _GemmEmitter:
             strips = (kb.i64(0), kb.i64(p.strips))
             tiles = kb.split_range(p.tiles, tid, nthreads)
         operands = _Operands(a, b, c, bias,
-                             panel=kb.gep(workspace, kb.mul(tid, p.panel_floats)))
+                             panel=kb.gep(workspace, kb.mul(tid, p.panel_floats)), extras=extras)
 
         # A thread beyond the number of work units has an empty share; it
         # must not even pack (its workspace slice may not exist).
@@ -304,8 +318,10 @@ class _GemmEmitter:
             bias_tile = kb.gep(ops.bias, i0)
         else:
             bias_tile = ops.bias  # may be null; never read
+        c_offset = kb.add(kb.mul(i0, p.N), j0)
+        extra_tiles = [kb.gep(extra, c_offset) for extra in ops.extras]
         kb.b.call(kernel, [a_tile, ops.panel, c_tile, bias_tile,
-                           block.kc, block.load_c, block.is_last])
+                           block.kc, block.load_c, block.is_last] + extra_tiles)
 
     # ------------------------------------------------------------ helpers
     def _internal_function(self, suffix, arg_types):
@@ -392,10 +408,11 @@ class _GemmEmitter:
         over kc, then bias and relu if is_last.  `cols` may be less than
         vecs*W only on the last vector, which is then masked."""
         fn, kb = self._internal_function(
-            f"micro{rows}x{cols}", [PTR, PTR, PTR, PTR, I64, I1, I1])
+            f"micro{rows}x{cols}", [PTR, PTR, PTR, PTR, I64, I1, I1] + [PTR] * self.extras)
         if kb is None:
             return fn
-        a, panel, c, bias, kc, load_c, is_last = fn.args
+        a, panel, c, bias, kc, load_c, is_last = fn.args[:7]
+        extras = fn.args[7:]
         p = self.plan
         masks = [None if lanes == p.width else kb.lane_mask(lanes)
                  for lanes in (min(p.width, cols - v * p.width) for v in range(vecs))]
@@ -420,11 +437,11 @@ class _GemmEmitter:
                 for v in range(vecs):
                     kb.set(acc[r, v], kb.fma(a_bcast, b_vecs[v], kb.get(acc[r, v])))
 
-        if self.bias or self.relu:
+        if self.bias or self.relu or self.epilogue is not None:
             with kb.if_then(is_last):
                 for r, v in tile:
                     kb.set(acc[r, v], self._epilogue(kb, kb.get(acc[r, v]), bias,
-                                                     r, v, masks[v]))
+                                                     r, v, masks[v], extras))
         for r, v in tile:
             self._store_masked(kb, kb.get(acc[r, v]), c, self._c_offset(r, v), masks[v])
         kb.b.ret_void()
@@ -434,14 +451,17 @@ class _GemmEmitter:
         """Offset in C_tile of row r, vector v of the register tile."""
         return r * self.plan.N + v * self.plan.width
 
-    def _epilogue(self, kb, value, bias, r, v, mask):
-        """bias then relu on the accumulator of row r, vector v of a tile."""
+    def _epilogue(self, kb, value, bias, r, v, mask, extras):
+        """bias, relu, then the elementwise epilogue on the accumulator of row r, vector v."""
         if self.bias == "col":
             value = kb.fadd(value, self._load_masked(kb, bias, v * kb.width, mask))
         elif self.bias == "row":
             value = kb.fadd(value, kb.splat(kb.load(bias, r)))
         if self.relu:
             value = kb.relu(value)
+        if self.epilogue is not None:
+            operands = [value] + [self._load_masked(kb, e, self._c_offset(r, v), mask) for e in extras]
+            value = ExprEmitter(kb, operands).emit_all([self.epilogue])[0]
         return value
 
     @staticmethod
