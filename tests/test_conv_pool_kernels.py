@@ -183,16 +183,37 @@ def test_conv_kernels_match_reference():
     check_cases(cases)
 
 
-def test_conv_kernels_in_bands_match_reference(monkeypatch):
-    """Large layers run im2col and the GEMM a band of output rows at a time; a small cols
-    budget makes these small cases do so too: full bands plus a shorter last band, and
-    bands of a single row."""
-    monkeypatch.setattr(conv_kernels, "_COLS_BUDGET_FLOATS", 300)
+@pytest.mark.parametrize("l1_budget", [None, 0])
+def test_conv_kernels_tiling_paths_match_reference(monkeypatch, l1_budget):
+    """Shapes that reach every tiling path: channel counts of several vector groups with a
+    narrower last group and padding lanes (9, 17, 24 channels), output rows cut into runs
+    of unequal lengths (13 and 30 columns), weight taps in tiles with a shorter last one
+    (K = 27), several accumulator sets with an odd reduction length, strides in h and w.
+    With no L1 budget, the input gradient takes its other loop order (taps outermost)."""
+    if l1_budget is not None:
+        monkeypatch.setattr(conv_kernels, "_L1_BUDGET_FLOATS", l1_budget)
     rng = np.random.default_rng(3)
     grid = [
-        ((3, 3, 9, 10), (4, 3, 3, 3), (1, 1), ((1, 1), (1, 1))),     # 27*10 per row: 1-row bands
-        ((2, 2, 11, 7), (5, 2, 2, 3), (2, 1), ((1, 0), (1, 1))),     # 12*7 per row: 3 + 3
-        ((2, 1, 13, 6), (3, 1, 3, 2), (1, 1), ((0, 0), (0, 0))),     # 6*5 per row: 6 + 5
+        ((2, 3, 9, 13), (24, 3, 3, 3), (1, 1), ((1, 1), (1, 1))),
+        ((2, 17, 6, 7), (9, 17, 2, 2), (1, 1), ((0, 0), (0, 0))),
+        ((3, 8, 5, 30), (16, 8, 3, 1), (2, 1), ((1, 1), (0, 0))),
+        ((1, 2, 4, 25), (8, 2, 1, 5), (1, 3), ((0, 0), (2, 2))),
+    ]
+    cases = [case for index, geometry in enumerate(grid)
+             for case in conv_cases(*geometry, rng, index)]
+    check_cases(cases)
+
+
+def test_conv_kernels_in_channel_blocks_match_reference(monkeypatch):
+    """The forward sums large reductions a block of input channels at a time; a small block
+    makes these small cases do so too: full blocks plus a smaller last one, and a loop of
+    equal blocks whose first and last apply differently (start from zero, bias and relu)."""
+    monkeypatch.setattr(conv_kernels, "_MAX_K_BLOCK", 20)
+    rng = np.random.default_rng(4)
+    grid = [   # the first and the third get bias and relu (see conv_cases)
+        ((2, 6, 5, 5), (4, 6, 3, 3), (1, 1), ((1, 1), (1, 1))),     # K = 54: 3 blocks of 2
+        ((1, 5, 6, 6), (7, 5, 2, 3), (1, 1), ((1, 0), (1, 1))),     # K = 30: blocks of 3 + 2
+        ((2, 5, 6, 6), (7, 5, 2, 3), (1, 1), ((1, 0), (1, 1))),
     ]
     cases = [case for index, geometry in enumerate(grid)
              for case in conv_cases(*geometry, rng, index)]

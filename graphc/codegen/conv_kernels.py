@@ -1,27 +1,36 @@
 """Native float32 kernels for conv2d (NCHW input, OIHW weights) and its two gradients.
 
-All three lower to the shape-specialised GEMM of gemm.py through the im2col matrix of one
-sample: `cols` is (K, P) with K = C*kh*kw and P = OH*OW, and row (c, i, j) holds the input
-cell that tap (i, j) of channel c reads at every output pixel, zero where it reads padding.
+All three are implicit GEMMs with the *channels in the vector lanes*; no im2col matrix is
+ever built. A register tile holds `rows` x `vecs` accumulator vectors: `rows` output pixels
+(or weight taps) by `vecs` vectors of channels. Each step of the reduction broadcasts one
+scalar per row and multiplies it into `vecs` contiguous channel vectors
+(`_emit_tile_product`): the GEMM micro-kernel of gemm.py, with operands read in place.
 
-    forward       out[n] (O, P)  = W (O, K) @ cols(x[n])        [+ bias per channel, relu]
-    input grad    dcols  (K, P)  = W^T @ g[n] (O, P);  dx[n] = col2im(dcols)
-    weight grad   dW     (O, K) += g[n] (O, P) @ cols(x[n])^T    summed over the batch
+    forward      outT[p, o]       = sum over (c, i, j) of  x[c, tap(p, i, j)] * Wt[(c, i, j), o]
+                 rows: output pixels, lanes: output channels, broadcast: the input
+    weight grad  dWt[(c, i, j), o] += sum over p of       x[c, tap(p, i, j)] * gT[p, o]
+                 rows: weight taps, lanes: output channels, broadcast: the input
+    input grad   dxT[tap(p, i, j), c] += sum over o of    g[o, p] * W2[(i, j), o, c]
+                 for each tap (i, j); rows: output pixels, lanes: input channels,
+                 broadcast: g. The tile is added into the shifted pixels of a padded dx
+                 grid ("scatter"): unlike a transposed convolution over a zero-padded g,
+                 it never multiplies padding (LeNet's valid 5x5 conv2 would do 2x the work).
 
-The batch is split across threads. Each thread owns a cols buffer and a GEMM workspace in
-scratch and calls the GEMM single-threaded (tid 0 of 1), so the threads never synchronise
-inside a phase; with a training batch of tens of samples per thread this balances well.
+tap(p, i, j) is the input cell that tap (i, j) of output pixel p reads, in a copy of the
+sample with its zero padding materialised (no bounds checks in any loop).
 
-When a sample's cols matrix would not fit in L2 (`_COLS_BUDGET_FLOATS`), the forward pass
-and the weight gradient cut the output rows into bands (`_Bands`) and run im2col and the
-GEMM band by band: the band's cols stays in cache between the two, and the GEMM runs on a
-narrower N, which it does faster (measured: 32x1024x288 at 49-55 GFLOP/s, 32x256x288 at
-65-75). The GEMM has no leading-dimension argument, so a band's output goes through a small
-tile (forward) and a band of g is first copied into one (weight gradient).
+Why channels in lanes: LeNet's and the conv net's images are small and their rows are not
+multiples of the vector width (10, 14, 28 columns), while their channel counts (16, 32, 64)
+are. Pixel-vector GEMMs over im2col (the previous design) wasted lanes on row tails, and
+paid the im2col copy plus the GEMM's B packing for every sample: 40-55 GFLOP/s at LeNet's
+shapes. Here the only copies are per-sample transposes between NCHW and the channel-minor
+layouts, O(P*C) work against O(P*C*K) multiply-adds, and channel counts are padded to
+whole vectors (`Op`, `Cp`; LeNet's 6 channels use 6 of 8 lanes). The input gradient of a
+first layer (1 or 3 input channels) uses 1 or 3 of 8 lanes; training never computes it.
 
-A 1x1 kernel with stride 1 and no padding has cols(x[n]) == x[n] and skips the copy (and
-dx[n] == dcols skips col2im). All geometry is compile-time constant; loops stay IR loops,
-so the code size does not grow with the image or kernel size.
+Threads split the batch. Each thread owns its layout buffers in scratch; weights packed
+for a whole call are written by thread 0 in a first phase. All geometry is compile-time
+constant; loops stay IR loops, so the code size does not grow with the image size.
 """
 from __future__ import annotations
 
@@ -31,25 +40,25 @@ from typing import Callable, Iterator, Sequence
 
 import llvmlite.ir as ir
 
-from .gemm import emit_gemm, gemm_workspace_floats
 from .kernel import Kernel, phase_args, phase_function
-from .kernel_builder import F32, I32, I64, PTR, KernelBuilder
-from .target import vector_width_f32
+from .kernel_builder import I1, I32, KernelBuilder
+from .target import vector_register_count, vector_width_f32
 
 __all__ = ["ConvGeometry", "emit_conv2d", "emit_conv2d_input_grad", "emit_conv2d_weight_grad"]
 
-# Per-thread scratch regions start on a 64-byte boundary (relative to scratch) so that two
-# threads never write the same cache line.
+# Scratch regions start on a 64-byte boundary (relative to scratch) so that two threads
+# never write the same cache line.
 _CACHE_LINE_FLOATS = 16
 
-# Largest cols matrix (or band of one) kept: 256 KB, half the L2 of the smallest cores we
-# run on (512 KB, AMD Zen 3), leaving room for the GEMM's packed panel and weights.
-_COLS_BUDGET_FLOATS = 64 * 1024
+# Most rows of Wt (channels x taps) per block of the forward's reduction; as gemm.py's
+# K blocks (there, 512 measured much worse than 256).
+_MAX_K_BLOCK = 256
 
-# Room after a cols matrix for the zeros im2col's last vector store may write past it.
-_COLS_SPILL = vector_width_f32()
+# Floats of an operand that a loop order may count on staying in L1 (half of Zen 3's 32 KB).
+_L1_BUDGET_FLOATS = 4096
 
-_NULL = ir.Constant(PTR, None)
+# Rows of a register tile: each has a pointer to its broadcast operand, in a register.
+_TILE_ROWS = 6
 
 
 @dataclasses.dataclass(frozen=True)
@@ -100,25 +109,39 @@ class ConvGeometry:
         return self.batch, self.out_channels, self.out_h, self.out_w
 
     @property
+    def padded_h(self) -> int:
+        return self.height + self.pad_top + self.pad_bottom
+
+    @property
+    def padded_w(self) -> int:
+        return self.width + self.pad_left + self.pad_right
+
+    @property
+    def padded_plane(self) -> int:
+        return self.padded_h * self.padded_w
+
+    @property
+    def has_padding(self) -> bool:
+        return self.padded_plane != self.height * self.width
+
+    @property
     def sample_floats(self) -> int:
         """Floats of one sample of the input."""
         return self.channels * self.height * self.width
 
     @property
+    def taps(self) -> int:
+        return self.kernel_h * self.kernel_w
+
+    @property
     def patch_size(self) -> int:
-        """K of the GEMMs: weights per output channel, rows of cols."""
-        return self.channels * self.kernel_h * self.kernel_w
+        """K of the forward GEMM: weights per output channel."""
+        return self.channels * self.taps
 
     @property
     def pixels(self) -> int:
-        """P: output pixels per channel, columns of cols."""
+        """P: output pixels per channel."""
         return self.out_h * self.out_w
-
-    @property
-    def cols_are_input(self) -> bool:
-        """cols(x[n]) is x[n] itself: a 1x1 kernel, stride 1, no padding."""
-        return (self.kernel_h == self.kernel_w == self.stride_h == self.stride_w == 1
-                and self.pad_top == self.pad_bottom == self.pad_left == self.pad_right == 0)
 
     @property
     def flops(self) -> int:
@@ -130,140 +153,232 @@ class ConvGeometry:
 
 def emit_conv2d(module: ir.Module, name: str, x_shape, w_shape, stride, padding, *,
                 bias: bool = False, relu: bool = False, max_threads: int) -> Kernel:
-    """out = conv2d(x, w) [+ b[o] on channel o] [then relu]; inputs x, w[, b]. One phase.
+    """out = conv2d(x, w) [+ b[o] on channel o] [then relu]; inputs x, w[, b].
 
-    Bias and relu are the GEMM's epilogue, applied while the tile is in registers.
+    Phase 1 (thread 0): Wt = W^T, (K, Op). Phase 2: per sample, every tile of outT (P, Op),
+    summed over blocks of input channels (`_ChannelBlocks`), with the bias and relu applied
+    in registers after the last, then outT transposed into out[n].
     """
-    geometry = ConvGeometry.from_shapes(x_shape, w_shape, stride, padding)
-    O, K, OW, P = geometry.out_channels, geometry.patch_size, geometry.out_w, geometry.pixels
-    bands = _Bands.for_geometry(geometry)
+    g = ConvGeometry.from_shapes(x_shape, w_shape, stride, padding)
+    width = vector_width_f32()
+    O, K, P = g.out_channels, g.patch_size, g.pixels
+    lanes = _round_up(O, width)
+    layout = _ScratchLayout(shared={"wt": K * lanes},
+                            private={"x": _padded_sample_floats(g, width), "outT": P * lanes})
+    n_inputs = 3 if bias else 2
 
-    def band_gemm(rows):
-        return _per_sample_callee(emit_gemm(module, f"{name}.gemm{rows}", O, rows * OW, K,
-                                            bias="row" if bias else None, relu=relu))
+    def pack_weights(kb, inputs, scratch):
+        _emit_transpose(kb, inputs[1], K, layout.shared(kb, scratch, "wt"), lanes,
+                        rows=O, cols=K, dst_lanes=lanes)
 
-    gemms = {rows: band_gemm(rows) for rows in bands.sizes}
-    im2col = None if geometry.cols_are_input else _emit_im2col(module, f"{name}.im2col", geometry)
-    scratch_layout = _ThreadScratch.create(
-        geometry, bands, tile_floats=O * bands.rows * OW if bands.split else 0,
-        gemm_floats=max(gemm_workspace_floats(O, rows * OW, K) for rows in bands.sizes))
-
-    fn, kb = phase_function(module, name, 3 if bias else 2)
+    fn, kb = phase_function(module, f"{name}.compute", n_inputs)
     out, inputs, scratch, tid, nthreads = phase_args(fn)
-    x, w = inputs[:2]
-    b = inputs[2] if bias else _NULL
-    cols, tile, workspace = scratch_layout.buffers(kb, scratch, tid)
-    with _my_samples(kb, geometry.batch, tid, nthreads) as n:
-        x_n, out_n = _sample(kb, x, n, geometry.sample_floats), _sample(kb, out, n, O * P)
+    wt = layout.shared(kb, scratch, "wt")
+    out_t = layout.private(kb, scratch, tid, "outT")
+    x_buffer = _zero_padding(kb, g, layout.private(kb, scratch, tid, "x"))
+    epilogue = _BiasRelu(inputs[2] if bias else None, O, relu)
+    with _my_samples(kb, g.batch, tid, nthreads) as n:
+        x_n = _padded_sample(kb, g, _sample(kb, inputs[0], n, g.sample_floats), x_buffer)
 
-        def band(first_row, rows):
-            b_matrix = _emit_band_cols(kb, im2col, x_n, cols, first_row, rows)
-            c_matrix = tile if bands.split else out_n
-            kb.b.call(gemms[rows], [w, b_matrix, c_matrix, b, workspace, kb.i64(0), kb.i64(1)])
-            if bands.split:
-                # Tile (O, rows*OW) -> out_n[:, first_row*OW:] (row stride P).
-                _emit_copy_rows(kb, kb.gep(out_n, kb.mul(first_row, OW)), P, tile, rows * OW,
-                                O, rows * OW)
+        def block(c0, channels, first, last):
+            # Reduction over (c, i, j) of the block; Wt's row (c, i, j) is (c*kh + i)*kw + j.
+            steps = [_Step(channels, g.padded_plane, g.taps * lanes),
+                     _Step(g.kernel_h, g.padded_w, g.kernel_w * lanes),
+                     _Step(g.kernel_w, 1, lanes)]
+            x_block = kb.gep(x_n, kb.mul(c0, g.padded_plane))
+            wt_block = kb.gep(wt, kb.mul(c0, g.taps * lanes))
 
-        bands.emit_each(kb, band)
+            def tile(ch0, vecs, oh, ow0, rows):
+                x_run = kb.gep(x_block, _input_offset(kb, g, oh, ow0))
+                a_rows = [kb.gep(x_run, r * g.stride_w) for r in range(rows)]
+                c_tile = kb.gep(out_t, kb.add(kb.mul(_output_pixel(kb, g, oh, ow0), lanes), ch0))
+                # Later blocks add to the sums of the earlier ones, kept in outT.
+                acc = _load_accumulators(kb, [kb.gep(c_tile, r * lanes) for r in range(rows)],
+                                         vecs, keep=kb.b.not_(first))
+                _emit_tile_product(kb, acc, a_rows, kb.gep(wt_block, ch0), steps)
+                epilogue.apply(kb, acc, ch0, last)
+                _emit_store_tile(kb, acc, c_tile, lanes)
+
+            _emit_channel_groups(kb, lanes, lambda ch0, vecs: _emit_pixel_tiles(
+                kb, g, vecs, lambda oh, ow0, rows: tile(ch0, vecs, oh, ow0, rows)))
+
+        _ChannelBlocks.for_geometry(g).emit_each(kb, block)
+        _emit_transpose(kb, out_t, lanes, _sample(kb, out, n, O * P), P,
+                        rows=P, cols=O, dst_lanes=P)
     kb.b.ret_void()
-    return Kernel([fn], scratch_layout.total_floats(max_threads))
+    pack = _thread0_phase(module, f"{name}.pack", n_inputs, pack_weights)
+    return Kernel([pack, fn], layout.total_floats(max_threads))
+
+
+@dataclasses.dataclass(frozen=True)
+class _ChannelBlocks:
+    """The forward's input channels cut into `full` blocks of `size` and a last block of
+    `tail` (0 if none), each at most `_MAX_K_BLOCK` rows of Wt, so that a block's rows of
+    Wt for a tile's channels (K_block x 16 floats) stay in L1 across all its pixel tiles.
+    Measured on the conv net's 64 -> 64 channels, 3x3: 48 GFLOP/s in one block of
+    K = 576, 93 in three blocks."""
+
+    size: int
+    full: int
+    tail: int
+
+    @classmethod
+    def for_geometry(cls, g: ConvGeometry) -> "_ChannelBlocks":
+        count = -(-g.patch_size // _MAX_K_BLOCK)
+        size = -(-g.channels // count)
+        return cls(size, g.channels // size, g.channels % size)
+
+    def emit_each(self, kb: KernelBuilder, body: Callable) -> None:
+        """body(first_channel, channels, is_first, is_last) for every block (i1 flags)."""
+        blocks = self.full + (self.tail > 0)
+        with compact_for_range(kb, 0, self.full, name="block") as index:
+            body(kb.mul(index, self.size), self.size,
+                 kb.b.icmp_signed("==", index, kb.i64(0)),
+                 kb.b.icmp_signed("==", index, kb.i64(blocks - 1)))
+        if self.tail:
+            is_first = ir.Constant(I1, blocks == 1)
+            body(kb.i64(self.full * self.size), self.tail, is_first, ir.Constant(I1, 1))
 
 
 def emit_conv2d_input_grad(module: ir.Module, name: str, g_shape, w_shape, x_shape, stride,
                            padding, *, max_threads: int) -> Kernel:
-    """out = dL/dx (shape x_shape) from g = dL/d(conv2d(x, w)); inputs g, w. One phase.
+    """out = dL/dx (shape x_shape) from g = dL/d(conv2d(x, w)); inputs g, w.
 
-    Not cut into bands: with stride 1, col2im sums each input row from several bands'
-    output rows, so it needs the sample's whole dcols.
+    Phase 1 (thread 0): W2[(i, j), o, c] = W[o, c, i, j], channels padded to Cp.
+    Phase 2: per sample, zero a padded dx grid (Hp, Wp, Cp), add every tap's tiles into it,
+    then transpose its interior into out[n].
     """
-    geometry = ConvGeometry.from_shapes(x_shape, w_shape, stride, padding)
-    _check_grad_shape(g_shape, geometry)
-    O, K, P = geometry.out_channels, geometry.patch_size, geometry.pixels
-    gemm = _per_sample_callee(emit_gemm(module, f"{name}.gemm", K, P, O, trans_a=True))
-    col2im = None if geometry.cols_are_input else _emit_col2im(module, f"{name}.col2im", geometry)
-    scratch_layout = _ThreadScratch.create(
-        geometry, _Bands.whole(geometry), tile_floats=0,
-        gemm_floats=gemm_workspace_floats(K, P, O, trans_a=True))
+    g = ConvGeometry.from_shapes(x_shape, w_shape, stride, padding)
+    _check_grad_shape(g_shape, g)
+    width = vector_width_f32()
+    C, O, P = g.channels, g.out_channels, g.pixels
+    lanes = _round_up(C, width)
+    grid_floats = g.padded_plane * lanes
+    layout = _ScratchLayout(shared={"w2": g.taps * O * lanes}, private={"grid": grid_floats})
 
-    fn, kb = phase_function(module, name, 2)
-    out, (g, w), scratch, tid, nthreads = phase_args(fn)
-    dcols, _, workspace = scratch_layout.buffers(kb, scratch, tid)
-    with _my_samples(kb, geometry.batch, tid, nthreads) as n:
-        dx_n = _sample(kb, out, n, geometry.sample_floats)
-        gemm_out = dx_n if col2im is None else dcols
-        kb.b.call(gemm, [w, _sample(kb, g, n, O * P), gemm_out, _NULL, workspace,
-                         kb.i64(0), kb.i64(1)])
-        if col2im is not None:
-            kb.b.call(col2im, [dcols, dx_n])
+    def pack_weights(kb, inputs, scratch):
+        # W[o] is (C, taps); its transpose is the o-th (taps, Cp) slice of W2.
+        w, w2 = inputs[1], layout.shared(kb, scratch, "w2")
+        with compact_for_range(kb, 0, O, name="o") as o:
+            _emit_transpose(kb, kb.gep(w, kb.mul(o, C * g.taps)), g.taps,
+                            kb.gep(w2, kb.mul(o, lanes)), O * lanes,
+                            rows=C, cols=g.taps, dst_lanes=lanes)
+
+    fn, kb = phase_function(module, f"{name}.compute", 2)
+    out, (grad, _), scratch, tid, nthreads = phase_args(fn)
+    w2 = layout.shared(kb, scratch, "w2")
+    grid = layout.private(kb, scratch, tid, "grid")
+    steps = [_Step(O, P, lanes)]  # reduction over o: g[o, p] and W2[tap, o, :]
+    with _my_samples(kb, g.batch, tid, nthreads) as n:
+        g_n = _sample(kb, grad, n, O * P)
+        emit_fill_zero(kb, grid, kb.i64(grid_floats))
+
+        def tile(ch0, vecs, tap, shift, oh, ow0, rows):
+            """Add tap (i, j)'s products of a run of output pixels into the grid, `shift`
+            floats past the cells that tap (0, 0) of the run reaches."""
+            g_run = kb.gep(g_n, _output_pixel(kb, g, oh, ow0))
+            a_rows = [kb.gep(g_run, r) for r in range(rows)]
+            # Summed from zero, then added: starting from the grid chained each tap's FMAs
+            # to the stores of the tap before (neighbouring taps write the same cells) and
+            # serialised them (LeNet's conv2: 46 GFLOP/s, 54 from zero).
+            acc = _zero_accumulators(kb, rows, vecs)
+            _emit_tile_product(kb, acc, a_rows, kb.gep(w2, kb.add(kb.mul(tap, O * lanes), ch0)),
+                               steps)
+            target = kb.gep(grid, kb.add(kb.add(kb.mul(_input_offset(kb, g, oh, ow0), lanes),
+                                                shift), ch0))
+            for r, row_acc in enumerate(acc):
+                for v, slot in enumerate(row_acc):
+                    offset = r * g.stride_w * lanes + v * kb.width
+                    kb.store_vec(kb.fadd(kb.get(slot), kb.load_vec(target, offset)), target,
+                                 offset)
+
+        def each_tap(body):
+            with compact_for_range(kb, 0, g.kernel_h, name="i") as i:
+                with compact_for_range(kb, 0, g.kernel_w, name="j") as j:
+                    body(kb.add(kb.mul(i, g.kernel_w), j),
+                         kb.mul(kb.add(kb.mul(i, g.padded_w), j), lanes))
+
+        def group(ch0, vecs):
+            def run(oh, ow0, rows):
+                each_tap(lambda tap, shift: tile(ch0, vecs, tap, shift, oh, ow0, rows))
+
+            if g.taps * O * vecs * kb.width <= _L1_BUDGET_FLOATS:
+                _emit_pixel_tiles(kb, g, vecs, run)
+                return
+            # The group's W2 for all taps does not stay in L1 across a run's taps: taps
+            # go outermost, so that one tap's W2 stays there across all the runs (conv
+            # net, 64 channels: 73 GFLOP/s with taps innermost, 77-80 outermost; LeNet's
+            # conv2, whose W2 fits, ran at 54 with taps innermost, 46 outermost).
+            each_tap(lambda tap, shift: _emit_pixel_tiles(
+                kb, g, vecs, lambda oh, ow0, rows: tile(ch0, vecs, tap, shift, oh, ow0, rows)))
+
+        _emit_channel_groups(kb, lanes, group)
+        dx_n = _sample(kb, out, n, g.sample_floats)
+        with compact_for_range(kb, 0, g.height, name="ih") as ih:
+            interior_row = kb.mul(kb.add(kb.mul(kb.add(ih, g.pad_top), g.padded_w), g.pad_left),
+                                  lanes)
+            _emit_transpose(kb, kb.gep(grid, interior_row), lanes,
+                            kb.gep(dx_n, kb.mul(ih, g.width)), g.height * g.width,
+                            rows=g.width, cols=C, dst_lanes=g.width)
     kb.b.ret_void()
-    return Kernel([fn], scratch_layout.total_floats(max_threads))
+    pack = _thread0_phase(module, f"{name}.pack", 2, pack_weights)
+    return Kernel([pack, fn], layout.total_floats(max_threads))
 
 
 def emit_conv2d_weight_grad(module: ir.Module, name: str, x_shape, g_shape, w_shape, stride,
                             padding, *, max_threads: int) -> Kernel:
     """out = dL/dw (shape w_shape) from x and g = dL/d(conv2d(x, w)); inputs x, g.
 
-    Phase 1: each thread sums g[n] @ cols(x[n])^T over its share of the batch into its own
-    partial (thread 0's partial is `out` itself, the others' live in scratch).
-    Phase 2 (after the barrier): the threads split the elements of dW and add the other
-    threads' partials into `out`.
+    Phase 1: each thread sums, over its share of the batch, the tiles of its own partial
+    dWt (K, Op) in scratch, from gT = g[n]^T (P, Op). Phase 2 (thread 0): adds the
+    partials and transposes the sum into out (O, K).
     """
-    geometry = ConvGeometry.from_shapes(x_shape, w_shape, stride, padding)
-    _check_grad_shape(g_shape, geometry)
-    O, K, OW, P = geometry.out_channels, geometry.patch_size, geometry.out_w, geometry.pixels
-    weights = O * K
-    bands = _Bands.for_geometry(geometry)
+    g = ConvGeometry.from_shapes(x_shape, w_shape, stride, padding)
+    _check_grad_shape(g_shape, g)
+    width = vector_width_f32()
+    O, K, P = g.out_channels, g.patch_size, g.pixels
+    lanes = _round_up(O, width)
+    layout = _ScratchLayout(shared={}, private={"x": _padded_sample_floats(g, width),
+                                                "gT": P * lanes, "dWt": K * lanes})
+    # Reduction over output pixels (oh, ow): the input moves by the stride, gT by a row.
+    steps = [_Step(g.out_h, g.stride_h * g.padded_w, g.out_w * lanes),
+             _Step(g.out_w, g.stride_w, lanes)]
 
-    def band_gemm(rows):
-        return _per_sample_callee(emit_gemm(module, f"{name}.gemm{rows}", O, K, rows * OW,
-                                            trans_b=True, accumulate=True))
-
-    gemms = {rows: band_gemm(rows) for rows in bands.sizes}
-    im2col = None if geometry.cols_are_input else _emit_im2col(module, f"{name}.im2col", geometry)
-    scratch_layout = _ThreadScratch.create(
-        geometry, bands, tile_floats=O * bands.rows * OW if bands.split else 0,
-        gemm_floats=max(gemm_workspace_floats(O, K, rows * OW, trans_b=True)
-                        for rows in bands.sizes))
-    partials_offset = scratch_layout.total_floats(max_threads)
-    partial_floats = _round_up(weights, _CACHE_LINE_FLOATS)
-
-    def partial_of(kb, scratch, thread):
-        """Thread `thread` (>= 1)'s partial sum of dW in scratch."""
-        return kb.gep(scratch, kb.add(partials_offset, kb.mul(kb.sub(thread, 1), partial_floats)))
-
-    fn, kb = phase_function(module, name, 2)
-    out, (x, g), scratch, tid, nthreads = phase_args(fn)
-    cols, tile, workspace = scratch_layout.buffers(kb, scratch, tid)
-    is_first_thread = kb.b.icmp_signed("==", tid, kb.i64(0))
-    # (For tid 0 the unselected partial_of address is out of range, never used.)
-    partial = kb.b.select(is_first_thread, out, partial_of(kb, scratch, tid))
+    fn, kb = phase_function(module, f"{name}.compute", 2)
+    out, (x, grad), scratch, tid, nthreads = phase_args(fn)
+    g_t = layout.private(kb, scratch, tid, "gT")
+    partial = layout.private(kb, scratch, tid, "dWt")
+    x_buffer = _zero_padding(kb, g, layout.private(kb, scratch, tid, "x"))
     # Zeroed even by threads without samples: phase 2 adds every thread's partial.
-    emit_fill_zero(kb, partial, kb.i64(weights))
-    with _my_samples(kb, geometry.batch, tid, nthreads) as n:
-        x_n, g_n = _sample(kb, x, n, geometry.sample_floats), _sample(kb, g, n, O * P)
+    emit_fill_zero(kb, partial, kb.i64(K * lanes))
+    with _my_samples(kb, g.batch, tid, nthreads) as n:
+        x_n = _padded_sample(kb, g, _sample(kb, x, n, g.sample_floats), x_buffer)
+        _emit_transpose(kb, _sample(kb, grad, n, O * P), P, g_t, lanes,
+                        rows=O, cols=P, dst_lanes=lanes)
 
-        def band(first_row, rows):
-            b_matrix = _emit_band_cols(kb, im2col, x_n, cols, first_row, rows)
-            a_matrix = g_n
-            if bands.split:
-                # g_n[:, first_row*OW:] (row stride P) -> tile (O, rows*OW).
-                _emit_copy_rows(kb, tile, rows * OW, kb.gep(g_n, kb.mul(first_row, OW)), P,
-                                O, rows * OW)
-                a_matrix = tile
-            kb.b.call(gemms[rows], [a_matrix, b_matrix, partial, _NULL, workspace,
-                                    kb.i64(0), kb.i64(1)])
+        def tile(k0, rows, ch0, vecs):
+            a_rows = [kb.gep(x_n, _tap_offset(kb, g, kb.add(k0, r))) for r in range(rows)]
+            c_tile = kb.gep(partial, kb.add(kb.mul(k0, lanes), ch0))
+            acc = _load_accumulators(kb, [kb.gep(c_tile, r * lanes) for r in range(rows)], vecs)
+            _emit_tile_product(kb, acc, a_rows, kb.gep(g_t, ch0), steps)
+            _emit_store_tile(kb, acc, c_tile, lanes)
 
-        bands.emit_each(kb, band)
+        _emit_channel_groups(kb, lanes, lambda ch0, vecs: _emit_row_tiles(
+            kb, K, _TILE_ROWS, lambda k0, rows: tile(k0, rows, ch0, vecs)))
     kb.b.ret_void()
+
+    def sum_partials(kb, out, scratch, nthreads):
+        total = layout.private(kb, scratch, kb.i64(0), "dWt")
+        with compact_for_range(kb, 1, nthreads, name="thread") as thread:
+            _emit_add(kb, total, layout.private(kb, scratch, thread, "dWt"), kb.i64(K * lanes))
+        _emit_transpose(kb, total, lanes, out, K, rows=K, cols=O, dst_lanes=K)
 
     reduce_fn, kb = phase_function(module, f"{name}.reduce", 2)
     out, _, scratch, tid, nthreads = phase_args(reduce_fn)
-    lo, hi = kb.split_range(weights, tid, nthreads)
-    with compact_for_range(kb, 1, nthreads, name="thread") as thread:
-        _emit_add(kb, kb.gep(out, lo), kb.gep(partial_of(kb, scratch, thread), lo), kb.sub(hi, lo))
+    with kb.if_then(kb.b.icmp_signed("==", tid, kb.i64(0))):
+        sum_partials(kb, out, scratch, nthreads)
     kb.b.ret_void()
-    return Kernel([fn, reduce_fn], partials_offset + (max_threads - 1) * partial_floats)
+    return Kernel([fn, reduce_fn], layout.total_floats(max_threads))
 
 
 def _check_grad_shape(g_shape, geometry: ConvGeometry) -> None:
@@ -272,94 +387,229 @@ def _check_grad_shape(g_shape, geometry: ConvGeometry) -> None:
                          f"is {geometry.out_shape}")
 
 
-def _emit_band_cols(kb: KernelBuilder, im2col, x_n: ir.Value, cols: ir.Value,
-                    first_row: ir.Value, rows: int) -> ir.Value:
-    """The GEMM's B for output rows [first_row, first_row + rows): cols filled by im2col, or
-    the input itself (then there is a single band)."""
-    if im2col is None:
+# ------------------------------------------------------------------------ register tiles
+
+@dataclasses.dataclass(frozen=True)
+class _Step:
+    """One level of a tile's reduction loop nest: `count` steps, each advancing the
+    broadcast operand by `a_stride` floats and the vector operand by `b_stride`."""
+
+    count: int
+    a_stride: int
+    b_stride: int
+
+
+def _emit_tile_product(kb: KernelBuilder, acc, a_rows: Sequence[ir.Value], b: ir.Value,
+                       steps: Sequence[_Step]) -> None:
+    """acc[r][v] += sum over the loop nest `steps` of a_rows[r][a] * b[b + v*W : +W], where
+    a and b are the sums over the levels of index * a_stride and index * b_stride.
+
+    Per step: `vecs` vector loads, one broadcast per row, rows*vecs FMAs. Levels stay IR
+    loops: unrolling the kernel width measured no faster (LeNet's forward convolutions,
+    within 2%), and LLVM then reused row r's broadcast at tap j+1 as row r+1's at tap j,
+    keeping them all live and spilling accumulators.
+
+    A tile with fewer accumulators than `_accumulators()` may have too few to hide the FMA
+    latency (8 must be in flight: 2 FMAs a cycle, 4 cycles each), and more rows are not
+    always possible (weight taps need a row pointer each, and general registers are few:
+    LLVM then reloads them every step). So its consecutive steps alternate between several
+    sets of accumulators, summed at the end.
+    """
+    rows, vecs = len(acc), len(acc[0])
+    sets = [acc] + [_zero_accumulators(kb, rows, vecs)
+                    for _ in range(max(1, _accumulators() // (rows * vecs)) - 1)]
+
+    def step(index, a_offset, b_offset):
+        b_vectors = [kb.load_vec(b, kb.add(b_offset, v * kb.width)) for v in range(vecs)]
+        for row, row_acc in zip(a_rows, sets[index % len(sets)]):
+            a = kb.splat(kb.load(row, a_offset))
+            for b_vector, slot in zip(b_vectors, row_acc):
+                kb.set(slot, kb.fma(a, b_vector, kb.get(slot)))
+
+    def innermost(s, a_offset, b_offset):
+        def steps_from(first, count):
+            for t in range(count):
+                step(t, kb.add(a_offset, kb.mul(kb.add(first, t), s.a_stride)),
+                     kb.add(b_offset, kb.mul(kb.add(first, t), s.b_stride)))
+        whole = s.count - s.count % len(sets)
+        with compact_for_range(kb, 0, whole, step=len(sets), name="step", unroll=False) as t:
+            steps_from(t, len(sets))
+        steps_from(kb.i64(whole), s.count % len(sets))
+
+    def level(depth, a_offset, b_offset):
+        s = steps[depth]
+        if depth == len(steps) - 1:
+            innermost(s, a_offset, b_offset)
+            return
+        with compact_for_range(kb, 0, s.count, name=f"step{depth}", unroll=False) as t:
+            level(depth + 1, kb.add(a_offset, kb.mul(t, s.a_stride)),
+                  kb.add(b_offset, kb.mul(t, s.b_stride)))
+
+    level(0, kb.i64(0), kb.i64(0))
+    for other in sets[1:]:
+        for row_acc, other_row in zip(acc, other):
+            for slot, other_slot in zip(row_acc, other_row):
+                kb.set(slot, kb.fadd(kb.get(slot), kb.get(other_slot)))
+
+
+def _zero_accumulators(kb: KernelBuilder, rows: int, vecs: int):
+    return [[kb.variable(kb.splat(0.0)) for _ in range(vecs)] for _ in range(rows)]
+
+
+def _load_accumulators(kb: KernelBuilder, row_pointers: Sequence[ir.Value], vecs: int,
+                       keep: ir.Value | None = None):
+    """Accumulators starting from the tile in memory, or (if the i1 `keep` is false) from
+    zero: the load is then still made, but its value, maybe garbage, is not used."""
+    def initial(row, v):
+        value = kb.load_vec(row, v * kb.width)
+        return value if keep is None else kb.b.select(keep, value, kb.splat(0.0))
+    return [[kb.variable(initial(row, v)) for v in range(vecs)] for row in row_pointers]
+
+
+def _emit_store_tile(kb: KernelBuilder, acc, c: ir.Value, row_stride: int) -> None:
+    """Store accumulator row r, vector v at c[r*row_stride + v*W]."""
+    for r, row_acc in enumerate(acc):
+        for v, slot in enumerate(row_acc):
+            kb.store_vec(kb.get(slot), c, r * row_stride + v * kb.width)
+
+
+@dataclasses.dataclass(frozen=True)
+class _BiasRelu:
+    """The forward epilogue on a tile of output channels from ch0: + b[o], then relu."""
+
+    bias: ir.Value | None
+    channels: int
+    relu: bool
+
+    def apply(self, kb: KernelBuilder, acc, ch0: ir.Value, when: ir.Value) -> None:
+        """Apply it to the tile's accumulators if the i1 `when` holds."""
+        if self.bias is None and not self.relu:
+            return
+        vecs = len(acc[0])
+        biases = []
+        if self.bias is not None:
+            # Lanes past the last channel read nothing (their outputs are never stored).
+            biases = [kb.masked_load_vec(self.bias, first, kb.lane_mask_dynamic(
+                kb.sub(self.channels, first))) for first in
+                (kb.add(ch0, v * kb.width) for v in range(vecs))]
+        for row_acc in acc:
+            for v, slot in enumerate(row_acc):
+                value = kb.get(slot)
+                if biases:
+                    value = kb.fadd(value, biases[v])
+                if self.relu:
+                    value = kb.relu(value)
+                kb.set(slot, kb.b.select(when, value, kb.get(slot)))
+
+
+def _tile_vectors() -> int:
+    """Channel vectors per register tile: 2 with 16 vector registers (6 rows x 2 = 12
+    accumulators + 2 operand vectors + 1 broadcast, gemm.py's AVX2 tile), 4 with 32."""
+    return 4 if vector_register_count() >= 32 else 2
+
+
+def _accumulators() -> int:
+    """Accumulator registers of a full tile."""
+    return _TILE_ROWS * _tile_vectors()
+
+
+def _emit_channel_groups(kb: KernelBuilder, lanes: int,
+                         body: Callable[[ir.Value, int], None]) -> None:
+    """body(first_channel, vecs) for the channel groups of a tile: `_tile_vectors()`
+    vectors each, the last one maybe narrower."""
+    vectors = lanes // kb.width
+    group = min(_tile_vectors(), vectors)
+    with compact_for_range(kb, 0, vectors // group, name="group") as index:
+        body(kb.mul(index, group * kb.width), group)
+    if vectors % group:
+        body(kb.i64((vectors - vectors % group) * kb.width), vectors % group)
+
+
+def _emit_row_tiles(kb: KernelBuilder, total: int, most: int,
+                    tile: Callable[[ir.Value, int], None]) -> None:
+    """tile(first, rows) over range(total) in tiles of at most `most` rows, of balanced
+    sizes: 25 rows in tiles of <= 6 are 5 x 5, not 4 x 6 + 1."""
+    count = -(-total // most)
+    size = -(-total // count)
+    with compact_for_range(kb, 0, total // size, name="tile") as t:
+        tile(kb.mul(t, size), size)
+    if total % size:
+        tile(kb.i64(total - total % size), total % size)
+
+
+def _emit_pixel_tiles(kb: KernelBuilder, g: ConvGeometry, vecs: int,
+                      tile: Callable[[ir.Value, ir.Value, int], None]) -> None:
+    """tile(oh, ow0, rows) over the output pixels in runs of `rows` of one output row, at
+    most as many as a tile `vecs` wide has accumulators (12 for one vector).
+
+    A run's pixels read the input at constant distances (stride_w) from the first one: a
+    single row pointer, whereas runs crossing output rows need a pointer per row, more
+    than there are general registers. Runs are balanced (28 columns by <= 12: 10 + 9 + 9);
+    the longer ones come first, each length in its own loop.
+    """
+    count = -(-g.out_w // (_accumulators() // vecs))
+    short, longer = divmod(g.out_w, count)
+    with compact_for_range(kb, 0, g.out_h, name="oh") as oh:
+        if longer:
+            with compact_for_range(kb, 0, longer, name="run") as run:
+                tile(oh, kb.mul(run, short + 1), short + 1)
+        with compact_for_range(kb, 0, count - longer, name="run") as run:
+            tile(oh, kb.add(longer * (short + 1), kb.mul(run, short)), short)
+
+
+def _input_offset(kb: KernelBuilder, g: ConvGeometry, oh: ir.Value, ow: ir.Value) -> ir.Value:
+    """Offset in a padded plane of the cell that tap (0, 0) of output pixel (oh, ow) reads."""
+    return kb.add(kb.mul(oh, g.stride_h * g.padded_w), kb.mul(ow, g.stride_w))
+
+
+def _output_pixel(kb: KernelBuilder, g: ConvGeometry, oh: ir.Value, ow: ir.Value) -> ir.Value:
+    return kb.add(kb.mul(oh, g.out_w), ow)
+
+
+def _tap_offset(kb: KernelBuilder, g: ConvGeometry, k: ir.Value) -> ir.Value:
+    """Offset in the padded sample of weight tap k = (c, i, j) for output pixel (0, 0)."""
+    c, ij = kb.b.udiv(k, kb.i64(g.taps)), kb.b.urem(k, kb.i64(g.taps))
+    i, j = kb.b.udiv(ij, kb.i64(g.kernel_w)), kb.b.urem(ij, kb.i64(g.kernel_w))
+    return kb.add(kb.add(kb.mul(c, g.padded_plane), kb.mul(i, g.padded_w)), j)
+
+
+# ------------------------------------------------------------------------------- samples
+
+def _padded_sample_floats(g: ConvGeometry, width: int) -> int:
+    """Scratch for a sample copy with its zero padding; none when there is no padding.
+    `width` spare floats take the zeros that the last row's whole-vector copy writes."""
+    return g.channels * g.padded_plane + width if g.has_padding else 0
+
+
+def _zero_padding(kb: KernelBuilder, g: ConvGeometry, buffer: ir.Value) -> ir.Value:
+    """Zero the padded sample buffer once per call: sample copies only write its interior
+    (and zeros), so its margins stay zero for every sample."""
+    if g.has_padding:
+        emit_fill_zero(kb, buffer, kb.i64(_padded_sample_floats(g, kb.width)))
+    return buffer
+
+
+def _padded_sample(kb: KernelBuilder, g: ConvGeometry, x_n: ir.Value,
+                   buffer: ir.Value) -> ir.Value:
+    """Sample x_n with its padding: x_n itself without padding, else copied row by row
+    into the interior of `buffer` (prepared by `_zero_padding`).
+
+    Each row is copied in whole vectors, masked loads supplying zeros past its end: the
+    zeros land in the right margin, the next row's left margin or the next row itself,
+    which is copied later (rows go in memory order), never on copied data.
+    """
+    if not g.has_padding:
         return x_n
-    kb.b.call(im2col, [x_n, cols, first_row, kb.i64(rows)])
-    return cols
-
-
-# ----------------------------------------------------------------------- bands, scratch
-
-@dataclasses.dataclass(frozen=True)
-class _Bands:
-    """Output rows of a sample cut into `full` bands of `rows` rows and a last band of
-    `tail` rows (0 if none). A single band is the whole sample."""
-
-    rows: int
-    full: int
-    tail: int
-
-    @classmethod
-    def for_geometry(cls, geometry: ConvGeometry) -> "_Bands":
-        """The fewest bands whose cols fit in the budget, of balanced heights (16 rows in
-        at most 14 make two bands of 8, not 14 + 2: a 2-row GEMM is inefficient)."""
-        if geometry.cols_are_input:
-            return cls.whole(geometry)
-        line = geometry.patch_size * geometry.out_w  # cols floats per output row
-        most_rows = max(1, _COLS_BUDGET_FLOATS // line)
-        count = -(-geometry.out_h // most_rows)
-        rows = -(-geometry.out_h // count)
-        return cls(rows, geometry.out_h // rows, geometry.out_h % rows)
-
-    @classmethod
-    def whole(cls, geometry: ConvGeometry) -> "_Bands":
-        return cls(geometry.out_h, 1, 0)
-
-    @property
-    def split(self) -> bool:
-        return self.full + (self.tail > 0) > 1
-
-    @property
-    def sizes(self) -> list[int]:
-        """Distinct band heights: each needs its own GEMM (N = rows*OW is compiled in)."""
-        return [self.rows] + ([self.tail] if self.tail else [])
-
-    def emit_each(self, kb: KernelBuilder, body: Callable[[ir.Value, int], None]) -> None:
-        """body(first_row, rows) for every band: an IR loop over the full bands, then the
-        tail band."""
-        with compact_for_range(kb, 0, self.full, name="band") as band:
-            body(kb.mul(band, self.rows), self.rows)
-        if self.tail:
-            body(kb.i64(self.full * self.rows), self.tail)
-
-
-@dataclasses.dataclass(frozen=True)
-class _ThreadScratch:
-    """Each thread's slice of scratch: a cols matrix for one band (absent when cols is the
-    input itself), a tile for a band of the output or of g (only when there are several
-    bands), and a single-thread GEMM workspace. Each part starts on a cache line."""
-
-    cols_floats: int
-    tile_floats: int
-    gemm_floats: int
-
-    @classmethod
-    def create(cls, geometry: ConvGeometry, bands: _Bands, *, tile_floats: int,
-               gemm_floats: int) -> "_ThreadScratch":
-        cols = 0
-        if not geometry.cols_are_input:
-            cols = geometry.patch_size * bands.rows * geometry.out_w + _COLS_SPILL
-        return cls(*(_round_up(floats, _CACHE_LINE_FLOATS)
-                     for floats in (cols, tile_floats, gemm_floats)))
-
-    @property
-    def per_thread(self) -> int:
-        return self.cols_floats + self.tile_floats + self.gemm_floats
-
-    def total_floats(self, max_threads: int) -> int:
-        if max_threads < 1:
-            raise ValueError(f"max_threads must be >= 1, got {max_threads}")
-        return max_threads * self.per_thread
-
-    def buffers(self, kb: KernelBuilder, scratch: ir.Value, tid: ir.Value):
-        """(cols, tile, gemm workspace) of thread `tid`."""
-        cols = kb.gep(scratch, kb.mul(tid, self.per_thread))
-        tile = kb.gep(cols, self.cols_floats)
-        return cols, tile, kb.gep(tile, self.tile_floats)
+    with compact_for_range(kb, 0, g.channels * g.height, name="row") as row:
+        c, ih = kb.b.udiv(row, kb.i64(g.height)), kb.b.urem(row, kb.i64(g.height))
+        src = kb.gep(x_n, kb.mul(row, g.width))
+        dst = kb.gep(buffer, kb.add(kb.add(kb.mul(c, g.padded_plane),
+                                           kb.mul(kb.add(ih, g.pad_top), g.padded_w)),
+                                    g.pad_left))
+        with compact_for_range(kb, 0, g.width, step=kb.width, name="iw") as iw:
+            inside = kb.lane_mask_dynamic(kb.sub(g.width, iw))
+            kb.store_vec(kb.masked_load_vec(src, iw, inside), dst, iw)
+    return buffer
 
 
 @contextlib.contextmanager
@@ -374,251 +624,106 @@ def _sample(kb: KernelBuilder, base: ir.Value, n: ir.Value, floats_per_sample: i
     return kb.gep(base, kb.mul(n, floats_per_sample))
 
 
-def _per_sample_callee(fn: ir.Function) -> ir.Function:
-    """A function this kernel calls once per sample or band: internal (no other caller) and
-    never inlined. Inlined into the batch loop it ran no faster, and LLVM re-optimized it
-    there, which doubled the compile time."""
-    fn.linkage = "internal"
-    fn.attributes.add("noinline")
+# ------------------------------------------------------------------------ phases, scratch
+
+def _thread0_phase(module: ir.Module, name: str, n_inputs: int,
+                   body: Callable[[KernelBuilder, list, ir.Value], None]) -> ir.Function:
+    """A phase whose work (small: packing weights) only thread 0 does."""
+    fn, kb = phase_function(module, name, n_inputs)
+    _, inputs, scratch, tid, _ = phase_args(fn)
+    with kb.if_then(kb.b.icmp_signed("==", tid, kb.i64(0))):
+        body(kb, inputs, scratch)
+    kb.b.ret_void()
     return fn
 
 
-def _helper_function(module: ir.Module, name: str, pointers: Sequence[str],
-                     indices: Sequence[str] = ()):
-    """A per-sample `void name(ptr..., i64...)` whose buffers never overlap (noalias)."""
-    arg_types = [PTR] * len(pointers) + [I64] * len(indices)
-    fn = _per_sample_callee(ir.Function(module, ir.FunctionType(ir.VoidType(), arg_types),
-                                        name=name))
-    for arg, arg_name in zip(fn.args, [*pointers, *indices]):
-        arg.name = arg_name
-    for arg in fn.args[:len(pointers)]:
-        arg.add_attribute("noalias")
-    return fn, KernelBuilder(ir.IRBuilder(fn.append_basic_block("entry")))
+class _ScratchLayout:
+    """A kernel's scratch: the `shared` regions, then one slice per thread holding the
+    `private` regions. Regions are named, sized in floats, and start on a cache line."""
+
+    def __init__(self, shared: dict[str, int], private: dict[str, int]):
+        self._shared, self.shared_floats = self._offsets(shared)
+        self._private, self.private_floats = self._offsets(private)
+
+    @staticmethod
+    def _offsets(sizes: dict[str, int]) -> tuple[dict[str, int], int]:
+        offsets, total = {}, 0
+        for name, floats in sizes.items():
+            offsets[name] = total
+            total += _round_up(floats, _CACHE_LINE_FLOATS)
+        return offsets, total
+
+    def total_floats(self, max_threads: int) -> int:
+        if max_threads < 1:
+            raise ValueError(f"max_threads must be >= 1, got {max_threads}")
+        return self.shared_floats + max_threads * self.private_floats
+
+    def shared(self, kb: KernelBuilder, scratch: ir.Value, name: str) -> ir.Value:
+        return kb.gep(scratch, self._shared[name])
+
+    def private(self, kb: KernelBuilder, scratch: ir.Value, thread: ir.Value,
+                name: str) -> ir.Value:
+        start = kb.add(self.shared_floats + self._private[name],
+                       kb.mul(thread, self.private_floats))
+        return kb.gep(scratch, start)
 
 
 def _round_up(value: int, multiple: int) -> int:
     return -(-value // multiple) * multiple
 
 
-# --------------------------------------------------------------------------- im2col, col2im
+# ------------------------------------------------------------------------------ transposes
 
-def _emit_im2col(module: ir.Module, name: str, geometry: ConvGeometry) -> ir.Function:
-    """`im2col(x_n, cols, first_row, rows)`: the cols matrix of output rows
-    [first_row, first_row + rows) of one sample, zeros included: (K, rows*OW).
+def _emit_transpose(kb: KernelBuilder, src: ir.Value, src_stride: int, dst: ir.Value,
+                    dst_stride: int, *, rows: int, cols: int, dst_lanes: int) -> None:
+    """dst[c*dst_stride + r] = src[r*src_stride + c] for r < rows, c < cols, a W x W block
+    at a time (W loads, `kb.transpose`, W stores).
 
-    With stride_w 1 each cols line is written with whole vectors, masked loads supplying the
-    zeros of the padding: see `_emit_line_by_vectors`. The last vector of a line may spill
-    zeros into the next one, which is written later (lines and taps are filled in memory
-    order), or into the `_COLS_SPILL` floats after the matrix.
+    `dst_lanes` (>= rows, <= rows rounded up to W) is how many floats of each dst row may be
+    written: those past `rows` get zeros, which is how the channel-minor layouts pad their
+    channels to whole vectors. Only a last block past `dst_lanes` uses masked stores.
     """
-    fn, kb = _helper_function(module, name, ["x", "cols"], ["first_row", "rows"])
-    x, cols, first_row, rows = fn.args
-    OW = geometry.out_w
+    w = kb.width
 
-    def before_tap(cols_row, line_lo, line_hi):
-        # Lines whose input row is padding read only zeros.
-        emit_fill_zero(kb, cols_row, kb.mul(line_lo, OW))
-        end = kb.mul(line_hi, OW)
-        emit_fill_zero(kb, kb.gep(cols_row, end), kb.sub(kb.mul(rows, OW), end))
+    def block(r0, n_rows, c0, n_cols, store_lanes):
+        col_mask = None if n_cols == w else kb.lane_mask(n_cols)
+        vectors = [_load(kb, kb.gep(src, kb.mul(kb.add(r0, t), src_stride)), c0, col_mask)
+                   if t < n_rows else kb.splat(0.0) for t in range(w)]
+        store_mask = None if store_lanes == w else kb.lane_mask(store_lanes)
+        for t, vector in enumerate(kb.transpose(vectors)[:n_cols]):
+            _store(kb, vector, kb.gep(dst, kb.mul(kb.add(c0, t), dst_stride)), r0, store_mask)
 
-    def copy_line(cols_line, x_line, iw0, ow_lo, ow_hi):
-        if geometry.stride_w == 1:
-            _emit_line_by_vectors(kb, cols_line, x_line, iw0, ow_lo, ow_hi, OW)
-            return
-        emit_fill_zero(kb, cols_line, ow_lo)
-        x_first = kb.gep(x_line, kb.add(iw0, kb.mul(ow_lo, geometry.stride_w)))
-        _emit_gather(kb, kb.gep(cols_line, ow_lo), x_first, kb.sub(ow_hi, ow_lo),
-                    geometry.stride_w)
-        emit_fill_zero(kb, kb.gep(cols_line, ow_hi), kb.sub(OW, ow_hi))
+    def row_block(r0, n_rows, store_lanes):
+        with compact_for_range(kb, 0, cols - cols % w, step=w, name="tc") as c0:
+            block(r0, n_rows, c0, w, store_lanes)
+        if cols % w:
+            block(r0, n_rows, kb.i64(cols - cols % w), cols % w, store_lanes)
 
-    _emit_patch_walk(kb, geometry, x, cols, (first_row, rows), before_tap, copy_line)
-    kb.b.ret_void()
-    return fn
+    whole_rows = rows - rows % w
+    with compact_for_range(kb, 0, whole_rows, step=w, name="tr") as r0:
+        row_block(r0, w, w)
+    if rows % w:
+        row_block(kb.i64(whole_rows), rows % w, min(w, dst_lanes - whole_rows))
 
 
-def _emit_line_by_vectors(kb: KernelBuilder, cols_line: ir.Value, x_line: ir.Value,
-                          iw0: ir.Value, ow_lo: ir.Value, ow_hi: ir.Value, out_w: int) -> None:
-    """cols_line[ow] = x_line[iw0 + ow] for ow in [ow_lo, ow_hi), 0 for the rest of
-    [0, out_w), with unit stride: one masked load and one plain store per vector.
-
-    Masked lanes are never read, so the address may point before or after the input row
-    (hence no `inbounds`); whole-vector stores avoid masked stores, which are slow on some
-    CPUs (AMD's vmaskmovps), at the price of writing up to width-1 zeros past the line.
-    """
-    with compact_for_range(kb, 0, out_w, step=kb.width, name="ow") as ow:
-        inside = _lanes_between(kb, kb.sub(ow_lo, ow), kb.sub(ow_hi, ow))
-        source = kb.b.gep(x_line, [kb.add(iw0, ow)], source_etype=F32)
-        kb.store_vec(kb.masked_load_vec(source, 0, inside), cols_line, ow)
-
-
-def _emit_col2im(module: ir.Module, name: str, geometry: ConvGeometry) -> ir.Function:
-    """`col2im(dcols, dx_n)`: dx_n = the adjoint of im2col applied to dcols: each input cell
-    gets the sum of the cols entries that were copied from it (padding entries are dropped)."""
-    fn, kb = _helper_function(module, name, ["dcols", "dx"])
-    dcols, dx = fn.args
-    if geometry.stride_h == geometry.stride_w == 1:
-        _emit_col2im_by_gathering(kb, geometry, dcols, dx)
-    else:
-        _emit_col2im_by_scattering(kb, geometry, dcols, dx)
-    kb.b.ret_void()
-    return fn
-
-
-def _emit_col2im_by_gathering(kb: KernelBuilder, geometry: ConvGeometry, dcols: ir.Value,
-                              dx: ir.Value) -> None:
-    """Stride 1: dx[c, ih, iw] = sum over taps (i, j) of dcols row (c, i, j) at output pixel
-    (ih + pt - i, iw + pl - j), for the pixels that exist.
-
-    Each vector of dx is summed in registers from kh*kw masked loads (a missing pixel is a
-    masked lane) and stored once: no zeroing and no read-modify-write of dx. Measured 1.3-2x
-    faster than scattering the cols lines into dx.
-    """
-    g = geometry
-    no_lanes = ir.Constant(kb.mask_type, [False] * kb.width)
-
-    def dx_vector(c, ih, iw, store_mask):
-        terms = []
-        for i in range(g.kernel_h):
-            oh = kb.sub(ih, i - g.pad_top)
-            row_exists = kb.b.and_(kb.b.icmp_signed(">=", oh, kb.i64(0)),
-                                   kb.b.icmp_signed("<", oh, kb.i64(g.out_h)))
-            for j in range(g.kernel_w):
-                # Lane L reads output column ow = iw + L - shift, if in [0, OW).
-                shift = j - g.pad_left
-                ow = kb.sub(iw, shift)  # lane 0's column, maybe outside the line
-                exists = _lanes_between(kb, kb.sub(shift, iw), kb.sub(g.out_w + shift, iw))
-                row = kb.add(kb.mul(c, g.kernel_h * g.kernel_w), i * g.kernel_w + j)
-                entry = kb.add(kb.add(kb.mul(row, g.pixels), kb.mul(oh, g.out_w)), ow)
-                source = kb.b.gep(dcols, [entry], source_etype=F32)
-                mask = kb.b.select(row_exists, exists, no_lanes)
-                terms.append(kb.masked_load_vec(source, 0, mask))
-        dx_line = kb.gep(dx, kb.add(kb.mul(c, g.height * g.width), kb.mul(ih, g.width)))
-        _store(kb, _sum_tree(kb, terms), dx_line, iw, store_mask)
-
-    whole = g.width - g.width % kb.width
-    with compact_for_range(kb, 0, g.channels, name="c") as c:
-        with compact_for_range(kb, 0, g.height, name="ih") as ih:
-            with compact_for_range(kb, 0, whole, step=kb.width, name="iw") as iw:
-                dx_vector(c, ih, iw, None)
-            if whole < g.width:
-                dx_vector(c, ih, kb.i64(whole), kb.lane_mask(g.width - whole))
-
-
-def _sum_tree(kb: KernelBuilder, terms: list[ir.Value]) -> ir.Value:
-    """Sum as a balanced tree: independent adds instead of one long dependency chain."""
-    while len(terms) > 1:
-        terms = [kb.fadd(terms[k], terms[k + 1]) if k + 1 < len(terms) else terms[k]
-                 for k in range(0, len(terms), 2)]
-    return terms[0]
-
-
-def _emit_col2im_by_scattering(kb: KernelBuilder, geometry: ConvGeometry, dcols: ir.Value,
-                               dx: ir.Value) -> None:
-    """Any stride: zero dx, then add every in-image cols line into the input row it came from.
-    Taps run in sequence: several of them add into the same input cells."""
-    emit_fill_zero(kb, dx, kb.i64(geometry.sample_floats))
-
-    def add_line(cols_line, x_line, iw0, ow_lo, ow_hi):
-        x_first = kb.gep(x_line, kb.add(iw0, kb.mul(ow_lo, geometry.stride_w)))
-        _emit_scatter_add(kb, x_first, kb.gep(cols_line, ow_lo), kb.sub(ow_hi, ow_lo),
-                         geometry.stride_w)
-
-    whole_sample = (kb.i64(0), kb.i64(geometry.out_h))
-    _emit_patch_walk(kb, geometry, dx, dcols, whole_sample, lambda *_: None, add_line)
-
-
-def _emit_patch_walk(kb: KernelBuilder, geometry: ConvGeometry, x: ir.Value, cols: ir.Value,
-                     band: tuple[ir.Value, ir.Value], before_tap: Callable,
-                     on_line: Callable) -> None:
-    """The loop nest shared by im2col and col2im, over the cols rows of one sample's band of
-    output rows [first_row, first_row + rows) (`band`).
-
-    Cols row (c, i, j) holds what tap (i, j) reads from input plane c at every output pixel
-    of the band, output row by output row ("lines" of out_w entries). For each cols row, in
-    memory order, `before_tap(cols_row, line_lo, line_hi)` is emitted first, where lines
-    [line_lo, line_hi) are those whose input row ih = oh*sh + i - pt is inside the image;
-    then for each of those `on_line(cols_line, x_line, iw0, ow_lo, ow_hi)`: cols_line is the
-    line's first entry, x_line input row ih, output column ow reads input column iw0 + ow*sw
-    (iw0 = j - pl may be negative), and [ow_lo, ow_hi) are the columns for which it is inside.
-    """
-    g = geometry
-    first_row, rows = band
-    last_row = kb.add(first_row, rows)
-    with compact_for_range(kb, 0, g.channels, name="c") as c:
-        x_plane = kb.gep(x, kb.mul(c, g.height * g.width))
-        with compact_for_range(kb, 0, g.kernel_h, name="i") as i:
-            oh_lo, oh_hi = _inside_outputs(kb, i, g.pad_top, g.stride_h, g.height, g.out_h)
-            # Clipped to the band, then made relative to it.
-            band_lo = kb.min(kb.max(oh_lo, first_row), last_row)
-            band_hi = kb.max(kb.min(oh_hi, last_row), band_lo)
-            with compact_for_range(kb, 0, g.kernel_w, name="j") as j:
-                ow_lo, ow_hi = _inside_outputs(kb, j, g.pad_left, g.stride_w, g.width, g.out_w)
-                iw0 = kb.sub(j, g.pad_left)
-                row = kb.add(kb.mul(kb.add(kb.mul(c, g.kernel_h), i), g.kernel_w), j)
-                cols_row = kb.gep(cols, kb.mul(row, kb.mul(rows, g.out_w)))
-                before_tap(cols_row, kb.sub(band_lo, first_row), kb.sub(band_hi, first_row))
-                with compact_for_range(kb, band_lo, band_hi, name="oh") as oh:
-                    ih = kb.sub(kb.add(kb.mul(oh, g.stride_h), i), g.pad_top)
-                    x_line = kb.gep(x_plane, kb.mul(ih, g.width))
-                    cols_line = kb.gep(cols_row, kb.mul(kb.sub(oh, first_row), g.out_w))
-                    on_line(cols_line, x_line, iw0, ow_lo, ow_hi)
-
-
-def _inside_outputs(kb: KernelBuilder, tap: ir.Value, pad: int, stride: int, in_size: int,
-                    out_size: int) -> tuple[ir.Value, ir.Value]:
-    """[lo, hi): the outputs o in [0, out_size) whose input o*stride + tap - pad is in
-    [0, in_size). Empty ranges come out as lo == hi, never lo > hi."""
-    def ceil_div_nonnegative(numerator):
-        numerator = kb.max(numerator, 0)
-        return kb.b.udiv(kb.add(numerator, stride - 1), kb.i64(stride))
-
-    # o*stride >= pad - tap  and  o*stride < in_size + pad - tap
-    lo = kb.min(ceil_div_nonnegative(kb.sub(pad, tap)), out_size)
-    hi = kb.min(ceil_div_nonnegative(kb.sub(in_size + pad, tap)), out_size)
-    return lo, kb.max(hi, lo)
-
-
-def _lanes_between(kb: KernelBuilder, lo: ir.Value, hi: ir.Value) -> ir.Value:
-    """The mask of lanes L with lo <= L < hi (i64 bounds, any sign).
-
-    Compared as i32 vectors: i64 lane vectors take two registers each on AVX2 and made
-    instruction selection much slower. The bounds are clamped to [0, width] first, so the
-    truncation is exact.
-    """
-    def lane_bound(value):
-        clamped = kb.min(kb.max(value, 0), kb.width)
-        return splat_i32(kb, kb.b.trunc(clamped, I32))
-
-    lanes = ir.Constant(ir.VectorType(I32, kb.width), list(range(kb.width)))
-    return kb.b.and_(kb.b.icmp_signed(">=", lanes, lane_bound(lo)),
-                     kb.b.icmp_signed("<", lanes, lane_bound(hi)))
-
-
-def splat_i32(kb: KernelBuilder, scalar: ir.Value) -> ir.Value:
-    """Broadcast an i32 to <width x i32> (lane indices and offsets: half the registers of
-    i64 lanes on AVX2)."""
-    vector_type = ir.VectorType(I32, kb.width)
-    undefined = ir.Constant(vector_type, ir.Undefined)
-    one_lane = kb.b.insert_element(undefined, scalar, ir.Constant(I32, 0))
-    return kb.b.shuffle_vector(one_lane, undefined, ir.Constant(vector_type, [0] * kb.width))
-
-
-# ------------------------------------------------------------------------------- loops
+# ---------------------------------------------------------------------------------- loops
 
 @contextlib.contextmanager
-def compact_for_range(kb: KernelBuilder, start, stop, step: int = 1,
-                      name: str = "i") -> Iterator[ir.Value]:
+def compact_for_range(kb: KernelBuilder, start, stop, step: int = 1, name: str = "i", *,
+                      unroll: bool = True) -> Iterator[ir.Value]:
     """`kb.for_range`, tagged so that LLVM does not unroll it by a runtime trip count.
 
     Runtime unrolling copies a loop 4-8 times with remainder loops; on these short loops
     (a few vectors per line) it gained no speed while LLVM's loop strength reduction on the
-    copies made im2col's compile time ten times longer (400 ms instead of 35 ms).
-    Loops with a constant trip count are still fully unrolled when small.
+    copies made compile times ten times longer.
+    Loops with a constant trip count are still fully unrolled when small, unless `unroll`
+    is False: a register tile's loop, unrolled, needs more registers than there are.
     """
     with kb.for_range(start, stop, step, name) as index:
         yield index
     back_edge = index.incomings[-1][1].terminator
-    back_edge.set_metadata("llvm.loop", _loop_id(kb.module, "llvm.loop.unroll.runtime.disable"))
+    hint = "llvm.loop.unroll.runtime.disable" if unroll else "llvm.loop.unroll.disable"
+    back_edge.set_metadata("llvm.loop", _loop_id(kb.module, hint))
 
 
 def _loop_id(module: ir.Module, *properties: str) -> ir.values.MDValue:
@@ -631,9 +736,17 @@ def _loop_id(module: ir.Module, *properties: str) -> ir.values.MDValue:
     return loop_id
 
 
+def splat_i32(kb: KernelBuilder, scalar: ir.Value) -> ir.Value:
+    """Broadcast an i32 to <width x i32> (lane indices and offsets: half the registers of
+    i64 lanes on AVX2)."""
+    vector_type = ir.VectorType(I32, kb.width)
+    undefined = ir.Constant(vector_type, ir.Undefined)
+    one_lane = kb.b.insert_element(undefined, scalar, ir.Constant(I32, 0))
+    return kb.b.shuffle_vector(one_lane, undefined, ir.Constant(vector_type, [0] * kb.width))
+
+
 # ------------------------------------------------------------------------ row primitives
-# Runs of `count` floats (an i64 IR value). Unit-stride runs use whole vectors and one masked
-# vector for the remainder; strided ones are scalar loops (strided convolutions only).
+# Runs of `count` floats (an i64 IR value): whole vectors, then one masked vector.
 
 def _emit_vectors(kb: KernelBuilder, count: ir.Value, body: Callable) -> None:
     """body(index, mask) for each vector of range(count): mask is None for whole vectors
@@ -663,36 +776,6 @@ def emit_fill_zero(kb: KernelBuilder, dst: ir.Value, count: ir.Value) -> None:
 
 def _emit_add(kb: KernelBuilder, dst: ir.Value, src: ir.Value, count: ir.Value) -> None:
     """dst[0:count] += src[0:count]."""
-    _emit_scatter_add(kb, dst, src, count, 1)
-
-
-def _emit_gather(kb: KernelBuilder, dst: ir.Value, src: ir.Value, count: ir.Value,
-                src_stride: int) -> None:
-    """dst[k] = src[k*src_stride] for k < count."""
-    if src_stride == 1:
-        _emit_vectors(kb, count, lambda k, mask: _store(kb, _load(kb, src, k, mask), dst, k, mask))
-        return
-    with compact_for_range(kb, 0, count, name="k") as k:
-        kb.store(kb.load(src, kb.mul(k, src_stride)), dst, k)
-
-
-def _emit_scatter_add(kb: KernelBuilder, dst: ir.Value, src: ir.Value, count: ir.Value,
-                     dst_stride: int) -> None:
-    """dst[k*dst_stride] += src[k] for k < count."""
-    if dst_stride == 1:
-        def add_vector(k, mask):
-            total = kb.fadd(_load(kb, dst, k, mask), _load(kb, src, k, mask))
-            _store(kb, total, dst, k, mask)
-        _emit_vectors(kb, count, add_vector)
-        return
-    with compact_for_range(kb, 0, count, name="k") as k:
-        index = kb.mul(k, dst_stride)
-        kb.store(kb.fadd(kb.load(dst, index), kb.load(src, k)), dst, index)
-
-
-def _emit_copy_rows(kb: KernelBuilder, dst: ir.Value, dst_stride: int, src: ir.Value,
-                    src_stride: int, rows: int, count: int) -> None:
-    """dst[r*dst_stride + k] = src[r*src_stride + k] for r < rows, k < count."""
-    with compact_for_range(kb, 0, rows, name="r") as r:
-        _emit_gather(kb, kb.gep(dst, kb.mul(r, dst_stride)), kb.gep(src, kb.mul(r, src_stride)),
-                    kb.i64(count), 1)
+    def add_vector(k, mask):
+        _store(kb, kb.fadd(_load(kb, dst, k, mask), _load(kb, src, k, mask)), dst, k, mask)
+    _emit_vectors(kb, count, add_vector)
