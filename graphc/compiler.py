@@ -25,7 +25,7 @@ from .ir import Tensor
 from .program_cache import pack_entry, program_key, unpack_entry
 
 # Below this much work per call, fork/join across threads costs more than it saves.
-MIN_FLOPS_FOR_THREADS = 2_000_000
+MIN_FLOPS_FOR_THREADS = 8_000_000
 
 _cache: rt.ObjectCache | None = None
 
