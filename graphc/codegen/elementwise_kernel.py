@@ -13,7 +13,7 @@ import sympy
 
 from .expr import ExprEmitter
 from .kernel import Kernel, phase_args, phase_function
-from .kernel_builder import KernelBuilder
+from .layout_kernels import only_thread_zero
 
 # Below this many elements a kernel runs on one thread: splitting costs more than it saves.
 PARALLEL_MIN_ELEMENTS = 1 << 15
@@ -67,7 +67,7 @@ def emit_elementwise(module, name: str, out_shape, operand_shapes, expr: sympy.E
         # Split the outer iterations across threads; each runs whole inner rows.
         lo, hi = (kb.split_range(outer_count, tid, nthreads) if parallel else (kb.i64(0), kb.i64(outer_count)))
         if not parallel:
-            _only_thread_zero(kb, tid)
+            only_thread_zero(kb, tid)
         with kb.for_range(lo, hi, name="outer") as flat:
             bases = _outer_bases(kb, flat, outer_sizes, [out_strides] + operand_strides)
             _inner_loop(kb, expr, out, bases[0], emitter_inputs, bases[1:], kb.i64(0), kb.i64(inner))
@@ -81,16 +81,6 @@ def emit_elementwise(module, name: str, out_shape, operand_shapes, expr: sympy.E
         _inner_loop(kb, expr, out, zero, emitter_inputs, [zero] * len(inputs), start, stop)
     kb.b.ret_void()
     return Kernel([fn])
-
-
-def _only_thread_zero(kb: KernelBuilder, tid):
-    """Threads other than 0 return at once."""
-    others = kb.b.append_basic_block("other_threads")
-    work = kb.b.append_basic_block("work")
-    kb.b.cbranch(kb.b.icmp_signed("!=", tid, kb.i64(0)), others, work)
-    kb.b.position_at_end(others)
-    kb.b.ret_void()
-    kb.b.position_at_end(work)
 
 
 def _outer_bases(kb, flat, outer_sizes, stride_sets):
