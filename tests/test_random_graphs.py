@@ -6,7 +6,6 @@ gradients w.r.t. every param are derived, and the compiled loss and gradients mu
 thousands.
 """
 import numpy as np
-import pytest
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
