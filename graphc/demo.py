@@ -2,8 +2,8 @@
 
 Trains the CNN with the compiled training step (progress bar), then every classic classifier of
 the course, and prints one table: train/test accuracy, training time, inference time of the test
-set. Writes the CNN's loss/error curves, a learning curve, the CNN's first-layer filters and its
-gradient graph to the output folder.
+set. Writes the CNN's loss/error curves, a learning curve, the CNN's first-layer filters, its
+gradient graph and its trained parameters to the output folder.
 """
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ import numpy as np
 
 from . import classic, models
 from .autodiff import grad
+from .checkpoint import save_params
 from .data import Dataset, load_digits
 from .display import to_dot
 from .plots import plot_filters, plot_learning_curve, plot_training_curves, render_dot
@@ -66,9 +67,11 @@ def run_demo(args) -> int:
     rows.append(rows.pop(0))  # the CNN last, as the course builds up to it
     print(format_table(rows))
 
-    print(f"\nPictures in {out}/:")
+    print(f"\nFiles in {out}/:")
     for path in _pictures(cnn, data, out, args, short):
         print(f"  {path}")
+    save_params(out / "cnn_params.npz", cnn.params)
+    print(f"  {out / 'cnn_params.npz'}  (the trained CNN: graphc.checkpoint.load_params)")
     return 0
 
 

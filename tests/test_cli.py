@@ -30,6 +30,8 @@ def test_quick_demo_prints_every_classifier_and_writes_its_files(tmp_path, capsy
     for picture in ("cnn_training.png", "learning_curve.png", "cnn_conv1_filters.png"):
         assert (tmp_path / picture).stat().st_size > 1000
     assert (tmp_path / "cnn_gradient_graph.dot").read_text().startswith("digraph")
+    from graphc.checkpoint import load_params
+    assert "conv1.w" in load_params(tmp_path / "cnn_params.npz")
 
 
 def test_show_prints_forward_backward_and_kernels(tmp_path, capsys):
