@@ -4,7 +4,9 @@ Each Step produces one IR node's value with one kernel (`Kernel`, codegen/kernel
 need no step: inputs and params live in the caller's arrays, constants in the module, reshapes
 alias their operand's buffer, and a 2-D transpose read only by matmuls is folded into the GEMM
 as an operand layout. Some steps cover several nodes: a GEMM or a convolution absorbs the
-bias-add and ReLU that follow it (its epilogue), so their output is never written twice.
+bias-add and ReLU that follow it (its epilogue), and a GEMM any elementwise consumer whose other
+operands are matrices of its shape (an SGD update, ReLU's backward), so the product is never
+written to memory and read back.
 """
 from __future__ import annotations
 
