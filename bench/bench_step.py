@@ -1,18 +1,23 @@
-"""Training-step benchmark: graphc's compiled step against the numpy reference executor and,
-when installed, PyTorch eager — same workloads, same process, interleaved timing.
+"""Training-step benchmark: graphc's compiled step against its peers on the same workloads,
+with interleaved timing.
 
     python bench/bench_step.py                       # every workload, B = 64 and 256, 1 and 2 threads
-    python bench/bench_step.py --workloads lenet5 --batches 64 --threads 1
+    python bench/bench_step.py --workloads lenet5 --batches 64 --threads 1 --peers torch jax
 
-Prints median µs per step (forward + backward + SGD update) and graphc's speedup over each
-peer (ratio > 1: graphc is faster), graphc's GFLOP/s, and compile times (cold: empty cache;
-warm: the same step compiled again, from the disk cache).
+Peers (each only when installed; --peers picks among them): the numpy reference executor,
+PyTorch eager, torch.compile, JAX jit. Prints median µs per step (forward + backward + SGD
+update), graphc's GFLOP/s and its fraction of the float32 GEMM peak (numpy 1024³ at the row's
+thread count: the best measured so far in the run, at the start and in every row's interleaved
+rounds; bench/peak.py), and for each peer its time and peer/graphc (> 1: graphc is faster).
+Then the peers' compile times (their first call) and graphc's (cold: empty cache; warm: from
+the disk cache). See bench/README.md.
 """
 from __future__ import annotations
 
 import argparse
+import functools
+import importlib.util
 import os
-import statistics
 import sys
 import tempfile
 import time
@@ -23,6 +28,8 @@ sys.path.insert(0, os.path.dirname(__file__))
 
 import graphc as gc  # noqa: E402
 from graphc import models  # noqa: E402
+from peak import PeakWorker  # noqa: E402
+from peers import JaxWorker, median_time, torch_step  # noqa: E402
 
 WORKLOADS = {
     "logreg": lambda b: models.softmax_regression(b, 784, 10),
@@ -31,6 +38,7 @@ WORKLOADS = {
     "convnet": lambda b: models.convnet(b),
     "w5": lambda b: models.logistic_regression(b, 64),
 }
+PEERS = ["reference", "torch", "torch.compile", "jax"]
 LR = 0.01
 
 
@@ -56,27 +64,25 @@ def reference_step(model, params):
     return step
 
 
-def median_time(fn, repeats: int, budget_s: float) -> float:
-    """Median seconds per call over `repeats` calls (fewer if the budget runs out), after a warm-up."""
-    fn()
-    times = []
-    deadline = time.perf_counter() + budget_s
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-        if time.perf_counter() > deadline and len(times) >= 3:
-            break
-    return statistics.median(times)
-
-
-def interleaved(fns: dict, rounds: int, repeats: int, budget_s: float) -> dict:
-    """Medians of each function, measured in alternating rounds so all see the same machine load."""
-    samples = {k: [] for k in fns}
+def interleaved(timers: dict, rounds: int, repeats: int, budget_s: float) -> dict:
+    """Best of `rounds` medians of each timer, measured in alternating rounds so all see the same
+    machine load; each timer gets about `budget_s` in all. A timer takes (repeats, budget seconds)
+    and returns a median in seconds."""
+    samples = {k: [] for k in timers}
     for _ in range(rounds):
-        for k, fn in fns.items():
-            samples[k].append(median_time(fn, repeats, budget_s / rounds))
+        for k, timer in timers.items():
+            samples[k].append(timer(repeats, budget_s / rounds))
     return {k: min(v) for k, v in samples.items()}
+
+
+def local_timer(fn):
+    return functools.partial(median_time, fn)
+
+
+def first_call_seconds(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
 
 
 def compile_times(name: str, batch: int):
@@ -101,66 +107,113 @@ def compile_times(name: str, batch: int):
     return result
 
 
+def row_timers(name: str, model, feeds: dict, threads: int, peers: list[str], torch, jax_worker,
+               first_calls: list) -> dict:
+    """Timers (see `interleaved`) of graphc's step and of `peers` on one batch; the compiling peers
+    compile here, appending (row label, peer, seconds of the first call) to `first_calls`."""
+    label = f"{name} B={model.x.shape[0]} @{threads}"
+    params = gc.init_params(model.graph, seed=0)
+    initial = {k: v.copy() for k, v in params.items()}  # graphc's steps train `params` in place
+    step = gc.compile_training_step(model.loss, params, gc.SGD(lr=LR))
+    timers = {"graphc": local_timer(lambda: step(**feeds))}
+    if "reference" in peers:
+        ref = reference_step(model, {k: v.copy() for k, v in initial.items()})
+        timers["reference"] = local_timer(lambda: ref(feeds))
+    if "torch" in peers or "torch.compile" in peers:
+        torch.set_num_threads(threads)
+        x = torch.from_numpy(feeds["x"])
+        y = torch.from_numpy(feeds["y"] if name == "w5" else feeds["y"].astype(np.int64))
+        if "torch" in peers:
+            eager = torch_step(name, torch, LR)
+            timers["torch"] = local_timer(lambda: eager(x, y))
+        if "torch.compile" in peers:
+            compiled = torch_step(name, torch, LR, compiled=True)
+            first_calls.append((label, "torch.compile", first_call_seconds(lambda: compiled(x, y))))
+            timers["torch.compile"] = local_timer(lambda: compiled(x, y))
+    if "jax" in peers:
+        first_calls.append((label, "jax", jax_worker.setup(name, initial, feeds["x"], feeds["y"], LR)))
+        timers["jax"] = jax_worker.median_time
+    return timers
+
+
+def installed_peers(wanted: list[str]) -> list[str]:
+    have = {"reference": True, "torch": importlib.util.find_spec("torch") is not None,
+            "jax": importlib.util.find_spec("jax") is not None}
+    have["torch.compile"] = have["torch"]
+    for peer in wanted:
+        if not have[peer]:
+            print(f"({peer} is not installed: skipped; `pip install -e .[bench]` installs the peers)")
+    return [peer for peer in PEERS if peer in wanted and have[peer]]
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workloads", nargs="+", default=list(WORKLOADS), choices=list(WORKLOADS))
     parser.add_argument("--batches", nargs="+", type=int, default=[64, 256])
     parser.add_argument("--threads", nargs="+", type=int, default=[1, 2])
-    parser.add_argument("--no-reference", action="store_true", help="skip the (slow) numpy reference executor")
-    parser.add_argument("--torch-compile", action="store_true", help="also time torch.compile (slow to compile)")
+    parser.add_argument("--peers", nargs="*", default=PEERS, choices=PEERS,
+                        help="peers to time (default: every installed one); the reference runs at the first "
+                             "thread count only (it is slow, and numpy picks its own BLAS threads)")
     parser.add_argument("--budget", type=float, default=3.0, help="seconds of timing per peer and row")
     args = parser.parse_args()
 
-    try:
+    peers = installed_peers(args.peers)
+    torch = None
+    if {"torch", "torch.compile"} & set(peers):
+        import logging
+
         import torch
-        from peers import torch_step
-    except ImportError:
-        torch = None
-    print(f"graphc {gc.__version__}; PyTorch {torch.__version__ if torch else 'not installed'}; "
-          f"{os.cpu_count()} CPUs")
-    header = f"{'workload':<9} {'B':>4} {'thr':>3} {'graphc µs':>10} {'GFLOP/s':>8}"
-    peers = (["reference"] if not args.no_reference else []) + (["torch"] if torch else []) + \
-            (["torch.compile"] if torch and args.torch_compile else [])
+        # Dynamo warns that it ignores the optimizer's profiler hooks, once per compiled step.
+        torch._logging.set_logs(dynamo=logging.ERROR)
+    jax_workers = {t: JaxWorker(t) for t in args.threads} if "jax" in peers else {}
+    peak_workers = {t: PeakWorker(t) for t in args.threads}
+    # The peak is the machine's best: a GEMM slowed by other load must not inflate graphc's fraction.
+    best_peak = {t: w.gflops(min(w.median_time(10, 1.0) for _ in range(3))) for t, w in peak_workers.items()}
+
+    print(f"graphc {gc.__version__}; {len(os.sched_getaffinity(0))} usable CPUs; peers: {', '.join(peers) or 'none'}")
+    if torch:
+        print(f"PyTorch {torch.__version__}: torch.set_num_threads(thr)")
+    if jax_workers:
+        print(f"{next(iter(jax_workers.values())).version()}: one worker process per thread count, "
+              "pinned to thr CPUs (XLA sizes its thread pool by them)")
+    print("times: median µs per step, best of 3 interleaved rounds; ×: peer time / graphc time (> 1: graphc faster)")
+    print("GFLOP/s: graphc's (6 FLOPs per forward MAC); peak: best numpy float32 GEMM 1024³ at thr threads so far")
+    header = f"{'workload':<9} {'B':>4} {'thr':>3} {'graphc µs':>10} {'GFLOP/s':>8} {'peak':>6} {'%peak':>6}"
     for peer in peers:
         header += f" {peer + ' µs':>16} {'×':>6}"
     print(header)
     rng = np.random.default_rng(0)
+    first_calls = []
     for name in args.workloads:
-        for batch in args.batches:
-            batch = 64 if name == "w5" and batch != 64 else batch
+        # W5 is defined at B = 64 only.
+        for batch in [64] if name == "w5" else args.batches:
             for threads in args.threads:
                 gc.set_num_threads(threads)
                 model = WORKLOADS[name](batch)
-                params = gc.init_params(model.graph, seed=0)
-                feeds = models.random_batch(model, rng)
-                step = gc.compile_training_step(model.loss, params, gc.SGD(lr=LR))
-                fns = {"graphc": lambda: step(**feeds)}
-                if "reference" in peers and threads == args.threads[0]:
-                    ref_params = {k: v.copy() for k, v in params.items()}
-                    ref = reference_step(model, ref_params)
-                    fns["reference"] = lambda: ref(feeds)
-                if torch:
-                    torch.set_num_threads(threads)
-                    x = torch.from_numpy(feeds["x"])
-                    y = torch.from_numpy(feeds["y"].astype(np.int64)) if name != "w5" else torch.from_numpy(feeds["y"])
-                    eager = torch_step(name, torch, LR)
-                    fns["torch"] = lambda: eager(x, y)
-                    if args.torch_compile:
-                        compiled = torch_step(name, torch, LR, compiled=True)
-                        fns["torch.compile"] = lambda: compiled(x, y)
-                times = interleaved(fns, rounds=3, repeats=200, budget_s=args.budget * len(fns))
-                flops = 6 * forward_macs(model)
+                row_peers = [p for p in peers if p != "reference" or threads == args.threads[0]]
+                timers = row_timers(name, model, models.random_batch(model, rng), threads, row_peers, torch,
+                                    jax_workers.get(threads), first_calls)
+                timers["peak"] = peak_workers[threads].median_time
+                times = interleaved(timers, rounds=3, repeats=200, budget_s=args.budget)
+                gflops = 6 * forward_macs(model) / times["graphc"] / 1e9
+                peak = best_peak[threads] = max(best_peak[threads], peak_workers[threads].gflops(times["peak"]))
                 row = f"{name:<9} {batch:>4} {threads:>3} {times['graphc'] * 1e6:>10.1f} " \
-                      f"{flops / times['graphc'] / 1e9:>8.1f}"
+                      f"{gflops:>8.1f} {peak:>6.1f} {gflops / peak:>6.1%}"
                 for peer in peers:
                     if peer in times:
                         row += f" {times[peer] * 1e6:>16.1f} {times[peer] / times['graphc']:>6.2f}"
                     else:
                         row += f" {'':>16} {'':>6}"
                 print(row, flush=True)
-            if name == "w5":
-                break
-    print("\ncompile time of the training step (s): cold (empty cache) / warm (disk cache)")
+    for worker in [*jax_workers.values(), *peak_workers.values()]:
+        worker.close()
+    print("best GEMM peak of the run: " + ", ".join(f"{p:.1f} GFLOP/s @{t}" for t, p in best_peak.items()))
+
+    if first_calls:
+        print("\npeers' compile time: seconds of the first call (trace + compile + one step)")
+        for label, peer, seconds in first_calls:
+            print(f"  {label:<20} {peer:<14} {seconds:7.2f}")
+    print("\ngraphc's compile time of the training step at B=64 (s): cold (empty cache) / warm (disk cache)")
     for name in args.workloads:
         cold, warm = compile_times(name, 64)
         print(f"  {name:<9} {cold:6.2f} / {warm:6.3f}")

@@ -1,8 +1,8 @@
 """`Program`: a loaded compiled program, callable with numpy arrays.
 
-A call validates and converts every feed before any native code runs, allocates the outputs,
-writes their addresses into the argument vector and runs the entry once on the program's
-threads. Small training steps cost a few microseconds of native time, so everything that
+A call validates and converts every feed before any native code runs, allocates the outputs
+(`call_scalar`, a training step's call, reuses one buffer instead), writes their addresses
+into the argument vector and runs the entry once on the program's threads. Small training steps cost a few microseconds of native time, so everything that
 does not change between calls (param, state and workspace addresses, the ctypes function,
 slot positions) is prepared at construction and the call path does only what must be done.
 """
@@ -10,8 +10,9 @@ slot positions) is prepared at construction and the call path does only what mus
 from __future__ import annotations
 
 import ctypes
+import math
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from types import MappingProxyType
 
 import numpy as np
@@ -49,6 +50,7 @@ class Program:
         params: Mapping[str, np.ndarray] | None = None,
         *,
         max_threads: int = 1,
+        ignored_inputs: Iterable[str] = (),
     ):
         self.library = library  # keeps the machine code mapped while the program exists
         self.entry = entry
@@ -61,8 +63,12 @@ class Program:
         self.inputs = tuple(slot for slot in self.slots if isinstance(slot, Input))
         self.outputs = tuple(slot for slot in self.slots if isinstance(slot, Output))
         self._input_names = frozenset(slot.name for slot in self.inputs)
-        # (slot, argv position) of the slots that get new memory on every call.
-        self._input_plan = _plan_of(Input, self.slots)
+        # Names a caller may feed although the program does not read them (e.g. the labels of
+        # a model, fed to its predict function): accepted and ignored, like any graph input.
+        self._ignored_inputs = frozenset(ignored_inputs) - self._input_names
+        # Where the slots that get new memory on every call go: (name, argv position, the
+        # input's prepare method) for inputs, (slot, argv position) for outputs.
+        self._input_plan = tuple((slot.name, position, slot.prepare) for slot, position in _plan_of(Input, self.slots))
         self._output_plan = _plan_of(Output, self.slots)
 
         # Memory bound for the program's life; held here so it outlives every call. The
@@ -83,6 +89,7 @@ class Program:
             if memory is not None:
                 self._argv[position] = data_pointer(memory)
 
+        self._scalar_output = self._scalar_output_buffer()
         self._entry_address = library.address(entry)
         self._entry_function = EntryFunction(self._entry_address)
         self._lock = threading.Lock()
@@ -94,34 +101,71 @@ class Program:
 
     def __call__(self, /, **feeds) -> list[np.ndarray]:
         """Run the program on `feeds` (one per Input, by name); return the outputs in slot order."""
-        if feeds.keys() != self._input_names:
-            raise self._feed_names_error(feeds)
-        argv = self._argv
         with self._lock:
-            # Addresses written before a feed fails validation are harmless: native code
-            # runs only after every feed passed, and each call rewrites all of them.
-            prepared = []  # keeps converted copies alive until the native code returns
-            for slot, position in self._input_plan:
-                array = slot.prepare(feeds[slot.name])
-                prepared.append(array)
-                argv[position] = unchecked_data_pointer(array)
+            inputs = self._bind_inputs(feeds)
             outputs = []
             for slot, position in self._output_plan:
                 array = np.empty(slot.shape, slot.dtype)
                 outputs.append(array)
-                argv[position] = unchecked_data_pointer(array)
-            nthreads = min(get_num_threads(), self.max_threads)
-            if nthreads == 1:
-                self._entry_function(self._argv_pointer, _TID_0, _ONE_THREAD)
-            else:
-                default_team().run(self._entry_address, self._argv_address, nthreads)
+                self._argv[position] = unchecked_data_pointer(array)
+            self._run_entry(inputs)
         return outputs
+
+    def call_scalar(self, feeds: Mapping[str, object]):
+        """Run the program on `feeds` and return its only output, of one element, as a Python number.
+
+        A training step's fast path: the output is written to a buffer the program reuses, so
+        a call allocates no array and converts none to a number.
+        """
+        if self._scalar_output is None:
+            raise TypeError(f"{self!r} does not have exactly one output of one element")
+        _, address, position, value = self._scalar_output
+        with self._lock:
+            inputs = self._bind_inputs(feeds)
+            self._argv[position] = address  # a __call__ in between bound a fresh output there
+            self._run_entry(inputs)
+            return value.value
+
+    def _bind_inputs(self, feeds: Mapping[str, object]) -> list[np.ndarray]:
+        """Validate every feed and write its address into the argument vector; the arrays bound.
+
+        Addresses written before a feed fails validation are harmless: native code runs only
+        after every feed passed, and each call rewrites all of them.
+        """
+        if feeds.keys() != self._input_names and feeds.keys() - self._ignored_inputs != self._input_names:
+            raise self._feed_names_error(feeds)
+        argv = self._argv
+        prepared = []
+        for name, position, prepare in self._input_plan:
+            array = prepare(feeds[name])
+            prepared.append(array)
+            argv[position] = unchecked_data_pointer(array)
+        return prepared
+
+    def _run_entry(self, inputs: list[np.ndarray]) -> None:
+        """Run the entry once on the program's threads; `inputs` (the bound feeds, some of them
+        converted copies) is held here so that no copy is freed while native code reads it."""
+        if self.max_threads == 1 or get_num_threads() == 1:
+            self._entry_function(self._argv_pointer, _TID_0, _ONE_THREAD)
+        else:
+            nthreads = min(get_num_threads(), self.max_threads)
+            default_team().run(self._entry_address, self._argv_address, nthreads)
 
     def reset_state(self) -> None:
         """Zero every State buffer (e.g. forget the optimizer's momentum)."""
         with self._lock:
             for buffer in self.state.values():
                 buffer.fill(0)
+
+    def _scalar_output_buffer(self) -> tuple[np.ndarray, int, int, ctypes._SimpleCData] | None:
+        """`call_scalar`'s output buffer (memory, address, argv position, ctypes view of the
+        element), or None unless the program has exactly one output of one element."""
+        if len(self.outputs) != 1 or math.prod(self.outputs[0].shape) != 1:
+            return None
+        ((slot, position),) = self._output_plan
+        memory = aligned_zeros(slot.shape, slot.dtype)
+        address = data_pointer(memory)
+        return memory, address, position, np.ctypeslib.as_ctypes_type(slot.dtype).from_address(address)
 
     def _bound_memory(self, slot: Slot) -> np.ndarray | None:
         if isinstance(slot, Param):
@@ -134,7 +178,7 @@ class Program:
 
     def _feed_names_error(self, feeds: Mapping) -> ValueError:
         missing = [slot for slot in self.inputs if slot.name not in feeds]
-        extra = sorted(name for name in feeds if name not in self._input_names)
+        extra = sorted(name for name in feeds if name not in self._input_names | self._ignored_inputs)
         problems = [f"missing input {slot.name!r} ({slot.description})" for slot in missing]
         problems += [f"unexpected input {name!r}" for name in extra]
         expected = ", ".join(repr(slot.name) for slot in self.inputs) or "none"

@@ -216,3 +216,12 @@ def test_update_of_a_weight_the_gradient_gemm_reads_is_not_done_in_place():
     step = gc.compile_training_step(loss, params, gc.SGD(lr=0.01))
     step(x=np.ones((3, 4), np.float32))
     assert_matches(params["w"], expected)
+
+
+def test_declared_inputs_the_outputs_do_not_read_are_accepted_and_ignored():
+    model = models.softmax_regression(4, features=8, classes=3)
+    predict = gc.compile([model.logits], gc.init_params(model.graph))
+    x = np.ones((4, 8), np.float32)
+    assert_matches(predict(x=x, y=np.zeros(4, np.int32))[0], predict(x=x)[0])
+    with pytest.raises(ValueError, match="unexpected input 'labels'"):
+        predict(x=x, labels=np.zeros(4, np.int32))

@@ -18,8 +18,10 @@ from typing import Callable, NamedTuple
 import llvmlite.ir as ir
 import numpy as np
 import pytest
+import sympy
 
 from graphc.codegen import target
+from graphc.codegen.elementwise_kernel import emit_elementwise
 from graphc.codegen.kernel import Kernel
 from graphc.codegen.layout_kernels import collapse_dims
 from graphc.codegen.misc_kernels import (emit_broadcast_copy, emit_copy, emit_one_hot,
@@ -385,6 +387,43 @@ def test_layout_matches_reference(layouts, case):
     else:
         expected = x
     np.testing.assert_array_equal(layouts.run(case, expected.shape, [x]), expected)
+
+
+# ---------------------------------------------------------------------------- exp and log in registers
+
+X0 = sympy.Symbol("x0", real=True)
+SPECIALS = np.array([0.0, -0.0, np.inf, -np.inf, np.nan, 1.0, -1.0, 88.5, -88.5, 100.0, -100.0,
+                     87.4, -87.4, 1e-38, 1e-45, 3e38, 1 + 2**-23, 1 - 2**-24], np.float32)
+
+
+def _float_range_samples() -> np.ndarray:
+    """Special values and a spread over the whole float32 range, not a multiple of any width."""
+    rng = np.random.default_rng(0)
+    magnitudes = np.exp(rng.uniform(-103, 88.7, 1000)).astype(np.float32)
+    signs = np.where(rng.random(1000) < 0.5, -1, 1).astype(np.float32)
+    return np.concatenate([SPECIALS, magnitudes * signs, rng.uniform(-90, 90, 19).astype(np.float32)])
+
+
+@pytest.fixture(scope="module")
+def math_kernels():
+    size = _float_range_samples().size
+    return CompiledKernels({
+        name: (lambda m, kernel_name, e=expr: emit_elementwise(m, kernel_name, (size,), [(size,)], e,
+                                                               max_threads=1))
+        for name, expr in {"exp": sympy.exp(X0), "log": sympy.log(X0)}.items()})
+
+
+@pytest.mark.parametrize("name", ["exp", "log"])
+def test_elementwise_exp_and_log_match_numpy_over_the_float_range(math_kernels, name):
+    x = _float_range_samples()
+    with np.errstate(all="ignore"):
+        expected = getattr(np, name)(x)
+    result = math_kernels.run(name, x.shape, [x], max_threads=1)
+    normal = np.isfinite(expected) & (np.abs(expected) >= np.finfo(np.float32).tiny)
+    np.testing.assert_array_max_ulp(result[normal], expected[normal], maxulp=3)
+    np.testing.assert_array_equal(result[~np.isfinite(expected)], expected[~np.isfinite(expected)])
+    np.testing.assert_allclose(result[~normal & np.isfinite(expected)],
+                               expected[~normal & np.isfinite(expected)], rtol=0, atol=1e-44)
 
 
 def test_emitters_reject_inconsistent_arguments():

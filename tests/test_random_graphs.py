@@ -113,7 +113,12 @@ def test_random_graph_compiles_to_the_reference_values(program, seed):
     if "y" in graph.inputs:
         feeds["y"] = rng.integers(0, loss.inputs[0].shape[1], graph.inputs["y"].shape).astype(np.int32)
     outputs = [loss] + gc.grad(loss, list(graph.params.values()))
-    expected = gc.evaluate(outputs, feeds, params)
+    reference32 = gc.evaluate(outputs, feeds, params)
+    exact = gc.evaluate(outputs, feeds, params, dtype="float64")
     actual = gc.compile(outputs, params)(**feeds)
-    for a, e, label in zip(actual, expected, ["loss"] + list(graph.params)):
-        assert_matches(a, e, rtol=2e-4, atol=1e-6, what=label)
+    for a, r32, r64, label in zip(actual, reference32, exact, ["loss"] + list(graph.params)):
+        # Random graphs can be ill-conditioned (gradients through sums that cancel exactly, like
+        # those of softmax - onehot): there any float32 evaluation is off. Native code must then
+        # be as accurate as the float32 reference executor, measured against float64.
+        reference_error = float(np.abs(r32 - r64).max(initial=0.0))
+        assert_matches(a, r64, rtol=2e-4, atol=1e-6 + 2 * reference_error, what=label)

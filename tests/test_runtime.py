@@ -555,6 +555,8 @@ def test_outputs_are_fresh_arrays_owned_by_the_caller(step):
     ({"x": X, "labels": np.array([0, 1, 3, 0], np.int32)},
      r"input 'labels': values must lie in the valid range \[0, 3\), got values from 0 to 3"),
     ({"x": X, "labels": np.array([0, -1, 2, 0], np.int64)}, r"input 'labels'.*\[0, 3\).*from -1 to 2"),
+    ({"x": X, "labels": np.array([0, -1, 2, 0], np.int32)}, r"input 'labels'.*\[0, 3\).*from -1 to 2"),
+    ({"x": X, "labels": np.array([0, 2**31 - 1, 2, 0], np.int32)}, r"input 'labels'.*\[0, 3\).*from 0 to 2147483647"),
     ({"x": X, "labels": np.array([True, False, True, True])}, r"input 'labels'.*bool.*integer array"),
 ])
 def test_bad_feeds_are_rejected_before_native_code_runs(step, feeds, message):
@@ -629,6 +631,35 @@ def test_slot_declarations_are_validated(step_library):
         rt.Input("y", (4,), "int8", valid_range=(0, 300))
     with pytest.raises(rt.MissingSymbolError):
         rt.Program(step_library, "no_such_entry", [])
+
+
+TOTAL_IR = """
+define void @total(ptr %args, i64 %tid, i64 %nthreads) {
+  %x = load ptr, ptr %args
+  %out_slot = getelementptr inbounds ptr, ptr %args, i64 1
+  %out = load ptr, ptr %out_slot
+  %x1_at = getelementptr inbounds float, ptr %x, i64 1
+  %x0 = load float, ptr %x
+  %x1 = load float, ptr %x1_at
+  %sum = fadd float %x0, %x1
+  store float %sum, ptr %out
+  ret void
+}
+"""
+
+
+def test_call_scalar_returns_the_only_output_as_a_number(step):
+    program = rt.Program(load_ir(TOTAL_IR), "total", [rt.Input("x", (2,)), rt.Output("total", ())])
+    total = program.call_scalar({"x": [1.5, 2.0]})  # a converted copy, alive while native code runs
+    assert type(total) is float and total == 3.5
+    (fresh,) = program(x=np.array([1, 2], np.float32))
+    assert program.call_scalar({"x": np.array([4, 5], np.float32)}) == 9.0
+    assert fresh == 3.0  # call_scalar writes its own buffer, never an array returned before
+    with pytest.raises(ValueError, match="missing input 'x'"):
+        program.call_scalar({})
+    step_program, _ = step
+    with pytest.raises(TypeError, match="exactly one output of one element"):
+        step_program.call_scalar({"x": X, "labels": LABELS})
 
 
 # Slow, non-atomic increment of a counter: load, yield the CPU a few times, store + 1.

@@ -10,10 +10,12 @@ from __future__ import annotations
 import math
 
 import sympy
+from llvmlite import ir
 
 from .expr import ExprEmitter
 from .kernel import Kernel, phase_args, phase_function
 from .layout_kernels import only_thread_zero
+from .softmax_kernels import vector_exp_any, vector_log
 
 # Below this many elements a kernel runs on one thread: splitting costs more than it saves.
 PARALLEL_MIN_ELEMENTS = 1 << 15
@@ -83,6 +85,19 @@ def emit_elementwise(module, name: str, out_shape, operand_shapes, expr: sympy.E
     return Kernel([fn])
 
 
+class _RegisterMathEmitter(ExprEmitter):
+    """An ExprEmitter computing exp and log in registers: llvm.exp and llvm.log on a vector
+    become one libm call per lane, which took most of a small step's sigmoid and softplus
+    kernels."""
+
+    def call(self, name: str, *args: ir.Value) -> ir.Value:
+        if name == "exp":
+            return vector_exp_any(self.kb, *args)
+        if name == "log":
+            return vector_log(self.kb, *args)
+        return super().call(name, *args)
+
+
 def _outer_bases(kb, flat, outer_sizes, stride_sets):
     """Offset of each buffer at the start of the row numbered `flat` in the outer dims."""
     bases = [kb.i64(0) for _ in stride_sets]
@@ -121,10 +136,10 @@ def _inner_loop(kb, expr, out, out_base, emitter_inputs, operand_bases, start, s
     length = kb.sub(stop, start)
     full_stop = kb.add(start, kb.mul(kb.b.sdiv(length, kb.i64(width)), width))
     with kb.for_range(start, full_stop, step=width, name="vec") as i:
-        value = ExprEmitter(kb, operand_vectors(i)).emit_all([expr])[0]
+        value = _RegisterMathEmitter(kb, operand_vectors(i)).emit_all([expr])[0]
         kb.store_vec(value, out, kb.add(out_base, i))
     remaining = kb.sub(stop, full_stop)
     with kb.if_then(kb.b.icmp_signed(">", remaining, kb.i64(0))):
         mask = kb.lane_mask_dynamic(remaining)
-        value = ExprEmitter(kb, operand_vectors(full_stop, mask)).emit_all([expr])[0]
+        value = _RegisterMathEmitter(kb, operand_vectors(full_stop, mask)).emit_all([expr])[0]
         kb.masked_store_vec(value, out, kb.add(out_base, full_stop), mask)

@@ -20,7 +20,8 @@ from .reduce_kernels import (ROW_BLOCK, SPAN_BLOCK, SUM_IDENTITY, VectorAccumula
                              blocked_sum, for_each_column_chunk, horizontal_max,
                              horizontal_sum, span_max, span_sum, vector_add, vector_max)
 
-__all__ = ["emit_softmax", "emit_softmax_cross_entropy", "emit_one_hot", "vector_exp"]
+__all__ = ["emit_softmax", "emit_softmax_cross_entropy", "emit_one_hot", "vector_exp", "vector_exp_any",
+           "vector_log"]
 
 # Columns per work item of a softmax along a non-last axis, in vectors: one cache line of
 # each row with AVX2, and few inlined exps.
@@ -41,6 +42,8 @@ EXP_UNDERFLOW = math.log(2.0 ** -126)
 EXP_TAYLOR_DEGREE = 7
 FLOAT32_EXPONENT_BIAS = 127
 FLOAT32_MANTISSA_BITS = 23
+ONE_BITS = 0x3F800000        # the float32 1.0 as an integer
+SQRT_HALF_BITS = 0x3F3504F3  # sqrt(1/2) rounded to float32, as an integer
 
 
 def vector_exp(kb: KernelBuilder, x: ir.Value) -> ir.Value:
@@ -66,6 +69,58 @@ def vector_exp(kb: KernelBuilder, x: ir.Value) -> ir.Value:
     # Lanes below the underflow bound computed garbage exponents: replace them by 0.
     underflow = b.fcmp_ordered("<", x, kb.splat(EXP_UNDERFLOW))
     return b.select(underflow, kb.splat(0.0), kb.fmul(poly, power))
+
+
+def vector_exp_any(kb: KernelBuilder, x: ir.Value) -> ir.Value:
+    """Lanewise exp(x) of a float vector for any x, within 3 ulp (relative error < 3e-7).
+
+    exp(-|x|) is computed as exp(-|x| / 2)**2, inverted where x > 0: the half stays in
+    `vector_exp`'s normal range, and squaring reaches libm's whole range, subnormal results
+    and overflow to inf included. inf, -inf and NaN give inf, 0 and NaN.
+    """
+    b = kb.b
+    fabs = declare_intrinsic(kb.module, f"llvm.fabs.{vector_suffix(kb)}", kb.vec_type, [kb.vec_type])
+    half = vector_exp(kb, kb.fmul(b.call(fabs, [x]), kb.splat(-0.5)))
+    small = kb.fmul(half, half)
+    positive = b.fcmp_ordered(">", x, kb.splat(0.0))
+    return b.select(positive, b.fdiv(kb.splat(1.0), small), small)
+
+
+def vector_log(kb: KernelBuilder, y: ir.Value) -> ir.Value:
+    """Lanewise natural log of a float vector, within 3 ulp; log(0) = -inf, log(inf) = inf,
+    NaN for negative and NaN lanes.
+
+    y = 2**e * m with m in [sqrt(1/2), sqrt(2)); log(m) = 2 atanh(s), s = (m - 1) / (m + 1),
+    by the series 2s (1 + s**2/3 + s**4/5 + ...): |s| <= 0.172, so the omitted terms are below
+    1e-9 relative. Subnormal y are scaled by 2**23 first.
+    """
+    b = kb.b
+    int_vec = ir.VectorType(I32, kb.width)
+
+    def ints(value: int) -> ir.Constant:
+        return ir.Constant(int_vec, [value] * kb.width)
+
+    subnormal = b.fcmp_ordered("<", y, kb.splat(2.0 ** -126))
+    scaled = b.select(subnormal, kb.fmul(y, kb.splat(2.0 ** 23)), y)
+    bits = b.bitcast(scaled, int_vec)
+    # Adding bits(1) - bits(sqrt(1/2)) carries into the exponent field exactly when the
+    # mantissa is at least sqrt(2)'s; the mantissa field, re-based on sqrt(1/2), is then m.
+    shifted = b.add(bits, ints(ONE_BITS - SQRT_HALF_BITS))
+    exponent = b.sub(b.ashr(shifted, ints(FLOAT32_MANTISSA_BITS)), ints(FLOAT32_EXPONENT_BIAS))
+    mantissa_field = b.and_(shifted, ints((1 << FLOAT32_MANTISSA_BITS) - 1))
+    mantissa = b.bitcast(b.add(mantissa_field, ints(SQRT_HALF_BITS)), kb.vec_type)
+    e = b.fsub(b.sitofp(exponent, kb.vec_type), b.select(subnormal, kb.splat(23.0), kb.splat(0.0)))
+    s_value = b.fdiv(b.fsub(mantissa, kb.splat(1.0)), b.fadd(mantissa, kb.splat(1.0)))
+    s2 = kb.fmul(s_value, s_value)
+    series = kb.splat(1.0 / 11)
+    for k in (9, 7, 5, 3, 1):
+        series = kb.fma(series, s2, kb.splat(1.0 / k))
+    log_m = kb.fmul(kb.fmul(s_value, kb.splat(2.0)), series)
+    result = kb.fma(e, kb.splat(LN2_HI), kb.fma(e, kb.splat(LN2_LO), log_m))
+    # Special lanes: the bit manipulation above is meaningless for them.
+    result = b.select(b.fcmp_ordered("==", y, kb.splat(0.0)), kb.splat(-math.inf), result)
+    result = b.select(b.fcmp_ordered("==", y, kb.splat(math.inf)), y, result)
+    return b.select(b.fcmp_unordered("<", y, kb.splat(0.0)), kb.splat(math.nan), result)
 
 
 def _log(kb: KernelBuilder, value: ir.Value) -> ir.Value:
