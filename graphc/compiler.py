@@ -116,7 +116,8 @@ class CompiledTrainingStep(CompiledFunction):
     and updates the bound param arrays in place."""
 
     def __call__(self, **feeds) -> float:
-        return float(self._program(**feeds)[0])
+        # The loss is the program's only output: read straight from a reused buffer.
+        return self._program.call_scalar(feeds)
 
     @property
     def state(self):
@@ -187,7 +188,8 @@ def _build(cls, outputs, params, *, output_names, single=False, inplace=(), stat
     recipe = Recipe(graph, user_outputs, dict(output_names=output_names, inplace=inplace_ids,
                                               state_names=set(state_names), max_threads=threads))
     object_bytes, slots = _load_or_compile(recipe)
-    program = rt.Program(rt.NativeLibrary(object_bytes), ENTRY_NAME, slots, params, max_threads=threads)
+    program = rt.Program(rt.NativeLibrary(object_bytes), ENTRY_NAME, slots, params, max_threads=threads,
+                         ignored_inputs=graph.inputs)
     return cls(program, recipe, optimized, single)
 
 
