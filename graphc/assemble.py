@@ -64,6 +64,7 @@ def assemble(graph: Graph, outputs: list[Tensor], *, output_names: list[str], in
 
     module = new_module(graph.name)
     kernels = [step.build(module, _kernel_name(i, step), max_threads) for i, step in enumerate(ordered)]
+    _keep_phases_apart(kernels)
     memory = plan_memory(ordered, [k.scratch_floats * 4 for k in kernels], [loc is None for loc in step_out])
 
     workspace_index = len(slots)
@@ -85,6 +86,18 @@ def assemble(graph: Graph, outputs: list[Tensor], *, output_names: list[str], in
         entry.call_phases(kernel.phases, entry.pointer(out_location), in_pointers, scratch)
     entry.finish()
     return ProgramSpec(str(module), slots, ordered, memory, max_threads, phase_steps)
+
+
+def _keep_phases_apart(kernels) -> None:
+    """Forbid inlining the phases into the entry, their only caller.
+
+    Inlined, they would make the entry one function as large as the whole program, on which
+    LLVM's function passes take longer than on the phases apart (LeNet: 0.75 -> 0.6 s of
+    optimization); one call per phase and step costs nothing measurable.
+    """
+    for kernel in kernels:
+        for phase in kernel.phases:
+            phase.attributes.add("noinline")
 
 
 def _slots(graph, needed, outputs, output_names, inplace, state_names):

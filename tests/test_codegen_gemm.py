@@ -294,6 +294,45 @@ def test_gemm_compiles_quickly():
     assert time.perf_counter() - start < 2.0
 
 
+def _defined_helpers(module) -> list[str]:
+    return sorted(fn.name for fn in module.functions
+                  if fn.name.startswith("graphc.gemm.") and fn.blocks)
+
+
+def test_gemms_of_one_module_share_packers_and_micro_kernels():
+    """Helpers are keyed by tile shape, transposes and epilogue, not by the
+    GEMM's M, N, K: a second GEMM of another size adds none."""
+    def emit(name, M, N, K, **flags):  # the AVX2 blocking, whatever the host
+        plan = choose_plan(M, N, K, width=8, vector_registers=16)
+        emit_gemm(module, name, M, N, K, trans_b=True, bias="col", plan=plan, **flags)
+
+    module = target.new_module("shared")
+    emit("g1", 12, 32, 40, relu=True)   # whole 6x16 tiles only
+    helpers = _defined_helpers(module)
+    assert len(helpers) == 2            # one packer, one micro-kernel
+    emit("g2", 30, 64, 300, relu=True)  # other M, N, K, two K blocks
+    assert _defined_helpers(module) == helpers
+    emit("g3", 30, 64, 300)             # another epilogue: another micro-kernel
+    assert len(_defined_helpers(module)) == 3
+
+
+def test_shared_helpers_compute_each_gemm_with_its_own_strides():
+    """Two GEMMs sharing every helper (whole 6x32 tiles), called from one engine."""
+    cases = [Case(12, 32, 40, width=8, trans_a=True, trans_b=True, bias="col", relu=True),
+             Case(30, 64, 300, width=8, trans_a=True, trans_b=True, bias="col", relu=True)]
+    engine = target.load_object(_compile_cases(cases))
+    for case in cases:
+        problem = Problem(case)
+        problem.check(problem.run(GEMM_CFUNC(engine.get_function_address(case.name))))
+
+
+def test_gemm_loops_are_not_unrolled_at_run_time():
+    """Its loops are vectorized by hand; runtime unrolling only costs compile time."""
+    module = target.new_module("hints")
+    emit_gemm(module, "g", 37, 150, 300, trans_b=True)
+    assert "llvm.loop.unroll.runtime.disable" in str(module)
+
+
 # ---------------------------------------------------------------- target
 def test_vector_width_follows_host_features():
     features = set(target.host_features().split(","))
@@ -416,3 +455,38 @@ def test_vector_loop_with_masked_tail_and_transpose(width):
         np.testing.assert_allclose(y, np.maximum(2 * x - 1, 0), rtol=1e-6)
         _assert_guards_intact(y_whole, "y")
         np.testing.assert_array_equal(block, expected_block)
+
+
+@pytest.mark.parametrize("unroll", ["auto", "no-runtime", "never"])
+def test_for_range_unroll_hints(unroll):
+    """Each loop gets its own loop ID carrying the hint; the loops compute the
+    same whatever the hint."""
+    module = target.new_module("hints")
+    fn = ir.Function(module, ir.FunctionType(ir.VoidType(), [PTR, I64]), name="kernel")
+    kb = KernelBuilder(ir.IRBuilder(fn.append_basic_block("entry")))
+    dst, n = fn.args
+    for _ in range(2):
+        with kb.for_range(0, n, unroll=unroll) as i:
+            kb.store(kb.fadd(kb.load(dst, i), kb.f32(1.0)), dst, i)
+    kb.b.ret_void()
+
+    text = str(module)
+    hint = {"auto": None, "no-runtime": "llvm.loop.unroll.runtime.disable",
+            "never": "llvm.loop.unroll.disable"}[unroll]
+    assert text.count("!llvm.loop !") == (0 if hint is None else 2)
+    assert hint is None or f'!"{hint}"' in text
+    engine = target.load_object(target.compile_to_object(text))
+    kernel = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_int64)(
+        engine.get_function_address("kernel"))
+    y = np.zeros(37, np.float32)
+    kernel(y.ctypes.data, 37)
+    np.testing.assert_array_equal(y, 2.0)
+
+
+def test_for_range_rejects_unknown_unroll_hint():
+    module = target.new_module("bad_hint")
+    fn = ir.Function(module, ir.FunctionType(ir.VoidType(), []), name="f")
+    kb = KernelBuilder(ir.IRBuilder(fn.append_basic_block("entry")))
+    with pytest.raises(ValueError):
+        with kb.for_range(0, 4, unroll="sometimes"):
+            pass

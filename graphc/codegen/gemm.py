@@ -21,6 +21,10 @@ How it is fast (see shared/NOTES-llvm.md for the measurements):
     micro-kernel with fewer rows.  Any M, N, K >= 1 works.
   * Loops stay IR loops (K blocks, strips, row tiles, k), so the generated
     code and the compile time stay small whatever the shape.
+  * The packers and micro-kernels take the leading dimensions of A, B and C
+    as arguments: every GEMM of a module with the same tile shape, transposes
+    and epilogue calls the one copy (named by that key), which keeps a
+    program's IR, and LLVM's time on it, from growing with its GEMM count.
 
 Threads: the function takes (tid, nthreads) and computes only its share of
 strips of N (or of row tiles of M when N has too few strips to share; see
@@ -32,11 +36,13 @@ compute C without races: every element of C is written by one thread only.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import itertools
 import math
 from typing import NamedTuple
 
 import llvmlite.ir as ir
+import sympy
 
 from graphc.codegen.expr import ExprEmitter
 from graphc.codegen.kernel_builder import I1, I64, PTR, KernelBuilder
@@ -252,7 +258,7 @@ class _GemmEmitter:
         has_work = kb.b.and_(kb.b.icmp_signed("<", *strips),
                              kb.b.icmp_signed("<", *tiles))
         with kb.if_then(has_work):
-            with kb.for_range(0, p.K, step=p.kc, name="k0") as k0:
+            with kb.for_range(0, p.K, step=p.kc, name="k0", unroll="no-runtime") as k0:
                 self._emit_k_block(kb, operands, self._k_block(kb, k0),
                                    strips, tiles)
         kb.b.ret_void()
@@ -274,9 +280,9 @@ class _GemmEmitter:
         if p.full_strips:
             pack = self._pack_function(p.vecs, p.strip_width)
             with kb.for_range(strip_lo, kb.min(strip_hi, p.full_strips),
-                              name="strip") as strip:
+                              name="strip", unroll="no-runtime") as strip:
                 j0 = kb.mul(strip, p.strip_width)
-                kb.b.call(pack, [ops.b, ops.panel, block.k0, block.kc, j0])
+                self._call_pack(kb, pack, ops, block, j0)
                 self._emit_row_tiles(kb, ops, block, tiles, j0, p.vecs, p.strip_width)
         if p.tail_cols:
             # The narrow last strip belongs to the thread whose share ends N.
@@ -284,7 +290,7 @@ class _GemmEmitter:
             pack = self._pack_function(vecs, p.tail_cols)
             with kb.if_then(kb.b.icmp_signed("==", strip_hi, kb.i64(p.strips))):
                 j0 = kb.i64(p.full_strips * p.strip_width)
-                kb.b.call(pack, [ops.b, ops.panel, block.k0, block.kc, j0])
+                self._call_pack(kb, pack, ops, block, j0)
                 self._emit_row_tiles(kb, ops, block, tiles, j0, vecs, p.tail_cols)
 
     def _emit_row_tiles(self, kb, ops, block, tiles, j0, vecs, cols):
@@ -294,7 +300,7 @@ class _GemmEmitter:
         if p.full_tiles:
             kernel = self._micro_kernel(p.rows, vecs, cols)
             with kb.for_range(tile_lo, kb.min(tile_hi, p.full_tiles),
-                              name="tile") as tile:
+                              name="tile", unroll="no-runtime") as tile:
                 self._call_micro_kernel(kb, kernel, ops, block,
                                         kb.mul(tile, p.rows), j0)
         if p.tail_rows:
@@ -303,6 +309,11 @@ class _GemmEmitter:
             with kb.if_then(kb.b.icmp_signed("==", tile_hi, kb.i64(p.tiles))):
                 self._call_micro_kernel(kb, kernel, ops, block,
                                         kb.i64(p.full_tiles * p.rows), j0)
+
+    def _call_pack(self, kb, pack, ops, block, j0):
+        # B's leading dimension: its row length, N stored (K, N), K stored (N, K).
+        ldb = self.plan.K if self.trans_b else self.plan.N
+        kb.b.call(pack, [ops.b, ops.panel, block.k0, block.kc, j0, kb.i64(ldb)])
 
     def _call_micro_kernel(self, kb, kernel, ops, block, i0, j0):
         """Call `kernel` on the tile of C at row i0, column j0."""
@@ -320,19 +331,25 @@ class _GemmEmitter:
             bias_tile = ops.bias  # may be null; never read
         c_offset = kb.add(kb.mul(i0, p.N), j0)
         extra_tiles = [kb.gep(extra, c_offset) for extra in ops.extras]
-        kb.b.call(kernel, [a_tile, ops.panel, c_tile, bias_tile,
-                           block.kc, block.load_c, block.is_last] + extra_tiles)
+        lda = p.M if self.trans_a else p.K
+        kb.b.call(kernel, [a_tile, ops.panel, c_tile, bias_tile, block.kc, block.load_c,
+                           block.is_last, kb.i64(lda), kb.i64(p.N)] + extra_tiles)
 
     # ------------------------------------------------------------ helpers
-    def _internal_function(self, suffix, arg_types):
-        """An internal helper function, or the existing one of that name."""
-        full_name = f"{self.name}.{suffix}"
+    def _internal_function(self, kind, variant, arg_types):
+        """The module's helper function `kind` for `variant` (everything its
+        code depends on): made on first use, shared by every GEMM after."""
+        digest = hashlib.sha1(repr((self.plan.width,) + variant).encode()).hexdigest()[:10]
+        full_name = f"graphc.gemm.{kind}.{digest}"
         existing = self.module.globals.get(full_name)
         if existing is not None:
             return existing, None
         fn = ir.Function(self.module, ir.FunctionType(ir.VoidType(), arg_types),
                          name=full_name)
         fn.linkage = "internal"
+        # Inlined, each helper would be copied into every GEMM that calls it
+        # (and optimised again there); a call per tile and K block costs nothing.
+        fn.attributes.add("noinline")
         for arg in fn.args:
             if isinstance(arg.type, ir.PointerType):
                 arg.add_attribute("noalias")
@@ -341,26 +358,28 @@ class _GemmEmitter:
         return fn, kb
 
     def _pack_function(self, vecs: int, cols: int) -> ir.Function:
-        """`pack(B, panel, k0, kc, j0)`: copy op(B)[k0:k0+kc, j0:j0+cols] into
-        panel rows of vecs*W floats; columns past `cols` are zero so the
-        micro-kernel can use full vectors (padding lanes are never stored)."""
-        fn, kb = self._internal_function(f"pack{cols}", [PTR, PTR, I64, I64, I64])
+        """`pack(B, panel, k0, kc, j0, ldb)`: copy op(B)[k0:k0+kc, j0:j0+cols]
+        into panel rows of vecs*W floats; columns past `cols` are zero so the
+        micro-kernel can use full vectors (padding lanes are never stored).
+        `ldb` is the length of B's stored rows."""
+        fn, kb = self._internal_function(f"pack{cols}", (self.trans_b, vecs, cols),
+                                         [PTR, PTR, I64, I64, I64, I64])
         if kb is None:
             return fn
-        b, panel, k0, kc, j0 = fn.args
+        b, panel, k0, kc, j0, ldb = fn.args
         if self.trans_b:
-            self._emit_pack_transposed(kb, b, panel, k0, kc, j0, vecs, cols)
+            self._emit_pack_transposed(kb, b, panel, k0, kc, j0, ldb, vecs, cols)
         else:
-            self._emit_pack_rows(kb, b, panel, k0, kc, j0, vecs, cols)
+            self._emit_pack_rows(kb, b, panel, k0, kc, j0, ldb, vecs, cols)
         kb.b.ret_void()
         return fn
 
-    def _emit_pack_rows(self, kb, b, panel, k0, kc, j0, vecs, cols):
+    def _emit_pack_rows(self, kb, b, panel, k0, kc, j0, ldb, vecs, cols):
         """B stored (K, N): each panel row is a contiguous slice of a B row."""
         p = self.plan
         panel_stride = vecs * p.width
-        with kb.for_range(0, kc, name="k") as k:
-            src = kb.gep(b, kb.add(kb.mul(kb.add(k0, k), p.N), j0))
+        with kb.for_range(0, kc, name="k", unroll="no-runtime") as k:
+            src = kb.gep(b, kb.add(kb.mul(kb.add(k0, k), ldb), j0))
             dst = kb.gep(panel, kb.mul(k, panel_stride))
             for v in range(vecs):
                 lanes = min(p.width, cols - v * p.width)
@@ -370,7 +389,7 @@ class _GemmEmitter:
                     value = kb.masked_load_vec(src, v * p.width, kb.lane_mask(lanes))
                 kb.store_vec(value, dst, v * p.width)
 
-    def _emit_pack_transposed(self, kb, b, panel, k0, kc, j0, vecs, cols):
+    def _emit_pack_transposed(self, kb, b, panel, k0, kc, j0, ldb, vecs, cols):
         """B stored (N, K): column c of the panel is a contiguous run of B's
         row j0+c.  Load W columns x W values of k, transpose the block in
         registers and store it as W panel rows: no scalar loop, no gather.
@@ -382,6 +401,9 @@ class _GemmEmitter:
         w = p.width
         panel_stride = vecs * w
 
+        # Column c of op(B) starts at row j0+c of B.
+        column_starts = [kb.gep(b, kb.add(kb.mul(kb.add(j0, c), ldb), k0)) for c in range(cols)]
+
         def pack_block(k, mask):
             for group in range(vecs):
                 columns = []
@@ -389,7 +411,7 @@ class _GemmEmitter:
                     if c >= cols:
                         columns.append(kb.splat(0.0))
                         continue
-                    src = kb.gep(b, kb.add(kb.mul(kb.add(j0, c), p.K), k0))
+                    src = column_starts[c]
                     columns.append(kb.load_vec(src, k) if mask is None
                                    else kb.masked_load_vec(src, k, mask))
                 for i, row in enumerate(kb.transpose(columns)):
@@ -397,25 +419,31 @@ class _GemmEmitter:
                                  kb.add(kb.mul(kb.add(k, i), panel_stride), group * w))
 
         kc_whole = kb.sub(kc, kb.b.srem(kc, kb.i64(w)))
-        with kb.for_range(0, kc_whole, step=w, name="k") as k:
+        with kb.for_range(0, kc_whole, step=w, name="k", unroll="no-runtime") as k:
             pack_block(k, None)
         with kb.if_then(kb.b.icmp_signed("<", kc_whole, kc)):
             pack_block(kc_whole, kb.lane_mask_dynamic(kb.sub(kc, kc_whole)))
 
     def _micro_kernel(self, rows: int, vecs: int, cols: int) -> ir.Function:
-        """`micro(A_tile, panel, C_tile, bias_tile, kc, load_c, is_last)`:
+        """`micro(A_tile, panel, C_tile, bias_tile, kc, load_c, is_last, lda, ldc, E_tiles)`:
         C_tile[rows, cols] = (C_tile if load_c else 0) + A_tile @ panel
-        over kc, then bias and relu if is_last.  `cols` may be less than
-        vecs*W only on the last vector, which is then masked."""
+        over kc, then bias, relu and the epilogue if is_last.  `cols` may be
+        less than vecs*W only on the last vector, which is then masked.
+        `lda` is the length of A's stored rows, `ldc` that of C's (and E's)."""
+        variant = (rows, vecs, cols, self.trans_a, self.bias, self.relu,
+                   None if self.epilogue is None else sympy.srepr(self.epilogue), self.extras)
         fn, kb = self._internal_function(
-            f"micro{rows}x{cols}", [PTR, PTR, PTR, PTR, I64, I1, I1] + [PTR] * self.extras)
+            f"micro{rows}x{cols}", variant,
+            [PTR, PTR, PTR, PTR, I64, I1, I1, I64, I64] + [PTR] * self.extras)
         if kb is None:
             return fn
-        a, panel, c, bias, kc, load_c, is_last = fn.args[:7]
-        extras = fn.args[7:]
-        p = self.plan
-        masks = [None if lanes == p.width else kb.lane_mask(lanes)
-                 for lanes in (min(p.width, cols - v * p.width) for v in range(vecs))]
+        a, panel, c, bias, kc, load_c, is_last, lda, ldc = fn.args[:9]
+        width = self.plan.width
+        masks = [None if lanes == width else kb.lane_mask(lanes)
+                 for lanes in (min(width, cols - v * width) for v in range(vecs))]
+        # Row r of the C tile, and of each epilogue operand's tile.
+        c_rows = [kb.gep(c, kb.mul(r, ldc)) for r in range(rows)]
+        extra_rows = [[kb.gep(e, kb.mul(r, ldc)) for e in fn.args[9:]] for r in range(rows)]
 
         tile = list(itertools.product(range(rows), range(vecs)))  # (r, v) pairs
 
@@ -423,17 +451,19 @@ class _GemmEmitter:
         acc = {rv: kb.variable(kb.splat(0.0)) for rv in tile}
         with kb.if_then(load_c):
             for r, v in tile:
-                kb.set(acc[r, v], self._load_masked(kb, c, self._c_offset(r, v), masks[v]))
+                kb.set(acc[r, v], self._load_masked(kb, c_rows[r], v * width, masks[v]))
 
         # The k loop: one broadcast of A per row, one fma per accumulator.
-        a_row_stride, a_k_stride = (1, p.M) if self.trans_a else (p.K, 1)
-        panel_stride = vecs * p.width
-        with kb.for_range(0, kc, name="k") as k:
+        # A stored (K, M): element (r, k) at k*lda + r; stored (M, K): at r*lda + k.
+        a_row_stride, a_k_stride = (1, lda) if self.trans_a else (lda, 1)
+        a_rows = [kb.mul(r, a_row_stride) for r in range(rows)]
+        panel_stride = vecs * width
+        with kb.for_range(0, kc, name="k", unroll="no-runtime") as k:
             b_row = kb.gep(panel, kb.mul(k, panel_stride))
-            b_vecs = [kb.load_vec(b_row, v * p.width) for v in range(vecs)]
+            b_vecs = [kb.load_vec(b_row, v * width) for v in range(vecs)]
             a_col = kb.gep(a, kb.mul(k, a_k_stride))
             for r in range(rows):
-                a_bcast = kb.splat(kb.load(a_col, r * a_row_stride))
+                a_bcast = kb.splat(kb.load(a_col, a_rows[r]))
                 for v in range(vecs):
                     kb.set(acc[r, v], kb.fma(a_bcast, b_vecs[v], kb.get(acc[r, v])))
 
@@ -441,18 +471,15 @@ class _GemmEmitter:
             with kb.if_then(is_last):
                 for r, v in tile:
                     kb.set(acc[r, v], self._epilogue(kb, kb.get(acc[r, v]), bias,
-                                                     r, v, masks[v], extras))
+                                                     r, v, masks[v], extra_rows[r]))
         for r, v in tile:
-            self._store_masked(kb, kb.get(acc[r, v]), c, self._c_offset(r, v), masks[v])
+            self._store_masked(kb, kb.get(acc[r, v]), c_rows[r], v * width, masks[v])
         kb.b.ret_void()
         return fn
 
-    def _c_offset(self, r, v):
-        """Offset in C_tile of row r, vector v of the register tile."""
-        return r * self.plan.N + v * self.plan.width
-
-    def _epilogue(self, kb, value, bias, r, v, mask, extras):
-        """bias, relu, then the elementwise epilogue on the accumulator of row r, vector v."""
+    def _epilogue(self, kb, value, bias, r, v, mask, extra_rows):
+        """bias, relu, then the elementwise epilogue on the accumulator of row r, vector v;
+        `extra_rows` holds row r of each epilogue operand's tile."""
         if self.bias == "col":
             value = kb.fadd(value, self._load_masked(kb, bias, v * kb.width, mask))
         elif self.bias == "row":
@@ -460,7 +487,7 @@ class _GemmEmitter:
         if self.relu:
             value = kb.relu(value)
         if self.epilogue is not None:
-            operands = [value] + [self._load_masked(kb, e, self._c_offset(r, v), mask) for e in extras]
+            operands = [value] + [self._load_masked(kb, e, v * kb.width, mask) for e in extra_rows]
             value = ExprEmitter(kb, operands).emit_all([self.epilogue])[0]
         return value
 
