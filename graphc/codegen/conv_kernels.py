@@ -231,7 +231,7 @@ class _ChannelBlocks:
     def emit_each(self, kb: KernelBuilder, body: Callable) -> None:
         """body(first_channel, channels, is_first, is_last) for every block (i1 flags)."""
         blocks = self.full + (self.tail > 0)
-        with compact_for_range(kb, 0, self.full, name="block") as index:
+        with kb.for_range(0, self.full, name="block", unroll="no-runtime") as index:
             body(kb.mul(index, self.size), self.size,
                  kb.b.icmp_signed("==", index, kb.i64(0)),
                  kb.b.icmp_signed("==", index, kb.i64(blocks - 1)))
@@ -259,7 +259,7 @@ def emit_conv2d_input_grad(module: ir.Module, name: str, g_shape, w_shape, x_sha
     def pack_weights(kb, inputs, scratch):
         # W[o] is (C, taps); its transpose is the o-th (taps, Cp) slice of W2.
         w, w2 = inputs[1], layout.shared(kb, scratch, "w2")
-        with compact_for_range(kb, 0, O, name="o") as o:
+        with kb.for_range(0, O, name="o", unroll="no-runtime") as o:
             _emit_transpose(kb, kb.gep(w, kb.mul(o, C * g.taps)), g.taps,
                             kb.gep(w2, kb.mul(o, lanes)), O * lanes,
                             rows=C, cols=g.taps, dst_lanes=lanes)
@@ -293,8 +293,8 @@ def emit_conv2d_input_grad(module: ir.Module, name: str, g_shape, w_shape, x_sha
                                  offset)
 
         def each_tap(body):
-            with compact_for_range(kb, 0, g.kernel_h, name="i") as i:
-                with compact_for_range(kb, 0, g.kernel_w, name="j") as j:
+            with kb.for_range(0, g.kernel_h, name="i", unroll="no-runtime") as i:
+                with kb.for_range(0, g.kernel_w, name="j", unroll="no-runtime") as j:
                     body(kb.add(kb.mul(i, g.kernel_w), j),
                          kb.mul(kb.add(kb.mul(i, g.padded_w), j), lanes))
 
@@ -314,7 +314,7 @@ def emit_conv2d_input_grad(module: ir.Module, name: str, g_shape, w_shape, x_sha
 
         _emit_channel_groups(kb, lanes, group)
         dx_n = _sample(kb, out, n, g.sample_floats)
-        with compact_for_range(kb, 0, g.height, name="ih") as ih:
+        with kb.for_range(0, g.height, name="ih", unroll="no-runtime") as ih:
             interior_row = kb.mul(kb.add(kb.mul(kb.add(ih, g.pad_top), g.padded_w), g.pad_left),
                                   lanes)
             _emit_transpose(kb, kb.gep(grid, interior_row), lanes,
@@ -369,7 +369,7 @@ def emit_conv2d_weight_grad(module: ir.Module, name: str, x_shape, g_shape, w_sh
 
     def sum_partials(kb, out, scratch, nthreads):
         total = layout.private(kb, scratch, kb.i64(0), "dWt")
-        with compact_for_range(kb, 1, nthreads, name="thread") as thread:
+        with kb.for_range(1, nthreads, name="thread", unroll="no-runtime") as thread:
             _emit_add(kb, total, layout.private(kb, scratch, thread, "dWt"), kb.i64(K * lanes))
         _emit_transpose(kb, total, lanes, out, K, rows=K, cols=O, dst_lanes=K)
 
@@ -432,7 +432,7 @@ def _emit_tile_product(kb: KernelBuilder, acc, a_rows: Sequence[ir.Value], b: ir
                 step(t, kb.add(a_offset, kb.mul(kb.add(first, t), s.a_stride)),
                      kb.add(b_offset, kb.mul(kb.add(first, t), s.b_stride)))
         whole = s.count - s.count % len(sets)
-        with compact_for_range(kb, 0, whole, step=len(sets), name="step", unroll=False) as t:
+        with kb.for_range(0, whole, step=len(sets), name="step", unroll="never") as t:
             steps_from(t, len(sets))
         steps_from(kb.i64(whole), s.count % len(sets))
 
@@ -441,7 +441,7 @@ def _emit_tile_product(kb: KernelBuilder, acc, a_rows: Sequence[ir.Value], b: ir
         if depth == len(steps) - 1:
             innermost(s, a_offset, b_offset)
             return
-        with compact_for_range(kb, 0, s.count, name=f"step{depth}", unroll=False) as t:
+        with kb.for_range(0, s.count, name=f"step{depth}", unroll="never") as t:
             level(depth + 1, kb.add(a_offset, kb.mul(t, s.a_stride)),
                   kb.add(b_offset, kb.mul(t, s.b_stride)))
 
@@ -519,7 +519,7 @@ def _emit_channel_groups(kb: KernelBuilder, lanes: int,
     vectors each, the last one maybe narrower."""
     vectors = lanes // kb.width
     group = min(_tile_vectors(), vectors)
-    with compact_for_range(kb, 0, vectors // group, name="group") as index:
+    with kb.for_range(0, vectors // group, name="group", unroll="no-runtime") as index:
         body(kb.mul(index, group * kb.width), group)
     if vectors % group:
         body(kb.i64((vectors - vectors % group) * kb.width), vectors % group)
@@ -531,7 +531,7 @@ def _emit_row_tiles(kb: KernelBuilder, total: int, most: int,
     sizes: 25 rows in tiles of <= 6 are 5 x 5, not 4 x 6 + 1."""
     count = -(-total // most)
     size = -(-total // count)
-    with compact_for_range(kb, 0, total // size, name="tile") as t:
+    with kb.for_range(0, total // size, name="tile", unroll="no-runtime") as t:
         tile(kb.mul(t, size), size)
     if total % size:
         tile(kb.i64(total - total % size), total % size)
@@ -549,11 +549,11 @@ def _emit_pixel_tiles(kb: KernelBuilder, g: ConvGeometry, vecs: int,
     """
     count = -(-g.out_w // (_accumulators() // vecs))
     short, longer = divmod(g.out_w, count)
-    with compact_for_range(kb, 0, g.out_h, name="oh") as oh:
+    with kb.for_range(0, g.out_h, name="oh", unroll="no-runtime") as oh:
         if longer:
-            with compact_for_range(kb, 0, longer, name="run") as run:
+            with kb.for_range(0, longer, name="run", unroll="no-runtime") as run:
                 tile(oh, kb.mul(run, short + 1), short + 1)
-        with compact_for_range(kb, 0, count - longer, name="run") as run:
+        with kb.for_range(0, count - longer, name="run", unroll="no-runtime") as run:
             tile(oh, kb.add(longer * (short + 1), kb.mul(run, short)), short)
 
 
@@ -600,13 +600,13 @@ def _padded_sample(kb: KernelBuilder, g: ConvGeometry, x_n: ir.Value,
     """
     if not g.has_padding:
         return x_n
-    with compact_for_range(kb, 0, g.channels * g.height, name="row") as row:
+    with kb.for_range(0, g.channels * g.height, name="row", unroll="no-runtime") as row:
         c, ih = kb.b.udiv(row, kb.i64(g.height)), kb.b.urem(row, kb.i64(g.height))
         src = kb.gep(x_n, kb.mul(row, g.width))
         dst = kb.gep(buffer, kb.add(kb.add(kb.mul(c, g.padded_plane),
                                            kb.mul(kb.add(ih, g.pad_top), g.padded_w)),
                                     g.pad_left))
-        with compact_for_range(kb, 0, g.width, step=kb.width, name="iw") as iw:
+        with kb.for_range(0, g.width, step=kb.width, name="iw", unroll="no-runtime") as iw:
             inside = kb.lane_mask_dynamic(kb.sub(g.width, iw))
             kb.store_vec(kb.masked_load_vec(src, iw, inside), dst, iw)
     return buffer
@@ -616,7 +616,7 @@ def _padded_sample(kb: KernelBuilder, g: ConvGeometry, x_n: ir.Value,
 def _my_samples(kb: KernelBuilder, batch: int, tid, nthreads) -> Iterator[ir.Value]:
     """Loop over this thread's share of the batch; yields the sample index."""
     lo, hi = kb.split_range(batch, tid, nthreads)
-    with compact_for_range(kb, lo, hi, name="n") as n:
+    with kb.for_range(lo, hi, name="n", unroll="no-runtime") as n:
         yield n
 
 
@@ -694,47 +694,19 @@ def _emit_transpose(kb: KernelBuilder, src: ir.Value, src_stride: int, dst: ir.V
             _store(kb, vector, kb.gep(dst, kb.mul(kb.add(c0, t), dst_stride)), r0, store_mask)
 
     def row_block(r0, n_rows, store_lanes):
-        with compact_for_range(kb, 0, cols - cols % w, step=w, name="tc") as c0:
+        with kb.for_range(0, cols - cols % w, step=w, name="tc", unroll="no-runtime") as c0:
             block(r0, n_rows, c0, w, store_lanes)
         if cols % w:
             block(r0, n_rows, kb.i64(cols - cols % w), cols % w, store_lanes)
 
     whole_rows = rows - rows % w
-    with compact_for_range(kb, 0, whole_rows, step=w, name="tr") as r0:
+    with kb.for_range(0, whole_rows, step=w, name="tr", unroll="no-runtime") as r0:
         row_block(r0, w, w)
     if rows % w:
         row_block(kb.i64(whole_rows), rows % w, min(w, dst_lanes - whole_rows))
 
 
 # ---------------------------------------------------------------------------------- loops
-
-@contextlib.contextmanager
-def compact_for_range(kb: KernelBuilder, start, stop, step: int = 1, name: str = "i", *,
-                      unroll: bool = True) -> Iterator[ir.Value]:
-    """`kb.for_range`, tagged so that LLVM does not unroll it by a runtime trip count.
-
-    Runtime unrolling copies a loop 4-8 times with remainder loops; on these short loops
-    (a few vectors per line) it gained no speed while LLVM's loop strength reduction on the
-    copies made compile times ten times longer.
-    Loops with a constant trip count are still fully unrolled when small, unless `unroll`
-    is False: a register tile's loop, unrolled, needs more registers than there are.
-    """
-    with kb.for_range(start, stop, step, name) as index:
-        yield index
-    back_edge = index.incomings[-1][1].terminator
-    hint = "llvm.loop.unroll.runtime.disable" if unroll else "llvm.loop.unroll.disable"
-    back_edge.set_metadata("llvm.loop", _loop_id(kb.module, hint))
-
-
-def _loop_id(module: ir.Module, *properties: str) -> ir.values.MDValue:
-    """A new loop ID node, !{self, !{!"property"}...}. LLVM identifies a loop by a node whose
-    first operand is itself; llvmlite's add_metadata would share equal nodes between loops,
-    so the node is made directly and then pointed at itself."""
-    hints = [module.add_metadata([ir.MetaDataString(module, p)]) for p in properties]
-    loop_id = ir.values.MDValue(module, hints, name=str(len(module.metadata)))
-    loop_id.operands = (loop_id, *hints)
-    return loop_id
-
 
 def splat_i32(kb: KernelBuilder, scalar: ir.Value) -> ir.Value:
     """Broadcast an i32 to <width x i32> (lane indices and offsets: half the registers of
@@ -752,7 +724,7 @@ def _emit_vectors(kb: KernelBuilder, count: ir.Value, body: Callable) -> None:
     """body(index, mask) for each vector of range(count): mask is None for whole vectors
     and the lane mask of the remainder for the last, partial one."""
     whole = kb.b.and_(count, kb.i64(-kb.width))  # width is a power of two
-    with compact_for_range(kb, 0, whole, step=kb.width, name="v") as index:
+    with kb.for_range(0, whole, step=kb.width, name="v", unroll="no-runtime") as index:
         body(index, None)
     with kb.if_then(kb.b.icmp_signed("<", whole, count)):
         body(whole, kb.lane_mask_dynamic(kb.sub(count, whole)))

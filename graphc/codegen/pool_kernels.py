@@ -26,7 +26,7 @@ from typing import Callable, Iterator, Sequence
 
 import llvmlite.ir as ir
 
-from .conv_kernels import compact_for_range, emit_fill_zero, splat_i32
+from .conv_kernels import emit_fill_zero, splat_i32
 from .kernel import Kernel, phase_args, phase_function
 from .kernel_builder import I32, I64, KernelBuilder
 
@@ -186,7 +186,7 @@ def emit_max_pool2d_grad(module: ir.Module, name: str, x_shape, kernel, stride, 
         dx_plane = _in_plane(kb, geometry, out, plane)
         g_plane = _out_plane(kb, geometry, g, plane)
         emit_fill_zero(kb, dx_plane, kb.i64(geometry.in_plane))
-        with compact_for_range(kb, 0, geometry.out_plane, name="window") as o:
+        with kb.for_range(0, geometry.out_plane, name="window", unroll="no-runtime") as o:
             slot = kb.b.gep(winners, [o], inbounds=True, source_etype=I32)
             winner = kb.b.sext(kb.b.load(slot, typ=I32), I64)
             kb.store(kb.fadd(kb.load(dx_plane, winner), kb.load(g_plane, o)), dx_plane, winner)
@@ -223,7 +223,7 @@ def _one_phase_kernel(fn: ir.Function, max_threads: int, scratch_per_thread: int
 def _my_planes(kb: KernelBuilder, geometry: PoolGeometry, tid, nthreads) -> Iterator[ir.Value]:
     """Loop over this thread's share of the N*C planes; yields the plane index."""
     lo, hi = kb.split_range(geometry.planes, tid, nthreads)
-    with compact_for_range(kb, lo, hi, name="plane") as plane:
+    with kb.for_range(lo, hi, name="plane", unroll="no-runtime") as plane:
         yield plane
 
 
@@ -243,11 +243,11 @@ def _emit_each_window(kb: KernelBuilder, geometry: PoolGeometry, visit: Callable
     region a vector of windows at a time when `vectorize`, all others one window at a time.
     """
     for region in _plane_regions(geometry):
-        with compact_for_range(kb, region.oh_lo, region.oh_hi, name="oh") as oh:
+        with kb.for_range(region.oh_lo, region.oh_hi, name="oh", unroll="no-runtime") as oh:
             if region.interior and vectorize:
                 _emit_vector_row(kb, geometry, oh, region.ow_lo, region.ow_hi, visit)
                 continue
-            with compact_for_range(kb, region.ow_lo, region.ow_hi, name="ow") as ow:
+            with kb.for_range(region.ow_lo, region.ow_hi, name="ow", unroll="no-runtime") as ow:
                 visit(_ScalarWindow(kb, geometry, oh, ow, region.interior))
 
 
@@ -256,7 +256,7 @@ def _emit_vector_row(kb: KernelBuilder, geometry: PoolGeometry, oh: ir.Value, ow
     """Output columns [ow_lo, ow_hi) of row oh: whole vectors, then one partial vector."""
     width = kb.width
     whole_end = ow_lo + (ow_hi - ow_lo) // width * width
-    with compact_for_range(kb, ow_lo, whole_end, step=width, name="ow") as ow:
+    with kb.for_range(ow_lo, whole_end, step=width, name="ow", unroll="no-runtime") as ow:
         visit(_VectorWindows(kb, geometry, oh, ow, width))
     if whole_end < ow_hi:
         visit(_VectorWindows(kb, geometry, oh, kb.i64(whole_end), ow_hi - whole_end))
@@ -342,8 +342,8 @@ class _ScalarWindow:
                 for j in range(g.kernel_w):
                     body(kb.add(corner, i * g.width + j))
             return
-        with compact_for_range(kb, self.first_row, self.row_end, name="ih") as ih:
-            with compact_for_range(kb, self.first_col, self.col_end, name="iw") as iw:
+        with kb.for_range(self.first_row, self.row_end, name="ih", unroll="no-runtime") as ih:
+            with kb.for_range(self.first_col, self.col_end, name="iw", unroll="no-runtime") as iw:
                 body(self._offset(ih, iw))
 
     def fold(self, x_plane: ir.Value, state: list, step: _Step) -> list:
