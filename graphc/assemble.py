@@ -41,7 +41,7 @@ def assemble(graph: Graph, outputs: list[Tensor], *, output_names: list[str], in
     """
     writes = [graph.nodes[i] for i in inplace]
     needed = graph.ancestors(list(outputs) + writes)
-    _check_dtypes(needed)
+    _check_supported(needed)
 
     slots, locations = _slots(graph, needed, outputs, output_names, inplace, state_names)
     steps = plan_steps(graph, list(outputs) + writes)
@@ -155,8 +155,12 @@ def _kernel_name(index: int, step: Step) -> str:
     return f"k{index}.{re.sub(r'[^A-Za-z0-9_]', '_', step.label)}"
 
 
-def _check_dtypes(nodes):
+def _check_supported(nodes):
     for node in nodes:
+        if node.size == 0:
+            raise NotImplementedError(
+                f"native code needs non-empty tensors; %{node.id} ({node.op}, at {node.site}) has shape "
+                f"{node.shape}. Use gc.evaluate for empty tensors.")
         if node.dtype not in SUPPORTED_DTYPES:
             raise NotImplementedError(
                 f"native code supports float32 and int32 tensors; %{node.id} ({node.op}, at {node.site}) is "

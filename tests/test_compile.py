@@ -225,3 +225,13 @@ def test_declared_inputs_the_outputs_do_not_read_are_accepted_and_ignored():
     assert_matches(predict(x=x, y=np.zeros(4, np.int32))[0], predict(x=x)[0])
     with pytest.raises(ValueError, match="unexpected input 'labels'"):
         predict(x=x, labels=np.zeros(4, np.int32))
+
+
+def test_unsupported_tensors_are_refused_at_compile_time_with_the_users_line():
+    g = gc.Graph("unsupported")
+    empty = g.input("x", (0, 3))
+    wide = g.input("z", (2, 3), dtype="float64")
+    with pytest.raises(NotImplementedError, match=r"test_compile.py:\d+\) has shape \(0, 3\)"):
+        gc.compile(gc.relu(empty), {})
+    with pytest.raises(NotImplementedError, match="float64"):
+        gc.compile(gc.relu(wide), {})
