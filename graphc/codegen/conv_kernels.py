@@ -43,6 +43,7 @@ import llvmlite.ir as ir
 from .kernel import Kernel, phase_args, phase_function
 from .kernel_builder import I1, I32, KernelBuilder
 from .target import vector_register_count, vector_width_f32
+from .window import WindowGeometry
 
 __all__ = ["ConvGeometry", "emit_conv2d", "emit_conv2d_input_grad", "emit_conv2d_weight_grad"]
 
@@ -62,22 +63,12 @@ _TILE_ROWS = 6
 
 
 @dataclasses.dataclass(frozen=True)
-class ConvGeometry:
+class ConvGeometry(WindowGeometry):
     """Shapes, stride and padding of one conv2d; pure Python, no IR."""
 
-    batch: int
-    channels: int
-    height: int
-    width: int
-    out_channels: int
-    kernel_h: int
-    kernel_w: int
-    stride_h: int
-    stride_w: int
-    pad_top: int
-    pad_bottom: int
-    pad_left: int
-    pad_right: int
+    batch: int = 1
+    channels: int = 1
+    out_channels: int = 1
 
     @classmethod
     def from_shapes(cls, x_shape: Sequence[int], w_shape: Sequence[int], stride: Sequence[int],
@@ -90,31 +81,15 @@ class ConvGeometry:
         if min(n, c, h, w, o, kh, kw, sh, sw) < 1 or min(pt, pb, pl, pr) < 0:
             raise ValueError(f"invalid conv2d geometry: x {tuple(x_shape)}, w {tuple(w_shape)}, "
                              f"stride {tuple(stride)}, padding {tuple(padding)}")
-        geometry = cls(n, c, h, w, o, kh, kw, sh, sw, pt, pb, pl, pr)
+        geometry = cls(h, w, kh, kw, sh, sw, pt, pb, pl, pr, batch=n, channels=c, out_channels=o)
         if geometry.out_h < 1 or geometry.out_w < 1:
             raise ValueError(f"kernel {(kh, kw)} with padding {tuple(padding)} does not fit "
                              f"the input {(h, w)}")
         return geometry
 
     @property
-    def out_h(self) -> int:
-        return (self.height + self.pad_top + self.pad_bottom - self.kernel_h) // self.stride_h + 1
-
-    @property
-    def out_w(self) -> int:
-        return (self.width + self.pad_left + self.pad_right - self.kernel_w) // self.stride_w + 1
-
-    @property
     def out_shape(self) -> tuple[int, int, int, int]:
         return self.batch, self.out_channels, self.out_h, self.out_w
-
-    @property
-    def padded_h(self) -> int:
-        return self.height + self.pad_top + self.pad_bottom
-
-    @property
-    def padded_w(self) -> int:
-        return self.width + self.pad_left + self.pad_right
 
     @property
     def padded_plane(self) -> int:
@@ -128,10 +103,6 @@ class ConvGeometry:
     def sample_floats(self) -> int:
         """Floats of one sample of the input."""
         return self.channels * self.height * self.width
-
-    @property
-    def taps(self) -> int:
-        return self.kernel_h * self.kernel_w
 
     @property
     def patch_size(self) -> int:

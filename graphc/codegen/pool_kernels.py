@@ -29,6 +29,7 @@ import llvmlite.ir as ir
 from .conv_kernels import emit_fill_zero, splat_i32
 from .kernel import Kernel, phase_args, phase_function
 from .kernel_builder import I32, I64, KernelBuilder
+from .window import WindowGeometry
 
 __all__ = ["PoolGeometry", "emit_avg_pool2d", "emit_avg_pool2d_grad", "emit_max_pool2d",
            "emit_max_pool2d_grad"]
@@ -38,20 +39,10 @@ _CACHE_LINE_FLOATS = 16
 
 
 @dataclasses.dataclass(frozen=True)
-class PoolGeometry:
+class PoolGeometry(WindowGeometry):
     """Input shape, kernel, stride and padding of one pooling; pure Python, no IR."""
 
-    planes: int   # N*C
-    height: int
-    width: int
-    kernel_h: int
-    kernel_w: int
-    stride_h: int
-    stride_w: int
-    pad_top: int
-    pad_bottom: int
-    pad_left: int
-    pad_right: int
+    planes: int = 1   # N*C
 
     @classmethod
     def from_attrs(cls, x_shape: Sequence[int], kernel: Sequence[int], stride: Sequence[int],
@@ -60,7 +51,7 @@ class PoolGeometry:
         padding ((top, bottom), (left, right))."""
         (n, c, h, w), (kh, kw), (sh, sw) = x_shape, kernel, stride
         (pt, pb), (pl, pr) = padding
-        geometry = cls(n * c, h, w, kh, kw, sh, sw, pt, pb, pl, pr)
+        geometry = cls(h, w, kh, kw, sh, sw, pt, pb, pl, pr, planes=n * c)
         if min(n, c, h, w, kh, kw, sh, sw) < 1 or min(pt, pb, pl, pr) < 0:
             raise ValueError(f"invalid pooling geometry: x {tuple(x_shape)}, kernel "
                              f"{tuple(kernel)}, stride {tuple(stride)}, padding {tuple(padding)}")
@@ -73,14 +64,6 @@ class PoolGeometry:
         return geometry
 
     @property
-    def out_h(self) -> int:
-        return (self.height + self.pad_top + self.pad_bottom - self.kernel_h) // self.stride_h + 1
-
-    @property
-    def out_w(self) -> int:
-        return (self.width + self.pad_left + self.pad_right - self.kernel_w) // self.stride_w + 1
-
-    @property
     def in_plane(self) -> int:
         return self.height * self.width
 
@@ -88,9 +71,6 @@ class PoolGeometry:
     def out_plane(self) -> int:
         return self.out_h * self.out_w
 
-    @property
-    def window_size(self) -> int:
-        return self.kernel_h * self.kernel_w
 
 
 # --------------------------------------------------------------------------- public kernels
@@ -108,7 +88,7 @@ def emit_avg_pool2d(module: ir.Module, name: str, x_shape, kernel, stride, paddi
         def average(window):
             (total,) = window.fold(x_plane, [window.zero()],
                                    lambda state, value, offset: [kb.fadd(state[0], value)])
-            divisor = window.broadcast(kb.f32(geometry.window_size))
+            divisor = window.broadcast(kb.f32(geometry.taps))
             window.store(kb.b.fdiv(total, divisor), out_plane)
 
         _emit_each_window(kb, geometry, average)
@@ -149,7 +129,7 @@ def emit_avg_pool2d_grad(module: ir.Module, name: str, x_shape, kernel, stride, 
         emit_fill_zero(kb, dx_plane, kb.i64(geometry.in_plane))
 
         def spread(window):
-            share = kb.b.fdiv(kb.load(g_plane, window.out_index), kb.f32(geometry.window_size))
+            share = kb.b.fdiv(kb.load(g_plane, window.out_index), kb.f32(geometry.taps))
             window.for_each_offset(lambda offset: kb.store(
                 kb.fadd(kb.load(dx_plane, offset), share), dx_plane, offset))
 
