@@ -21,8 +21,9 @@ import numpy as np
 import pytest
 
 from graphc.codegen import target
-from graphc.codegen.gemm import (GemmPlan, choose_plan, emit_gemm,
-                                 gemm_workspace_floats)
+from graphc.codegen.gemm import (DotPlan, GemmPlan, choose_plan, emit_gemm,
+                                 gemm_workspace_floats, plan_gemm)
+from graphc.codegen.gemm_dot import choose_dot_plan
 from graphc.codegen.kernel_builder import I64, PTR, KernelBuilder
 
 _P = ctypes.c_void_p
@@ -41,9 +42,12 @@ class Case:
     accumulate: bool = False
     bias: str | None = None
     relu: bool = False
-    # Blocking overrides: vector width (another host's), split axis.
+    # Blocking overrides: vector width (another host's), split axis, B read in place
+    # (pack_b=False), or the dot-product kernel with a (rows, cols) tile (dot=...).
     width: int | None = None
     split: str | None = None
+    pack_b: bool = True
+    dot: tuple[int, int] | None = None
 
     @property
     def name(self) -> str:
@@ -52,12 +56,17 @@ class Case:
                         if k not in ("M", "N", "K") and v not in (None, False))
         return f"gemm_{self.M}x{self.N}x{self.K}{flags}"
 
-    def plan(self) -> GemmPlan:
+    def plan(self) -> GemmPlan | DotPlan:
+        if self.dot is not None:
+            rows, cols = self.dot
+            return DotPlan(self.M, self.N, self.K, width=self.width or target.vector_width_f32(),
+                           rows=rows, cols=cols, split=self.split or "m")
         if self.width is None:
             plan = choose_plan(self.M, self.N, self.K)
         else:  # 32 registers: the AVX-512 / NEON tile, whatever the width
             plan = choose_plan(self.M, self.N, self.K, width=self.width,
                                vector_registers=32)
+        plan = dataclasses.replace(plan, pack_b=self.pack_b)
         return dataclasses.replace(plan, split=self.split) if self.split else plan
 
 
@@ -108,8 +117,29 @@ THREAD_CASES = [
     Case(3, 4, 5),   # less work than threads: some shares are empty
 ]
 
+# The dot-product kernel (B stored (N, K)): whole and edge tiles in rows and columns, K below,
+# at and off a multiple of the width, every epilogue, other widths, both split axes.
+DOT_CASES = [
+    Case(64, 10, 784, trans_b=True, bias="col", dot=(6, 2)),     # softmax regression's logits
+    Case(64, 1, 64, trans_b=True, dot=(12, 1)),                  # a logistic regression's
+    Case(1, 1, 1, trans_b=True, dot=(1, 1)),
+    Case(13, 9, 17, trans_b=True, accumulate=True, bias="row", relu=True, dot=(4, 3)),
+    Case(7, 5, 3, trans_b=True, bias="col", relu=True, dot=(2, 5)),
+    Case(29, 7, 100, trans_b=True, dot=(6, 2), split="n"),
+    Case(11, 8, 40, trans_b=True, bias="col", dot=(3, 8)),
+] + [Case(9, 6, 37, trans_b=True, bias="col", relu=True, width=w, dot=(3, 3)) for w in (4, 16)]
+
+# B read in place (few row tiles): whole strips, a masked narrow strip, several K blocks.
+DIRECT_B_CASES = [
+    Case(10, 784, 64, trans_a=True, pack_b=False),                # softmax regression's weight grad
+    Case(10, 784, 64, trans_a=True, accumulate=True, bias="col", relu=True, pack_b=False),
+    Case(5, 37, 300, bias="row", pack_b=False),
+    Case(12, 19, 513, trans_a=True, pack_b=False, split="m"),
+    Case(1, 3, 2, pack_b=False),
+]
+
 ALL_CASES = list(dict.fromkeys(SHAPE_CASES + EPILOGUE_CASES + OTHER_WIDTH_CASES
-                               + THREAD_CASES))
+                               + THREAD_CASES + DOT_CASES + DIRECT_B_CASES))
 
 
 def _compile_cases(cases) -> bytes:
@@ -218,7 +248,8 @@ def _run_concurrently(fn, args, nthreads):
 
 
 # ------------------------------------------------------------------ GEMM
-@pytest.mark.parametrize("case", SHAPE_CASES + EPILOGUE_CASES, ids=lambda c: c.name)
+@pytest.mark.parametrize("case", SHAPE_CASES + EPILOGUE_CASES + DOT_CASES + DIRECT_B_CASES,
+                         ids=lambda c: c.name)
 def test_gemm_matches_numpy(compiled, case):
     problem = Problem(case)
     problem.check(problem.run(compiled[case]))
@@ -230,7 +261,7 @@ def test_gemm_blocking_of_other_vector_widths(compiled, case):
     problem.check(problem.run(compiled[case]))
 
 
-@pytest.mark.parametrize("case", THREAD_CASES, ids=lambda c: c.name)
+@pytest.mark.parametrize("case", THREAD_CASES + DOT_CASES[:6] + DIRECT_B_CASES, ids=lambda c: c.name)
 @pytest.mark.parametrize("nthreads", [2, 3, 8])
 def test_gemm_threads_match_single_thread(compiled, case, nthreads):
     problem = Problem(case)
@@ -253,7 +284,7 @@ def test_gemm_is_repeatable_and_accumulates(compiled):
     problem = Problem(case)
     c = problem.C0.copy()
     args = (problem.A.ctypes.data, problem.B.ctypes.data, c.ctypes.data, None)
-    ws = np.empty(gemm_workspace_floats(case.M, case.N, case.K), np.float32)
+    ws = np.empty(case.plan().workspace_floats(1), np.float32)
     for _ in range(2):
         compiled[case](*args, ws.ctypes.data, 0, 1)
     product = problem.expected - problem.C0
@@ -266,6 +297,35 @@ def test_workspace_size_covers_every_thread():
         assert gemm_workspace_floats(37, 150, 300, trans_a=True,
                                      nthreads=nthreads) == plan.workspace_floats(nthreads)
         assert plan.workspace_floats(nthreads) >= nthreads * plan.kc * plan.strip_width
+
+
+def test_host_plan_picks_the_kernel_that_fills_the_vectors():
+    """Narrow N with B transposed: dot products along K; few row tiles: B read in place;
+    anything wide: the packed GEMM."""
+    width = target.vector_width_f32()
+    assert isinstance(plan_gemm(64, 10, 784, trans_b=True), DotPlan)
+    assert isinstance(plan_gemm(64, 1, 64, trans_b=True), DotPlan)
+    assert isinstance(plan_gemm(64, 10, 784, trans_a=True, trans_b=True), GemmPlan)
+    assert isinstance(plan_gemm(256, 8 * width, 784, trans_b=True), GemmPlan)
+    assert not plan_gemm(10, 784, 64, trans_a=True).pack_b
+    assert plan_gemm(64, 784, 64).pack_b
+    for M, N, K, ta, tb in [(64, 10, 784, False, True), (10, 784, 64, True, False)]:
+        plan = plan_gemm(M, N, K, trans_a=ta, trans_b=tb)
+        assert gemm_workspace_floats(M, N, K, trans_a=ta, trans_b=tb, nthreads=2) == plan.workspace_floats(2)
+
+
+def test_dot_plan_tiles_fit_the_registers():
+    """Accumulators, the tile's B vectors and one A vector fit the register file."""
+    chosen = 0
+    for M, N in [(64, 10), (64, 1), (3, 7), (100, 12), (5, 30)]:
+        for registers, width in [(16, 4), (16, 8), (32, 16)]:
+            plan = choose_dot_plan(M, N, 300, width=width, vector_registers=registers,
+                                   packed_strip_width=2 * width)
+            if plan is not None:
+                chosen += 1
+                assert plan.rows * plan.cols + plan.cols + 1 <= registers
+                assert plan.cols <= min(N, width) and plan.rows <= M
+    assert chosen >= 10
 
 
 def test_plan_blocks_k_evenly():
@@ -282,6 +342,8 @@ def test_emit_gemm_rejects_bad_arguments():
         emit_gemm(module, "g", 2, 2, 2, bias="diag")
     with pytest.raises(ValueError):
         emit_gemm(module, "g", 2, 2, 2, plan=choose_plan(3, 2, 2))
+    with pytest.raises(ValueError, match="dot-product plan"):
+        emit_gemm(module, "g", 2, 2, 2, plan=DotPlan(2, 2, 2, width=8, rows=1, cols=1, split="m"))
 
 
 def test_gemm_compiles_quickly():

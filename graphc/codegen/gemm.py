@@ -45,17 +45,21 @@ import llvmlite.ir as ir
 import sympy
 
 from graphc.codegen.expr import ExprEmitter
+from graphc.codegen.gemm_dot import DotEmitter, DotPlan, choose_dot_plan
 from graphc.codegen.kernel_builder import I1, I64, PTR, KernelBuilder
 from graphc.codegen.target import vector_register_count, vector_width_f32
 
-__all__ = ["GemmPlan", "choose_plan", "emit_gemm", "gemm_workspace_floats",
-           "GEMM_ARG_NAMES"]
+__all__ = ["GemmPlan", "DotPlan", "choose_plan", "plan_gemm", "emit_gemm",
+           "gemm_workspace_floats", "GEMM_ARG_NAMES"]
 
 # Signature of every generated GEMM: void(A, B, C, bias, workspace, tid, nthreads)
 GEMM_ARG_NAMES = ("A", "B", "C", "bias", "workspace", "tid", "nthreads")
 
 # Larger K blocks spill the packed panel out of L1 (512 measured much worse).
 MAX_K_BLOCK = 256
+
+# Row tiles of C up to which B (stored (K, N)) is read in place instead of packed.
+MAX_TILES_WITHOUT_PACKING = 2
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,6 +74,7 @@ class GemmPlan:
     vecs: int         # vectors per row of a register tile
     kc: int           # K block length
     split: str        # "n": threads share strips of N; "m": row tiles of M
+    pack_b: bool = True  # False: micro-kernels read B where it is stored (B stored (K, N) only)
 
     def __post_init__(self):
         if min(self.M, self.N, self.K) < 1:
@@ -117,6 +122,8 @@ class GemmPlan:
 
     def workspace_floats(self, nthreads: int = 1) -> int:
         """Scratch floats for `nthreads` threads: one packed panel each."""
+        if not self.pack_b:
+            return 1
         return max(1, nthreads) * self.panel_floats
 
 
@@ -154,20 +161,33 @@ def _register_tile(vector_registers: int) -> tuple[int, int]:
     return 6, 2
 
 
+def plan_gemm(M: int, N: int, K: int, *, trans_a: bool = False,
+              trans_b: bool = False) -> GemmPlan | DotPlan:
+    """The host's plan for a GEMM: dot products along K (gemm_dot.py) when B is transposed
+    and N too narrow to fill the packed GEMM's vectors, else the packed GEMM."""
+    packed = choose_plan(M, N, K)
+    if trans_b and not trans_a:
+        dot = choose_dot_plan(M, N, K, width=packed.width, vector_registers=vector_register_count(),
+                              packed_strip_width=packed.strip_width)
+        if dot is not None:
+            return dot
+    if not trans_b and packed.tiles <= MAX_TILES_WITHOUT_PACKING:
+        # A packed panel pays off by being read once per row tile; with one or two tiles the
+        # copy costs as much as it saves (logreg's weight gradient: 10 x 784 from K = 64).
+        return dataclasses.replace(packed, pack_b=False)
+    return packed
+
+
 def gemm_workspace_floats(M: int, N: int, K: int, *, trans_a: bool = False,
                           trans_b: bool = False, nthreads: int = 1) -> int:
-    """Floats of workspace that `emit_gemm`'s function needs for `nthreads`.
-
-    The transpose flags do not change the size today; they are accepted so
-    callers need not know that.
-    """
-    return choose_plan(M, N, K).workspace_floats(nthreads)
+    """Floats of workspace that `emit_gemm`'s function needs for `nthreads`."""
+    return plan_gemm(M, N, K, trans_a=trans_a, trans_b=trans_b).workspace_floats(nthreads)
 
 
 def emit_gemm(module: ir.Module, name: str, M: int, N: int, K: int, *,
               trans_a: bool = False, trans_b: bool = False,
               accumulate: bool = False, bias: str | None = None,
-              relu: bool = False, plan: GemmPlan | None = None,
+              relu: bool = False, plan: GemmPlan | DotPlan | None = None,
               epilogue=None, epilogue_operands: int = 0) -> ir.Function:
     """Add `void name(A, B, C, bias, workspace, tid, nthreads, E_1..E_k)` to `module`.
 
@@ -180,17 +200,21 @@ def emit_gemm(module: ir.Module, name: str, M: int, N: int, K: int, *,
     All pointers are float*; `bias` may be null when `bias` is None, and
     must hold N floats for bias="col" (added to every row) or M floats for
     bias="row" (added to every column).  `workspace` must hold
-    `gemm_workspace_floats(M, N, K, nthreads=nthreads)` floats.  `plan`
-    overrides the host's blocking (tests use it to cover other widths).
+    `gemm_workspace_floats(M, N, K, trans_a=..., trans_b=..., nthreads=nthreads)` floats.
+    `plan` overrides the host's choice (tests use it to cover other widths and both kernels).
     """
     if bias not in (None, "row", "col"):
         raise ValueError(f"bias must be None, 'row' or 'col', not {bias!r}")
-    plan = plan or choose_plan(M, N, K)
+    plan = plan or plan_gemm(M, N, K, trans_a=trans_a, trans_b=trans_b)
     if (plan.M, plan.N, plan.K) != (M, N, K):
         raise ValueError("plan was made for another shape")
+    if isinstance(plan, DotPlan) and (trans_a or not trans_b):
+        raise ValueError("a dot-product plan needs A stored (M, K) and B stored (N, K)")
     emitter = _GemmEmitter(module, name, plan, trans_a=trans_a, trans_b=trans_b,
                            accumulate=accumulate, bias=bias, relu=relu,
                            epilogue=epilogue, epilogue_operands=epilogue_operands)
+    if isinstance(plan, DotPlan):
+        return DotEmitter(emitter, plan).emit()
     return emitter.emit()
 
 
@@ -230,9 +254,9 @@ class _GemmEmitter:
         self.extras = epilogue_operands
 
     # ------------------------------------------------------------ driver
-    def emit(self) -> ir.Function:
-        """The driver: K blocks > this thread's strips > row tiles."""
-        p = self.plan
+    def driver_function(self):
+        """The public function `name(A, B, C, bias, workspace, tid, nthreads, E_1..E_k)`:
+        (function, its KernelBuilder, its first seven arguments, the E arguments)."""
         fn = ir.Function(self.module, ir.FunctionType(
             ir.VoidType(), [PTR] * 5 + [I64, I64] + [PTR] * self.extras), name=self.name)
         for arg, arg_name in zip(fn.args, GEMM_ARG_NAMES + tuple(f"E{i + 1}" for i in range(self.extras))):
@@ -240,9 +264,13 @@ class _GemmEmitter:
         # An epilogue operand may be C itself (a param updated in place): C is then not noalias.
         for arg in fn.args[:5] if not self.extras else (fn.args[0], fn.args[1], fn.args[3], fn.args[4]):
             arg.add_attribute("noalias")
-        a, b, c, bias, workspace, tid, nthreads = fn.args[:7]
-        extras = tuple(fn.args[7:])
-        kb = KernelBuilder(ir.IRBuilder(fn.append_basic_block("entry")), p.width)
+        kb = KernelBuilder(ir.IRBuilder(fn.append_basic_block("entry")), self.plan.width)
+        return fn, kb, fn.args[:7], tuple(fn.args[7:])
+
+    def emit(self) -> ir.Function:
+        """The driver: K blocks > this thread's strips > row tiles."""
+        p = self.plan
+        fn, kb, (a, b, c, bias, workspace, tid, nthreads), extras = self.driver_function()
 
         if p.split == "n":
             strips = kb.split_range(p.strips, tid, nthreads)
@@ -250,8 +278,8 @@ class _GemmEmitter:
         else:
             strips = (kb.i64(0), kb.i64(p.strips))
             tiles = kb.split_range(p.tiles, tid, nthreads)
-        operands = _Operands(a, b, c, bias,
-                             panel=kb.gep(workspace, kb.mul(tid, p.panel_floats)), extras=extras)
+        panel = kb.gep(workspace, kb.mul(tid, p.panel_floats)) if p.pack_b else None
+        operands = _Operands(a, b, c, bias, panel=panel, extras=extras)
 
         # A thread beyond the number of work units has an empty share; it
         # must not even pack (its workspace slice may not exist).
@@ -278,23 +306,31 @@ class _GemmEmitter:
         p = self.plan
         strip_lo, strip_hi = strips
         if p.full_strips:
-            pack = self._pack_function(p.vecs, p.strip_width)
             with kb.for_range(strip_lo, kb.min(strip_hi, p.full_strips),
                               name="strip", unroll="no-runtime") as strip:
                 j0 = kb.mul(strip, p.strip_width)
-                self._call_pack(kb, pack, ops, block, j0)
-                self._emit_row_tiles(kb, ops, block, tiles, j0, p.vecs, p.strip_width)
+                self._emit_strip(kb, ops, block, tiles, j0, p.vecs, p.strip_width)
         if p.tail_cols:
             # The narrow last strip belongs to the thread whose share ends N.
             vecs = math.ceil(p.tail_cols / p.width)
-            pack = self._pack_function(vecs, p.tail_cols)
             with kb.if_then(kb.b.icmp_signed("==", strip_hi, kb.i64(p.strips))):
                 j0 = kb.i64(p.full_strips * p.strip_width)
-                self._call_pack(kb, pack, ops, block, j0)
-                self._emit_row_tiles(kb, ops, block, tiles, j0, vecs, p.tail_cols)
+                self._emit_strip(kb, ops, block, tiles, j0, vecs, p.tail_cols)
 
-    def _emit_row_tiles(self, kb, ops, block, tiles, j0, vecs, cols):
-        """This thread's row tiles of the packed strip of columns [j0, j0+cols)."""
+    def _emit_strip(self, kb, ops, block, tiles, j0, vecs, cols):
+        """Pack the strip of columns [j0, j0+cols) (unless B is read in place), then its tiles."""
+        if self.plan.pack_b:
+            self._call_pack(kb, self._pack_function(vecs, cols), ops, block, j0)
+            panel, panel_stride = ops.panel, kb.i64(vecs * self.plan.width)
+        else:  # the "panel" is B itself: row k of the strip at (k0 + k) * N + j0
+            panel = kb.gep(ops.b, kb.add(kb.mul(block.k0, self.plan.N), j0))
+            panel_stride = kb.i64(self.plan.N)
+        self._emit_row_tiles(kb, ops._replace(panel=panel), block, tiles, j0, vecs, cols,
+                             panel_stride)
+
+    def _emit_row_tiles(self, kb, ops, block, tiles, j0, vecs, cols, panel_stride):
+        """This thread's row tiles of the strip of columns [j0, j0+cols), whose row k is at
+        ops.panel + k * panel_stride."""
         p = self.plan
         tile_lo, tile_hi = tiles
         if p.full_tiles:
@@ -302,20 +338,20 @@ class _GemmEmitter:
             with kb.for_range(tile_lo, kb.min(tile_hi, p.full_tiles),
                               name="tile", unroll="no-runtime") as tile:
                 self._call_micro_kernel(kb, kernel, ops, block,
-                                        kb.mul(tile, p.rows), j0)
+                                        kb.mul(tile, p.rows), j0, panel_stride)
         if p.tail_rows:
             # The short last tile belongs to the thread whose share ends M.
             kernel = self._micro_kernel(p.tail_rows, vecs, cols)
             with kb.if_then(kb.b.icmp_signed("==", tile_hi, kb.i64(p.tiles))):
                 self._call_micro_kernel(kb, kernel, ops, block,
-                                        kb.i64(p.full_tiles * p.rows), j0)
+                                        kb.i64(p.full_tiles * p.rows), j0, panel_stride)
 
     def _call_pack(self, kb, pack, ops, block, j0):
         # B's leading dimension: its row length, N stored (K, N), K stored (N, K).
         ldb = self.plan.K if self.trans_b else self.plan.N
         kb.b.call(pack, [ops.b, ops.panel, block.k0, block.kc, j0, kb.i64(ldb)])
 
-    def _call_micro_kernel(self, kb, kernel, ops, block, i0, j0):
+    def _call_micro_kernel(self, kb, kernel, ops, block, i0, j0, panel_stride):
         """Call `kernel` on the tile of C at row i0, column j0."""
         p = self.plan
         if self.trans_a:   # A stored (K, M): element (i, k) at k*M + i
@@ -333,10 +369,10 @@ class _GemmEmitter:
         extra_tiles = [kb.gep(extra, c_offset) for extra in ops.extras]
         lda = p.M if self.trans_a else p.K
         kb.b.call(kernel, [a_tile, ops.panel, c_tile, bias_tile, block.kc, block.load_c,
-                           block.is_last, kb.i64(lda), kb.i64(p.N)] + extra_tiles)
+                           block.is_last, kb.i64(lda), kb.i64(p.N), panel_stride] + extra_tiles)
 
     # ------------------------------------------------------------ helpers
-    def _internal_function(self, kind, variant, arg_types):
+    def internal_function(self, kind, variant, arg_types):
         """The module's helper function `kind` for `variant` (everything its
         code depends on): made on first use, shared by every GEMM after."""
         digest = hashlib.sha1(repr((self.plan.width,) + variant).encode()).hexdigest()[:10]
@@ -362,7 +398,7 @@ class _GemmEmitter:
         into panel rows of vecs*W floats; columns past `cols` are zero so the
         micro-kernel can use full vectors (padding lanes are never stored).
         `ldb` is the length of B's stored rows."""
-        fn, kb = self._internal_function(f"pack{cols}", (self.trans_b, vecs, cols),
+        fn, kb = self.internal_function(f"pack{cols}", (self.trans_b, vecs, cols),
                                          [PTR, PTR, I64, I64, I64, I64])
         if kb is None:
             return fn
@@ -425,25 +461,27 @@ class _GemmEmitter:
             pack_block(kc_whole, kb.lane_mask_dynamic(kb.sub(kc, kc_whole)))
 
     def _micro_kernel(self, rows: int, vecs: int, cols: int) -> ir.Function:
-        """`micro(A_tile, panel, C_tile, bias_tile, kc, load_c, is_last, lda, ldc, E_tiles)`:
+        """`micro(A_tile, panel, C_tile, bias_tile, kc, load_c, is_last, lda, ldc, ldp, E_tiles)`:
         C_tile[rows, cols] = (C_tile if load_c else 0) + A_tile @ panel
         over kc, then bias, relu and the epilogue if is_last.  `cols` may be
         less than vecs*W only on the last vector, which is then masked.
-        `lda` is the length of A's stored rows, `ldc` that of C's (and E's)."""
-        variant = (rows, vecs, cols, self.trans_a, self.bias, self.relu,
-                   None if self.epilogue is None else sympy.srepr(self.epilogue), self.extras)
-        fn, kb = self._internal_function(
+        `lda` is the length of A's stored rows, `ldc` that of C's (and E's),
+        `ldp` that of the panel's (B's own rows when B is not packed: the last
+        vector of a narrow strip is then loaded masked, B has no padding)."""
+        direct = not self.plan.pack_b
+        variant = (rows, vecs, cols, self.trans_a, direct) + self.epilogue_key()
+        fn, kb = self.internal_function(
             f"micro{rows}x{cols}", variant,
-            [PTR, PTR, PTR, PTR, I64, I1, I1, I64, I64] + [PTR] * self.extras)
+            [PTR, PTR, PTR, PTR, I64, I1, I1, I64, I64, I64] + [PTR] * self.extras)
         if kb is None:
             return fn
-        a, panel, c, bias, kc, load_c, is_last, lda, ldc = fn.args[:9]
+        a, panel, c, bias, kc, load_c, is_last, lda, ldc, panel_stride = fn.args[:10]
         width = self.plan.width
         masks = [None if lanes == width else kb.lane_mask(lanes)
                  for lanes in (min(width, cols - v * width) for v in range(vecs))]
         # Row r of the C tile, and of each epilogue operand's tile.
         c_rows = [kb.gep(c, kb.mul(r, ldc)) for r in range(rows)]
-        extra_rows = [[kb.gep(e, kb.mul(r, ldc)) for e in fn.args[9:]] for r in range(rows)]
+        extra_rows = [[kb.gep(e, kb.mul(r, ldc)) for e in fn.args[10:]] for r in range(rows)]
 
         tile = list(itertools.product(range(rows), range(vecs)))  # (r, v) pairs
 
@@ -451,16 +489,16 @@ class _GemmEmitter:
         acc = {rv: kb.variable(kb.splat(0.0)) for rv in tile}
         with kb.if_then(load_c):
             for r, v in tile:
-                kb.set(acc[r, v], self._load_masked(kb, c_rows[r], v * width, masks[v]))
+                kb.set(acc[r, v], self.load_masked(kb, c_rows[r], v * width, masks[v]))
 
         # The k loop: one broadcast of A per row, one fma per accumulator.
         # A stored (K, M): element (r, k) at k*lda + r; stored (M, K): at r*lda + k.
         a_row_stride, a_k_stride = (1, lda) if self.trans_a else (lda, 1)
         a_rows = [kb.mul(r, a_row_stride) for r in range(rows)]
-        panel_stride = vecs * width
+        b_masks = masks if direct else [None] * vecs  # a packed panel is zero-padded
         with kb.for_range(0, kc, name="k", unroll="no-runtime") as k:
             b_row = kb.gep(panel, kb.mul(k, panel_stride))
-            b_vecs = [kb.load_vec(b_row, v * width) for v in range(vecs)]
+            b_vecs = [self.load_masked(kb, b_row, v * width, b_masks[v]) for v in range(vecs)]
             a_col = kb.gep(a, kb.mul(k, a_k_stride))
             for r in range(rows):
                 a_bcast = kb.splat(kb.load(a_col, a_rows[r]))
@@ -470,35 +508,40 @@ class _GemmEmitter:
         if self.bias or self.relu or self.epilogue is not None:
             with kb.if_then(is_last):
                 for r, v in tile:
-                    kb.set(acc[r, v], self._epilogue(kb, kb.get(acc[r, v]), bias,
+                    kb.set(acc[r, v], self.apply_epilogue(kb, kb.get(acc[r, v]), bias,
                                                      r, v, masks[v], extra_rows[r]))
         for r, v in tile:
-            self._store_masked(kb, kb.get(acc[r, v]), c_rows[r], v * width, masks[v])
+            self.store_masked(kb, kb.get(acc[r, v]), c_rows[r], v * width, masks[v])
         kb.b.ret_void()
         return fn
 
-    def _epilogue(self, kb, value, bias, r, v, mask, extra_rows):
+    def epilogue_key(self) -> tuple:
+        """Everything the epilogue's code depends on (part of every helper's name)."""
+        return (self.bias, self.relu, None if self.epilogue is None else sympy.srepr(self.epilogue),
+                self.extras)
+
+    def apply_epilogue(self, kb, value, bias, r, v, mask, extra_rows):
         """bias, relu, then the elementwise epilogue on the accumulator of row r, vector v;
         `extra_rows` holds row r of each epilogue operand's tile."""
         if self.bias == "col":
-            value = kb.fadd(value, self._load_masked(kb, bias, v * kb.width, mask))
+            value = kb.fadd(value, self.load_masked(kb, bias, v * kb.width, mask))
         elif self.bias == "row":
             value = kb.fadd(value, kb.splat(kb.load(bias, r)))
         if self.relu:
             value = kb.relu(value)
         if self.epilogue is not None:
-            operands = [value] + [self._load_masked(kb, e, v * kb.width, mask) for e in extra_rows]
+            operands = [value] + [self.load_masked(kb, e, v * kb.width, mask) for e in extra_rows]
             value = ExprEmitter(kb, operands).emit_all([self.epilogue])[0]
         return value
 
     @staticmethod
-    def _load_masked(kb, ptr, offset, mask):
+    def load_masked(kb, ptr, offset, mask):
         if mask is None:
             return kb.load_vec(ptr, offset)
         return kb.masked_load_vec(ptr, offset, mask)
 
     @staticmethod
-    def _store_masked(kb, value, ptr, offset, mask):
+    def store_masked(kb, value, ptr, offset, mask):
         if mask is None:
             kb.store_vec(value, ptr, offset)
         else:
