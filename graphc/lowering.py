@@ -72,6 +72,10 @@ def plan_steps(graph, outputs: list[Tensor]) -> list[Step]:
                 epilogue = _elementwise_epilogue(node, consumers)
             if epilogue is not None and epilogue.node.id in absorbed:
                 epilogue = None  # a sum of two products: the other product already took it
+        elif node.op in POOL_GRAD_OPS and node.id not in output_ids:
+            epilogue = _elementwise_epilogue(node, consumers)
+            if epilogue is not None and epilogue.node.id in absorbed:
+                epilogue = None
         if epilogue is not None:
             absorbed.add(epilogue.node.id)
         steps.append(_LOWERINGS[node.op](node, epilogue))
@@ -102,25 +106,32 @@ class _Epilogue:
 # block (see emit_gemm); more operands than this would spill the micro-kernel's registers.
 MAX_EPILOGUE_OPERANDS = 4
 
+# Pooling gradients that take their elementwise consumer (ReLU's backward) as an epilogue.
+POOL_GRAD_OPS = ("avg_pool2d_grad", "max_pool2d_grad")
+
 
 def _elementwise_epilogue(producer: Tensor, consumers: _Consumers) -> _Epilogue | None:
-    """An elementwise consumer of a GEMM whose other operands are all (M, N) matrices: the SGD
-    update of a weight from its gradient, ReLU's backward after an input gradient, ..."""
+    """An elementwise consumer of a GEMM (or pooling gradient) whose other operands all have its
+    shape: the SGD update of a weight from its gradient, ReLU's backward after an input
+    gradient, ..."""
     from .codegen.gemm import MAX_K_BLOCK
     user = consumers.only(producer)
     if user is None or user.op != "ew" or user.shape != producer.shape:
         return None
     others = [t for t in user.inputs if t is not producer]
-    k = producer.inputs[0].shape[1]
-    if (k > MAX_K_BLOCK or len(others) > MAX_EPILOGUE_OPERANDS
+    if producer.op == "matmul" and producer.inputs[0].shape[1] > MAX_K_BLOCK:
+        return None
+    if (len(others) > MAX_EPILOGUE_OPERANDS
             or any(t.shape != producer.shape or t.dtype != "float32" for t in others)):
         return None
-    product_operands = {alias_root(t).id for t in producer.inputs} | \
-        {alias_root(t.inputs[0]).id for t in producer.inputs if _is_2d_swap(t)}
-    if any(alias_root(t).id in product_operands for t in others):
-        # The fused step may write its result over an operand (a param updated in place); the
-        # GEMM must not be reading that same buffer as A or B meanwhile.
-        return None
+    if producer.op == "matmul":
+        product_operands = {alias_root(t).id for t in producer.inputs} | \
+            {alias_root(t.inputs[0]).id for t in producer.inputs if _is_2d_swap(t)}
+        if any(alias_root(t).id in product_operands for t in others):
+            # The fused step may write its result over an operand (a param updated in place);
+            # the GEMM must not be reading that same buffer as A or B meanwhile. (A pooling
+            # gradient reads each input plane before writing the same plane of its result.)
+            return None
     renames = {symbol(i): symbol(0) if t is producer else symbol(1 + others.index(t))
                for i, t in enumerate(user.inputs)}
     return _Epilogue(user, expr=user.attrs["expr"].xreplace(renames), operands=tuple(others))
@@ -237,15 +248,18 @@ def _conv2d_weight_grad(node, _epilogue):
 
 
 def _pool(emitter_name, x_shape_of):
-    def lower(node, _epilogue):
+    def lower(node, epilogue):
         from .codegen import pool_kernels
         emit = getattr(pool_kernels, emitter_name)
         a = node.attrs
         x_shape = x_shape_of(node)
-        return Step(node, list(node.inputs),
+        fused = {} if epilogue is None else dict(epilogue=epilogue.expr, epilogue_operands=len(epilogue.operands))
+        extras = [] if epilogue is None else list(epilogue.operands)
+        return Step(epilogue.node if epilogue else node, list(node.inputs) + extras,
                     lambda m, name, threads: emit(m, name, x_shape, a["kernel"], a["stride"], a["padding"],
-                                                  max_threads=threads),
-                    node.op, [node], flops=node.size * math.prod(a["kernel"]))
+                                                  max_threads=threads, **fused),
+                    node.op + ("+ew" if epilogue else ""), [node] + ([epilogue.node] if epilogue else []),
+                    flops=node.size * math.prod(a["kernel"]))
     return lower
 
 

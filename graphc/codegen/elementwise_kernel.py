@@ -85,6 +85,16 @@ def emit_elementwise(module, name: str, out_shape, operand_shapes, expr: sympy.E
     return Kernel([fn])
 
 
+def emit_elementwise_epilogue(kb, expr: sympy.Expr, target, operands, count) -> None:
+    """target[i] = expr(target[i], operands[0][i], ...) for i < count, in place: an elementwise
+    consumer fused into the kernel that just wrote `target` (while it is still in cache). Every
+    operand is contiguous and indexed like `target`."""
+    pointers = [target] + list(operands)
+    zero = kb.i64(0)
+    _inner_loop(kb, expr, target, zero, (pointers, [[1]] * len(pointers)), [zero] * len(pointers),
+                zero, kb.as_i64(count))
+
+
 class _RegisterMathEmitter(ExprEmitter):
     """An ExprEmitter computing exp and log in registers: llvm.exp and llvm.log on a vector
     become one libm call per lane, which took most of a small step's sigmoid and softplus

@@ -27,6 +27,7 @@ from typing import Callable, Iterator, Sequence
 import llvmlite.ir as ir
 
 from .conv_kernels import emit_fill_zero, splat_i32
+from .elementwise_kernel import emit_elementwise_epilogue
 from .kernel import Kernel, phase_args, phase_function
 from .kernel_builder import I32, I64, KernelBuilder
 from .window import WindowGeometry
@@ -115,15 +116,16 @@ def emit_max_pool2d(module: ir.Module, name: str, x_shape, kernel, stride, paddi
 
 
 def emit_avg_pool2d_grad(module: ir.Module, name: str, x_shape, kernel, stride, padding, *,
-                         max_threads: int) -> Kernel:
-    """out = dL/dx (shape x_shape) of avg_pool2d from its output gradient; input g.
+                         max_threads: int, epilogue=None, epilogue_operands: int = 0) -> Kernel:
+    """out = dL/dx (shape x_shape) of avg_pool2d from its output gradient; inputs g, then the
+    `epilogue_operands` operands of `epilogue` (see `_fused_epilogue`).
 
     Zeroes each dx plane, then adds g / (kh*kw) into every in-image cell of each window, one
     window at a time (windows may overlap, so vector lanes could collide).
     """
     geometry = PoolGeometry.from_attrs(x_shape, kernel, stride, padding)
-    fn, kb = phase_function(module, name, 1)
-    out, (g,), _, tid, nthreads = phase_args(fn)
+    fn, kb = phase_function(module, name, 1 + epilogue_operands)
+    out, (g, *extras), _, tid, nthreads = phase_args(fn)
     with _my_planes(kb, geometry, tid, nthreads) as plane:
         dx_plane, g_plane = _in_plane(kb, geometry, out, plane), _out_plane(kb, geometry, g, plane)
         emit_fill_zero(kb, dx_plane, kb.i64(geometry.in_plane))
@@ -134,13 +136,15 @@ def emit_avg_pool2d_grad(module: ir.Module, name: str, x_shape, kernel, stride, 
                 kb.fadd(kb.load(dx_plane, offset), share), dx_plane, offset))
 
         _emit_each_window(kb, geometry, spread, vectorize=False)
+        _fused_epilogue(kb, geometry, epilogue, dx_plane, extras, plane)
     kb.b.ret_void()
     return _one_phase_kernel(fn, max_threads)
 
 
 def emit_max_pool2d_grad(module: ir.Module, name: str, x_shape, kernel, stride, padding, *,
-                         max_threads: int) -> Kernel:
-    """out = dL/dx of max_pool2d; inputs x and g (the output gradient).
+                         max_threads: int, epilogue=None, epilogue_operands: int = 0) -> Kernel:
+    """out = dL/dx of max_pool2d; inputs x and g (the output gradient), then the
+    `epilogue_operands` operands of `epilogue` (see `_fused_epilogue`).
 
     Per plane, two loops: the first finds every window's winner (the offset of its first
     maximal cell) into this thread's scratch, vectorized like the forward pass; the second
@@ -148,8 +152,8 @@ def emit_max_pool2d_grad(module: ir.Module, name: str, x_shape, kernel, stride, 
     may share a winner).
     """
     geometry = PoolGeometry.from_attrs(x_shape, kernel, stride, padding)
-    fn, kb = phase_function(module, name, 2)
-    out, (x, g), scratch, tid, nthreads = phase_args(fn)
+    fn, kb = phase_function(module, name, 2 + epilogue_operands)
+    out, (x, g, *extras), scratch, tid, nthreads = phase_args(fn)
     # One i32 offset per window (a plane has < 2**31 cells), in one float slot each; each
     # thread's array starts on its own cache line.
     winners_floats = -(-geometry.out_plane // _CACHE_LINE_FLOATS) * _CACHE_LINE_FLOATS
@@ -170,6 +174,7 @@ def emit_max_pool2d_grad(module: ir.Module, name: str, x_shape, kernel, stride, 
             slot = kb.b.gep(winners, [o], inbounds=True, source_etype=I32)
             winner = kb.b.sext(kb.b.load(slot, typ=I32), I64)
             kb.store(kb.fadd(kb.load(dx_plane, winner), kb.load(g_plane, o)), dx_plane, winner)
+        _fused_epilogue(kb, geometry, epilogue, dx_plane, extras, plane)
     kb.b.ret_void()
     return _one_phase_kernel(fn, max_threads, scratch_per_thread=winners_floats)
 
@@ -189,6 +194,16 @@ def _emit_window_argmax(kb: KernelBuilder, window, x_plane: ir.Value):
         return [kb.b.select(takes_over, value, best), kb.b.select(takes_over, offset, winner)]
 
     return window.fold(x_plane, list(window.first_cell(x_plane)), step)
+
+
+def _fused_epilogue(kb: KernelBuilder, geometry: PoolGeometry, epilogue, dx_plane, extras, plane) -> None:
+    """dx = epilogue(dx, E1, ...) over a finished dx plane while it is in L1: the elementwise
+    consumer of a pooling gradient (ReLU's backward, x1*Step(x0)) fused into it. Each E is a
+    buffer of dx's shape; x0 in `epilogue` is dx, x1.. the E's."""
+    if epilogue is None:
+        return
+    extra_planes = [_in_plane(kb, geometry, extra, plane) for extra in extras]
+    emit_elementwise_epilogue(kb, epilogue, dx_plane, extra_planes, geometry.in_plane)
 
 
 def _one_phase_kernel(fn: ir.Function, max_threads: int, scratch_per_thread: int = 0) -> Kernel:
