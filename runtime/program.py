@@ -93,6 +93,7 @@ class Program:
         self._entry_address = library.address(entry)
         self._entry_function = EntryFunction(self._entry_address)
         self._lock = threading.Lock()
+        self._fast_call_scalar = None if self._scalar_output is None else _specialized_call_scalar(self)
 
     @property
     def num_threads(self) -> int:
@@ -117,14 +118,9 @@ class Program:
         A training step's fast path: the output is written to a buffer the program reuses, so
         a call allocates no array and converts none to a number.
         """
-        if self._scalar_output is None:
+        if self._fast_call_scalar is None:
             raise TypeError(f"{self!r} does not have exactly one output of one element")
-        _, address, position, value = self._scalar_output
-        with self._lock:
-            inputs = self._bind_inputs(feeds)
-            self._argv[position] = address  # a __call__ in between bound a fresh output there
-            self._run_entry(inputs)
-            return value.value
+        return self._fast_call_scalar(feeds)
 
     def _bind_inputs(self, feeds: Mapping[str, object]) -> list[np.ndarray]:
         """Validate every feed and write its address into the argument vector; the arrays bound.
@@ -187,6 +183,49 @@ class Program:
     def __repr__(self) -> str:
         listing = ", ".join(f"{type(slot).__name__}({slot.name!r})" for slot in self.slots)
         return f"<Program {self.entry!r} max_threads={self.max_threads} [{listing}]>"
+
+
+def _specialized_call_scalar(program: Program):
+    """`call_scalar` for this program, as straight-line Python made for its inputs.
+
+    What `_bind_inputs` and `_run_entry` do in loops over the inputs is written out once per
+    input, with every constant a local: a small step's native code takes about a microsecond,
+    and the generic loops cost as much again. Any feed that is not a C-contiguous array of the
+    input's exact shape and dtype goes through `Input.prepare`, as in `__call__`.
+    """
+    _, address, output_position, value = program._scalar_output
+    namespace = {
+        "ndarray": np.ndarray, "pointer": unchecked_data_pointer, "argv": program._argv,
+        "lock": program._lock, "names": program._input_names, "ignored": program._ignored_inputs,
+        "names_error": program._feed_names_error, "entry": program._entry_function,
+        "argv_pointer": program._argv_pointer, "TID_0": _TID_0, "ONE_THREAD": _ONE_THREAD,
+        "get_num_threads": get_num_threads, "team": default_team, "entry_address": program._entry_address,
+        "argv_address": program._argv_address, "max_threads": program.max_threads,
+        "output_address": address, "value": value,
+    }
+    lines = ["def call_scalar(feeds):",
+             "    keys = feeds.keys()",
+             "    if keys != names and keys - ignored != names:",
+             "        raise names_error(feeds)",
+             "    with lock:"]
+    for i, (slot, position) in enumerate(_plan_of(Input, program.slots)):
+        namespace.update({f"dtype{i}": slot.dtype, f"shape{i}": slot.shape, f"prepare{i}": slot.prepare})
+        lines += [f"        v{i} = feeds[{slot.name!r}]",
+                  f"        if (type(v{i}) is ndarray and v{i}.dtype is dtype{i} and v{i}.shape == shape{i}"
+                  f" and v{i}.flags.c_contiguous and {slot.valid_range is None}):",
+                  "            pass",
+                  "        else:",
+                  f"            v{i} = prepare{i}(v{i})",
+                  f"        argv[{position}] = pointer(v{i})"]
+    # The v's stay referenced until the function returns: converted copies outlive the native call.
+    lines += [f"        argv[{output_position}] = output_address  # a __call__ may have bound another",
+              "        if max_threads == 1 or get_num_threads() == 1:",
+              "            entry(argv_pointer, TID_0, ONE_THREAD)",
+              "        else:",
+              "            team().run(entry_address, argv_address, min(get_num_threads(), max_threads))",
+              "        return value.value"]
+    exec(compile("\n".join(lines), f"<call_scalar of {program.entry}>", "exec"), namespace)  # noqa: S102
+    return namespace["call_scalar"]
 
 
 def _plan_of(kind: type, slots: Sequence[Slot]) -> tuple[tuple[Slot, int], ...]:
