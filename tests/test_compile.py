@@ -205,23 +205,24 @@ def test_sgd_update_fuses_into_the_weight_gradient_gemm():
     assert sum(label.startswith("gemmT") and label.endswith("+ew") for label in labels) == 2, labels
 
 
-@pytest.mark.parametrize("pool, kernel, stride, padding", [
-    ("avg", 2, 2, 0),        # LeNet's: windows tile the image
-    ("avg", 3, 2, 1),        # overlapping windows, padding, a ragged edge
-    ("max", 2, 2, 0),
-    ("max", 3, 1, 1),
+@pytest.mark.parametrize("pool, kernel, stride, padding, image", [
+    ("avg", 2, 2, 0, (8, 16)),   # LeNet's: windows tile the image (epilogue on each vector)
+    ("avg", 2, 2, 0, (7, 9)),    # ... but for a ragged edge (epilogue over the finished plane)
+    ("avg", 3, 2, 1, (7, 9)),    # overlapping windows, padding
+    ("max", 2, 2, 0, (7, 9)),
+    ("max", 3, 1, 1, (7, 9)),
 ])
-def test_relu_backward_fuses_into_the_pooling_gradient(pool, kernel, stride, padding):
+def test_relu_backward_fuses_into_the_pooling_gradient(pool, kernel, stride, padding, image):
     """relu -> pool: the backward's x1*Step(x0) becomes the pooling gradient's epilogue, and the
     fused kernel's gradients match the reference."""
     g = gc.Graph("relu_pool")
-    x = g.input("x", (3, 2, 7, 9))
+    x = g.input("x", (3, 2) + image)
     w = g.param("w", (4, 2, 3, 3))
     h = gc.relu(gc.conv2d(x, w, padding="same"))
     pooled = (gc.avg_pool2d if pool == "avg" else gc.max_pool2d)(h, kernel, stride=stride, padding=padding)
     loss = gc.sum(pooled * pooled)
     params = gc.init_params(g, seed=3)
-    feeds = {"x": np.random.default_rng(4).standard_normal((3, 2, 7, 9)).astype(np.float32)}
+    feeds = {"x": np.random.default_rng(4).standard_normal((3, 2) + image).astype(np.float32)}
     fn = gc.compile(gc.grad(loss, w), params)
     assert f"{pool}_pool2d_grad+ew" in [step.label for step in fn.steps]
     assert_matches(fn(**feeds), gc.evaluate(gc.grad(loss, w), feeds, params))

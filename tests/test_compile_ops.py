@@ -23,6 +23,12 @@ OPS = {
     "conv2d_full": lambda g: gc.conv2d(g.param("x", (1, 2, 5, 5)), g.param("w", (2, 2, 3, 3)), padding="full"),
     "conv2d_even_same": lambda g: gc.conv2d(g.param("x", (2, 1, 6, 6)), g.param("w", (2, 1, 4, 4)), padding="same"),
     "avg_pool2d": lambda g: gc.avg_pool2d(g.param("x", (2, 3, 7, 7)), 3, stride=2, padding=1),
+    # Windows tiling the image (the gradient's vector path): whole vectors, a ragged edge,
+    # a row narrower than a vector, kernels of 1, 2 and 4 columns.
+    "avg_pool2d_tiled": lambda g: gc.avg_pool2d(g.param("x", (2, 3, 28, 28)), 2),
+    "avg_pool2d_tiled_ragged": lambda g: gc.avg_pool2d(g.param("x", (1, 2, 11, 13)), 2),
+    "avg_pool2d_tiled_narrow": lambda g: gc.avg_pool2d(g.param("x", (3, 1, 6, 5)), (3, 1)),
+    "avg_pool2d_tiled_wide": lambda g: gc.avg_pool2d(g.param("x", (1, 2, 8, 36)), (2, 4)),
     "max_pool2d": lambda g: gc.max_pool2d(g.param("x", (2, 3, 8, 7)), 2, padding=1),
     "global_avg_pool2d": lambda g: gc.global_avg_pool2d(g.param("x", (3, 4, 5, 6))),
     "relu": unary(gc.relu),

@@ -95,6 +95,12 @@ def emit_elementwise_epilogue(kb, expr: sympy.Expr, target, operands, count) -> 
                 zero, kb.as_i64(count))
 
 
+def emit_expr(kb, expr: sympy.Expr, vectors) -> ir.Value:
+    """expr(x0, x1, ...) on vectors, with exp and log computed in registers (as the
+    elementwise kernels do): for kernels that apply a fused elementwise consumer themselves."""
+    return _RegisterMathEmitter(kb, list(vectors)).emit_all([expr])[0]
+
+
 class _RegisterMathEmitter(ExprEmitter):
     """An ExprEmitter computing exp and log in registers: llvm.exp and llvm.log on a vector
     become one libm call per lane, which took most of a small step's sigmoid and softplus

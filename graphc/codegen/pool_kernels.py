@@ -27,7 +27,7 @@ from typing import Callable, Iterator, Sequence
 import llvmlite.ir as ir
 
 from .conv_kernels import emit_fill_zero, splat_i32
-from .elementwise_kernel import emit_elementwise_epilogue
+from .elementwise_kernel import emit_elementwise_epilogue, emit_expr
 from .kernel import Kernel, phase_args, phase_function
 from .kernel_builder import I32, I64, KernelBuilder
 from .window import WindowGeometry
@@ -121,22 +121,29 @@ def emit_avg_pool2d_grad(module: ir.Module, name: str, x_shape, kernel, stride, 
     `epilogue_operands` operands of `epilogue` (see `_fused_epilogue`).
 
     Zeroes each dx plane, then adds g / (kh*kw) into every in-image cell of each window, one
-    window at a time (windows may overlap, so vector lanes could collide).
+    window at a time (windows may overlap, so vector lanes could collide). Windows that tile
+    the image (LeNet's 2x2, stride 2) take the vector path of `_emit_tiled_spread` instead.
     """
     geometry = PoolGeometry.from_attrs(x_shape, kernel, stride, padding)
     fn, kb = phase_function(module, name, 1 + epilogue_operands)
     out, (g, *extras), _, tid, nthreads = phase_args(fn)
     with _my_planes(kb, geometry, tid, nthreads) as plane:
         dx_plane, g_plane = _in_plane(kb, geometry, out, plane), _out_plane(kb, geometry, g, plane)
-        emit_fill_zero(kb, dx_plane, kb.i64(geometry.in_plane))
+        if _windows_tile_rows(geometry, kb.width):
+            fused = _emit_tiled_spread(kb, geometry, dx_plane, g_plane, epilogue,
+                                       [_in_plane(kb, geometry, extra, plane) for extra in extras])
+            if not fused:
+                _fused_epilogue(kb, geometry, epilogue, dx_plane, extras, plane)
+        else:
+            emit_fill_zero(kb, dx_plane, kb.i64(geometry.in_plane))
 
-        def spread(window):
-            share = kb.b.fdiv(kb.load(g_plane, window.out_index), kb.f32(geometry.taps))
-            window.for_each_offset(lambda offset: kb.store(
-                kb.fadd(kb.load(dx_plane, offset), share), dx_plane, offset))
+            def spread(window):
+                share = kb.b.fdiv(kb.load(g_plane, window.out_index), kb.f32(geometry.taps))
+                window.for_each_offset(lambda offset: kb.store(
+                    kb.fadd(kb.load(dx_plane, offset), share), dx_plane, offset))
 
-        _emit_each_window(kb, geometry, spread, vectorize=False)
-        _fused_epilogue(kb, geometry, epilogue, dx_plane, extras, plane)
+            _emit_each_window(kb, geometry, spread, vectorize=False)
+            _fused_epilogue(kb, geometry, epilogue, dx_plane, extras, plane)
     kb.b.ret_void()
     return _one_phase_kernel(fn, max_threads)
 
@@ -194,6 +201,62 @@ def _emit_window_argmax(kb: KernelBuilder, window, x_plane: ir.Value):
         return [kb.b.select(takes_over, value, best), kb.b.select(takes_over, offset, winner)]
 
     return window.fold(x_plane, list(window.first_cell(x_plane)), step)
+
+
+def _windows_tile_rows(geometry: PoolGeometry, width: int) -> bool:
+    """Windows side by side without gaps, overlap or padding, kw dividing the vector width:
+    then a vector of dx is `width // kw` values of g, each repeated kw times."""
+    g = geometry
+    return (g.stride_h == g.kernel_h and g.stride_w == g.kernel_w and width % g.kernel_w == 0
+            and (g.pad_top, g.pad_bottom, g.pad_left, g.pad_right) == (0, 0, 0, 0))
+
+
+def _emit_tiled_spread(kb: KernelBuilder, geometry: PoolGeometry, dx_plane, g_plane, epilogue,
+                       extra_planes) -> bool:
+    """dx plane of an average pooling whose windows tile the image: dx[h, w] = g[h // kh,
+    w // kw] / taps inside the windows, 0 in the rows and columns past the last window.
+
+    When the windows cover the whole image, `epilogue` (if any) is applied to each vector
+    before it is stored, reading the `extra_planes` at the same cells; returns whether it was
+    (with ragged edges the caller runs it over the finished plane: it applies to the zeros too).
+    """
+    g = geometry
+    width = kb.width
+    covered_w = g.out_w * g.kernel_w            # columns inside some window
+    repeat = ir.Constant(ir.VectorType(I32, width), [lane // g.kernel_w for lane in range(width)])
+    undefined = ir.Constant(kb.vec_type, ir.Undefined)
+    scale = kb.splat(1.0 / g.taps)
+    ragged = g.out_h * g.kernel_h < g.height or covered_w < g.width
+    if ragged:
+        emit_fill_zero(kb, dx_plane, kb.i64(g.in_plane))  # ragged edges get no gradient
+    fuse = epilogue is not None and not ragged
+    with kb.for_range(0, g.out_h * g.kernel_h, name="h", unroll="no-runtime") as h:
+        dx_row = kb.gep(dx_plane, kb.mul(h, g.width))
+        g_row = kb.gep(g_plane, kb.mul(kb.b.udiv(h, kb.i64(g.kernel_h)), g.out_w))
+
+        def spread_vector(w0: int | ir.Value, lanes: int):
+            """dx_row[w0 : w0 + lanes] from g_row[w0 / kw : ...] (lanes <= width)."""
+            g_offset = kb.b.udiv(kb.as_i64(w0), kb.i64(g.kernel_w))
+            shares = kb.masked_load_vec(g_row, g_offset, kb.lane_mask(-(-lanes // g.kernel_w)))
+            value = kb.fmul(kb.b.shuffle_vector(shares, undefined, repeat), scale)
+            mask = None if lanes == width else kb.lane_mask(lanes)
+            if fuse:
+                offset = kb.add(kb.mul(h, g.width), w0)
+                operands = [kb.load_vec(e, offset) if mask is None else kb.masked_load_vec(e, offset, mask)
+                            for e in extra_planes]
+                value = emit_expr(kb, epilogue, [value] + operands)
+            if mask is None:
+                kb.store_vec(value, dx_row, w0)
+            else:
+                kb.masked_store_vec(value, dx_row, w0, mask)
+
+        whole = covered_w // width * width
+        if whole:
+            with kb.for_range(0, whole, step=width, name="w", unroll="no-runtime") as w0:
+                spread_vector(w0, width)
+        if covered_w > whole:
+            spread_vector(whole, covered_w - whole)
+    return fuse
 
 
 def _fused_epilogue(kb: KernelBuilder, geometry: PoolGeometry, epilogue, dx_plane, extras, plane) -> None:
