@@ -86,6 +86,8 @@ SHAPE_CASES = [
         (31, 47, 29),          # primes
         (6, 784, 25),          # conv-like
         (100, 16, 150),        # one strip: threads split M
+        (1, 100, 64),          # a GEMV: one row, wide tiles of 7 vectors, a narrow last strip
+        (4, 50, 33),           # 4 rows: tiles of 3 vectors
     ]
     for case in _all_transposes(*shape)
 ]
@@ -312,6 +314,17 @@ def test_host_plan_picks_the_kernel_that_fills_the_vectors():
     for M, N, K, ta, tb in [(64, 10, 784, False, True), (10, 784, 64, True, False)]:
         plan = plan_gemm(M, N, K, trans_a=ta, trans_b=tb)
         assert gemm_workspace_floats(M, N, K, trans_a=ta, trans_b=tb, nthreads=2) == plan.workspace_floats(2)
+
+
+def test_few_rows_take_wider_register_tiles():
+    """Fewer rows than the tile's: more vectors per row, within the register file."""
+    for registers, width in [(16, 8), (32, 16)]:
+        for M in range(1, 6):
+            plan = choose_plan(M, 50 * width, 64, width=width, vector_registers=registers)
+            assert plan.rows == M
+            assert plan.rows * plan.vecs + plan.vecs + 1 <= registers      # fits
+            assert (plan.rows + 1) * (plan.vecs + 1) + 1 > registers       # one more vector would not
+    assert choose_plan(1, 10, 64, width=8, vector_registers=16).vecs == 2  # N has only 2 vectors
 
 
 def test_dot_plan_tiles_fit_the_registers():

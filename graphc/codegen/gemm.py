@@ -132,7 +132,7 @@ def choose_plan(M: int, N: int, K: int, *, width: int | None = None,
     """Blocking for the host (or for the given vector width/register count)."""
     width = width or vector_width_f32()
     registers = vector_registers or vector_register_count()
-    rows, vecs = _register_tile(registers)
+    rows, vecs = _register_tile(registers, M, math.ceil(N / width))
     strips = math.ceil(N / (vecs * width))
     tiles = math.ceil(M / rows)
     # Splitting N is preferred: each thread then packs only its own strips,
@@ -148,17 +148,23 @@ def choose_plan(M: int, N: int, K: int, *, width: int | None = None,
                     split=split)
 
 
-def _register_tile(vector_registers: int) -> tuple[int, int]:
-    """(rows, vectors per row) of the register tile.
+def _register_tile(vector_registers: int, M: int = 6, n_vectors: int = 2) -> tuple[int, int]:
+    """(rows, vectors per row) of the register tile, for M rows of C of n_vectors vectors.
 
     rows*vecs accumulators + vecs B vectors + 1 broadcast must fit in the
     register file.  With 32 registers, 6x4 (24 accumulators) is the tile
     that reached numpy speed on AVX-512.  With 16 (AVX2) 6x2 was fastest
     (12 accumulators, B held in 2 registers); see bench/bench_gemm.py.
+
+    Fewer than 6 rows (a GEMV such as a logistic regression's weight gradient,
+    M = 1) would leave the FMA units waiting on 2-4 accumulator chains; those
+    tiles take as many vectors per row as fit instead (1 row: 7 on AVX2).
     """
-    if vector_registers >= 32:
-        return 6, 4
-    return 6, 2
+    rows, vecs = (6, 4) if vector_registers >= 32 else (6, 2)
+    if not 1 <= M < rows:
+        return rows, vecs
+    wide = (vector_registers - 1) // (M + 1)
+    return M, max(vecs, min(wide, n_vectors))
 
 
 def plan_gemm(M: int, N: int, K: int, *, trans_a: bool = False,
