@@ -5,11 +5,19 @@ the numpy reference ops, at the shapes of LeNet-5 and of a small 3x32x32 conv ne
     python bench/bench_conv.py --cpu-time                         # on a machine others share
     python bench/bench_conv.py --threads 2                        # graphc on two threads
     python bench/bench_conv.py --layers lenet.conv2 cnn.conv3     # some layers only
+    python bench/bench_conv.py --compile                          # IR size and LLVM time
 
 A conv kernel's FLOPs are 2*N*O*OH*OW*C*kh*kw (the same for the three kernels); the
 forward includes the bias + relu epilogue. Pools report microseconds only. numpy runs the
 reference implementation of graphc/ops (what the reference executor runs), one thread.
-Compile time is per kernel (IR -> optimised object).
+Compile time is per kernel (IR -> optimised object); "path" is the way conv_kernels
+computes the kernel (see its *_PATHS).
+
+--compile instead reports, per network, the training step's conv kernels (every layer's
+forward and weight gradient, and the input gradient of all but the first layer) generated
+into one LLVM module as a program has them: its IR size (text, before and after LLVM's
+optimization) and the milliseconds LLVM takes to optimize it and to emit machine code
+(best of 3).
 """
 from __future__ import annotations
 
@@ -28,8 +36,9 @@ import numpy as np  # noqa: E402
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from graphc.codegen import target  # noqa: E402
-from graphc.codegen.conv_kernels import (ConvGeometry, emit_conv2d,  # noqa: E402
-                                         emit_conv2d_input_grad, emit_conv2d_weight_grad)
+from graphc.codegen.conv_kernels import (ConvGeometry, chosen_paths,  # noqa: E402
+                                         emit_conv2d, emit_conv2d_input_grad,
+                                         emit_conv2d_weight_grad)
 from graphc.codegen.pool_kernels import (emit_avg_pool2d, emit_avg_pool2d_grad,  # noqa: E402
                                          emit_max_pool2d, emit_max_pool2d_grad)
 from graphc.ops import OPS  # noqa: E402
@@ -179,6 +188,7 @@ def bench_conv_layer(name, x_shape, w_shape, padding, nthreads):
          [x, g], w_shape,
          lambda: reference("conv2d_weight_grad", [x, g], w_shape, w_shape=w_shape, **attrs)),
     ]
+    paths = chosen_paths(x_shape, w_shape, stride, padding)
     for kind, emit, inputs, out_shape, numpy_run in kernels:
         compiled = CompiledKernel(emit, len(inputs), nthreads)
         out = np.empty(out_shape, np.float32)
@@ -189,7 +199,8 @@ def bench_conv_layer(name, x_shape, w_shape, padding, nthreads):
         theirs = best_seconds(numpy_run, repeats=3)
         print(f"{name:12} {kind:12} {geometry.flops / ours / 1e9:8.1f} {ours * 1e6:10.0f} "
               f"{geometry.flops / theirs / 1e9:9.1f} {theirs * 1e6:10.0f} {theirs / ours:7.1f}"
-              f" {compiled.compile_seconds * 1e3:8.0f}", flush=True)
+              f" {compiled.compile_seconds * 1e3:8.0f}  {paths[kind.replace(' ', '_')]}",
+              flush=True)
 
 
 def bench_pool_layer(name, x_shape, nthreads):
@@ -224,6 +235,45 @@ def bench_pool_layer(name, x_shape, nthreads):
               f"{theirs / ours:7.1f} {compiled.compile_seconds * 1e3:8.0f}", flush=True)
 
 
+def compile_report(network: str, nthreads: int) -> None:
+    """IR size and LLVM time of a network's training conv kernels in one module."""
+    def emit_all(module):
+        layers = [name for name in CONV_LAYERS if name.startswith(network + ".")]
+        for index, name in enumerate(layers):
+            x_shape, w_shape, padding = CONV_LAYERS[name]
+            stride, options = (1, 1), dict(max_threads=nthreads)
+            y_shape = ConvGeometry.from_shapes(x_shape, w_shape, stride, padding).out_shape
+            kernels = [emit_conv2d(module, f"{name}.forward", x_shape, w_shape, stride, padding,
+                                   bias=True, relu=True, **options),
+                       emit_conv2d_weight_grad(module, f"{name}.weight_grad", x_shape, y_shape,
+                                               w_shape, stride, padding, **options)]
+            if index > 0:   # training never needs the input gradient of the first layer
+                kernels.append(emit_conv2d_input_grad(module, f"{name}.input_grad", y_shape,
+                                                      w_shape, x_shape, stride, padding,
+                                                      **options))
+            for kernel in kernels:
+                for phase in kernel.phases:
+                    phase.linkage = "external"   # as the program's entry would call them
+
+    best = None
+    for _ in range(3):
+        module = target.new_module("conv_kernels")
+        emit_all(module)
+        text = str(module)
+        module_ref = target.parse_and_verify(text)
+        start = time.perf_counter()
+        target.optimize(module_ref)
+        optimized = time.perf_counter()
+        target.host_target_machine().emit_object(module_ref)
+        emitted = time.perf_counter()
+        sample = (optimized - start + emitted - optimized, optimized - start,
+                  emitted - optimized, len(text), len(str(module_ref)))
+        best = sample if best is None or sample < best else best
+    _, optimize_s, emit_s, ir_chars, optimized_chars = best
+    print(f"{network:8} conv kernels: IR {ir_chars:8d} chars ({optimized_chars:8d} optimized), "
+          f"optimize {optimize_s * 1e3:6.0f} ms, emit {emit_s * 1e3:6.0f} ms", flush=True)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--layers", nargs="*", default=list(CONV_LAYERS) + list(POOL_LAYERS))
@@ -231,7 +281,13 @@ def main(argv=None):
                         help="threads for graphc's kernels (numpy uses OPENBLAS_NUM_THREADS)")
     parser.add_argument("--cpu-time", action="store_true",
                         help="time by the thread's CPU time (for a busy machine; one thread)")
+    parser.add_argument("--compile", action="store_true",
+                        help="report IR size and LLVM time of each network's conv kernels")
     args = parser.parse_args(argv)
+    if args.compile:
+        for network in ("lenet", "cnn"):
+            compile_report(network, args.threads)
+        return
     if args.cpu_time:
         if args.threads != 1:
             parser.error("--cpu-time measures one thread only")
@@ -241,7 +297,7 @@ def main(argv=None):
           f"{target.vector_width_f32()}, batch {BATCH}, graphc threads {args.threads}, "
           f"OPENBLAS_NUM_THREADS={os.environ['OPENBLAS_NUM_THREADS']}")
     print(f"{'layer':12} {'kernel':12} {'GFLOP/s':>8} {'graphc us':>10} {'numpy GF/s':>9} "
-          f"{'numpy us':>10} {'speedup':>7} {'compile ms':>8}")
+          f"{'numpy us':>10} {'speedup':>7} {'compile ms':>8}  path")
     for name in args.layers:
         if name in CONV_LAYERS:
             bench_conv_layer(name, *CONV_LAYERS[name], args.threads)

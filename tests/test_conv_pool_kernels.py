@@ -16,7 +16,8 @@ import numpy as np
 import pytest
 
 from graphc.codegen import conv_kernels, target
-from graphc.codegen.conv_kernels import (emit_conv2d, emit_conv2d_input_grad,
+from graphc.codegen.conv_kernels import (FORWARD_PATHS, INPUT_GRAD_PATHS, WEIGHT_GRAD_PATHS,
+                                         ConvGeometry, emit_conv2d, emit_conv2d_input_grad,
                                          emit_conv2d_weight_grad)
 from graphc.codegen.pool_kernels import (emit_avg_pool2d, emit_avg_pool2d_grad,
                                          emit_max_pool2d, emit_max_pool2d_grad)
@@ -140,34 +141,77 @@ def conv_grid():
     return grid
 
 
+@dataclasses.dataclass
+class ConvArrays:
+    """A conv2d's inputs, expected outputs and epilogue (bias and relu alternate with the
+    index, so that both epilogues and the plain product are covered)."""
+
+    label: str
+    bias: bool
+    relu: bool
+    forward_inputs: list
+    y: np.ndarray
+    input_grad_inputs: list
+    dx: np.ndarray
+    weight_grad_inputs: list
+    dw: np.ndarray
+
+    @classmethod
+    def make(cls, x_shape, w_shape, stride, padding, rng, index):
+        x, w = random(rng, x_shape), random(rng, w_shape)
+        attrs = dict(stride=stride, padding=padding)
+        y_shape = conv_output_shape(x_shape, w_shape, stride, padding)
+        bias, relu = index % 2 == 0, index % 3 != 1
+        b = random(rng, w_shape[:1])
+        y = reference("conv2d", [x, w], y_shape, **attrs)
+        if bias:
+            y = y + b[None, :, None, None]
+        if relu:
+            y = np.maximum(y, 0)
+        g = random(rng, y_shape)
+        return cls(f"x={x_shape} w={w_shape} stride={stride} padding={padding}", bias, relu,
+                   [x, w, b] if bias else [x, w], y, [g, w],
+                   reference("conv2d_input_grad", [g, w], x_shape, x_shape=x_shape, **attrs),
+                   [x, g], reference("conv2d_weight_grad", [x, g], w_shape, w_shape=w_shape,
+                                     **attrs))
+
+
 def conv_cases(x_shape, w_shape, stride, padding, rng, index):
-    x, w = random(rng, x_shape), random(rng, w_shape)
-    attrs = dict(stride=stride, padding=padding)
-    y_shape = conv_output_shape(x_shape, w_shape, stride, padding)
-    label = f"x={x_shape} w={w_shape} stride={stride} padding={padding}"
-    # Bias and relu alternate so that both epilogues and the plain GEMM are covered.
-    bias, relu = index % 2 == 0, index % 3 != 1
-    b = random(rng, w_shape[:1])
-    y = reference("conv2d", [x, w], y_shape, **attrs)
-    if bias:
-        y = y + b[None, :, None, None]
-    if relu:
-        y = np.maximum(y, 0)
-    g = random(rng, y_shape)
+    """The three kernels, each the way the public emitters choose."""
+    a = ConvArrays.make(x_shape, w_shape, stride, padding, rng, index)
+    y_shape = a.y.shape
     return [
-        Case(f"conv2d bias={bias} relu={relu} {label}",
-             lambda m, n: emit_conv2d(m, n, x_shape, w_shape, stride, padding, bias=bias,
-                                      relu=relu, max_threads=MAX_THREADS),
-             [x, w, b] if bias else [x, w], y),
-        Case(f"conv2d_input_grad {label}",
+        Case(f"conv2d bias={a.bias} relu={a.relu} {a.label}",
+             lambda m, n: emit_conv2d(m, n, x_shape, w_shape, stride, padding, bias=a.bias,
+                                      relu=a.relu, max_threads=MAX_THREADS),
+             a.forward_inputs, a.y),
+        Case(f"conv2d_input_grad {a.label}",
              lambda m, n: emit_conv2d_input_grad(m, n, y_shape, w_shape, x_shape, stride, padding,
                                                  max_threads=MAX_THREADS),
-             [g, w], reference("conv2d_input_grad", [g, w], x_shape, x_shape=x_shape, **attrs)),
-        Case(f"conv2d_weight_grad {label}",
+             a.input_grad_inputs, a.dx),
+        Case(f"conv2d_weight_grad {a.label}",
              lambda m, n: emit_conv2d_weight_grad(m, n, x_shape, y_shape, w_shape, stride, padding,
                                                   max_threads=MAX_THREADS),
-             [x, g], reference("conv2d_weight_grad", [x, g], w_shape, w_shape=w_shape, **attrs)),
+             a.weight_grad_inputs, a.dw),
     ]
+
+
+def path_cases(kind, x_shape, w_shape, stride, padding, rng, index):
+    """One kernel (`kind`: "forward", "input_grad" or "weight_grad") once per path of
+    conv_kernels that applies to the geometry, whichever the cost model would choose."""
+    a = ConvArrays.make(x_shape, w_shape, stride, padding, rng, index)
+    geometry = ConvGeometry.from_shapes(x_shape, w_shape, stride, padding)
+    paths = {"forward": FORWARD_PATHS, "input_grad": INPUT_GRAD_PATHS,
+             "weight_grad": WEIGHT_GRAD_PATHS}[kind]
+    options = dict(bias=a.bias, relu=a.relu) if kind == "forward" else {}
+    inputs, expected = {"forward": (a.forward_inputs, a.y),
+                        "input_grad": (a.input_grad_inputs, a.dx),
+                        "weight_grad": (a.weight_grad_inputs, a.dw)}[kind]
+    return [Case(f"{kind} [{path.name}] {options} {a.label}",
+                 lambda m, n, path=path: path.emit(m, n, geometry, max_threads=MAX_THREADS,
+                                                   **options),
+                 inputs, expected)
+            for path in paths if path.possible(geometry, target.vector_width_f32())]
 
 
 def conv_output_shape(x_shape, w_shape, stride, padding):
@@ -183,40 +227,56 @@ def test_conv_kernels_match_reference():
     check_cases(cases)
 
 
-@pytest.mark.parametrize("l1_budget", [None, 0])
-def test_conv_kernels_tiling_paths_match_reference(monkeypatch, l1_budget):
-    """Shapes that reach every tiling path: channel counts of several vector groups with a
-    narrower last group and padding lanes (9, 17, 24 channels), output rows cut into runs
-    of unequal lengths (13 and 30 columns), weight taps in tiles with a shorter last one
-    (K = 27), several accumulator sets with an odd reduction length, strides in h and w.
-    With no L1 budget, the input gradient takes its other loop order (taps outermost)."""
-    if l1_budget is not None:
-        monkeypatch.setattr(conv_kernels, "_L1_BUDGET_FLOATS", l1_budget)
+# Shapes aimed at the edges of each path (vector width 8; 16 with AVX-512 shifts some).
+PATH_GRID = [
+    # Pixels in lanes: output rows of one vector (8), a pair with its vectors 6 apart (14),
+    # a pair + one vector (20), a pair + an overlapping pair (28), several pairs (30);
+    # 1, 6, 7 (4 + 3) and 13 (5 + 4 + 4) channels; stride 2 along the height only.
+    ((3, 3, 5, 8), (13, 3, 3, 1), (2, 1), ((1, 1), (0, 0))),
+    ((2, 2, 4, 14), (1, 2, 2, 3), (1, 1), ((0, 0), (1, 1))),
+    ((1, 2, 6, 20), (7, 2, 3, 3), (1, 1), ((1, 1), (1, 1))),
+    ((2, 1, 9, 28), (6, 1, 5, 5), (1, 1), ((2, 2), (2, 2))),            # LeNet's conv1
+    ((2, 5, 12, 30), (6, 5, 3, 3), (1, 1), ((1, 1), (1, 1))),
+    # GEMM + col2im: LeNet's conv2 (100 pixels: 6 pairs + 1 vector, 25 taps in 5 tiles of
+    # 5); 9 input channels; a padded, even, asymmetric kernel; 8 pixels exactly.
+    ((2, 6, 14, 14), (16, 6, 5, 5), (1, 1), ((0, 0), (0, 0))),
+    ((2, 9, 7, 7), (3, 9, 3, 3), (1, 1), ((1, 1), (1, 1))),
+    ((1, 4, 9, 11), (5, 4, 4, 4), (1, 1), ((3, 2), (1, 3))),
+    ((2, 3, 4, 5), (2, 3, 3, 2), (1, 1), ((1, 1), (0, 1))),
+    # Channels in lanes: 9, 17 and 24 channels (a group of 2 vectors + 1), taps and pixels
+    # in tiles with a shorter last one, strides in h and w.
+    ((2, 3, 9, 13), (24, 3, 3, 3), (1, 1), ((1, 1), (1, 1))),
+    ((2, 17, 6, 7), (9, 17, 2, 2), (1, 1), ((0, 0), (0, 0))),
+    ((3, 8, 5, 30), (16, 8, 3, 1), (2, 1), ((1, 1), (0, 0))),
+    ((1, 2, 4, 25), (8, 2, 1, 5), (1, 3), ((0, 0), (2, 2))),
+]
+
+
+@pytest.mark.parametrize("kind", ["forward", "input_grad", "weight_grad"])
+def test_every_conv_path_matches_reference(kind):
+    """Each path of each kernel on the whole grid and PATH_GRID, where it applies."""
     rng = np.random.default_rng(3)
-    grid = [
-        ((2, 3, 9, 13), (24, 3, 3, 3), (1, 1), ((1, 1), (1, 1))),
-        ((2, 17, 6, 7), (9, 17, 2, 2), (1, 1), ((0, 0), (0, 0))),
-        ((3, 8, 5, 30), (16, 8, 3, 1), (2, 1), ((1, 1), (0, 0))),
-        ((1, 2, 4, 25), (8, 2, 1, 5), (1, 3), ((0, 0), (2, 2))),
-    ]
-    cases = [case for index, geometry in enumerate(grid)
-             for case in conv_cases(*geometry, rng, index)]
+    cases = [case for index, geometry in enumerate(conv_grid() + PATH_GRID)
+             for case in path_cases(kind, *geometry, rng, index)]
     check_cases(cases)
 
 
-def test_conv_kernels_in_channel_blocks_match_reference(monkeypatch):
-    """The forward sums large reductions a block of input channels at a time; a small block
-    makes these small cases do so too: full blocks plus a smaller last one, and a loop of
-    equal blocks whose first and last apply differently (start from zero, bias and relu)."""
+def test_conv_kernels_in_blocks_match_reference(monkeypatch):
+    """The channels-in-lanes forward sums large reductions a block of steps at a time, and
+    the weight gradient a block of pixels at a time; small blocks make these small cases
+    do so too: several blocks and a shorter last one, whose first and last apply
+    differently (start from zero; bias and relu)."""
     monkeypatch.setattr(conv_kernels, "_MAX_K_BLOCK", 20)
+    monkeypatch.setattr(conv_kernels, "_MAX_P_BLOCK", 7)
     rng = np.random.default_rng(4)
-    grid = [   # the first and the third get bias and relu (see conv_cases)
-        ((2, 6, 5, 5), (4, 6, 3, 3), (1, 1), ((1, 1), (1, 1))),     # K = 54: 3 blocks of 2
-        ((1, 5, 6, 6), (7, 5, 2, 3), (1, 1), ((1, 0), (1, 1))),     # K = 30: blocks of 3 + 2
+    grid = [   # the first and the third get bias and relu (see ConvArrays)
+        ((2, 6, 5, 5), (4, 6, 3, 3), (2, 1), ((1, 1), (1, 1))),     # K = 54: 3 blocks of 18
+        ((1, 5, 6, 6), (17, 5, 2, 3), (1, 1), ((1, 0), (1, 1))),    # K = 30: blocks of 15
         ((2, 5, 6, 6), (7, 5, 2, 3), (1, 1), ((1, 0), (1, 1))),
     ]
     cases = [case for index, geometry in enumerate(grid)
-             for case in conv_cases(*geometry, rng, index)]
+             for kind in ("forward", "input_grad", "weight_grad")
+             for case in path_cases(kind, *geometry, rng, index)]
     check_cases(cases)
 
 
