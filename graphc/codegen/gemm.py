@@ -15,6 +15,12 @@ How it is fast (see shared/NOTES-llvm.md for the measurements):
   * A micro-kernel computes a register tile of `rows` x (vecs x W) of C:
     rows*vecs vector accumulators, updated per k by one broadcast load of A
     per row and one fma per accumulator with the packed B vectors.
+  * When only one or two row tiles would read each panel (M <= 12 on AVX2),
+    the copy costs what it saves: B stored (K, N) is then read in place
+    (`pack_b=False`; the last vector of a narrow strip loads masked).
+  * With B transposed and N narrow (a classifier's 10 logits), most lanes
+    of a strip would be padding: `plan_gemm` then picks the dot-product
+    kernel of gemm_dot.py, whose lanes run along K.
   * All shapes are compile-time constants, so tails are resolved when
     generating: a strip narrower than strip_width uses a micro-kernel with
     fewer vectors and a masked last vector; the last rows < `rows` use a
