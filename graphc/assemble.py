@@ -1,18 +1,21 @@
-"""From an optimized graph to one LLVM module and the runtime's argument slots.
+"""From an optimized graph to LLVM modules and the runtime's argument slots.
 
 Lowering picks a kernel for each step (lowering.py), the schedule and memory plan place them
-(memory.py), and the entry (codegen/entry.py) calls them in order. The result, a `ProgramSpec`,
-holds everything the runtime needs to load and call the program.
+(memory.py), and the entry (codegen/entry.py) calls them in order. The kernels fill one or more
+modules, the entry goes into the last (codegen/program_modules.py), so that a large program
+compiles on all cores. The result, a `ProgramSpec`, holds everything the runtime needs to load
+and call the program.
 """
 from __future__ import annotations
 
 import dataclasses
 import re
+from typing import Callable
 
 import graphc_runtime as rt
 
 from .codegen.entry import EntryBuilder, emit_constant, emit_ticks_function
-from .codegen.target import new_module
+from .codegen.program_modules import ProgramModules
 from .ir import Graph, Tensor
 from .lowering import Step, alias_root, copy_step, plan_steps
 from .memory import MemoryPlan, plan_memory, schedule
@@ -23,21 +26,34 @@ PROFILE_SLOT = "profile:ticks"
 
 @dataclasses.dataclass
 class ProgramSpec:
-    llvm_ir: str
+    modules: list[str]           # LLVM IR of each module; the last holds the entry
     slots: list
     steps: list[Step]            # in schedule order
     memory: MemoryPlan
     max_threads: int
     phase_steps: list[int]       # for each phase the entry calls, the index of its step
 
+    @property
+    def llvm_ir(self) -> str:
+        """The whole program's IR: its modules one after the other (codegen/parallel.split_modules
+        takes them apart)."""
+        return "\n".join(self.modules)
+
 
 def assemble(graph: Graph, outputs: list[Tensor], *, output_names: list[str], inplace: dict[int, str],
-             state_names: set[str], max_threads: int, profile: bool = False) -> ProgramSpec:
+             state_names: set[str], max_threads: int, profile: bool = False,
+             instructions_per_module: int | None = None,
+             on_module: Callable[[str], None] | None = None) -> ProgramSpec:
     """Lower `outputs` of `graph`.
 
     `inplace` maps a node id to the name of the param (or state) whose buffer receives that
     node's value: the optimizer's updates. Params named in `state_names` become runtime-owned
     State slots (momentum buffers) instead of caller-bound params.
+
+    A module is finished once it holds `instructions_per_module` LLVM instructions (None: the
+    whole program is one module; codegen/program_modules.default_budget() suits the compile
+    threads of this machine), and `on_module` is given its text at once, so that compiling it
+    can start while the next is generated.
     """
     writes = [graph.nodes[i] for i in inplace]
     needed = graph.ancestors(list(outputs) + writes)
@@ -62,9 +78,9 @@ def assemble(graph: Graph, outputs: list[Tensor], *, output_names: list[str], in
     ordered = schedule(steps, inplace_sources) + [step for step, _ in output_steps]
     step_out = [locations.get(step.node.id) for step in ordered[: len(steps)]] + [slot for _, slot in output_steps]
 
-    module = new_module(graph.name)
-    kernels = [step.build(module, _kernel_name(i, step), max_threads) for i, step in enumerate(ordered)]
-    _keep_phases_apart(kernels)
+    modules = ProgramModules(graph.name, instructions_per_module, on_module)
+    kernels = [modules.add_kernel(_kernel_builder(i, step, max_threads)) for i, step in enumerate(ordered)]
+    module = modules.module  # the last: entry, constants and profiling clock go here
     memory = plan_memory(ordered, [k.scratch_floats * 4 for k in kernels], [loc is None for loc in step_out])
 
     workspace_index = len(slots)
@@ -83,21 +99,29 @@ def assemble(graph: Graph, outputs: list[Tensor], *, output_names: list[str], in
                        for o in step.operands]
         scratch_offset = memory.offset_of_scratch(i)
         scratch = entry.pointer(("arena", scratch_offset)) if scratch_offset is not None else None
-        entry.call_phases(kernel.phases, entry.pointer(out_location), in_pointers, scratch)
+        phases = [modules.callee(phase) for phase in kernel.phases]
+        entry.call_phases(phases, entry.pointer(out_location), in_pointers, scratch)
     entry.finish()
-    return ProgramSpec(str(module), slots, ordered, memory, max_threads, phase_steps)
+    return ProgramSpec(modules.finish(), slots, ordered, memory, max_threads, phase_steps)
 
 
-def _keep_phases_apart(kernels) -> None:
+def _kernel_builder(index: int, step: Step, max_threads: int):
+    def build(module):
+        kernel = step.build(module, _kernel_name(index, step), max_threads)
+        _keep_phases_apart(kernel)
+        return kernel
+    return build
+
+
+def _keep_phases_apart(kernel) -> None:
     """Forbid inlining the phases into the entry, their only caller.
 
     Inlined, they would make the entry one function as large as the whole program, on which
     LLVM's function passes take longer than on the phases apart (LeNet: 0.75 -> 0.6 s of
     optimization); one call per phase and step costs nothing measurable.
     """
-    for kernel in kernels:
-        for phase in kernel.phases:
-            phase.attributes.add("noinline")
+    for phase in kernel.phases:
+        phase.attributes.add("noinline")
 
 
 def _slots(graph, needed, outputs, output_names, inplace, state_names):

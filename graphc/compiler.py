@@ -1,7 +1,11 @@
 """`gc.compile` and `gc.compile_training_step`: graphs to native programs.
 
     optimize (passes/) -> lower + schedule + plan memory + emit LLVM IR (assemble.py)
-    -> machine code (codegen/target.py) -> a runtime Program (graphc_runtime)
+    -> machine code (codegen/parallel.py) -> a runtime Program (graphc_runtime)
+
+A large program's IR is several modules, compiled on all cores while the next is still being
+generated (codegen/parallel.py); its machine code is then several object files, loaded
+together.
 
 Compiled programs are cached on disk (program_cache.py), keyed by the optimized graph: a warm
 compile runs the passes, finds the entry and loads it, generating no IR at all. The returned
@@ -20,7 +24,8 @@ import graphc_runtime as rt
 
 from .assemble import ProgramSpec, assemble
 from .codegen.entry import ENTRY_NAME
-from .codegen.target import compile_to_object
+from .codegen.parallel import ObjectCompiler, compile_modules, split_modules
+from .codegen.program_modules import default_budget
 from .ir import Tensor
 from .program_cache import pack_entry, program_key, unpack_entry
 
@@ -43,17 +48,22 @@ class Recipe:
 
     graph: object
     outputs: list
-    assemble_args: dict
+    assemble_args: dict           # what determines the machine code: part of the cache key
+    # How the program is split into modules, decided once (by the compile threads) so that the
+    # IR shown later is the IR compiled; not in the key: any split computes the same numbers.
+    instructions_per_module: int | None = None
 
     def assemble(self, **overrides) -> ProgramSpec:
-        return assemble(self.graph, self.outputs, **{**self.assemble_args, **overrides})
+        return assemble(self.graph, self.outputs, **{
+            **self.assemble_args, "instructions_per_module": self.instructions_per_module, **overrides})
 
 
 class CompiledFunction:
     """A compiled graph: call it with the graph's inputs as keyword arguments.
 
     `graph` is the optimized graph it runs, `optimization` what each pass did, `llvm_ir` the
-    LLVM IR of the program, `describe()` its kernels and memory plan, `profile(**feeds)` the
+    LLVM IR of the program (its modules one after the other, each from its `; ModuleID` line;
+    the entry is in the last), `describe()` its kernels and memory plan, `profile(**feeds)` the
     time of each kernel.
     """
 
@@ -186,14 +196,16 @@ def _build(cls, outputs, params, *, output_names, single=False, inplace=(), stat
     work = sum(step.flops for step in plan_steps(graph, new_outputs))
     threads = rt.get_num_threads() if work >= MIN_FLOPS_FOR_THREADS else 1
     recipe = Recipe(graph, user_outputs, dict(output_names=output_names, inplace=inplace_ids,
-                                              state_names=set(state_names), max_threads=threads))
-    object_bytes, slots = _load_or_compile(recipe)
-    program = rt.Program(rt.NativeLibrary(object_bytes), ENTRY_NAME, slots, params, max_threads=threads,
+                                              state_names=set(state_names), max_threads=threads),
+                    instructions_per_module=default_budget())
+    objects, slots = _load_or_compile(recipe)
+    program = rt.Program(rt.NativeLibrary(objects), ENTRY_NAME, slots, params, max_threads=threads,
                          ignored_inputs=graph.inputs)
     return cls(program, recipe, optimized, single)
 
 
 def _load_or_compile(recipe: Recipe):
+    """(object files, slots) of the program, from the disk cache or compiled and cached."""
     cache = object_cache()
     key = program_key(recipe.graph, recipe.outputs + _write_nodes(recipe), recipe.assemble_args)
     blob = cache.get(key)
@@ -202,19 +214,22 @@ def _load_or_compile(recipe: Recipe):
             return unpack_entry(blob)
         except (ValueError, KeyError, TypeError):
             pass  # an entry of another format: rebuild it
-    spec = recipe.assemble()
-    object_bytes = object_code(spec.llvm_ir)
-    cache.put(key, pack_entry(object_bytes, spec.slots))
-    return object_bytes, spec.slots
+    with ObjectCompiler() as compiler:
+        # Each module compiles in the background as soon as assemble has finished it.
+        spec = recipe.assemble(on_module=compiler.submit)
+        objects = compiler.objects()
+    cache.put(key, pack_entry(objects, spec.slots))
+    return objects, spec.slots
 
 
 def _write_nodes(recipe: Recipe) -> list:
     return [recipe.graph.nodes[i] for i in recipe.assemble_args["inplace"]]
 
 
-def object_code(llvm_ir: str) -> bytes:
-    """Machine code for LLVM IR text (not cached: callers cache whole programs)."""
-    return compile_to_object(llvm_ir)
+def object_code(llvm_ir: str) -> list[bytes]:
+    """Machine code for a program's LLVM IR text, one object per module, for `rt.NativeLibrary`
+    (not cached: callers cache whole programs)."""
+    return compile_modules(split_modules(llvm_ir))
 
 
 def _check_params(outputs, params):

@@ -5,6 +5,10 @@ ids, shapes, dtypes; not the user's source lines), how it is assembled (outputs,
 updates, thread count), the compiler's own source, the host CPU and the llvmlite version. On
 a hit nothing is generated: the entry holds the object code and the runtime's slot layout, so
 a warm compile skips LLVM IR generation as well as LLVM itself.
+
+An entry's payload (the runtime's ObjectCache adds the checksummed header) is a length, a JSON
+header (format, slot layout, length of each object file), then the object files back to back.
+Anything inconsistent raises ValueError, and the compiler rebuilds the entry.
 """
 from __future__ import annotations
 
@@ -18,10 +22,12 @@ import llvmlite
 import numpy as np
 
 import graphc_runtime as rt
+from graphc_runtime import slots as runtime_slots
 
 from .codegen.target import target_fingerprint
 
-_SLOT_TYPES = {cls.__name__: cls for cls in (rt.Input, rt.Param, rt.State, rt.Output, rt.Workspace)}
+# Every slot kind the runtime defines (a new one is stored without a change here).
+_SLOT_TYPES = {name: getattr(runtime_slots, name) for name in runtime_slots.__all__ if name != "Slot"}
 _HEADER = struct.Struct("<I")
 
 
@@ -48,17 +54,34 @@ def program_key(graph, outputs, assemble_args: dict) -> str:
     return rt.make_key("\n".join(lines), compiler_source_digest(), target_fingerprint(), llvmlite.__version__)
 
 
-def pack_entry(object_code: bytes, slots) -> bytes:
-    """Object code and slot layout in one blob: a JSON header, then the object."""
-    header = json.dumps([_slot_to_json(slot) for slot in slots]).encode()
-    return _HEADER.pack(len(header)) + header + object_code
+_FORMAT = "graphc-program/2"   # 2: several object files (1 was a bare slot list and one object)
+
+
+def pack_entry(objects: list[bytes], slots) -> bytes:
+    """The program's object files and slot layout in one blob."""
+    objects = [bytes(obj) for obj in objects]
+    header = json.dumps({"format": _FORMAT, "slots": [_slot_to_json(slot) for slot in slots],
+                         "objects": [len(obj) for obj in objects]}).encode()
+    return _HEADER.pack(len(header)) + header + b"".join(objects)
 
 
 def unpack_entry(blob: bytes):
-    """(object code, slots); raises ValueError for a blob not made by pack_entry."""
+    """(object files, slots); raises ValueError for a blob not made by this version of pack_entry."""
+    if len(blob) < _HEADER.size:
+        raise ValueError("program cache entry: shorter than its header")
     (length,) = _HEADER.unpack_from(blob)
     header = json.loads(blob[_HEADER.size:_HEADER.size + length])
-    return blob[_HEADER.size + length:], [_slot_from_json(item) for item in header]
+    if not isinstance(header, dict) or header.get("format") != _FORMAT:
+        raise ValueError("program cache entry: another format")
+    sizes = header["objects"]
+    body = memoryview(blob)[_HEADER.size + length:]
+    if not sizes or any(type(size) is not int or size <= 0 for size in sizes) or sum(sizes) != len(body):
+        raise ValueError("program cache entry: object sizes do not match its length")
+    objects, start = [], 0
+    for size in sizes:
+        objects.append(bytes(body[start:start + size]))
+        start += size
+    return objects, [_slot_from_json(item) for item in header["slots"]]
 
 
 def _slot_to_json(slot) -> dict:

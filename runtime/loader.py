@@ -1,11 +1,14 @@
 """Loading compiled object code into this process.
 
-The compiler emits an object file (possibly from the on-disk cache); `NativeLibrary` links
-it into memory with LLVM's MCJIT and hands out function addresses. External symbols the
-generated code uses (expf, logf, tanhf from libm; memset, memcpy from libc; pthread
-functions) are resolved against the libraries already loaded in the Python process.
-MCJIT trusts what it links, so on ELF hosts the object is checked first: malformed bytes
-or an external no loaded library provides raise an error instead of crashing the process.
+The compiler emits one or more object files (possibly from the on-disk cache; a large program
+is compiled as several modules, in parallel); `NativeLibrary` links them into memory with
+LLVM's MCJIT, as one unit, and hands out function addresses. Symbols one object needs from
+another (the entry calls kernels compiled in other modules) resolve among them; the other
+external symbols the generated code uses (expf, logf, tanhf from libm; memset, memcpy from
+libc; pthread functions) are resolved against the libraries already loaded in the Python
+process. MCJIT trusts what it links, so on ELF hosts the objects are checked first: malformed
+bytes or an external that neither another object nor a loaded library provides raise an error
+instead of crashing the process.
 
 Objects must be emitted by a target machine from `create_host_target_machine`: it selects
 the JIT code model, whose absolute 64-bit calls reach libm wherever MCJIT places the code;
@@ -27,6 +30,7 @@ __all__ = [
     "MissingSymbolError",
     "NativeLibrary",
     "create_host_target_machine",
+    "defined_symbols",
     "host_target",
     "initialize_llvm",
     "undefined_symbols",
@@ -88,10 +92,17 @@ def create_host_target_machine(opt_level: int = 3) -> llvm.TargetMachine:
 
 
 class NativeLibrary:
-    """An object file linked into this process, alive as long as this object is."""
+    """Object files linked into this process, alive as long as this object is.
 
-    def __init__(self, object_bytes: bytes):
-        object_bytes = bytes(object_bytes)
+    `objects` is one object file (bytes) or a sequence of them, linked together.
+    """
+
+    def __init__(self, objects):
+        if isinstance(objects, (bytes, bytearray, memoryview)):
+            objects = [objects]
+        objects = [bytes(obj) for obj in objects]
+        if not objects:
+            raise ValueError("NativeLibrary needs at least one object file")
         target_machine = create_host_target_machine()
         # MCJIT is created around a module; an empty one serves, the code comes from the object.
         anchor = llvm.parse_assembly("")
@@ -99,8 +110,9 @@ class NativeLibrary:
         anchor.data_layout = str(target_machine.target_data)
         self._engine = llvm.create_mcjit_compiler(anchor, target_machine)
         # Only after an engine exists does LLVM search the process's own symbols.
-        _check_loadable(object_bytes)
-        self._engine.add_object_file(llvm.ObjectFileRef.from_data(object_bytes))
+        _check_loadable(objects)
+        for object_bytes in objects:
+            self._engine.add_object_file(llvm.ObjectFileRef.from_data(object_bytes))
         self._engine.finalize_object()
         self._addresses: dict[str, int] = {}
 
@@ -115,17 +127,24 @@ class NativeLibrary:
         return address
 
 
-def _check_loadable(object_bytes: bytes) -> None:
+def _check_loadable(objects: list[bytes]) -> None:
     # MCJIT trusts its input: malformed bytes crash the interpreter, and an unresolved
     # external is linked to address 0, so the first call crashes. Where objects are ELF64
     # little-endian (Linux on x86-64 and aarch64), check both and refuse with a clear error.
     if not _HOST_USES_ELF64_LITTLE_ENDIAN:
         return
+    needed, defined = set(), set()
     try:
-        needed = undefined_symbols(object_bytes)
+        for object_bytes in objects:
+            needed.update(undefined_symbols(object_bytes))
+            exported = set(defined_symbols(object_bytes))
+            if exported & defined:
+                # Linked together, one definition would silently win.
+                raise ValueError(f"symbols defined twice: {', '.join(sorted(exported & defined))}")
+            defined |= exported
     except (struct.error, IndexError, ValueError) as error:
         raise ValueError(f"not a loadable object file: {error}") from None
-    missing = sorted(name for name in needed if llvm.address_of_symbol(name) is None)
+    missing = sorted(name for name in needed - defined if llvm.address_of_symbol(name) is None)
     if missing:
         raise MissingSymbolError(
             "the compiled object needs symbols this process does not provide: " + ", ".join(missing)
@@ -140,6 +159,7 @@ _ELF64_SYMBOL = struct.Struct("<IBBHQQ")
 _ELF64_LITTLE_ENDIAN_MAGIC = b"\x7fELF\x02\x01"
 _SHT_SYMTAB = 2
 _SHN_UNDEF = 0
+_STB_GLOBAL, _STB_WEAK = 1, 2
 _HOST_USES_ELF64_LITTLE_ENDIAN = (
     llvm.get_object_format() == "ELF" and sys.byteorder == "little" and struct.calcsize("P") == 8
 )
@@ -150,6 +170,17 @@ def undefined_symbols(object_bytes: bytes) -> list[str]:
 
     Raises ValueError (or struct.error, IndexError for damaged tables) for anything else.
     """
+    return [name for name, defined, _ in _elf_symbols(object_bytes) if not defined]
+
+
+def defined_symbols(object_bytes: bytes) -> list[str]:
+    """Names an ELF64 little-endian object defines for others (global and weak symbols)."""
+    return [name for name, defined, binding in _elf_symbols(object_bytes)
+            if defined and binding in (_STB_GLOBAL, _STB_WEAK)]
+
+
+def _elf_symbols(object_bytes: bytes):
+    """(name, defined, binding) of each named symbol of an ELF64 little-endian object."""
     if not object_bytes.startswith(_ELF64_LITTLE_ENDIAN_MAGIC):
         raise ValueError("not an ELF64 little-endian object")
     header = _ELF64_HEADER.unpack_from(object_bytes)
@@ -158,17 +189,18 @@ def undefined_symbols(object_bytes: bytes) -> list[str]:
         _ELF64_SECTION.unpack_from(object_bytes, section_offset + index * section_entry_size)
         for index in range(section_count)
     ]
-    names = []
+    symbols = []
     for _, kind, _, _, offset, size, link, _, _, entry_size in sections:
         if kind != _SHT_SYMTAB:
             continue
         strings_offset = sections[link][4]
         # Entry 0 of a symbol table is the reserved null symbol.
         for position in range(offset + entry_size, offset + size, entry_size):
-            name_offset, _, _, section_index, _, _ = _ELF64_SYMBOL.unpack_from(object_bytes, position)
-            if section_index == _SHN_UNDEF and name_offset:
-                names.append(_c_string(object_bytes, strings_offset + name_offset))
-    return names
+            name_offset, info, _, section_index, _, _ = _ELF64_SYMBOL.unpack_from(object_bytes, position)
+            if name_offset:
+                name = _c_string(object_bytes, strings_offset + name_offset)
+                symbols.append((name, section_index != _SHN_UNDEF, info >> 4))
+    return symbols
 
 
 def _c_string(blob: bytes, start: int) -> str:

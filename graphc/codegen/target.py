@@ -19,6 +19,7 @@ engine a fresh one from `new_jit_target_machine()`.
 from __future__ import annotations
 
 import functools
+import re
 
 import llvmlite
 import llvmlite.binding as llvm
@@ -32,6 +33,8 @@ __all__ = [
     "vector_register_count",
     "new_module",
     "optimize",
+    "pass_builder",
+    "set_target",
     "parse_and_verify",
     "compile_to_object",
     "compile_to_assembly",
@@ -123,32 +126,48 @@ def new_module(name: str) -> ir.Module:
     """An empty IR module whose triple and data layout match the host.
 
     Without them LLVM's cost model assumes a target without vector
-    registers and the vectorizers do nothing.
+    registers and the vectorizers do nothing. The name goes into the
+    module's `; ModuleID = "..."` header line, which also separates the
+    modules of a program's IR text (codegen/parallel.py): quotes and control
+    characters are replaced so that it stays one well-formed line.
     """
     tm = host_target_machine()
-    module = ir.Module(name=name)
+    module = ir.Module(name=re.sub(r'["\\\x00-\x1f\x7f]', "_", name))
     module.triple = tm.triple
     module.data_layout = str(tm.target_data)
     return module
 
 
-def optimize(module_ref: llvm.ModuleRef) -> llvm.ModuleRef:
-    """Run the new-pass-manager O2 pipeline (loop + SLP vectorization) in place.
+def pass_builder(target_machine: llvm.TargetMachine):
+    """A pass builder for the new-pass-manager O2 pipeline (loop + SLP vectorization).
 
     Not O3: the kernels are vectorized and register-tiled by hand, and O3's
     extra passes gained little (bench_gemm's shapes and LeNet's step: within
     1%; the conv net's step: 1% faster) for a quarter more optimization time
     (LeNet's program: 0.6 -> 0.77 s).
+
+    One per pipeline run: llvmlite registers instrumentation callbacks on the
+    builder each time a pipeline runs, so it must not be shared by threads.
     """
-    tm = host_target_machine()
     tuning = llvm.create_pipeline_tuning_options(speed_level=2)
     tuning.loop_vectorization = True
     tuning.slp_vectorization = True
     tuning.loop_unrolling = True
     tuning.loop_interleaving = True
-    pass_builder = llvm.create_pass_builder(tm, tuning)
-    pass_builder.getModulePassManager().run(module_ref, pass_builder)
+    return llvm.create_pass_builder(target_machine, tuning)
+
+
+def optimize(module_ref: llvm.ModuleRef) -> llvm.ModuleRef:
+    """Run the O2 pipeline of `pass_builder` in place."""
+    builder = pass_builder(host_target_machine())
+    builder.getModulePassManager().run(module_ref, builder)
     return module_ref
+
+
+def set_target(module_ref: llvm.ModuleRef, target_machine: llvm.TargetMachine) -> None:
+    """Give a parsed module the machine's triple and data layout (the vectorizers need them)."""
+    module_ref.triple = target_machine.triple
+    module_ref.data_layout = str(target_machine.target_data)
 
 
 def parse_and_verify(ir_text: str) -> llvm.ModuleRef:
@@ -156,9 +175,7 @@ def parse_and_verify(ir_text: str) -> llvm.ModuleRef:
     _initialize_llvm()
     module_ref = llvm.parse_assembly(str(ir_text))
     module_ref.verify()
-    tm = host_target_machine()
-    module_ref.triple = tm.triple
-    module_ref.data_layout = str(tm.target_data)
+    set_target(module_ref, host_target_machine())
     return module_ref
 
 

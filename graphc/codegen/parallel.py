@@ -1,0 +1,178 @@
+"""Compiling a program's LLVM modules to object code on several threads at once.
+
+A large program is assembled as several modules (assemble.py, codegen/program_modules.py);
+LLVM's optimization and code generation of one module is independent of the others', so each
+is compiled on its own thread, in its own LLVMContext with its own target machine and pass
+builder, the heavy calls made without llvmlite's global lock (codegen/llvm_unlocked.py).
+
+`ObjectCompiler` overlaps that with IR generation: the assembler submits each module as soon
+as it is complete and goes on generating the next (Python, holding the GIL) while the
+background threads compile (native, GIL released). When generation is done, the caller's
+thread compiles what is still queued too, so `compile_threads()` threads in all are busy and
+the machine is not oversubscribed. Queued modules are taken largest first, so that the last
+to finish are small ones and the threads finish together.
+
+With one thread (GRAPHC_COMPILE_THREADS=1, a one-core machine, or an llvmlite whose internals
+differ from those llvm_unlocked was written for) everything is compiled serially on the
+caller's thread through llvmlite's ordinary, locked API, as one module.
+
+The program's IR as text (`ProgramSpec.llvm_ir`, `CompiledFunction.llvm_ir`) is the modules
+one after the other; each starts with its `; ModuleID = ...` line, which `split_modules` uses
+to take them apart again.
+"""
+from __future__ import annotations
+
+import contextlib
+import itertools
+import math
+import os
+import queue
+import re
+import threading
+import warnings
+from concurrent.futures import Future
+
+import llvmlite.binding as llvm
+
+import graphc_runtime as rt
+
+from . import llvm_unlocked
+from . import target as host
+
+__all__ = ["COMPILE_THREADS_VARIABLE", "compile_threads", "compile_module", "compile_modules",
+           "split_modules", "ObjectCompiler"]
+
+COMPILE_THREADS_VARIABLE = "GRAPHC_COMPILE_THREADS"
+MAX_COMPILE_THREADS = 256   # more would only be idle threads, each holding a target machine
+_MODULE_HEADER = re.compile(r"^; ModuleID = ", re.MULTILINE)
+
+
+def compile_threads() -> int:
+    """Threads that compile a program: $GRAPHC_COMPILE_THREADS, else the usable CPUs; 1 when
+    llvmlite's internals are not the expected ones (then threads would only take turns)."""
+    if not llvm_unlocked.available():
+        return 1
+    default = rt.usable_cpu_count()
+    text = os.environ.get(COMPILE_THREADS_VARIABLE, "").strip()
+    if not text:
+        return default
+    try:
+        count = int(text)
+        if not 1 <= count <= MAX_COMPILE_THREADS:
+            raise ValueError(text)
+        return count
+    except ValueError:
+        warnings.warn(f"{COMPILE_THREADS_VARIABLE}={text!r} is not an integer in [1, {MAX_COMPILE_THREADS}]; "
+                      f"compiling on {default} threads (the usable CPUs)", RuntimeWarning, stacklevel=2)
+        return default
+
+
+def split_modules(program_ir: str) -> list[str]:
+    """The modules of a program's IR text (one or more modules, each from its ModuleID line on)."""
+    starts = [match.start() for match in _MODULE_HEADER.finditer(program_ir)]
+    if not starts or starts[0] != 0 and program_ir[:starts[0]].strip():
+        starts = [0] + starts   # text before the first header: a module without one
+    ends = starts[1:] + [len(program_ir)]
+    return [program_ir[start:end] for start, end in zip(starts, ends)]
+
+
+def compile_module(ir_text: str, *, isolated: bool) -> bytes:
+    """Object code of one module.
+
+    isolated: on LLVM objects of this call's own (context, module, target machine, pass
+    builder), with the heavy calls unlocked, so that calls on several threads run in parallel.
+    Otherwise llvmlite's ordinary API, in the global context with the shared target machine.
+    """
+    if not isolated:
+        return host.compile_to_object(ir_text)
+    with contextlib.ExitStack() as owned:
+        # Closed in reverse order: the module before its context, the pass builder before the
+        # target machine it points to.
+        context = owned.enter_context(llvm.create_context())
+        module = owned.enter_context(llvm_unlocked.parse_assembly(ir_text, context))
+        module.verify()
+        target_machine = owned.enter_context(host.new_jit_target_machine())
+        host.set_target(module, target_machine)
+        builder = owned.enter_context(host.pass_builder(target_machine))
+        llvm_unlocked.run_module_pipeline(module, builder)
+        return llvm_unlocked.emit_object(target_machine, module)
+
+
+def compile_modules(ir_texts: list[str], threads: int | None = None) -> list[bytes]:
+    """Object code of each module, in order, compiled on up to `threads` threads."""
+    with ObjectCompiler(threads) as compiler:
+        for text in ir_texts:
+            compiler.submit(text)
+        return compiler.objects()
+
+
+class ObjectCompiler:
+    """Compiles submitted modules in the background; `objects()` returns their object code.
+
+    Use as a context manager: leaving it cancels what was not compiled yet and waits for the
+    background threads, so no compilation outlives the block.
+    """
+
+    def __init__(self, threads: int | None = None):
+        self.threads = compile_threads() if threads is None else max(1, threads)
+        self._isolated = self.threads > 1 and llvm_unlocked.available()
+        # (priority, submission number, IR text, future): largest module first; the shutdown
+        # markers, (inf, n, None, None), after every job.
+        self._jobs: queue.PriorityQueue = queue.PriorityQueue()
+        self._order = itertools.count()
+        self._futures: list[Future] = []
+        # The caller's thread is the last of `threads`: it compiles in `objects()`.
+        background = self.threads - 1 if self._isolated else 0
+        self._workers = [threading.Thread(target=self._work, name=f"graphc-compile-{i}", daemon=True)
+                         for i in range(background)]
+        for worker in self._workers:
+            worker.start()
+
+    def submit(self, ir_text: str) -> None:
+        future: Future = Future()
+        self._futures.append(future)
+        self._jobs.put((-len(ir_text), next(self._order), ir_text, future))
+
+    def objects(self) -> list[bytes]:
+        """Object code of every submitted module, in submission order; raises the first error."""
+        self._run_queued()
+        return [future.result() for future in self._futures]
+
+    def close(self) -> None:
+        for future in self._futures:
+            future.cancel()          # only those no thread started
+        for _ in self._workers:
+            self._jobs.put((math.inf, next(self._order), None, None))
+        for worker in self._workers:
+            worker.join()
+        self._workers = []
+
+    def __enter__(self) -> ObjectCompiler:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+    def _work(self) -> None:
+        while (job := self._jobs.get())[2] is not None:
+            self._run(job)
+
+    def _run_queued(self) -> None:
+        while True:
+            try:
+                job = self._jobs.get_nowait()
+            except queue.Empty:
+                return
+            if job[2] is None:       # a shutdown marker: leave it for a worker
+                self._jobs.put(job)
+                return
+            self._run(job)
+
+    def _run(self, job) -> None:
+        _, _, ir_text, future = job
+        if not future.set_running_or_notify_cancel():
+            return
+        try:
+            future.set_result(compile_module(ir_text, isolated=self._isolated))
+        except BaseException as error:  # delivered to whoever asks for the objects
+            future.set_exception(error)

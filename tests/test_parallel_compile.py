@@ -1,0 +1,320 @@
+"""Compiling a program as several LLVM modules on several threads (codegen/parallel.py,
+codegen/program_modules.py, codegen/llvm_unlocked.py): the same numbers as the one-module serial
+build, a working fallback, multi-object cache entries and loading, and no crash when compiling
+in parallel over and over."""
+import threading
+
+import llvmlite.ir as ir
+import numpy as np
+import pytest
+
+import graphc as gc
+import graphc_runtime as rt
+from graphc import compiler, models
+from graphc.codegen import llvm_unlocked, parallel, program_modules, target
+from graphc.program_cache import pack_entry, unpack_entry
+
+pytestmark = pytest.mark.skipif(not llvm_unlocked.available(),
+                                reason=f"parallel compilation unavailable: {llvm_unlocked.unavailable_reason()}")
+
+
+@pytest.fixture
+def fresh_cache(tmp_path, monkeypatch):
+    """A new, empty program cache for every compile made through `use_fresh_cache()`."""
+    counter = iter(range(1000))
+
+    def use_fresh_cache():
+        cache = rt.ObjectCache(tmp_path / f"cache{next(counter)}")
+        monkeypatch.setattr(compiler, "_cache", cache)
+        return cache
+    return use_fresh_cache
+
+
+@pytest.fixture
+def parallel_mode(monkeypatch):
+    """Compile on 3 threads (more than this machine may have: still correct) in small modules."""
+    def set_mode(threads: int, budget: int = 400):
+        monkeypatch.setenv(parallel.COMPILE_THREADS_VARIABLE, str(threads))
+        monkeypatch.setattr(program_modules, "INSTRUCTIONS_PER_MODULE", budget)
+    return set_mode
+
+
+def train(model, feeds, mode_setter, threads, steps=3, momentum=0.9):
+    mode_setter(threads)
+    params = gc.init_params(model.graph, seed=3)
+    step = gc.compile_training_step(model.loss, params, gc.SGD(lr=0.05, momentum=momentum))
+    losses = [step(**feeds) for _ in range(steps)]
+    return step, losses, params
+
+
+NETWORKS = {
+    "lenet5": lambda: models.lenet5(8),
+    "convnet": lambda: models.convnet(4, image=(3, 16, 16), widths=(8, 8, 16, 16)),
+    "mlp": lambda: models.mlp(16, sizes=(64, 48, 32, 10)),
+}
+
+
+@pytest.mark.parametrize("network", sorted(NETWORKS))
+def test_parallel_build_computes_bit_for_bit_what_the_serial_build_does(network, fresh_cache, parallel_mode):
+    model = NETWORKS[network]()
+    feeds = models.random_batch(model, np.random.default_rng(7))
+
+    fresh_cache()
+    serial_step, serial_losses, serial_params = train(model, feeds, parallel_mode, threads=1)
+    fresh_cache()
+    parallel_step, parallel_losses, parallel_params = train(model, feeds, parallel_mode, threads=3)
+
+    assert len(parallel.split_modules(serial_step.llvm_ir)) == 1
+    assert len(parallel.split_modules(parallel_step.llvm_ir)) > 2     # really split
+    assert parallel_losses == serial_losses
+    for name in serial_params:
+        assert parallel_params[name].tobytes() == serial_params[name].tobytes(), name
+    for name in serial_step.state:
+        assert parallel_step.state[name].tobytes() == serial_step.state[name].tobytes(), name
+    # ... and both are right.
+    reference = gc.init_params(model.graph, seed=3)
+    expected = float(gc.evaluate(model.loss, feeds, reference))
+    assert abs(serial_losses[0] - expected) < 1e-4 * max(1.0, abs(expected))
+
+
+def test_inference_function_split_into_modules(fresh_cache, parallel_mode):
+    model = models.lenet5(4)
+    params = gc.init_params(model.graph, seed=0)
+    feeds = models.random_batch(model, np.random.default_rng(8))
+    results = []
+    for threads in (1, 2):
+        fresh_cache()
+        parallel_mode(threads)
+        predict = gc.compile([model.logits, model.loss], params)
+        results.append(predict(x=feeds["x"], y=feeds["y"]))
+    for serial, split in zip(*results):
+        assert serial.tobytes() == split.tobytes()
+    np.testing.assert_allclose(results[0][0], gc.evaluate(model.logits, feeds, params), rtol=1e-4, atol=1e-5)
+
+
+def test_llvm_ir_shows_every_module_and_profile_works(fresh_cache, parallel_mode):
+    fresh_cache()
+    parallel_mode(2)
+    model = models.lenet5(4)
+    params = gc.init_params(model.graph, seed=0)
+    step = gc.compile_training_step(model.loss, params, gc.SGD(lr=0.01))
+    text = step.llvm_ir
+    modules = parallel.split_modules(text)
+    assert len(modules) > 1 and text.count("; ModuleID = ") == len(modules)
+    assert "define void @\"graphc_entry\"" in modules[-1]
+    assert all("graphc_entry" not in module for module in modules[:-1])
+    # every kernel is defined in exactly one module, and exported only when called from another
+    for module in modules[:-1]:
+        assert "define external void @\"k" in module or "define external void @k" in module
+    report = step.profile(repeats=2, **models.random_batch(model, np.random.default_rng(0)))
+    assert len(report.kernels) == len(step.steps) and report.native_seconds > 0
+
+
+def test_fallback_when_llvmlite_internals_differ(fresh_cache, monkeypatch):
+    monkeypatch.delenv(parallel.COMPILE_THREADS_VARIABLE, raising=False)
+    monkeypatch.setattr(llvm_unlocked, "_raw_functions", lambda: "pretend llvmlite changed")
+    assert not llvm_unlocked.available()
+    assert parallel.compile_threads() == 1 and program_modules.default_budget() is None
+    fresh_cache()
+    model = models.lenet5(4)
+    params = gc.init_params(model.graph, seed=0)
+    step = gc.compile_training_step(model.loss, params, gc.SGD(lr=0.01))
+    assert len(parallel.split_modules(step.llvm_ir)) == 1
+    feeds = models.random_batch(model, np.random.default_rng(1))
+    expected = float(gc.evaluate(model.loss, feeds, gc.init_params(model.graph, seed=0)))
+    assert abs(step(**feeds) - expected) < 1e-4 * max(1.0, abs(expected))
+
+
+def _change_a_signature(monkeypatch):
+    changed = llvm_unlocked._expected_signatures()
+    argtypes, restypes = changed["LLVMPY_ParseAssembly"]
+    changed["LLVMPY_ParseAssembly"] = (argtypes[:2], restypes)
+    monkeypatch.setattr(llvm_unlocked, "_expected_signatures", lambda: changed)
+
+
+def _replace_the_lock_wrapper(monkeypatch):
+    from llvmlite.binding import ffi
+    monkeypatch.setattr(ffi, "_lib_wrapper", type("OtherWrapper", (), {}))
+
+
+def _hide_the_raw_function(monkeypatch):
+    from llvmlite.binding import ffi
+    monkeypatch.setitem(ffi.lib._fntab, "LLVMPY_TargetMachineEmitToMemory", object())
+
+
+@pytest.mark.parametrize("change, reason", [
+    (_change_a_signature, "another signature"),
+    (_replace_the_lock_wrapper, "lock wrapper"),
+    (_hide_the_raw_function, "not wrapped as expected"),
+])
+def test_unexpected_llvmlite_internals_are_detected(monkeypatch, change, reason):
+    llvm_unlocked._raw_functions.cache_clear()
+    try:
+        change(monkeypatch)
+        assert not llvm_unlocked.available()
+        assert reason in llvm_unlocked.unavailable_reason()
+        assert parallel.compile_threads() == 1
+    finally:
+        monkeypatch.undo()
+        llvm_unlocked._raw_functions.cache_clear()
+    assert llvm_unlocked.available()
+
+
+def test_thread_count_from_the_environment(monkeypatch):
+    monkeypatch.setenv(parallel.COMPILE_THREADS_VARIABLE, "1")
+    assert parallel.compile_threads() == 1 and program_modules.default_budget() is None
+    monkeypatch.setenv(parallel.COMPILE_THREADS_VARIABLE, "4")
+    assert parallel.compile_threads() == 4
+    assert program_modules.default_budget() == program_modules.INSTRUCTIONS_PER_MODULE
+    monkeypatch.setenv(parallel.COMPILE_THREADS_VARIABLE, "zero")
+    with pytest.warns(RuntimeWarning, match="GRAPHC_COMPILE_THREADS"):
+        assert parallel.compile_threads() == rt.usable_cpu_count()
+
+
+# ----------------------------------------------------------------------------- the cache
+
+
+def test_cache_round_trips_multi_object_entries(fresh_cache, parallel_mode):
+    cache = fresh_cache()
+    parallel_mode(2)
+    model = models.lenet5(4)
+    feeds = models.random_batch(model, np.random.default_rng(2))
+    params_a = gc.init_params(model.graph, seed=0)
+    step_a = gc.compile_training_step(model.loss, params_a, gc.SGD(lr=0.01))
+    (entry,) = [path for path in cache.directory.iterdir() if path.is_file()]
+    objects, slots = unpack_entry(cache.get(entry.stem))
+    assert len(objects) == len(parallel.split_modules(step_a.llvm_ir)) > 1
+    params_b = gc.init_params(model.graph, seed=0)
+    step_b = gc.compile_training_step(model.loss, params_b, gc.SGD(lr=0.01))   # loaded
+    assert cache.stats.hits == 2 and "_spec" not in vars(step_b)
+    assert [step_a(**feeds) for _ in range(2)] == [step_b(**feeds) for _ in range(2)]
+
+
+def test_damaged_multi_object_entry_is_rebuilt(fresh_cache, parallel_mode):
+    cache = fresh_cache()
+    parallel_mode(2)
+    model = models.lenet5(4)
+    gc.compile_training_step(model.loss, gc.init_params(model.graph, seed=0), gc.SGD(lr=0.01))
+    (entry,) = [path for path in cache.directory.iterdir() if path.is_file()]
+    blob = bytearray(entry.read_bytes())
+    blob[-100] ^= 0x5A            # inside the last object
+    entry.write_bytes(bytes(blob))
+    step = gc.compile_training_step(model.loss, gc.init_params(model.graph, seed=0), gc.SGD(lr=0.01))
+    assert cache.stats.corrupt == 1
+    feeds = models.random_batch(model, np.random.default_rng(3))
+    expected = float(gc.evaluate(model.loss, feeds, gc.init_params(model.graph, seed=0)))
+    assert abs(step(**feeds) - expected) < 1e-4 * max(1.0, abs(expected))
+
+
+def test_entry_format_checks():
+    slots = [rt.Input("x", (2, 3), "float32"), rt.Workspace(64)]
+    objects = [b"first object", b"second", b"third one"]
+    unpacked, slots_back = unpack_entry(pack_entry(objects, slots))
+    assert unpacked == objects and [vars(s) for s in slots_back] == [vars(s) for s in slots]
+    good = pack_entry(objects, slots)
+    for damaged in (good[:-1], good + b"x", good[:3], b""):
+        with pytest.raises(ValueError):
+            unpack_entry(damaged)
+    # the format before several objects: a bare list of slots, then one object
+    import json
+    import struct
+    old_header = json.dumps([]).encode()
+    with pytest.raises(ValueError):
+        unpack_entry(struct.pack("<I", len(old_header)) + old_header + b"object")
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def _module_text(name: str, body) -> str:
+    module = target.new_module(name)
+    body(module)
+    return str(module)
+
+
+def _i64_function(module, name):
+    return ir.Function(module, ir.FunctionType(ir.IntType(64), [ir.IntType(64)]), name)
+
+
+def _define_triple(module):
+    fn = _i64_function(module, "triple")
+    b = ir.IRBuilder(fn.append_basic_block())
+    b.ret(b.mul(fn.args[0], ir.Constant(ir.IntType(64), 3)))
+
+
+def _define_caller(module):
+    triple = _i64_function(module, "triple")          # a declaration: defined by another object
+    fn = _i64_function(module, "nine_times")
+    b = ir.IRBuilder(fn.append_basic_block())
+    b.ret(b.call(triple, [b.call(triple, [fn.args[0]])]))
+
+
+def test_objects_link_to_each_other():
+    import ctypes
+    objects = parallel.compile_modules([_module_text("a", _define_caller), _module_text("b", _define_triple)], 2)
+    library = rt.NativeLibrary(objects)
+    nine_times = ctypes.CFUNCTYPE(ctypes.c_int64, ctypes.c_int64)(library.address("nine_times"))
+    assert nine_times(5) == 45
+
+
+def test_loader_refuses_unresolved_and_twice_defined_symbols():
+    caller = parallel.compile_modules([_module_text("a", _define_caller)], 1)
+    with pytest.raises(rt.MissingSymbolError, match="triple"):
+        rt.NativeLibrary(caller)
+    twice = parallel.compile_modules([_module_text("b", _define_triple)] * 2, 2)
+    with pytest.raises(ValueError, match="defined twice"):
+        rt.NativeLibrary(twice)
+
+
+def test_split_modules():
+    a, b = _module_text("a", _define_caller), _module_text("b", _define_triple)
+    assert parallel.split_modules(a) == [a]
+    assert parallel.split_modules(a + "\n" + b) == [a + "\n", b]
+    headless = "define i64 @f() {\n  ret i64 1\n}\n"
+    assert parallel.split_modules(headless) == [headless]
+    assert parallel.split_modules(headless + a) == [headless, a]
+
+
+# ----------------------------------------------------------------------------- robustness
+
+
+def test_errors_reach_the_caller_and_threads_stop():
+    before = {t.name for t in threading.enumerate()}
+    good = _module_text("b", _define_triple)
+    with pytest.raises(RuntimeError, match="parsing error"):
+        parallel.compile_modules([good, "this is not LLVM IR", good], threads=2)
+    leftover = {t.name for t in threading.enumerate()} - before
+    assert not any(name.startswith("graphc-compile") for name in leftover)
+
+
+def test_compiling_in_parallel_over_and_over(fresh_cache, parallel_mode):
+    """Many modules, many rounds, two callers at once: same objects every time, no crash."""
+    fresh_cache()
+    parallel_mode(2, budget=300)
+    model = models.mlp(8, sizes=(32, 24, 16, 10))
+    step = gc.compile_training_step(model.loss, gc.init_params(model.graph, seed=0), gc.SGD(lr=0.1))
+    modules = parallel.split_modules(step.llvm_ir)
+    assert len(modules) > 2
+    expected = parallel.compile_modules(modules, threads=1)
+    failures = []
+
+    def rounds(count, threads):
+        try:
+            for _ in range(count):
+                if parallel.compile_modules(modules, threads=threads) != expected:
+                    failures.append("different objects")
+        except Exception as error:  # reported below
+            failures.append(repr(error))
+
+    callers = [threading.Thread(target=rounds, args=(3, threads)) for threads in (2, 4)]
+    for caller in callers:
+        caller.start()
+    rounds(2, 3)
+    for caller in callers:
+        caller.join()
+    assert not failures
+    # The objects still load and run.
+    feeds = models.random_batch(model, np.random.default_rng(4))
+    program = rt.Program(rt.NativeLibrary(expected), "graphc_entry", step._spec.slots,
+                         gc.init_params(model.graph, seed=0))
+    assert np.isfinite(program(**feeds)[0]).all()
