@@ -9,10 +9,12 @@ and call the program.
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 from typing import Callable
 
 import graphc_runtime as rt
+import numpy as np
 
 from .codegen.entry import EntryBuilder, emit_constant, emit_ticks_function
 from .codegen.program_modules import ProgramModules
@@ -22,6 +24,10 @@ from .memory import MemoryPlan, plan_memory, schedule
 
 SUPPORTED_DTYPES = ("float32", "int32")
 PROFILE_SLOT = "profile:ticks"
+
+# Integer inputs whose valid range (class labels) the entry checks itself (see
+# EntryBuilder.refuse_out_of_range); others are checked in Python before the call.
+NATIVE_RANGE_CHECK_DTYPES = (np.dtype("int32"), np.dtype("int64"))
 
 
 @dataclasses.dataclass
@@ -91,7 +97,16 @@ def assemble(graph: Graph, outputs: list[Tensor], *, output_names: list[str], in
         profile_index = len(slots)
         slots.append(rt.State(PROFILE_SLOT, (len(phase_steps),), "int64"))
         emit_ticks_function(module)
+    range_checks = [(position, math.prod(slot.shape), slot.dtype.itemsize * 8, *slot.valid_range)
+                    for position, slot in enumerate(slots)
+                    if isinstance(slot, rt.Input) and slot.range_checked_natively]
+    status_index = None
+    if range_checks:
+        status_index = len(slots)
+        slots.append(rt.Status())
     entry = EntryBuilder(module, len(slots), workspace_index, profile_index)
+    if range_checks:
+        entry.refuse_out_of_range(status_index, range_checks)
     constants = {}
     for i, (step, kernel) in enumerate(zip(ordered, kernels)):
         out_location = step_out[i] if step_out[i] is not None else ("arena", memory.offset_of_value(step.node.id))
@@ -133,7 +148,10 @@ def _slots(graph, needed, outputs, output_names, inplace, state_names):
     for name, node in graph.inputs.items():
         if node.id in needed_ids:
             locations[node.id] = ("slot", len(slots))
-            slots.append(rt.Input(name, node.shape, node.dtype, valid_range=label_ranges.get(node.id)))
+            valid_range = label_ranges.get(node.id)
+            slots.append(rt.Input(name, node.shape, node.dtype, valid_range=valid_range,
+                                  range_checked_natively=valid_range is not None and node.size > 0
+                                  and np.dtype(node.dtype) in NATIVE_RANGE_CHECK_DTYPES))
     for name, node in graph.params.items():
         if node.id in needed_ids or name in updated:
             locations[node.id] = ("slot", len(slots))

@@ -26,7 +26,7 @@ from .loader import (
     initialize_llvm,
 )
 from .program import Program
-from .slots import Input, Output, Param, State, Workspace
+from .slots import Input, Output, Param, State, Status, Workspace
 from .threads import (
     MAX_THREADS,
     EntryFunction,
@@ -51,6 +51,7 @@ __all__ = [
     "Program",
     "State",
     "ThreadTeam",
+    "Status",
     "Workspace",
     "create_host_target_machine",
     "default_cache_directory",

@@ -19,7 +19,7 @@ import numpy as np
 
 from .buffers import aligned_zeros, data_pointer, unchecked_data_pointer
 from .loader import NativeLibrary
-from .slots import Input, Output, Param, Slot, State, Workspace
+from .slots import Input, Output, Param, Slot, State, Status, Workspace
 from .threads import EntryFunction, default_team, get_num_threads
 
 __all__ = ["Program"]
@@ -80,6 +80,10 @@ class Program:
         self._workspaces = {
             slot.name: aligned_zeros(slot.nbytes, np.uint8) for slot in self.slots if isinstance(slot, Workspace)
         }
+        # Where the entry reports inputs it refused (Input.range_checked_natively), if anywhere.
+        self._status = aligned_zeros((1,), np.int64) if any(isinstance(s, Status) for s in self.slots) else None
+        self._status_cell = None if self._status is None else ctypes.c_int64.from_address(data_pointer(self._status))
+        self._inputs_by_position = {position: slot for slot, position in _plan_of(Input, self.slots)}
 
         self._argv = (ctypes.c_void_p * max(len(self.slots), 1))()
         self._argv_address = ctypes.addressof(self._argv)
@@ -141,11 +145,22 @@ class Program:
     def _run_entry(self, inputs: list[np.ndarray]) -> None:
         """Run the entry once on the program's threads; `inputs` (the bound feeds, some of them
         converted copies) is held here so that no copy is freed while native code reads it."""
+        if self._status_cell is not None:
+            self._status_cell.value = 0
         if self.max_threads == 1 or get_num_threads() == 1:
             self._entry_function(self._argv_pointer, _TID_0, _ONE_THREAD)
         else:
             nthreads = min(get_num_threads(), self.max_threads)
             default_team().run(self._entry_address, self._argv_address, nthreads)
+        if self._status_cell is not None and self._status_cell.value:
+            raise self._refused_input_error(inputs)
+
+    def _refused_input_error(self, inputs: list[np.ndarray]) -> ValueError:
+        """The entry returned before any kernel ran: an input was out of its valid range."""
+        position = self._status_cell.value - 1
+        slot = self._inputs_by_position[position]
+        array = inputs[[p for _, p, _ in self._input_plan].index(position)]
+        return slot.range_error(array)
 
     def reset_state(self) -> None:
         """Zero every State buffer (e.g. forget the optimizer's momentum)."""
@@ -170,6 +185,8 @@ class Program:
             return self.state[slot.name]
         if isinstance(slot, Workspace):
             return self._workspaces[slot.name]
+        if isinstance(slot, Status):
+            return self._status
         return None  # inputs and outputs get new addresses on every call
 
     def _feed_names_error(self, feeds: Mapping) -> ValueError:
@@ -201,7 +218,8 @@ def _specialized_call_scalar(program: Program):
         "argv_pointer": program._argv_pointer, "TID_0": _TID_0, "ONE_THREAD": _ONE_THREAD,
         "get_num_threads": get_num_threads, "team": default_team, "entry_address": program._entry_address,
         "argv_address": program._argv_address, "max_threads": program.max_threads,
-        "output_address": address, "value": value,
+        "output_address": address, "value": value, "status": program._status_cell,
+        "refused": program._refused_input_error,
     }
     lines = ["def call_scalar(feeds):",
              "    keys = feeds.keys()",
@@ -212,17 +230,22 @@ def _specialized_call_scalar(program: Program):
         namespace.update({f"dtype{i}": slot.dtype, f"shape{i}": slot.shape, f"prepare{i}": slot.prepare})
         lines += [f"        v{i} = feeds[{slot.name!r}]",
                   f"        if (type(v{i}) is ndarray and v{i}.dtype is dtype{i} and v{i}.shape == shape{i}"
-                  f" and v{i}.flags.c_contiguous and {slot.valid_range is None}):",
+                  f" and v{i}.flags.c_contiguous"
+                  f" and {slot.valid_range is None or slot.range_checked_natively}):",
                   "            pass",
                   "        else:",
                   f"            v{i} = prepare{i}(v{i})",
                   f"        argv[{position}] = pointer(v{i})"]
     # The v's stay referenced until the function returns: converted copies outlive the native call.
+    checked = program._status_cell is not None
+    inputs = ", ".join(f"v{i}" for i in range(len(program.inputs)))
     lines += [f"        argv[{output_position}] = output_address  # a __call__ may have bound another",
+              *(["        status.value = 0"] if checked else []),
               "        if max_threads == 1 or get_num_threads() == 1:",
               "            entry(argv_pointer, TID_0, ONE_THREAD)",
               "        else:",
               "            team().run(entry_address, argv_address, min(get_num_threads(), max_threads))",
+              *(["        if status.value:", f"            raise refused([{inputs}])"] if checked else []),
               "        return value.value"]
     exec(compile("\n".join(lines), f"<call_scalar of {program.entry}>", "exec"), namespace)  # noqa: S102
     return namespace["call_scalar"]
@@ -237,7 +260,7 @@ def _check_unique_names(slots: Sequence[Slot]) -> None:
     # would silently share or shadow memory.
     seen = set()
     for slot in slots:
-        if not isinstance(slot, (Input, Param, State, Output, Workspace)):
+        if not isinstance(slot, (Input, Param, State, Output, Workspace, Status)):
             raise TypeError(f"not a slot: {slot!r}")
         if slot.name in seen:
             raise ValueError(f"two slots are named {slot.name!r}")

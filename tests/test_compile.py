@@ -228,6 +228,33 @@ def test_relu_backward_fuses_into_the_pooling_gradient(pool, kernel, stride, pad
     assert_matches(fn(**feeds), gc.evaluate(gc.grad(loss, w), feeds, params))
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("bad_label", [10, -1, 2**31 - 1])
+def test_out_of_range_labels_are_refused_before_any_kernel_runs(threads, bad_label):
+    """The entry checks the labels first: a wrong one raises ValueError naming the input and its
+    range, and leaves the params (trained in place) and the momentum untouched."""
+    previous = gc.get_num_threads()
+    gc.set_num_threads(threads)
+    try:
+        model = models.mlp(64)   # enough work for a multi-threaded program
+        params = gc.init_params(model.graph, seed=0)
+        step = gc.compile_training_step(model.loss, params, gc.SGD(lr=0.1, momentum=0.9))
+        feeds = models.random_batch(model, np.random.default_rng(0))
+        step(**feeds)
+        before = {name: value.copy() for name, value in {**params, **step.state}.items()}
+        labels = feeds["y"].copy()
+        labels[37] = bad_label
+        with pytest.raises(ValueError, match=r"input 'y': values must lie in the valid range \[0, 10\)"):
+            step(**{**feeds, "y": labels})
+        with pytest.raises(ValueError, match=r"input 'y'"):
+            step._program(**{**feeds, "y": labels})
+        for name, value in {**params, **step.state}.items():
+            np.testing.assert_array_equal(value, before[name], err_msg=name)
+        assert np.isfinite(step(**feeds))  # and the next good call runs
+    finally:
+        gc.set_num_threads(previous)
+
+
 def test_update_of_a_weight_the_gradient_gemm_reads_is_not_done_in_place():
     """loss(w) = sum((x @ w) @ w): the gradient GEMMs read w, so w's update must wait for them."""
     g = gc.Graph("self_product")

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import llvmlite.ir as ir
 
-from .kernel_builder import I64, PTR
+from .kernel_builder import I64, PTR, KernelBuilder
 
 ENTRY_NAME = "graphc_entry"
 TICKS_NAME = "graphc_ticks"      # i64 graphc_ticks(void): the profiler's clock, for calibration
@@ -108,6 +108,30 @@ class EntryBuilder:
         if kind == "global":
             return where
         raise ValueError(f"unknown location {location!r}")
+
+    def refuse_out_of_range(self, status_slot: int, checks) -> None:
+        """Before any kernel: if an integer input holds a value outside its [lo, hi), write that
+        input's slot position + 1 into the Status slot and return (every thread does the same,
+        before any barrier). `checks`: (slot position, element count, integer bits, lo, hi).
+
+        Class labels index arrays in the kernels that read them; checked here, a wrong label
+        costs one pass over the labels instead of a numpy reduction per call in Python.
+        """
+        for position, count, bits, lo, hi in checks:
+            int_type = ir.IntType(bits)
+            labels = self.slots[position]
+            bad = self.b.alloca(ir.IntType(1))
+            self.b.store(ir.Constant(ir.IntType(1), 0), bad)
+            loop = KernelBuilder(self.b)
+            with loop.for_range(0, count, name=f"check{position}") as i:
+                value = self.b.load(self.b.gep(labels, [i], source_etype=int_type), typ=int_type)
+                # lo <= v < hi  <=>  (v - lo) < (hi - lo) as unsigned: one compare per label.
+                outside = self.b.icmp_unsigned(">=", self.b.sub(value, ir.Constant(int_type, lo)),
+                                               ir.Constant(int_type, hi - lo))
+                self.b.store(self.b.or_(self.b.load(bad, typ=ir.IntType(1)), outside), bad)
+            with self.b.if_then(self.b.load(bad, typ=ir.IntType(1)), likely=False):
+                self.b.store(ir.Constant(I64, position + 1), self.slots[status_slot])
+                self.b.ret_void()
 
     def call_phases(self, phases, out, inputs, scratch):
         null = ir.Constant(PTR, None)
