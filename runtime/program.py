@@ -97,7 +97,10 @@ class Program:
         self._entry_address = library.address(entry)
         self._entry_function = EntryFunction(self._entry_address)
         self._lock = threading.Lock()
-        self._fast_call_scalar = None if self._scalar_output is None else _specialized_call_scalar(self)
+        if self._scalar_output is not None:
+            # Shadows the method below on this instance: a training step's call is then this
+            # function alone, a Python frame less (see `_specialized_call_scalar`).
+            self.call_scalar = _specialized_call_scalar(self)
 
     @property
     def num_threads(self) -> int:
@@ -122,9 +125,8 @@ class Program:
         A training step's fast path: the output is written to a buffer the program reuses, so
         a call allocates no array and converts none to a number.
         """
-        if self._fast_call_scalar is None:
-            raise TypeError(f"{self!r} does not have exactly one output of one element")
-        return self._fast_call_scalar(feeds)
+        # Reached only without such an output: otherwise __init__ bound the specialized call.
+        raise TypeError(f"{self!r} does not have exactly one output of one element")
 
     def _bind_inputs(self, feeds: Mapping[str, object]) -> list[np.ndarray]:
         """Validate every feed and write its address into the argument vector; the arrays bound.
