@@ -61,6 +61,7 @@ import llvmlite.ir as ir
 
 from .kernel import Kernel, phase_args, phase_function
 from .kernel_builder import F32, I1, I32, I64, PTR, KernelBuilder
+from .reduce_kernels import horizontal_sum
 from .target import vector_register_count, vector_width_f32
 from .window import WindowGeometry
 
@@ -632,10 +633,7 @@ def _emit_weight_grad_channel_lanes(module: ir.Module, name: str, g: ConvGeometr
     reduce_fn, kb = phase_function(module, f"{name}.reduce", 2)
     out, _, scratch, tid, nthreads = phase_args(reduce_fn)
     with kb.if_then(kb.b.icmp_signed("==", tid, kb.i64(0))):
-        total = layout.private(kb, scratch, kb.i64(0), "dWt")
-        with kb.for_range(1, nthreads, name="thread", unroll="never") as thread:
-            _emit_add(kb, total, layout.private(kb, scratch, thread, "dWt"),
-                      kb.i64(K * lanes))
+        total = _sum_thread_partials(kb, layout, scratch, nthreads, "dWt", K * lanes)
         _call_transpose(kb, total, lanes, out, K, rows=K, cols=O, lanes=K)
     kb.b.ret_void()
     return Kernel([fn, reduce_fn], layout.total_floats(max_threads))
@@ -694,26 +692,15 @@ def _emit_weight_grad_pixel_lanes(module: ir.Module, name: str, g: ConvGeometry,
     reduce_fn, kb = phase_function(module, f"{name}.reduce", 2)
     out, _, scratch, tid, nthreads = phase_args(reduce_fn)
     with kb.if_then(kb.b.icmp_signed("==", tid, kb.i64(0))):
-        total = layout.private(kb, scratch, kb.i64(0), "dWv")
-        with kb.for_range(1, nthreads, name="thread", unroll="never") as thread:
-            _emit_add(kb, total, layout.private(kb, scratch, thread, "dWv"),
-                      kb.i64(taps_rows * rows * width))
+        total = _sum_thread_partials(kb, layout, scratch, nthreads, "dWv", taps_rows * rows * width)
         with kb.for_range(0, O, name="o", unroll="never") as o:
             with kb.for_range(0, K, name="k", unroll="never") as k:
                 vector = kb.load_vec(total, kb.mul(kb.add(kb.mul(k, rows), o), width))
-                kb.store(_horizontal_sum(kb, vector), out, kb.add(kb.mul(o, K), k))
+                # A vector reduction: it also keeps the loop vectorizer off this scalar loop,
+                # which made a large gather of it.
+                kb.store(horizontal_sum(kb, vector), out, kb.add(kb.mul(o, K), k))
     kb.b.ret_void()
     return Kernel([fn, reduce_fn], layout.total_floats(max_threads))
-
-
-def _horizontal_sum(kb: KernelBuilder, vector: ir.Value) -> ir.Value:
-    """The sum of a vector's lanes, by LLVM's reduction intrinsic (a tree of shuffles and
-    adds; as a vector operation, it also keeps the loop vectorizer off the scalar loop
-    around it, which made a large gather of it)."""
-    name = f"llvm.vector.reduce.fadd.v{kb.width}f32"
-    reduce = kb.module.globals.get(name) or ir.Function(
-        kb.module, ir.FunctionType(F32, [F32, kb.vec_type]), name=name)
-    return kb.set_fast_math(kb.b.call(reduce, [kb.f32(-0.0), vector]), ("reassoc",))
 
 
 # --------------------------------------------------------------------------------- paths
@@ -1281,6 +1268,14 @@ def _store(kb: KernelBuilder, value: ir.Value, ptr: ir.Value, index: ir.Value, m
 def emit_fill_zero(kb: KernelBuilder, dst: ir.Value, count: ir.Value) -> None:
     """dst[0:count] = 0."""
     _emit_vectors(kb, count, lambda k, mask: _store(kb, kb.splat(0.0), dst, k, mask))
+
+
+def _sum_thread_partials(kb: KernelBuilder, layout, scratch, nthreads, key: str, count: int) -> ir.Value:
+    """Add every thread's private `key` array (count floats) into thread 0's; returns it."""
+    total = layout.private(kb, scratch, kb.i64(0), key)
+    with kb.for_range(1, nthreads, name="thread", unroll="never") as thread:
+        _emit_add(kb, total, layout.private(kb, scratch, thread, key), kb.i64(count))
+    return total
 
 
 def _emit_add(kb: KernelBuilder, dst: ir.Value, src: ir.Value, count: ir.Value) -> None:

@@ -28,7 +28,8 @@ import math
 
 import llvmlite.ir as ir
 
-from graphc.codegen.kernel_builder import PTR
+from graphc.codegen.kernel_builder import I32, PTR
+from graphc.codegen.reduce_kernels import horizontal_sum
 
 __all__ = ["DotPlan", "choose_dot_plan"]
 
@@ -195,7 +196,7 @@ class DotEmitter:
 
         mask = None if cols == w else kb.lane_mask(cols)
         for r in range(rows):
-            row = kb.gather_sums([kb.get(acc[r, s]) for s in range(cols)])
+            row = _gather_sums(kb, [kb.get(acc[r, s]) for s in range(cols)])
             c_row = kb.gep(c, r * p.N)
             if g.accumulate:
                 row = kb.fadd(row, g.load_masked(kb, c_row, 0, mask))
@@ -204,3 +205,11 @@ class DotEmitter:
         kb.b.ret_void()
         return fn
 
+
+def _gather_sums(kb, vectors) -> ir.Value:
+    """A vector whose lane i is the sum of the lanes of vectors[i] (at most `width` vectors;
+    the other lanes are zero): a row of a dot tile, ready for the epilogue and one store."""
+    result = kb.splat(0.0)
+    for lane, vector in enumerate(vectors):
+        result = kb.b.insert_element(result, horizontal_sum(kb, vector), ir.Constant(I32, lane))
+    return result

@@ -266,18 +266,6 @@ class KernelBuilder:
                                 self.b.shuffle_vector(rows[i], rows[i + half], mask(high)))]
         return rows
 
-    def gather_sums(self, vectors: Sequence[ir.Value]) -> ir.Value:
-        """A vector whose lane i is the sum of the lanes of vectors[i] (at most `width`
-        vectors; the other lanes are zero). Reassociating: the lanes are added pairwise."""
-        if not 1 <= len(vectors) <= self.width:
-            raise ValueError(f"gather_sums takes 1 to {self.width} vectors, got {len(vectors)}")
-        reduce = self._intrinsic("llvm.vector.reduce.fadd", F32, [F32, self.vec_type])
-        result = self.splat(0.0)
-        for lane, vector in enumerate(vectors):
-            total = self.set_fast_math(self.b.call(reduce, [self.f32(-0.0), vector]), ("reassoc",))
-            result = self.b.insert_element(result, total, ir.Constant(I32, lane))
-        return result
-
     def fma(self, a: ir.Value, b: ir.Value, c: ir.Value) -> ir.Value:
         """a*b + c with one rounding, on f32 scalars or <width x float>."""
         fn = self._intrinsic("llvm.fma", a.type, [a.type, a.type, a.type])
@@ -315,7 +303,6 @@ class KernelBuilder:
             "llvm.fma": [return_type],
             "llvm.masked.load": [return_type, PTR],
             "llvm.masked.store": [arg_types[0], PTR],
-            "llvm.vector.reduce.fadd": [arg_types[1]],
         }[name]
         mangled = name + "".join("." + _type_suffix(t) for t in suffix)
         existing = self.module.globals.get(mangled)
