@@ -7,10 +7,10 @@ A large program's IR is several modules, compiled on all cores while the next is
 generated (codegen/parallel.py); its machine code is then several object files, loaded
 together.
 
-Compiled programs are cached on disk (program_cache.py), keyed by the optimized graph: a warm
-compile runs the passes, finds the entry and loads it, generating no IR at all. The returned
-function runs the whole program in one native call; Python only validates feeds and allocates
-outputs.
+Compiled programs are cached on disk (program_cache.py), keyed by the graph before optimization:
+a warm compile finds the entry and loads it, running no pass and generating no IR; the optimized
+graph and the IR are made again only if someone asks to see them. The returned function runs the
+whole program in one native call; Python only validates feeds and allocates outputs.
 """
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ from .codegen.entry import ENTRY_NAME
 from .codegen.parallel import ObjectCompiler, compile_modules, split_modules
 from .codegen.program_modules import default_budget
 from .ir import Tensor
-from .program_cache import pack_entry, program_key, unpack_entry
+from .program_cache import CachedProgram, pack_entry, program_key, unpack_entry
 
 # Below this much work per call, fork/join across threads costs more than it saves.
 MIN_FLOPS_FOR_THREADS = 8_000_000
@@ -48,14 +48,54 @@ class Recipe:
 
     graph: object
     outputs: list
-    assemble_args: dict           # what determines the machine code: part of the cache key
+    assemble_args: dict           # outputs, in-place writes, state buffers, threads
     # How the program is split into modules, decided once (by the compile threads) so that the
-    # IR shown later is the IR compiled; not in the key: any split computes the same numbers.
+    # IR shown later is the IR compiled.
     instructions_per_module: int | None = None
 
     def assemble(self, **overrides) -> ProgramSpec:
         return assemble(self.graph, self.outputs, **{
             **self.assemble_args, "instructions_per_module": self.instructions_per_module, **overrides})
+
+
+class Plan:
+    """How a program is made from its graph: the optimized graph and the recipe to assemble it.
+
+    Made on demand: a program loaded from the cache needs neither to run, only to be shown
+    (`graph`, `llvm_ir`, `describe()`) or profiled. `max_threads` is fixed when the program is
+    compiled, so that the plan made later is the one the cached program was compiled from.
+    """
+
+    def __init__(self, outputs: list, request: dict, max_threads: int | None = None):
+        self._outputs = outputs
+        self._request = request
+        self._max_threads = max_threads
+
+    @functools.cached_property
+    def optimized(self):
+        from .passes import optimize
+        return optimize(self._outputs)
+
+    @property
+    def max_threads(self) -> int:
+        if self._max_threads is None:
+            from .lowering import plan_steps
+            graph, outputs = self.optimized.graph, self.optimized.outputs
+            work = sum(step.flops for step in plan_steps(graph, outputs))
+            self._max_threads = self._request["threads"] if work >= MIN_FLOPS_FOR_THREADS else 1
+        return self._max_threads
+
+    @functools.cached_property
+    def recipe(self) -> Recipe:
+        graph, outputs = self.optimized.graph, self.optimized.outputs
+        output_names = self._request["output_names"]
+        user_outputs, write_nodes = outputs[:len(output_names)], outputs[len(output_names):]
+        inplace_ids = {node.id: name for node, name in zip(write_nodes, self._request["inplace"])
+                       if not (node.op == "param" and node.name == name)}
+        return Recipe(graph, user_outputs, dict(output_names=output_names, inplace=inplace_ids,
+                                                state_names=set(self._request["state_names"]),
+                                                max_threads=self.max_threads),
+                      instructions_per_module=default_budget())
 
 
 class CompiledFunction:
@@ -64,16 +104,30 @@ class CompiledFunction:
     `graph` is the optimized graph it runs, `optimization` what each pass did, `llvm_ir` the
     LLVM IR of the program (its modules one after the other, each from its `; ModuleID` line;
     the entry is in the last), `describe()` its kernels and memory plan, `profile(**feeds)` the
-    time of each kernel.
+    time of each kernel. All of these are made on first use, not by a compile that loaded the
+    program from the disk cache.
     """
 
-    def __init__(self, program: rt.Program, recipe: Recipe, optimized, single: bool):
+    def __init__(self, program: rt.Program, plan: Plan, single: bool):
         self._program = program
-        self.recipe = recipe
-        self.optimization = optimized
-        self.graph = optimized.graph
-        self.outputs = recipe.outputs
+        self._plan = plan
         self._single = single
+
+    @property
+    def optimization(self):
+        return self._plan.optimized
+
+    @property
+    def graph(self):
+        return self._plan.optimized.graph
+
+    @property
+    def recipe(self) -> Recipe:
+        return self._plan.recipe
+
+    @property
+    def outputs(self) -> list:
+        return self._plan.recipe.outputs
 
     def __call__(self, **feeds):
         results = self._program(**feeds)
@@ -180,50 +234,43 @@ def compile_training_step(loss: Tensor, params: Mapping[str, np.ndarray], optimi
 
 
 def _build(cls, outputs, params, *, output_names, single=False, inplace=(), state_names=()):
-    """Optimize, then load the program from the cache or assemble and compile it; bind params.
+    """Load the program from the cache or optimize, assemble and compile it; bind params.
 
     The first len(output_names) outputs are returned to the caller; each further one is written
     in place into the param (or state buffer) named by the matching entry of `inplace`.
     """
-    from .lowering import plan_steps
-    from .passes import optimize
-
-    optimized = optimize(outputs)
-    graph, new_outputs = optimized.graph, optimized.outputs
-    user_outputs, write_nodes = new_outputs[:len(output_names)], new_outputs[len(output_names):]
-    inplace_ids = {node.id: name for node, name in zip(write_nodes, inplace)
-                   if not (node.op == "param" and node.name == name)}
-    work = sum(step.flops for step in plan_steps(graph, new_outputs))
-    threads = rt.get_num_threads() if work >= MIN_FLOPS_FOR_THREADS else 1
-    recipe = Recipe(graph, user_outputs, dict(output_names=output_names, inplace=inplace_ids,
-                                              state_names=set(state_names), max_threads=threads),
-                    instructions_per_module=default_budget())
-    objects, slots = _load_or_compile(recipe)
-    program = rt.Program(rt.NativeLibrary(objects), ENTRY_NAME, slots, params, max_threads=threads,
-                         ignored_inputs=graph.inputs)
-    return cls(program, recipe, optimized, single)
-
-
-def _load_or_compile(recipe: Recipe):
-    """(object files, slots) of the program, from the disk cache or compiled and cached."""
+    request = dict(output_names=list(output_names), inplace=list(inplace), state_names=sorted(state_names),
+                   threads=rt.get_num_threads())
     cache = object_cache()
-    key = program_key(recipe.graph, recipe.outputs + _write_nodes(recipe), recipe.assemble_args)
+    key = program_key(outputs[0].graph, outputs, request)
+    compiled = _load(cache, key)
+    if compiled is None:
+        plan = Plan(outputs, request)
+        compiled = _compile(plan.recipe)
+        cache.put(key, pack_entry(compiled))
+    else:
+        plan = Plan(outputs, request, compiled.max_threads)
+    program = rt.Program(rt.NativeLibrary(compiled.objects), ENTRY_NAME, compiled.slots, params,
+                         max_threads=compiled.max_threads, ignored_inputs=outputs[0].graph.inputs)
+    return cls(program, plan, single)
+
+
+def _load(cache: rt.ObjectCache, key: str) -> CachedProgram | None:
     blob = cache.get(key)
-    if blob is not None:
-        try:
-            return unpack_entry(blob)
-        except (ValueError, KeyError, TypeError):
-            pass  # an entry of another format: rebuild it
+    if blob is None:
+        return None
+    try:
+        return unpack_entry(blob)
+    except (ValueError, KeyError, TypeError):
+        return None   # an entry of another format: rebuild it
+
+
+def _compile(recipe: Recipe) -> CachedProgram:
     with ObjectCompiler() as compiler:
         # Each module compiles in the background as soon as assemble has finished it.
         spec = recipe.assemble(on_module=compiler.submit)
         objects = compiler.objects()
-    cache.put(key, pack_entry(objects, spec.slots))
-    return objects, spec.slots
-
-
-def _write_nodes(recipe: Recipe) -> list:
-    return [recipe.graph.nodes[i] for i in recipe.assemble_args["inplace"]]
+    return CachedProgram(objects, spec.slots, recipe.assemble_args["max_threads"])
 
 
 def object_code(llvm_ir: str) -> list[bytes]:

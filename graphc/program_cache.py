@@ -1,17 +1,19 @@
 """The disk cache of compiled programs: keys and entry format.
 
-A key hashes what determines the machine code: the optimized graph (ops, attributes, operand
-ids, shapes, dtypes; not the user's source lines), how it is assembled (outputs, in-place
-updates, thread count), the compiler's own source, the host CPU and the llvmlite version. On
-a hit nothing is generated: the entry holds the object code and the runtime's slot layout, so
-a warm compile skips LLVM IR generation as well as LLVM itself.
+A key hashes what determines the machine code: the graph as the user's code built it, before
+any pass (ops, attributes, operand ids, shapes, dtypes; not the user's source lines), what is
+asked of it (outputs, in-place updates, the thread count set), the compiler's own source (its
+passes and kernel generators), the host CPU and the llvmlite version. Keying the graph before
+optimization lets a warm compile skip the passes too: on a hit nothing is optimized or
+generated, the entry holds the object code, the runtime's slot layout and the thread count.
 
 An entry's payload (the runtime's ObjectCache adds the checksummed header) is a length, a JSON
-header (format, slot layout, length of each object file), then the object files back to back.
-Anything inconsistent raises ValueError, and the compiler rebuilds the entry.
+header (format, slot layout, thread count, length of each object file), then the object files
+back to back. Anything inconsistent raises ValueError, and the compiler rebuilds the entry.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 import json
@@ -42,7 +44,9 @@ def compiler_source_digest() -> str:
     return digest.hexdigest()
 
 
-def program_key(graph, outputs, assemble_args: dict) -> str:
+def program_key(graph, outputs, request: dict) -> str:
+    """The key of the program computing `outputs` of `graph` (before optimization) as `request`
+    (output names, in-place updates, threads...) asks."""
     lines = []
     for node in graph.ancestors(outputs):
         attrs = sorted((k, repr(v)) for k, v in node.attrs.items())
@@ -50,23 +54,35 @@ def program_key(graph, outputs, assemble_args: dict) -> str:
         name = node.name if node.op in ("input", "param") else ""
         lines.append(f"{node.id} {node.op} {name} {attrs} {operands} {node.shape} {node.dtype}")
     lines.append(f"outputs {[out.id for out in outputs]}")
-    lines.append(repr(sorted((k, repr(v)) for k, v in assemble_args.items())))
+    lines.append(repr(sorted((k, repr(v)) for k, v in request.items())))
     return rt.make_key("\n".join(lines), compiler_source_digest(), target_fingerprint(), llvmlite.__version__)
 
 
-_FORMAT = "graphc-program/2"   # 2: several object files (1 was a bare slot list and one object)
+# 3: the thread count is stored (keys hash the unoptimized graph, which does not give it);
+# 2: several object files; 1: a bare slot list and one object.
+_FORMAT = "graphc-program/3"
 
 
-def pack_entry(objects: list[bytes], slots) -> bytes:
-    """The program's object files and slot layout in one blob."""
-    objects = [bytes(obj) for obj in objects]
-    header = json.dumps({"format": _FORMAT, "slots": [_slot_to_json(slot) for slot in slots],
-                         "objects": [len(obj) for obj in objects]}).encode()
+@dataclasses.dataclass
+class CachedProgram:
+    """What a compiled program needs to run: its object files, the runtime's slot layout and
+    the most threads its entry uses."""
+
+    objects: list[bytes]
+    slots: list
+    max_threads: int
+
+
+def pack_entry(program: CachedProgram) -> bytes:
+    """The program's object files, slot layout and thread count in one blob."""
+    objects = [bytes(obj) for obj in program.objects]
+    header = json.dumps({"format": _FORMAT, "slots": [_slot_to_json(slot) for slot in program.slots],
+                         "max_threads": program.max_threads, "objects": [len(obj) for obj in objects]}).encode()
     return _HEADER.pack(len(header)) + header + b"".join(objects)
 
 
-def unpack_entry(blob: bytes):
-    """(object files, slots); raises ValueError for a blob not made by this version of pack_entry."""
+def unpack_entry(blob: bytes) -> CachedProgram:
+    """The entry's program; raises ValueError for a blob not made by this version of pack_entry."""
     if len(blob) < _HEADER.size:
         raise ValueError("program cache entry: shorter than its header")
     (length,) = _HEADER.unpack_from(blob)
@@ -77,11 +93,14 @@ def unpack_entry(blob: bytes):
     body = memoryview(blob)[_HEADER.size + length:]
     if not sizes or any(type(size) is not int or size <= 0 for size in sizes) or sum(sizes) != len(body):
         raise ValueError("program cache entry: object sizes do not match its length")
+    max_threads = header["max_threads"]
+    if type(max_threads) is not int or max_threads < 1:
+        raise ValueError("program cache entry: no valid thread count")
     objects, start = [], 0
     for size in sizes:
         objects.append(bytes(body[start:start + size]))
         start += size
-    return objects, [_slot_from_json(item) for item in header["slots"]]
+    return CachedProgram(objects, [_slot_from_json(item) for item in header["slots"]], max_threads)
 
 
 def _slot_to_json(slot) -> dict:

@@ -12,7 +12,7 @@ import graphc as gc
 import graphc_runtime as rt
 from graphc import compiler, models
 from graphc.codegen import llvm_unlocked, parallel, program_modules, target
-from graphc.program_cache import pack_entry, unpack_entry
+from graphc.program_cache import CachedProgram, pack_entry, unpack_entry
 
 pytestmark = pytest.mark.skipif(not llvm_unlocked.available(),
                                 reason=f"parallel compilation unavailable: {llvm_unlocked.unavailable_reason()}")
@@ -182,7 +182,7 @@ def test_cache_round_trips_multi_object_entries(fresh_cache, parallel_mode):
     params_a = gc.init_params(model.graph, seed=0)
     step_a = gc.compile_training_step(model.loss, params_a, gc.SGD(lr=0.01))
     (entry,) = [path for path in cache.directory.iterdir() if path.is_file()]
-    objects, slots = unpack_entry(cache.get(entry.stem))
+    objects = unpack_entry(cache.get(entry.stem)).objects
     assert len(objects) == len(parallel.split_modules(step_a.llvm_ir)) > 1
     params_b = gc.init_params(model.graph, seed=0)
     step_b = gc.compile_training_step(model.loss, params_b, gc.SGD(lr=0.01))   # loaded
@@ -209,10 +209,12 @@ def test_damaged_multi_object_entry_is_rebuilt(fresh_cache, parallel_mode):
 def test_entry_format_checks():
     slots = [rt.Input("x", (2, 3), "float32"), rt.Workspace(64)]
     objects = [b"first object", b"second", b"third one"]
-    unpacked, slots_back = unpack_entry(pack_entry(objects, slots))
-    assert unpacked == objects and [vars(s) for s in slots_back] == [vars(s) for s in slots]
-    good = pack_entry(objects, slots)
-    for damaged in (good[:-1], good + b"x", good[:3], b""):
+    unpacked = unpack_entry(pack_entry(CachedProgram(objects, slots, max_threads=2)))
+    assert unpacked.objects == objects and unpacked.max_threads == 2
+    assert [vars(s) for s in unpacked.slots] == [vars(s) for s in slots]
+    good = pack_entry(CachedProgram(objects, slots, max_threads=2))
+    no_threads = pack_entry(CachedProgram(objects, slots, max_threads=0))
+    for damaged in (good[:-1], good + b"x", good[:3], b"", no_threads):
         with pytest.raises(ValueError):
             unpack_entry(damaged)
     # the format before several objects: a bare list of slots, then one object

@@ -21,13 +21,30 @@ def compile_mlp(batch=4):
     return model, params, gc.compile_training_step(model.loss, params, gc.SGD(lr=0.1, momentum=0.9))
 
 
-def test_miss_then_hit_without_generating_ir(cache):
-    compile_mlp()
+def test_miss_then_hit_without_optimizing_or_generating_ir(cache):
+    _, _, first = compile_mlp()
     assert (cache.stats.hits, cache.stats.misses) == (0, 1)
     _, _, step = compile_mlp()
     assert (cache.stats.hits, cache.stats.misses) == (1, 1)
-    assert "_spec" not in vars(step)          # no LLVM IR was generated for the hit
-    assert "graphc_entry" in step.llvm_ir     # ... until someone asks for it
+    assert "optimized" not in vars(step._plan)   # no pass ran for the hit
+    assert "_spec" not in vars(step)             # no LLVM IR was generated
+    # ... until someone asks: then the plan made is the one the cached program came from
+    assert step.llvm_ir == first.llvm_ir
+    assert str(step.graph) == str(first.graph) and step.describe() == first.describe()
+
+
+def test_thread_count_is_part_of_the_key(cache):
+    previous = gc.get_num_threads()
+    try:
+        gc.set_num_threads(1)
+        model = models.lenet5(8)
+        one = gc.compile_training_step(model.loss, gc.init_params(model.graph, seed=0), gc.SGD(lr=0.1))
+        gc.set_num_threads(2)
+        two = gc.compile_training_step(model.loss, gc.init_params(model.graph, seed=0), gc.SGD(lr=0.1))
+    finally:
+        gc.set_num_threads(previous)
+    assert (cache.stats.hits, cache.stats.misses) == (0, 2)
+    assert (one._program.max_threads, two._program.max_threads) == (1, 2)
 
 
 def test_cached_program_computes_the_same_steps(cache):
