@@ -9,8 +9,9 @@ PyTorch eager, torch.compile, JAX jit. Prints median µs per step (forward + bac
 update), graphc's GFLOP/s and its fraction of the float32 GEMM peak (numpy 1024³ at the row's
 thread count: the best measured so far in the run, at the start and in every row's interleaved
 rounds; bench/peak.py), and for each peer its time and peer/graphc (> 1: graphc is faster).
-Then the peers' compile times (their first call) and graphc's (cold: empty cache; warm: from
-the disk cache). See bench/README.md.
+Then graphc's thread scaling (its thread counts timed in the same rounds), the peers' compile
+times (their first call) and graphc's (cold: empty cache; warm: from the disk cache). See
+bench/README.md.
 """
 from __future__ import annotations
 
@@ -136,6 +137,24 @@ def row_timers(name: str, model, feeds: dict, threads: int, peers: list[str], to
     return timers
 
 
+def scaling_times(name: str, batch: int, thread_counts: list[int], rounds: int, budget_s: float) -> dict:
+    """graphc's median step time at each thread count, the counts timed in turn in the same
+    rounds (best round of each): a ratio of two rows of the table compares two different
+    moments of a shared machine, this one compares the same moments."""
+    model = WORKLOADS[name](batch)
+    feeds = models.random_batch(model, np.random.default_rng(1))
+    timers = {}
+    for threads in thread_counts:
+        gc.set_num_threads(threads)
+        step = gc.compile_training_step(model.loss, gc.init_params(model.graph, seed=0), gc.SGD(lr=LR))
+
+        def timer(repeats, budget, step=step, threads=threads):
+            gc.set_num_threads(threads)
+            return median_time(lambda: step(**feeds), repeats, budget)
+        timers[threads] = timer
+    return interleaved(timers, rounds=rounds, repeats=200, budget_s=budget_s)
+
+
 def installed_peers(wanted: list[str]) -> list[str]:
     have = {"reference": True, "torch": importlib.util.find_spec("torch") is not None,
             "jax": importlib.util.find_spec("jax") is not None}
@@ -155,6 +174,8 @@ def main():
                         help="peers to time (default: every installed one); the reference runs at the first "
                              "thread count only (it is slow, and numpy picks its own BLAS threads)")
     parser.add_argument("--budget", type=float, default=3.0, help="seconds of timing per peer and row")
+    parser.add_argument("--scaling-rounds", type=int, default=9,
+                        help="rounds of the thread-scaling table (graphc at each thread count, interleaved)")
     args = parser.parse_args()
 
     peers = installed_peers(args.peers)
@@ -208,6 +229,16 @@ def main():
     for worker in [*jax_workers.values(), *peak_workers.values()]:
         worker.close()
     print("best GEMM peak of the run: " + ", ".join(f"{p:.1f} GFLOP/s @{t}" for t, p in best_peak.items()))
+
+    if len(args.threads) > 1:
+        low, high = min(args.threads), max(args.threads)
+        print(f"\ngraphc's thread scaling: median µs per step at {low} and {high} threads, timed in turn in "
+              f"the same {args.scaling_rounds} rounds (best round of each); speedup = µs@{low} / µs@{high}")
+        for name in args.workloads:
+            for batch in [64] if name == "w5" else args.batches:
+                times = scaling_times(name, batch, [low, high], args.scaling_rounds, args.budget)
+                print(f"  {name:<9} B={batch:<4} {times[low] * 1e6:10.1f} / {times[high] * 1e6:10.1f}"
+                      f"   ×{times[low] / times[high]:.2f}", flush=True)
 
     if first_calls:
         print("\npeers' compile time: seconds of the first call (trace + compile + one step)")
