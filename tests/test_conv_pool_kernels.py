@@ -351,3 +351,65 @@ def test_max_pool_propagates_nan_like_numpy():
 def test_invalid_geometry_is_rejected(emit, args):
     with pytest.raises(ValueError):
         emit(target.new_module("invalid"), "k", *args, max_threads=1)
+
+
+# ------------------------------------------------- average-pool gradient over flat vectors
+
+FLAT_SPREAD_GRID = [
+    # (x_shape, kernel): LeNet's two pools; a tail after the last whole period (4 lanes);
+    # batch 1 with one 2x2 plane (a tail of half a vector); windows of 3x1 (a period of 15
+    # vectors) and of 2x4.
+    ((2, 6, 28, 28), (2, 2)),
+    ((3, 16, 10, 10), (2, 2)),
+    ((1, 3, 10, 10), (2, 2)),
+    ((1, 1, 2, 2), (2, 2)),
+    ((2, 2, 6, 5), (3, 1)),
+    ((1, 2, 8, 36), (2, 4)),
+]
+
+
+@pytest.mark.parametrize("x_shape, kernel", FLAT_SPREAD_GRID)
+def test_flat_average_pool_gradient_with_and_without_epilogue(x_shape, kernel):
+    """The flat path (pool_kernels._FlatSpread) takes these shapes; with ReLU's backward as
+    epilogue and without, on 1-3 threads, the last of which also does the tail."""
+    from graphc.codegen.pool_kernels import PoolGeometry, _FlatSpread
+    from graphc.scalar import Step, symbol
+
+    padding = ((0, 0), (0, 0))
+    assert _FlatSpread.plan(PoolGeometry.from_attrs(x_shape, kernel, kernel, padding),
+                            target.vector_width_f32()) is not None
+    rng = np.random.default_rng(7)
+    y_shape = (x_shape[0], x_shape[1], x_shape[2] // kernel[0], x_shape[3] // kernel[1])
+    g, after_relu = random(rng, y_shape), np.maximum(random(rng, x_shape), 0)
+    spread = reference("avg_pool2d_grad", [g], x_shape, x_shape=x_shape, kernel=kernel,
+                       stride=kernel, padding=padding)
+    x0, x1 = symbol(0), symbol(1)
+    module = target.new_module("flat_spread")
+    plain = emit_avg_pool2d_grad(module, "plain", x_shape, kernel, kernel, padding, max_threads=3)
+    fused = emit_avg_pool2d_grad(module, "fused", x_shape, kernel, kernel, padding, max_threads=3,
+                                 epilogue=x0 * Step(x1), epilogue_operands=1)
+    for kernel_ in (plain, fused):
+        for phase in kernel_.phases:
+            phase.linkage = "external"
+    engine = target.load_object(target.compile_to_object(str(module)))
+    for nthreads in (1, 2, 3):
+        got = run_kernel(engine, plain, [g], x_shape, nthreads)
+        assert relative_error(got, spread) <= RTOL, nthreads
+        got = run_kernel(engine, fused, [g, after_relu], x_shape, nthreads)
+        assert relative_error(got, spread * (after_relu > 0)) <= RTOL, nthreads
+
+
+def test_flat_average_pool_gradient_declines_long_periods():
+    """A row of windows 68 floats long repeats only every 17 vectors: too much unrolled code,
+    so the row-by-row path takes it (and still matches the reference)."""
+    from graphc.codegen.pool_kernels import PoolGeometry, _FlatSpread
+
+    x_shape, kernel, padding = (1, 2, 4, 34), (2, 2), ((0, 0), (0, 0))
+    assert _FlatSpread.plan(PoolGeometry.from_attrs(x_shape, kernel, kernel, padding), 8) is None
+    rng = np.random.default_rng(8)
+    g = random(rng, (1, 2, 2, 17))
+    check_cases([Case("avg_pool2d_grad long period",
+                      lambda m, n: emit_avg_pool2d_grad(m, n, x_shape, kernel, kernel, padding,
+                                                        max_threads=MAX_THREADS),
+                      [g], reference("avg_pool2d_grad", [g], x_shape, x_shape=x_shape,
+                                     kernel=kernel, stride=kernel, padding=padding))])

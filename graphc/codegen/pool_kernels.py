@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import math
 from typing import Callable, Iterator, Sequence
 
 import llvmlite.ir as ir
@@ -122,11 +123,17 @@ def emit_avg_pool2d_grad(module: ir.Module, name: str, x_shape, kernel, stride, 
 
     Zeroes each dx plane, then adds g / (kh*kw) into every in-image cell of each window, one
     window at a time (windows may overlap, so vector lanes could collide). Windows that tile
-    the image (LeNet's 2x2, stride 2) take the vector path of `_emit_tiled_spread` instead.
+    the image (LeNet's 2x2, stride 2) take a vector path instead: `_FlatSpread` when its
+    pattern repeats within a few vectors, else `_emit_tiled_spread`, row by row.
     """
     geometry = PoolGeometry.from_attrs(x_shape, kernel, stride, padding)
     fn, kb = phase_function(module, name, 1 + epilogue_operands)
     out, (g, *extras), _, tid, nthreads = phase_args(fn)
+    flat = _FlatSpread.plan(geometry, kb.width)
+    if flat is not None:
+        flat.emit(kb, out, g, extras, epilogue, tid, nthreads)
+        kb.b.ret_void()
+        return _one_phase_kernel(fn, max_threads)
     with _my_planes(kb, geometry, tid, nthreads) as plane:
         dx_plane, g_plane = _in_plane(kb, geometry, out, plane), _out_plane(kb, geometry, g, plane)
         if _windows_tile_rows(geometry, kb.width):
@@ -257,6 +264,108 @@ def _emit_tiled_spread(kb: KernelBuilder, geometry: PoolGeometry, dx_plane, g_pl
         if covered_w > whole:
             spread_vector(whole, covered_w - whole)
     return fuse
+
+
+@dataclasses.dataclass(frozen=True)
+class _FlatSpread:
+    """The gradient of an average pooling whose windows tile the image exactly, computed over
+    dx as one flat array of whole vectors, across rows and planes.
+
+    A row of windows (kh rows of dx, W columns) takes its values from one row of g (out_w
+    values), and this holds across planes too, so dx's flat index p takes g[(p // (kh*W)) *
+    out_w + p % W // kw] / taps. The pattern repeats every `period` = lcm(kh*W, width) floats
+    of dx, `g_period` floats of g later. Within a period, vector j's lanes read g at `starts[j]`
+    plus the constant lane `indices[j]`, all within one vector: a load and a shuffle make it.
+
+    Rows of dx whose width is not a multiple of the vector width (LeNet's 28 and 10) would
+    otherwise end in a masked store each, slow on some CPUs (AMD's vmaskmovps), and the
+    10-wide rows would use 10 of 16 lanes. Each thread takes whole periods; the last thread
+    also does the tail of dx after the last whole period.
+
+    A vector that crosses from one row of dx to the next within a row of windows reads the
+    end and the start of the same g row: then its lanes come from two loads of g (`starts[j]`
+    has two offsets, and `indices[j]` counts the second load's lanes from `width` on, as
+    shufflevector takes them).
+    """
+
+    total: int                  # floats of dx
+    period: int                 # floats of dx per period
+    g_period: int               # floats of g per period
+    starts: tuple[tuple[int, ...], ...]    # per vector of a period: the g offsets it loads
+    indices: tuple[tuple[int, ...], ...]   # per vector: each lane's place in those loads
+    taps: int
+
+    # A period longer than this many vectors would be unrolled into too much code.
+    MAX_VECTORS = 16
+
+    @classmethod
+    def plan(cls, geometry: PoolGeometry, width: int) -> "_FlatSpread | None":
+        g = geometry
+        tiles = (g.stride_h == g.kernel_h and g.stride_w == g.kernel_w
+                 and (g.pad_top, g.pad_bottom, g.pad_left, g.pad_right) == (0, 0, 0, 0)
+                 and g.out_h * g.kernel_h == g.height and g.out_w * g.kernel_w == g.width)
+        if not tiles:
+            return None
+        window_row = g.kernel_h * g.width
+        period = math.lcm(window_row, width)
+        if period // width > cls.MAX_VECTORS:
+            return None
+        source = [p // window_row * g.out_w + p % g.width // g.kernel_w for p in range(period)]
+        starts, indices = [], []
+        for j in range(period // width):
+            lanes = source[j * width:(j + 1) * width]
+            first = min(lanes)
+            rest = [lane for lane in lanes if lane >= first + width]
+            second = min(rest, default=None)
+            if rest and max(rest) >= second + width:
+                return None   # three loads' worth of g: not worth a special case
+            starts.append((first,) if second is None else (first, second))
+            indices.append(tuple(lane - first if lane < first + width else width + lane - second
+                                 for lane in lanes))
+        return cls(g.planes * g.in_plane, period, period // window_row * g.out_w, tuple(starts),
+                   tuple(indices), g.taps)
+
+    def emit(self, kb: KernelBuilder, dx, g, extras, epilogue, tid, nthreads) -> None:
+        periods, tail = divmod(self.total, self.period)
+        lo, hi = kb.split_range(periods, tid, nthreads)
+        with kb.for_range(lo, hi, name="period", unroll="no-runtime") as period:
+            dx_base, g_base = kb.mul(period, self.period), kb.mul(period, self.g_period)
+            for j in range(len(self.starts)):
+                self._vector(kb, j, dx_base, g_base, dx, g, extras, epilogue, kb.width)
+        if tail:
+            with kb.if_then(kb.b.icmp_signed("==", tid, kb.sub(nthreads, 1))):
+                dx_base, g_base = kb.i64(periods * self.period), kb.i64(periods * self.g_period)
+                for j in range(-(-tail // kb.width)):
+                    self._vector(kb, j, dx_base, g_base, dx, g, extras, epilogue,
+                                 min(kb.width, tail - j * kb.width))
+
+    def _vector(self, kb: KernelBuilder, j: int, dx_base, g_base, dx, g, extras, epilogue,
+                lanes: int) -> None:
+        """Vector j of the period at (dx_base, g_base); its first `lanes` lanes only."""
+        width = kb.width
+        loads = []
+        for number, start in enumerate(self.starts[j]):
+            # Only the g values the lanes use are read: the last vectors of g end there.
+            used = [index - number * width for index in self.indices[j][:lanes]
+                    if number * width <= index < (number + 1) * width]
+            at = kb.add(g_base, start)
+            needed = max(used, default=-1) + 1
+            loads.append(kb.load_vec(g, at) if needed == width
+                         else kb.masked_load_vec(g, at, kb.lane_mask(needed)))
+        if len(loads) == 1:
+            loads.append(ir.Constant(kb.vec_type, ir.Undefined))
+        lane_sources = ir.Constant(ir.VectorType(I32, width), list(self.indices[j]))
+        value = kb.fmul(kb.b.shuffle_vector(loads[0], loads[1], lane_sources), kb.splat(1.0 / self.taps))
+        at = kb.add(dx_base, j * width)
+        mask = None if lanes == width else kb.lane_mask(lanes)
+        if epilogue is not None:
+            operands = [kb.load_vec(e, at) if mask is None else kb.masked_load_vec(e, at, mask)
+                        for e in extras]
+            value = emit_expr(kb, epilogue, [value] + operands)
+        if mask is None:
+            kb.store_vec(value, dx, at)
+        else:
+            kb.masked_store_vec(value, dx, at, mask)
 
 
 def _fused_epilogue(kb: KernelBuilder, geometry: PoolGeometry, epilogue, dx_plane, extras, plane) -> None:
