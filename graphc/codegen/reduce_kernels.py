@@ -8,7 +8,11 @@ reduced and whether anything is kept:
     block results in order.
   * row sums (innermost dim reduced: axis -1 of (N, C); conv bias gradients, axes (0, 2, 3)
     of (N, C, H, W) = [N reduced, C kept, HW reduced]): threads split the outputs; each
-    output sums contiguous spans with vector accumulators, folded to a scalar once.
+    output sums contiguous spans with vector accumulators, folded to a scalar once. When a
+    reduced dim lies outside a kept one (the conv bias gradient's N) and the outputs are
+    few, the reduced dims are the outer loops and each output's running total a stack
+    vector: x is read in memory order (LeNet's (64, 6, 28, 28): 23 -> 19.5 us), each
+    output adding the same spans in the same order as output by output.
   * column sums (innermost dim kept: axis 0 of (N, C), the bias gradient of `linear`): threads
     split chunks of COLUMN_CHUNK_VECTORS vectors of out; each chunk accumulates rows of x in
     registers and is stored once.
@@ -47,6 +51,9 @@ COLUMN_CHUNK_VECTORS = 4
 PARALLEL_TOTAL_MIN = 32768
 # Floats per work unit of a parallel total; one scratch float each.
 TOTAL_BLOCK = 8192
+
+# Most outputs of a row sum that reads x in memory order (one stack vector each: 16 KB).
+MEMORY_ORDER_OUTPUTS = 512
 
 # The identity of float addition that LLVM may fold away: x + -0.0 == x for every x.
 SUM_IDENTITY = -0.0
@@ -296,8 +303,14 @@ def _emit_row_sums(module: ir.Module, name: str, sizes: Sequence[int],
     kept_sizes = [sizes[d] for d in kept]
     row_length = sizes[-1]
 
-    total = VectorAccumulators(kb, 1, SUM_IDENTITY, vector_add, name="total")
     lo, hi = kb.split_range(math.prod(kept_sizes), tid, nthreads)
+    reduced_outside_kept = bool(outer_reduced) and outer_reduced[0] < kept[-1]
+    if reduced_outside_kept and math.prod(kept_sizes) <= MEMORY_ORDER_OUTPUTS:
+        _emit_row_sums_in_memory_order(kb, x, out, lo, hi, sizes, in_strides, kept,
+                                       outer_reduced)
+        kb.b.ret_void()
+        return Kernel([fn])
+    total = VectorAccumulators(kb, 1, SUM_IDENTITY, vector_add, name="total")
     with kb.for_range(lo, hi, name="out") as index:
         base = dot_offset(kb, unflatten_index(kb, index, kept_sizes),
                           [in_strides[d] for d in kept])
@@ -308,6 +321,35 @@ def _emit_row_sums(module: ir.Module, name: str, sizes: Sequence[int],
         kb.store(horizontal_sum(kb, total.values()[0]), out, index)
     kb.b.ret_void()
     return Kernel([fn])
+
+
+def _emit_row_sums_in_memory_order(kb: KernelBuilder, x: ir.Value, out: ir.Value, lo: ir.Value,
+                                   hi: ir.Value, sizes: Sequence[int],
+                                   in_strides: Sequence[int], kept: list[int],
+                                   outer_reduced: list[int]) -> None:
+    """`_emit_row_sums` with the outer reduced dims as the outer loops: x is read in memory
+    order (the bias gradient of a conv: per sample, each channel's plane in turn), one
+    running vector total per output in a stack array. Each output still adds up the same
+    rows in the same order: the results are those of the output-major loops."""
+    kept_sizes = [sizes[d] for d in kept]
+    n_kept = math.prod(kept_sizes)
+    with kb.b.goto_entry_block():
+        totals = kb.b.alloca(kb.vec_type, size=kb.i64(n_kept), name="totals")
+
+    def total(index: ir.Value) -> ir.Value:
+        return kb.b.gep(totals, [index], source_etype=kb.vec_type)
+
+    with kb.for_range(lo, hi, name="out") as index:
+        kb.b.store(kb.splat(SUM_IDENTITY), total(index))
+    with strided_loops(kb, [sizes[d] for d in outer_reduced],
+                       [in_strides[d] for d in outer_reduced], kb.i64(0)) as rows_start:
+        with kb.for_range(lo, hi, name="out") as index:
+            row_start = dot_offset(kb, unflatten_index(kb, index, kept_sizes),
+                                   [in_strides[d] for d in kept], rows_start)
+            running = kb.b.load(total(index), typ=kb.vec_type)
+            kb.b.store(kb.fadd(running, span_sum(kb, x, row_start, sizes[-1])), total(index))
+    with kb.for_range(lo, hi, name="out") as index:
+        kb.store(horizontal_sum(kb, kb.b.load(total(index), typ=kb.vec_type)), out, index)
 
 
 def _emit_column_sums(module: ir.Module, name: str, sizes: Sequence[int],
