@@ -238,7 +238,6 @@ def _emit_tiled_spread(kb: KernelBuilder, geometry: PoolGeometry, dx_plane, g_pl
         emit_fill_zero(kb, dx_plane, kb.i64(g.in_plane))  # ragged edges get no gradient
     fuse = epilogue is not None and not ragged
     with kb.for_range(0, g.out_h * g.kernel_h, name="h", unroll="no-runtime") as h:
-        dx_row = kb.gep(dx_plane, kb.mul(h, g.width))
         g_row = kb.gep(g_plane, kb.mul(kb.b.udiv(h, kb.i64(g.kernel_h)), g.out_w))
 
         def spread_vector(w0: int | ir.Value, lanes: int):
@@ -246,16 +245,8 @@ def _emit_tiled_spread(kb: KernelBuilder, geometry: PoolGeometry, dx_plane, g_pl
             g_offset = kb.b.udiv(kb.as_i64(w0), kb.i64(g.kernel_w))
             shares = kb.masked_load_vec(g_row, g_offset, kb.lane_mask(-(-lanes // g.kernel_w)))
             value = kb.fmul(kb.b.shuffle_vector(shares, undefined, repeat), scale)
-            mask = None if lanes == width else kb.lane_mask(lanes)
-            if fuse:
-                offset = kb.add(kb.mul(h, g.width), w0)
-                operands = [kb.load_vec(e, offset) if mask is None else kb.masked_load_vec(e, offset, mask)
-                            for e in extra_planes]
-                value = emit_expr(kb, epilogue, [value] + operands)
-            if mask is None:
-                kb.store_vec(value, dx_row, w0)
-            else:
-                kb.masked_store_vec(value, dx_row, w0, mask)
+            offset = kb.add(kb.mul(h, g.width), w0)
+            _store_spread(kb, value, dx_plane, offset, lanes, epilogue if fuse else None, extra_planes)
 
         whole = covered_w // width * width
         if whole:
@@ -356,16 +347,21 @@ class _FlatSpread:
             loads.append(ir.Constant(kb.vec_type, ir.Undefined))
         lane_sources = ir.Constant(ir.VectorType(I32, width), list(self.indices[j]))
         value = kb.fmul(kb.b.shuffle_vector(loads[0], loads[1], lane_sources), kb.splat(1.0 / self.taps))
-        at = kb.add(dx_base, j * width)
-        mask = None if lanes == width else kb.lane_mask(lanes)
-        if epilogue is not None:
-            operands = [kb.load_vec(e, at) if mask is None else kb.masked_load_vec(e, at, mask)
-                        for e in extras]
-            value = emit_expr(kb, epilogue, [value] + operands)
-        if mask is None:
-            kb.store_vec(value, dx, at)
-        else:
-            kb.masked_store_vec(value, dx, at, mask)
+        _store_spread(kb, value, dx, kb.add(dx_base, j * width), lanes, epilogue, extras)
+
+
+def _store_spread(kb: KernelBuilder, value: ir.Value, dx: ir.Value, at: ir.Value, lanes: int, epilogue,
+                  extras) -> None:
+    """dx[at : at + lanes] = epilogue(value, E1[at : ...], ...) (or value without an epilogue);
+    the lanes past `lanes` are neither read nor written."""
+    mask = None if lanes == kb.width else kb.lane_mask(lanes)
+    if epilogue is not None:
+        operands = [kb.load_vec(e, at) if mask is None else kb.masked_load_vec(e, at, mask) for e in extras]
+        value = emit_expr(kb, epilogue, [value] + operands)
+    if mask is None:
+        kb.store_vec(value, dx, at)
+    else:
+        kb.masked_store_vec(value, dx, at, mask)
 
 
 def _fused_epilogue(kb: KernelBuilder, geometry: PoolGeometry, epilogue, dx_plane, extras, plane) -> None:
