@@ -30,7 +30,7 @@ import llvmlite.ir as ir
 from .conv_kernels import emit_fill_zero, splat_i32
 from .elementwise_kernel import emit_elementwise_epilogue, emit_expr
 from .kernel import Kernel, phase_args, phase_function
-from .kernel_builder import I32, I64, KernelBuilder
+from .kernel_builder import I32, I64, KernelBuilder, shared_constant
 from .window import WindowGeometry
 
 __all__ = ["PoolGeometry", "emit_avg_pool2d", "emit_avg_pool2d_grad", "emit_max_pool2d",
@@ -230,8 +230,8 @@ def _emit_tiled_spread(kb: KernelBuilder, geometry: PoolGeometry, dx_plane, g_pl
     g = geometry
     width = kb.width
     covered_w = g.out_w * g.kernel_w            # columns inside some window
-    repeat = ir.Constant(ir.VectorType(I32, width), [lane // g.kernel_w for lane in range(width)])
-    undefined = ir.Constant(kb.vec_type, ir.Undefined)
+    repeat = shared_constant(ir.VectorType(I32, width), tuple(lane // g.kernel_w for lane in range(width)))
+    undefined = shared_constant(kb.vec_type, ir.Undefined)
     scale = kb.splat(1.0 / g.taps)
     ragged = g.out_h * g.kernel_h < g.height or covered_w < g.width
     if ragged:
@@ -344,8 +344,8 @@ class _FlatSpread:
             loads.append(kb.load_vec(g, at) if needed == width
                          else kb.masked_load_vec(g, at, kb.lane_mask(needed)))
         if len(loads) == 1:
-            loads.append(ir.Constant(kb.vec_type, ir.Undefined))
-        lane_sources = ir.Constant(ir.VectorType(I32, width), list(self.indices[j]))
+            loads.append(shared_constant(kb.vec_type, ir.Undefined))
+        lane_sources = shared_constant(ir.VectorType(I32, width), self.indices[j])
         value = kb.fmul(kb.b.shuffle_vector(loads[0], loads[1], lane_sources), kb.splat(1.0 / self.taps))
         _store_spread(kb, value, dx, kb.add(dx_base, j * width), lanes, epilogue, extras)
 

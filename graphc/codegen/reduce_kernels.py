@@ -31,7 +31,7 @@ from typing import Callable, Sequence
 import llvmlite.ir as ir
 
 from .kernel import Kernel, phase_args, phase_function
-from .kernel_builder import F32, I32, KernelBuilder
+from .kernel_builder import F32, I32, KernelBuilder, shared_constant
 from .layout_kernels import (collapse_dims, contiguous_strides, declare_intrinsic, dot_offset,
                              emit_copy, entry_alloca, for_each_vector, load_lanes,
                              only_thread_zero, open_phase, store_lanes, strided_loops,
@@ -123,10 +123,9 @@ def horizontal_max(kb: KernelBuilder, vector: ir.Value) -> ir.Value:
     while lanes > 1:
         lanes //= 2
         # Upper half of the live lanes onto the lower half; the other lanes become don't-cares.
-        upper = kb.b.shuffle_vector(vector, ir.Constant(kb.vec_type, ir.Undefined),
-                                    ir.Constant(ir.VectorType(I32, kb.width),
-                                                [(lane + lanes) % kb.width
-                                                 for lane in range(kb.width)]))
+        upper = kb.b.shuffle_vector(vector, shared_constant(kb.vec_type, ir.Undefined),
+                                    shared_constant(ir.VectorType(I32, kb.width),
+                                                    tuple((lane + lanes) % kb.width for lane in range(kb.width))))
         vector = vector_max(kb, vector, upper)
     return kb.b.extract_element(vector, ir.Constant(I32, 0))
 
