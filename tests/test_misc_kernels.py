@@ -179,6 +179,18 @@ def test_sum_matches_reference(sums, case):
     np.testing.assert_allclose(result, expected, rtol=1e-5, atol=1e-5 * scale.max(initial=0))
 
 
+def test_shared_constants_are_one_object_per_value_and_keep_negative_zero():
+    """Kernels share constant objects (llvmlite prints each object once); a sum's identity
+    -0.0 must not become the 0.0 it compares equal to."""
+    from graphc.codegen.kernel_builder import F32, shared_constant
+    vector = ir.VectorType(F32, 8)
+    assert shared_constant(vector, (1.5,) * 8) is shared_constant(vector, (1.5,) * 8)
+    negative, positive = shared_constant(vector, (-0.0,) * 8), shared_constant(vector, (0.0,) * 8)
+    assert negative is not positive
+    assert "0x8000000000000000" in str(negative) and "0x8000000000000000" not in str(positive)
+    assert shared_constant(ir.IntType(32), 1) is not shared_constant(F32, 1.0)
+
+
 def test_sum_is_stable_on_long_reductions(sums):
     """Blocked accumulation: a long sum of equal values stays exact where a running
     float32 sum would drift."""

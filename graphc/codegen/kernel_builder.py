@@ -369,13 +369,19 @@ def _type_suffix(typ: ir.Type) -> str:
     raise TypeError(f"no intrinsic mangling for {typ}")
 
 
-@functools.lru_cache(maxsize=4096)
 def shared_constant(typ: ir.Type, value) -> ir.Constant:
     """One `ir.Constant` object per (type, value): llvmlite prints a constant each time it is
     used, unless it is the same object, whose text it keeps. Vector constants (splats, masks,
     shuffle patterns) are used thousands of times in a program: shared, LeNet-5's modules
     print in 0.10-0.15 s instead of 0.14-0.20. `value` must be hashable (a tuple for a
     vector)."""
+    # Keyed by the value's repr too: -0.0 == 0.0 (and they hash alike), but a sum's identity
+    # must stay -0.0.
+    return _shared_constant(typ, value, repr(value))
+
+
+@functools.lru_cache(maxsize=4096)
+def _shared_constant(typ: ir.Type, value, text: str) -> ir.Constant:
     return ir.Constant(typ, list(value) if isinstance(value, tuple) else value)
 
 
