@@ -266,6 +266,7 @@ def test_conv_kernels_in_blocks_match_reference(monkeypatch):
     the weight gradient a block of pixels at a time; small blocks make these small cases
     do so too: several blocks and a shorter last one, whose first and last apply
     differently (start from zero; bias and relu)."""
+    monkeypatch.setattr(conv_kernels, "_MAX_K_UNSPLIT", 20)
     monkeypatch.setattr(conv_kernels, "_MAX_K_BLOCK", 20)
     monkeypatch.setattr(conv_kernels, "_MAX_P_BLOCK", 7)
     rng = np.random.default_rng(4)

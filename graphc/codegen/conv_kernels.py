@@ -83,10 +83,16 @@ __all__ = ["ConvGeometry", "chosen_paths", "emit_conv2d", "emit_conv2d_input_gra
 # never write the same cache line.
 _CACHE_LINE_FLOATS = 16
 
-# Most reduction steps of a channels-in-lanes forward tile per call: a block's rows of Wt
-# for a tile's channels (K_block x 16 floats) then stay in L1 across all its pixel tiles
-# (the conv net's 64 -> 64 channels, 3x3: 48 GFLOP/s in one block of K = 576, 93 in three).
-_MAX_K_BLOCK = 256
+# Reduction steps of a channels-in-lanes forward tile per call: a K of at most
+# `_MAX_K_UNSPLIT` in one block, a longer one in blocks of at most `_MAX_K_BLOCK`. A
+# block's rows of Wt for a tile's channels (K_block x 16 floats) stay in L1 across all its
+# pixel tiles, along with the cells of x its 6 pixels broadcast (K_block / 9 channels x 3-4
+# rows of x for 3x3 taps): 192 steps are 12 KB of Wt plus ~10-14 KB of x, near the 32 KB
+# of L1 (the conv net's 64 -> 64 channels, 3x3: 48 GFLOP/s in one block of K = 576; its
+# input gradient 77-80 in 3 blocks of 192, 82-89 in 5 of 116). Each extra block reloads
+# and stores outT, so a K that fits stays whole (LeNet's conv2, K = 150).
+_MAX_K_UNSPLIT = 256
+_MAX_K_BLOCK = 128
 
 # Most pixels per weight-gradient block: the block's rows of gT for a tile's channels
 # (256 x 16 floats, 16 KB) stay in L1 across all the tiles of taps.
@@ -294,8 +300,9 @@ def _check_grad_shape(g_shape, geometry: ConvGeometry) -> None:
 class _LanesForward:
     """A forward convolution with output channels in the lanes, over samples that
     `placement` lays out as `g`'s padded planes: outT (P, Op) by tiles of 6 pixels x a
-    group of channel vectors, summed over blocks of at most `_MAX_K_BLOCK` steps (the
-    first block starting from the bias, relu applied to the last one's sums), then
+    group of channel vectors, summed over blocks of steps (one block up to
+    `_MAX_K_UNSPLIT` steps, else blocks of at most `_MAX_K_BLOCK`; the first block
+    starting from the bias, relu applied to the last one's sums), then
     transposed into out[n]. Phase 1 (thread 0) packs the weights with `pack` (default: W
     (O, K) transposed into Wt (K, Op)) and the bias (zero-padded to Op)."""
 
@@ -317,8 +324,8 @@ class _LanesForward:
         tables = _Tables(module, name)
         pixels = tables.add("pixels", _padded_list(g.pixel_offsets(), tiles * _TILE_ROWS))
         steps = tables.add("steps", g.tap_offsets())
-        blocks = -(-K // _MAX_K_BLOCK)
-        block = -(-K // blocks)
+        blocks = 1 if K <= _MAX_K_UNSPLIT else _ceil_div(K, _MAX_K_BLOCK)
+        block = _ceil_div(K, blocks)
 
         def pack_weights(kb, inputs, scratch):
             wt = layout.shared(kb, scratch, "wt")
