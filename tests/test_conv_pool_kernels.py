@@ -266,9 +266,9 @@ def test_conv_kernels_in_blocks_match_reference(monkeypatch):
     the weight gradient a block of pixels at a time; small blocks make these small cases
     do so too: several blocks and a shorter last one, whose first and last apply
     differently (start from zero; bias and relu)."""
-    monkeypatch.setattr(conv_kernels, "_MAX_K_UNSPLIT", 20)
-    monkeypatch.setattr(conv_kernels, "_MAX_K_BLOCK", 20)
-    monkeypatch.setattr(conv_kernels, "_MAX_P_BLOCK", 7)
+    monkeypatch.setattr(conv_kernels.forward, "_MAX_K_UNSPLIT", 20)
+    monkeypatch.setattr(conv_kernels.forward, "_MAX_K_BLOCK", 20)
+    monkeypatch.setattr(conv_kernels.weight_grad, "_MAX_P_BLOCK", 7)
     rng = np.random.default_rng(4)
     grid = [   # the first and the third get bias and relu (see ConvArrays)
         ((2, 6, 5, 5), (4, 6, 3, 3), (2, 1), ((1, 1), (1, 1))),     # K = 54: 3 blocks of 18

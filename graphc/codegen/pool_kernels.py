@@ -27,7 +27,7 @@ from typing import Callable, Iterator, Sequence
 
 import llvmlite.ir as ir
 
-from .conv_kernels import emit_fill_zero, splat_i32
+from .conv_kernels.buffers import emit_fill_zero, splat_i32
 from .elementwise_kernel import emit_elementwise_epilogue, emit_expr
 from .kernel import Kernel, phase_args, phase_function
 from .kernel_builder import I32, I64, KernelBuilder, shared_constant
