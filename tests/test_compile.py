@@ -210,6 +210,7 @@ def test_sgd_update_fuses_into_the_weight_gradient_gemm():
     ("avg", 2, 2, 0, (7, 9)),    # ... but for a ragged edge (epilogue over the finished plane)
     ("avg", 3, 2, 1, (7, 9)),    # overlapping windows, padding
     ("max", 2, 2, 0, (7, 9)),
+    ("max", 2, 2, 0, (8, 16)),   # the conv net's: 2x2 windows over rows of whole vectors
     ("max", 3, 1, 1, (7, 9)),
 ])
 def test_relu_backward_fuses_into_the_pooling_gradient(pool, kernel, stride, padding, image):

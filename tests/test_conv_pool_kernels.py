@@ -295,6 +295,11 @@ POOL_GRID = [
     # Wide enough for whole vectors of windows plus a partial one, at strides 1 and 2.
     ((2, 3, 9, 21), (2, 2), (1, 1), ((0, 0), (0, 0))),
     ((1, 2, 8, 37), (3, 3), (2, 2), ((1, 1), (1, 1))),
+    # 2x2 windows, stride 2, rows of whole vectors (the max-pool gradient's pair path; 8 and
+    # 16 columns are one and two vectors of 8, 32 four of 8 or two of 16), batch 1 too.
+    ((2, 3, 4, 16), (2, 2), (2, 2), ((0, 0), (0, 0))),
+    ((1, 1, 2, 8), (2, 2), (2, 2), ((0, 0), (0, 0))),
+    ((3, 2, 6, 32), (2, 2), (2, 2), ((0, 0), (0, 0))),
 ]
 
 
@@ -338,6 +343,37 @@ def test_max_pool_propagates_nan_like_numpy():
     cases[1].expected = reference("max_pool2d_grad", [x, g], x_shape, **attrs)
     assert np.isnan(cases[0].expected).any()
     check_cases(cases)
+
+
+def test_max_pool_gradient_of_2x2_windows_with_nan_ties_and_epilogue():
+    """The pair path (pool_kernels._emit_max_grad_2x2): NaNs win over numbers (the first NaN
+    of a window), ties go to the first maximum in window order, and ReLU's backward fused as
+    the epilogue gives what it gives applied after; 1-3 threads."""
+    from graphc.codegen.pool_kernels import PoolGeometry, _pairs_of_whole_vectors
+    from graphc.scalar import Step, symbol
+
+    x_shape, kernel, padding = (2, 3, 6, 16), (2, 2), ((0, 0), (0, 0))
+    assert _pairs_of_whole_vectors(PoolGeometry.from_attrs(x_shape, kernel, kernel, padding),
+                                   target.vector_width_f32())
+    rng = np.random.default_rng(9)
+    x = rng.integers(-1, 2, size=x_shape).astype(np.float32)      # many ties
+    x[0, 0, 0, 1] = x[0, 0, 1, 0] = np.nan                          # two NaNs in one window
+    x[1, 2, 5, 15] = np.nan                                         # the last cell of a window
+    g, after_relu = random(rng, (2, 3, 3, 8)), np.maximum(random(rng, x_shape), 0)
+    expected = reference("max_pool2d_grad", [x, g], x_shape, kernel=kernel, stride=kernel,
+                         padding=padding)
+    module = target.new_module("max_pairs")
+    plain = emit_max_pool2d_grad(module, "plain", x_shape, kernel, kernel, padding, max_threads=3)
+    fused = emit_max_pool2d_grad(module, "fused", x_shape, kernel, kernel, padding, max_threads=3,
+                                 epilogue=symbol(0) * Step(symbol(1)), epilogue_operands=1)
+    for kernel_ in (plain, fused):
+        for phase in kernel_.phases:
+            phase.linkage = "external"
+    engine = target.load_object(target.compile_to_object(str(module)))
+    for nthreads in (1, 2, 3):
+        assert relative_error(run_kernel(engine, plain, [x, g], x_shape, nthreads), expected) <= RTOL
+        got = run_kernel(engine, fused, [x, g, after_relu], x_shape, nthreads)
+        assert relative_error(got, expected * (after_relu > 0)) <= RTOL
 
 
 # ------------------------------------------------------------------------ invalid geometry

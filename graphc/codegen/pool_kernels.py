@@ -163,11 +163,19 @@ def emit_max_pool2d_grad(module: ir.Module, name: str, x_shape, kernel, stride, 
     Per plane, two loops: the first finds every window's winner (the offset of its first
     maximal cell) into this thread's scratch, vectorized like the forward pass; the second
     zeroes dx and adds each g into dx at its window's winner, one window at a time (windows
-    may share a winner).
+    may share a winner). 2x2 windows with stride 2 over rows of whole vectors (the conv net's
+    pools) take `_emit_max_grad_2x2` instead: no scratch, no scatter.
     """
     geometry = PoolGeometry.from_attrs(x_shape, kernel, stride, padding)
     fn, kb = phase_function(module, name, 2 + epilogue_operands)
     out, (x, g, *extras), scratch, tid, nthreads = phase_args(fn)
+    if _pairs_of_whole_vectors(geometry, kb.width):
+        with _my_planes(kb, geometry, tid, nthreads) as plane:
+            _emit_max_grad_2x2(kb, geometry, _in_plane(kb, geometry, x, plane),
+                               _out_plane(kb, geometry, g, plane), _in_plane(kb, geometry, out, plane),
+                               epilogue, [_in_plane(kb, geometry, extra, plane) for extra in extras])
+        kb.b.ret_void()
+        return _one_phase_kernel(fn, max_threads)
     # One i32 offset per window (a plane has < 2**31 cells), in one float slot each; each
     # thread's array starts on its own cache line.
     winners_floats = -(-geometry.out_plane // _CACHE_LINE_FLOATS) * _CACHE_LINE_FLOATS
@@ -191,6 +199,57 @@ def emit_max_pool2d_grad(module: ir.Module, name: str, x_shape, kernel, stride, 
         _fused_epilogue(kb, geometry, epilogue, dx_plane, extras, plane)
     kb.b.ret_void()
     return _one_phase_kernel(fn, max_threads, scratch_per_thread=winners_floats)
+
+
+def _pairs_of_whole_vectors(geometry: PoolGeometry, width: int) -> bool:
+    """2x2 windows, stride 2, no padding, tiling the image, over rows of whole vectors."""
+    g = geometry
+    return ((g.kernel_h, g.kernel_w, g.stride_h, g.stride_w) == (2, 2, 2, 2)
+            and (g.pad_top, g.pad_bottom, g.pad_left, g.pad_right) == (0, 0, 0, 0)
+            and g.height % 2 == 0 and g.width % width == 0)
+
+
+def _emit_max_grad_2x2(kb: KernelBuilder, geometry: PoolGeometry, x_plane, g_plane, dx_plane,
+                       epilogue, extra_planes) -> None:
+    """dx of one plane of a 2x2, stride-2 max pooling, a vector of columns of both rows of a
+    row of windows at a time (W/2 windows per vector), with `epilogue` fused (see
+    `_fused_epilogue`).
+
+    Each lane gets its window's four cells in window order (its own, its pair neighbour's,
+    the two below, by lane swaps and selects), runs `_emit_window_argmax`'s fold on them
+    (first maximum wins, a NaN wins over numbers), and takes its window's g where it is the
+    winner, 0 elsewhere: both rows are written whole, nothing is zeroed or scattered first.
+    """
+    width, W = kb.width, geometry.width
+    swap = shared_constant(ir.VectorType(I32, width), tuple(lane ^ 1 for lane in range(width)))
+    pairs = shared_constant(ir.VectorType(I32, width), tuple(lane // 2 for lane in range(width)))
+    even = shared_constant(kb.mask_type, tuple(lane % 2 == 0 for lane in range(width)))
+    undefined = shared_constant(kb.vec_type, ir.Undefined)
+    i32_vector = ir.VectorType(I32, width)
+    # The window-order position of each lane's own cell in the top row and in the bottom row.
+    own = [shared_constant(i32_vector, tuple(2 * row + lane % 2 for lane in range(width))) for row in (0, 1)]
+    with kb.for_range(0, geometry.out_h, name="window_row", unroll="no-runtime") as r:
+        top_row = kb.mul(r, 2 * W)
+        with kb.for_range(0, W, step=width, name="column", unroll="no-runtime") as column:
+            at = [kb.add(top_row, column), kb.add(kb.add(top_row, W), column)]
+            rows = [kb.load_vec(x_plane, offset) for offset in at]
+            swapped = [kb.b.shuffle_vector(row, undefined, swap) for row in rows]
+            cells = [kb.b.select(even, rows[0], swapped[0]), kb.b.select(even, swapped[0], rows[0]),
+                     kb.b.select(even, rows[1], swapped[1]), kb.b.select(even, swapped[1], rows[1])]
+            best, winner = cells[0], shared_constant(i32_vector, (0,) * width)
+            for position, value in enumerate(cells[1:], start=1):
+                takes_over = kb.b.and_(kb.b.fcmp_unordered(">", value, best),
+                                       kb.b.fcmp_ordered("ord", best, best))
+                best = kb.b.select(takes_over, value, best)
+                winner = kb.b.select(takes_over, shared_constant(i32_vector, (position,) * width), winner)
+            g_at = kb.add(kb.mul(r, geometry.out_w), kb.b.udiv(column, kb.i64(2)))
+            shares = kb.masked_load_vec(g_plane, g_at, kb.lane_mask(width // 2))
+            spread = kb.b.shuffle_vector(shares, undefined, pairs)
+            zero = kb.splat(0.0)
+            for row in (0, 1):
+                wins = kb.b.icmp_signed("==", winner, own[row])
+                _store_spread(kb, kb.b.select(wins, spread, zero), dx_plane, at[row], width, epilogue,
+                              extra_planes)
 
 
 def _emit_window_argmax(kb: KernelBuilder, window, x_plane: ir.Value):
