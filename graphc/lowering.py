@@ -72,7 +72,7 @@ def plan_steps(graph, outputs: list[Tensor]) -> list[Step]:
                 epilogue = _elementwise_epilogue(node, consumers)
             if epilogue is not None and epilogue.node.id in absorbed:
                 epilogue = None  # a sum of two products: the other product already took it
-        elif node.op in POOL_GRAD_OPS and node.id not in output_ids:
+        elif node.op in EPILOGUE_TAKING_OPS and node.id not in output_ids:
             epilogue = _elementwise_epilogue(node, consumers)
             if epilogue is not None and epilogue.node.id in absorbed:
                 epilogue = None
@@ -106,8 +106,9 @@ class _Epilogue:
 # block (see emit_gemm); more operands than this would spill the micro-kernel's registers.
 MAX_EPILOGUE_OPERANDS = 4
 
-# Pooling gradients that take their elementwise consumer (ReLU's backward) as an epilogue.
-POOL_GRAD_OPS = ("avg_pool2d_grad", "max_pool2d_grad")
+# Pooling gradients and the conv input gradient take their elementwise consumer (ReLU's
+# backward) as an epilogue.
+EPILOGUE_TAKING_OPS = ("avg_pool2d_grad", "max_pool2d_grad", "conv2d_input_grad")
 
 
 def _elementwise_epilogue(producer: Tensor, consumers: _Consumers) -> _Epilogue | None:
@@ -124,13 +125,14 @@ def _elementwise_epilogue(producer: Tensor, consumers: _Consumers) -> _Epilogue 
     if (len(others) > MAX_EPILOGUE_OPERANDS
             or any(t.shape != producer.shape or t.dtype != "float32" for t in others)):
         return None
-    if producer.op == "matmul":
+    if producer.op in ("matmul", "conv2d_input_grad"):
         product_operands = {alias_root(t).id for t in producer.inputs} | \
             {alias_root(t.inputs[0]).id for t in producer.inputs if _is_2d_swap(t)}
         if any(alias_root(t).id in product_operands for t in others):
             # The fused step may write its result over an operand (a param updated in place);
-            # the GEMM must not be reading that same buffer as A or B meanwhile. (A pooling
-            # gradient reads each input plane before writing the same plane of its result.)
+            # the GEMM or conv must not be reading that same buffer meanwhile (its g or w, of
+            # any sample). (A pooling gradient reads each input plane before writing the
+            # same plane of its result.)
             return None
     renames = {symbol(i): symbol(0) if t is producer else symbol(1 + others.index(t))
                for i, t in enumerate(user.inputs)}
@@ -227,14 +229,17 @@ def _conv2d(node, epilogue):
                 flops=2 * node.size * math.prod(w.shape[1:]))
 
 
-def _conv2d_input_grad(node, _epilogue):
+def _conv2d_input_grad(node, epilogue):
     from .codegen.conv_kernels import emit_conv2d_input_grad
     g, w = node.inputs
     a = node.attrs
-    return Step(node, [g, w],
+    fused = {} if epilogue is None else dict(epilogue=epilogue.expr, epilogue_operands=len(epilogue.operands))
+    extras = [] if epilogue is None else list(epilogue.operands)
+    return Step(epilogue.node if epilogue else node, [g, w] + extras,
                 lambda m, name, threads: emit_conv2d_input_grad(m, name, g.shape, w.shape, a["x_shape"], a["stride"],
-                                                                a["padding"], max_threads=threads),
-                "conv2d_input_grad", [node], flops=2 * g.size * math.prod(w.shape[1:]))
+                                                                a["padding"], max_threads=threads, **fused),
+                "conv2d_input_grad" + ("+ew" if epilogue else ""), [node] + ([epilogue.node] if epilogue else []),
+                flops=2 * g.size * math.prod(w.shape[1:]))
 
 
 def _conv2d_weight_grad(node, _epilogue):

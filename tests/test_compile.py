@@ -229,6 +229,25 @@ def test_relu_backward_fuses_into_the_pooling_gradient(pool, kernel, stride, pad
     assert_matches(fn(**feeds), gc.evaluate(gc.grad(loss, w), feeds, params))
 
 
+@pytest.mark.parametrize("image", [(8, 8), (7, 9)])
+def test_relu_backward_fuses_into_the_conv_input_gradient(image):
+    """conv -> relu -> conv: the second conv's input gradient takes ReLU's backward as its
+    epilogue, and the gradients of both convs' weights match the reference."""
+    g = gc.Graph("relu_conv")
+    x = g.input("x", (3, 2) + image)
+    w1, w2 = g.param("w1", (4, 2, 3, 3)), g.param("w2", (5, 4, 3, 3))
+    h = gc.relu(gc.conv2d(x, w1, padding="same"))
+    y = gc.conv2d(h, w2, padding="same")
+    loss = gc.sum(y * y)
+    params = gc.init_params(g, seed=5)
+    feeds = {"x": np.random.default_rng(6).standard_normal((3, 2) + image).astype(np.float32)}
+    grads = gc.grad(loss, [w1, w2])
+    fn = gc.compile(grads, params)
+    assert "conv2d_input_grad+ew" in [step.label for step in fn.steps]
+    for got, expected in zip(fn(**feeds), gc.evaluate(grads, feeds, params)):
+        assert_matches(got, expected)
+
+
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("bad_label", [10, -1, 2**31 - 1])
 def test_out_of_range_labels_are_refused_before_any_kernel_runs(threads, bad_label):

@@ -281,6 +281,45 @@ def test_conv_kernels_in_blocks_match_reference(monkeypatch):
     check_cases(cases)
 
 
+INPUT_GRAD_EPILOGUE_GRID = [
+    # LeNet's conv2 at batch 40 (batch in lanes: two whole groups and a partial one; cols),
+    # the conv net's "same" 3x3 (as forward), a stride-2 conv (as forward only), batch 1.
+    ((40, 6, 14, 14), (16, 6, 5, 5), (1, 1), ((0, 0), (0, 0))),
+    ((3, 8, 9, 10), (5, 8, 3, 3), (1, 1), ((1, 1), (1, 1))),
+    ((2, 3, 9, 8), (4, 3, 3, 3), (2, 2), ((1, 1), (1, 1))),
+    ((1, 2, 6, 11), (3, 2, 3, 2), (1, 1), ((1, 0), (0, 1))),
+]
+
+
+@pytest.mark.parametrize("x_shape, w_shape, stride, padding", INPUT_GRAD_EPILOGUE_GRID)
+def test_input_gradient_paths_apply_their_epilogue(x_shape, w_shape, stride, padding):
+    """ReLU's backward fused into the input gradient (dx * Step(y)), on every path that
+    applies, 1-3 threads, output and scratch starting as NaN: the epilogue reaches every
+    sample exactly once."""
+    from graphc.codegen.conv_kernels import _DxEpilogue
+    from graphc.scalar import Step, symbol
+
+    rng = np.random.default_rng(11)
+    geometry = ConvGeometry.from_shapes(x_shape, w_shape, stride, padding)
+    g, w = random(rng, conv_output_shape(x_shape, w_shape, stride, padding)), random(rng, w_shape)
+    after_relu = np.maximum(random(rng, x_shape), 0)
+    attrs = dict(stride=stride, padding=padding)
+    expected = reference("conv2d_input_grad", [g, w], x_shape, x_shape=x_shape, **attrs) * (after_relu > 0)
+    paths = [path for path in INPUT_GRAD_PATHS if path.possible(geometry, target.vector_width_f32())]
+    module = target.new_module("input_grad_epilogue")
+    kernels = [path.emit(module, f"k{i}", geometry, max_threads=3,
+                         epilogue=_DxEpilogue(symbol(0) * Step(symbol(1)), 1))
+               for i, path in enumerate(paths)]
+    for kernel in kernels:
+        for phase in kernel.phases:
+            phase.linkage = "external"
+    engine = target.load_object(target.compile_to_object(str(module)))
+    for path, kernel in zip(paths, kernels):
+        for nthreads in (1, 2, 3):
+            got = run_kernel(engine, kernel, [g, w, after_relu], x_shape, nthreads)
+            assert relative_error(got, expected) <= RTOL, (path.name, nthreads)
+
+
 # ---------------------------------------------------------------------------- pool cases
 
 POOL_GRID = [

@@ -79,8 +79,9 @@ from ..target import vector_width_f32
 from .buffers import _round_up
 from .forward import _emit_forward_channel_lanes, _emit_forward_pixel_lanes
 from .geometry import ConvGeometry, _ONE_VECTOR_EFFICIENCY, _VectorCover, _lanes_efficiency
-from .input_grad import (_MAX_BATCH_G_FLOATS, _MAX_COLS_FLOATS, _emit_input_grad_as_forward,
-                         _emit_input_grad_batch_lanes, _emit_input_grad_by_cols)
+from .input_grad import (_MAX_BATCH_G_FLOATS, _MAX_COLS_FLOATS, _DxEpilogue,
+                         _emit_input_grad_as_forward, _emit_input_grad_batch_lanes,
+                         _emit_input_grad_by_cols)
 from .tiles import _TILE_ROWS
 from .weight_grad import _emit_weight_grad_channel_lanes, _emit_weight_grad_pixel_lanes
 
@@ -126,11 +127,16 @@ def emit_conv2d(module: ir.Module, name: str, x_shape, w_shape, stride, padding,
 
 
 def emit_conv2d_input_grad(module: ir.Module, name: str, g_shape, w_shape, x_shape, stride,
-                           padding, *, max_threads: int) -> Kernel:
-    """out = dL/dx (shape x_shape) from g = dL/d(conv2d(x, w)); inputs g, w."""
+                           padding, *, max_threads: int, epilogue=None,
+                           epilogue_operands: int = 0) -> Kernel:
+    """out = dL/dx (shape x_shape) from g = dL/d(conv2d(x, w)); inputs g, w, then the
+    `epilogue_operands` operands of `epilogue`, a sympy expression over x0 = dx and x1.. =
+    those operands (each of dx's shape), applied to dx before it leaves the kernel (ReLU's
+    backward: x0*Step(x1))."""
     g = ConvGeometry.from_shapes(x_shape, w_shape, stride, padding)
     _check_grad_shape(g_shape, g)
-    return _choose(INPUT_GRAD_PATHS, g).emit(module, name, g, max_threads=max_threads)
+    return _choose(INPUT_GRAD_PATHS, g).emit(module, name, g, max_threads=max_threads,
+                                             epilogue=_DxEpilogue(epilogue, epilogue_operands))
 
 
 def emit_conv2d_weight_grad(module: ir.Module, name: str, x_shape, g_shape, w_shape, stride,

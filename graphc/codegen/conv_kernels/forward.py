@@ -48,6 +48,9 @@ class _LanesForward:
     relu: bool = False
     weight_input: int = 1
     pack: Callable | None = None
+    # after_sample(kb, out, inputs, n): more work on sample n once out[n] is written (the
+    # input gradient's fused epilogue).
+    after_sample: Callable | None = None
 
     def emit(self, module: ir.Module, name: str, *, n_inputs: int, max_threads: int) -> Kernel:
         g, width = self.g, vector_width_f32()
@@ -108,6 +111,8 @@ class _LanesForward:
                 _emit_channel_groups(kb, lanes, group)
             _call_transpose(kb, out_t, lanes, _sample(kb, out, n, O * P), P,
                             rows=P, cols=O, lanes=P)
+            if self.after_sample is not None:
+                self.after_sample(kb, out, inputs, n)
         kb.b.ret_void()
         pack = _thread0_phase(module, f"{name}.pack", n_inputs, pack_weights)
         return Kernel([pack, fn], layout.total_floats(max_threads))

@@ -6,8 +6,10 @@ from __future__ import annotations
 import dataclasses
 
 import llvmlite.ir as ir
+import sympy
 
 from ..kernel import Kernel, phase_args, phase_function
+from ..elementwise_kernel import emit_elementwise_epilogue
 from ..kernel_builder import I64, KernelBuilder
 from ..target import vector_width_f32
 from .buffers import _Placement, _ScratchLayout, _my_samples, _sample, _store, _thread0_phase
@@ -23,10 +25,38 @@ from .tiles import (_TILE_ROWS, _Tables, _balanced, _call_tile, _call_transpose,
 _MAX_COLS_FLOATS = 1 << 15
 
 
+
+@dataclasses.dataclass(frozen=True)
+class _DxEpilogue:
+    """An elementwise consumer of dx fused into the input gradient (ReLU's backward after a
+    conv: dx * Step(y)): dx[n] = expr(dx[n], E1[n], ...) over each sample (or run of samples)
+    as soon as its dx is final, while it is still in cache. The E's are the kernel's inputs
+    after g and w, each shaped like dx. `expr` None: nothing to apply."""
+
+    expr: sympy.Expr | None = None
+    operands: int = 0
+
+    @property
+    def inputs(self) -> int:
+        """The kernel's inputs: g, w and the E's."""
+        return 2 + self.operands
+
+    def apply(self, kb: KernelBuilder, out: ir.Value, inputs, n: ir.Value, sample_floats: int,
+              samples: int = 1) -> None:
+        if self.expr is None:
+            return
+        extras = [_sample(kb, extra, n, sample_floats) for extra in inputs[2:]]
+        emit_elementwise_epilogue(kb, self.expr, _sample(kb, out, n, sample_floats), extras,
+                                  samples * sample_floats)
+
+
+_NO_EPILOGUE = _DxEpilogue()
+
+
 # ---------------------------------------------------------------------- input gradient
 
 def _emit_input_grad_as_forward(module: ir.Module, name: str, g: ConvGeometry, *,
-                                max_threads: int) -> Kernel:
+                                max_threads: int, epilogue: _DxEpilogue = _NO_EPILOGUE) -> Kernel:
     """dx as the forward convolution, with input channels in the lanes, of g dilated by
     the stride and padded by kernel - 1 - padding, with W flipped and transposed:
 
@@ -52,12 +82,15 @@ def _emit_input_grad_as_forward(module: ir.Module, name: str, g: ConvGeometry, *
             _call_transpose(kb, kb.gep(w, kb.mul(o, C * taps)), taps, kb.gep(wt, last_row),
                             -lanes, rows=C, cols=taps, lanes=lanes)
 
-    return _LanesForward(forward, placement, pack=pack).emit(
-        module, name, n_inputs=2, max_threads=max_threads)
+    def after_sample(kb, out, inputs, n):
+        epilogue.apply(kb, out, inputs, n, g.sample_floats)
+
+    return _LanesForward(forward, placement, pack=pack, after_sample=after_sample).emit(
+        module, name, n_inputs=epilogue.inputs, max_threads=max_threads)
 
 
 def _emit_input_grad_by_cols(module: ir.Module, name: str, g: ConvGeometry, *,
-                             max_threads: int) -> Kernel:
+                             max_threads: int, epilogue: _DxEpilogue = _NO_EPILOGUE) -> Kernel:
     """dx for stride 1 and few input channels: per sample and input channel c, the GEMM
 
         cols[(i, j), p] = sum over o of W[o, c, i, j] * g[o, p]
@@ -74,8 +107,9 @@ def _emit_input_grad_by_cols(module: ir.Module, name: str, g: ConvGeometry, *,
     steps = tables.add("steps", [o * g.patch_size for o in range(O)])
     cover = _VectorCover.of(P, width)
 
-    fn, kb = phase_function(module, f"{name}.compute", 2)
-    out, (grad, w), scratch, tid, nthreads = phase_args(fn)
+    fn, kb = phase_function(module, f"{name}.compute", epilogue.inputs)
+    out, inputs, scratch, tid, nthreads = phase_args(fn)
+    grad, w = inputs[:2]
     cols = kb.gep(layout.private(kb, scratch, tid, "cols"), margin)
     row_indices, zeros = _row_indices(module), _zeros(module)
     with _my_samples(kb, g.batch, tid, nthreads) as n:
@@ -92,6 +126,7 @@ def _emit_input_grad_by_cols(module: ir.Module, name: str, g: ConvGeometry, *,
                         a=kb.gep(w_c, r0), a_rows=row_indices, steps=steps, stride=P,
                         n=kb.i64(O), c_row=P, init=zeros, init_row=0, init_vec=0))
             _emit_col2im(kb, g, cols, kb.gep(dx_n, kb.mul(c, g.height * g.width)))
+        epilogue.apply(kb, out, inputs, n, g.sample_floats)
     kb.b.ret_void()
     return Kernel([fn], layout.total_floats(max_threads))
 
@@ -129,6 +164,7 @@ class _BatchLanesInputGrad:
     """
 
     g: ConvGeometry
+    epilogue: _DxEpilogue = _NO_EPILOGUE
 
     def j_ranges(self) -> dict[tuple[int, int], int]:
         """Each distinct valid range (j0, j1) of the dx columns, in order: its first row of Wp."""
@@ -190,8 +226,8 @@ class _BatchLanesInputGrad:
                 with kb.for_range(0, C, name="c", unroll="never") as c:
                     kb.store(kb.load(source, kb.mul(c, g.taps)), wp, kb.add(kb.mul(r, C), c))
 
-        fn, kb = phase_function(module, f"{name}.compute", 2)
-        out, (grad, _), scratch, tid, nthreads = phase_args(fn)
+        fn, kb = phase_function(module, f"{name}.compute", self.epilogue.inputs)
+        out, inputs, scratch, tid, nthreads = phase_args(fn)
         wp = layout.shared(kb, scratch, "wp")
         g_t = layout.private(kb, scratch, tid, "gT")
         dx_t = layout.private(kb, scratch, tid, "dxT")
@@ -199,21 +235,22 @@ class _BatchLanesInputGrad:
         groups = full + (rest > 0)
         lo, hi = kb.split_range(groups, tid, nthreads)
         with kb.for_range(lo, kb.min(hi, full), name="group", unroll="never") as group:
-            self._emit_group(kb, grad, out, wp, g_t, dx_t, steps, pixels,
+            self._emit_group(kb, inputs, out, wp, g_t, dx_t, steps, pixels,
                              kb.mul(group, lanes), lanes)
         if rest:
             # The last, partial group belongs to the thread whose share ends the range.
             with kb.if_then(kb.b.icmp_signed("==", hi, kb.i64(groups))):
-                self._emit_group(kb, grad, out, wp, g_t, dx_t, steps, pixels,
+                self._emit_group(kb, inputs, out, wp, g_t, dx_t, steps, pixels,
                                  kb.i64(full * lanes), rest)
         kb.b.ret_void()
-        pack_fn = _thread0_phase(module, f"{name}.pack", 2, pack)
+        pack_fn = _thread0_phase(module, f"{name}.pack", self.epilogue.inputs, pack)
         return Kernel([pack_fn, fn], layout.total_floats(max_threads))
 
-    def _emit_group(self, kb: KernelBuilder, grad, out, wp, g_t, dx_t, steps, pixels,
+    def _emit_group(self, kb: KernelBuilder, inputs, out, wp, g_t, dx_t, steps, pixels,
                     n0: ir.Value, samples: int) -> None:
         """dx of samples n0 .. n0 + samples - 1 (samples <= the group's lanes)."""
         g, width, lanes = self.g, kb.width, _batch_group()
+        grad = inputs[0]
         C, O, P, plane = g.channels, g.out_channels, g.pixels, g.height * g.width
         halves = [(h * width, min(width, samples - h * width))
                   for h in range(-(-samples // width))]
@@ -238,11 +275,12 @@ class _BatchLanesInputGrad:
             _call_transpose(kb, kb.gep(dx_t, first), lanes,
                             _sample(kb, out, kb.add(n0, first), C * plane), C * plane,
                             rows=C * plane, cols=count, lanes=C * plane)
+        self.epilogue.apply(kb, out, inputs, n0, g.sample_floats, samples)
 
 
 def _emit_input_grad_batch_lanes(module: ir.Module, name: str, g: ConvGeometry, *,
-                                 max_threads: int) -> Kernel:
-    return _BatchLanesInputGrad(g).emit(module, name, max_threads=max_threads)
+                                 max_threads: int, epilogue: _DxEpilogue = _NO_EPILOGUE) -> Kernel:
+    return _BatchLanesInputGrad(g, epilogue).emit(module, name, max_threads=max_threads)
 
 
 def _emit_col2im(kb: KernelBuilder, g: ConvGeometry, cols: ir.Value, dx: ir.Value) -> None:
