@@ -144,15 +144,19 @@ def scaling_times(name: str, batch: int, thread_counts: list[int], rounds: int, 
     model = WORKLOADS[name](batch)
     feeds = models.random_batch(model, np.random.default_rng(1))
     timers = {}
-    for threads in thread_counts:
-        gc.set_num_threads(threads)
-        step = gc.compile_training_step(model.loss, gc.init_params(model.graph, seed=0), gc.SGD(lr=LR))
-
-        def timer(repeats, budget, step=step, threads=threads):
+    previous = gc.get_num_threads()
+    try:
+        for threads in thread_counts:
             gc.set_num_threads(threads)
-            return median_time(lambda: step(**feeds), repeats, budget)
-        timers[threads] = timer
-    return interleaved(timers, rounds=rounds, repeats=200, budget_s=budget_s)
+            step = gc.compile_training_step(model.loss, gc.init_params(model.graph, seed=0), gc.SGD(lr=LR))
+
+            def timer(repeats, budget, step=step, threads=threads):
+                gc.set_num_threads(threads)
+                return median_time(lambda: step(**feeds), repeats, budget)
+            timers[threads] = timer
+        return interleaved(timers, rounds=rounds, repeats=200, budget_s=budget_s)
+    finally:
+        gc.set_num_threads(previous)
 
 
 def installed_peers(wanted: list[str]) -> list[str]:

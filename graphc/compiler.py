@@ -49,8 +49,9 @@ class Recipe:
     graph: object
     outputs: list
     assemble_args: dict           # outputs, in-place writes, state buffers, threads
-    # How the program is split into modules, decided once (by the compile threads) so that the
-    # IR shown later is the IR compiled.
+    # How the program is split into modules (by the compile threads). The IR shown for a program
+    # loaded from the cache is made again with this process's split: the same kernels, perhaps
+    # in other modules.
     instructions_per_module: int | None = None
 
     def assemble(self, **overrides) -> ProgramSpec:
@@ -63,7 +64,7 @@ class Plan:
 
     Made on demand: a program loaded from the cache needs neither to run, only to be shown
     (`graph`, `llvm_ir`, `describe()`) or profiled. `max_threads` is fixed when the program is
-    compiled, so that the plan made later is the one the cached program was compiled from.
+    compiled, so that the plan made later has the cached program's kernels.
     """
 
     def __init__(self, outputs: list, request: dict, max_threads: int | None = None):

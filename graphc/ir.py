@@ -54,6 +54,11 @@ class ConstArray:
         h.update(repr((self.array.shape, self.array.dtype.str)).encode())
         self._digest = h.hexdigest()
 
+    @property
+    def digest(self) -> str:
+        """sha256 of the array's bytes, shape and dtype."""
+        return self._digest
+
     def __hash__(self):
         return hash(self._digest)
 

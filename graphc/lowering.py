@@ -112,9 +112,9 @@ EPILOGUE_TAKING_OPS = ("avg_pool2d_grad", "max_pool2d_grad", "conv2d_input_grad"
 
 
 def _elementwise_epilogue(producer: Tensor, consumers: _Consumers) -> _Epilogue | None:
-    """An elementwise consumer of a GEMM (or pooling gradient) whose other operands all have its
-    shape: the SGD update of a weight from its gradient, ReLU's backward after an input
-    gradient, ..."""
+    """An elementwise consumer of a GEMM, a pooling gradient or a conv input gradient whose
+    other operands all have its shape: the SGD update of a weight from its gradient, ReLU's
+    backward after an input gradient, ..."""
     from .codegen.gemm import MAX_K_BLOCK
     user = consumers.only(producer)
     if user is None or user.op != "ew" or user.shape != producer.shape:
@@ -125,15 +125,19 @@ def _elementwise_epilogue(producer: Tensor, consumers: _Consumers) -> _Epilogue 
     if (len(others) > MAX_EPILOGUE_OPERANDS
             or any(t.shape != producer.shape or t.dtype != "float32" for t in others)):
         return None
-    if producer.op in ("matmul", "conv2d_input_grad"):
+    if producer.op == "matmul":
         product_operands = {alias_root(t).id for t in producer.inputs} | \
             {alias_root(t.inputs[0]).id for t in producer.inputs if _is_2d_swap(t)}
         if any(alias_root(t).id in product_operands for t in others):
             # The fused step may write its result over an operand (a param updated in place);
-            # the GEMM or conv must not be reading that same buffer meanwhile (its g or w, of
-            # any sample). (A pooling gradient reads each input plane before writing the
-            # same plane of its result.)
+            # the GEMM must not be reading that same buffer as A or B meanwhile.
             return None
+    elif any(alias_root(t).op == "param" for t in others):
+        # A param operand may be the buffer the fused step writes in place (an SGD update of
+        # an input being trained): these kernels write a whole plane or sample of their
+        # result before applying the epilogue to it, which would then read the operand
+        # already overwritten. (ReLU's backward, their reason to fuse, reads activations.)
+        return None
     renames = {symbol(i): symbol(0) if t is producer else symbol(1 + others.index(t))
                for i, t in enumerate(user.inputs)}
     return _Epilogue(user, expr=user.attrs["expr"].xreplace(renames), operands=tuple(others))

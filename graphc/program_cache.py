@@ -22,11 +22,13 @@ import struct
 
 import llvmlite
 import numpy as np
+import sympy
 
 import graphc_runtime as rt
 from graphc_runtime import slots as runtime_slots
 
 from .codegen.target import target_fingerprint
+from .ir import ConstArray
 
 # Every slot kind the runtime defines (a new one is stored without a change here).
 _SLOT_TYPES = {name: getattr(runtime_slots, name) for name in runtime_slots.__all__ if name != "Slot"}
@@ -49,7 +51,7 @@ def program_key(graph, outputs, request: dict) -> str:
     (output names, in-place updates, threads...) asks."""
     lines = []
     for node in graph.ancestors(outputs):
-        attrs = sorted((k, repr(v)) for k, v in node.attrs.items())
+        attrs = sorted((k, _attr_text(v)) for k, v in node.attrs.items())
         operands = [operand.id for operand in node.inputs]
         name = node.name if node.op in ("input", "param") else ""
         lines.append(f"{node.id} {node.op} {name} {attrs} {operands} {node.shape} {node.dtype}")
@@ -60,6 +62,17 @@ def program_key(graph, outputs, request: dict) -> str:
 
 # 3: the thread count is stored (keys hash the unoptimized graph, which does not give it);
 # 2: several object files; 1: a bare slot list and one object.
+def _attr_text(value) -> str:
+    """An attribute as exact text: a constant by the digest of its bytes (its repr rounds to a
+    few digits: 0.001 and the next float32 would share a key), a sympy expression in full
+    precision (srepr), anything else (ints, Python floats, tuples) by repr, which is exact."""
+    if isinstance(value, ConstArray):
+        return f"ConstArray({value.digest})"
+    if isinstance(value, sympy.Basic):
+        return sympy.srepr(value)
+    return repr(value)
+
+
 _FORMAT = "graphc-program/3"
 
 

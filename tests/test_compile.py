@@ -248,6 +248,29 @@ def test_relu_backward_fuses_into_the_conv_input_gradient(image):
         assert_matches(got, expected)
 
 
+@pytest.mark.parametrize("layer", ["conv", "max_pool", "avg_pool"])
+def test_training_an_input_through_a_fusing_kernel_updates_it_from_its_old_values(layer):
+    """The param fed to a conv input gradient or a pooling gradient is also the operand of its
+    SGD update: fused into that kernel and written in place, the update would read values it
+    has already overwritten. The update must equal old - lr * grad."""
+    g = gc.Graph("train_input")
+    image = g.param("image", (2, 3, 8, 8))
+    if layer == "conv":
+        y = gc.conv2d(image, g.param("w", (4, 3, 3, 3)), padding="same")
+    elif layer == "max_pool":
+        y = gc.max_pool2d(image, 3, stride=1, padding=1)
+    else:
+        y = gc.avg_pool2d(image, 3, stride=1, padding=1)
+    loss = gc.sum(y * y)
+    params = gc.init_params(g, seed=7)
+    params["image"] = np.random.default_rng(8).standard_normal((2, 3, 8, 8)).astype(np.float32)
+    before = {name: value.copy() for name, value in params.items()}
+    expected = before["image"] - 0.01 * gc.evaluate(gc.grad(loss, image), {}, before)
+    step = gc.compile_training_step(loss, params, gc.SGD(lr=0.01))
+    step()
+    assert_matches(params["image"], expected)
+
+
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("bad_label", [10, -1, 2**31 - 1])
 def test_out_of_range_labels_are_refused_before_any_kernel_runs(threads, bad_label):

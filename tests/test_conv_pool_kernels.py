@@ -22,9 +22,13 @@ from graphc.codegen.conv_kernels import (FORWARD_PATHS, INPUT_GRAD_PATHS, WEIGHT
 from graphc.codegen.pool_kernels import (emit_avg_pool2d, emit_avg_pool2d_grad,
                                          emit_max_pool2d, emit_max_pool2d_grad)
 from graphc.ops import OPS
+from graphc.scalar import Step, symbol
 
 MAX_THREADS = 2
 RTOL = 1e-4
+
+# A fused epilogue like ReLU's backward, but not idempotent: applied twice, it would show.
+EPILOGUE = 2 * symbol(0) * Step(symbol(1)) + symbol(1)
 
 
 # ----------------------------------------------------------------------------- harness
@@ -297,18 +301,18 @@ def test_input_gradient_paths_apply_their_epilogue(x_shape, w_shape, stride, pad
     applies, 1-3 threads, output and scratch starting as NaN: the epilogue reaches every
     sample exactly once."""
     from graphc.codegen.conv_kernels import _DxEpilogue
-    from graphc.scalar import Step, symbol
 
     rng = np.random.default_rng(11)
     geometry = ConvGeometry.from_shapes(x_shape, w_shape, stride, padding)
     g, w = random(rng, conv_output_shape(x_shape, w_shape, stride, padding)), random(rng, w_shape)
     after_relu = np.maximum(random(rng, x_shape), 0)
     attrs = dict(stride=stride, padding=padding)
-    expected = reference("conv2d_input_grad", [g, w], x_shape, x_shape=x_shape, **attrs) * (after_relu > 0)
+    dx = reference("conv2d_input_grad", [g, w], x_shape, x_shape=x_shape, **attrs)
+    expected = 2 * dx * (after_relu > 0) + after_relu
     paths = [path for path in INPUT_GRAD_PATHS if path.possible(geometry, target.vector_width_f32())]
     module = target.new_module("input_grad_epilogue")
     kernels = [path.emit(module, f"k{i}", geometry, max_threads=3,
-                         epilogue=_DxEpilogue(symbol(0) * Step(symbol(1)), 1))
+                         epilogue=_DxEpilogue(EPILOGUE, 1))
                for i, path in enumerate(paths)]
     for kernel in kernels:
         for phase in kernel.phases:
@@ -389,7 +393,6 @@ def test_max_pool_gradient_of_2x2_windows_with_nan_ties_and_epilogue():
     of a window), ties go to the first maximum in window order, and ReLU's backward fused as
     the epilogue gives what it gives applied after; 1-3 threads."""
     from graphc.codegen.pool_kernels import PoolGeometry, _pairs_of_whole_vectors
-    from graphc.scalar import Step, symbol
 
     x_shape, kernel, padding = (2, 3, 6, 16), (2, 2), ((0, 0), (0, 0))
     assert _pairs_of_whole_vectors(PoolGeometry.from_attrs(x_shape, kernel, kernel, padding),
@@ -404,7 +407,7 @@ def test_max_pool_gradient_of_2x2_windows_with_nan_ties_and_epilogue():
     module = target.new_module("max_pairs")
     plain = emit_max_pool2d_grad(module, "plain", x_shape, kernel, kernel, padding, max_threads=3)
     fused = emit_max_pool2d_grad(module, "fused", x_shape, kernel, kernel, padding, max_threads=3,
-                                 epilogue=symbol(0) * Step(symbol(1)), epilogue_operands=1)
+                                 epilogue=EPILOGUE, epilogue_operands=1)
     for kernel_ in (plain, fused):
         for phase in kernel_.phases:
             phase.linkage = "external"
@@ -412,7 +415,7 @@ def test_max_pool_gradient_of_2x2_windows_with_nan_ties_and_epilogue():
     for nthreads in (1, 2, 3):
         assert relative_error(run_kernel(engine, plain, [x, g], x_shape, nthreads), expected) <= RTOL
         got = run_kernel(engine, fused, [x, g, after_relu], x_shape, nthreads)
-        assert relative_error(got, expected * (after_relu > 0)) <= RTOL
+        assert relative_error(got, 2 * expected * (after_relu > 0) + after_relu) <= RTOL
 
 
 # ------------------------------------------------------------------------ invalid geometry
@@ -449,7 +452,6 @@ def test_flat_average_pool_gradient_with_and_without_epilogue(x_shape, kernel):
     """The flat path (pool_kernels._FlatSpread) takes these shapes; with ReLU's backward as
     epilogue and without, on 1-3 threads, the last of which also does the tail."""
     from graphc.codegen.pool_kernels import PoolGeometry, _FlatSpread
-    from graphc.scalar import Step, symbol
 
     padding = ((0, 0), (0, 0))
     assert _FlatSpread.plan(PoolGeometry.from_attrs(x_shape, kernel, kernel, padding),
@@ -459,11 +461,10 @@ def test_flat_average_pool_gradient_with_and_without_epilogue(x_shape, kernel):
     g, after_relu = random(rng, y_shape), np.maximum(random(rng, x_shape), 0)
     spread = reference("avg_pool2d_grad", [g], x_shape, x_shape=x_shape, kernel=kernel,
                        stride=kernel, padding=padding)
-    x0, x1 = symbol(0), symbol(1)
     module = target.new_module("flat_spread")
     plain = emit_avg_pool2d_grad(module, "plain", x_shape, kernel, kernel, padding, max_threads=3)
     fused = emit_avg_pool2d_grad(module, "fused", x_shape, kernel, kernel, padding, max_threads=3,
-                                 epilogue=x0 * Step(x1), epilogue_operands=1)
+                                 epilogue=EPILOGUE, epilogue_operands=1)
     for kernel_ in (plain, fused):
         for phase in kernel_.phases:
             phase.linkage = "external"
@@ -472,7 +473,7 @@ def test_flat_average_pool_gradient_with_and_without_epilogue(x_shape, kernel):
         got = run_kernel(engine, plain, [g], x_shape, nthreads)
         assert relative_error(got, spread) <= RTOL, nthreads
         got = run_kernel(engine, fused, [g, after_relu], x_shape, nthreads)
-        assert relative_error(got, spread * (after_relu > 0)) <= RTOL, nthreads
+        assert relative_error(got, 2 * spread * (after_relu > 0) + after_relu) <= RTOL, nthreads
 
 
 def test_flat_average_pool_gradient_declines_long_periods():

@@ -78,3 +78,15 @@ def test_damaged_entry_is_rebuilt_not_loaded(cache, tmp_path, damage):
     feeds = models.random_batch(model, np.random.default_rng(1))
     reference = gc.evaluate(model.loss, feeds, params)
     assert abs(step(**feeds) - float(reference)) < 1e-4 * max(1.0, abs(float(reference)))
+
+
+def test_constants_one_float_apart_get_different_entries(cache):
+    """Keys hash a constant's bytes: a printed array rounds to a few digits."""
+    results = []
+    for scale in (np.float32(0.001), np.nextafter(np.float32(0.001), np.float32(1))):
+        g = gc.Graph("scaled")
+        x = g.input("x", (2,))
+        y = gc.sum(x * g.constant(np.array([scale, scale], np.float32)))
+        results.append(gc.compile(y, {})(x=np.full(2, 500.0, np.float32)))
+    assert cache.stats.misses == 2 and cache.stats.hits == 0
+    assert results[0] != results[1]

@@ -238,8 +238,7 @@ def _emit_max_grad_2x2(kb: KernelBuilder, geometry: PoolGeometry, x_plane, g_pla
                      kb.b.select(even, rows[1], swapped[1]), kb.b.select(even, swapped[1], rows[1])]
             best, winner = cells[0], shared_constant(i32_vector, (0,) * width)
             for position, value in enumerate(cells[1:], start=1):
-                takes_over = kb.b.and_(kb.b.fcmp_unordered(">", value, best),
-                                       kb.b.fcmp_ordered("ord", best, best))
+                takes_over = _takes_over(kb, value, best)
                 best = kb.b.select(takes_over, value, best)
                 winner = kb.b.select(takes_over, shared_constant(i32_vector, (position,) * width), winner)
             g_at = kb.add(kb.mul(r, geometry.out_w), kb.b.udiv(column, kb.i64(2)))
@@ -262,11 +261,16 @@ def _emit_window_argmax(kb: KernelBuilder, window, x_plane: ir.Value):
     """
     def step(state, value, offset):
         best, winner = state
-        takes_over = kb.b.and_(kb.b.fcmp_unordered(">", value, best),
-                               kb.b.fcmp_ordered("ord", best, best))
+        takes_over = _takes_over(kb, value, best)
         return [kb.b.select(takes_over, value, best), kb.b.select(takes_over, offset, winner)]
 
     return window.fold(x_plane, list(window.first_cell(x_plane)), step)
+
+
+def _takes_over(kb: KernelBuilder, value: ir.Value, best: ir.Value) -> ir.Value:
+    """Whether a later cell of a window replaces the best so far: strictly greater, or the
+    first NaN (`>u` holds for a NaN value), and never once the best is a NaN."""
+    return kb.b.and_(kb.b.fcmp_unordered(">", value, best), kb.b.fcmp_ordered("ord", best, best))
 
 
 def _windows_tile_rows(geometry: PoolGeometry, width: int) -> bool:

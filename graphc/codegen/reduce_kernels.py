@@ -52,7 +52,8 @@ PARALLEL_TOTAL_MIN = 32768
 # Floats per work unit of a parallel total; one scratch float each.
 TOTAL_BLOCK = 8192
 
-# Most outputs of a row sum that reads x in memory order (one stack vector each: 16 KB).
+# Most outputs of a row sum that reads x in memory order (one stack vector each: 16 KB with
+# 8-lane vectors).
 MEMORY_ORDER_OUTPUTS = 512
 
 # The identity of float addition that LLVM may fold away: x + -0.0 == x for every x.

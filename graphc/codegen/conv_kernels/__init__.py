@@ -5,7 +5,7 @@ lie (in a per-sample copy with the zero padding materialised, so no loop checks 
 All of them run on one register tile (`_tile_function`): `rows` broadcast scalars times
 `vecs` vectors, rows*vecs accumulators (6 x 2 = 12 with AVX2's 16 registers: 2 FMA ports x
 4 cycles of latency need 8 in flight, and 6 broadcasts + 2 vector loads feed 12 FMAs). One
-operand's offset per reduction step comes from a table computed here at compile time, the
+operand's offset per reduction step comes from a table computed at compile time, the
 other's is affine: the conv's index arithmetic (channel, tap row, tap column; or output
 row and column) becomes one flat loop whatever the geometry, with no div/mod and no nest
 of short loops. Row pointers come from a table too, so a tile's rows need not be evenly
@@ -50,8 +50,8 @@ quarter of its lanes), one of:
                      valid taps; lanes: 2W samples (two vectors), g and dx transposed per
                      group. No wasted multiply-add, reductions of O x taps steps. LeNet's
                      conv2 at batch 64: 94 GFLOP/s in its tiles, ~10% more in transposes
-                     (450-530 -> 360-400 us against the cols path). A batch of one vector
-                     or less leaves lanes idle and goes to
+                     (450-530 -> 360-400 us against the cols path). A batch of at most
+                     one group (threads split the groups) goes to
   cols               a GEMM cols[(i,j), p] = sum over o W[o, c, i, j] g[o, p] per input
                      channel with pixels in lanes (reductions of only O = 16 steps for
                      LeNet), then col2im summed per dx row in registers (`_emit_col2im`).

@@ -26,7 +26,6 @@ from .tiles import (_TILE_ROWS, _Tables, _call_tile, _call_transpose, _equal_run
 # input gradient 77-80 in 3 blocks of 192, 82-89 in 5 of 116). Each extra block reloads
 # and stores outT, so a K that fits stays whole (LeNet's conv2, K = 150).
 _MAX_K_UNSPLIT = 256
-
 _MAX_K_BLOCK = 128
 
 

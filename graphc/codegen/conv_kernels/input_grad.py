@@ -1,6 +1,6 @@
-"""The conv2d input-gradient kernels: as a forward conv over the dilated, padded g (in
-forward.py), the batch in the lanes (`_BatchLanesInputGrad`), or a GEMM per input channel
-then col2im (cols)."""
+"""The conv2d input-gradient kernels: as a forward conv over the dilated, padded g (on
+forward.py's `_LanesForward`), the batch in the lanes (`_BatchLanesInputGrad`), or a GEMM
+per input channel then col2im (cols); each can apply an elementwise epilogue (`_DxEpilogue`)."""
 from __future__ import annotations
 
 import dataclasses
@@ -23,7 +23,6 @@ from .tiles import (_TILE_ROWS, _Tables, _balanced, _call_tile, _call_transpose,
 # input gradient: LeNet's conv2 needs 2500 and stays in L1 between the GEMM that writes
 # it and the col2im that reads it; past 128 KB it would not even stay in L2.
 _MAX_COLS_FLOATS = 1 << 15
-
 
 
 @dataclasses.dataclass(frozen=True)
