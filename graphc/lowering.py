@@ -237,13 +237,22 @@ def _conv2d_input_grad(node, epilogue):
     from .codegen.conv_kernels import emit_conv2d_input_grad
     g, w = node.inputs
     a = node.attrs
-    fused = {} if epilogue is None else dict(epilogue=epilogue.expr, epilogue_operands=len(epilogue.operands))
-    extras = [] if epilogue is None else list(epilogue.operands)
-    return Step(epilogue.node if epilogue else node, [g, w] + extras,
-                lambda m, name, threads: emit_conv2d_input_grad(m, name, g.shape, w.shape, a["x_shape"], a["stride"],
-                                                                a["padding"], max_threads=threads, **fused),
-                "conv2d_input_grad" + ("+ew" if epilogue else ""), [node] + ([epilogue.node] if epilogue else []),
-                flops=2 * g.size * math.prod(w.shape[1:]))
+    return _with_elementwise_epilogue(
+        node, epilogue, lambda m, name, threads, **fused: emit_conv2d_input_grad(
+            m, name, g.shape, w.shape, a["x_shape"], a["stride"], a["padding"], max_threads=threads, **fused),
+        flops=2 * g.size * math.prod(w.shape[1:]))
+
+
+def _with_elementwise_epilogue(node, epilogue: _Epilogue | None, emit, flops: int) -> Step:
+    """The step of a kernel that may take its elementwise consumer as an epilogue (pooling and
+    conv input gradients): its inputs are the node's, then the epilogue's operands; `emit`
+    takes `epilogue` and `epilogue_operands` when there is one."""
+    if epilogue is None:
+        return Step(node, list(node.inputs), emit, node.op, [node], flops=flops)
+    fused = dict(epilogue=epilogue.expr, epilogue_operands=len(epilogue.operands))
+    return Step(epilogue.node, list(node.inputs) + list(epilogue.operands),
+                lambda m, name, threads: emit(m, name, threads, **fused),
+                node.op + "+ew", [node, epilogue.node], flops=flops)
 
 
 def _conv2d_weight_grad(node, _epilogue):
@@ -262,13 +271,10 @@ def _pool(emitter_name, x_shape_of):
         emit = getattr(pool_kernels, emitter_name)
         a = node.attrs
         x_shape = x_shape_of(node)
-        fused = {} if epilogue is None else dict(epilogue=epilogue.expr, epilogue_operands=len(epilogue.operands))
-        extras = [] if epilogue is None else list(epilogue.operands)
-        return Step(epilogue.node if epilogue else node, list(node.inputs) + extras,
-                    lambda m, name, threads: emit(m, name, x_shape, a["kernel"], a["stride"], a["padding"],
-                                                  max_threads=threads, **fused),
-                    node.op + ("+ew" if epilogue else ""), [node] + ([epilogue.node] if epilogue else []),
-                    flops=node.size * math.prod(a["kernel"]))
+        return _with_elementwise_epilogue(
+            node, epilogue, lambda m, name, threads, **fused: emit(
+                m, name, x_shape, a["kernel"], a["stride"], a["padding"], max_threads=threads, **fused),
+            flops=node.size * math.prod(a["kernel"]))
     return lower
 
 

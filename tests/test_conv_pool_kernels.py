@@ -43,13 +43,19 @@ class Case:
     expected: np.ndarray
 
 
-def check_cases(cases: list[Case]) -> None:
+def compile_kernels(emitters) -> tuple:
+    """(engine, kernels): each emit(module, name) -> Kernel in one module, compiled and loaded,
+    its phases made callable from here (they are internal in a program)."""
     module = target.new_module("test_conv_pool")
-    kernels = [case.emit(module, f"k{i}") for i, case in enumerate(cases)]
+    kernels = [emit(module, f"k{i}") for i, emit in enumerate(emitters)]
     for kernel in kernels:
         for phase in kernel.phases:
-            phase.linkage = "external"  # phases are internal; the test calls them directly
-    engine = target.load_object(target.compile_to_object(str(module)))
+            phase.linkage = "external"
+    return target.load_object(target.compile_to_object(str(module))), kernels
+
+
+def check_cases(cases: list[Case]) -> None:
+    engine, kernels = compile_kernels([case.emit for case in cases])
     failures = []
     for case, kernel in zip(cases, kernels):
         for nthreads in (1, MAX_THREADS):
@@ -310,14 +316,9 @@ def test_input_gradient_paths_apply_their_epilogue(x_shape, w_shape, stride, pad
     dx = reference("conv2d_input_grad", [g, w], x_shape, x_shape=x_shape, **attrs)
     expected = 2 * dx * (after_relu > 0) + after_relu
     paths = [path for path in INPUT_GRAD_PATHS if path.possible(geometry, target.vector_width_f32())]
-    module = target.new_module("input_grad_epilogue")
-    kernels = [path.emit(module, f"k{i}", geometry, max_threads=3,
-                         epilogue=_DxEpilogue(EPILOGUE, 1))
-               for i, path in enumerate(paths)]
-    for kernel in kernels:
-        for phase in kernel.phases:
-            phase.linkage = "external"
-    engine = target.load_object(target.compile_to_object(str(module)))
+    engine, kernels = compile_kernels([
+        lambda m, n, path=path: path.emit(m, n, geometry, max_threads=3, epilogue=_DxEpilogue(EPILOGUE, 1))
+        for path in paths])
     for path, kernel in zip(paths, kernels):
         for nthreads in (1, 2, 3):
             got = run_kernel(engine, kernel, [g, w, after_relu], x_shape, nthreads)
@@ -404,14 +405,10 @@ def test_max_pool_gradient_of_2x2_windows_with_nan_ties_and_epilogue():
     g, after_relu = random(rng, (2, 3, 3, 8)), np.maximum(random(rng, x_shape), 0)
     expected = reference("max_pool2d_grad", [x, g], x_shape, kernel=kernel, stride=kernel,
                          padding=padding)
-    module = target.new_module("max_pairs")
-    plain = emit_max_pool2d_grad(module, "plain", x_shape, kernel, kernel, padding, max_threads=3)
-    fused = emit_max_pool2d_grad(module, "fused", x_shape, kernel, kernel, padding, max_threads=3,
-                                 epilogue=EPILOGUE, epilogue_operands=1)
-    for kernel_ in (plain, fused):
-        for phase in kernel_.phases:
-            phase.linkage = "external"
-    engine = target.load_object(target.compile_to_object(str(module)))
+    engine, (plain, fused) = compile_kernels([
+        lambda m, n: emit_max_pool2d_grad(m, n, x_shape, kernel, kernel, padding, max_threads=3),
+        lambda m, n: emit_max_pool2d_grad(m, n, x_shape, kernel, kernel, padding, max_threads=3,
+                                          epilogue=EPILOGUE, epilogue_operands=1)])
     for nthreads in (1, 2, 3):
         assert relative_error(run_kernel(engine, plain, [x, g], x_shape, nthreads), expected) <= RTOL
         got = run_kernel(engine, fused, [x, g, after_relu], x_shape, nthreads)
@@ -461,14 +458,10 @@ def test_flat_average_pool_gradient_with_and_without_epilogue(x_shape, kernel):
     g, after_relu = random(rng, y_shape), np.maximum(random(rng, x_shape), 0)
     spread = reference("avg_pool2d_grad", [g], x_shape, x_shape=x_shape, kernel=kernel,
                        stride=kernel, padding=padding)
-    module = target.new_module("flat_spread")
-    plain = emit_avg_pool2d_grad(module, "plain", x_shape, kernel, kernel, padding, max_threads=3)
-    fused = emit_avg_pool2d_grad(module, "fused", x_shape, kernel, kernel, padding, max_threads=3,
-                                 epilogue=EPILOGUE, epilogue_operands=1)
-    for kernel_ in (plain, fused):
-        for phase in kernel_.phases:
-            phase.linkage = "external"
-    engine = target.load_object(target.compile_to_object(str(module)))
+    engine, (plain, fused) = compile_kernels([
+        lambda m, n: emit_avg_pool2d_grad(m, n, x_shape, kernel, kernel, padding, max_threads=3),
+        lambda m, n: emit_avg_pool2d_grad(m, n, x_shape, kernel, kernel, padding, max_threads=3,
+                                          epilogue=EPILOGUE, epilogue_operands=1)])
     for nthreads in (1, 2, 3):
         got = run_kernel(engine, plain, [g], x_shape, nthreads)
         assert relative_error(got, spread) <= RTOL, nthreads
