@@ -332,7 +332,7 @@ class _GemmEmitter:
     def _emit_strip(self, kb, ops, block, tiles, j0, vecs, cols):
         """Pack the strip of columns [j0, j0+cols) (unless B is read in place), then its tiles."""
         if self.plan.pack_b:
-            self._call_pack(kb, self._pack_function(vecs, cols), ops, block, j0)
+            self._call_pack(kb, self._pack_function(vecs), ops, block, j0, cols)
             panel, panel_stride = ops.panel, kb.i64(vecs * self.plan.width)
         else:  # the "panel" is B itself: row k of the strip at (k0 + k) * N + j0
             panel = kb.gep(ops.b, kb.add(kb.mul(block.k0, self.plan.N), j0))
@@ -358,10 +358,10 @@ class _GemmEmitter:
                 self._call_micro_kernel(kb, kernel, ops, block,
                                         kb.i64(p.full_tiles * p.rows), j0, panel_stride)
 
-    def _call_pack(self, kb, pack, ops, block, j0):
+    def _call_pack(self, kb, pack, ops, block, j0, cols):
         # B's leading dimension: its row length, N stored (K, N), K stored (N, K).
         ldb = self.plan.K if self.trans_b else self.plan.N
-        kb.b.call(pack, [ops.b, ops.panel, block.k0, block.kc, j0, kb.i64(ldb)])
+        kb.b.call(pack, [ops.b, ops.panel, block.k0, block.kc, j0, kb.i64(ldb), kb.i64(cols)])
 
     def _call_micro_kernel(self, kb, kernel, ops, block, i0, j0, panel_stride):
         """Call `kernel` on the tile of C at row i0, column j0."""
@@ -405,16 +405,20 @@ class _GemmEmitter:
                            self.plan.width)
         return fn, kb
 
-    def _pack_function(self, vecs: int, cols: int) -> ir.Function:
-        """`pack(B, panel, k0, kc, j0, ldb)`: copy op(B)[k0:k0+kc, j0:j0+cols]
-        into panel rows of vecs*W floats; columns past `cols` are zero so the
-        micro-kernel can use full vectors (padding lanes are never stored).
-        `ldb` is the length of B's stored rows."""
-        fn, kb = self.internal_function(f"pack{cols}", (self.trans_b, vecs, cols),
-                                         [PTR, PTR, I64, I64, I64, I64])
+    def _pack_function(self, vecs: int) -> ir.Function:
+        """`pack(B, panel, k0, kc, j0, ldb, cols)`: copy op(B)[k0:k0+kc, j0:j0+cols] (cols <=
+        vecs*W) into panel rows of vecs*W floats; columns past `cols` are zero so the
+        micro-kernel can use full vectors (padding lanes are never stored). `ldb` is the length
+        of B's stored rows.
+
+        `cols` is an argument, not a constant: one packer serves a GEMM's full strips and its
+        narrow last one, and every GEMM of the module with the same transposes and vecs, which
+        keeps the shuffle-heavy transposing packer, slow for LLVM to compile, to one copy."""
+        fn, kb = self.internal_function("pack", (self.trans_b, vecs),
+                                         [PTR, PTR, I64, I64, I64, I64, I64])
         if kb is None:
             return fn
-        b, panel, k0, kc, j0, ldb = fn.args
+        b, panel, k0, kc, j0, ldb, cols = fn.args
         if self.trans_b:
             self._emit_pack_transposed(kb, b, panel, k0, kc, j0, ldb, vecs, cols)
         else:
@@ -423,54 +427,41 @@ class _GemmEmitter:
         return fn
 
     def _emit_pack_rows(self, kb, b, panel, k0, kc, j0, ldb, vecs, cols):
-        """B stored (K, N): each panel row is a contiguous slice of a B row."""
-        p = self.plan
-        panel_stride = vecs * p.width
+        """B stored (K, N): each panel row is a contiguous slice of a B row; a vector past
+        `cols` loads masked (lanes past cols read as zero, their memory untouched)."""
+        w = self.plan.width
+        masks = [kb.lane_mask_dynamic(kb.sub(cols, v * w)) for v in range(vecs)]
         with kb.for_range(0, kc, name="k", unroll="no-runtime") as k:
             src = kb.gep(b, kb.add(kb.mul(kb.add(k0, k), ldb), j0))
-            dst = kb.gep(panel, kb.mul(k, panel_stride))
+            dst = kb.gep(panel, kb.mul(k, vecs * w))
             for v in range(vecs):
-                lanes = min(p.width, cols - v * p.width)
-                if lanes == p.width:
-                    value = kb.load_vec(src, v * p.width)
-                else:  # last vector of a tail strip; masked lanes read as 0
-                    value = kb.masked_load_vec(src, v * p.width, kb.lane_mask(lanes))
-                kb.store_vec(value, dst, v * p.width)
+                kb.store_vec(kb.masked_load_vec(src, v * w, masks[v]), dst, v * w)
 
     def _emit_pack_transposed(self, kb, b, panel, k0, kc, j0, ldb, vecs, cols):
-        """B stored (N, K): column c of the panel is a contiguous run of B's
-        row j0+c.  Load W columns x W values of k, transpose the block in
-        registers and store it as W panel rows: no scalar loop, no gather.
+        """B stored (N, K): column c of the panel is a contiguous run of B's row j0+c.  Per W
+        values of k and W columns: W loads, a transpose in registers, W stores of panel rows;
+        no scalar loop, no gather.
 
-        A k remainder (< W) is loaded masked; its padding rows are written
-        as zeros into the panel's spare rows (panel_rows >= kc) and never
-        read.  Column groups past `cols` are zero vectors."""
-        p = self.plan
-        w = p.width
+        The loads are masked: past kc (the last block of k, whose padding rows go to the
+        panel's spare rows, panel_rows >= kc, never read) and past `cols` (zero columns).  One
+        code path for all of them, in loops over k and over the W-column groups, keeps the
+        function small: LLVM's instruction selection of the transposes' shuffles is slow."""
+        w = self.plan.width
         panel_stride = vecs * w
-
-        # Column c of op(B) starts at row j0+c of B.
-        column_starts = [kb.gep(b, kb.add(kb.mul(kb.add(j0, c), ldb), k0)) for c in range(cols)]
-
-        def pack_block(k, mask):
-            for group in range(vecs):
+        no_lanes = kb.lane_mask(0)
+        with kb.for_range(0, kc, step=w, name="k", unroll="no-runtime") as k:
+            k_mask = kb.lane_mask_dynamic(kb.sub(kc, k))
+            with kb.for_range(0, vecs, name="group", unroll="never") as group:
+                first = kb.mul(group, w)
                 columns = []
-                for c in range(group * w, (group + 1) * w):
-                    if c >= cols:
-                        columns.append(kb.splat(0.0))
-                        continue
-                    src = column_starts[c]
-                    columns.append(kb.load_vec(src, k) if mask is None
-                                   else kb.masked_load_vec(src, k, mask))
-                for i, row in enumerate(kb.transpose(columns)):
-                    kb.store_vec(row, panel,
-                                 kb.add(kb.mul(kb.add(k, i), panel_stride), group * w))
-
-        kc_whole = kb.sub(kc, kb.b.srem(kc, kb.i64(w)))
-        with kb.for_range(0, kc_whole, step=w, name="k", unroll="no-runtime") as k:
-            pack_block(k, None)
-        with kb.if_then(kb.b.icmp_signed("<", kc_whole, kc)):
-            pack_block(kc_whole, kb.lane_mask_dynamic(kb.sub(kc, kc_whole)))
+                for c in range(w):
+                    column = kb.add(first, c)
+                    inside = kb.b.icmp_signed("<", column, cols)
+                    # Past `cols`, read nothing from an address clamped into B.
+                    row = kb.gep(b, kb.add(kb.mul(kb.add(j0, kb.min(column, kb.sub(cols, 1))), ldb), k0))
+                    columns.append(kb.masked_load_vec(row, k, kb.b.select(inside, k_mask, no_lanes)))
+                for i, panel_row in enumerate(kb.transpose(columns)):
+                    kb.store_vec(panel_row, panel, kb.add(kb.mul(kb.add(k, i), panel_stride), first))
 
     def _micro_kernel(self, rows: int, vecs: int, cols: int) -> ir.Function:
         """`micro(A_tile, panel, C_tile, bias_tile, kc, load_c, is_last, lda, ldc, ldp, E_tiles)`:
