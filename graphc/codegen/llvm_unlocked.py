@@ -43,7 +43,7 @@ def _raw_functions() -> dict | str:
     try:
         if not isinstance(ffi.lib, ffi._lib_wrapper):
             return "llvmlite.binding.ffi.lib is not the expected lock wrapper"
-        for needed in ("create_context", "ModuleRef", "create_pass_builder"):
+        for needed in ("create_context", "ModuleRef", "create_pass_builder", "create_new_module_pass_manager"):
             if not hasattr(llvm, needed):
                 return f"llvmlite.binding has no {needed}"
         # parse_assembly below wraps the parsed pointer as llvmlite does: ModuleRef(pointer, context).
@@ -90,16 +90,12 @@ def parse_assembly(ir_text: str, context: llvm.ContextRef) -> llvm.ModuleRef:
     return llvm.ModuleRef(pointer, context)
 
 
-def run_module_pipeline(module: llvm.ModuleRef, pass_builder) -> None:
-    """Run `pass_builder`'s per-module default pipeline on `module`, unlocked.
+def run_module_pipeline(module: llvm.ModuleRef, manager, pass_builder) -> None:
+    """Run the module pass manager `manager` on `module` with `pass_builder`, unlocked.
 
     Building the pipeline is cheap and stays locked; running it is the expensive part.
     """
-    manager = pass_builder.getModulePassManager()
-    try:
-        _call("LLVMPY_RunNewModulePassManager", manager, module, pass_builder)
-    finally:
-        manager.close()
+    _call("LLVMPY_RunNewModulePassManager", manager, module, pass_builder)
 
 
 def emit_object(target_machine: llvm.TargetMachine, module: llvm.ModuleRef) -> bytes:

@@ -2,8 +2,8 @@
 
 A large program is assembled as several modules (assemble.py, codegen/program_modules.py);
 LLVM's optimization and code generation of one module is independent of the others', so each
-is compiled on its own thread, in its own LLVMContext with its own target machine and pass
-builder, the heavy calls made without llvmlite's global lock (codegen/llvm_unlocked.py).
+is compiled on its own thread, in its own LLVMContext with its own target machine, pass
+builder and pass manager, the heavy calls made without llvmlite's global lock (codegen/llvm_unlocked.py).
 
 `ObjectCompiler` overlaps that with IR generation: the assembler submits each module as soon
 as it is complete and goes on generating the next (Python, holding the GIL) while the
@@ -94,7 +94,8 @@ def compile_module(ir_text: str, *, isolated: bool) -> bytes:
         target_machine = owned.enter_context(host.new_jit_target_machine())
         host.set_target(module, target_machine)
         builder = owned.enter_context(host.pass_builder(target_machine))
-        llvm_unlocked.run_module_pipeline(module, builder)
+        manager = owned.enter_context(host.module_pass_manager())
+        llvm_unlocked.run_module_pipeline(module, manager, builder)
         return llvm_unlocked.emit_object(target_machine, module)
 
 
