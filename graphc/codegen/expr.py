@@ -7,6 +7,8 @@ its numerically stable form). Shared subexpressions are computed once via `sympy
 """
 from __future__ import annotations
 
+import functools
+
 import llvmlite.ir as ir
 import sympy
 
@@ -29,7 +31,7 @@ class ExprEmitter:
 
     def emit_all(self, exprs: list[sympy.Expr]) -> list[ir.Value]:
         """Values of several expressions, sharing common subexpressions."""
-        replacements, reduced = sympy.cse(exprs, symbols=sympy.numbered_symbols("c", real=True))
+        replacements, reduced = _common_subexpressions(tuple(exprs))
         for temp, subexpr in replacements:
             self.values[temp] = self.emit(subexpr)
         return [self.emit(e) for e in reduced]
@@ -147,3 +149,11 @@ def operand_count(expr: sympy.Expr) -> int:
 
 
 __all__ = ["ExprEmitter", "operand_count", "F32"]
+
+
+@functools.lru_cache(maxsize=1024)
+def _common_subexpressions(exprs: tuple) -> tuple[tuple, tuple]:
+    """`sympy.cse` of `exprs`, remembered: a GEMM's epilogue is emitted once per accumulator of
+    every micro-kernel, and cse, not the IR it leads to, was most of that time."""
+    replacements, reduced = sympy.cse(list(exprs), symbols=sympy.numbered_symbols("c", real=True))
+    return tuple(replacements), tuple(reduced)
