@@ -401,42 +401,6 @@ def test_shared_helpers_compute_each_gemm_with_its_own_strides():
         problem.check(problem.run(GEMM_CFUNC(engine.get_function_address(case.name))))
 
 
-def test_short_last_row_tile_with_in_place_epilogue_and_row_bias():
-    """M's last tile of 4 rows (M = 16, tiles of 6) runs the 6-row micro-kernel, which reads
-    the last real row for the rest and stores only the real ones. Here E1 is C itself (an
-    in-place update) and the bias is per row, so a clamped read matters; a GEMM of whole tiles
-    (M = 12) calls the same micro-kernel from the same module, so the row count is not a
-    constant LLVM can fold. 1-3 threads."""
-    import sympy
-    x0, x1 = sympy.symbols("x0 x1", real=True)
-    epilogue = x1 - sympy.Rational(1, 2) * x0        # C <- C - 0.5 * (A @ B + bias)
-    module = target.new_module("row_tail")
-    for M in (16, 12):
-        plan = choose_plan(M, 32, 40, width=8, vector_registers=16)
-        assert (plan.rows, plan.tail_rows) == (6, M % 6)
-        emit_gemm(module, f"g{M}", M, 32, 40, trans_b=True, bias="row", plan=plan,
-                  epilogue=epilogue, epilogue_operands=1)
-    assert len([f for f in _defined_helpers(module) if ".micro" in f]) == 1
-    engine = target.load_object(target.compile_to_object(str(module)))
-    cfunc = ctypes.CFUNCTYPE(None, _P, _P, _P, _P, _P, ctypes.c_int64, ctypes.c_int64, _P)
-    rng = np.random.default_rng(3)
-    for M in (16, 12):
-        fn = cfunc(engine.get_function_address(f"g{M}"))
-        A, B = rng.standard_normal((M, 40), dtype=np.float32), rng.standard_normal((32, 40), dtype=np.float32)
-        bias, C0 = rng.standard_normal(M, dtype=np.float32), rng.standard_normal((M, 32), dtype=np.float32)
-        expected = C0 - 0.5 * (A.astype(np.float64) @ B.T + bias[:, None])
-        plan = choose_plan(M, 32, 40, width=8, vector_registers=16)
-        for nthreads in (1, 2, 3):
-            c_whole, c = _guarded(M * 32)
-            c[:] = C0.ravel()
-            ws = np.zeros(plan.workspace_floats(nthreads), np.float32)
-            for tid in range(nthreads):
-                fn(A.ctypes.data, B.ctypes.data, c.ctypes.data, bias.ctypes.data, ws.ctypes.data,
-                   tid, nthreads, c.ctypes.data)
-            _assert_guards_intact(c_whole, f"M={M}")
-            np.testing.assert_allclose(c.reshape(M, 32), expected, rtol=1e-4, atol=1e-4)
-
-
 def test_gemm_loops_are_not_unrolled_at_run_time():
     """Its loops are vectorized by hand; runtime unrolling only costs compile time."""
     module = target.new_module("hints")

@@ -41,7 +41,6 @@ compute C without races: every element of C is written by one thread only.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import hashlib
 import itertools
@@ -343,29 +342,29 @@ class _GemmEmitter:
 
     def _emit_row_tiles(self, kb, ops, block, tiles, j0, vecs, cols, panel_stride):
         """This thread's row tiles of the strip of columns [j0, j0+cols), whose row k is at
-        ops.panel + k * panel_stride. The short last tile (M % rows rows) is computed by the
-        same micro-kernel, told how many of its rows are real."""
+        ops.panel + k * panel_stride."""
         p = self.plan
         tile_lo, tile_hi = tiles
-        kernel = self._micro_kernel(p.rows, vecs, cols)
         if p.full_tiles:
+            kernel = self._micro_kernel(p.rows, vecs, cols)
             with kb.for_range(tile_lo, kb.min(tile_hi, p.full_tiles),
                               name="tile", unroll="no-runtime") as tile:
                 self._call_micro_kernel(kb, kernel, ops, block,
-                                        kb.mul(tile, p.rows), j0, panel_stride, p.rows)
+                                        kb.mul(tile, p.rows), j0, panel_stride)
         if p.tail_rows:
             # The short last tile belongs to the thread whose share ends M.
+            kernel = self._micro_kernel(p.tail_rows, vecs, cols)
             with kb.if_then(kb.b.icmp_signed("==", tile_hi, kb.i64(p.tiles))):
                 self._call_micro_kernel(kb, kernel, ops, block,
-                                        kb.i64(p.full_tiles * p.rows), j0, panel_stride, p.tail_rows)
+                                        kb.i64(p.full_tiles * p.rows), j0, panel_stride)
 
     def _call_pack(self, kb, pack, ops, block, j0, cols):
         # B's leading dimension: its row length, N stored (K, N), K stored (N, K).
         ldb = self.plan.K if self.trans_b else self.plan.N
         kb.b.call(pack, [ops.b, ops.panel, block.k0, block.kc, j0, kb.i64(ldb), kb.i64(cols)])
 
-    def _call_micro_kernel(self, kb, kernel, ops, block, i0, j0, panel_stride, live_rows):
-        """Call `kernel` on the tile of C at row i0, column j0, of which `live_rows` rows are in C."""
+    def _call_micro_kernel(self, kb, kernel, ops, block, i0, j0, panel_stride):
+        """Call `kernel` on the tile of C at row i0, column j0."""
         p = self.plan
         if self.trans_a:   # A stored (K, M): element (i, k) at k*M + i
             a_tile = kb.gep(ops.a, kb.add(kb.mul(block.k0, p.M), i0))
@@ -382,8 +381,7 @@ class _GemmEmitter:
         extra_tiles = [kb.gep(extra, c_offset) for extra in ops.extras]
         lda = p.M if self.trans_a else p.K
         kb.b.call(kernel, [a_tile, ops.panel, c_tile, bias_tile, block.kc, block.load_c,
-                           block.is_last, kb.i64(lda), kb.i64(p.N), panel_stride,
-                           kb.i64(live_rows)] + extra_tiles)
+                           block.is_last, kb.i64(lda), kb.i64(p.N), panel_stride] + extra_tiles)
 
     # ------------------------------------------------------------ helpers
     def internal_function(self, kind, variant, arg_types):
@@ -466,37 +464,27 @@ class _GemmEmitter:
                     kb.store_vec(panel_row, panel, kb.add(kb.mul(kb.add(k, i), panel_stride), first))
 
     def _micro_kernel(self, rows: int, vecs: int, cols: int) -> ir.Function:
-        """`micro(A_tile, panel, C_tile, bias_tile, kc, load_c, is_last, lda, ldc, ldp, live, E_tiles)`:
-        C_tile[live, cols] = (C_tile if load_c else 0) + A_tile @ panel
+        """`micro(A_tile, panel, C_tile, bias_tile, kc, load_c, is_last, lda, ldc, ldp, E_tiles)`:
+        C_tile[rows, cols] = (C_tile if load_c else 0) + A_tile @ panel
         over kc, then bias, relu and the epilogue if is_last.  `cols` may be
         less than vecs*W only on the last vector, which is then masked.
         `lda` is the length of A's stored rows, `ldc` that of C's (and E's),
         `ldp` that of the panel's (B's own rows when B is not packed: the last
-        vector of a narrow strip is then loaded masked, B has no padding).
-
-        `live` (1..rows) rows of the tile are in C: M's short last tile runs this kernel too,
-        its rows past `live` reading the last live row's A, C and E and storing nothing, instead
-        of a kernel of its own for each tail length (LeNet-5's dense layers: a fifth of the
-        program's IR). A module whose GEMMs have no such tail passes `rows` from every call,
-        which IPSCCP propagates, and the clamping folds away."""
+        vector of a narrow strip is then loaded masked, B has no padding)."""
         direct = not self.plan.pack_b
         variant = (rows, vecs, cols, self.trans_a, direct) + self.epilogue_key()
         fn, kb = self.internal_function(
             f"micro{rows}x{cols}", variant,
-            [PTR, PTR, PTR, PTR, I64, I1, I1, I64, I64, I64, I64] + [PTR] * self.extras)
+            [PTR, PTR, PTR, PTR, I64, I1, I1, I64, I64, I64] + [PTR] * self.extras)
         if kb is None:
             return fn
-        a, panel, c, bias, kc, load_c, is_last, lda, ldc, panel_stride, live = fn.args[:11]
+        a, panel, c, bias, kc, load_c, is_last, lda, ldc, panel_stride = fn.args[:10]
         width = self.plan.width
         masks = [None if lanes == width else kb.lane_mask(lanes)
                  for lanes in (min(width, cols - v * width) for v in range(vecs))]
-        # The row of C (and of A, bias and E) that tile row r reads: rows past `live` read the
-        # last live one.
-        last = kb.sub(live, 1)
-        read_rows = [kb.i64(0)] + [kb.min(r, last) for r in range(1, rows)]
         # Row r of the C tile, and of each epilogue operand's tile.
-        c_rows = [kb.gep(c, kb.mul(read_rows[r], ldc)) for r in range(rows)]
-        extra_rows = [[kb.gep(e, kb.mul(read_rows[r], ldc)) for e in fn.args[11:]] for r in range(rows)]
+        c_rows = [kb.gep(c, kb.mul(r, ldc)) for r in range(rows)]
+        extra_rows = [[kb.gep(e, kb.mul(r, ldc)) for e in fn.args[10:]] for r in range(rows)]
 
         tile = list(itertools.product(range(rows), range(vecs)))  # (r, v) pairs
 
@@ -509,7 +497,7 @@ class _GemmEmitter:
         # The k loop: one broadcast of A per row, one fma per accumulator.
         # A stored (K, M): element (r, k) at k*lda + r; stored (M, K): at r*lda + k.
         a_row_stride, a_k_stride = (1, lda) if self.trans_a else (lda, 1)
-        a_rows = [kb.mul(read_rows[r], a_row_stride) for r in range(rows)]
+        a_rows = [kb.mul(r, a_row_stride) for r in range(rows)]
         b_masks = masks if direct else [None] * vecs  # a packed panel is zero-padded
         with kb.for_range(0, kc, name="k", unroll="no-runtime") as k:
             b_row = kb.gep(panel, kb.mul(k, panel_stride))
@@ -524,11 +512,9 @@ class _GemmEmitter:
             with kb.if_then(is_last):
                 for r, v in tile:
                     kb.set(acc[r, v], self.apply_epilogue(kb, kb.get(acc[r, v]), bias,
-                                                     read_rows[r], v, masks[v], extra_rows[r]))
-        for r in range(rows):
-            with kb.if_then(kb.b.icmp_signed("<", kb.i64(r), live)) if r else contextlib.nullcontext():
-                for v in range(vecs):
-                    self.store_masked(kb, kb.get(acc[r, v]), c_rows[r], v * width, masks[v])
+                                                     r, v, masks[v], extra_rows[r]))
+        for r, v in tile:
+            self.store_masked(kb, kb.get(acc[r, v]), c_rows[r], v * width, masks[v])
         kb.b.ret_void()
         return fn
 
