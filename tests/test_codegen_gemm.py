@@ -421,6 +421,31 @@ def test_new_module_carries_host_triple_and_layout():
     assert module.data_layout == str(target.host_target_machine().target_data)
 
 
+def test_optimization_passes_do_what_the_kernels_need():
+    """The pipeline (target.OPTIMIZATION_PASSES) promotes the builders' loop variables to
+    registers (SROA) and gives an internal helper the constant argument every caller passes
+    (IPSCCP): no alloca and no multiplication by the stride are left."""
+    module = target.new_module("passes")
+    helper = ir.Function(module, ir.FunctionType(ir.VoidType(), [PTR, I64]), name="helper")
+    helper.linkage = "internal"
+    helper.attributes.add("noinline")
+    kb = KernelBuilder(ir.IRBuilder(helper.append_basic_block("entry")), 8)
+    data, stride = helper.args
+    total = kb.variable(kb.f32(0.0))
+    with kb.for_range(0, 16, name="i") as i:
+        kb.set(total, kb.fadd(kb.get(total), kb.load(data, kb.b.mul(i, stride))))
+    kb.store(kb.get(total), data, 0)
+    kb.b.ret_void()
+    caller = ir.Function(module, ir.FunctionType(ir.VoidType(), [PTR]), name="caller")
+    call_site = ir.IRBuilder(caller.append_basic_block("entry"))
+    call_site.call(helper, [caller.args[0], ir.Constant(I64, 4)])
+    call_site.ret_void()
+    optimized = target.optimize(target.parse_and_verify(str(module)))
+    body = str(optimized.get_function("helper"))
+    assert "alloca" not in body
+    assert "mul" not in body.replace("fmul", "")
+
+
 def test_fingerprint_names_cpu_and_llvmlite():
     import llvmlite
     fingerprint = target.target_fingerprint()
