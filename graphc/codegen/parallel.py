@@ -3,7 +3,8 @@
 A large program is assembled as several modules (assemble.py, codegen/program_modules.py);
 LLVM's optimization and code generation of one module is independent of the others', so each
 is compiled on its own thread, in its own LLVMContext with its own target machine, pass
-builder and pass manager, the heavy calls made without llvmlite's global lock (codegen/llvm_unlocked.py).
+builder and pass manager, the heavy calls made without llvmlite's global lock
+(codegen/llvm_unlocked.py).
 
 `ObjectCompiler` overlaps that with IR generation: the assembler submits each module as soon
 as it is complete and goes on generating the next (Python, holding the GIL) while the

@@ -7,8 +7,9 @@ on one core. Here kernels go, in schedule order, into a module until it holds ab
 begun. The last module also receives the entry, which calls the phases of every kernel: the
 phases of earlier modules are made external and declared in the last one; those in the last
 stay internal. Helper functions (GEMM micro-kernels, intrinsics) are per module, so a module
-that needs one makes its own copy: the price of splitting, paid in compile time only (LeNet-5's
-step: 7 helpers twice, ~2,900 of ~10,800 instructions). Sharing one external copy across the
+that needs one makes its own copy: the price of splitting, paid in compile time only, and kept
+small by generating kernels by family (assemble.py: LeNet-5's step copies 844 of 9,230
+instructions, against 2,430 of 10,816 in schedule order). Sharing one external copy across the
 modules instead made LeNet-5's step 15-45% slower: an internal helper's constant arguments
 (strides, flags) are propagated into it by LLVM when every caller in its module passes the
 same ones, which a register tile short of registers needs.
@@ -29,10 +30,10 @@ from .target import new_module
 
 __all__ = ["INSTRUCTIONS_PER_MODULE", "default_budget", "ProgramModules"]
 
-# About 0.2-0.3 s of LLVM work on this project's machines (LeNet-5's step: ~13k instructions,
-# ~1.3-1.8 s): large enough that the fixed cost of a module (~5 ms) and its copies of shared
-# helpers stay small, small enough that the modules compiled after generation ends make a short
-# tail. 1200 and 3000 measured the same within noise on LeNet-5 and the MLP.
+# About 0.1-0.15 s of LLVM work on this project's machines (LeNet-5's step: ~9k instructions,
+# ~0.5-0.6 s on one thread): large enough that the fixed cost of a module (~2 ms) and its copies
+# of shared helpers stay small, small enough that the modules compiled after generation ends
+# make a short tail. 800, 1200 and 3000 measured the same or slower on LeNet-5's cold compile.
 INSTRUCTIONS_PER_MODULE = 2000
 
 
