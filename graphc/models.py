@@ -100,10 +100,10 @@ def small_convnet(batch: int, image=(3, 12, 12), classes: int = 5) -> Model:
 def random_batch(model: Model, rng, classes: int | None = None):
     """Random feeds for a model: standard-normal images, uniform labels (or 0/1 targets)."""
     import numpy as np
-    x = rng.standard_normal(model.x.shape).astype(np.float32)
+    x = rng.standard_normal(model.x.shape, dtype=np.float32)
     if model.y.dtype == "int32":
         classes = classes or model.logits.shape[1]
-        y = rng.integers(0, classes, model.y.shape).astype(np.int32)
+        y = rng.integers(0, classes, model.y.shape, dtype=np.int32)
     else:
         y = rng.integers(0, 2, model.y.shape).astype(np.float32)
     return {model.x.name: x, model.y.name: y}
