@@ -126,8 +126,9 @@ def _generation_order(step: Step) -> tuple:
     """Kernels are generated, and so placed into modules, by family, not in schedule order.
 
     A module holds one copy of each helper its kernels call (GEMM micro-kernels and packers,
-    conv tiles): kernels of one family (conv2d*, gemm+bias+relu, gemmT+ew, ...) call the same
-    helpers, and placed side by side they share one copy. In schedule order, LeNet-5's
+    conv tiles): kernels of one family call the same helpers, and placed side by side they
+    share one copy. The family is the label's leading word (every GEMM's label starts with
+    "gemm", every convolution's with "conv2d"); within a family, kernels go by label. In schedule order, LeNet-5's
     forward and backward convolutions and its dense layers' GEMMs fell into different
     modules and compiled ~2,400 instructions (a fifth of the program) twice.
     """

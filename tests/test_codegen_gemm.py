@@ -401,13 +401,6 @@ def test_shared_helpers_compute_each_gemm_with_its_own_strides():
         problem.check(problem.run(GEMM_CFUNC(engine.get_function_address(case.name))))
 
 
-def test_gemm_loops_are_not_unrolled_at_run_time():
-    """Its loops are vectorized by hand; runtime unrolling only costs compile time."""
-    module = target.new_module("hints")
-    emit_gemm(module, "g", 37, 150, 300, trans_b=True)
-    assert "llvm.loop.unroll.runtime.disable" in str(module)
-
-
 # ---------------------------------------------------------------- target
 def test_vector_width_follows_host_features():
     features = set(target.host_features().split(","))
@@ -557,36 +550,21 @@ def test_vector_loop_with_masked_tail_and_transpose(width):
         np.testing.assert_array_equal(block, expected_block)
 
 
-@pytest.mark.parametrize("unroll", ["auto", "no-runtime", "never"])
-def test_for_range_unroll_hints(unroll):
-    """Each loop gets its own loop ID carrying the hint; the loops compute the
-    same whatever the hint."""
-    module = target.new_module("hints")
+def test_for_range_loops_run_in_sequence():
+    """Two loops over a runtime trip count, one after the other, each add one."""
+    module = target.new_module("loops")
     fn = ir.Function(module, ir.FunctionType(ir.VoidType(), [PTR, I64]), name="kernel")
     kb = KernelBuilder(ir.IRBuilder(fn.append_basic_block("entry")))
     dst, n = fn.args
     for _ in range(2):
-        with kb.for_range(0, n, unroll=unroll) as i:
+        with kb.for_range(0, n) as i:
             kb.store(kb.fadd(kb.load(dst, i), kb.f32(1.0)), dst, i)
     kb.b.ret_void()
 
-    text = str(module)
-    hint = {"auto": None, "no-runtime": "llvm.loop.unroll.runtime.disable",
-            "never": "llvm.loop.unroll.disable"}[unroll]
-    assert text.count("!llvm.loop !") == (0 if hint is None else 2)
-    assert hint is None or f'!"{hint}"' in text
-    engine = target.load_object(target.compile_to_object(text))
+    engine = target.load_object(target.compile_to_object(str(module)))
     kernel = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_int64)(
         engine.get_function_address("kernel"))
     y = np.zeros(37, np.float32)
     kernel(y.ctypes.data, 37)
     np.testing.assert_array_equal(y, 2.0)
 
-
-def test_for_range_rejects_unknown_unroll_hint():
-    module = target.new_module("bad_hint")
-    fn = ir.Function(module, ir.FunctionType(ir.VoidType(), []), name="f")
-    kb = KernelBuilder(ir.IRBuilder(fn.append_basic_block("entry")))
-    with pytest.raises(ValueError):
-        with kb.for_range(0, 4, unroll="sometimes"):
-            pass

@@ -298,7 +298,7 @@ class _GemmEmitter:
         has_work = kb.b.and_(kb.b.icmp_signed("<", *strips),
                              kb.b.icmp_signed("<", *tiles))
         with kb.if_then(has_work):
-            with kb.for_range(0, p.K, step=p.kc, name="k0", unroll="no-runtime") as k0:
+            with kb.for_range(0, p.K, step=p.kc, name="k0") as k0:
                 self._emit_k_block(kb, operands, self._k_block(kb, k0),
                                    strips, tiles)
         kb.b.ret_void()
@@ -319,7 +319,7 @@ class _GemmEmitter:
         strip_lo, strip_hi = strips
         if p.full_strips:
             with kb.for_range(strip_lo, kb.min(strip_hi, p.full_strips),
-                              name="strip", unroll="no-runtime") as strip:
+                              name="strip") as strip:
                 j0 = kb.mul(strip, p.strip_width)
                 self._emit_strip(kb, ops, block, tiles, j0, p.vecs, p.strip_width)
         if p.tail_cols:
@@ -348,7 +348,7 @@ class _GemmEmitter:
         if p.full_tiles:
             kernel = self._micro_kernel(p.rows, vecs, cols)
             with kb.for_range(tile_lo, kb.min(tile_hi, p.full_tiles),
-                              name="tile", unroll="no-runtime") as tile:
+                              name="tile") as tile:
                 self._call_micro_kernel(kb, kernel, ops, block,
                                         kb.mul(tile, p.rows), j0, panel_stride)
         if p.tail_rows:
@@ -431,7 +431,7 @@ class _GemmEmitter:
         `cols` loads masked (lanes past cols read as zero, their memory untouched)."""
         w = self.plan.width
         masks = [kb.lane_mask_dynamic(kb.sub(cols, v * w)) for v in range(vecs)]
-        with kb.for_range(0, kc, name="k", unroll="no-runtime") as k:
+        with kb.for_range(0, kc, name="k") as k:
             src = kb.gep(b, kb.add(kb.mul(kb.add(k0, k), ldb), j0))
             dst = kb.gep(panel, kb.mul(k, vecs * w))
             for v in range(vecs):
@@ -449,9 +449,9 @@ class _GemmEmitter:
         w = self.plan.width
         panel_stride = vecs * w
         no_lanes = kb.lane_mask(0)
-        with kb.for_range(0, kc, step=w, name="k", unroll="no-runtime") as k:
+        with kb.for_range(0, kc, step=w, name="k") as k:
             k_mask = kb.lane_mask_dynamic(kb.sub(kc, k))
-            with kb.for_range(0, vecs, name="group", unroll="never") as group:
+            with kb.for_range(0, vecs, name="group") as group:
                 first = kb.mul(group, w)
                 columns = []
                 for c in range(w):
@@ -499,7 +499,7 @@ class _GemmEmitter:
         a_row_stride, a_k_stride = (1, lda) if self.trans_a else (lda, 1)
         a_rows = [kb.mul(r, a_row_stride) for r in range(rows)]
         b_masks = masks if direct else [None] * vecs  # a packed panel is zero-padded
-        with kb.for_range(0, kc, name="k", unroll="no-runtime") as k:
+        with kb.for_range(0, kc, name="k") as k:
             b_row = kb.gep(panel, kb.mul(k, panel_stride))
             b_vecs = [self.load_masked(kb, b_row, v * width, b_masks[v]) for v in range(vecs)]
             a_col = kb.gep(a, kb.mul(k, a_k_stride))

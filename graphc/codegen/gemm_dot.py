@@ -132,8 +132,7 @@ class DotEmitter:
             """Every column group of this thread's share on the rows [i0, i0 + rows)."""
             if full_groups:
                 kernel = self._tile_function(rows, p.cols)
-                with kb.for_range(groups[0], kb.min(groups[1], full_groups), name="group",
-                                  unroll="no-runtime") as group:
+                with kb.for_range(groups[0], kb.min(groups[1], full_groups), name="group") as group:
                     self._call_tile(kb, kernel, (a, b, c, bias, extras), i0, kb.mul(group, p.cols))
             if tail_cols:
                 kernel = self._tile_function(rows, tail_cols)
@@ -141,8 +140,7 @@ class DotEmitter:
                     self._call_tile(kb, kernel, (a, b, c, bias, extras), i0, kb.i64(full_groups * p.cols))
 
         if full_tiles:
-            with kb.for_range(tiles[0], kb.min(tiles[1], full_tiles), name="tile",
-                              unroll="no-runtime") as tile:
+            with kb.for_range(tiles[0], kb.min(tiles[1], full_tiles), name="tile") as tile:
                 tile_calls(kb.mul(tile, p.rows), p.rows)
         if tail_rows:
             with kb.if_then(kb.b.icmp_signed("==", tiles[1], kb.i64(p.row_tiles))):
@@ -189,7 +187,7 @@ class DotEmitter:
                     kb.set(acc[r, s], kb.fma(a_vec, b_vecs[s], kb.get(acc[r, s])))
 
         if whole_vectors:
-            with kb.for_range(0, whole_vectors * w, step=w, name="k", unroll="no-runtime") as k:
+            with kb.for_range(0, whole_vectors * w, step=w, name="k") as k:
                 k_step(k, None)
         if k_tail:
             k_step(kb.i64(whole_vectors * w), kb.lane_mask(k_tail))

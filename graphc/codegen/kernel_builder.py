@@ -123,23 +123,18 @@ class KernelBuilder:
     # ---------------------------------------------------------------- loops
     @contextlib.contextmanager
     def for_range(self, start: ValueLike, stop: ValueLike, step: int = 1,
-                  name: str = "i", unroll: str = "auto") -> Iterator[ir.Value]:
+                  name: str = "i") -> Iterator[ir.Value]:
         """`for i in range(start, stop, step)` as an IR loop; yields i (i64).
 
         `step` must be a positive Python int.  The body is whatever the
         caller emits inside the `with`; it may contain nested loops.  After
         the `with`, the builder is positioned after the loop.
 
-        `unroll` is "auto" (LLVM decides), "no-runtime" (no unrolling by a
-        runtime trip count; a small constant trip count is still unrolled
-        fully) or "never".  Runtime unrolling copies a loop 4-8 times plus
-        remainder loops: on loops that are vectorized by hand it gains no
-        speed and multiplies the time LLVM spends on them.
+        The loop stays a loop: the module pipeline (target.OPTIMIZATION_PASSES)
+        runs no unroller, so a kernel that wants a body repeated emits it so.
         """
         if step <= 0:
             raise ValueError("for_range needs a positive step")
-        if unroll not in _UNROLL_HINTS:
-            raise ValueError(f"unroll must be one of {sorted(_UNROLL_HINTS)}, not {unroll!r}")
         start, stop = self.as_i64(start), self.as_i64(stop)
         preheader = self.b.block
         header = self.b.append_basic_block(f"{name}.header")
@@ -157,9 +152,7 @@ class KernelBuilder:
         # The body may have ended in another block (nested loops); the back
         # edge comes from wherever the builder is now.
         index.add_incoming(self.add(index, step), self.b.block)
-        back_edge = self.b.branch(header)
-        if _UNROLL_HINTS[unroll]:
-            back_edge.set_metadata("llvm.loop", _loop_id(self.module, _UNROLL_HINTS[unroll]))
+        self.b.branch(header)
 
         self.b.position_at_end(exit_)
 
@@ -336,24 +329,6 @@ class KernelBuilder:
             return existing
         return ir.Function(self.module, ir.FunctionType(return_type, arg_types),
                            name=mangled)
-
-
-# The loop metadata each `unroll` choice of `for_range` attaches.
-_UNROLL_HINTS = {
-    "auto": None,
-    "no-runtime": "llvm.loop.unroll.runtime.disable",
-    "never": "llvm.loop.unroll.disable",
-}
-
-
-def _loop_id(module: ir.Module, hint: str) -> ir.values.MDValue:
-    """A new loop ID node, !{self, !{!"hint"}}.  LLVM identifies a loop by a
-    node whose first operand is itself; `add_metadata` would share equal
-    nodes between loops, so the node is made directly, then pointed at itself."""
-    hints = [module.add_metadata([ir.MetaDataString(module, hint)])]
-    loop_id = ir.values.MDValue(module, hints, name=str(len(module.metadata)))
-    loop_id.operands = (loop_id, *hints)
-    return loop_id
 
 
 def _type_suffix(typ: ir.Type) -> str:

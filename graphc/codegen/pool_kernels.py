@@ -192,7 +192,7 @@ def emit_max_pool2d_grad(module: ir.Module, name: str, x_shape, kernel, stride, 
         dx_plane = _in_plane(kb, geometry, out, plane)
         g_plane = _out_plane(kb, geometry, g, plane)
         emit_fill_zero(kb, dx_plane, kb.i64(geometry.in_plane))
-        with kb.for_range(0, geometry.out_plane, name="window", unroll="no-runtime") as o:
+        with kb.for_range(0, geometry.out_plane, name="window") as o:
             slot = kb.b.gep(winners, [o], inbounds=True, source_etype=I32)
             winner = kb.b.sext(kb.b.load(slot, typ=I32), I64)
             kb.store(kb.fadd(kb.load(dx_plane, winner), kb.load(g_plane, o)), dx_plane, winner)
@@ -228,9 +228,9 @@ def _emit_max_grad_2x2(kb: KernelBuilder, geometry: PoolGeometry, x_plane, g_pla
     i32_vector = ir.VectorType(I32, width)
     # The window-order position of each lane's own cell in the top row and in the bottom row.
     own = [shared_constant(i32_vector, tuple(2 * row + lane % 2 for lane in range(width))) for row in (0, 1)]
-    with kb.for_range(0, geometry.out_h, name="window_row", unroll="no-runtime") as r:
+    with kb.for_range(0, geometry.out_h, name="window_row") as r:
         top_row = kb.mul(r, 2 * W)
-        with kb.for_range(0, W, step=width, name="column", unroll="no-runtime") as column:
+        with kb.for_range(0, W, step=width, name="column") as column:
             at = [kb.add(top_row, column), kb.add(kb.add(top_row, W), column)]
             rows = [kb.load_vec(x_plane, offset) for offset in at]
             swapped = [kb.b.shuffle_vector(row, undefined, swap) for row in rows]
@@ -300,7 +300,7 @@ def _emit_tiled_spread(kb: KernelBuilder, geometry: PoolGeometry, dx_plane, g_pl
     if ragged:
         emit_fill_zero(kb, dx_plane, kb.i64(g.in_plane))  # ragged edges get no gradient
     fuse = epilogue is not None and not ragged
-    with kb.for_range(0, g.out_h * g.kernel_h, name="h", unroll="no-runtime") as h:
+    with kb.for_range(0, g.out_h * g.kernel_h, name="h") as h:
         g_row = kb.gep(g_plane, kb.mul(kb.b.udiv(h, kb.i64(g.kernel_h)), g.out_w))
 
         def spread_vector(w0: int | ir.Value, lanes: int):
@@ -313,7 +313,7 @@ def _emit_tiled_spread(kb: KernelBuilder, geometry: PoolGeometry, dx_plane, g_pl
 
         whole = covered_w // width * width
         if whole:
-            with kb.for_range(0, whole, step=width, name="w", unroll="no-runtime") as w0:
+            with kb.for_range(0, whole, step=width, name="w") as w0:
                 spread_vector(w0, width)
         if covered_w > whole:
             spread_vector(whole, covered_w - whole)
@@ -382,7 +382,7 @@ class _FlatSpread:
     def emit(self, kb: KernelBuilder, dx, g, extras, epilogue, tid, nthreads) -> None:
         periods, tail = divmod(self.total, self.period)
         lo, hi = kb.split_range(periods, tid, nthreads)
-        with kb.for_range(lo, hi, name="period", unroll="no-runtime") as period:
+        with kb.for_range(lo, hi, name="period") as period:
             dx_base, g_base = kb.mul(period, self.period), kb.mul(period, self.g_period)
             for j in range(len(self.starts)):
                 self._vector(kb, j, dx_base, g_base, dx, g, extras, epilogue, kb.width)
@@ -449,7 +449,7 @@ def _one_phase_kernel(fn: ir.Function, max_threads: int, scratch_per_thread: int
 def _my_planes(kb: KernelBuilder, geometry: PoolGeometry, tid, nthreads) -> Iterator[ir.Value]:
     """Loop over this thread's share of the N*C planes; yields the plane index."""
     lo, hi = kb.split_range(geometry.planes, tid, nthreads)
-    with kb.for_range(lo, hi, name="plane", unroll="no-runtime") as plane:
+    with kb.for_range(lo, hi, name="plane") as plane:
         yield plane
 
 
@@ -469,11 +469,11 @@ def _emit_each_window(kb: KernelBuilder, geometry: PoolGeometry, visit: Callable
     region a vector of windows at a time when `vectorize`, all others one window at a time.
     """
     for region in _plane_regions(geometry):
-        with kb.for_range(region.oh_lo, region.oh_hi, name="oh", unroll="no-runtime") as oh:
+        with kb.for_range(region.oh_lo, region.oh_hi, name="oh") as oh:
             if region.interior and vectorize:
                 _emit_vector_row(kb, geometry, oh, region.ow_lo, region.ow_hi, visit)
                 continue
-            with kb.for_range(region.ow_lo, region.ow_hi, name="ow", unroll="no-runtime") as ow:
+            with kb.for_range(region.ow_lo, region.ow_hi, name="ow") as ow:
                 visit(_ScalarWindow(kb, geometry, oh, ow, region.interior))
 
 
@@ -482,7 +482,7 @@ def _emit_vector_row(kb: KernelBuilder, geometry: PoolGeometry, oh: ir.Value, ow
     """Output columns [ow_lo, ow_hi) of row oh: whole vectors, then one partial vector."""
     width = kb.width
     whole_end = ow_lo + (ow_hi - ow_lo) // width * width
-    with kb.for_range(ow_lo, whole_end, step=width, name="ow", unroll="no-runtime") as ow:
+    with kb.for_range(ow_lo, whole_end, step=width, name="ow") as ow:
         visit(_VectorWindows(kb, geometry, oh, ow, width))
     if whole_end < ow_hi:
         visit(_VectorWindows(kb, geometry, oh, kb.i64(whole_end), ow_hi - whole_end))
@@ -568,8 +568,8 @@ class _ScalarWindow:
                 for j in range(g.kernel_w):
                     body(kb.add(corner, i * g.width + j))
             return
-        with kb.for_range(self.first_row, self.row_end, name="ih", unroll="no-runtime") as ih:
-            with kb.for_range(self.first_col, self.col_end, name="iw", unroll="no-runtime") as iw:
+        with kb.for_range(self.first_row, self.row_end, name="ih") as ih:
+            with kb.for_range(self.first_col, self.col_end, name="iw") as iw:
                 body(self._offset(ih, iw))
 
     def fold(self, x_plane: ir.Value, state: list, step: _Step) -> list:

@@ -1,18 +1,18 @@
 """Placing a program's kernels into LLVM modules small enough to compile in parallel.
 
-LLVM optimizes and emits one module on one thread, so a program built as one module compiles
-on one core. Here kernels go, in schedule order, into a module until it holds about
-`budget` LLVM instructions; that module is then finished (turned into text and handed to
-`on_module`, which may start compiling it while the next one is generated) and a new one
-begun. The last module also receives the entry, which calls the phases of every kernel: the
-phases of earlier modules are made external and declared in the last one; those in the last
+LLVM optimizes and emits one module on one thread, so a program built as one module compiles on
+one core. Here kernels go, in the order assemble.py generates them (by family), into a module
+until it holds about `budget` LLVM instructions; that module is then finished (turned into text
+and handed to `on_module`, which may start compiling it while the next one is generated) and a
+new one begun. The last module also receives the entry, which calls the phases of every kernel:
+the phases of earlier modules are made external and declared in the last one; those in the last
 stay internal. Helper functions (GEMM micro-kernels, intrinsics) are per module, so a module
 that needs one makes its own copy: the price of splitting, paid in compile time only, and kept
 small by generating kernels by family (assemble.py: LeNet-5's step copies 844 of 9,230
 instructions, against 2,430 of 10,816 in schedule order). Sharing one external copy across the
 modules instead made LeNet-5's step 15-45% slower: an internal helper's constant arguments
-(strides, flags) are propagated into it by LLVM when every caller in its module passes the
-same ones, which a register tile short of registers needs.
+(strides, flags) are propagated into it by LLVM when every caller in its module passes the same
+ones, which a register tile short of registers needs.
 
 Instructions stand in for compile time: what LLVM spends on a kernel grows with its size, and
 counting them is cheap next to generating them. A program under the budget stays one module,
@@ -110,8 +110,9 @@ class ProgramModules:
 
 def _mark_nounwind(module: ir.Module) -> None:
     """Tell LLVM that no function defined here unwinds: nothing in generated code throws (it
-    calls only libm and its own functions), and without unwind tables the object has no
-    .eh_frame section for the loader to map and register (LeNet-5's step: 4 KiB of 71)."""
+    calls its own functions and C library routines, which do not unwind), and without unwind
+    tables the object has no .eh_frame section for the loader to map and register (LeNet-5's
+    step: 4 KiB of 71). The price: debuggers and profilers cannot walk the stack through it."""
     for function in module.functions:
         if function.blocks:
             function.attributes.add("nounwind")

@@ -134,8 +134,8 @@ def vector_register_count() -> int:
 def new_module(name: str) -> ir.Module:
     """An empty IR module whose triple and data layout match the host.
 
-    Without them LLVM's cost model assumes a target without vector
-    registers and the vectorizers do nothing. The name goes into the
+    Without them LLVM assumes a target without vector registers: the
+    passes' cost models and instruction selection need them. The name goes into the
     module's `; ModuleID = "..."` header line, which also separates the
     modules of a program's IR text (codegen/parallel.py): quotes and control
     characters are replaced so that it stays one well-formed line.
@@ -176,7 +176,7 @@ def pass_builder(target_machine: llvm.TargetMachine):
     One per pipeline run: llvmlite registers instrumentation callbacks on the
     builder each time a pipeline runs, so it must not be shared by threads.
     """
-    return llvm.create_pass_builder(target_machine, llvm.create_pipeline_tuning_options(speed_level=2))
+    return llvm.create_pass_builder(target_machine, llvm.create_pipeline_tuning_options())
 
 
 def module_pass_manager():
@@ -189,17 +189,14 @@ def module_pass_manager():
 
 def optimize(module_ref: llvm.ModuleRef) -> llvm.ModuleRef:
     """Run OPTIMIZATION_PASSES on the module, in place."""
-    builder = pass_builder(host_target_machine())
-    manager = module_pass_manager()
-    try:
+    # The manager closes before the builder it ran with.
+    with pass_builder(host_target_machine()) as builder, module_pass_manager() as manager:
         manager.run(module_ref, builder)
-    finally:
-        manager.close()
     return module_ref
 
 
 def set_target(module_ref: llvm.ModuleRef, target_machine: llvm.TargetMachine) -> None:
-    """Give a parsed module the machine's triple and data layout (the vectorizers need them)."""
+    """Give a parsed module the machine's triple and data layout (as `new_module` does)."""
     module_ref.triple = target_machine.triple
     module_ref.data_layout = str(target_machine.target_data)
 

@@ -58,9 +58,9 @@ quarter of its lanes), one of:
 
 Threads split the batch. Each thread owns its per-sample buffers in scratch; weights packed
 for a whole call are written by thread 0 in a first phase. All geometry is compile-time
-constant; loops stay IR loops (none unrolled: LLVM fully unrolled the small constant-trip
-ones, copying the row copies and the calls of a sample's tiles many times for no speed),
-so the code size does not grow with the image size.
+constant; loops stay IR loops (the module pipeline runs no unroller: LLVM's, when it ran,
+fully unrolled the small constant-trip ones, copying the row copies and the calls of a
+sample's tiles many times for no speed), so the code size does not grow with the image size.
 
 The package: `geometry` (shapes, vector covers), `tiles` (the shared register tiles, their
 offset tables, the transpose), `buffers` (padded sample copies, scratch, row primitives),

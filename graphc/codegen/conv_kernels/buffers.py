@@ -92,8 +92,8 @@ class _Placement:
         c_lo, c_hi = self._range(self.src_w, self.dst_w, self.step_x, self.first_x)
         if r_lo == r_hi or c_lo == c_hi:
             return buffer
-        with kb.for_range(0, self.channels, name="c", unroll="never") as c:
-            with kb.for_range(r_lo, r_hi, name="r", unroll="never") as r:
+        with kb.for_range(0, self.channels, name="c") as c:
+            with kb.for_range(r_lo, r_hi, name="r") as r:
                 src_row = kb.gep(src, kb.add(kb.mul(kb.add(kb.mul(c, self.src_h), r),
                                                     self.src_w), c_lo))
                 dst_y = kb.add(kb.mul(r, self.step_y), self.first_y)
@@ -103,13 +103,13 @@ class _Placement:
                 count = c_hi - c_lo
                 if self.step_x == 1:
                     whole = count - count % kb.width
-                    with kb.for_range(0, whole, step=kb.width, name="v", unroll="never") as v:
+                    with kb.for_range(0, whole, step=kb.width, name="v") as v:
                         kb.store_vec(kb.load_vec(src_row, v), dst_row, v)
                     if count % kb.width:
                         inside = kb.lane_mask(count % kb.width)
                         kb.store_vec(kb.masked_load_vec(src_row, whole, inside), dst_row, whole)
                 else:
-                    with kb.for_range(0, count, name="col", unroll="never") as col:
+                    with kb.for_range(0, count, name="col") as col:
                         kb.store(kb.load(src_row, col), dst_row, kb.mul(col, self.step_x))
         return buffer
 
@@ -118,7 +118,7 @@ class _Placement:
 def _my_samples(kb: KernelBuilder, batch: int, tid, nthreads) -> Iterator[ir.Value]:
     """Loop over this thread's share of the batch; yields the sample index."""
     lo, hi = kb.split_range(batch, tid, nthreads)
-    with kb.for_range(lo, hi, name="n", unroll="never") as n:
+    with kb.for_range(lo, hi, name="n") as n:
         yield n
 
 
@@ -129,7 +129,7 @@ def _sample(kb: KernelBuilder, base: ir.Value, n: ir.Value, floats_per_sample: i
 def _emit_copy_zero_tail(kb: KernelBuilder, src: ir.Value, dst: ir.Value, count: int,
                          total: int) -> None:
     """dst[0:count] = src[0:count], dst[count:total] = 0 (whole vectors, masked loads)."""
-    with kb.for_range(0, total, step=kb.width, name="v", unroll="never") as v:
+    with kb.for_range(0, total, step=kb.width, name="v") as v:
         inside = _lanes_below(kb, kb.sub(count, v))
         value = kb.masked_load_vec(src, v, inside)
         _store(kb, value, dst, v, _lanes_below(kb, kb.sub(total, v)))
@@ -214,7 +214,7 @@ def _emit_vectors(kb: KernelBuilder, count: ir.Value, body: Callable) -> None:
     """body(index, mask) for each vector of range(count): mask is None for whole vectors
     and the lane mask of the remainder for the last, partial one."""
     whole = kb.b.and_(count, kb.i64(-kb.width))  # width is a power of two
-    with kb.for_range(0, whole, step=kb.width, name="v", unroll="never") as index:
+    with kb.for_range(0, whole, step=kb.width, name="v") as index:
         body(index, None)
     with kb.if_then(kb.b.icmp_signed("<", whole, count)):
         body(whole, _lanes_below(kb, kb.sub(count, whole)))
@@ -239,7 +239,7 @@ def emit_fill_zero(kb: KernelBuilder, dst: ir.Value, count: ir.Value) -> None:
 def _sum_thread_partials(kb: KernelBuilder, layout, scratch, nthreads, key: str, count: int) -> ir.Value:
     """Add every thread's private `key` array (count floats) into thread 0's; returns it."""
     total = layout.private(kb, scratch, kb.i64(0), key)
-    with kb.for_range(1, nthreads, name="thread", unroll="never") as thread:
+    with kb.for_range(1, nthreads, name="thread") as thread:
         _emit_add(kb, total, layout.private(kb, scratch, thread, key), kb.i64(count))
     return total
 

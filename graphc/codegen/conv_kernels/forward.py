@@ -86,14 +86,14 @@ class _LanesForward:
         with _my_samples(kb, g.batch, tid, nthreads) as n:
             x_n = self.placement.place(kb, _sample(kb, inputs[0], n,
                                                    self.placement.source_floats), x_buffer)
-            with kb.for_range(0, blocks, name="block", unroll="never") as index:
+            with kb.for_range(0, blocks, name="block") as index:
                 k0 = kb.mul(index, block)
                 first = kb.b.icmp_signed("==", index, kb.i64(0))
                 last = kb.b.icmp_signed("==", index, kb.i64(blocks - 1))
 
                 def group(ch0, vecs):
                     tile_fn = _tile_function(module, _TILE_ROWS, vecs, "a")
-                    with kb.for_range(0, tiles, name="tile", unroll="never") as t:
+                    with kb.for_range(0, tiles, name="tile") as t:
                         p0 = kb.mul(t, _TILE_ROWS)
                         c = kb.gep(out_t, kb.add(kb.mul(p0, lanes), ch0))
                         # Later blocks add to the sums of the earlier ones, kept in outT.
@@ -129,7 +129,7 @@ def _emit_channel_groups(kb: KernelBuilder, lanes: int,
     vectors each, the last one maybe narrower."""
     vectors = lanes // kb.width
     group = min(_tile_vectors(), vectors)
-    with kb.for_range(0, vectors // group, name="group", unroll="never") as index:
+    with kb.for_range(0, vectors // group, name="group") as index:
         body(kb.mul(index, group * kb.width), group)
     if vectors % group:
         body(kb.i64((vectors - vectors % group) * kb.width), vectors % group)
@@ -160,12 +160,12 @@ def _emit_forward_pixel_lanes(module: ir.Module, name: str, g: ConvGeometry, *, 
     def pack(kb, inputs, scratch):
         wp, biases = layout.shared(kb, scratch, "wp"), layout.shared(kb, scratch, "bias")
         for first, rows, count in runs:
-            with kb.for_range(0, count, name="group", unroll="never") as group:
+            with kb.for_range(0, count, name="group") as group:
                 o0 = kb.add(first, kb.mul(group, rows))
                 _call_transpose(kb, kb.gep(inputs[1], kb.mul(o0, K)), K,
                                 kb.gep(wp, kb.mul(o0, K)), rows, rows=rows, cols=K, lanes=rows)
         if bias:
-            with kb.for_range(0, O, name="o", unroll="never") as o:
+            with kb.for_range(0, O, name="o") as o:
                 kb.store_vec(kb.splat(kb.load(inputs[2], o)), biases, kb.mul(o, width))
 
     fn, kb = phase_function(module, f"{name}.compute", n_inputs)
@@ -179,11 +179,11 @@ def _emit_forward_pixel_lanes(module: ir.Module, name: str, g: ConvGeometry, *, 
         x_n = placement.place(kb, _sample(kb, inputs[0], n, g.sample_floats), x_buffer)
         out_n = _sample(kb, out, n, O * P)
         for first, rows, count in runs:
-            with kb.for_range(0, count, name="group", unroll="never") as group:
+            with kb.for_range(0, count, name="group") as group:
                 o0 = kb.add(first, kb.mul(group, rows))
                 init, init_row = ((kb.gep(biases, kb.mul(o0, width)), width) if bias
                                   else (zeros, 0))
-                with kb.for_range(0, g.out_h, name="oh", unroll="never") as oh:
+                with kb.for_range(0, g.out_h, name="oh") as oh:
                     cover.emit_each(kb, _tiles_along(
                         kb, rows, "b", b=kb.gep(x_n, kb.mul(oh, g.stride_h * g.padded_w)),
                         c=kb.gep(out_n, kb.add(kb.mul(o0, P), kb.mul(oh, g.out_w))),

@@ -119,7 +119,7 @@ class _VectorCover:
 
     def emit_each(self, kb: KernelBuilder, tile: Callable[[ir.Value, int, int], None]) -> None:
         """tile(start, vecs, step) for each tile, in order."""
-        with kb.for_range(0, self.pairs, name="pair", unroll="never") as pair:
+        with kb.for_range(0, self.pairs, name="pair") as pair:
             tile(kb.mul(pair, 2 * self.width), 2, self.width)
         if self.last is not None:
             tile(kb.i64(self.last), self.last_vecs, self.step)

@@ -76,7 +76,7 @@ def _emit_input_grad_as_forward(module: ir.Module, name: str, g: ConvGeometry, *
     def pack(kb, w, wt, lanes):
         # Wt[(o, i, j), c] = W[o, c, kh-1-i, kw-1-j]: W[o] is (C, taps); transposed, its
         # tap t is row o*taps + taps-1-t of Wt, hence the negative row stride.
-        with kb.for_range(0, O, name="o", unroll="never") as o:
+        with kb.for_range(0, O, name="o") as o:
             last_row = kb.mul(kb.add(kb.mul(o, taps), taps - 1), lanes)
             _call_transpose(kb, kb.gep(w, kb.mul(o, C * taps)), taps, kb.gep(wt, last_row),
                             -lanes, rows=C, cols=taps, lanes=lanes)
@@ -114,11 +114,11 @@ def _emit_input_grad_by_cols(module: ir.Module, name: str, g: ConvGeometry, *,
     with _my_samples(kb, g.batch, tid, nthreads) as n:
         g_n = _sample(kb, grad, n, O * P)
         dx_n = _sample(kb, out, n, g.sample_floats)
-        with kb.for_range(0, g.channels, name="c", unroll="never") as c:
+        with kb.for_range(0, g.channels, name="c") as c:
             w_c = kb.gep(w, kb.mul(c, T))
 
             for first, rows, count in _equal_runs(T, _TILE_ROWS):
-                with kb.for_range(0, count, name="rows", unroll="never") as t:
+                with kb.for_range(0, count, name="rows") as t:
                     r0 = kb.add(first, kb.mul(t, rows))
                     cover.emit_each(kb, _tiles_along(
                         kb, rows, "a", b=g_n, c=kb.gep(cols, kb.mul(r0, P)),
@@ -220,9 +220,9 @@ class _BatchLanesInputGrad:
         def pack(kb, inputs, scratch):
             # Wp[r, c] = W[o, c, i, j] for row r = (i, o, j).
             wp = layout.shared(kb, scratch, "wp")
-            with kb.for_range(0, len(rows), name="row", unroll="never") as r:
+            with kb.for_range(0, len(rows), name="row") as r:
                 source = kb.gep(inputs[1], _load_index(kb, sources, r))
-                with kb.for_range(0, C, name="c", unroll="never") as c:
+                with kb.for_range(0, C, name="c") as c:
                     kb.store(kb.load(source, kb.mul(c, g.taps)), wp, kb.add(kb.mul(r, C), c))
 
         fn, kb = phase_function(module, f"{name}.compute", self.epilogue.inputs)
@@ -233,7 +233,7 @@ class _BatchLanesInputGrad:
         full, rest = divmod(g.batch, lanes)
         groups = full + (rest > 0)
         lo, hi = kb.split_range(groups, tid, nthreads)
-        with kb.for_range(lo, kb.min(hi, full), name="group", unroll="never") as group:
+        with kb.for_range(lo, kb.min(hi, full), name="group") as group:
             self._emit_group(kb, inputs, out, wp, g_t, dx_t, steps, pixels,
                              kb.mul(group, lanes), lanes)
         if rest:
@@ -258,7 +258,7 @@ class _BatchLanesInputGrad:
             _call_transpose(kb, _sample(kb, grad, kb.add(n0, first), O * P), O * P,
                             kb.gep(g_t, first), lanes, rows=count, cols=O * P, lanes=width)
         row_indices, zeros = _row_indices(kb.module), _zeros(kb.module)
-        with kb.for_range(0, plane, name="pixel", unroll="never") as pixel:
+        with kb.for_range(0, plane, name="pixel") as pixel:
             entry = kb.mul(pixel, 3)
             first_row = _load_index(kb, pixels, entry)
             n = _load_index(kb, pixels, kb.add(entry, 1))
@@ -303,7 +303,7 @@ def _emit_col2im(kb: KernelBuilder, g: ConvGeometry, cols: ir.Value, dx: ir.Valu
     if len(starts) <= 4:
         _emit_col2im_rows(kb, g, cols, dx, [kb.i64(x0) for x0 in starts], store_mask)
         return
-    with kb.for_range(0, len(starts) - 1, name="x", unroll="never") as index:
+    with kb.for_range(0, len(starts) - 1, name="x") as index:
         _emit_col2im_rows(kb, g, cols, dx, [kb.mul(index, width)], None)
     _emit_col2im_rows(kb, g, cols, dx, [kb.i64(starts[-1])], None)
 
@@ -324,12 +324,12 @@ def _emit_col2im_rows(kb: KernelBuilder, g: ConvGeometry, cols: ir.Value, dx: ir
     # Several sums per vector: a single one would chain every add to the one before (25
     # adds of 3 cycles' latency for 5 x 5 taps).
     sums = max(1, min(g.kernel_w, 8 // len(starts)))
-    with kb.for_range(0, g.height, name="y", unroll="never") as y:
+    with kb.for_range(0, g.height, name="y") as y:
         top = kb.add(y, g.pad_top)   # the dx row in padded coordinates
         first = kb.max(0, kb.sub(top, g.out_h - 1))
         stop = kb.min(g.kernel_h, kb.add(top, 1))
         acc = [[kb.variable(zero) for _ in range(sums)] for _ in starts]
-        with kb.for_range(first, stop, name="i", unroll="never") as i:
+        with kb.for_range(first, stop, name="i") as i:
             pixel = kb.add(kb.mul(kb.sub(top, i), g.out_w), g.pad_left)
             for j in range(g.kernel_w):
                 tap_start = kb.add(kb.mul(kb.add(kb.mul(i, g.kernel_w), j), g.pixels),

@@ -72,7 +72,7 @@ def _tile_function(module: ir.Module, rows: int, vecs: int, table: str) -> ir.Fu
                 kb.set(slot, kb.fma(a_value, b_vector, kb.get(slot)))
 
     pairs_end = kb.b.and_(n, kb.i64(-2))
-    with kb.for_range(0, pairs_end, step=2, name="s", unroll="never") as s:
+    with kb.for_range(0, pairs_end, step=2, name="s") as s:
         step(s, sets[0])
         step(kb.add(s, 1), sets[-1])
     with kb.if_then(kb.b.icmp_signed("<", pairs_end, n)):
@@ -129,7 +129,7 @@ def _dot_function(module: ir.Module, rows: int, vecs: int) -> ir.Function:
                for r in range(rows)]
     acc = [[kb.variable(kb.load_vec(c, offsets[r][v])) for v in range(vecs)]
            for r in range(rows)]
-    with kb.for_range(0, kb.mul(n, kb.width), step=kb.width, name="q", unroll="never") as q:
+    with kb.for_range(0, kb.mul(n, kb.width), step=kb.width, name="q") as q:
         b_vectors = [kb.load_vec(ptr, q) for ptr in col_ptrs]
         for ptr, row_acc in zip(row_ptrs, acc):
             a_vector = kb.load_vec(ptr, q)
@@ -270,8 +270,8 @@ def _transpose_function(module: ir.Module) -> ir.Function:
             kb.store_vec(vector, dst, kb.add(kb.mul(kb.add(c0, t), dst_stride), r0))
 
     def edge_block(r0, c0):
-        with kb.for_range(c0, kb.min(kb.add(c0, w), cols), name="c", unroll="never") as c:
-            with kb.for_range(r0, kb.min(kb.add(r0, w), lanes), name="r", unroll="never") as r:
+        with kb.for_range(c0, kb.min(kb.add(c0, w), cols), name="c") as c:
+            with kb.for_range(r0, kb.min(kb.add(r0, w), lanes), name="r") as r:
                 inside = kb.b.icmp_signed("<", r, rows)
                 # Lanes past `rows` are zeros: read row 0 for them (always there).
                 row = kb.b.select(inside, r, kb.i64(0))
@@ -279,8 +279,8 @@ def _transpose_function(module: ir.Module) -> ir.Function:
                 kb.store(kb.b.select(inside, value, kb.f32(0.0)), dst,
                          kb.add(kb.mul(c, dst_stride), r))
 
-    with kb.for_range(0, lanes, step=w, name="r0", unroll="never") as r0:
-        with kb.for_range(0, cols, step=w, name="c0", unroll="never") as c0:
+    with kb.for_range(0, lanes, step=w, name="r0") as r0:
+        with kb.for_range(0, cols, step=w, name="c0") as c0:
             whole = kb.b.and_(kb.b.icmp_signed("<=", kb.add(r0, w), rows),
                               kb.b.icmp_signed("<=", kb.add(c0, w), cols))
             with kb.b.if_else(whole) as (then, otherwise):

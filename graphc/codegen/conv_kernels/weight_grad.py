@@ -58,13 +58,13 @@ def _emit_weight_grad_channel_lanes(module: ir.Module, name: str, g: ConvGeometr
         x_n = placement.place(kb, _sample(kb, x, n, g.sample_floats), x_buffer)
         _call_transpose(kb, _sample(kb, grad, n, O * P), P, g_t, lanes,
                         rows=O, cols=P, lanes=lanes)
-        with kb.for_range(0, blocks, name="block", unroll="never") as index:
+        with kb.for_range(0, blocks, name="block") as index:
             p0 = kb.mul(index, block)
 
             def group(ch0, vecs):
                 for first, rows, count in _equal_runs(K, _TILE_ROWS):
                     tile_fn = _tile_function(module, rows, vecs, "a")
-                    with kb.for_range(0, count, name="tile", unroll="never") as t:
+                    with kb.for_range(0, count, name="tile") as t:
                         k0 = kb.add(first, kb.mul(t, rows))
                         c = kb.gep(partial, kb.add(kb.mul(k0, lanes), ch0))
                         _call_tile(kb, tile_fn, a=x_n, a_rows=kb.gep(taps, k0),
@@ -129,7 +129,7 @@ def _emit_weight_grad_pixel_lanes(module: ir.Module, name: str, g: ConvGeometry,
         g_placement.place(kb, _sample(kb, grad, n, O * g.pixels), g_buffer, stride=g_plane)
         for o0, group_rows in groups:
             dot_fn = _dot_function(module, group_rows, 2)
-            with kb.for_range(0, taps_rows // 2, name="taps", unroll="never") as t:
+            with kb.for_range(0, taps_rows // 2, name="taps") as t:
                 k0 = kb.mul(t, 2)
                 c = kb.gep(partial, kb.mul(kb.add(kb.mul(k0, rows), o0), width))
                 kb.b.call(dot_fn, [g_buffer, kb.gep(g_rows, o0), x_n, kb.gep(taps, k0),
@@ -140,11 +140,10 @@ def _emit_weight_grad_pixel_lanes(module: ir.Module, name: str, g: ConvGeometry,
     out, _, scratch, tid, nthreads = phase_args(reduce_fn)
     with kb.if_then(kb.b.icmp_signed("==", tid, kb.i64(0))):
         total = _sum_thread_partials(kb, layout, scratch, nthreads, "dWv", taps_rows * rows * width)
-        with kb.for_range(0, O, name="o", unroll="never") as o:
-            with kb.for_range(0, K, name="k", unroll="never") as k:
+        with kb.for_range(0, O, name="o") as o:
+            with kb.for_range(0, K, name="k") as k:
                 vector = kb.load_vec(total, kb.mul(kb.add(kb.mul(k, rows), o), width))
-                # A vector reduction: it also keeps the loop vectorizer off this scalar loop,
-                # which made a large gather of it.
+                # The thread partials were summed as vectors; their lanes sum here.
                 kb.store(horizontal_sum(kb, vector), out, kb.add(kb.mul(o, K), k))
     kb.b.ret_void()
     return Kernel([fn, reduce_fn], layout.total_floats(max_threads))
