@@ -391,6 +391,19 @@ def test_gemms_of_one_module_share_packers_and_micro_kernels():
     assert len(_defined_helpers(module)) == 3
 
 
+@pytest.mark.parametrize("trans_b", [False, True])
+def test_full_and_narrow_strips_share_one_packer(trans_b):
+    """N = 30 in strips of 16: a full strip and one of 14 columns, both of two vectors,
+    packed by one function told the strip's width."""
+    module = target.new_module("strips")
+    plan = choose_plan(12, 30, 40, width=8, vector_registers=16)
+    assert plan.vecs == 2 and plan.N % (plan.vecs * plan.width) == 14
+    emit_gemm(module, "g", 12, 30, 40, trans_b=trans_b, plan=plan)
+    helpers = _defined_helpers(module)
+    assert len([name for name in helpers if name.startswith("graphc.gemm.pack.")]) == 1
+    assert len([name for name in helpers if name.startswith("graphc.gemm.micro")]) == 2
+
+
 def test_shared_helpers_compute_each_gemm_with_its_own_strides():
     """Two GEMMs sharing every helper (whole 6x32 tiles), called from one engine."""
     cases = [Case(12, 32, 40, width=8, trans_a=True, trans_b=True, bias="col", relu=True),

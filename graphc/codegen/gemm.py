@@ -427,15 +427,20 @@ class _GemmEmitter:
         return fn
 
     def _emit_pack_rows(self, kb, b, panel, k0, kc, j0, ldb, vecs, cols):
-        """B stored (K, N): each panel row is a contiguous slice of a B row; a vector past
-        `cols` loads masked (lanes past cols read as zero, their memory untouched)."""
+        """B stored (K, N): each panel row is a contiguous slice of a B row. Only the last
+        vector can reach past `cols` (a strip of `vecs` vectors has cols > (vecs-1)*W): it loads
+        masked (lanes past cols read as zero, their memory untouched), the others plainly,
+        which matters where masked loads with a runtime mask become a branch per lane (SSE,
+        NEON)."""
         w = self.plan.width
-        masks = [kb.lane_mask_dynamic(kb.sub(cols, v * w)) for v in range(vecs)]
+        last_mask = kb.lane_mask_dynamic(kb.sub(cols, (vecs - 1) * w))
         with kb.for_range(0, kc, name="k") as k:
             src = kb.gep(b, kb.add(kb.mul(kb.add(k0, k), ldb), j0))
             dst = kb.gep(panel, kb.mul(k, vecs * w))
-            for v in range(vecs):
-                kb.store_vec(kb.masked_load_vec(src, v * w, masks[v]), dst, v * w)
+            for v in range(vecs - 1):
+                kb.store_vec(kb.load_vec(src, v * w), dst, v * w)
+            last = (vecs - 1) * w
+            kb.store_vec(kb.masked_load_vec(src, last, last_mask), dst, last)
 
     def _emit_pack_transposed(self, kb, b, panel, k0, kc, j0, ldb, vecs, cols):
         """B stored (N, K): column c of the panel is a contiguous run of B's row j0+c.  Per W
