@@ -128,9 +128,10 @@ def _generation_order(step: Step) -> tuple:
     A module holds one copy of each helper its kernels call (GEMM micro-kernels and packers,
     conv tiles): kernels of one family call the same helpers, and placed side by side they
     share one copy. The family is the label's leading word (every GEMM's label starts with
-    "gemm", every convolution's with "conv2d"); within a family, kernels go by label. In schedule order, LeNet-5's
-    forward and backward convolutions and its dense layers' GEMMs fell into different
-    modules and compiled ~2,400 instructions (a fifth of the program) twice.
+    "gemm", every convolution's with "conv2d"); within a family, kernels go by label. In
+    schedule order, LeNet-5's forward and backward convolutions and its dense layers' GEMMs
+    fell into different modules and compiled ~2,400 instructions (a fifth of the program)
+    twice.
     """
     family = re.match(r"[a-z0-9]+", step.label)
     return (family.group(0) if family else step.label, step.label)
