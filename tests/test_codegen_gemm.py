@@ -580,4 +580,3 @@ def test_for_range_loops_run_in_sequence():
     y = np.zeros(37, np.float32)
     kernel(y.ctypes.data, 37)
     np.testing.assert_array_equal(y, 2.0)
-
