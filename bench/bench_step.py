@@ -80,6 +80,17 @@ def local_timer(fn):
     return functools.partial(median_time, fn)
 
 
+def blas_pinned(threads: int, timer):
+    """`timer` with numpy's BLAS limited to `threads` threads while it runs (threadpoolctl), so
+    the reference's GEMMs use the row's thread count and not numpy's default of every core."""
+    from threadpoolctl import threadpool_limits
+
+    def pinned(repeats, budget_s):
+        with threadpool_limits(limits=threads, user_api="blas"):
+            return timer(repeats, budget_s)
+    return pinned
+
+
 def first_call_seconds(fn) -> float:
     start = time.perf_counter()
     fn()
@@ -119,7 +130,7 @@ def row_timers(name: str, model, feeds: dict, threads: int, peers: list[str], to
     timers = {"graphc": local_timer(lambda: step(**feeds))}
     if "reference" in peers:
         ref = reference_step(model, {k: v.copy() for k, v in initial.items()})
-        timers["reference"] = local_timer(lambda: ref(feeds))
+        timers["reference"] = blas_pinned(threads, local_timer(lambda: ref(feeds)))
     if "torch" in peers or "torch.compile" in peers:
         torch.set_num_threads(threads)
         x = torch.from_numpy(feeds["x"])
@@ -160,7 +171,8 @@ def scaling_times(name: str, batch: int, thread_counts: list[int], rounds: int, 
 
 
 def installed_peers(wanted: list[str]) -> list[str]:
-    have = {"reference": True, "torch": importlib.util.find_spec("torch") is not None,
+    have = {"reference": importlib.util.find_spec("threadpoolctl") is not None,
+            "torch": importlib.util.find_spec("torch") is not None,
             "jax": importlib.util.find_spec("jax") is not None}
     have["torch.compile"] = have["torch"]
     for peer in wanted:
@@ -176,7 +188,7 @@ def main():
     parser.add_argument("--threads", nargs="+", type=int, default=[1, 2])
     parser.add_argument("--peers", nargs="*", default=PEERS, choices=PEERS,
                         help="peers to time (default: every installed one); the reference runs at the first "
-                             "thread count only (it is slow, and numpy picks its own BLAS threads)")
+                             "thread count only (it is slow), its BLAS pinned to that many threads")
     parser.add_argument("--budget", type=float, default=3.0, help="seconds of timing per peer and row")
     parser.add_argument("--scaling-rounds", type=int, default=9,
                         help="rounds of the thread-scaling table (graphc at each thread count, interleaved)")
