@@ -2,6 +2,7 @@
 codegen/program_modules.py, codegen/llvm_unlocked.py): the same numbers as the one-module serial
 build, a working fallback, multi-object cache entries and loading, and no crash when compiling
 in parallel over and over."""
+import sys
 import threading
 
 import llvmlite.ir as ir
@@ -287,6 +288,22 @@ def test_errors_reach_the_caller_and_threads_stop():
         parallel.compile_modules([good, "this is not LLVM IR", good], threads=2)
     leftover = {t.name for t in threading.enumerate()} - before
     assert not any(name.startswith("graphc-compile") for name in leftover)
+
+
+def test_gil_switch_interval_is_short_while_background_threads_compile_and_restored_after():
+    original = sys.getswitchinterval()
+    with parallel.ObjectCompiler(threads=1):
+        assert sys.getswitchinterval() == original      # no background thread: left alone
+    outer = parallel.ObjectCompiler(threads=2)
+    assert sys.getswitchinterval() == pytest.approx(parallel.GIL_SWITCH_INTERVAL_S)
+    with parallel.ObjectCompiler(threads=3):             # overlapping compilers
+        assert sys.getswitchinterval() == pytest.approx(parallel.GIL_SWITCH_INTERVAL_S)
+    assert sys.getswitchinterval() == pytest.approx(parallel.GIL_SWITCH_INTERVAL_S)  # the outer one still runs
+    outer.close()
+    assert sys.getswitchinterval() == original
+    with pytest.raises(RuntimeError, match="parsing error"):
+        parallel.compile_modules(["this is not LLVM IR"], threads=2)
+    assert sys.getswitchinterval() == original           # restored after an error too
 
 
 def test_compiling_in_parallel_over_and_over(fresh_cache, parallel_mode):
