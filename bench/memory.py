@@ -21,8 +21,9 @@ Each row is measured in a fresh interpreter (Linux only: it reads /proc/self/sta
     per-call outputs, its machine code, the compiled function's Python objects, and page rounding.
  5. "traced": the same peak counted from numpy's own allocation records (tracemalloc, running since
     the baseline): numpy-owned bytes alive when the step loop starts (params, inputs, the arena)
-    plus the largest growth of traced memory during the loop. It leaves out machine code, Python
-    objects the compile left behind and allocator slack, so it shows the data alone.
+    plus the largest growth of all traced memory during the loop (Python objects included: the
+    call's keyword dict and returned float). It leaves out machine code, Python objects the
+    compile left behind and allocator slack, so it shows the data alone.
 
 bound = params + inputs + live; ratio = run / bound (the issue's criterion).
 """
@@ -92,8 +93,9 @@ def measure(name: str, batch: int, threads: int) -> dict:
     loop_start = tracemalloc.get_traced_memory()[0]
     for _ in range(STEPS):
         step(**feeds)
-    run = _status_kib("VmHWM") * 1024 - baseline
+    # Before reading /proc: its file buffer and text (~12 KiB) are traced allocations too.
     transient = tracemalloc.get_traced_memory()[1] - loop_start
+    run = _status_kib("VmHWM") * 1024 - baseline
     return dict(params=sum(p.nbytes for p in params.values()), inputs=sum(f.nbytes for f in feeds.values()),
                 live=plan.peak_live_bytes, arena=plan.arena_bytes, compile_and_run=compile_and_run, run=run,
                 traced=held + transient)

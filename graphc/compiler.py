@@ -29,8 +29,12 @@ from .codegen.program_modules import default_budget
 from .ir import Tensor
 from .program_cache import CachedProgram, pack_entry, program_key, unpack_entry
 
-# Below this much work per call, fork/join across threads costs more than it saves.
-MIN_FLOPS_FOR_THREADS = 8_000_000
+# Below this much work per call, fork/join and the barriers between kernels cost more than
+# splitting saves. Measured with 2 threads against 1 (FLOPs as the kernels count them):
+# softmax regression 784 -> 10 at B = 32 (1.0 MFLOP) ran x1.01 as fast, at B = 64 (2.0 MFLOP)
+# x1.27; an MLP 64-64-10 at B = 64 (1.3 MFLOP) x0.99; logistic regression 64 -> 1 at
+# B = 1024 (0.28 MFLOP) x0.93.
+MIN_FLOPS_FOR_THREADS = 1_500_000
 
 _cache: rt.ObjectCache | None = None
 
