@@ -298,6 +298,30 @@ def test_out_of_range_labels_are_refused_before_any_kernel_runs(threads, bad_lab
         gc.set_num_threads(previous)
 
 
+def test_threads_only_where_the_step_has_enough_work_to_split():
+    """Fork/join and the barriers cost more than they save on a tiny step (W5: 0.02 MFLOP); the
+    softmax regression at B = 64 (2.0 MFLOP) already runs faster on two threads."""
+    from graphc import compiler
+    previous = gc.get_num_threads()
+    gc.set_num_threads(2)
+    try:
+        for model, expected in [(models.logistic_regression(64, 64), 1), (models.softmax_regression(64, 784, 10), 2)]:
+            step = gc.compile_training_step(model.loss, gc.init_params(model.graph, seed=0), gc.SGD(lr=0.1))
+            assert step.num_threads == expected
+            assert (sum(s.flops for s in step.steps) >= compiler.MIN_FLOPS_FOR_THREADS) == (expected == 2)
+            feeds = models.random_batch(model, np.random.default_rng(0))
+            params = gc.init_params(model.graph, seed=0)
+            grads = gc.grad(model.loss, [model.graph.params[n] for n in params])
+            values = gc.evaluate(grads, feeds, params)
+            expected_params = {n: params[n] - 0.1 * g for n, g in zip(params, values)}
+            step = gc.compile_training_step(model.loss, params, gc.SGD(lr=0.1))
+            step(**feeds)
+            for name in params:
+                assert_matches(params[name], expected_params[name])
+    finally:
+        gc.set_num_threads(previous)
+
+
 def test_update_of_a_weight_the_gradient_gemm_reads_is_not_done_in_place():
     """loss(w) = sum((x @ w) @ w): the gradient GEMMs read w, so w's update must wait for them."""
     g = gc.Graph("self_product")
