@@ -26,6 +26,7 @@ from .assemble import ProgramSpec, assemble
 from .codegen.entry import ENTRY_NAME
 from .codegen.parallel import ObjectCompiler, compile_modules, split_modules
 from .codegen.program_modules import default_budget
+from .interpreter_settings import cyclic_gc_paused
 from .ir import Tensor
 from .program_cache import CachedProgram, pack_entry, program_key, unpack_entry
 
@@ -198,6 +199,7 @@ class CompiledTrainingStep(CompiledFunction):
         self._program.reset_state()
 
 
+@cyclic_gc_paused
 def compile(outputs, params: Mapping[str, np.ndarray]) -> CompiledFunction:  # noqa: A001 (the API's name)
     """Native code computing `outputs` (a Tensor or a list of them) from the graph's inputs.
 
@@ -215,6 +217,7 @@ def compile(outputs, params: Mapping[str, np.ndarray]) -> CompiledFunction:  # n
     return _build(CompiledFunction, outputs, params, output_names=names, single=single)
 
 
+@cyclic_gc_paused
 def compile_training_step(loss: Tensor, params: Mapping[str, np.ndarray], optimizer) -> CompiledTrainingStep:
     """Native code for one training step of `loss` w.r.t. every param in `params` it depends on.
 

@@ -322,6 +322,32 @@ def test_threads_only_where_the_step_has_enough_work_to_split():
         gc.set_num_threads(previous)
 
 
+def test_compiling_pauses_the_cyclic_gc_and_restores_its_state():
+    import gc as cyclic_gc
+    model = models.logistic_regression(8, 4)
+    seen = []
+    original_grad = gc.autodiff.grad
+
+    def grad_seeing_gc_state(*args, **kwargs):
+        seen.append(cyclic_gc.isenabled())
+        return original_grad(*args, **kwargs)
+
+    assert cyclic_gc.isenabled()
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(gc.autodiff, "grad", grad_seeing_gc_state)
+        gc.compile_training_step(model.loss, gc.init_params(model.graph, seed=0), gc.SGD(lr=0.1))
+        assert seen == [False] and cyclic_gc.isenabled()
+        cyclic_gc.disable()        # the user's choice is kept
+        try:
+            gc.compile_training_step(model.loss, gc.init_params(model.graph, seed=1), gc.SGD(lr=0.1))
+            assert not cyclic_gc.isenabled()
+        finally:
+            cyclic_gc.enable()
+    with pytest.raises(ValueError, match="scalar"):
+        gc.compile_training_step(model.y, {}, gc.SGD(lr=0.1))
+    assert cyclic_gc.isenabled()   # restored after an error too
+
+
 def test_update_of_a_weight_the_gradient_gemm_reads_is_not_done_in_place():
     """loss(w) = sum((x @ w) @ w): the gradient GEMMs read w, so w's update must wait for them."""
     g = gc.Graph("self_product")

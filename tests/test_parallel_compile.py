@@ -13,6 +13,7 @@ import graphc as gc
 import graphc_runtime as rt
 from graphc import compiler, models
 from graphc.codegen import llvm_unlocked, parallel, program_modules, target
+from graphc.interpreter_settings import GIL_SWITCH_INTERVAL_S
 from graphc.program_cache import CachedProgram, pack_entry, unpack_entry
 
 pytestmark = pytest.mark.skipif(not llvm_unlocked.available(),
@@ -295,10 +296,10 @@ def test_gil_switch_interval_is_short_while_background_threads_compile_and_resto
     with parallel.ObjectCompiler(threads=1):
         assert sys.getswitchinterval() == original      # no background thread: left alone
     outer = parallel.ObjectCompiler(threads=2)
-    assert sys.getswitchinterval() == pytest.approx(parallel.GIL_SWITCH_INTERVAL_S)
+    assert sys.getswitchinterval() == pytest.approx(GIL_SWITCH_INTERVAL_S)
     with parallel.ObjectCompiler(threads=3):             # overlapping compilers
-        assert sys.getswitchinterval() == pytest.approx(parallel.GIL_SWITCH_INTERVAL_S)
-    assert sys.getswitchinterval() == pytest.approx(parallel.GIL_SWITCH_INTERVAL_S)  # the outer one still runs
+        assert sys.getswitchinterval() == pytest.approx(GIL_SWITCH_INTERVAL_S)
+    assert sys.getswitchinterval() == pytest.approx(GIL_SWITCH_INTERVAL_S)  # the outer one still runs
     outer.close()
     assert sys.getswitchinterval() == original
     with pytest.raises(RuntimeError, match="parsing error"):

@@ -29,7 +29,6 @@ import math
 import os
 import queue
 import re
-import sys
 import threading
 import warnings
 from concurrent.futures import Future
@@ -38,6 +37,7 @@ import llvmlite.binding as llvm
 
 import graphc_runtime as rt
 
+from ..interpreter_settings import short_gil_switches
 from . import llvm_unlocked
 from . import target as host
 
@@ -46,9 +46,6 @@ __all__ = ["COMPILE_THREADS_VARIABLE", "compile_threads", "compile_module", "com
 
 COMPILE_THREADS_VARIABLE = "GRAPHC_COMPILE_THREADS"
 MAX_COMPILE_THREADS = 256   # more would only be idle threads, each holding a target machine
-# Longest wait, in seconds, of a compile thread for the GIL while background threads compile;
-# see `_ShortGILSwitches`.
-GIL_SWITCH_INTERVAL_S = 0.0002
 _MODULE_HEADER = re.compile(r"^; ModuleID = ", re.MULTILINE)
 
 
@@ -112,41 +109,6 @@ def compile_modules(ir_texts: list[str], threads: int | None = None) -> list[byt
         return compiler.objects()
 
 
-class _ShortGILSwitches:
-    """Shortens the interpreter's switch interval while any ObjectCompiler has background threads.
-
-    A compile thread drops the GIL during the three heavy LLVM calls but needs it back after
-    each of its ~20 ctypes calls (creating and verifying the module, target machine, pass
-    builder, copying the object), while the caller's thread holds it generating the next
-    module's IR. A thread waiting for the GIL gets it only after the switch interval (5 ms by
-    default): measured on LeNet's step, its first module then took 0.26-0.28 s to compile
-    instead of 0.11-0.13 s, and the cold compile 0.61-0.65 s instead of 0.46-0.47 s. The
-    interval only matters while a thread waits, so the caller's own work is not slowed.
-    Counted, so overlapping compilers (from several user threads) restore it once, at the end.
-    """
-
-    def __init__(self):
-        self._lock = threading.Lock()
-        self._users = 0
-        self._saved = None
-
-    def __enter__(self):
-        with self._lock:
-            if self._users == 0:
-                self._saved = sys.getswitchinterval()
-                sys.setswitchinterval(min(self._saved, GIL_SWITCH_INTERVAL_S))
-            self._users += 1
-
-    def __exit__(self, *exc_info):
-        with self._lock:
-            self._users -= 1
-            if self._users == 0:
-                sys.setswitchinterval(self._saved)
-
-
-_short_gil_switches = _ShortGILSwitches()
-
-
 class ObjectCompiler:
     """Compiles submitted modules in the background; `objects()` returns their object code.
 
@@ -168,7 +130,8 @@ class ObjectCompiler:
                          for i in range(background)]
         self._switches = contextlib.ExitStack()
         if self._workers:
-            self._switches.enter_context(_short_gil_switches)
+            # The caller's thread generates IR while they compile: see short_gil_switches.
+            self._switches.enter_context(short_gil_switches)
         for worker in self._workers:
             worker.start()
 
