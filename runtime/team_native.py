@@ -32,8 +32,10 @@ import ctypes
 import functools
 import string
 
+import llvmlite
 import llvmlite.binding as llvm
 
+from .cache import ObjectCache, make_key
 from .loader import NativeLibrary, create_host_target_machine, host_target, initialize_llvm
 
 MAX_THREADS = 1024  # mailbox capacity; tid 0 (the caller) needs none but keeps indexing simple
@@ -351,11 +353,33 @@ class TeamFunctions:
 
 @functools.cache
 def team_functions() -> TeamFunctions:
-    """Compile the fork/join code for this host, once per process (~10 ms)."""
+    """The fork/join code for this host, once per process: loaded from the object cache, where
+    the first process on this machine to need it compiled and stored it.
+
+    Loading, not compiling, matters for memory more than for time (compiling takes ~10 ms):
+    a process's first code generation on a thread leaves its heap 18-22 MB larger, resident
+    for good. A process whose programs all come from the cache would pay that only for this.
+    """
+    host = host_target()
+    ir_text = team_ir(host.triple)
+    cache = ObjectCache()
+    key = make_key("graphc-team", ir_text, host.cpu, host.features, llvmlite.__version__)
+    cached = cache.get(key)
+    if cached is not None:
+        try:
+            return TeamFunctions(NativeLibrary(cached))
+        except Exception:  # noqa: BLE001 - any failure to load means: compile it again
+            pass
+    code = _compile_team(ir_text)
+    cache.put(key, code)
+    return TeamFunctions(NativeLibrary(code))
+
+
+def _compile_team(ir_text: str) -> bytes:
     initialize_llvm()
     target_machine = create_host_target_machine(opt_level=2)
-    module = llvm.parse_assembly(team_ir(host_target().triple))
+    module = llvm.parse_assembly(ir_text)
     module.triple = target_machine.triple
     module.data_layout = str(target_machine.target_data)
     module.verify()
-    return TeamFunctions(NativeLibrary(target_machine.emit_object(module)))
+    return target_machine.emit_object(module)

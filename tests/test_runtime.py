@@ -387,6 +387,27 @@ def test_team_runs_all_threads_concurrently(barrier_library, nthreads):
         assert team.started_workers == nthreads - 1
 
 
+def test_team_code_is_compiled_once_then_loaded_from_the_object_cache(barrier_library, tmp_path, monkeypatch):
+    from graphc_runtime import team_native
+    monkeypatch.setenv("GRAPHC_CACHE_DIR", str(tmp_path))
+    compiled = []
+    compile_team = team_native._compile_team
+    monkeypatch.setattr(team_native, "_compile_team", lambda ir_text: compiled.append(1) or compile_team(ir_text))
+    team_native.team_functions.cache_clear()   # as in a new process
+    try:
+        team_native.team_functions()
+        assert compiled == [1] and len(list(tmp_path.glob("*.gcobj"))) == 1
+        team_native.team_functions.cache_clear()
+        team_native.team_functions()
+        assert compiled == [1]                  # the second process loads it
+        with rt.ThreadTeam() as team:           # and the loaded code runs jobs
+            job = BarrierRun(3)
+            team.run(barrier_library.address("entry"), data_pointer(job.argv), 3)
+            job.check()
+    finally:
+        team_native.team_functions.cache_clear()
+
+
 def test_team_grows_and_shrinks_per_job_and_closes(barrier_library):
     entry = barrier_library.address("entry")
     team = rt.ThreadTeam()
