@@ -43,8 +43,9 @@ class SharedOverride(contextlib.ContextDecorator):
 # each of its ~20 ctypes calls (creating and verifying the module, target machine, pass
 # builder, copying the object), while the caller's thread holds it generating the next
 # module's IR; a waiting thread gets the GIL only after the switch interval (5 ms by default).
-# Measured on LeNet's step: its first module took 0.26-0.28 s to compile instead of
-# 0.11-0.13 s, and the cold compile 0.61-0.65 s instead of 0.46-0.47 s. The interval matters
+# Measured on LeNet's step (cold compiles after the first in one process): its first module
+# took 0.26-0.28 s to compile instead of 0.11-0.13 s, the whole compile 0.61-0.65 s instead
+# of 0.46-0.47 s. The interval matters
 # only while a thread waits, so the caller's own work is not slowed.
 GIL_SWITCH_INTERVAL_S = 0.0002
 
@@ -69,7 +70,7 @@ def _resume_cyclic_gc(was_enabled: bool) -> None:
         gc.enable()
         # The youngest generation now holds everything the compile allocated and kept; the next
         # allocation would start its collection anyway. Done here, it is counted as the
-        # compile's time, where it belongs (20-30 ms after LeNet's step).
+        # compile's time, where it belongs (20-35 ms after LeNet's step).
         gc.collect(0)
 
 
