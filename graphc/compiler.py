@@ -185,6 +185,16 @@ class CompiledTrainingStep(CompiledFunction):
     """One native call: forward, backward and the optimizer's update. Returns the loss (a float)
     and updates the bound param arrays in place."""
 
+    def __init__(self, program: rt.Program, plan: Plan, single: bool):
+        super().__init__(program, plan, single)
+        if program.keyword_call_scalar is not None:
+            # A class of its own whose __call__ is the program's: step(x=..., y=...) binds the
+            # arrays straight to its parameters, with no frame of the method below and no dict
+            # of keywords (W5's step: 3.5-3.6 -> 3.1-3.25 µs).
+            self.__class__ = type(type(self).__name__, (type(self),), {
+                "__call__": program.keyword_call_scalar, "__module__": type(self).__module__,
+                "__qualname__": type(self).__qualname__})
+
     def __call__(self, **feeds) -> float:
         # The loss is the program's only output: read straight from a reused buffer.
         return self._program.call_scalar(feeds)

@@ -10,6 +10,7 @@ slot positions) is prepared at construction and the call path does only what mus
 from __future__ import annotations
 
 import ctypes
+import keyword
 import math
 import threading
 from collections.abc import Iterable, Mapping, Sequence
@@ -97,10 +98,13 @@ class Program:
         self._entry_address = library.address(entry)
         self._entry_function = EntryFunction(self._entry_address)
         self._lock = threading.Lock()
+        # For a class whose __call__ runs this program (see `_keyword_call_scalar`).
+        self.keyword_call_scalar = None
         if self._scalar_output is not None:
             # Shadows the method below on this instance: a training step's call is then this
             # function alone, a Python frame less (see `_specialized_call_scalar`).
             self.call_scalar = _specialized_call_scalar(self)
+            self.keyword_call_scalar = _keyword_call_scalar(self)
 
     @property
     def num_threads(self) -> int:
@@ -208,12 +212,60 @@ def _specialized_call_scalar(program: Program):
     """`call_scalar` for this program, as straight-line Python made for its inputs.
 
     What `_bind_inputs` and `_run_entry` do in loops over the inputs is written out once per
-    input, with every constant a local: a small step's native code takes about a microsecond,
-    and the generic loops cost as much again. Any feed that is not a C-contiguous array of the
-    input's exact shape and dtype goes through `Input.prepare`, as in `__call__`.
+    input, with every constant a global of the function: a small step's native code takes
+    about a microsecond, and the generic loops cost as much again. Any feed that is not a
+    C-contiguous array of the input's exact shape and dtype goes through `Input.prepare`, as
+    in `__call__`.
     """
-    _, address, output_position, value = program._scalar_output
-    namespace = {
+    namespace = _call_namespace(program)
+    lines = ["def call_scalar(feeds):",
+             "    keys = feeds.keys()",
+             "    if keys != names and keys - ignored != names:",
+             "        raise names_error(feeds)",
+             "    with lock:",
+             *(f"        v{i} = feeds[{slot.name!r}]" for i, (slot, _) in enumerate(_plan_of(Input, program.slots))),
+             *_call_body(program, namespace)]
+    return _define("call_scalar", lines, namespace, program)
+
+
+def _keyword_call_scalar(program: Program):
+    """`call_scalar` taking the feeds as keyword arguments, for a class's `__call__`: `self`,
+    then one keyword-only parameter per input, or None when an input's name cannot be one.
+
+    `step(x=..., y=...)` then binds the arrays straight to the parameters: no dict of the
+    keywords, no second Python frame (W5: 3.5-3.6 -> 3.1-3.25 µs per step). Anything unusual (an
+    input missing, an unexpected or ignored name) goes to `call_scalar` with a dict, which
+    accepts or reports it exactly as a dict call would.
+    """
+    namespace = _call_namespace(program)
+    body = _call_body(program, namespace)
+    namespace.update(_MISSING=_MISSING, _fallback=program.call_scalar, _present=_present_feeds)
+    names = [slot.name for slot, _ in _plan_of(Input, program.slots)]
+    # A parameter named as one of the function's globals or locals would shadow it.
+    reserved = set(namespace) | {"_self", "_extra"} | {f"v{i}" for i in range(len(names))}
+    if not names or any(not n.isidentifier() or keyword.iskeyword(n) or n in reserved for n in names):
+        return None
+    parameters = ", ".join(f"{name}=_MISSING" for name in names)
+    missing = " or ".join(f"{name} is _MISSING" for name in names)
+    lines = [f"def keyword_call_scalar(_self, /, *, {parameters}, **_extra):",
+             f"    if _extra or {missing}:",
+             f"        return _fallback(_present(_extra, {', '.join(f'{n}={n}' for n in names)}))",
+             "    with lock:",
+             *(f"        v{i} = {name}" for i, name in enumerate(names)),
+             *body]
+    return _define("keyword_call_scalar", lines, namespace, program)
+
+
+_MISSING = object()
+
+
+def _present_feeds(extra: dict, **inputs) -> dict:
+    return {**{name: value for name, value in inputs.items() if value is not _MISSING}, **extra}
+
+
+def _call_namespace(program: Program) -> dict:
+    _, address, _, value = program._scalar_output
+    return {
         "ndarray": np.ndarray, "pointer": unchecked_data_pointer, "argv": program._argv,
         "lock": program._lock, "names": program._input_names, "ignored": program._ignored_inputs,
         "names_error": program._feed_names_error, "entry": program._entry_function,
@@ -223,15 +275,16 @@ def _specialized_call_scalar(program: Program):
         "output_address": address, "value": value, "status": program._status_cell,
         "refused": program._refused_input_error,
     }
-    lines = ["def call_scalar(feeds):",
-             "    keys = feeds.keys()",
-             "    if keys != names and keys - ignored != names:",
-             "        raise names_error(feeds)",
-             "    with lock:"]
+
+
+def _call_body(program: Program, namespace: dict) -> list[str]:
+    """The lines, inside `with lock:`, that check and bind the feeds v0, v1, ..., run the
+    entry and return the scalar; adds what they read to `namespace`."""
+    output_position = program._scalar_output[2]
+    lines = []
     for i, (slot, position) in enumerate(_plan_of(Input, program.slots)):
         namespace.update({f"dtype{i}": slot.dtype, f"shape{i}": slot.shape, f"prepare{i}": slot.prepare})
-        lines += [f"        v{i} = feeds[{slot.name!r}]",
-                  f"        if (type(v{i}) is ndarray and v{i}.dtype is dtype{i} and v{i}.shape == shape{i}"
+        lines += [f"        if (type(v{i}) is ndarray and v{i}.dtype is dtype{i} and v{i}.shape == shape{i}"
                   f" and v{i}.flags.c_contiguous"
                   f" and {slot.valid_range is None or slot.range_checked_natively}):",
                   "            pass",
@@ -241,16 +294,20 @@ def _specialized_call_scalar(program: Program):
     # The v's stay referenced until the function returns: converted copies outlive the native call.
     checked = program._status_cell is not None
     inputs = ", ".join(f"v{i}" for i in range(len(program.inputs)))
-    lines += [f"        argv[{output_position}] = output_address  # a __call__ may have bound another",
-              *(["        status.value = 0"] if checked else []),
-              "        if max_threads == 1 or get_num_threads() == 1:",
-              "            entry(argv_pointer, TID_0, ONE_THREAD)",
-              "        else:",
-              "            team().run(entry_address, argv_address, min(get_num_threads(), max_threads))",
-              *(["        if status.value:", f"            raise refused([{inputs}])"] if checked else []),
-              "        return value.value"]
-    exec(compile("\n".join(lines), f"<call_scalar of {program.entry}>", "exec"), namespace)  # noqa: S102
-    return namespace["call_scalar"]
+    return lines + [
+        f"        argv[{output_position}] = output_address  # a __call__ may have bound another",
+        *(["        status.value = 0"] if checked else []),
+        "        if max_threads == 1 or get_num_threads() == 1:",
+        "            entry(argv_pointer, TID_0, ONE_THREAD)",
+        "        else:",
+        "            team().run(entry_address, argv_address, min(get_num_threads(), max_threads))",
+        *(["        if status.value:", f"            raise refused([{inputs}])"] if checked else []),
+        "        return value.value"]
+
+
+def _define(name: str, lines: list[str], namespace: dict, program: Program):
+    exec(compile("\n".join(lines), f"<{name} of {program.entry}>", "exec"), namespace)  # noqa: S102
+    return namespace[name]
 
 
 def _plan_of(kind: type, slots: Sequence[Slot]) -> tuple[tuple[Slot, int], ...]:

@@ -348,6 +348,33 @@ def test_compiling_pauses_the_cyclic_gc_and_restores_its_state():
     assert cyclic_gc.isenabled()   # restored after an error too
 
 
+@pytest.mark.parametrize("input_name", ["x", "lock"])   # "lock" names a global of the fast call
+def test_training_step_takes_feeds_as_keywords_with_the_same_checks(input_name):
+    import inspect
+    g = gc.Graph("keywords")
+    x = g.input(input_name, (4, 3))
+    w = g.param("w", (3, 2))
+    loss = gc.sum(gc.relu(x @ w))
+    params = {"w": np.full((3, 2), 0.5, np.float32)}
+    feed = np.arange(12, dtype=np.float32).reshape(4, 3) / 10
+    expected_loss = gc.evaluate(loss, {input_name: feed}, params)
+    expected_w = params["w"] - 0.1 * gc.evaluate(gc.grad(loss, w), {input_name: feed}, params)
+    step = gc.compile_training_step(loss, params, gc.SGD(lr=0.1))
+    assert isinstance(step, gc.CompiledTrainingStep)
+    fast = input_name == "x"
+    assert (list(inspect.signature(step).parameters)[0] == input_name) == fast
+    assert_matches(step(**{input_name: feed}), expected_loss)
+    assert_matches(params["w"], expected_w)
+    with pytest.raises(ValueError, match=f"missing input '{input_name}'"):
+        step()
+    with pytest.raises(ValueError, match="unexpected input 'z'"):
+        step(**{input_name: feed, "z": feed})
+    with pytest.raises(ValueError, match=rf"input '{input_name}': expected shape \(4, 3\)"):
+        step(**{input_name: feed[:2]})
+    with pytest.raises(TypeError):
+        step(feed)
+
+
 def test_update_of_a_weight_the_gradient_gemm_reads_is_not_done_in_place():
     """loss(w) = sum((x @ w) @ w): the gradient GEMMs read w, so w's update must wait for them."""
     g = gc.Graph("self_product")

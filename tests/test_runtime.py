@@ -683,6 +683,33 @@ def test_call_scalar_returns_the_only_output_as_a_number(step):
         step_program.call_scalar({"x": X, "labels": LABELS})
 
 
+def test_keyword_call_scalar_binds_feeds_as_parameters_and_reports_like_call_scalar():
+    program = rt.Program(load_ir(TOTAL_IR), "total", [rt.Input("x", (2,)), rt.Output("total", ())],
+                         ignored_inputs=["labels"])
+    call = program.keyword_call_scalar
+    owner = object()   # the instance whose __call__ it is
+    assert call(owner, x=np.array([1, 2], np.float32)) == 3.0
+    assert call(owner, x=[1.5, 2.0]) == 3.5                         # converted, as call_scalar does
+    assert call(owner, x=np.array([1, 2], np.float32), labels=np.zeros(2)) == 3.0   # ignored input
+    for feeds, message in [({}, "missing input 'x'"), ({"x": [1, 2], "y": 0}, "unexpected input 'y'"),
+                           ({"y": 0}, "missing input 'x'.*unexpected input 'y'"),
+                           ({"x": np.zeros(3, np.float32)}, r"input 'x': expected shape \(2,\)")]:
+        with pytest.raises(ValueError, match=message):
+            call(owner, **feeds)
+        with pytest.raises(ValueError, match=message):
+            program.call_scalar(feeds)
+    with pytest.raises(TypeError):
+        call(owner, np.zeros(2, np.float32))                         # feeds are keywords only
+
+
+@pytest.mark.parametrize("name", ["lock", "entry", "_extra", "_self", "v0", "class", "dtype0"])
+def test_no_keyword_call_scalar_when_an_input_name_cannot_be_its_parameter(name):
+    """A name of the function's own globals or parameters would shadow them; a keyword cannot be one."""
+    program = rt.Program(load_ir(TOTAL_IR), "total", [rt.Input(name, (2,)), rt.Output("total", ())])
+    assert program.keyword_call_scalar is None
+    assert program.call_scalar({name: [1.0, 2.0]}) == 3.0
+
+
 # Slow, non-atomic increment of a counter: load, yield the CPU a few times, store + 1.
 # Overlapping calls would lose increments.
 RACY_INCREMENT_IR = """
