@@ -25,6 +25,8 @@ from typing import NamedTuple
 
 import llvmlite.binding as llvm
 
+from .perf_map import append_perf_map, perf_map_lines, perf_map_wanted
+
 __all__ = [
     "HostTarget",
     "MissingSymbolError",
@@ -115,6 +117,8 @@ class NativeLibrary:
             self._engine.add_object_file(llvm.ObjectFileRef.from_data(object_bytes))
         self._engine.finalize_object()
         self._addresses: dict[str, int] = {}
+        if _HOST_USES_ELF64_LITTLE_ENDIAN and perf_map_wanted():
+            append_perf_map(perf_map_lines(objects, self.address))
 
     def address(self, symbol: str) -> int:
         """Address of a function the object defines; raises MissingSymbolError if it does not."""
@@ -160,9 +164,21 @@ _ELF64_LITTLE_ENDIAN_MAGIC = b"\x7fELF\x02\x01"
 _SHT_SYMTAB = 2
 _SHN_UNDEF = 0
 _STB_GLOBAL, _STB_WEAK = 1, 2
+_STT_FUNC = 2
 _HOST_USES_ELF64_LITTLE_ENDIAN = (
     llvm.get_object_format() == "ELF" and sys.byteorder == "little" and struct.calcsize("P") == 8
 )
+
+
+class ElfSymbol(NamedTuple):
+    """A named entry of an ELF64 object's symbol table."""
+
+    name: str
+    section: int      # index of the section it lies in; _SHN_UNDEF: defined elsewhere
+    value: int        # offset in that section (in a relocatable object)
+    size: int
+    binding: int      # _STB_GLOBAL, _STB_WEAK, or local
+    kind: int         # _STT_FUNC for functions
 
 
 def undefined_symbols(object_bytes: bytes) -> list[str]:
@@ -170,17 +186,17 @@ def undefined_symbols(object_bytes: bytes) -> list[str]:
 
     Raises ValueError (or struct.error, IndexError for damaged tables) for anything else.
     """
-    return [name for name, defined, _ in _elf_symbols(object_bytes) if not defined]
+    return [symbol.name for symbol in elf_symbols(object_bytes) if symbol.section == _SHN_UNDEF]
 
 
 def defined_symbols(object_bytes: bytes) -> list[str]:
     """Names an ELF64 little-endian object defines for others (global and weak symbols)."""
-    return [name for name, defined, binding in _elf_symbols(object_bytes)
-            if defined and binding in (_STB_GLOBAL, _STB_WEAK)]
+    return [symbol.name for symbol in elf_symbols(object_bytes)
+            if symbol.section != _SHN_UNDEF and symbol.binding in (_STB_GLOBAL, _STB_WEAK)]
 
 
-def _elf_symbols(object_bytes: bytes):
-    """(name, defined, binding) of each named symbol of an ELF64 little-endian object."""
+def elf_symbols(object_bytes: bytes) -> list[ElfSymbol]:
+    """The named symbols of an ELF64 little-endian object."""
     if not object_bytes.startswith(_ELF64_LITTLE_ENDIAN_MAGIC):
         raise ValueError("not an ELF64 little-endian object")
     header = _ELF64_HEADER.unpack_from(object_bytes)
@@ -196,10 +212,10 @@ def _elf_symbols(object_bytes: bytes):
         strings_offset = sections[link][4]
         # Entry 0 of a symbol table is the reserved null symbol.
         for position in range(offset + entry_size, offset + size, entry_size):
-            name_offset, info, _, section_index, _, _ = _ELF64_SYMBOL.unpack_from(object_bytes, position)
+            name_offset, info, _, section_index, value, symbol_size = _ELF64_SYMBOL.unpack_from(object_bytes, position)
             if name_offset:
                 name = _c_string(object_bytes, strings_offset + name_offset)
-                symbols.append((name, section_index != _SHN_UNDEF, info >> 4))
+                symbols.append(ElfSymbol(name, section_index, value, symbol_size, info >> 4, info & 0xF))
     return symbols
 
 

@@ -6,6 +6,7 @@ the real compiler is not involved.
 
 from __future__ import annotations
 
+import ctypes
 import math
 import os
 import signal
@@ -708,6 +709,52 @@ def test_no_keyword_call_scalar_when_an_input_name_cannot_be_its_parameter(name)
     program = rt.Program(load_ir(TOTAL_IR), "total", [rt.Input(name, (2,)), rt.Output("total", ())])
     assert program.keyword_call_scalar is None
     assert program.call_scalar({name: [1.0, 2.0]}) == 3.0
+
+
+PERF_MAP_IR = """
+define internal float @helper(float %x) {
+  %y = fmul float %x, 2.0
+  ret float %y
+}
+define void @visible(ptr %args, i64 %tid, i64 %nthreads) {
+  %x = load float, ptr %args
+  %y = call float @helper(float %x)
+  store float %y, ptr %args
+  ret void
+}
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="perf maps are a Linux perf convention")
+def test_perf_map_names_every_function_internal_ones_too(monkeypatch):
+    from graphc_runtime.perf_map import PERF_MAP_VARIABLE
+    path = f"/tmp/perf-{os.getpid()}.map"
+    size_before = os.path.getsize(path) if os.path.exists(path) else None
+    objects = compile_ir(PERF_MAP_IR)
+    try:
+        rt.NativeLibrary(objects)                      # not asked: nothing written
+        assert (os.path.getsize(path) if os.path.exists(path) else None) == size_before
+        monkeypatch.setenv(PERF_MAP_VARIABLE, "1")
+        library = rt.NativeLibrary(objects)
+        with open(path) as perf_map:
+            lines = perf_map.read().splitlines()[-2:]
+        entries = {name: (int(start, 16), int(size, 16)) for start, size, name in (line.split() for line in lines)}
+        assert set(entries) == {"helper", "visible"}
+        assert entries["visible"][0] == library.address("visible")
+        assert all(size > 0 for _, size in entries.values())
+        # Both in one .text section, one after the other, neither overlapping the other.
+        (first, first_size), (second, _) = sorted(entries.values())
+        assert first + first_size <= second < first + 4096
+        data = np.array([3.0], np.float32)
+        ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64)(library.address("visible"))(
+            data.ctypes.data, 0, 1)
+        assert data[0] == 6.0
+    finally:
+        if size_before is None:
+            if os.path.exists(path):
+                os.remove(path)
+        else:
+            os.truncate(path, size_before)
 
 
 # Slow, non-atomic increment of a counter: load, yield the CPU a few times, store + 1.
