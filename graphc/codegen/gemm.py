@@ -511,7 +511,7 @@ class _GemmEmitter:
             for r in range(rows):
                 a_bcast = kb.splat(kb.load(a_col, a_rows[r]))
                 for v in range(vecs):
-                    kb.set(acc[r, v], kb.fma(a_bcast, b_vecs[v], kb.get(acc[r, v])))
+                    kb.set(acc[r, v], kb.mul_add(a_bcast, b_vecs[v], kb.get(acc[r, v])))
 
         if self.bias or self.relu or self.epilogue is not None:
             with kb.if_then(is_last):

@@ -184,7 +184,7 @@ class DotEmitter:
             for r in range(rows):
                 a_vec = load(a, kb.add(k, r * p.K))
                 for s in range(cols):
-                    kb.set(acc[r, s], kb.fma(a_vec, b_vecs[s], kb.get(acc[r, s])))
+                    kb.set(acc[r, s], kb.mul_add(a_vec, b_vecs[s], kb.get(acc[r, s])))
 
         if whole_vectors:
             with kb.for_range(0, whole_vectors * w, step=w, name="k") as k:

@@ -6,7 +6,7 @@ that loops, addressing and SIMD look the same everywhere:
     kb = KernelBuilder(ir.IRBuilder(entry_block))
     with kb.for_range(0, n, step=kb.width) as i:      # an IR loop, not unrolled
         x = kb.load_vec(src, i)
-        kb.store_vec(kb.fma(x, kb.splat(2.0), kb.splat(1.0)), dst, i)
+        kb.store_vec(kb.mul_add(x, kb.splat(2.0), kb.splat(1.0)), dst, i)
 
 Conventions:
   * Pointers are opaque (`ptr`) and always point at float32 elements;
@@ -16,7 +16,7 @@ Conventions:
     an i64 or f32 value is expected and become constants.
   * Vectors are `<width x float>`; `width` defaults to the host's
     `vector_width_f32()`.  Only generic LLVM vector types and target
-    independent intrinsics (llvm.fma, llvm.masked.*) are used, so the same
+    independent intrinsics (llvm.fmuladd, llvm.masked.*) are used, so the same
     IR compiles for x86 and ARM.
   * Vector memory access is unaligned (align 4): callers pass plain numpy
     buffers and offsets inside them.
@@ -286,8 +286,16 @@ class KernelBuilder:
         return rows
 
     def fma(self, a: ir.Value, b: ir.Value, c: ir.Value) -> ir.Value:
-        """a*b + c with one rounding, on f32 scalars or <width x float>."""
+        """a*b + c with one rounding, on f32 scalars or <width x float>. Without FMA hardware
+        (x86 before AVX2) this is a libm call per lane: use `mul_add` wherever one rounding
+        is not required."""
         fn = self._intrinsic("llvm.fma", a.type, [a.type, a.type, a.type])
+        return self.b.call(fn, [a, b, c])
+
+    def mul_add(self, a: ir.Value, b: ir.Value, c: ir.Value) -> ir.Value:
+        """a*b + c, fused where the CPU has FMA instructions (the same machine code as `fma`
+        there), else a multiply and an add: llvm.fmuladd."""
+        fn = self._intrinsic("llvm.fmuladd", a.type, [a.type, a.type, a.type])
         return self.b.call(fn, [a, b, c])
 
     def fadd(self, a: ir.Value, b: ir.Value, fast: bool = False) -> ir.Value:
@@ -320,6 +328,7 @@ class KernelBuilder:
         name, e.g. llvm.masked.load.v8f32.p0."""
         suffix = {
             "llvm.fma": [return_type],
+            "llvm.fmuladd": [return_type],
             "llvm.masked.load": [return_type, PTR],
             "llvm.masked.store": [arg_types[0], PTR],
         }[name]

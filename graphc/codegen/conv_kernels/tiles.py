@@ -69,7 +69,7 @@ def _tile_function(module: ir.Module, rows: int, vecs: int, table: str) -> ir.Fu
         for ptr, row_acc in zip(row_ptrs, acc):
             a_value = kb.splat(kb.load(ptr, da))
             for b_vector, slot in zip(b_vectors, row_acc):
-                kb.set(slot, kb.fma(a_value, b_vector, kb.get(slot)))
+                kb.set(slot, kb.mul_add(a_value, b_vector, kb.get(slot)))
 
     pairs_end = kb.b.and_(n, kb.i64(-2))
     with kb.for_range(0, pairs_end, step=2, name="s") as s:
@@ -134,7 +134,7 @@ def _dot_function(module: ir.Module, rows: int, vecs: int) -> ir.Function:
         for ptr, row_acc in zip(row_ptrs, acc):
             a_vector = kb.load_vec(ptr, q)
             for b_vector, slot in zip(b_vectors, row_acc):
-                kb.set(slot, kb.fma(a_vector, b_vector, kb.get(slot)))
+                kb.set(slot, kb.mul_add(a_vector, b_vector, kb.get(slot)))
     for r in range(rows):
         for v in range(vecs):
             kb.store_vec(kb.get(acc[r][v]), c, offsets[r][v])

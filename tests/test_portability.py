@@ -1,0 +1,56 @@
+"""Code for CPUs with fewer features than this one: an x86-64 without AVX and FMA (SSE4.2 only).
+
+The generated code is plain LLVM vectors and target-independent intrinsics, so it must compile
+for any CPU, compute the same results, and not fall back to a library call per lane (a GEMM
+built on llvm.fma became a libm `fmaf` call per multiply-add there: 20x slower steps).
+"""
+import platform
+
+import numpy as np
+import pytest
+
+import graphc as gc
+import graphc_runtime as rt
+from graphc import compiler, models
+from graphc.codegen import parallel, target
+
+pytestmark = pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"),
+                                reason="SSE-only code runs on x86-64 hosts")
+
+_WITHOUT = {"avx", "avx2", "fma", "fma4", "f16c", "xop", "avx512f", "avx512vl", "avx512bw", "avx512dq",
+            "avx512cd", "vaes", "vpclmulqdq"}
+_CACHED = (target.vector_width_f32, target.vector_register_count, target.host_target_machine,
+           target.target_fingerprint)
+
+
+@pytest.fixture
+def sse_only(monkeypatch, tmp_path):
+    """Compile, until the test ends, for this CPU with AVX, AVX2 and FMA turned off."""
+    features = ",".join(f"-{f[1:]}" if f[1:] in _WITHOUT else f for f in target.host_features().split(","))
+    for cached in _CACHED:
+        cached.cache_clear()
+    monkeypatch.setattr(target, "host_features", lambda: features)
+    monkeypatch.setattr(compiler, "_cache", rt.ObjectCache(tmp_path))
+    yield
+    monkeypatch.undo()
+    for cached in _CACHED:
+        cached.cache_clear()
+
+
+@pytest.mark.parametrize("network", ["mlp", "lenet5"])
+def test_sse_only_training_step_matches_the_reference_without_libm_fma(sse_only, network):
+    assert target.vector_width_f32() == 4
+    model = {"mlp": lambda: models.mlp(8, sizes=(64, 32, 10)), "lenet5": lambda: models.lenet5(4)}[network]()
+    feeds = models.random_batch(model, np.random.default_rng(0))
+    params = gc.init_params(model.graph, seed=0)
+    names = list(params)
+    reference = gc.evaluate([model.loss] + gc.grad(model.loss, [model.graph.params[n] for n in names]), feeds, params)
+    step = gc.compile_training_step(model.loss, params, gc.SGD(lr=0.1))
+    objects = parallel.compile_modules(parallel.split_modules(step.llvm_ir), threads=1)
+    needed = {name for obj in objects for name in rt.loader.undefined_symbols(obj)}
+    assert not needed & {"fmaf", "fma"}, sorted(needed)
+    expected = {n: params[n] - 0.1 * g for n, g in zip(names, reference[1:])}
+    loss = step(**feeds)
+    np.testing.assert_allclose(loss, reference[0], rtol=1e-5)
+    for name in names:
+        np.testing.assert_allclose(params[name], expected[name], rtol=1e-4, atol=1e-6, err_msg=name)
