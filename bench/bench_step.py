@@ -105,8 +105,10 @@ def compile_times(name: str, batch: int) -> tuple[float, float]:
     disk cache. A fresh interpreter, because in this one the rows' compiles have warmed the
     in-memory caches (sympy's, graphc's) and imported graphc's lazily imported modules."""
     with tempfile.TemporaryDirectory() as cache_dir:
-        out = subprocess.run([sys.executable, __file__, "--compile-times", name, str(batch)], check=True,
+        out = subprocess.run([sys.executable, __file__, "--compile-times", name, str(batch)],
                              capture_output=True, text=True, env=dict(os.environ, GRAPHC_CACHE_DIR=cache_dir))
+    if out.returncode != 0:
+        raise RuntimeError(f"timing the compile of {name} B={batch} failed:\n{out.stderr}")
     cold, warm = json.loads(out.stdout.splitlines()[-1])
     return cold, warm
 

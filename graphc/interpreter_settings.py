@@ -17,10 +17,14 @@ __all__ = ["SharedOverride", "GIL_SWITCH_INTERVAL_S", "short_gil_switches", "cyc
 
 class SharedOverride(contextlib.ContextDecorator):
     """`change()` returns the old state, `restore(old)` puts it back; applied once for all
-    overlapping users. A context manager, or a decorator for a function that runs under it."""
+    overlapping users. A context manager, or a decorator for a function that runs under it.
 
-    def __init__(self, change: Callable[[], object], restore: Callable[[object], None]):
-        self._change, self._restore = change, restore
+    `after_last()`, if given, runs when the last user has left, outside the lock: it may run
+    arbitrary code (a garbage collection runs finalizers, which may compile again)."""
+
+    def __init__(self, change: Callable[[], object], restore: Callable[[object], None],
+                 after_last: Callable[[], None] | None = None):
+        self._change, self._restore, self._after_last = change, restore, after_last
         self._lock = threading.Lock()
         self._users = 0
         self._saved = None
@@ -34,8 +38,11 @@ class SharedOverride(contextlib.ContextDecorator):
     def __exit__(self, *exc_info) -> None:
         with self._lock:
             self._users -= 1
-            if self._users == 0:
+            last = self._users == 0
+            if last:
                 self._restore(self._saved)
+        if last and self._after_last is not None:
+            self._after_last()
 
 
 # Longest wait, in seconds, of a compile thread for the GIL while background threads compile.
@@ -45,8 +52,8 @@ class SharedOverride(contextlib.ContextDecorator):
 # module's IR; a waiting thread gets the GIL only after the switch interval (5 ms by default).
 # Measured on LeNet's step (cold compiles after the first in one process): its first module
 # took 0.26-0.28 s to compile instead of 0.11-0.13 s, the whole compile 0.61-0.65 s instead
-# of 0.46-0.47 s. The interval matters
-# only while a thread waits, so the caller's own work is not slowed.
+# of 0.46-0.47 s. The interval matters only while a thread waits, so the caller's own work
+# is not slowed.
 GIL_SWITCH_INTERVAL_S = 0.0002
 
 
@@ -68,9 +75,13 @@ def _pause_cyclic_gc() -> bool:
 def _resume_cyclic_gc(was_enabled: bool) -> None:
     if was_enabled:
         gc.enable()
-        # The youngest generation now holds everything the compile allocated and kept; the next
-        # allocation would start its collection anyway. Done here, it is counted as the
-        # compile's time, where it belongs (20-35 ms after LeNet's step).
+
+
+def _collect_youngest() -> None:
+    # The youngest generation now holds everything the compile allocated and kept; the next
+    # allocation would start its collection anyway. Done here, it is counted as the compile's
+    # time, where it belongs (20-35 ms after LeNet's step). Nothing to do if the GC is off.
+    if gc.isenabled():
         gc.collect(0)
 
 
@@ -78,4 +89,4 @@ def _resume_cyclic_gc(was_enabled: bool) -> None:
 # expressions, llvmlite IR), which set off ~120 cyclic collections, one of them of the oldest
 # generation: 60-105 ms of LeNet's 0.5-0.6 s cold compile. Almost all of it is freed by
 # reference counting; what the compile kept is examined once, at the end.
-cyclic_gc_paused = SharedOverride(_pause_cyclic_gc, _resume_cyclic_gc)
+cyclic_gc_paused = SharedOverride(_pause_cyclic_gc, _resume_cyclic_gc, after_last=_collect_youngest)

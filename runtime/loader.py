@@ -21,11 +21,12 @@ import functools
 import struct
 import sys
 import threading
+import warnings
 from typing import NamedTuple
 
 import llvmlite.binding as llvm
 
-from .perf_map import append_perf_map, perf_map_lines, perf_map_wanted
+from .perf_map import PERF_MAP_VARIABLE, append_perf_map, perf_map_lines, perf_map_wanted
 
 __all__ = [
     "HostTarget",
@@ -118,7 +119,11 @@ class NativeLibrary:
         self._engine.finalize_object()
         self._addresses: dict[str, int] = {}
         if _HOST_USES_ELF64_LITTLE_ENDIAN and perf_map_wanted():
-            append_perf_map(perf_map_lines(objects, self.address))
+            try:
+                append_perf_map(perf_map_lines(objects, self.address))
+            except OSError as error:  # a diagnostic: the library is loaded and works without it
+                warnings.warn(f"{PERF_MAP_VARIABLE}: could not write the perf map ({error})", RuntimeWarning,
+                              stacklevel=2)
 
     def address(self, symbol: str) -> int:
         """Address of a function the object defines; raises MissingSymbolError if it does not."""
@@ -156,7 +161,7 @@ def _check_loadable(objects: list[bytes]) -> None:
 
 
 # ELF64 little-endian layouts (the System V ABI), enough to list a relocatable object's
-# undefined symbols.
+# symbols.
 _ELF64_HEADER = struct.Struct("<16sHHIQQQIHHHHHH")
 _ELF64_SECTION = struct.Struct("<IIQQQQIIQQ")
 _ELF64_SYMBOL = struct.Struct("<IBBHQQ")

@@ -10,6 +10,7 @@ slot positions) is prepared at construction and the call path does only what mus
 from __future__ import annotations
 
 import ctypes
+import functools
 import keyword
 import math
 import threading
@@ -98,13 +99,17 @@ class Program:
         self._entry_address = library.address(entry)
         self._entry_function = EntryFunction(self._entry_address)
         self._lock = threading.Lock()
-        # For a class whose __call__ runs this program (see `_keyword_call_scalar`).
-        self.keyword_call_scalar = None
         if self._scalar_output is not None:
             # Shadows the method below on this instance: a training step's call is then this
             # function alone, a Python frame less (see `_specialized_call_scalar`).
             self.call_scalar = _specialized_call_scalar(self)
-            self.keyword_call_scalar = _keyword_call_scalar(self)
+
+    @functools.cached_property
+    def keyword_call_scalar(self):
+        """`call_scalar` with the feeds as keyword arguments, for a class's `__call__` (see
+        `_keyword_call_scalar`); None when the inputs' names cannot be its parameters or the
+        program has no single scalar output."""
+        return None if self._scalar_output is None else _keyword_call_scalar(self)
 
     @property
     def num_threads(self) -> int:
@@ -215,94 +220,105 @@ def _specialized_call_scalar(program: Program):
     input, with every constant a global of the function: a small step's native code takes
     about a microsecond, and the generic loops cost as much again. Any feed that is not a
     C-contiguous array of the input's exact shape and dtype goes through `Input.prepare`, as
-    in `__call__`.
+    in `__call__`. Every name the generated code uses begins with "_" (see
+    `_keyword_call_scalar`).
     """
     namespace = _call_namespace(program)
-    lines = ["def call_scalar(feeds):",
-             "    keys = feeds.keys()",
-             "    if keys != names and keys - ignored != names:",
-             "        raise names_error(feeds)",
-             "    with lock:",
-             *(f"        v{i} = feeds[{slot.name!r}]" for i, (slot, _) in enumerate(_plan_of(Input, program.slots))),
+    lines = ["def call_scalar(_feeds):",
+             "    _keys = _feeds.keys()",
+             "    if _keys != _names and _keys - _ignored != _names:",
+             "        raise _names_error(_feeds)",
+             "    with _lock:",
+             *(f"        _v{i} = _feeds[{slot.name!r}]" for i, (slot, _) in enumerate(_plan_of(Input, program.slots))),
              *_call_body(program, namespace)]
     return _define("call_scalar", lines, namespace, program)
 
 
 def _keyword_call_scalar(program: Program):
     """`call_scalar` taking the feeds as keyword arguments, for a class's `__call__`: `self`,
-    then one keyword-only parameter per input, or None when an input's name cannot be one.
+    then one keyword-only parameter per input; None when an input's name cannot be one.
 
-    `step(x=..., y=...)` then binds the arrays straight to the parameters: no dict of the
-    keywords, no second Python frame (W5: 3.5-3.6 -> 3.1-3.25 µs per step). Anything unusual (an
-    input missing, an unexpected or ignored name) goes to `call_scalar` with a dict, which
-    accepts or reports it exactly as a dict call would.
+    `step(x=..., y=...)` then binds the arrays straight to the parameters, with no second
+    Python frame and no dict of the feeds (W5: 3.5-3.6 -> 3.1-3.25 µs per step). Anything
+    unusual (an input missing, an unexpected or ignored name) goes to `call_scalar` with a
+    dict, which accepts or reports it exactly as a dict call would.
+
+    A parameter is named as its input, so it must not shadow a name of the generated code:
+    those all begin with "_", and inputs whose names do are left to `call_scalar`. Python
+    also folds identifiers to NFKC (a fullwidth "ｘ" in source is "x") but not the keys of a
+    call's keywords, so only ASCII names become parameters.
     """
-    namespace = _call_namespace(program)
-    body = _call_body(program, namespace)
-    namespace.update(_MISSING=_MISSING, _fallback=program.call_scalar, _present=_present_feeds)
     names = [slot.name for slot, _ in _plan_of(Input, program.slots)]
-    # A parameter named as one of the function's globals or locals would shadow it.
-    reserved = set(namespace) | {"_self", "_extra"} | {f"v{i}" for i in range(len(names))}
-    if not names or any(not n.isidentifier() or keyword.iskeyword(n) or n in reserved for n in names):
+    if not names or any(not (n.isascii() and n.isidentifier()) or keyword.iskeyword(n) or n.startswith("_")
+                        for n in names):
         return None
+    namespace = _call_namespace(program)
+    namespace.update(_MISSING=_MISSING, _fallback=program.call_scalar, _present=_present_feeds)
     parameters = ", ".join(f"{name}=_MISSING" for name in names)
     missing = " or ".join(f"{name} is _MISSING" for name in names)
     lines = [f"def keyword_call_scalar(_self, /, *, {parameters}, **_extra):",
              f"    if _extra or {missing}:",
              f"        return _fallback(_present(_extra, {', '.join(f'{n}={n}' for n in names)}))",
-             "    with lock:",
-             *(f"        v{i} = {name}" for i, name in enumerate(names)),
-             *body]
+             "    with _lock:",
+             *(f"        _v{i} = {name}" for i, name in enumerate(names)),
+             *_call_body(program, namespace)]
     return _define("keyword_call_scalar", lines, namespace, program)
 
 
-_MISSING = object()
+class _Missing:
+    """The default of a keyword call's parameters: no feed was given."""
+
+    def __repr__(self) -> str:
+        return "<no feed>"
 
 
-def _present_feeds(extra: dict, **inputs) -> dict:
+_MISSING = _Missing()
+
+
+def _present_feeds(extra: dict, /, **inputs) -> dict:
     return {**{name: value for name, value in inputs.items() if value is not _MISSING}, **extra}
 
 
 def _call_namespace(program: Program) -> dict:
     _, address, _, value = program._scalar_output
     return {
-        "ndarray": np.ndarray, "pointer": unchecked_data_pointer, "argv": program._argv,
-        "lock": program._lock, "names": program._input_names, "ignored": program._ignored_inputs,
-        "names_error": program._feed_names_error, "entry": program._entry_function,
-        "argv_pointer": program._argv_pointer, "TID_0": _TID_0, "ONE_THREAD": _ONE_THREAD,
-        "get_num_threads": get_num_threads, "team": default_team, "entry_address": program._entry_address,
-        "argv_address": program._argv_address, "max_threads": program.max_threads,
-        "output_address": address, "value": value, "status": program._status_cell,
-        "refused": program._refused_input_error,
+        "_type": type, "_min": min, "_ndarray": np.ndarray, "_pointer": unchecked_data_pointer,
+        "_argv": program._argv, "_lock": program._lock, "_names": program._input_names,
+        "_ignored": program._ignored_inputs, "_names_error": program._feed_names_error,
+        "_entry": program._entry_function, "_argv_pointer": program._argv_pointer, "_TID_0": _TID_0,
+        "_ONE_THREAD": _ONE_THREAD, "_get_num_threads": get_num_threads, "_team": default_team,
+        "_entry_address": program._entry_address, "_argv_address": program._argv_address,
+        "_max_threads": program.max_threads, "_output_address": address, "_value": value,
+        "_status": program._status_cell, "_refused": program._refused_input_error,
     }
 
 
 def _call_body(program: Program, namespace: dict) -> list[str]:
-    """The lines, inside `with lock:`, that check and bind the feeds v0, v1, ..., run the
+    """The lines, inside `with _lock:`, that check and bind the feeds _v0, _v1, ..., run the
     entry and return the scalar; adds what they read to `namespace`."""
     output_position = program._scalar_output[2]
     lines = []
     for i, (slot, position) in enumerate(_plan_of(Input, program.slots)):
-        namespace.update({f"dtype{i}": slot.dtype, f"shape{i}": slot.shape, f"prepare{i}": slot.prepare})
-        lines += [f"        if (type(v{i}) is ndarray and v{i}.dtype is dtype{i} and v{i}.shape == shape{i}"
-                  f" and v{i}.flags.c_contiguous"
+        namespace.update({f"_dtype{i}": slot.dtype, f"_shape{i}": slot.shape, f"_prepare{i}": slot.prepare})
+        lines += [f"        if (_type(_v{i}) is _ndarray and _v{i}.dtype is _dtype{i} and _v{i}.shape == _shape{i}"
+                  f" and _v{i}.flags.c_contiguous"
                   f" and {slot.valid_range is None or slot.range_checked_natively}):",
                   "            pass",
                   "        else:",
-                  f"            v{i} = prepare{i}(v{i})",
-                  f"        argv[{position}] = pointer(v{i})"]
-    # The v's stay referenced until the function returns: converted copies outlive the native call.
+                  f"            _v{i} = _prepare{i}(_v{i})",
+                  f"        _argv[{position}] = _pointer(_v{i})"]
+    # The _v's stay referenced until the function returns: converted copies outlive the native call.
     checked = program._status_cell is not None
-    inputs = ", ".join(f"v{i}" for i in range(len(program.inputs)))
+    inputs = ", ".join(f"_v{i}" for i in range(len(program.inputs)))
     return lines + [
-        f"        argv[{output_position}] = output_address  # a __call__ may have bound another",
-        *(["        status.value = 0"] if checked else []),
-        "        if max_threads == 1 or get_num_threads() == 1:",
-        "            entry(argv_pointer, TID_0, ONE_THREAD)",
+        f"        _argv[{output_position}] = _output_address  # a __call__ may have bound another",
+        *(["        _status.value = 0"] if checked else []),
+        "        if _max_threads == 1 or _get_num_threads() == 1:",
+        "            _entry(_argv_pointer, _TID_0, _ONE_THREAD)",
         "        else:",
-        "            team().run(entry_address, argv_address, min(get_num_threads(), max_threads))",
-        *(["        if status.value:", f"            raise refused([{inputs}])"] if checked else []),
-        "        return value.value"]
+        "            _team().run(_entry_address, _argv_address, _min(_get_num_threads(), _max_threads))",
+        *(["        if _status.value:", f"            raise _refused([{inputs}])"] if checked else []),
+        "        return _value.value"]
 
 
 def _define(name: str, lines: list[str], namespace: dict, program: Program):

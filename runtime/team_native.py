@@ -1,4 +1,5 @@
-"""Native fork/join for `ThreadTeam`, written in LLVM IR and compiled once per process.
+"""Native fork/join for `ThreadTeam`, written in LLVM IR, compiled once per machine and kept
+in the object cache (`team_functions`).
 
 Why native: a fork/join through Python locks costs ~25-35 µs here (GIL handoffs and futex
 round trips per worker), more than a whole small training step. Here each worker
@@ -30,11 +31,13 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import hashlib
 import string
 
 import llvmlite
 import llvmlite.binding as llvm
 
+from . import loader
 from .cache import ObjectCache, make_key
 from .loader import NativeLibrary, create_host_target_machine, host_target, initialize_llvm
 
@@ -363,7 +366,7 @@ def team_functions() -> TeamFunctions:
     host = host_target()
     ir_text = team_ir(host.triple)
     cache = ObjectCache()
-    key = make_key("graphc-team", ir_text, host.cpu, host.features, llvmlite.__version__)
+    key = _team_cache_key(ir_text, host)
     cached = cache.get(key)
     if cached is not None:
         try:
@@ -373,6 +376,17 @@ def team_functions() -> TeamFunctions:
     code = _compile_team(ir_text)
     cache.put(key, code)
     return TeamFunctions(NativeLibrary(code))
+
+
+def _team_cache_key(ir_text: str, host) -> str:
+    """Everything the team's object depends on: its IR, the CPU, LLVM, and how it is compiled
+    and loaded (this module's and the loader's source)."""
+    sources = hashlib.sha256()
+    for path in (__file__, loader.__file__):
+        with open(path, "rb") as source:
+            sources.update(source.read())
+    return make_key("graphc-team", ir_text, host.triple, host.cpu, host.features, llvmlite.__version__,
+                    repr(llvm.llvm_version_info), sources.hexdigest())
 
 
 def _compile_team(ir_text: str) -> bytes:

@@ -307,6 +307,22 @@ def test_gil_switch_interval_is_short_while_background_threads_compile_and_resto
     assert sys.getswitchinterval() == original           # restored after an error too
 
 
+def test_a_compile_thread_that_cannot_start_leaves_no_thread_and_the_switch_interval(monkeypatch):
+    original = sys.getswitchinterval()
+    start = threading.Thread.start
+
+    def start_all_but_the_second(thread):
+        if thread.name == "graphc-compile-1":
+            raise RuntimeError("can't start new thread")
+        start(thread)
+
+    monkeypatch.setattr(threading.Thread, "start", start_all_but_the_second)
+    with pytest.raises(RuntimeError, match="can't start"):
+        parallel.ObjectCompiler(threads=3)
+    assert sys.getswitchinterval() == original
+    assert not [t for t in threading.enumerate() if t.name.startswith("graphc-compile")]
+
+
 def test_compiling_in_parallel_over_and_over(fresh_cache, parallel_mode):
     """Many modules, many rounds, two callers at once: same objects every time, no crash."""
     fresh_cache()

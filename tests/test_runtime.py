@@ -409,6 +409,26 @@ def test_team_code_is_compiled_once_then_loaded_from_the_object_cache(barrier_li
         team_native.team_functions.cache_clear()
 
 
+def test_a_damaged_team_object_in_the_cache_is_compiled_again(barrier_library, tmp_path, monkeypatch):
+    from graphc_runtime import team_native
+    monkeypatch.setenv("GRAPHC_CACHE_DIR", str(tmp_path))
+    host = rt.host_target()
+    key = team_native._team_cache_key(team_native.team_ir(host.triple), host)
+    cache = rt.ObjectCache(tmp_path)
+    cache.put(key, b"\x7fELF but not an object")   # a sound entry holding unloadable bytes
+    team_native.team_functions.cache_clear()
+    try:
+        team_native.team_functions()
+        stored = cache.get(key)
+        assert stored.startswith(b"\x7fELF") and len(stored) > 1000   # replaced by the compiled object
+        with rt.ThreadTeam() as team:
+            job = BarrierRun(2)
+            team.run(barrier_library.address("entry"), data_pointer(job.argv), 2)
+            job.check()
+    finally:
+        team_native.team_functions.cache_clear()
+
+
 def test_team_grows_and_shrinks_per_job_and_closes(barrier_library):
     entry = barrier_library.address("entry")
     team = rt.ThreadTeam()
@@ -703,17 +723,34 @@ def test_keyword_call_scalar_binds_feeds_as_parameters_and_reports_like_call_sca
         call(owner, np.zeros(2, np.float32))                         # feeds are keywords only
 
 
-@pytest.mark.parametrize("name", ["lock", "entry", "_extra", "_self", "v0", "class", "dtype0"])
+@pytest.mark.parametrize("name", ["lock", "entry", "v0", "dtype0", "type", "min", "extra", "self", "feeds"])
+def test_keyword_call_scalar_takes_any_ascii_name_its_generated_code_does_not_use(name):
+    """Inputs named like the built-ins or the old names of the generated code's variables."""
+    program = rt.Program(load_ir(TOTAL_IR), "total", [rt.Input(name, (2,)), rt.Output("total", ())])
+    assert program.keyword_call_scalar(object(), **{name: np.array([1, 2], np.float32)}) == 3.0
+    with pytest.raises(ValueError, match=f"missing input '{name}'"):
+        program.keyword_call_scalar(object())
+
+
+@pytest.mark.parametrize("name", ["_lock", "_v0", "_extra", "class", "\uff58", "my-input"])
 def test_no_keyword_call_scalar_when_an_input_name_cannot_be_its_parameter(name):
-    """A name of the function's own globals or parameters would shadow them; a keyword cannot be one."""
+    """Names beginning with "_" are the generated code's own; a keyword cannot be a parameter;
+    Python folds a fullwidth "ｘ" in source to "x" but not a call's keyword "ｘ"."""
     program = rt.Program(load_ir(TOTAL_IR), "total", [rt.Input(name, (2,)), rt.Output("total", ())])
     assert program.keyword_call_scalar is None
     assert program.call_scalar({name: [1.0, 2.0]}) == 3.0
 
 
+def test_keyword_call_scalar_reports_a_missing_input_beside_one_named_extra():
+    program = rt.Program(load_ir(TOTAL_IR), "total", [rt.Input("extra", (1,)), rt.Input("x", (1,)),
+                                                      rt.Output("total", ())])
+    with pytest.raises(ValueError, match="missing input 'x'"):
+        program.keyword_call_scalar(object(), extra=np.zeros(1, np.float32))
+
+
 PERF_MAP_IR = """
 define internal float @helper(float %x) {
-  %y = fmul float %x, 2.0
+  %y = fadd float %x, %x
   ret float %y
 }
 define void @visible(ptr %args, i64 %tid, i64 %nthreads) {
@@ -731,6 +768,7 @@ def test_perf_map_names_every_function_internal_ones_too(monkeypatch):
     path = f"/tmp/perf-{os.getpid()}.map"
     size_before = os.path.getsize(path) if os.path.exists(path) else None
     objects = compile_ir(PERF_MAP_IR)
+    monkeypatch.delenv(PERF_MAP_VARIABLE, raising=False)
     try:
         rt.NativeLibrary(objects)                      # not asked: nothing written
         assert (os.path.getsize(path) if os.path.exists(path) else None) == size_before
@@ -745,6 +783,10 @@ def test_perf_map_names_every_function_internal_ones_too(monkeypatch):
         # Both in one .text section, one after the other, neither overlapping the other.
         (first, first_size), (second, _) = sorted(entries.values())
         assert first + first_size <= second < first + 4096
+        # The internal function's address (derived, not reported by MCJIT) holds its code:
+        # it has no relocation, so the loaded bytes are the object's.
+        helper_code = ctypes.string_at(*entries["helper"])
+        assert len(helper_code) >= 4 and helper_code in objects
         data = np.array([3.0], np.float32)
         ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64)(library.address("visible"))(
             data.ctypes.data, 0, 1)

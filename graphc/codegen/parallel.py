@@ -132,8 +132,14 @@ class ObjectCompiler:
         if self._workers:
             # The caller's thread generates IR while they compile: see short_gil_switches.
             self._switches.enter_context(short_gil_switches)
-        for worker in self._workers:
-            worker.start()
+        try:
+            for worker in self._workers:
+                worker.start()
+        except BaseException:
+            # Stop the workers that did start and restore the switch interval.
+            self._workers = [worker for worker in self._workers if worker.ident is not None]
+            self.close()
+            raise
 
     def submit(self, ir_text: str) -> None:
         future: Future = Future()
