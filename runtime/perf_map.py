@@ -5,7 +5,7 @@ Linux `perf` attributes samples in JIT code to a function when the process has w
 With GRAPHC_PERF_MAP=1, every `NativeLibrary` appends its functions there, the internal ones
 too (micro-kernels, packers, conv tiles), so that
 
-    GRAPHC_PERF_MAP=1 perf record -g python train.py && perf report --sort symbol
+    GRAPHC_PERF_MAP=1 perf record python train.py && perf report --sort symbol
 
 splits a training step's time by generated function, below `CompiledFunction.profile`'s
 per-kernel times.
