@@ -54,3 +54,38 @@ def test_sse_only_training_step_matches_the_reference_without_libm_fma(sse_only,
     np.testing.assert_allclose(loss, reference[0], rtol=1e-5)
     for name in names:
         np.testing.assert_allclose(params[name], expected[name], rtol=1e-4, atol=1e-6, err_msg=name)
+
+
+def _aarch64_target_machine():
+    import llvmlite.binding as llvm
+    llvm.initialize_all_targets()
+    llvm.initialize_all_asmprinters()
+    try:
+        arm = llvm.Target.from_triple("aarch64-unknown-linux-gnu")
+    except RuntimeError:
+        pytest.skip("this llvmlite has no AArch64 target")
+    return arm.create_target_machine(cpu="generic", features="+neon", opt=1, codemodel="jitdefault", jit=True)
+
+
+@pytest.mark.parametrize("network", ["mlp", "lenet5"])
+def test_steps_compile_for_arm_and_call_only_libc_and_libm(sse_only, network):
+    """Kernels use target-independent IR only: a step's modules compile for AArch64 (NEON, 4
+    lanes) and need nothing but the C and math libraries: no x86 intrinsic, no fmaf per lane."""
+    import re
+
+    import llvmlite.binding as llvm
+    machine = _aarch64_target_machine()
+    model = {"mlp": lambda: models.mlp(8, sizes=(64, 32, 10)), "lenet5": lambda: models.lenet5(4)}[network]()
+    step = gc.compile_training_step(model.loss, gc.init_params(model.graph, seed=0), gc.SGD(lr=0.1))
+    defined, needed = set(), set()
+    for text in parallel.split_modules(step.llvm_ir):
+        text = re.sub(r'^target (triple|datalayout) = ".*"$', "", text, flags=re.MULTILINE)
+        module = llvm.parse_assembly(text)
+        module.triple = machine.triple
+        module.data_layout = str(machine.target_data)
+        module.verify()
+        arm_object = machine.emit_object(module)
+        assert arm_object[18:20] == (183).to_bytes(2, "little")   # ELF e_machine: EM_AARCH64
+        defined |= set(rt.loader.defined_symbols(arm_object))
+        needed |= set(rt.loader.undefined_symbols(arm_object))
+    assert needed - defined <= {"expf", "logf", "tanhf", "memset", "memcpy", "sched_yield"}, sorted(needed - defined)
