@@ -209,7 +209,6 @@ class CompiledTrainingStep(CompiledFunction):
         self._program.reset_state()
 
 
-@cyclic_gc_paused
 def compile(outputs, params: Mapping[str, np.ndarray]) -> CompiledFunction:  # noqa: A001 (the API's name)
     """Native code computing `outputs` (a Tensor or a list of them) from the graph's inputs.
 
@@ -224,10 +223,10 @@ def compile(outputs, params: Mapping[str, np.ndarray]) -> CompiledFunction:  # n
             raise TypeError(f"compile: outputs must be graphc Tensors, got {type(out).__name__}")
     _check_params(outputs, params)
     names = [f"output{i}" for i in range(len(outputs))]
-    return _build(CompiledFunction, outputs, params, output_names=names, single=single)
+    with cyclic_gc_paused:
+        return _build(CompiledFunction, outputs, params, output_names=names, single=single)
 
 
-@cyclic_gc_paused
 def compile_training_step(loss: Tensor, params: Mapping[str, np.ndarray], optimizer) -> CompiledTrainingStep:
     """Native code for one training step of `loss` w.r.t. every param in `params` it depends on.
 
@@ -242,13 +241,14 @@ def compile_training_step(loss: Tensor, params: Mapping[str, np.ndarray], optimi
     if not hasattr(optimizer, "updates"):
         raise TypeError(f"compile_training_step: expected an optimizer such as gc.SGD, got {optimizer!r}")
     _check_params([loss], params)
-    graph, (train_loss,) = rebuild(loss.graph, [loss])
-    used = {node.id for node in graph.ancestors([train_loss])}
-    trainable = [graph.params[name] for name in params if name in graph.params and graph.params[name].id in used]
-    grads = grad(train_loss, trainable)
-    writes, state_names = optimizer.updates(graph, trainable, grads)
-    return _build(CompiledTrainingStep, [train_loss] + [value for _, value in writes], params, output_names=["loss"],
-                  inplace=[name for name, _ in writes], state_names=state_names)
+    with cyclic_gc_paused:
+        graph, (train_loss,) = rebuild(loss.graph, [loss])
+        used = {node.id for node in graph.ancestors([train_loss])}
+        trainable = [graph.params[name] for name in params if name in graph.params and graph.params[name].id in used]
+        grads = grad(train_loss, trainable)
+        writes, state_names = optimizer.updates(graph, trainable, grads)
+        return _build(CompiledTrainingStep, [train_loss] + [value for _, value in writes], params,
+                      output_names=["loss"], inplace=[name for name, _ in writes], state_names=state_names)
 
 
 def _build(cls, outputs, params, *, output_names, single=False, inplace=(), state_names=()):

@@ -1,12 +1,13 @@
 """Process-wide interpreter settings that compiling changes while it runs, and restores.
 
-Each is a `SharedOverride`: a context manager (or decorator) that may be entered by several
-threads at once (two user threads compiling), changes the setting when the first enters and
-restores what it found when the last leaves.
+Each is a `SharedOverride`: a context manager that may be entered by several threads at once
+(two user threads compiling), changes the setting when the first enters and restores what it
+found when the last leaves. Not a decorator: its wrapper's frame (contextlib.py) would stand
+between the user's code and graphc's, and nodes built under it would name that file as the
+user's line (errors.user_site).
 """
 from __future__ import annotations
 
-import contextlib
 import gc
 import sys
 import threading
@@ -15,9 +16,9 @@ from typing import Callable
 __all__ = ["SharedOverride", "GIL_SWITCH_INTERVAL_S", "short_gil_switches", "cyclic_gc_paused"]
 
 
-class SharedOverride(contextlib.ContextDecorator):
+class SharedOverride:
     """`change()` returns the old state, `restore(old)` puts it back; applied once for all
-    overlapping users. A context manager, or a decorator for a function that runs under it.
+    overlapping users.
 
     `after_last()`, if given, runs when the last user has left, outside the lock: it may run
     arbitrary code (a garbage collection runs finalizers, which may compile again)."""

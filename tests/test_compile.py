@@ -405,6 +405,17 @@ def test_a_finalizer_that_compiles_during_a_compile_does_not_deadlock():
     assert done.stdout.split() == ["1", "True", "24.0"]
 
 
+def test_the_nodes_a_compile_adds_name_the_users_line():
+    """Backward and update nodes are built inside compile_training_step: their site is the
+    user's line that called it, not a frame of graphc or of a wrapper around it."""
+    import inspect
+    model = models.softmax_regression(4, features=8, classes=3)
+    line = inspect.currentframe().f_lineno + 1
+    step = gc.compile_training_step(model.loss, gc.init_params(model.graph, seed=0), gc.SGD(lr=0.1))
+    added = [node for node in step.graph.nodes if node.grad_of is not None]
+    assert added and {node.site for node in added} == {f"test_compile.py:{line}"}
+
+
 def test_update_of_a_weight_the_gradient_gemm_reads_is_not_done_in_place():
     """loss(w) = sum((x @ w) @ w): the gradient GEMMs read w, so w's update must wait for them."""
     g = gc.Graph("self_product")
