@@ -21,8 +21,8 @@ Each row is measured in a fresh interpreter (Linux only: it reads /proc/self/sta
     per-call outputs, its machine code, the compiled function's Python objects, and page rounding.
  5. "traced": the same peak counted from numpy's own allocation records (tracemalloc, running since
     the baseline): numpy-owned bytes alive when the step loop starts (params, inputs, the arena)
-    plus the largest growth of all traced memory during the loop (Python objects included: the
-    call's keyword dict and returned float). It leaves out machine code, Python objects the
+    plus the largest growth of all traced memory during the loop (Python objects included, such
+    as the floats the calls return). It leaves out machine code, Python objects the
     compile left behind and allocator slack, so it shows the data alone.
 
 bound = params + inputs + live; ratio = run / bound (the issue's criterion).

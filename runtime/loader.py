@@ -120,7 +120,7 @@ class NativeLibrary:
         self._addresses: dict[str, int] = {}
         if _HOST_USES_ELF64_LITTLE_ENDIAN and perf_map_wanted():
             try:
-                append_perf_map(perf_map_lines(objects, self.address))
+                append_perf_map(perf_map_lines([elf_symbols(obj) for obj in objects], self.address))
             except OSError as error:  # a diagnostic: the library is loaded and works without it
                 warnings.warn(f"{PERF_MAP_VARIABLE}: could not write the perf map ({error})", RuntimeWarning,
                               stacklevel=2)
@@ -185,19 +185,31 @@ class ElfSymbol(NamedTuple):
     binding: int      # _STB_GLOBAL, _STB_WEAK, or local
     kind: int         # _STT_FUNC for functions
 
+    @property
+    def defined(self) -> bool:
+        return self.section != _SHN_UNDEF
+
+    @property
+    def exported(self) -> bool:
+        """Visible to other objects (and to MCJIT's address lookup)."""
+        return self.defined and self.binding in (_STB_GLOBAL, _STB_WEAK)
+
+    @property
+    def is_function(self) -> bool:
+        return self.kind == _STT_FUNC
+
 
 def undefined_symbols(object_bytes: bytes) -> list[str]:
     """Names an ELF64 little-endian object expects from elsewhere.
 
     Raises ValueError (or struct.error, IndexError for damaged tables) for anything else.
     """
-    return [symbol.name for symbol in elf_symbols(object_bytes) if symbol.section == _SHN_UNDEF]
+    return [symbol.name for symbol in elf_symbols(object_bytes) if not symbol.defined]
 
 
 def defined_symbols(object_bytes: bytes) -> list[str]:
     """Names an ELF64 little-endian object defines for others (global and weak symbols)."""
-    return [symbol.name for symbol in elf_symbols(object_bytes)
-            if symbol.section != _SHN_UNDEF and symbol.binding in (_STB_GLOBAL, _STB_WEAK)]
+    return [symbol.name for symbol in elf_symbols(object_bytes) if symbol.exported]
 
 
 def elf_symbols(object_bytes: bytes) -> list[ElfSymbol]:

@@ -28,17 +28,16 @@ def perf_map_wanted() -> bool:
     return os.environ.get(PERF_MAP_VARIABLE, "").strip() not in ("", "0")
 
 
-def perf_map_lines(objects: Iterable[bytes], address_of: Callable[[str], int]) -> list[str]:
-    """The perf map lines of the functions of ELF objects linked into this process;
-    `address_of(name)` is the loaded address of a global symbol."""
-    from .loader import _STB_GLOBAL, _STB_WEAK, _STT_FUNC, _SHN_UNDEF, elf_symbols
-
+def perf_map_lines(symbol_tables: Iterable[list], address_of: Callable[[str], int]) -> list[str]:
+    """The perf map lines of the functions of ELF objects linked into this process, given each
+    object's symbols (`loader.elf_symbols`); `address_of(name)` is the loaded address of an
+    exported symbol."""
     lines = []
-    for object_bytes in objects:
-        functions = [s for s in elf_symbols(object_bytes) if s.kind == _STT_FUNC and s.section != _SHN_UNDEF]
+    for symbols in symbol_tables:
+        functions = [symbol for symbol in symbols if symbol.is_function and symbol.defined]
         section_bases = {}
         for symbol in functions:
-            if symbol.binding in (_STB_GLOBAL, _STB_WEAK) and symbol.section not in section_bases:
+            if symbol.exported and symbol.section not in section_bases:
                 section_bases[symbol.section] = address_of(symbol.name) - symbol.value
         for symbol in functions:
             if symbol.size and symbol.section in section_bases:

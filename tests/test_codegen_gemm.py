@@ -541,7 +541,7 @@ def test_vector_loop_with_masked_tail_and_transpose(width):
         src, dst, block, n = args
         w = kb.width
         whole = kb.mul(kb.b.sdiv(n, kb.i64(w)), w)
-        body = lambda x: kb.relu(kb.fma(x, kb.splat(2.0), kb.splat(-1.0)))  # noqa: E731
+        body = lambda x: kb.relu(kb.mul_add(x, kb.splat(2.0), kb.splat(-1.0)))  # noqa: E731
         with kb.for_range(0, whole, step=w) as i:
             kb.store_vec(body(kb.load_vec(src, i)), dst, i)
         mask = kb.lane_mask_dynamic(kb.sub(n, whole))

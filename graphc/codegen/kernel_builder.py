@@ -285,16 +285,10 @@ class KernelBuilder:
                                 self.b.shuffle_vector(rows[i], rows[i + half], mask(high)))]
         return rows
 
-    def fma(self, a: ir.Value, b: ir.Value, c: ir.Value) -> ir.Value:
-        """a*b + c with one rounding, on f32 scalars or <width x float>. Without FMA hardware
-        (x86 before AVX2) this is a libm call per lane: use `mul_add` wherever one rounding
-        is not required."""
-        fn = self._intrinsic("llvm.fma", a.type, [a.type, a.type, a.type])
-        return self.b.call(fn, [a, b, c])
-
     def mul_add(self, a: ir.Value, b: ir.Value, c: ir.Value) -> ir.Value:
-        """a*b + c, fused where the CPU has FMA instructions (the same machine code as `fma`
-        there), else a multiply and an add: llvm.fmuladd."""
+        """a*b + c on f32 scalars or <width x float>: llvm.fmuladd, one fused instruction where
+        the CPU has FMA, else a multiply and an add. (llvm.fma, which promises one rounding,
+        is a libm call per lane on an x86 without FMA.)"""
         fn = self._intrinsic("llvm.fmuladd", a.type, [a.type, a.type, a.type])
         return self.b.call(fn, [a, b, c])
 
@@ -327,7 +321,6 @@ class KernelBuilder:
         """Declare (once per module) an overloaded intrinsic by its mangled
         name, e.g. llvm.masked.load.v8f32.p0."""
         suffix = {
-            "llvm.fma": [return_type],
             "llvm.fmuladd": [return_type],
             "llvm.masked.load": [return_type, PTR],
             "llvm.masked.store": [arg_types[0], PTR],
