@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 
 from graphc.codegen import target
-from graphc.codegen.gemm import (DotPlan, GemmPlan, choose_plan, emit_gemm,
+from graphc.codegen.gemm import (MAX_M_BLOCK, DotPlan, GemmPlan, choose_plan, emit_gemm,
                                  gemm_workspace_floats, plan_gemm)
 from graphc.codegen.gemm_dot import choose_dot_plan
 from graphc.codegen.kernel_builder import I64, PTR, KernelBuilder
@@ -48,6 +48,7 @@ class Case:
     split: str | None = None
     pack_b: bool = True
     dot: tuple[int, int] | None = None
+    mc: int | None = None   # A packed in blocks of mc rows (split "n")
 
     @property
     def name(self) -> str:
@@ -67,6 +68,8 @@ class Case:
             plan = choose_plan(self.M, self.N, self.K, width=self.width,
                                vector_registers=32)
         plan = dataclasses.replace(plan, pack_b=self.pack_b)
+        if self.mc is not None:
+            plan = dataclasses.replace(plan, pack_a=True, mc=self.mc, split="n")
         return dataclasses.replace(plan, split=self.split) if self.split else plan
 
 
@@ -140,8 +143,19 @@ DIRECT_B_CASES = [
     Case(1, 3, 2, pack_b=False),
 ]
 
+# A (stored transposed) packed into tile-major blocks: several blocks of A and of K, a block
+# ending in a short row tile, a single one-row tile, epilogues, other widths (a tile's rows then
+# span two 4-lane vectors, or part of one 16-lane vector), and the host's own choice.
+PACKED_A_CASES = [
+    Case(37, 150, 300, trans_a=True, mc=12),
+    Case(37, 150, 300, trans_a=True, trans_b=True, accumulate=True, bias="row", relu=True, mc=18),
+    Case(40, 33, 70, trans_a=True, bias="col", mc=6),
+    Case(1, 50, 20, trans_a=True, mc=6),
+    Case(150, 130, 60, trans_a=True),            # the host's plan packs A: two blocks of 78 rows
+] + [Case(29, 70, 300, width=w, trans_a=True, bias="col", relu=True, mc=12) for w in (4, 16)]
+
 ALL_CASES = list(dict.fromkeys(SHAPE_CASES + EPILOGUE_CASES + OTHER_WIDTH_CASES
-                               + THREAD_CASES + DOT_CASES + DIRECT_B_CASES))
+                               + THREAD_CASES + DOT_CASES + DIRECT_B_CASES + PACKED_A_CASES))
 
 
 def _compile_cases(cases) -> bytes:
@@ -250,8 +264,8 @@ def _run_concurrently(fn, args, nthreads):
 
 
 # ------------------------------------------------------------------ GEMM
-@pytest.mark.parametrize("case", SHAPE_CASES + EPILOGUE_CASES + DOT_CASES + DIRECT_B_CASES,
-                         ids=lambda c: c.name)
+@pytest.mark.parametrize("case", SHAPE_CASES + EPILOGUE_CASES + DOT_CASES + DIRECT_B_CASES
+                         + PACKED_A_CASES, ids=lambda c: c.name)
 def test_gemm_matches_numpy(compiled, case):
     problem = Problem(case)
     problem.check(problem.run(compiled[case]))
@@ -263,7 +277,8 @@ def test_gemm_blocking_of_other_vector_widths(compiled, case):
     problem.check(problem.run(compiled[case]))
 
 
-@pytest.mark.parametrize("case", THREAD_CASES + DOT_CASES[:6] + DIRECT_B_CASES, ids=lambda c: c.name)
+@pytest.mark.parametrize("case", THREAD_CASES + DOT_CASES[:6] + DIRECT_B_CASES + PACKED_A_CASES[:3],
+                         ids=lambda c: c.name)
 @pytest.mark.parametrize("nthreads", [2, 3, 8])
 def test_gemm_threads_match_single_thread(compiled, case, nthreads):
     problem = Problem(case)
@@ -314,6 +329,23 @@ def test_host_plan_picks_the_kernel_that_fills_the_vectors():
     for M, N, K, ta, tb in [(64, 10, 784, False, True), (10, 784, 64, True, False)]:
         plan = plan_gemm(M, N, K, trans_a=ta, trans_b=tb)
         assert gemm_workspace_floats(M, N, K, trans_a=ta, trans_b=tb, nthreads=2) == plan.workspace_floats(2)
+
+
+def test_host_plan_packs_a_transposed_a_that_outgrows_l1():
+    """A stored (K, M) is packed when its K block does not fit L1 (the MLP's dW1 = dH1^T X),
+    in blocks of at most MAX_M_BLOCK rows, whole tiles, balanced; small or upright A is not."""
+    plan = plan_gemm(512, 784, 256, trans_a=True)
+    assert plan.pack_a and plan.mc % plan.rows == 0 and plan.mc <= max(MAX_M_BLOCK, plan.rows)
+    blocks = -(-512 // plan.mc)
+    assert 512 - (blocks - 1) * plan.mc > plan.mc // 2       # the last block is not a sliver
+    assert plan.workspace_floats(2) == 2 * (plan.panel_floats + plan.a_block_floats)
+    assert plan.a_block_floats >= plan.mc * plan.kc
+    assert not plan_gemm(512, 784, 256).pack_a               # A upright: its rows stream in order
+    assert not plan_gemm(10, 784, 64, trans_a=True).pack_a   # fits L1
+    with pytest.raises(ValueError, match="pack_a"):
+        dataclasses.replace(plan, split="m")
+    with pytest.raises(ValueError, match="A stored"):
+        emit_gemm(target.new_module("t"), "g", 512, 784, 256, plan=plan)
 
 
 def test_few_rows_take_wider_register_tiles():

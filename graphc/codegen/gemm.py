@@ -15,6 +15,13 @@ How it is fast (see shared/NOTES-llvm.md for the measurements):
   * A micro-kernel computes a register tile of `rows` x (vecs x W) of C:
     rows*vecs vector accumulators, updated per k by one broadcast load of A
     per row and one fma per accumulator with the packed B vectors.
+  * With A stored transposed (K, M), a row tile's k-th values are 24 bytes of
+    a different row of A for each k: every k touches a new cache line and,
+    past a few KiB of stride, a new page.  Such an A is packed too
+    (`pack_a`): each thread copies a block of `mc` rows x kc into tile-major
+    panels (row tile after row tile, k after k, `rows` values each), which
+    the micro-kernel then reads as one contiguous stream.  The block fits in
+    L2 and is reused by every strip of the thread's share of N.
   * When only one or two row tiles would read each panel (M <= 12 on AVX2),
     the copy costs what it saves: B stored (K, N) is then read in place
     (`pack_b=False`; the last vector of a narrow strip loads masked).
@@ -67,6 +74,14 @@ MAX_K_BLOCK = 256
 # Row tiles of C up to which B (stored (K, N)) is read in place instead of packed.
 MAX_TILES_WITHOUT_PACKING = 2
 
+# A transposed A block (M x kc floats) from this size on is packed (`pack_a`): smaller ones sit
+# in L1 (32 KiB), where the strided reads cost nothing.
+MIN_FLOATS_TO_PACK_A = 8192
+
+# Rows of A per packed block: 144 x 256 floats is 144 KiB, well inside a 512 KiB L2 with B's
+# panels and C's tiles beside it.
+MAX_M_BLOCK = 144
+
 
 @dataclasses.dataclass(frozen=True)
 class GemmPlan:
@@ -81,12 +96,18 @@ class GemmPlan:
     kc: int           # K block length
     split: str        # "n": threads share strips of N; "m": row tiles of M
     pack_b: bool = True  # False: micro-kernels read B where it is stored (B stored (K, N) only)
+    pack_a: bool = False  # True: A is copied into tile-major panels, `mc` rows at a time
+    mc: int = 0       # rows of A per packed block (a multiple of rows), when pack_a
 
     def __post_init__(self):
         if min(self.M, self.N, self.K) < 1:
             raise ValueError(f"GEMM dims must be >= 1, got {self.M}x{self.N}x{self.K}")
         if self.split not in ("n", "m"):
             raise ValueError(f"split must be 'n' or 'm', not {self.split!r}")
+        if self.pack_a and (self.split != "n" or self.mc < 1 or self.mc % self.rows):
+            # Threads sharing row tiles would each need their own blocks' bounds; not needed.
+            raise ValueError(f"pack_a needs split 'n' and mc a positive multiple of rows={self.rows}, "
+                             f"got split {self.split!r}, mc={self.mc}")
 
     @property
     def strip_width(self) -> int:
@@ -126,11 +147,25 @@ class GemmPlan:
     def panel_floats(self) -> int:
         return self.panel_rows * self.strip_width
 
+    @property
+    def a_block_tiles(self) -> int:
+        """Row tiles per packed block of A."""
+        return self.mc // self.rows
+
+    @property
+    def a_block_floats(self) -> int:
+        """Floats of one packed block of A: its tiles' panels of kc x rows, plus one vector
+        because the packer stores whole vectors and the last one may reach past the block."""
+        return self.a_block_tiles * self.kc * self.rows + self.width if self.pack_a else 0
+
+    @property
+    def thread_floats(self) -> int:
+        """Scratch floats of one thread: its packed B panel, then its packed block of A."""
+        return (self.panel_floats if self.pack_b else 0) + self.a_block_floats
+
     def workspace_floats(self, nthreads: int = 1) -> int:
-        """Scratch floats for `nthreads` threads: one packed panel each."""
-        if not self.pack_b:
-            return 1
-        return max(1, nthreads) * self.panel_floats
+        """Scratch floats for `nthreads` threads."""
+        return max(1, max(1, nthreads) * self.thread_floats)
 
 
 def choose_plan(M: int, N: int, K: int, *, width: int | None = None,
@@ -187,7 +222,16 @@ def plan_gemm(M: int, N: int, K: int, *, trans_a: bool = False,
         # A packed panel pays off by being read once per row tile; with one or two tiles the
         # copy costs as much as it saves (logreg's weight gradient: 10 x 784 from K = 64).
         return dataclasses.replace(packed, pack_b=False)
+    if trans_a and packed.split == "n" and M * packed.kc >= MIN_FLOATS_TO_PACK_A:
+        return dataclasses.replace(packed, pack_a=True, mc=_m_block_rows(M, packed.rows))
     return packed
+
+
+def _m_block_rows(M: int, rows: int) -> int:
+    """Rows per packed block of A: at most MAX_M_BLOCK (unless one tile is more), balanced so
+    the last block is not a sliver, and a whole number of row tiles."""
+    blocks = math.ceil(M / max(MAX_M_BLOCK, rows))
+    return math.ceil(math.ceil(M / blocks) / rows) * rows
 
 
 def gemm_workspace_floats(M: int, N: int, K: int, *, trans_a: bool = False,
@@ -222,6 +266,8 @@ def emit_gemm(module: ir.Module, name: str, M: int, N: int, K: int, *,
         raise ValueError("plan was made for another shape")
     if isinstance(plan, DotPlan) and (trans_a or not trans_b):
         raise ValueError("a dot-product plan needs A stored (M, K) and B stored (N, K)")
+    if isinstance(plan, GemmPlan) and plan.pack_a and not trans_a:
+        raise ValueError("a plan that packs A needs A stored (K, M)")
     emitter = _GemmEmitter(module, name, plan, trans_a=trans_a, trans_b=trans_b,
                            accumulate=accumulate, bias=bias, relu=relu,
                            epilogue=epilogue, epilogue_operands=epilogue_operands)
@@ -238,6 +284,8 @@ class _Operands(NamedTuple):
     bias: ir.Value
     panel: ir.Value
     extras: tuple = ()   # the epilogue's (M, N) operands
+    a_block: ir.Value | None = None  # this thread's packed block of A (pack_a)
+    first_tile: ir.Value | None = None  # the row tile at the start of a_block
 
 
 class _KBlock(NamedTuple):
@@ -290,8 +338,10 @@ class _GemmEmitter:
         else:
             strips = (kb.i64(0), kb.i64(p.strips))
             tiles = kb.split_range(p.tiles, tid, nthreads)
-        panel = kb.gep(workspace, kb.mul(tid, p.panel_floats)) if p.pack_b else None
-        operands = _Operands(a, b, c, bias, panel=panel, extras=extras)
+        scratch = kb.gep(workspace, kb.mul(tid, p.thread_floats))
+        panel = scratch if p.pack_b else None
+        a_block = kb.gep(scratch, p.thread_floats - p.a_block_floats) if p.pack_a else None
+        operands = _Operands(a, b, c, bias, panel=panel, extras=extras, a_block=a_block)
 
         # A thread beyond the number of work units has an empty share; it
         # must not even pack (its workspace slice may not exist).
@@ -299,10 +349,40 @@ class _GemmEmitter:
                              kb.b.icmp_signed("<", *tiles))
         with kb.if_then(has_work):
             with kb.for_range(0, p.K, step=p.kc, name="k0") as k0:
-                self._emit_k_block(kb, operands, self._k_block(kb, k0),
-                                   strips, tiles)
+                block = self._k_block(kb, k0)
+                if p.pack_a:
+                    self._emit_a_blocks(kb, operands, block, strips)
+                else:
+                    self._emit_k_block(kb, operands, block, strips, tiles)
         kb.b.ret_void()
         return fn
+
+    def _emit_a_blocks(self, kb, ops, block, strips):
+        """One K block with A packed: per block of mc rows, pack its tiles, then this thread's
+        strips over them (split "n": every thread computes all rows of its strips)."""
+        p = self.plan
+        with kb.for_range(0, p.tiles, step=p.a_block_tiles, name="a_block") as first_tile:
+            last_tile = kb.min(kb.add(first_tile, p.a_block_tiles), p.tiles)
+            if p.full_tiles:
+                pack = self._pack_a_function(p.rows)
+                with kb.for_range(first_tile, kb.min(last_tile, p.full_tiles), name="a_tile") as tile:
+                    self._call_pack_a(kb, pack, ops, block, first_tile, tile)
+            if p.tail_rows:
+                with kb.if_then(kb.b.icmp_signed("==", last_tile, kb.i64(p.tiles))):
+                    self._call_pack_a(kb, self._pack_a_function(p.tail_rows), ops, block,
+                                      first_tile, kb.i64(p.full_tiles))
+            self._emit_k_block(kb, ops._replace(first_tile=first_tile), block, strips,
+                               (first_tile, last_tile))
+
+    def _packed_a_tile(self, kb, ops, tile):
+        """Where row tile `tile` sits in the packed block of A."""
+        return kb.gep(ops.a_block, kb.mul(kb.sub(tile, ops.first_tile), self.plan.kc * self.plan.rows))
+
+    def _call_pack_a(self, kb, pack, ops, block, first_tile, tile):
+        # The tile's panel is written at a stride of plan.rows floats per k whatever its row
+        # count, so every tile of the block is read with lda = rows.
+        kb.b.call(pack, [ops.a, self._packed_a_tile(kb, ops._replace(first_tile=first_tile), tile),
+                         block.k0, block.kc, kb.mul(tile, self.plan.rows)])
 
     def _k_block(self, kb, k0) -> _KBlock:
         p = self.plan
@@ -349,27 +429,32 @@ class _GemmEmitter:
             kernel = self._micro_kernel(p.rows, vecs, cols)
             with kb.for_range(tile_lo, kb.min(tile_hi, p.full_tiles),
                               name="tile") as tile:
-                self._call_micro_kernel(kb, kernel, ops, block,
-                                        kb.mul(tile, p.rows), j0, panel_stride)
+                self._call_micro_kernel(kb, kernel, ops, block, tile, j0, panel_stride)
         if p.tail_rows:
             # The short last tile belongs to the thread whose share ends M.
             kernel = self._micro_kernel(p.tail_rows, vecs, cols)
             with kb.if_then(kb.b.icmp_signed("==", tile_hi, kb.i64(p.tiles))):
-                self._call_micro_kernel(kb, kernel, ops, block,
-                                        kb.i64(p.full_tiles * p.rows), j0, panel_stride)
+                self._call_micro_kernel(kb, kernel, ops, block, kb.i64(p.full_tiles), j0,
+                                        panel_stride)
 
     def _call_pack(self, kb, pack, ops, block, j0, cols):
         # B's leading dimension: its row length, N stored (K, N), K stored (N, K).
         ldb = self.plan.K if self.trans_b else self.plan.N
         kb.b.call(pack, [ops.b, ops.panel, block.k0, block.kc, j0, kb.i64(ldb), kb.i64(cols)])
 
-    def _call_micro_kernel(self, kb, kernel, ops, block, i0, j0, panel_stride):
-        """Call `kernel` on the tile of C at row i0, column j0."""
+    def _call_micro_kernel(self, kb, kernel, ops, block, tile, j0, panel_stride):
+        """Call `kernel` on the tile of C at row tile `tile`, column j0."""
         p = self.plan
-        if self.trans_a:   # A stored (K, M): element (i, k) at k*M + i
+        i0 = kb.mul(tile, p.rows)
+        if p.pack_a:       # tile-major panels: element (i, k) at k*rows + i
+            a_tile = self._packed_a_tile(kb, ops, tile)
+            lda = p.rows
+        elif self.trans_a:  # A stored (K, M): element (i, k) at k*M + i
             a_tile = kb.gep(ops.a, kb.add(kb.mul(block.k0, p.M), i0))
+            lda = p.M
         else:              # A stored (M, K): element (i, k) at i*K + k
             a_tile = kb.gep(ops.a, kb.add(kb.mul(i0, p.K), block.k0))
+            lda = p.K
         c_tile = kb.gep(ops.c, kb.add(kb.mul(i0, p.N), j0))
         if self.bias == "col":
             bias_tile = kb.gep(ops.bias, j0)
@@ -379,7 +464,6 @@ class _GemmEmitter:
             bias_tile = ops.bias  # may be null; never read
         c_offset = kb.add(kb.mul(i0, p.N), j0)
         extra_tiles = [kb.gep(extra, c_offset) for extra in ops.extras]
-        lda = p.M if self.trans_a else p.K
         kb.b.call(kernel, [a_tile, ops.panel, c_tile, bias_tile, block.kc, block.load_c,
                            block.is_last, kb.i64(lda), kb.i64(p.N), panel_stride] + extra_tiles)
 
@@ -468,6 +552,30 @@ class _GemmEmitter:
                 for i, panel_row in enumerate(kb.transpose(columns)):
                     kb.store_vec(panel_row, panel, kb.add(kb.mul(kb.add(k, i), panel_stride), first))
 
+    def _pack_a_function(self, rows: int) -> ir.Function:
+        """`pack_a(A, tile_panel, k0, kc, i0)`: copy op(A)[i0:i0+rows, k0:k0+kc], A stored
+        (K, M), into a tile panel, k after k at a stride of plan.rows floats.
+
+        Each k's `rows` values are loaded as vectors (the last one masked to the rows, so
+        nothing past A is read) and stored whole: the lanes past `rows` land on the next k's
+        slots, overwritten when it is packed, or past the last k, on the next tile's panel
+        (packed after this one) or the block's spare vector."""
+        p = self.plan
+        fn, kb = self.internal_function("pack_a", (p.rows, rows, p.M), [PTR, PTR, I64, I64, I64])
+        if kb is None:
+            return fn
+        a, panel, k0, kc, i0 = fn.args
+        w = p.width
+        with kb.for_range(0, kc, name="k") as k:
+            src = kb.gep(a, kb.add(kb.mul(kb.add(k0, k), p.M), i0))
+            dst = kb.gep(panel, kb.mul(k, p.rows))
+            for v in range(math.ceil(rows / w)):
+                lanes = min(w, rows - v * w)
+                mask = None if lanes == w else kb.lane_mask(lanes)
+                kb.store_vec(self.load_masked(kb, src, v * w, mask), dst, v * w)
+        kb.b.ret_void()
+        return fn
+
     def _micro_kernel(self, rows: int, vecs: int, cols: int) -> ir.Function:
         """`micro(A_tile, panel, C_tile, bias_tile, kc, load_c, is_last, lda, ldc, ldp, E_tiles)`:
         C_tile[rows, cols] = (C_tile if load_c else 0) + A_tile @ panel
@@ -477,7 +585,9 @@ class _GemmEmitter:
         `ldp` that of the panel's (B's own rows when B is not packed: the last
         vector of a narrow strip is then loaded masked, B has no padding)."""
         direct = not self.plan.pack_b
-        variant = (rows, vecs, cols, self.trans_a, direct) + self.epilogue_key()
+        # Packed A is laid out as A stored (K, M) with lda = rows.
+        a_by_column = self.trans_a or self.plan.pack_a
+        variant = (rows, vecs, cols, a_by_column, direct) + self.epilogue_key()
         fn, kb = self.internal_function(
             f"micro{rows}x{cols}", variant,
             [PTR, PTR, PTR, PTR, I64, I1, I1, I64, I64, I64] + [PTR] * self.extras)
@@ -501,7 +611,7 @@ class _GemmEmitter:
 
         # The k loop: one broadcast of A per row, one fma per accumulator.
         # A stored (K, M): element (r, k) at k*lda + r; stored (M, K): at r*lda + k.
-        a_row_stride, a_k_stride = (1, lda) if self.trans_a else (lda, 1)
+        a_row_stride, a_k_stride = (1, lda) if a_by_column else (lda, 1)
         a_rows = [kb.mul(r, a_row_stride) for r in range(rows)]
         b_masks = masks if direct else [None] * vecs  # a packed panel is zero-padded
         with kb.for_range(0, kc, name="k") as k:
