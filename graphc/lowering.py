@@ -115,12 +115,11 @@ def _elementwise_epilogue(producer: Tensor, consumers: _Consumers) -> _Epilogue 
     """An elementwise consumer of a GEMM, a pooling gradient or a conv input gradient whose
     other operands all have its shape: the SGD update of a weight from its gradient, ReLU's
     backward after an input gradient, ..."""
-    from .codegen.gemm import MAX_K_BLOCK
     user = consumers.only(producer)
     if user is None or user.op != "ew" or user.shape != producer.shape:
         return None
     others = [t for t in user.inputs if t is not producer]
-    if producer.op == "matmul" and producer.inputs[0].shape[1] > MAX_K_BLOCK:
+    if producer.op == "matmul" and _gemm_plan(producer).k_blocks > 1:
         return None
     if (len(others) > MAX_EPILOGUE_OPERANDS
             or any(t.shape != producer.shape or t.dtype != "float32" for t in others)):
@@ -185,6 +184,13 @@ def _elementwise(node, _epilogue):
     return Step(node, operands,
                 lambda m, name, threads: emit_elementwise(m, name, node.shape, shapes, expr, max_threads=threads),
                 label, [node], flops=node.size * max(1, sympy.count_ops(expr)))
+
+
+def _gemm_plan(node):
+    """The host's GEMM plan for a matmul node (what `_matmul` will emit)."""
+    from .codegen.gemm import plan_gemm
+    a, b = node.inputs
+    return plan_gemm(a.shape[0], b.shape[1], a.shape[1], trans_a=_is_2d_swap(a), trans_b=_is_2d_swap(b))
 
 
 def _matmul(node, epilogue):

@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 
 from graphc.codegen import target
-from graphc.codegen.gemm import (MAX_M_BLOCK, DotPlan, GemmPlan, choose_plan, emit_gemm,
+from graphc.codegen.gemm import (MAX_A_BLOCK_FLOATS, DotPlan, GemmPlan, choose_plan, emit_gemm,
                                  gemm_workspace_floats, plan_gemm)
 from graphc.codegen.gemm_dot import choose_dot_plan
 from graphc.codegen.kernel_builder import I64, PTR, KernelBuilder
@@ -49,6 +49,7 @@ class Case:
     pack_b: bool = True
     dot: tuple[int, int] | None = None
     mc: int | None = None   # A packed in blocks of mc rows (split "n")
+    kc: int | None = None   # K blocks of kc (the host's plan may take all of K in one)
 
     @property
     def name(self) -> str:
@@ -68,6 +69,8 @@ class Case:
             plan = choose_plan(self.M, self.N, self.K, width=self.width,
                                vector_registers=32)
         plan = dataclasses.replace(plan, pack_b=self.pack_b)
+        if self.kc is not None:
+            plan = dataclasses.replace(plan, kc=self.kc)
         if self.mc is not None:
             plan = dataclasses.replace(plan, pack_a=True, mc=self.mc, split="n")
         return dataclasses.replace(plan, split=self.split) if self.split else plan
@@ -85,7 +88,7 @@ SHAPE_CASES = [
         (6, 16, 8),            # exactly one register tile on AVX2
         (12, 32, 256),         # whole tiles, whole strips, one full K block
         (7, 13, 300),          # K > 256, not a multiple of it
-        (13, 37, 513),         # three K blocks; tails everywhere
+        (13, 37, 513),         # tails everywhere
         (31, 47, 29),          # primes
         (6, 784, 25),          # conv-like
         (100, 16, 150),        # one strip: threads split M
@@ -93,7 +96,7 @@ SHAPE_CASES = [
         (4, 50, 33),           # 4 rows: tiles of 3 vectors
     ]
     for case in _all_transposes(*shape)
-]
+] + _all_transposes(13, 37, 513, kc=171) + _all_transposes(7, 13, 300, kc=150)  # 3 and 2 K blocks
 
 EPILOGUE_CASES = [
     Case(7, 13, 300, bias="col"),
@@ -102,7 +105,10 @@ EPILOGUE_CASES = [
     Case(19, 45, 70, trans_b=True, bias="row"),
     Case(9, 20, 530, relu=True),
     Case(9, 20, 530, accumulate=True),
+    Case(9, 20, 530, accumulate=True, kc=265),
     Case(9, 20, 530, trans_a=True, trans_b=True, accumulate=True, bias="col", relu=True),
+    Case(9, 20, 530, trans_a=True, trans_b=True, accumulate=True, bias="col", relu=True, kc=200),
+    Case(9, 20, 530, bias="col", relu=True, kc=100),
     Case(1, 1, 1, accumulate=True, bias="row", relu=True),
 ]
 
@@ -140,6 +146,7 @@ DIRECT_B_CASES = [
     Case(10, 784, 64, trans_a=True, accumulate=True, bias="col", relu=True, pack_b=False),
     Case(5, 37, 300, bias="row", pack_b=False),
     Case(12, 19, 513, trans_a=True, pack_b=False, split="m"),
+    Case(12, 19, 513, trans_a=True, pack_b=False, split="m", kc=171),
     Case(1, 3, 2, pack_b=False),
 ]
 
@@ -148,10 +155,11 @@ DIRECT_B_CASES = [
 # span two 4-lane vectors, or part of one 16-lane vector), and the host's own choice.
 PACKED_A_CASES = [
     Case(37, 150, 300, trans_a=True, mc=12),
+    Case(37, 150, 300, trans_a=True, mc=12, kc=150),   # two K blocks: A packed again for each
     Case(37, 150, 300, trans_a=True, trans_b=True, accumulate=True, bias="row", relu=True, mc=18),
     Case(40, 33, 70, trans_a=True, bias="col", mc=6),
     Case(1, 50, 20, trans_a=True, mc=6),
-    Case(150, 130, 60, trans_a=True),            # the host's plan packs A: two blocks of 78 rows
+    Case(300, 130, 300, trans_a=True),           # the host's plan packs A: two blocks of 150 rows
 ] + [Case(29, 70, 300, width=w, trans_a=True, bias="col", relu=True, mc=12) for w in (4, 16)]
 
 ALL_CASES = list(dict.fromkeys(SHAPE_CASES + EPILOGUE_CASES + OTHER_WIDTH_CASES
@@ -310,7 +318,7 @@ def test_gemm_is_repeatable_and_accumulates(compiled):
 
 def test_workspace_size_covers_every_thread():
     for nthreads in (1, 2, 5):
-        plan = choose_plan(37, 150, 300)
+        plan = plan_gemm(37, 150, 300, trans_a=True)
         assert gemm_workspace_floats(37, 150, 300, trans_a=True,
                                      nthreads=nthreads) == plan.workspace_floats(nthreads)
         assert plan.workspace_floats(nthreads) >= nthreads * plan.kc * plan.strip_width
@@ -333,9 +341,10 @@ def test_host_plan_picks_the_kernel_that_fills_the_vectors():
 
 def test_host_plan_packs_a_transposed_a_that_outgrows_l1():
     """A stored (K, M) is packed when its K block does not fit L1 (the MLP's dW1 = dH1^T X),
-    in blocks of at most MAX_M_BLOCK rows, whole tiles, balanced; small or upright A is not."""
+    in blocks of at most MAX_A_BLOCK_FLOATS, whole tiles, balanced; small or upright A is not."""
     plan = plan_gemm(512, 784, 256, trans_a=True)
-    assert plan.pack_a and plan.mc % plan.rows == 0 and plan.mc <= max(MAX_M_BLOCK, plan.rows)
+    assert plan.pack_a and plan.mc % plan.rows == 0
+    assert (plan.mc - plan.rows) * plan.kc < MAX_A_BLOCK_FLOATS   # rounded up to whole tiles
     blocks = -(-512 // plan.mc)
     assert 512 - (blocks - 1) * plan.mc > plan.mc // 2       # the last block is not a sliver
     assert plan.workspace_floats(2) == 2 * (plan.panel_floats + plan.a_block_floats)
@@ -374,9 +383,15 @@ def test_dot_plan_tiles_fit_the_registers():
 
 
 def test_plan_blocks_k_evenly():
-    assert choose_plan(4, 4, 256).kc == 256
-    assert choose_plan(4, 4, 300).kc == 150
-    assert choose_plan(4, 4, 513).kc == 171
+    """K blocks as long as a panel of MAX_PANEL_FLOATS allows, of equal length."""
+    avx2 = dict(width=8, vector_registers=16)      # 16-column strips: kc <= 1024
+    assert choose_plan(4, 4, 256, **avx2).kc == 256
+    assert choose_plan(4, 4, 1024, **avx2).kc == 1024
+    assert choose_plan(4, 4, 3000, **avx2).kc == 1000
+    avx512 = dict(width=16, vector_registers=32)   # 64-column strips: kc <= 256
+    assert choose_plan(12, 640, 256, **avx512).kc == 256
+    assert choose_plan(12, 640, 300, **avx512).kc == 150
+    assert choose_plan(12, 640, 513, **avx512).kc == 171
     with pytest.raises(ValueError):
         choose_plan(0, 4, 4)
 

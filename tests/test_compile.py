@@ -205,6 +205,23 @@ def test_sgd_update_fuses_into_the_weight_gradient_gemm():
     assert sum(label.startswith("gemmT") and label.endswith("+ew") for label in labels) == 2, labels
 
 
+def test_sgd_update_stays_apart_from_a_gemm_with_several_k_blocks():
+    """With several K blocks a GEMM's C holds partial sums until the last one, so an update of
+    W from C fused in place would read them: a batch of 3000 (K of the weight gradients, more
+    than one block on any host) keeps the updates as kernels of their own, and they are right."""
+    model = models.mlp(3000, sizes=(20, 16, 3))
+    params = gc.init_params(model.graph, seed=0)
+    feeds = models.random_batch(model, np.random.default_rng(1))
+    names = list(params)
+    before = {name: value.copy() for name, value in params.items()}
+    grads = gc.evaluate(gc.grad(model.loss, [model.graph.params[n] for n in names]), feeds, before)
+    step = gc.compile_training_step(model.loss, params, gc.SGD(lr=0.1))
+    assert not any(s.label.startswith("gemmT") and s.label.endswith("+ew") for s in step.steps)
+    step(**feeds)
+    for name, grad in zip(names, grads):
+        assert_matches(params[name], before[name] - 0.1 * grad)
+
+
 @pytest.mark.parametrize("pool, kernel, stride, padding, image", [
     ("avg", 2, 2, 0, (8, 16)),   # LeNet's: windows tile the image (epilogue on each vector)
     ("avg", 2, 2, 0, (7, 9)),    # ... but for a ragged edge (epilogue over the finished plane)

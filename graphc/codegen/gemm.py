@@ -68,8 +68,12 @@ __all__ = ["GemmPlan", "DotPlan", "choose_plan", "plan_gemm", "emit_gemm",
 # Signature of every generated GEMM: void(A, B, C, bias, workspace, tid, nthreads)
 GEMM_ARG_NAMES = ("A", "B", "C", "bias", "workspace", "tid", "nthreads")
 
-# Larger K blocks spill the packed panel out of L1 (512 measured much worse).
-MAX_K_BLOCK = 256
+# A packed B panel holds at most this many floats (64 KiB), which bounds the K block: 256 for
+# AVX-512's 64-column strips (512 measured much worse there), 1024 for AVX2's 16 columns. A
+# longer K block means fewer passes over C, each of which reloads every tile of C from L3
+# (AVX2, 256x512x784: kc = 262 ran at 0.93x numpy, kc = 784 at 1.01x). The panel then
+# outgrows L1, but a micro-kernel reads it in order, two vectors per k, which L2 keeps up with.
+MAX_PANEL_FLOATS = 16384
 
 # Row tiles of C up to which B (stored (K, N)) is read in place instead of packed.
 MAX_TILES_WITHOUT_PACKING = 2
@@ -78,9 +82,10 @@ MAX_TILES_WITHOUT_PACKING = 2
 # in L1 (32 KiB), where the strided reads cost nothing.
 MIN_FLOATS_TO_PACK_A = 8192
 
-# Rows of A per packed block: 144 x 256 floats is 144 KiB, well inside a 512 KiB L2 with B's
-# panels and C's tiles beside it.
-MAX_M_BLOCK = 144
+# A packed block of A holds at most this many floats (256 KiB, half an L2): 256 rows at
+# kc = 256, 64 at kc = 1024. Each block re-packs the thread's B panels once; the blocks'
+# size mattered little between 144 rows and all of M (a few %, within the host's noise).
+MAX_A_BLOCK_FLOATS = 65536
 
 
 @dataclasses.dataclass(frozen=True)
@@ -148,6 +153,11 @@ class GemmPlan:
         return self.panel_rows * self.strip_width
 
     @property
+    def k_blocks(self) -> int:
+        """Passes over C: an epilogue operand may be C itself only when this is 1."""
+        return math.ceil(self.K / self.kc)
+
+    @property
     def a_block_tiles(self) -> int:
         """Row tiles per packed block of A."""
         return self.mc // self.rows
@@ -183,7 +193,7 @@ def choose_plan(M: int, N: int, K: int, *, width: int | None = None,
     split = "n" if strips >= min(tiles, 8) else "m"
     # Balance the K blocks (K=300 -> 150+150, not 256+44): the short block
     # would otherwise pay the same C load/store per tile for little work.
-    k_blocks = math.ceil(K / MAX_K_BLOCK)
+    k_blocks = math.ceil(K / max(1, MAX_PANEL_FLOATS // (vecs * width)))
     kc = math.ceil(K / k_blocks)
     return GemmPlan(M=M, N=N, K=K, width=width, rows=rows, vecs=vecs, kc=kc,
                     split=split)
@@ -223,14 +233,14 @@ def plan_gemm(M: int, N: int, K: int, *, trans_a: bool = False,
         # copy costs as much as it saves (logreg's weight gradient: 10 x 784 from K = 64).
         return dataclasses.replace(packed, pack_b=False)
     if trans_a and packed.split == "n" and M * packed.kc >= MIN_FLOATS_TO_PACK_A:
-        return dataclasses.replace(packed, pack_a=True, mc=_m_block_rows(M, packed.rows))
+        return dataclasses.replace(packed, pack_a=True, mc=_m_block_rows(M, packed.rows, packed.kc))
     return packed
 
 
-def _m_block_rows(M: int, rows: int) -> int:
-    """Rows per packed block of A: at most MAX_M_BLOCK (unless one tile is more), balanced so
-    the last block is not a sliver, and a whole number of row tiles."""
-    blocks = math.ceil(M / max(MAX_M_BLOCK, rows))
+def _m_block_rows(M: int, rows: int, kc: int) -> int:
+    """Rows per packed block of A: about MAX_A_BLOCK_FLOATS / kc (at least one tile),
+    balanced so the last block is not a sliver, rounded up to whole row tiles."""
+    blocks = math.ceil(M / max(MAX_A_BLOCK_FLOATS // kc, rows))
     return math.ceil(math.ceil(M / blocks) / rows) * rows
 
 
@@ -250,8 +260,8 @@ def emit_gemm(module: ir.Module, name: str, M: int, N: int, K: int, *,
     `epilogue` (a sympy expression over x0 = the result after bias and relu, and x1..xk = the
     k = `epilogue_operands` matrices E_1..E_k, each (M, N) row-major) replaces every element of
     C by its value before C is stored: an elementwise consumer fused into the GEMM. E_i may be
-    C itself (an in-place update) only when K <= MAX_K_BLOCK: with several K blocks, C holds
-    partial sums before the last one.
+    C itself (an in-place update) only when the plan has one K block (`plan.k_blocks == 1`):
+    with several, C holds partial sums before the last one.
 
     All pointers are float*; `bias` may be null when `bias` is None, and
     must hold N floats for bias="col" (added to every row) or M floats for

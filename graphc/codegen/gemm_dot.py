@@ -65,6 +65,10 @@ class DotPlan:
     def workspace_floats(self, nthreads: int = 1) -> int:
         return 1  # nothing is packed
 
+    @property
+    def k_blocks(self) -> int:
+        return 1  # each tile runs along all of K, then stores C once
+
 
 def choose_dot_plan(M: int, N: int, K: int, *, width: int, vector_registers: int,
                     packed_strip_width: int) -> DotPlan | None:
