@@ -7,11 +7,12 @@ B stored (K,N), or with trans_b B stored (N,K).  C is (M,N) row-major.
 
 How it is fast (see shared/NOTES-llvm.md for the measurements):
 
-  * K is cut into blocks of at most 256 (`kc`).  Within a block, B is cut
-    into strips of `strip_width` = vecs*W columns, and each strip is packed
-    into a contiguous panel (kc x strip_width floats, row k after row k-1)
-    in the caller's workspace.  The panel fits in L1 and is reused by every
-    row tile of the strip; the A block (M x kc) stays in L2 across strips.
+  * K is cut into blocks (`kc`) whose packed panel holds at most
+    MAX_PANEL_FLOATS: 256 steps on AVX-512, 1024 on AVX2.  Within a block, B
+    is cut into strips of `strip_width` = vecs*W columns, and each strip is
+    packed into a contiguous panel (kc x strip_width floats, row k after row
+    k-1) in the caller's workspace, read in order by every row tile of the
+    strip.  Each K block after the first reloads every tile of C.
   * A micro-kernel computes a register tile of `rows` x (vecs x W) of C:
     rows*vecs vector accumulators, updated per k by one broadcast load of A
     per row and one fma per accumulator with the packed B vectors.
@@ -20,8 +21,9 @@ How it is fast (see shared/NOTES-llvm.md for the measurements):
     past a few KiB of stride, a new page.  Such an A is packed too
     (`pack_a`): each thread copies a block of `mc` rows x kc into tile-major
     panels (row tile after row tile, k after k, `rows` values each), which
-    the micro-kernel then reads as one contiguous stream.  The block fits in
-    L2 and is reused by every strip of the thread's share of N.
+    the micro-kernel then reads as one contiguous stream.  The block (at
+    most about MAX_A_BLOCK_FLOATS) is reused by every strip of the thread's
+    share of N.
   * When only one or two row tiles would read each panel (M <= 12 on AVX2),
     the copy costs what it saves: B stored (K, N) is then read in place
     (`pack_b=False`; the last vector of a narrow strip loads masked).
