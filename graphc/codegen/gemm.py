@@ -70,6 +70,9 @@ __all__ = ["GemmPlan", "DotPlan", "choose_plan", "plan_gemm", "emit_gemm",
 # Signature of every generated GEMM: void(A, B, C, bias, workspace, tid, nthreads)
 GEMM_ARG_NAMES = ("A", "B", "C", "bias", "workspace", "tid", "nthreads")
 
+# Floats per cache line (64 bytes on the x86 and Arm cores we target), for prefetches.
+_FLOATS_PER_LINE = 16
+
 # A packed B panel holds at most this many floats (64 KiB), which bounds the K block: 256 for
 # AVX-512's 64-column strips (512 measured much worse there), 1024 for AVX2's 16 columns. A
 # longer K block means fewer passes over C, each of which reloads every tile of C from L3
@@ -614,6 +617,14 @@ class _GemmEmitter:
         extra_rows = [[kb.gep(e, kb.mul(r, ldc)) for e in fn.args[10:]] for r in range(rows)]
 
         tile = list(itertools.product(range(rows), range(vecs)))  # (r, v) pairs
+
+        # The epilogue reads its operands' tiles after the k loop. A weight updated in place
+        # or a saved activation is often in L3 or memory by then: fetched now, it arrives while
+        # the tile computes instead of stalling the tile's end.
+        for row in extra_rows:
+            for operand_row in row:
+                for first in sorted({*range(0, cols, _FLOATS_PER_LINE), cols - 1}):
+                    kb.prefetch(operand_row, first)
 
         # acc[r, v]: the accumulator of row r, vector v, kept in registers.
         acc = {rv: kb.variable(kb.splat(0.0)) for rv in tile}

@@ -244,6 +244,13 @@ class KernelBuilder:
                              [self.vec_type, PTR, I32, self.mask_type])
         self.b.call(fn, [value, self.gep(ptr, index), ir.Constant(I32, 4), mask])
 
+    def prefetch(self, ptr: ir.Value, index: ValueLike = 0) -> None:
+        """Hint that the cache line holding float `index` past `ptr` will soon be read. Only a
+        hint: it never faults, whatever the address."""
+        fn = self._intrinsic("llvm.prefetch", ir.VoidType(), [PTR, I32, I32, I32])
+        # read, keep in all cache levels, data cache
+        self.b.call(fn, [self.gep(ptr, index), ir.Constant(I32, 0), ir.Constant(I32, 3), ir.Constant(I32, 1)])
+
     # ------------------------------------------------------ vector values
     def splat(self, scalar: ValueLike) -> ir.Value:
         """Broadcast a float (IR value or Python number) to every lane."""
@@ -324,6 +331,7 @@ class KernelBuilder:
             "llvm.fmuladd": [return_type],
             "llvm.masked.load": [return_type, PTR],
             "llvm.masked.store": [arg_types[0], PTR],
+            "llvm.prefetch": [PTR],
         }[name]
         mangled = name + "".join("." + _type_suffix(t) for t in suffix)
         existing = self.module.globals.get(mangled)
