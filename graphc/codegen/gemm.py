@@ -623,8 +623,7 @@ class _GemmEmitter:
         # the tile computes instead of stalling the tile's end.
         for row in extra_rows:
             for operand_row in row:
-                for first in sorted({*range(0, cols, _FLOATS_PER_LINE), cols - 1}):
-                    kb.prefetch(operand_row, first)
+                self.prefetch_row(kb, operand_row, cols)
 
         # acc[r, v]: the accumulator of row r, vector v, kept in registers.
         acc = {rv: kb.variable(kb.splat(0.0)) for rv in tile}
@@ -674,6 +673,12 @@ class _GemmEmitter:
             operands = [value] + [self.load_masked(kb, e, v * kb.width, mask) for e in extra_rows]
             value = ExprEmitter(kb, operands).emit_all([self.epilogue])[0]
         return value
+
+    @staticmethod
+    def prefetch_row(kb, row, cols):
+        """Prefetch the cache lines of floats row[0:cols]."""
+        for first in sorted({*range(0, cols, _FLOATS_PER_LINE), cols - 1}):
+            kb.prefetch(row, first)
 
     @staticmethod
     def load_masked(kb, ptr, offset, mask):
