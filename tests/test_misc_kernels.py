@@ -221,6 +221,8 @@ SOFTMAX_SHAPES = [(1,), (7,), (5, 11), (64, 10), (3, 1000), (256, 512), (130, 9)
 SOFTMAX_CASES = (
     [SoftmaxCase(shape, axis) for shape in SOFTMAX_SHAPES for axis in range(len(shape))]
     + [SoftmaxCase((3, 21, 37), axis, width) for width in OTHER_WIDTHS for axis in range(3)]
+    # rows in lanes (rows shorter than a vector): whole groups of W rows, then a short group
+    + [SoftmaxCase((45, 7), 1), SoftmaxCase((37, 13), 1, 16), SoftmaxCase((37, 3), 1, 4)]
 )
 
 
@@ -273,6 +275,8 @@ class LossCase(NamedTuple):
 LOSS_CASES = [LossCase(*shape) for shape in
               [(1, 1), (1, 7), (64, 10), (13, 37), (3, 1000), (256, 100), (512, 1000)]] + [
     LossCase(13, 37, width) for width in OTHER_WIDTHS] + [
+    LossCase(45, 10, width) for width in OTHER_WIDTHS] + [      # rows in lanes, a short group
+    LossCase(2001, 10), LossCase(2001, 16),                     # rows in lanes, two phases
     LossCase(256, 100, max_threads=1)]  # large, but one phase
 
 
@@ -294,6 +298,23 @@ def test_softmax_cross_entropy_matches_reference(losses, case, scale):
     expected = reference("softmax_cross_entropy", [logits, labels])
     result = losses.run(case, (), [logits, labels], case.max_threads)
     np.testing.assert_allclose(result, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_rows_in_lanes_cover_classifier_rows():
+    """The cases above run both row layouts: rows in lanes up to MAX_ROW_IN_LANES elements
+    (a classifier's logits), rows along the lanes beyond."""
+    from graphc.codegen.softmax_kernels import MAX_ROW_IN_LANES
+    assert 10 <= MAX_ROW_IN_LANES < 37
+    assert {c.classes <= MAX_ROW_IN_LANES for c in LOSS_CASES} == {True, False}
+    assert any(c.n * c.classes >= PARALLEL_LOSS_MIN and c.classes <= MAX_ROW_IN_LANES for c in LOSS_CASES)
+
+
+def test_softmax_cross_entropy_propagates_nan(losses):
+    case = LossCase(64, 10)
+    logits = random_array((case.n, case.classes), seed=4)
+    logits[9, 3] = np.nan
+    labels = np.zeros(case.n, np.int32)
+    assert np.isnan(losses.run(case, (), [logits, labels]).item())
 
 
 def test_softmax_cross_entropy_with_saturated_logits(losses):

@@ -244,6 +244,22 @@ class KernelBuilder:
                              [self.vec_type, PTR, I32, self.mask_type])
         self.b.call(fn, [value, self.gep(ptr, index), ir.Constant(I32, 4), mask])
 
+    def lane_addresses(self, ptr: ir.Value, indices: ir.Value) -> ir.Value:
+        """The vector of addresses of floats ptr[indices[lane]] (`indices`: a vector of i64)."""
+        addresses = self.b.gep(ptr, [indices], inbounds=True, source_etype=F32)
+        # llvmlite types a GEP by its base pointer; with a vector index LLVM's result is a
+        # vector of pointers, which the text above already is.
+        addresses.type = ir.VectorType(PTR, self.width)
+        return addresses
+
+    def gather_vec(self, addresses: ir.Value, mask: ir.Value, fill: float = 0.0) -> ir.Value:
+        """Load lane i from addresses[i] where `mask` enables it; other lanes hold `fill`
+        and their addresses are never read. Give it a constant mask: where LLVM emits no
+        gather instruction (AMD cores, SSE, NEON) a variable one costs a branch per lane."""
+        fn = self._intrinsic("llvm.masked.gather", self.vec_type,
+                             [addresses.type, I32, self.mask_type, self.vec_type])
+        return self.b.call(fn, [addresses, ir.Constant(I32, 4), mask, self.splat(fill)])
+
     def prefetch(self, ptr: ir.Value, index: ValueLike = 0) -> None:
         """Hint that the cache line holding float `index` past `ptr` will soon be read. Only a
         hint: it never faults, whatever the address."""
@@ -332,6 +348,7 @@ class KernelBuilder:
             "llvm.masked.load": [return_type, PTR],
             "llvm.masked.store": [arg_types[0], PTR],
             "llvm.prefetch": [PTR],
+            "llvm.masked.gather": [return_type, arg_types[0]],
         }[name]
         mangled = name + "".join("." + _type_suffix(t) for t in suffix)
         existing = self.module.globals.get(mangled)

@@ -9,17 +9,18 @@ without FMA instructions `mul_add` rounds twice (no libm `fmaf` call per lane).
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from typing import Callable, Sequence
 
 import llvmlite.ir as ir
 
 from .kernel import Kernel, phase_args, phase_function
-from .kernel_builder import F32, I32, I64, KernelBuilder
+from .kernel_builder import F32, I32, I64, PTR, KernelBuilder, shared_constant
 from .layout_kernels import (declare_intrinsic, for_each_vector, load_lanes, only_thread_zero,
                              open_phase, store_lanes, vector_lanes, vector_suffix, zero_floats)
 from .reduce_kernels import (ROW_BLOCK, SPAN_BLOCK, SUM_IDENTITY, VectorAccumulators,
                              blocked_sum, for_each_column_chunk, horizontal_max,
-                             horizontal_sum, span_max, span_sum, vector_add, vector_max)
+                             horizontal_sum, span_max, span_sum, tree_combine, vector_add,
+                             vector_max)
 
 __all__ = ["emit_softmax", "emit_softmax_cross_entropy", "emit_one_hot", "vector_exp", "vector_exp_any",
            "vector_log"]
@@ -30,6 +31,13 @@ SOFTMAX_CHUNK_VECTORS = 2
 # Below this many logits, cross-entropy runs in one phase on one thread: a second phase and
 # its barrier would cost more than the rows take.
 PARALLEL_LOSS_MIN = 16384
+# Cross-entropy over rows of at most this many logits (a classifier's 10) runs with rows in
+# the lanes (`_RowGroup`): W rows at a time, one vector per class gathered down them. Along
+# the lanes a row of 10 fills 10 of 16 lanes and needs a horizontal max and sum and a libm
+# log: 64 x 10 took 3.5-3.8 us a call, rows in lanes 2.6-2.9 (AVX2, with a ctypes call's
+# ~0.8; 256 x 10: 6.0-6.4 -> 3.6-3.8). Softmax, which writes every element back in rows,
+# gains only on rows shorter than a vector (64 x 3: 1.6 -> 1.1; 64 x 10 even; 64 x 16 slower).
+MAX_ROW_IN_LANES = 16
 
 # exp(x) = 2**n * exp(r) with n = round(x / ln 2) and |r| <= ln(2) / 2. ln 2 is split so that
 # n * LN2_HI is exact (LN2_HI = 355/512 has 9 significant bits, n needs at most 8), which
@@ -201,12 +209,80 @@ def emit_softmax(module: ir.Module, name: str, shape: Sequence[int], axis: int, 
 
 def _emit_softmax_rows(kb: KernelBuilder, out: ir.Value, x: ir.Value, tid: ir.Value,
                        nthreads: ir.Value, n_rows: int, length: int) -> None:
+    if length < kb.width:
+        def softmax_group(rows: _RowGroup) -> None:
+            # Written in x's own layout, the group's rows * length contiguous floats, with
+            # each lane's row maximum and 1 / sum moved in by a permute: storing the exps
+            # computed by row would need a scatter, one scalar store per element.
+            factor = kb.b.fdiv(kb.splat(1.0), rows.total)
+            start = kb.mul(rows.first, length)
+            for k, lanes in enumerate(vector_lanes(kb, rows.rows * length)):
+                index = kb.add(start, k * kb.width)
+                row_of_lane = [min((k * kb.width + lane) // length, kb.width - 1) for lane in range(kb.width)]
+                value = load_lanes(kb, x, index, lanes)
+                exp = vector_exp(kb, kb.b.fsub(value, rows.spread(rows.maximum, row_of_lane)))
+                store_lanes(kb, kb.fmul(exp, rows.spread(factor, row_of_lane)), out, index, lanes)
+
+        _for_each_row_group(kb, x, tid, nthreads, n_rows, length, softmax_group)
+        return
     lo, hi = kb.split_range(n_rows, tid, nthreads)
     with kb.for_range(lo, hi, name="row") as row:
         start = kb.mul(row, length)
         maximum = _row_max(kb, x, start, length)
         total = _row_exp_sum(kb, x, start, length, maximum, exps_out=out)
         _scale_row(kb, out, start, length, kb.b.fdiv(kb.f32(1.0), total))
+
+
+def _for_each_row_group(kb: KernelBuilder, x: ir.Value, tid: ir.Value, nthreads: ir.Value,
+                        n_rows: int, length: int, body: Callable[[_RowGroup], None]) -> None:
+    """body(group) for thread tid's share of the groups of W rows of x; the whole groups
+    and the short last one are emitted apart, so that every group's mask is a constant:
+    with a variable one, LLVM turns each gathered lane into a branch (it emits
+    no gather instruction on the AMD cores it deems slow at them, the Zen 3 here included)."""
+    full_groups, tail_rows = divmod(n_rows, kb.width)
+    lo, hi = kb.split_range(full_groups + (tail_rows > 0), tid, nthreads)
+    if full_groups:
+        with kb.for_range(lo, kb.min(hi, full_groups), name="group") as group:
+            body(_RowGroup(kb, x, group, kb.width, length))
+    if tail_rows:
+        with kb.if_then(kb.b.icmp_signed("==", hi, kb.i64(full_groups + 1))):
+            body(_RowGroup(kb, x, kb.i64(full_groups), tail_rows, length))
+
+
+class _RowGroup:
+    """Group `group` of W consecutive rows of `length` floats of x, one row per lane, of
+    which the first `rows` are real (the last group may be short: `mask` enables their
+    lanes): `columns[j]` holds element j of each row, `maximum` the rows' maxima,
+    `exps[j]` = exp(columns[j] - maximum), `total` their sums. Lanes past the rows read
+    nothing and compute values never stored."""
+
+    def __init__(self, kb: KernelBuilder, x: ir.Value, group: ir.Value, rows: int, length: int):
+        self.kb, self.length, self.rows = kb, length, rows
+        self.first = kb.mul(group, kb.width)
+        self.mask = kb.lane_mask(rows)
+        self.columns = [kb.gather_vec(self.addresses(x, j), self.mask) for j in range(length)]
+        self.maximum = tree_combine(kb, self.columns, vector_max)
+        self.exps = [vector_exp(kb, kb.b.fsub(column, self.maximum)) for column in self.columns]
+        self.total = tree_combine(kb, self.exps, vector_add)
+
+    def spread(self, per_row: ir.Value, row_of_lane: list[int]) -> ir.Value:
+        """A vector whose lane i holds lane row_of_lane[i] of `per_row` (a value per row)."""
+        indices = ir.Constant(ir.VectorType(I32, self.kb.width), row_of_lane)
+        return self.kb.b.shuffle_vector(per_row, per_row, indices)
+
+    def row_offsets(self, j: int) -> ir.Constant:
+        """Offsets of element j of each lane's row from the group's first row."""
+        return shared_constant(ir.VectorType(I64, self.kb.width),
+                               tuple(lane * self.length + j for lane in range(self.kb.width)))
+
+    def addresses(self, ptr: ir.Value, j: int | ir.Value) -> ir.Value:
+        """Addresses of element j of the group's rows in `ptr`, laid out as x; j may be a
+        vector of i64 (one column per lane)."""
+        kb = self.kb
+        base = kb.gep(ptr, kb.mul(self.first, self.length))
+        if isinstance(j, int):
+            return kb.lane_addresses(base, self.row_offsets(j))
+        return kb.lane_addresses(base, kb.b.add(self.row_offsets(0), j))
 
 
 def _emit_softmax_columns(kb: KernelBuilder, out: ir.Value, x: ir.Value, tid: ir.Value,
@@ -275,15 +351,14 @@ def emit_softmax_cross_entropy(module: ir.Module, name: str, logits_shape: Seque
         fn, kb = open_phase(module, name, 2, width)
         out, (logits, labels), scratch, tid, _ = phase_args(fn)
         only_thread_zero(kb, tid)
-        _emit_row_losses(kb, scratch, logits, labels, kb.i64(0), kb.i64(n_rows), classes)
+        _emit_losses(kb, scratch, logits, labels, kb.i64(0), kb.i64(1), n_rows, classes)
         _emit_mean(kb, out, scratch, n_rows)
         kb.b.ret_void()
         return Kernel([fn], scratch_floats=n_rows)
 
     rows_fn, kb = open_phase(module, f"{name}_row_losses", 2, width)
     _, (logits, labels), scratch, tid, nthreads = phase_args(rows_fn)
-    lo, hi = kb.split_range(n_rows, tid, nthreads)
-    _emit_row_losses(kb, scratch, logits, labels, lo, hi, classes)
+    _emit_losses(kb, scratch, logits, labels, tid, nthreads, n_rows, classes)
     kb.b.ret_void()
 
     mean_fn, kb = open_phase(module, f"{name}_mean", 2, width)
@@ -298,6 +373,32 @@ def _load_label(kb: KernelBuilder, labels: ir.Value, row: ir.Value) -> ir.Value:
     """labels[row] (int32) as an i64 index."""
     address = kb.b.gep(labels, [row], inbounds=True, source_etype=I32)
     return kb.b.sext(kb.b.load(address, typ=I32, align=4), I64)
+
+
+def _emit_losses(kb: KernelBuilder, losses: ir.Value, logits: ir.Value, labels: ir.Value,
+                 tid: ir.Value, nthreads: ir.Value, n_rows: int, classes: int) -> None:
+    """Thread tid's share of losses[i] (see `_emit_row_losses`), by groups of rows in lanes
+    when the rows are short enough."""
+    if classes > MAX_ROW_IN_LANES:
+        lo, hi = kb.split_range(n_rows, tid, nthreads)
+        _emit_row_losses(kb, losses, logits, labels, lo, hi, classes)
+        return
+    def group_losses(rows: _RowGroup) -> None:
+        label_vector = kb.b.sext(_load_labels(kb, labels, rows.first, rows.mask), ir.VectorType(I64, kb.width))
+        picked = kb.gather_vec(rows.addresses(logits, label_vector), rows.mask)
+        loss = kb.b.fsub(vector_log(kb, rows.total), kb.b.fsub(picked, rows.maximum))
+        kb.masked_store_vec(loss, losses, rows.first, rows.mask)
+
+    _for_each_row_group(kb, logits, tid, nthreads, n_rows, classes, group_losses)
+
+
+def _load_labels(kb: KernelBuilder, labels: ir.Value, first: ir.Value, mask: ir.Value) -> ir.Value:
+    """labels[first + lane] (int32) for the lanes `mask` enables, 0 in the others."""
+    int_vec = ir.VectorType(I32, kb.width)
+    fn = declare_intrinsic(kb.module, f"llvm.masked.load.v{kb.width}i32.p0", int_vec,
+                           [PTR, I32, kb.mask_type, int_vec])
+    address = kb.b.gep(labels, [first], inbounds=True, source_etype=I32)
+    return kb.b.call(fn, [address, ir.Constant(I32, 4), mask, ir.Constant(int_vec, [0] * kb.width)])
 
 
 def _emit_row_losses(kb: KernelBuilder, losses: ir.Value, logits: ir.Value,
