@@ -21,10 +21,11 @@ import numpy as np
 import pytest
 
 from graphc.codegen import target
-from graphc.codegen.gemm import (MAX_A_BLOCK_FLOATS, DotPlan, GemmPlan, choose_plan, emit_gemm,
-                                 gemm_workspace_floats, plan_gemm)
+from graphc.codegen.gemm import (MAX_A_BLOCK_FLOATS, MAX_PANEL_FLOATS, MIN_K_BLOCK, DotPlan, GemmPlan,
+                                 choose_plan, emit_gemm, gemm_workspace_floats, plan_gemm)
 from graphc.codegen.gemm_dot import choose_dot_plan
 from graphc.codegen.kernel_builder import I64, PTR, KernelBuilder
+from read_guards import ending_at_guard_page
 
 _P = ctypes.c_void_p
 GEMM_CFUNC = ctypes.CFUNCTYPE(None, _P, _P, _P, _P, _P, ctypes.c_int64, ctypes.c_int64)
@@ -50,6 +51,7 @@ class Case:
     dot: tuple[int, int] | None = None
     mc: int | None = None   # A packed in blocks of mc rows (split "n")
     kc: int | None = None   # K blocks of kc (the host's plan may take all of K in one)
+    host: bool = False      # exactly the plan plan_gemm makes for this host (no overrides)
 
     @property
     def name(self) -> str:
@@ -59,6 +61,8 @@ class Case:
         return f"gemm_{self.M}x{self.N}x{self.K}{flags}"
 
     def plan(self) -> GemmPlan | DotPlan:
+        if self.host:
+            return plan_gemm(self.M, self.N, self.K, trans_a=self.trans_a, trans_b=self.trans_b)
         if self.dot is not None:
             rows, cols = self.dot
             return DotPlan(self.M, self.N, self.K, width=self.width or target.vector_width_f32(),
@@ -87,7 +91,7 @@ SHAPE_CASES = [
         (1, 1, 1), (1, 1, 300), (1, 19, 1), (5, 1, 7), (2, 9, 3),
         (6, 16, 8),            # exactly one register tile on AVX2
         (12, 32, 256),         # whole tiles, whole strips, one full K block
-        (7, 13, 300),          # K > 256, not a multiple of it
+        (7, 13, 300),          # K > 256 (one block on AVX2, two on AVX-512)
         (13, 37, 513),         # tails everywhere
         (31, 47, 29),          # primes
         (6, 784, 25),          # conv-like
@@ -159,11 +163,20 @@ PACKED_A_CASES = [
     Case(37, 150, 300, trans_a=True, trans_b=True, accumulate=True, bias="row", relu=True, mc=18),
     Case(40, 33, 70, trans_a=True, bias="col", mc=6),
     Case(1, 50, 20, trans_a=True, mc=6),
-    Case(300, 130, 300, trans_a=True),           # the host's plan packs A: two blocks of 150 rows
 ] + [Case(29, 70, 300, width=w, trans_a=True, bias="col", relu=True, mc=12) for w in (4, 16)]
 
+# Plans exactly as plan_gemm makes them on this host, packed A included (M x kc past
+# MIN_FLOATS_TO_PACK_A): blocks of A balanced by _m_block_rows, K in one block or several.
+HOST_PLAN_CASES = [
+    Case(300, 130, 300, trans_a=True, host=True),
+    Case(301, 130, 2000, trans_a=True, bias="col", host=True),
+    Case(100, 200, 3000, trans_a=True, trans_b=True, host=True),
+    Case(10, 784, 300, trans_a=True, host=True),     # B read in place, all of K in one block
+]
+
 ALL_CASES = list(dict.fromkeys(SHAPE_CASES + EPILOGUE_CASES + OTHER_WIDTH_CASES
-                               + THREAD_CASES + DOT_CASES + DIRECT_B_CASES + PACKED_A_CASES))
+                               + THREAD_CASES + DOT_CASES + DIRECT_B_CASES + PACKED_A_CASES
+                               + HOST_PLAN_CASES))
 
 
 def _compile_cases(cases) -> bytes:
@@ -204,8 +217,9 @@ class Problem:
         rng = np.random.default_rng(seed)
         M, N, K = case.M, case.N, case.K
         self.case = case
-        self.A = rng.standard_normal((K, M) if case.trans_a else (M, K), dtype=np.float32)
-        self.B = rng.standard_normal((N, K) if case.trans_b else (K, N), dtype=np.float32)
+        # Inputs end at an inaccessible page: a read past A or B faults (see read_guards).
+        self.A = ending_at_guard_page(rng.standard_normal((K, M) if case.trans_a else (M, K), dtype=np.float32))
+        self.B = ending_at_guard_page(rng.standard_normal((N, K) if case.trans_b else (K, N), dtype=np.float32))
         self.bias = (rng.standard_normal(N if case.bias == "col" else M, dtype=np.float32)
                      if case.bias else None)
         self.C0 = rng.standard_normal((M, N), dtype=np.float32)
@@ -273,7 +287,7 @@ def _run_concurrently(fn, args, nthreads):
 
 # ------------------------------------------------------------------ GEMM
 @pytest.mark.parametrize("case", SHAPE_CASES + EPILOGUE_CASES + DOT_CASES + DIRECT_B_CASES
-                         + PACKED_A_CASES, ids=lambda c: c.name)
+                         + PACKED_A_CASES + HOST_PLAN_CASES, ids=lambda c: c.name)
 def test_gemm_matches_numpy(compiled, case):
     problem = Problem(case)
     problem.check(problem.run(compiled[case]))
@@ -285,8 +299,8 @@ def test_gemm_blocking_of_other_vector_widths(compiled, case):
     problem.check(problem.run(compiled[case]))
 
 
-@pytest.mark.parametrize("case", THREAD_CASES + DOT_CASES[:6] + DIRECT_B_CASES + PACKED_A_CASES[:3],
-                         ids=lambda c: c.name)
+@pytest.mark.parametrize("case", THREAD_CASES + DOT_CASES[:6] + DIRECT_B_CASES + PACKED_A_CASES
+                         + HOST_PLAN_CASES, ids=lambda c: c.name)
 @pytest.mark.parametrize("nthreads", [2, 3, 8])
 def test_gemm_threads_match_single_thread(compiled, case, nthreads):
     problem = Problem(case)
@@ -355,6 +369,34 @@ def test_host_plan_packs_a_transposed_a_that_outgrows_l1():
         dataclasses.replace(plan, split="m")
     with pytest.raises(ValueError, match="A stored"):
         emit_gemm(target.new_module("t"), "g", 512, 784, 256, plan=plan)
+
+
+def test_host_plan_cases_pack_a_as_they_claim():
+    packed = [case.plan() for case in HOST_PLAN_CASES[:3]]
+    assert all(plan.pack_a for plan in packed)
+    assert any(-(-plan.M // plan.mc) > 1 for plan in packed)      # several blocks of A
+    assert any(plan.k_blocks > 1 for plan in packed)              # several K blocks
+    direct = HOST_PLAN_CASES[3].plan()
+    assert not direct.pack_b and direct.k_blocks == 1
+
+
+def test_k_takes_no_more_blocks_than_of_256_steps():
+    """Whatever the tile (a few rows take wide strips) and the host, K takes no more blocks
+    (passes over C) than blocks of 256 steps (MIN_K_BLOCK) would need."""
+    assert MIN_K_BLOCK == 256
+    for width, registers in [(4, 16), (8, 16), (4, 32), (16, 32)]:
+        for M in range(1, 9):
+            for K in (100, 256, 300, 700, 5000):
+                plan = choose_plan(M, 60 * width, K, width=width, vector_registers=registers)
+                assert plan.k_blocks <= -(-K // 256), plan   # 256: every plan's block before
+                assert plan.panel_floats <= max(MAX_PANEL_FLOATS, plan.panel_rows * plan.strip_width)
+    # B read in place has no panel to fit: all of K is one block
+    assert plan_gemm(1, 784, 5000, trans_a=True).k_blocks == 1
+
+
+def test_packed_a_blocks_keep_every_thread_on_a_cache_line():
+    plan = plan_gemm(512, 784, 256, trans_a=True)
+    assert plan.thread_floats % 16 == 0
 
 
 def test_few_rows_take_wider_register_tiles():

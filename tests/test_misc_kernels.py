@@ -30,6 +30,7 @@ from graphc.codegen.misc_kernels import (emit_broadcast_copy, emit_copy, emit_on
 from graphc.codegen.reduce_kernels import PARALLEL_TOTAL_MIN
 from graphc.codegen.softmax_kernels import PARALLEL_LOSS_MIN
 from graphc.ops.registry import OPS
+from read_guards import ending_at_guard_page
 
 SENTINEL = np.float32(-12345.0)
 GUARD = 16
@@ -77,7 +78,7 @@ class CompiledKernels:
 
     def _run_once(self, key, out_shape, inputs, nthreads, concurrent) -> np.ndarray:
         kernel = self.kernels[key]
-        inputs = [np.ascontiguousarray(a) for a in inputs]
+        inputs = [ending_at_guard_page(a) for a in inputs]
         out_whole, out = _guarded(int(np.prod(out_shape, dtype=np.int64)))
         scratch_whole, scratch = _guarded(kernel.scratch_floats)
         phases = [self._callable(phase) for phase in kernel.phases]
@@ -244,21 +245,29 @@ def test_softmax_matches_reference(softmaxes, case, scale):
     np.testing.assert_allclose(result.sum(axis=case.axis), 1.0, rtol=1e-5)
 
 
-def test_softmax_of_extreme_logits(softmaxes):
-    case = SoftmaxCase((5, 11), 1)
+# Rows along the lanes (11 classes on AVX2) and rows in lanes (5 classes; 3 with 4 lanes).
+EXTREME_CASES = [SoftmaxCase((5, 11), 1), SoftmaxCase((13, 5), 1), SoftmaxCase((13, 5), 1, 16),
+                 SoftmaxCase((13, 3), 1, 4)]
+SOFTMAX_CASES += [case for case in EXTREME_CASES if case not in SOFTMAX_CASES]
+
+
+@pytest.mark.parametrize("case", EXTREME_CASES, ids=str)
+def test_softmax_of_extreme_logits(softmaxes, case):
+    n, length = case.shape
     x = np.zeros(case.shape, np.float32)
-    x[:, 3] = 100.0
+    x[:, 1] = 100.0
     x[1] = -100.0
-    x[2, :] = [1e4, -1e4] * 5 + [0.0]
+    x[2, :] = ([1e4, -1e4] * length)[:length]
     x[3, 0] = -np.inf
+    x[4, :] = 3e38
     expected = reference("softmax", [x], axis=1)
     np.testing.assert_allclose(softmaxes.run(case, x.shape, [x]), expected, rtol=1e-5, atol=1e-7)
 
 
-def test_softmax_propagates_nan(softmaxes):
-    case = SoftmaxCase((5, 11), 1)
+@pytest.mark.parametrize("case", EXTREME_CASES, ids=str)
+def test_softmax_propagates_nan(softmaxes, case):
     x = random_array(case.shape, seed=3)
-    x[2, 7] = np.nan
+    x[2, case.shape[1] - 1] = np.nan
     result = softmaxes.run(case, x.shape, [x])
     assert np.isnan(result[2]).all() and not np.isnan(np.delete(result, 2, axis=0)).any()
 

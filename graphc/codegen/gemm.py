@@ -8,7 +8,8 @@ B stored (K,N), or with trans_b B stored (N,K).  C is (M,N) row-major.
 How it is fast (see shared/NOTES-llvm.md for the measurements):
 
   * K is cut into blocks (`kc`) whose packed panel holds at most
-    MAX_PANEL_FLOATS: 256 steps on AVX-512, 1024 on AVX2.  Within a block, B
+    MAX_PANEL_FLOATS (256 steps on AVX-512, 1024 on AVX2 with the 6-row
+    tile), but never fewer than MIN_K_BLOCK steps.  Within a block, B
     is cut into strips of `strip_width` = vecs*W columns, and each strip is
     packed into a contiguous panel (kc x strip_width floats, row k after row
     k-1) in the caller's workspace, read in order by every row tile of the
@@ -74,11 +75,16 @@ GEMM_ARG_NAMES = ("A", "B", "C", "bias", "workspace", "tid", "nthreads")
 _FLOATS_PER_LINE = 16
 
 # A packed B panel holds at most this many floats (64 KiB), which bounds the K block: 256 for
-# AVX-512's 64-column strips (512 measured much worse there), 1024 for AVX2's 16 columns. A
-# longer K block means fewer passes over C, each of which reloads every tile of C from L3
-# (AVX2, 256x512x784: kc = 262 ran at 0.93x numpy, kc = 784 at 1.01x). The panel then
-# outgrows L1, but a micro-kernel reads it in order, two vectors per k, which L2 keeps up with.
+# AVX-512's 64-column strips of 6-row tiles (512 measured much worse there), 1024 for AVX2's
+# 16 columns. A longer K block means fewer passes over C, each of which reloads every tile of
+# C from L3 (AVX2, 256x512x784: kc = 262 ran at 0.93x numpy, kc = 784 at 1.01x). The panel
+# then outgrows L1, but a micro-kernel reads it in order, two vectors per k, which L2 keeps
+# up with.
 MAX_PANEL_FLOATS = 16384
+# ... but never shorter than this, the block every strip had before: a tile of few rows
+# (M < 6) takes wider strips (AVX-512, one row: 240 columns), whose panel bound would
+# otherwise cut K into blocks of 64.
+MIN_K_BLOCK = 256
 
 # Row tiles of C up to which B (stored (K, N)) is read in place instead of packed.
 MAX_TILES_WITHOUT_PACKING = 2
@@ -171,7 +177,11 @@ class GemmPlan:
     def a_block_floats(self) -> int:
         """Floats of one packed block of A: its tiles' panels of kc x rows, plus one vector
         because the packer stores whole vectors and the last one may reach past the block."""
-        return self.a_block_tiles * self.kc * self.rows + self.width if self.pack_a else 0
+        if not self.pack_a:
+            return 0
+        # Rounded up to whole cache lines, so that the next thread's panel starts on one.
+        floats = self.a_block_tiles * self.kc * self.rows + self.width
+        return -(-floats // _FLOATS_PER_LINE) * _FLOATS_PER_LINE
 
     @property
     def thread_floats(self) -> int:
@@ -196,9 +206,9 @@ def choose_plan(M: int, N: int, K: int, *, width: int | None = None,
     # Splitting M makes every thread pack all of B; it wins only when N has
     # too few strips to share (e.g. N = 16 with M = 100: 1 strip, 17 tiles).
     split = "n" if strips >= min(tiles, 8) else "m"
-    # Balance the K blocks (K=300 -> 150+150, not 256+44): the short block
-    # would otherwise pay the same C load/store per tile for little work.
-    k_blocks = math.ceil(K / max(1, MAX_PANEL_FLOATS // (vecs * width)))
+    # Balance the K blocks (K=1300 -> 650+650 on AVX2, not 1024+276): the short
+    # block would otherwise pay the same C load/store per tile for little work.
+    k_blocks = math.ceil(K / max(MIN_K_BLOCK, MAX_PANEL_FLOATS // (vecs * width)))
     kc = math.ceil(K / k_blocks)
     return GemmPlan(M=M, N=N, K=K, width=width, rows=rows, vecs=vecs, kc=kc,
                     split=split)
@@ -236,7 +246,8 @@ def plan_gemm(M: int, N: int, K: int, *, trans_a: bool = False,
     if not trans_b and packed.tiles <= MAX_TILES_WITHOUT_PACKING:
         # A packed panel pays off by being read once per row tile; with one or two tiles the
         # copy costs as much as it saves (logreg's weight gradient: 10 x 784 from K = 64).
-        return dataclasses.replace(packed, pack_b=False)
+        # With no panel to keep in cache, all of K is one block: C's tiles are stored once.
+        return dataclasses.replace(packed, pack_b=False, kc=K)
     if trans_a and packed.split == "n" and M * packed.kc >= MIN_FLOATS_TO_PACK_A:
         return dataclasses.replace(packed, pack_a=True, mc=_m_block_rows(M, packed.rows, packed.kc))
     return packed
@@ -343,7 +354,7 @@ class _GemmEmitter:
         return fn, kb, fn.args[:7], tuple(fn.args[7:])
 
     def emit(self) -> ir.Function:
-        """The driver: K blocks > this thread's strips > row tiles."""
+        """The driver: K blocks > (blocks of A, when packed) > this thread's strips > row tiles."""
         p = self.plan
         fn, kb, (a, b, c, bias, workspace, tid, nthreads), extras = self.driver_function()
 

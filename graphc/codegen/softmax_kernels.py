@@ -187,7 +187,8 @@ def emit_softmax(module: ir.Module, name: str, shape: Sequence[int], axis: int, 
     """out = softmax(in0, axis): exp(x - max) / sum(exp(x - max)) along `axis`.
 
     The tensor is viewed as (outer, length, inner) around the axis. With inner == 1 (the last
-    axis) each row is contiguous and threads split the rows; otherwise threads split
+    axis) each row is contiguous and threads split the rows (groups of W rows, one per lane,
+    when rows are shorter than a vector); otherwise threads split
     (outer, chunk of inner columns) items and every pass runs down the axis with vectors of
     adjacent columns. `width` overrides the host's vector width (for tests).
     """
