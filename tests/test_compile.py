@@ -208,8 +208,9 @@ def test_sgd_update_fuses_into_the_weight_gradient_gemm():
 def test_sgd_update_stays_apart_from_a_gemm_with_several_k_blocks():
     """With several K blocks a GEMM's C holds partial sums until the last one, so an update of
     W from C fused in place would read them: a batch of 3000 (K of the weight gradients, more
-    than one block on any host) keeps the updates as kernels of their own, and they are right."""
-    model = models.mlp(3000, sizes=(20, 16, 3))
+    than one block on any host; 16 and 13 output rows, more than two row tiles, so B is packed)
+    keeps the updates as kernels of their own, and they are right."""
+    model = models.mlp(3000, sizes=(20, 16, 13))
     params = gc.init_params(model.graph, seed=0)
     feeds = models.random_batch(model, np.random.default_rng(1))
     names = list(params)
