@@ -2,6 +2,7 @@
 
     cache        on-disk cache of compiled object code (ObjectCache, make_key)
     loader       links object code into the process (NativeLibrary, create_host_target_machine)
+    elf_link     the linker NativeLibrary uses on x86-64 ELF hosts, MCJIT's stand-in (internal)
     threads      thread count and the team that runs an entry on several threads (ThreadTeam)
     slots        descriptions of the entry's arguments (Input, Param, State, Output, Workspace)
     program      a loaded program, callable with numpy arrays (Program)

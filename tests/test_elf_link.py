@@ -1,0 +1,155 @@
+"""graphc's own linker (graphc_runtime/elf_link.py) against MCJIT, which it replaces on x86-64
+ELF hosts: the same results, the fallback to MCJIT for what it does not link, and no memory
+kept by libraries that are gone."""
+from __future__ import annotations
+
+import ctypes
+import gc as garbage
+import platform
+
+import llvmlite.binding as llvm
+import numpy as np
+import pytest
+
+import graphc as gc
+import graphc_runtime as rt
+from graphc import models
+from graphc_runtime import elf_link
+from graphc_runtime.loader import LINKER_VARIABLE
+
+X86_64_ELF = llvm.get_object_format() == "ELF" and platform.machine().lower() in ("x86_64", "amd64")
+needs_x86_64_elf = pytest.mark.skipif(not X86_64_ELF, reason="the own linker serves x86-64 ELF hosts")
+
+# expf from libm, memset from libc, a constant-pool vector, an internal helper and a global:
+# the kinds of reference graphc's kernels make. Not nounwind, so it also has an unwind table
+# (graphc's kernels have none), which the own linker leaves out.
+IR = """
+@counter = internal global i64 0
+declare float @expf(float)
+declare ptr @memset(ptr, i32, i64)
+
+define internal <4 x float> @scale(<4 x float> %v) noinline {
+  %r = fmul <4 x float> %v, <float 1.0, float 2.0, float 3.0, float 4.0>
+  ret <4 x float> %r
+}
+
+define float @entry(ptr %out, ptr %bytes, i64 %count) {
+  %v = load <4 x float>, ptr %out
+  %s = call <4 x float> @scale(<4 x float> %v)
+  store <4 x float> %s, ptr %out
+  call ptr @memset(ptr %bytes, i32 171, i64 %count)
+  %c = load i64, ptr @counter
+  %c1 = add i64 %c, 1
+  store i64 %c1, ptr @counter
+  %f = sitofp i64 %c1 to float
+  %e = call float @expf(float %f)
+  ret float %e
+}
+"""
+ENTRY = ctypes.CFUNCTYPE(ctypes.c_float, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64)
+
+
+def _object(jit_code_model: bool = True) -> bytes:
+    rt.initialize_llvm()
+    target_machine = (rt.create_host_target_machine() if jit_code_model else
+                      llvm.Target.from_default_triple().create_target_machine(opt=2, codemodel="small"))
+    module = llvm.parse_assembly(IR)
+    module.triple = target_machine.triple
+    module.data_layout = str(target_machine.target_data)
+    return target_machine.emit_object(module)
+
+
+def _call_twice(library: rt.NativeLibrary) -> list:
+    entry = ENTRY(library.address("entry"))
+    out = np.ones(4, np.float32)
+    data = np.zeros(16, np.uint8)
+    results = [entry(out.ctypes.data, data.ctypes.data, 16) for _ in range(2)]
+    return [results, out.tolist(), data.tolist()]
+
+
+@needs_x86_64_elf
+def test_the_own_linker_runs_what_mcjit_runs(monkeypatch):
+    own = rt.NativeLibrary(_object())
+    assert own.linker == "graphc"
+    monkeypatch.setenv(LINKER_VARIABLE, "mcjit")
+    reference = rt.NativeLibrary(_object())
+    assert reference.linker == "mcjit"
+    # each library's own counter: exp(1), exp(2); the helper's constants; libc's memset
+    assert _call_twice(own) == _call_twice(reference)
+    assert _call_twice(own)[0] == pytest.approx([np.exp(3), np.exp(4)], rel=1e-6)
+
+
+def test_objects_it_does_not_link_go_to_mcjit():
+    """The default (small) code model calls expf through a 32-bit PC-relative relocation,
+    which only MCJIT links (it builds a stub)."""
+    library = rt.NativeLibrary(_object(jit_code_model=False))
+    assert library.linker == "mcjit"
+    assert _call_twice(library)[1] == [1.0, 4.0, 9.0, 16.0]
+
+
+@needs_x86_64_elf
+@pytest.mark.parametrize("threads", [1, 2])
+def test_a_training_step_linked_either_way_trains_alike(monkeypatch, threads):
+    previous = gc.get_num_threads()
+    gc.set_num_threads(threads)
+    try:
+        model = models.mlp(64, sizes=(30, 20, 10))
+        feeds = models.random_batch(model, np.random.default_rng(0))
+        results = {}
+        for linker in ("graphc", "mcjit"):
+            monkeypatch.setenv(LINKER_VARIABLE, linker)
+            params = gc.init_params(model.graph, seed=0)
+            step = gc.compile_training_step(model.loss, params, gc.SGD(lr=0.1))
+            assert step._program.library.linker == linker
+            losses = [step(**feeds) for _ in range(3)]
+            results[linker] = (losses, {name: value.copy() for name, value in params.items()})
+        assert results["graphc"][0] == results["mcjit"][0]
+        for name, value in results["graphc"][1].items():
+            np.testing.assert_array_equal(value, results["mcjit"][1][name])
+    finally:
+        gc.set_num_threads(previous)
+
+
+@needs_x86_64_elf
+def test_a_missing_symbol_is_refused_before_anything_runs():
+    module_text = IR.replace("@expf", "@graphc_no_such_function")
+    target_machine = rt.create_host_target_machine()
+    module = llvm.parse_assembly(module_text)
+    module.triple = target_machine.triple
+    with pytest.raises(rt.MissingSymbolError, match="graphc_no_such_function"):
+        rt.NativeLibrary(target_machine.emit_object(module))
+
+
+def _resident_kib() -> int:
+    with open("/proc/self/status") as status:
+        return next(int(line.split()[1]) for line in status if line.startswith("VmRSS:"))
+
+
+@needs_x86_64_elf
+def test_dropped_libraries_give_their_memory_back():
+    obj = _object()
+    for _ in range(20):
+        rt.NativeLibrary(obj)
+    garbage.collect()
+    before = _resident_kib()
+    for _ in range(500):
+        library = rt.NativeLibrary(obj)
+        _call_twice(library)
+        del library
+    garbage.collect()
+    # 500 libraries of two pages each would hold 4 MB if their mappings were not unmapped
+    assert _resident_kib() - before < 1024
+
+
+def test_link_declines_other_machines():
+    llvm.initialize_all_targets()
+    llvm.initialize_all_asmprinters()
+    try:
+        aarch64 = llvm.Target.from_triple("aarch64-unknown-linux-gnu")
+    except RuntimeError:
+        pytest.skip("this llvmlite has no AArch64 backend")
+    target_machine = aarch64.create_target_machine(jit=True)
+    module = llvm.parse_assembly(IR)
+    module.triple = target_machine.triple
+    module.data_layout = str(target_machine.target_data)
+    assert elf_link.link([target_machine.emit_object(module)]) is None
