@@ -33,13 +33,15 @@ _SYMBOL = struct.Struct("<IBBHQQ")
 _RELA = struct.Struct("<QQq")
 _MAGIC = b"\x7fELF\x02\x01"
 _ET_REL, _EM_X86_64 = 1, 62
-_SHT_PROGBITS, _SHT_SYMTAB, _SHT_RELA, _SHT_NOBITS = 1, 2, 4, 8
+_SHT_PROGBITS, _SHT_SYMTAB, _SHT_RELA, _SHT_NOBITS, _SHT_REL = 1, 2, 4, 8, 9
 _SHT_X86_64_UNWIND = 0x70000001
-_SHF_ALLOC, _SHF_EXECINSTR = 0x2, 0x4
+_SHF_ALLOC, _SHF_EXECINSTR, _SHF_TLS = 0x2, 0x4, 0x400
 _SHN_UNDEF, _SHN_ABS, _SHN_LORESERVE = 0, 0xFFF1, 0xFF00
 _STB_LOCAL = 0
-_STT_SECTION = 3
+_STT_SECTION, _STT_GNU_IFUNC = 3, 10
 _R_X86_64_NONE, _R_X86_64_64 = 0, 1
+# Far beyond any object graphc emits; bounds a malformed size before it reaches mmap.
+_MAX_SECTION_BYTES = 1 << 32
 
 try:  # the process's own symbols (libc, libm, ...) and the POSIX memory calls
     _process = ctypes.CDLL(None)
@@ -91,17 +93,29 @@ class _Object:
         for index in range(section_count):
             name, kind, flags, _, offset, size, link, info, align, entry_size = _SECTION.unpack_from(
                 blob, section_offset + index * section_entry_size)
-            if kind != _SHT_NOBITS and offset + size > len(blob):
+            if size > _MAX_SECTION_BYTES or (kind != _SHT_NOBITS and offset + size > len(blob)):
                 raise _malformed(f"section {index} lies past the end of the object")
-            self.sections.append(_Section(name, kind, flags, offset, size, link, info, max(align, 1), entry_size))
+            align = max(align, 1)
+            if align & (align - 1):
+                raise _malformed(f"section {index} has alignment {align}, not a power of two")
+            self.sections.append(_Section(name, kind, flags, offset, size, link, info, align, entry_size))
+        for section in self.sections:
+            if section.flags & _SHF_ALLOC and (section.flags & _SHF_TLS or section.align > mmap.PAGESIZE):
+                raise _Unsupported("thread-local or over-aligned section")
+            if section.kind == _SHT_REL:  # relocations without addends: never emitted for x86-64
+                raise _Unsupported("SHT_REL relocations")
         self.addresses: dict[int, int] = {}   # section index -> address, for allocated sections
         symbol_tables = [s for s in self.sections if s.kind == _SHT_SYMTAB]
         if len(symbol_tables) != 1:
             raise _malformed(f"{len(symbol_tables)} symbol tables")
         self.symbols = self._read_symbols(symbol_tables[0])
+        if any(kind == _STT_GNU_IFUNC for _, _, kind, _, _ in self.symbols):
+            raise _Unsupported("indirect functions")
 
     def _read_symbols(self, table: _Section) -> list[tuple[str, int, int, int, int]]:
         """(name, binding, kind, section index, value) of every entry, the null one included."""
+        if table.entry_size < _SYMBOL.size:
+            raise _malformed(f"symbol entries of {table.entry_size} bytes")
         strings = self.sections[table.link].offset
         symbols = []
         for position in range(table.offset, table.offset + table.size, table.entry_size):
@@ -120,10 +134,14 @@ class _Object:
                 if s.flags & _SHF_ALLOC and s.kind != _SHT_X86_64_UNWIND
                 and bool(s.flags & _SHF_EXECINSTR) == executable]
 
-    def symbol_address(self, index: int, resolve_external) -> int:
+    def symbol_address(self, index: int, externals: dict[str, int]) -> int:
+        if not 0 <= index < len(self.symbols):
+            raise _malformed(f"a relocation names symbol {index} of {len(self.symbols)}")
+        if index == 0:  # the null symbol: S = 0
+            return 0
         name, _, kind, section, value = self.symbols[index]
         if section == _SHN_UNDEF:
-            return resolve_external(name)
+            return externals[name]
         if section == _SHN_ABS:
             return value
         if section >= _SHN_LORESERVE or section not in self.addresses:
@@ -137,8 +155,13 @@ class LinkedImage:
     def __init__(self, regions: list[tuple[int, int]], exported: dict[str, int]):
         self.exported = exported
         self._finalizer = weakref.finalize(self, _unmap, regions)
+        # Not at interpreter exit: a daemon thread may still be running the code then (the
+        # process's end frees the memory anyway).
+        self._finalizer.atexit = False
 
     def address(self, symbol: str) -> int | None:
+        """Address of a global or weak symbol the objects define (as MCJIT's lookup, but
+        internal functions are not found: nothing asks for them)."""
         return self.exported.get(symbol)
 
 
@@ -148,9 +171,9 @@ def _unmap(regions: list[tuple[int, int]]) -> None:
 
 
 def _process_symbol(name: str) -> int | None:
-    try:
-        return ctypes.cast(getattr(_process, name), ctypes.c_void_p).value
-    except AttributeError:
+    try:  # item access always asks dlsym (attribute access could find the CDLL's own attributes)
+        return ctypes.cast(_process[name], ctypes.c_void_p).value
+    except (AttributeError, ValueError):  # ValueError: a name with a NUL byte
         return None
 
 
@@ -170,16 +193,18 @@ def link(objects: list[bytes]) -> LinkedImage | None:
         # Data stays read-write: .lbss holds the program's zero-initialized globals.
         _lay_out(parsed, executable=False, regions=regions)
         exported = _exported_symbols(parsed)
+        externals = _externals(parsed, exported)
         for obj in parsed:
             _copy_sections(obj)
-        resolve = _external_resolver(exported)
-        for obj in parsed:
-            _relocate(obj, resolve)
+            _relocate(obj, externals)
         if code and _mprotect(code[0], code[1], mmap.PROT_READ | mmap.PROT_EXEC) != 0:
             raise _Unsupported("mprotect refused read+execute")
     except _Unsupported:
         _unmap(regions)
         return None
+    except (struct.error, IndexError, UnicodeDecodeError) as error:
+        _unmap(regions)
+        raise _malformed(str(error)) from None
     except BaseException:
         _unmap(regions)
         raise
@@ -197,6 +222,8 @@ def _lay_out(parsed: list[_Object], executable: bool, regions: list) -> tuple[in
             size += section.size
     if size == 0:
         return None
+    if size > _MAX_SECTION_BYTES:
+        raise _malformed(f"{size} bytes of sections")
     size = -(-size // mmap.PAGESIZE) * mmap.PAGESIZE
     base = _mmap(None, size, mmap.PROT_READ | mmap.PROT_WRITE, mmap.MAP_PRIVATE | _MAP_ANONYMOUS, -1, 0)
     if base in (None, _MAP_FAILED):
@@ -223,30 +250,36 @@ def _exported_symbols(parsed: list[_Object]) -> dict[str, int]:
             if name and binding != _STB_LOCAL and section != _SHN_UNDEF:
                 if name in exported:
                     raise _malformed(f"symbols defined twice: {name}")
-                exported[name] = obj.symbol_address(index, None)
+                exported[name] = obj.symbol_address(index, {})
     return exported
 
 
-def _external_resolver(exported: dict[str, int]):
+def _externals(parsed: list[_Object], exported: dict[str, int]) -> dict[str, int]:
+    """The address of every undefined symbol: another object's export, else the process's."""
     from .loader import MissingSymbolError
+    externals, missing = {}, set()
+    for obj in parsed:
+        for name, _, _, section, _ in obj.symbols[1:]:
+            if section == _SHN_UNDEF and name not in externals:
+                address = exported.get(name) or _process_symbol(name)
+                if address:
+                    externals[name] = address
+                else:
+                    missing.add(name)
+    if missing:
+        raise MissingSymbolError(
+            "the compiled object needs symbols this process does not provide: " + ", ".join(sorted(missing)))
+    return externals
 
-    def resolve(name: str) -> int:
-        address = exported.get(name)
-        if address is None:
-            address = _process_symbol(name)
-        if not address:
-            raise MissingSymbolError(
-                f"the compiled object needs symbols this process does not provide: {name}")
-        return address
-    return resolve
 
-
-def _relocate(obj: _Object, resolve) -> None:
+def _relocate(obj: _Object, externals: dict[str, int]) -> None:
     for section in obj.sections:
         if section.kind != _SHT_RELA or section.info not in obj.addresses:
             continue  # relocations of sections not loaded (unwind tables)
         target = obj.addresses[section.info]
         target_size = obj.sections[section.info].size
+        if section.entry_size < _RELA.size:
+            raise _malformed(f"relocation entries of {section.entry_size} bytes")
         for position in range(section.offset, section.offset + section.size, section.entry_size):
             offset, info, addend = _RELA.unpack_from(obj.blob, position)
             kind = info & 0xFFFFFFFF
@@ -256,5 +289,5 @@ def _relocate(obj: _Object, resolve) -> None:
                 raise _Unsupported(f"relocation type {kind}")
             if offset + 8 > target_size:
                 raise _malformed("a relocation lies past its section")
-            value = (obj.symbol_address(info >> 32, resolve) + addend) & 0xFFFFFFFFFFFFFFFF
+            value = (obj.symbol_address(info >> 32, externals) + addend) & 0xFFFFFFFFFFFFFFFF
             ctypes.c_uint64.from_address(target + offset).value = value

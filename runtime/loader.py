@@ -140,7 +140,8 @@ class NativeLibrary:
         return engine
 
     def address(self, symbol: str) -> int:
-        """Address of a function the object defines; raises MissingSymbolError if it does not."""
+        """Address of a global function the objects define; raises MissingSymbolError if they
+        do not."""
         address = self._addresses.get(symbol)
         if address is None:
             if self._image is not None:

@@ -6,6 +6,10 @@ from __future__ import annotations
 import ctypes
 import gc as garbage
 import platform
+import struct
+import subprocess
+import sys
+import textwrap
 
 import llvmlite.binding as llvm
 import numpy as np
@@ -153,3 +157,74 @@ def test_link_declines_other_machines():
     module.triple = target_machine.triple
     module.data_layout = str(target_machine.target_data)
     assert elf_link.link([target_machine.emit_object(module)]) is None
+
+
+# ---------------------------------------------------------------------------- damaged objects
+
+_SECTION = struct.Struct("<IIQQQQIIQQ")
+
+
+def _with_section_field(blob: bytes, section_name: str, field: int, value: int) -> bytes:
+    """`blob` with field `field` (0 name .. 9 entry size) of the named section set to `value`."""
+    header_offset, = struct.unpack_from("<Q", blob, 0x28)
+    entry_size, count, names_index = struct.unpack_from("<HHH", blob, 0x3A)
+    names = _SECTION.unpack_from(blob, header_offset + names_index * entry_size)[4]
+    for index in range(count):
+        position = header_offset + index * entry_size
+        fields = list(_SECTION.unpack_from(blob, position))
+        name = blob[names + fields[0]:blob.index(b"\0", names + fields[0])].decode()
+        if name == section_name:
+            fields[field] = value
+            patched = bytearray(blob)
+            _SECTION.pack_into(patched, position, *fields)
+            return bytes(patched)
+    raise KeyError(section_name)
+
+
+@needs_x86_64_elf
+@pytest.mark.parametrize("section, field, value", [
+    (".symtab", 9, 0),            # symbol entries of 0 bytes
+    (".rela.ltext", 9, 1),        # relocation entries of 1 byte
+    (".lbss", 5, 2**64 - 1),      # a zero-filled section of 2**64 - 1 bytes
+    (".lbss", 8, 2**64 - 1),      # an alignment that is not a power of two
+    (".symtab", 6, 99),           # names in a section that does not exist
+])
+def test_damaged_objects_are_refused_before_anything_is_mapped(section, field, value):
+    with pytest.raises(ValueError, match="not a loadable object file"):
+        elf_link.link([_with_section_field(_object(), section, field, value)])
+
+
+@needs_x86_64_elf
+def test_names_are_looked_up_in_the_process_not_in_ctypes():
+    """A ctypes library object has attributes of its own (_handle, _FuncPtr): a generated
+    reference to one must not link to them."""
+    module_text = IR.replace("@expf", "@_handle")
+    target_machine = rt.create_host_target_machine()
+    module = llvm.parse_assembly(module_text)
+    module.triple = target_machine.triple
+    with pytest.raises(rt.MissingSymbolError, match="_handle"):
+        rt.NativeLibrary(target_machine.emit_object(module))
+
+
+def test_the_interpreter_exits_cleanly_while_a_thread_runs_generated_code():
+    """The code stays mapped until the process ends: a daemon thread inside a step when the
+    interpreter exits must not fault (exit status 0, not -11)."""
+    script = textwrap.dedent("""
+        import threading, time
+        import numpy as np
+        import graphc as gc
+        from graphc import models
+        gc.set_num_threads(1)
+        model = models.mlp(256, sizes=(512, 512, 10))
+        feeds = models.random_batch(model, np.random.default_rng(0))
+        step = gc.compile_training_step(model.loss, gc.init_params(model.graph, seed=0), gc.SGD(lr=0.01))
+        step(**feeds)
+        def train():
+            while True:
+                step(**feeds)
+        threading.Thread(target=train, daemon=True).start()
+        time.sleep(0.3)
+        print(step._program.library.linker)
+    """)
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
