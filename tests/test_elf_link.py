@@ -21,6 +21,8 @@ from graphc import models
 from graphc_runtime import elf_link
 from graphc_runtime.loader import LINKER_VARIABLE
 
+from cross_targets import aarch64_target_machine
+
 X86_64_ELF = llvm.get_object_format() == "ELF" and platform.machine().lower() in ("x86_64", "amd64")
 needs_x86_64_elf = pytest.mark.skipif(not X86_64_ELF, reason="the own linker serves x86-64 ELF hosts")
 
@@ -53,11 +55,14 @@ define float @entry(ptr %out, ptr %bytes, i64 %count) {
 ENTRY = ctypes.CFUNCTYPE(ctypes.c_float, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64)
 
 
-def _object(jit_code_model: bool = True) -> bytes:
+def _object(jit_code_model: bool = True, ir_text: str = IR, target_machine=None) -> bytes:
+    """`ir_text` compiled for the host (or `target_machine`), with the JIT code model or the
+    default small one."""
     rt.initialize_llvm()
-    target_machine = (rt.create_host_target_machine() if jit_code_model else
-                      llvm.Target.from_default_triple().create_target_machine(opt=2, codemodel="small"))
-    module = llvm.parse_assembly(IR)
+    if target_machine is None:
+        target_machine = (rt.create_host_target_machine() if jit_code_model else
+                          llvm.Target.from_default_triple().create_target_machine(opt=2, codemodel="small"))
+    module = llvm.parse_assembly(ir_text)
     module.triple = target_machine.triple
     module.data_layout = str(target_machine.target_data)
     return target_machine.emit_object(module)
@@ -116,12 +121,8 @@ def test_a_training_step_linked_either_way_trains_alike(monkeypatch, threads):
 
 @needs_x86_64_elf
 def test_a_missing_symbol_is_refused_before_anything_runs():
-    module_text = IR.replace("@expf", "@graphc_no_such_function")
-    target_machine = rt.create_host_target_machine()
-    module = llvm.parse_assembly(module_text)
-    module.triple = target_machine.triple
     with pytest.raises(rt.MissingSymbolError, match="graphc_no_such_function"):
-        rt.NativeLibrary(target_machine.emit_object(module))
+        rt.NativeLibrary(_object(ir_text=IR.replace("@expf", "@graphc_no_such_function")))
 
 
 def _resident_kib() -> int:
@@ -146,17 +147,7 @@ def test_dropped_libraries_give_their_memory_back():
 
 
 def test_link_declines_other_machines():
-    llvm.initialize_all_targets()
-    llvm.initialize_all_asmprinters()
-    try:
-        aarch64 = llvm.Target.from_triple("aarch64-unknown-linux-gnu")
-    except RuntimeError:
-        pytest.skip("this llvmlite has no AArch64 backend")
-    target_machine = aarch64.create_target_machine(jit=True)
-    module = llvm.parse_assembly(IR)
-    module.triple = target_machine.triple
-    module.data_layout = str(target_machine.target_data)
-    assert elf_link.link([target_machine.emit_object(module)]) is None
+    assert elf_link.link([_object(target_machine=aarch64_target_machine())]) is None
 
 
 # ---------------------------------------------------------------------------- damaged objects
@@ -198,12 +189,8 @@ def test_damaged_objects_are_refused_before_anything_is_mapped(section, field, v
 def test_names_are_looked_up_in_the_process_not_in_ctypes():
     """A ctypes library object has attributes of its own (_handle, _FuncPtr): a generated
     reference to one must not link to them."""
-    module_text = IR.replace("@expf", "@_handle")
-    target_machine = rt.create_host_target_machine()
-    module = llvm.parse_assembly(module_text)
-    module.triple = target_machine.triple
     with pytest.raises(rt.MissingSymbolError, match="_handle"):
-        rt.NativeLibrary(target_machine.emit_object(module))
+        rt.NativeLibrary(_object(ir_text=IR.replace("@expf", "@_handle")))
 
 
 def test_the_interpreter_exits_cleanly_while_a_thread_runs_generated_code():

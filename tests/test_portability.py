@@ -14,6 +14,8 @@ import graphc_runtime as rt
 from graphc import compiler, models
 from graphc.codegen import parallel, target
 
+from cross_targets import aarch64_target_machine
+
 pytestmark = pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"),
                                 reason="SSE-only code runs on x86-64 hosts")
 
@@ -56,17 +58,6 @@ def test_sse_only_training_step_matches_the_reference_without_libm_fma(sse_only,
         np.testing.assert_allclose(params[name], expected[name], rtol=1e-4, atol=1e-6, err_msg=name)
 
 
-def _aarch64_target_machine():
-    import llvmlite.binding as llvm
-    llvm.initialize_all_targets()
-    llvm.initialize_all_asmprinters()
-    try:
-        arm = llvm.Target.from_triple("aarch64-unknown-linux-gnu")
-    except RuntimeError:
-        pytest.skip("this llvmlite has no AArch64 target")
-    return arm.create_target_machine(cpu="generic", features="+neon", opt=1, codemodel="jitdefault", jit=True)
-
-
 @pytest.mark.parametrize("network", ["mlp", "lenet5"])
 def test_steps_compile_for_arm_and_call_only_libc_and_libm(sse_only, network):
     """Kernels use target-independent IR only: a step's modules compile for AArch64 (NEON, 4
@@ -74,7 +65,7 @@ def test_steps_compile_for_arm_and_call_only_libc_and_libm(sse_only, network):
     import re
 
     import llvmlite.binding as llvm
-    machine = _aarch64_target_machine()
+    machine = aarch64_target_machine()
     model = {"mlp": lambda: models.mlp(8, sizes=(64, 32, 10)), "lenet5": lambda: models.lenet5(4)}[network]()
     step = gc.compile_training_step(model.loss, gc.init_params(model.graph, seed=0), gc.SGD(lr=0.1))
     defined, needed = set(), set()
