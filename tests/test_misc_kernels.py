@@ -224,6 +224,8 @@ SOFTMAX_CASES = (
     + [SoftmaxCase((3, 21, 37), axis, width) for width in OTHER_WIDTHS for axis in range(3)]
     # rows in lanes (rows shorter than a vector): whole groups of W rows, then a short group
     + [SoftmaxCase((45, 7), 1), SoftmaxCase((37, 13), 1, 16), SoftmaxCase((37, 3), 1, 4)]
+    # rows in lanes by transposes (W to 2W elements): 16 and 8 lanes of other hosts
+    + [SoftmaxCase((37, 20), 1, 16), SoftmaxCase((37, 6), 1, 4), SoftmaxCase((3, 8), 1, 4)]
 )
 
 
@@ -245,9 +247,10 @@ def test_softmax_matches_reference(softmaxes, case, scale):
     np.testing.assert_allclose(result.sum(axis=case.axis), 1.0, rtol=1e-5)
 
 
-# Rows along the lanes (11 classes on AVX2) and rows in lanes (5 classes; 3 with 4 lanes).
+# Rows in lanes, loaded by transposes (11 classes on AVX2), gathered (5 classes; 3 with 4
+# lanes), and rows along the lanes (20 classes on AVX2).
 EXTREME_CASES = [SoftmaxCase((5, 11), 1), SoftmaxCase((13, 5), 1), SoftmaxCase((13, 5), 1, 16),
-                 SoftmaxCase((13, 3), 1, 4)]
+                 SoftmaxCase((13, 3), 1, 4), SoftmaxCase((5, 20), 1)]
 SOFTMAX_CASES += [case for case in EXTREME_CASES if case not in SOFTMAX_CASES]
 
 
@@ -285,6 +288,7 @@ LOSS_CASES = [LossCase(*shape) for shape in
               [(1, 1), (1, 7), (64, 10), (13, 37), (3, 1000), (256, 100), (512, 1000)]] + [
     LossCase(13, 37, width) for width in OTHER_WIDTHS] + [
     LossCase(45, 10, width) for width in OTHER_WIDTHS] + [      # rows in lanes, a short group
+    LossCase(37, 20, 16), LossCase(45, 6, 4), LossCase(3, 4, 4),  # ... loaded by transposes
     LossCase(2001, 10), LossCase(2001, 16),                     # rows in lanes, two phases
     LossCase(256, 100, max_threads=1)]  # large, but one phase
 

@@ -32,11 +32,13 @@ SOFTMAX_CHUNK_VECTORS = 2
 # its barrier would cost more than the rows take.
 PARALLEL_LOSS_MIN = 16384
 # Cross-entropy over rows of at most this many logits (a classifier's 10) runs with rows in
-# the lanes (`_RowGroup`): W rows at a time, one vector per class gathered down them. Along
-# the lanes a row of 10 fills 10 of 16 lanes and needs a horizontal max and sum and a libm
-# log: 64 x 10 took 3.5-3.8 us a call, rows in lanes 2.6-2.9 (AVX2, with a ctypes call's
-# ~0.8; 256 x 10: 6.0-6.4 -> 3.6-3.8). Softmax, which writes every element back in rows,
-# gains only on rows shorter than a vector (64 x 3: 1.6 -> 1.1; 64 x 10 even; 64 x 16 slower).
+# the lanes (`_RowGroup`): W rows at a time, one vector per class, loaded by two W x W
+# transposes when rows hold W to 2W elements, else gathered. Along the lanes a row of 10
+# fills 10 of 16 lanes and needs a horizontal max and sum and a libm log: 64 x 10 took
+# 3.5-3.8 us a call, rows in lanes 2.5 (AVX2, with a ctypes call's ~0.8; 256 x 10: 6.0-6.4 ->
+# 3.4). Softmax takes rows in lanes for rows shorter than 2W (64 x 10: 2.9-3.1 -> 2.3 us;
+# 64 x 3: 1.6 -> 1.1), writing back by transposes or, below W, through a permute of each
+# row's max and 1/sum; gathered and scattered, 64 x 10 measured even and 64 x 16 slower.
 MAX_ROW_IN_LANES = 16
 
 # exp(x) = 2**n * exp(r) with n = round(x / ln 2) and |r| <= ln(2) / 2. ln 2 is split so that
@@ -210,6 +212,13 @@ def emit_softmax(module: ir.Module, name: str, shape: Sequence[int], axis: int, 
 
 def _emit_softmax_rows(kb: KernelBuilder, out: ir.Value, x: ir.Value, tid: ir.Value,
                        nthreads: ir.Value, n_rows: int, length: int) -> None:
+    if kb.width <= length <= 2 * kb.width:
+        def softmax_transposed_group(rows: _RowGroup) -> None:
+            factor = kb.b.fdiv(kb.splat(1.0), rows.total)
+            rows.store_transposed([kb.fmul(exp, factor) for exp in rows.exps], out)
+
+        _for_each_row_group(kb, x, tid, nthreads, n_rows, length, softmax_transposed_group)
+        return
     if length < kb.width:
         def softmax_group(rows: _RowGroup) -> None:
             # Written in x's own layout, the group's rows * length contiguous floats, with
@@ -261,10 +270,50 @@ class _RowGroup:
         self.kb, self.length, self.rows = kb, length, rows
         self.first = kb.mul(group, kb.width)
         self.mask = kb.lane_mask(rows)
-        self.columns = [kb.gather_vec(self.addresses(x, j), self.mask) for j in range(length)]
+        if self.transposable:
+            # Rows of W to 2W elements: two W x W transposes of whole-vector row loads (the
+            # first and the last W elements of each row, which overlap) instead of W scalar
+            # loads per column.
+            low, high = self.transposed(x, 0), self.transposed(x, length - kb.width)
+            self.columns = low + high[2 * kb.width - length:]
+        else:
+            self.columns = [kb.gather_vec(self.addresses(x, j), self.mask) for j in range(length)]
         self.maximum = tree_combine(kb, self.columns, vector_max)
         self.exps = [vector_exp(kb, kb.b.fsub(column, self.maximum)) for column in self.columns]
         self.total = tree_combine(kb, self.exps, vector_add)
+
+    @property
+    def transposable(self) -> bool:
+        """Whether the rows are W to 2W elements long (a classifier's 10 logits on AVX2)."""
+        return self.kb.width <= self.length <= 2 * self.kb.width and self.kb.width & (self.kb.width - 1) == 0
+
+    def row_start(self, r: int, column: int) -> ir.Value:
+        return self.kb.add(self.kb.mul(self.kb.add(self.first, r), self.length), column)
+
+    def transposed(self, x: ir.Value, column: int) -> list[ir.Value]:
+        """Columns column .. column + W - 1 of the group's rows (rows in lanes), from one vector
+        load per real row (the others are zero) and a transpose."""
+        kb = self.kb
+        row_vectors = [kb.load_vec(x, self.row_start(r, column)) if r < self.rows else kb.splat(0.0)
+                       for r in range(kb.width)]
+        return kb.transpose(row_vectors)
+
+    def store_transposed(self, columns: list[ir.Value], out: ir.Value) -> None:
+        """Store per-column vectors (rows in lanes, laid out as x) back in row layout: the first
+        and the last W elements of each real row (their overlap written twice, alike)."""
+        kb = self.kb
+        for column, block in ((0, columns[:kb.width]), (self.length - kb.width, columns[-kb.width:])):
+            for r, row_vector in enumerate(kb.transpose(block)[:self.rows]):
+                kb.store_vec(row_vector, out, self.row_start(r, column))
+
+    def pick(self, labels: ir.Value) -> ir.Value:
+        """Lane r: element labels[r] (an i32 vector, in [0, length)) of row r."""
+        kb = self.kb
+        picked = kb.splat(0.0)
+        for j, column in enumerate(self.columns):
+            j_vector = ir.Constant(labels.type, [j] * kb.width)
+            picked = kb.b.select(kb.b.icmp_signed("==", labels, j_vector), column, picked)
+        return picked
 
     def spread(self, per_row: ir.Value, row_of_lane: list[int]) -> ir.Value:
         """A vector whose lane i holds lane row_of_lane[i] of `per_row` (a value per row)."""
@@ -276,14 +325,10 @@ class _RowGroup:
         return shared_constant(ir.VectorType(I64, self.kb.width),
                                tuple(lane * self.length + j for lane in range(self.kb.width)))
 
-    def addresses(self, ptr: ir.Value, j: int | ir.Value) -> ir.Value:
-        """Addresses of element j of the group's rows in `ptr`, laid out as x; j may be a
-        vector of i64 (one column per lane)."""
-        kb = self.kb
-        base = kb.gep(ptr, kb.mul(self.first, self.length))
-        if isinstance(j, int):
-            return kb.lane_addresses(base, self.row_offsets(j))
-        return kb.lane_addresses(base, kb.b.add(self.row_offsets(0), j))
+    def addresses(self, ptr: ir.Value, j: int) -> ir.Value:
+        """Addresses of element j of the group's rows in `ptr`, laid out as x."""
+        base = self.kb.gep(ptr, self.kb.mul(self.first, self.length))
+        return self.kb.lane_addresses(base, self.row_offsets(j))
 
 
 def _emit_softmax_columns(kb: KernelBuilder, out: ir.Value, x: ir.Value, tid: ir.Value,
@@ -385,8 +430,7 @@ def _emit_losses(kb: KernelBuilder, losses: ir.Value, logits: ir.Value, labels: 
         _emit_row_losses(kb, losses, logits, labels, lo, hi, classes)
         return
     def group_losses(rows: _RowGroup) -> None:
-        label_vector = kb.b.sext(_load_labels(kb, labels, rows.first, rows.mask), ir.VectorType(I64, kb.width))
-        picked = kb.gather_vec(rows.addresses(logits, label_vector), rows.mask)
+        picked = rows.pick(_load_labels(kb, labels, rows.first, rows.mask))
         loss = kb.b.fsub(vector_log(kb, rows.total), kb.b.fsub(picked, rows.maximum))
         kb.masked_store_vec(loss, losses, rows.first, rows.mask)
 
