@@ -26,17 +26,18 @@ from typing import NamedTuple
 
 __all__ = ["LinkedImage", "link"]
 
-# ELF64 (System V ABI) layouts and the constants used here.
-_HEADER = struct.Struct("<16sHHIQQQIHHHHHH")
-_SECTION = struct.Struct("<IIQQQQIIQQ")
-_SYMBOL = struct.Struct("<IBBHQQ")
+# ELF64 little-endian (System V ABI) layouts and the constants used here; the loader lists
+# symbols with the same layouts.
+ELF64_HEADER = struct.Struct("<16sHHIQQQIHHHHHH")
+ELF64_SECTION = struct.Struct("<IIQQQQIIQQ")
+ELF64_SYMBOL = struct.Struct("<IBBHQQ")
 _RELA = struct.Struct("<QQq")
-_MAGIC = b"\x7fELF\x02\x01"
+ELF64_MAGIC = b"\x7fELF\x02\x01"
 _ET_REL, _EM_X86_64 = 1, 62
-_SHT_PROGBITS, _SHT_SYMTAB, _SHT_RELA, _SHT_NOBITS, _SHT_REL = 1, 2, 4, 8, 9
+_SHT_PROGBITS, SHT_SYMTAB, _SHT_RELA, _SHT_NOBITS, _SHT_REL = 1, 2, 4, 8, 9
 _SHT_X86_64_UNWIND = 0x70000001
 _SHF_ALLOC, _SHF_EXECINSTR, _SHF_TLS = 0x2, 0x4, 0x400
-_SHN_UNDEF, _SHN_ABS, _SHN_LORESERVE = 0, 0xFFF1, 0xFF00
+SHN_UNDEF, _SHN_ABS, _SHN_LORESERVE = 0, 0xFFF1, 0xFF00
 _STB_LOCAL = 0
 _STT_SECTION, _STT_GNU_IFUNC = 3, 10
 _R_X86_64_NONE, _R_X86_64_64 = 0, 1
@@ -81,9 +82,9 @@ class _Object:
     """One relocatable object: its sections, its symbol table and where each section goes."""
 
     def __init__(self, blob: bytes):
-        if not blob.startswith(_MAGIC):
+        if not blob.startswith(ELF64_MAGIC):
             raise _malformed("not an ELF64 little-endian object")
-        header = _HEADER.unpack_from(blob)
+        header = ELF64_HEADER.unpack_from(blob)
         file_type, machine = header[1], header[2]
         if file_type != _ET_REL or machine != _EM_X86_64:
             raise _Unsupported(f"ELF type {file_type}, machine {machine}")
@@ -91,7 +92,7 @@ class _Object:
         self.blob = blob
         self.sections = []
         for index in range(section_count):
-            name, kind, flags, _, offset, size, link, info, align, entry_size = _SECTION.unpack_from(
+            name, kind, flags, _, offset, size, link, info, align, entry_size = ELF64_SECTION.unpack_from(
                 blob, section_offset + index * section_entry_size)
             if size > _MAX_SECTION_BYTES or (kind != _SHT_NOBITS and offset + size > len(blob)):
                 raise _malformed(f"section {index} lies past the end of the object")
@@ -105,7 +106,7 @@ class _Object:
             if section.kind == _SHT_REL:  # relocations without addends: never emitted for x86-64
                 raise _Unsupported("SHT_REL relocations")
         self.addresses: dict[int, int] = {}   # section index -> address, for allocated sections
-        symbol_tables = [s for s in self.sections if s.kind == _SHT_SYMTAB]
+        symbol_tables = [s for s in self.sections if s.kind == SHT_SYMTAB]
         if len(symbol_tables) != 1:
             raise _malformed(f"{len(symbol_tables)} symbol tables")
         self.symbols = self._read_symbols(symbol_tables[0])
@@ -114,12 +115,12 @@ class _Object:
 
     def _read_symbols(self, table: _Section) -> list[tuple[str, int, int, int, int]]:
         """(name, binding, kind, section index, value) of every entry, the null one included."""
-        if table.entry_size < _SYMBOL.size:
+        if table.entry_size < ELF64_SYMBOL.size:
             raise _malformed(f"symbol entries of {table.entry_size} bytes")
         strings = self.sections[table.link].offset
         symbols = []
         for position in range(table.offset, table.offset + table.size, table.entry_size):
-            name_offset, info, _, section, value, _ = _SYMBOL.unpack_from(self.blob, position)
+            name_offset, info, _, section, value, _ = ELF64_SYMBOL.unpack_from(self.blob, position)
             end = self.blob.find(b"\0", strings + name_offset)
             if end < 0:
                 raise _malformed("a symbol name runs past the end of the object")
@@ -140,7 +141,7 @@ class _Object:
         if index == 0:  # the null symbol: S = 0
             return 0
         name, _, kind, section, value = self.symbols[index]
-        if section == _SHN_UNDEF:
+        if section == SHN_UNDEF:
             return externals[name]
         if section == _SHN_ABS:
             return value
@@ -247,7 +248,7 @@ def _exported_symbols(parsed: list[_Object]) -> dict[str, int]:
     exported: dict[str, int] = {}
     for obj in parsed:
         for index, (name, binding, _, section, _) in enumerate(obj.symbols):
-            if name and binding != _STB_LOCAL and section != _SHN_UNDEF:
+            if name and binding != _STB_LOCAL and section != SHN_UNDEF:
                 if name in exported:
                     raise _malformed(f"symbols defined twice: {name}")
                 exported[name] = obj.symbol_address(index, {})
@@ -260,7 +261,7 @@ def _externals(parsed: list[_Object], exported: dict[str, int]) -> dict[str, int
     externals, missing = {}, set()
     for obj in parsed:
         for name, _, _, section, _ in obj.symbols[1:]:
-            if section == _SHN_UNDEF and name not in externals:
+            if section == SHN_UNDEF and name not in externals:
                 address = exported.get(name) or _process_symbol(name)
                 if address:
                     externals[name] = address

@@ -31,6 +31,7 @@ from typing import NamedTuple
 import llvmlite.binding as llvm
 
 from . import elf_link
+from .elf_link import ELF64_HEADER, ELF64_MAGIC, ELF64_SECTION, ELF64_SYMBOL, SHN_UNDEF, SHT_SYMTAB
 from .perf_map import PERF_MAP_VARIABLE, append_perf_map, perf_map_lines, perf_map_wanted
 
 __all__ = [
@@ -116,13 +117,17 @@ class NativeLibrary:
         # library), MCJIT for everything else.
         self._image = elf_link.link(objects) if _HOST_IS_X86_64_ELF and own_linker_enabled() else None
         self._engine = None if self._image is not None else self._link_with_mcjit(objects)
-        self.linker = "graphc" if self._image is not None else "mcjit"
         if _HOST_USES_ELF64_LITTLE_ENDIAN and perf_map_wanted():
             try:
                 append_perf_map(perf_map_lines([elf_symbols(obj) for obj in objects], self.address))
             except OSError as error:  # a diagnostic: the library is loaded and works without it
                 warnings.warn(f"{PERF_MAP_VARIABLE}: could not write the perf map ({error})", RuntimeWarning,
                               stacklevel=2)
+
+    @property
+    def linker(self) -> str:
+        """Which linker loaded the objects: "graphc" (elf_link) or "mcjit"."""
+        return "graphc" if self._image is not None else "mcjit"
 
     @staticmethod
     def _link_with_mcjit(objects: list[bytes]) -> llvm.ExecutionEngine:
@@ -178,14 +183,7 @@ def _check_loadable(objects: list[bytes]) -> None:
         )
 
 
-# ELF64 little-endian layouts (the System V ABI), enough to list a relocatable object's
-# symbols.
-_ELF64_HEADER = struct.Struct("<16sHHIQQQIHHHHHH")
-_ELF64_SECTION = struct.Struct("<IIQQQQIIQQ")
-_ELF64_SYMBOL = struct.Struct("<IBBHQQ")
-_ELF64_LITTLE_ENDIAN_MAGIC = b"\x7fELF\x02\x01"
-_SHT_SYMTAB = 2
-_SHN_UNDEF = 0
+# ELF64 symbol bindings and types, beyond the layouts shared with elf_link.
 _STB_GLOBAL, _STB_WEAK = 1, 2
 _STT_FUNC = 2
 _HOST_USES_ELF64_LITTLE_ENDIAN = (
@@ -206,7 +204,7 @@ class ElfSymbol(NamedTuple):
     """A named entry of an ELF64 object's symbol table."""
 
     name: str
-    section: int      # index of the section it lies in; _SHN_UNDEF: defined elsewhere
+    section: int      # index of the section it lies in; SHN_UNDEF: defined elsewhere
     value: int        # offset in that section (in a relocatable object)
     size: int
     binding: int      # _STB_GLOBAL, _STB_WEAK, or local
@@ -214,7 +212,7 @@ class ElfSymbol(NamedTuple):
 
     @property
     def defined(self) -> bool:
-        return self.section != _SHN_UNDEF
+        return self.section != SHN_UNDEF
 
     @property
     def exported(self) -> bool:
@@ -241,22 +239,22 @@ def defined_symbols(object_bytes: bytes) -> list[str]:
 
 def elf_symbols(object_bytes: bytes) -> list[ElfSymbol]:
     """The named symbols of an ELF64 little-endian object."""
-    if not object_bytes.startswith(_ELF64_LITTLE_ENDIAN_MAGIC):
+    if not object_bytes.startswith(ELF64_MAGIC):
         raise ValueError("not an ELF64 little-endian object")
-    header = _ELF64_HEADER.unpack_from(object_bytes)
+    header = ELF64_HEADER.unpack_from(object_bytes)
     section_offset, section_entry_size, section_count = header[6], header[11], header[12]
     sections = [
-        _ELF64_SECTION.unpack_from(object_bytes, section_offset + index * section_entry_size)
+        ELF64_SECTION.unpack_from(object_bytes, section_offset + index * section_entry_size)
         for index in range(section_count)
     ]
     symbols = []
     for _, kind, _, _, offset, size, link, _, _, entry_size in sections:
-        if kind != _SHT_SYMTAB:
+        if kind != SHT_SYMTAB:
             continue
         strings_offset = sections[link][4]
         # Entry 0 of a symbol table is the reserved null symbol.
         for position in range(offset + entry_size, offset + size, entry_size):
-            name_offset, info, _, section_index, value, symbol_size = _ELF64_SYMBOL.unpack_from(object_bytes, position)
+            name_offset, info, _, section_index, value, symbol_size = ELF64_SYMBOL.unpack_from(object_bytes, position)
             if name_offset:
                 name = _c_string(object_bytes, strings_offset + name_offset)
                 symbols.append(ElfSymbol(name, section_index, value, symbol_size, info >> 4, info & 0xF))

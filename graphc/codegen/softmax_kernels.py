@@ -190,7 +190,7 @@ def emit_softmax(module: ir.Module, name: str, shape: Sequence[int], axis: int, 
 
     The tensor is viewed as (outer, length, inner) around the axis. With inner == 1 (the last
     axis) each row is contiguous and threads split the rows (groups of W rows, one per lane,
-    when rows are shorter than a vector); otherwise threads split
+    when rows are shorter than two vectors); otherwise threads split
     (outer, chunk of inner columns) items and every pass runs down the axis with vectors of
     adjacent columns. `width` overrides the host's vector width (for tests).
     """
@@ -212,7 +212,7 @@ def emit_softmax(module: ir.Module, name: str, shape: Sequence[int], axis: int, 
 
 def _emit_softmax_rows(kb: KernelBuilder, out: ir.Value, x: ir.Value, tid: ir.Value,
                        nthreads: ir.Value, n_rows: int, length: int) -> None:
-    if kb.width <= length <= 2 * kb.width:
+    if _rows_transposable(kb, length):
         def softmax_transposed_group(rows: _RowGroup) -> None:
             factor = kb.b.fdiv(kb.splat(1.0), rows.total)
             rows.store_transposed([kb.fmul(exp, factor) for exp in rows.exps], out)
@@ -259,6 +259,12 @@ def _for_each_row_group(kb: KernelBuilder, x: ir.Value, tid: ir.Value, nthreads:
             body(_RowGroup(kb, x, kb.i64(full_groups), tail_rows, length))
 
 
+def _rows_transposable(kb: KernelBuilder, length: int) -> bool:
+    """Whether rows of `length` load and store in groups by W x W transposes: W to 2W
+    elements (a classifier's 10 logits on AVX2), W a power of two as `kb.transpose` needs."""
+    return kb.width <= length <= 2 * kb.width and kb.width & (kb.width - 1) == 0
+
+
 class _RowGroup:
     """Group `group` of W consecutive rows of `length` floats of x, one row per lane, of
     which the first `rows` are real (the last group may be short: `mask` enables their
@@ -270,7 +276,7 @@ class _RowGroup:
         self.kb, self.length, self.rows = kb, length, rows
         self.first = kb.mul(group, kb.width)
         self.mask = kb.lane_mask(rows)
-        if self.transposable:
+        if _rows_transposable(kb, length):
             # Rows of W to 2W elements: two W x W transposes of whole-vector row loads (the
             # first and the last W elements of each row, which overlap) instead of W scalar
             # loads per column.
@@ -281,11 +287,6 @@ class _RowGroup:
         self.maximum = tree_combine(kb, self.columns, vector_max)
         self.exps = [vector_exp(kb, kb.b.fsub(column, self.maximum)) for column in self.columns]
         self.total = tree_combine(kb, self.exps, vector_add)
-
-    @property
-    def transposable(self) -> bool:
-        """Whether the rows are W to 2W elements long (a classifier's 10 logits on AVX2)."""
-        return self.kb.width <= self.length <= 2 * self.kb.width and self.kb.width & (self.kb.width - 1) == 0
 
     def row_start(self, r: int, column: int) -> ir.Value:
         return self.kb.add(self.kb.mul(self.kb.add(self.first, r), self.length), column)
