@@ -52,12 +52,24 @@ class Sigmoid(sympy.Function):
     def fdiff(self, argindex=1):
         return Sigmoid(self.args[0]) * (1 - Sigmoid(self.args[0]))
 
+    def _eval_evalf(self, prec):
+        # A numeric value for a constant argument, so that float() of a folded expression
+        # (the simplifier's Sigmoid(1/2)) works; sympy's arbitrary precision cannot overflow.
+        if not self.args[0].is_number:
+            return None  # stays Sigmoid: generated code evaluates it without overflow
+        return (1 / (1 + sympy.exp(-self.args[0])))._eval_evalf(prec)
+
 
 class Softplus(sympy.Function):
     """log(1 + exp(x)), evaluated without overflow for any x; its derivative is Sigmoid(x)."""
 
     def fdiff(self, argindex=1):
         return Sigmoid(self.args[0])
+
+    def _eval_evalf(self, prec):
+        if not self.args[0].is_number:
+            return None
+        return sympy.log(1 + sympy.exp(self.args[0]))._eval_evalf(prec)
 
 
 def _sigmoid(x):

@@ -445,3 +445,17 @@ def test_optimize_keeps_the_values_of_random_graphs(case):
     graph, outputs = case
     new_graph, new_outputs = run_checked(run_optimize, graph, outputs, {}, _random_params(graph))
     assert nx.is_directed_acyclic_graph(new_graph.to_networkx())
+
+
+def test_sigmoid_and_softplus_of_constants_fold_to_numbers():
+    """The simplifier folds an elementwise expression of no operand to a fill of float(expr):
+    Sigmoid(1/2) (found by the random graphs above) must evaluate, and symbolic ones stay."""
+    import sympy
+
+    from graphc.scalar import Softplus
+    half = sympy.Rational(1, 2)
+    assert float(Sigmoid(half)) == pytest.approx(1 / (1 + np.exp(-0.5)), rel=1e-15)
+    assert float(Softplus(half)) == pytest.approx(np.logaddexp(0, 0.5), rel=1e-15)
+    assert float(Sigmoid(sympy.Integer(-1000))) == pytest.approx(0.0, abs=1e-300)
+    x = sympy.Symbol("x")
+    assert Sigmoid(x).evalf() == Sigmoid(x) and Softplus(x).evalf() == Softplus(x)
