@@ -24,7 +24,7 @@ from graphc.codegen import target
 from graphc.codegen.gemm import (MAX_A_BLOCK_FLOATS, MAX_PANEL_FLOATS, MIN_K_BLOCK, DotPlan, GemmPlan,
                                  choose_plan, emit_gemm, gemm_workspace_floats, plan_gemm)
 from graphc.codegen.gemm_dot import choose_dot_plan
-from graphc.codegen.kernel_builder import I64, PTR, KernelBuilder
+from graphc.codegen.kernel_builder import I32, I64, PTR, KernelBuilder, i32_array
 from read_guards import ending_at_guard_page
 
 _P = ctypes.c_void_p
@@ -650,6 +650,17 @@ def test_vector_loop_with_masked_tail_and_transpose(width):
         np.testing.assert_allclose(y, np.maximum(2 * x - 1, 0), rtol=1e-6)
         _assert_guards_intact(y_whole, "y")
         np.testing.assert_array_equal(block, expected_block)
+
+
+def test_i32_array_prints_as_llvmlite_would():
+    """The tables' text, written at once, is what llvmlite prints for the same constant (a
+    global's initializer is printed by reference)."""
+    for values in ([0, 1, -7, 2**31 - 1, -2**31, 1600], []):
+        table, reference = i32_array(values), ir.Constant(ir.ArrayType(I32, len(values)), values)
+        assert table.type == reference.type
+        assert table.get_reference() == reference.get_reference()
+    with pytest.raises(ValueError, match="32 bits"):
+        i32_array([2**31])
 
 
 def test_for_range_loops_run_in_sequence():

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import llvmlite.ir as ir
 
-from .kernel_builder import I64, PTR, KernelBuilder
+from .kernel_builder import I64, PTR, KernelBuilder, i32_array
 
 ENTRY_NAME = "graphc_entry"
 TICKS_NAME = "graphc_ticks"      # i64 graphc_ticks(void): the profiler's clock, for calibration
@@ -184,13 +184,14 @@ def _timestamp(b: ir.IRBuilder, module: ir.Module) -> ir.Value:
 
 def emit_constant(module: ir.Module, name: str, array) -> ir.GlobalVariable:
     """A read-only global holding `array` (float32 or int32), 64-byte aligned."""
-    element = ir.FloatType() if array.dtype.kind == "f" else ir.IntType(32)
     flat = array.reshape(-1)
-    typ = ir.ArrayType(element, flat.size)
-    gv = ir.GlobalVariable(module, typ, name)
+    if array.dtype.kind == "f":
+        initializer = ir.Constant(ir.ArrayType(ir.FloatType(), flat.size), [float(v) for v in flat])
+    else:
+        initializer = i32_array(flat)
+    gv = ir.GlobalVariable(module, initializer.type, name)
     gv.global_constant = True
     gv.linkage = "internal"
     gv.align = 64
-    values = [float(v) for v in flat] if element == ir.FloatType() else [int(v) for v in flat]
-    gv.initializer = ir.Constant(typ, values)
+    gv.initializer = initializer
     return gv

@@ -6,7 +6,7 @@ from typing import Callable, Sequence
 
 import llvmlite.ir as ir
 
-from ..kernel_builder import F32, I1, I32, I64, PTR, KernelBuilder
+from ..kernel_builder import F32, I1, I32, I64, PTR, KernelBuilder, i32_array
 from ..target import vector_register_count
 
 
@@ -184,12 +184,12 @@ class _Tables:
 
 
 def _i32_global(module: ir.Module, name: str, values: Sequence[int]) -> ir.GlobalVariable:
-    typ = ir.ArrayType(I32, len(values))
-    table = ir.GlobalVariable(module, typ, name)
+    initializer = i32_array(values)
+    table = ir.GlobalVariable(module, initializer.type, name)
     table.global_constant = True
     table.linkage = "internal"
     table.align = 64
-    table.initializer = ir.Constant(typ, [int(v) for v in values])
+    table.initializer = initializer
     return table
 
 
