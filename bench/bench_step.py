@@ -67,13 +67,21 @@ def reference_step(model, params):
     return step
 
 
+# Pause before each timer, so that none is timed while the previous one's threads still spin:
+# a BLAS or OpenMP pool busy-waits for work after its last call (OpenBLAS for ~0.1 s). Measured
+# on LeNet-5 B=64 at 2 threads: graphc's steps in the first 100 ms after the peak GEMM's
+# 2-thread run took 2.3-2.9 ms, then 1.7-1.9 ms.
+SETTLE_S = 0.2
+
+
 def interleaved(timers: dict, rounds: int, repeats: int, budget_s: float) -> dict:
     """Best of `rounds` medians of each timer, measured in alternating rounds so all see the same
-    machine load; each timer gets about `budget_s` in all. A timer takes (repeats, budget seconds)
-    and returns a median in seconds."""
+    machine load; each timer gets about `budget_s` in all, each after a pause of SETTLE_S. A
+    timer takes (repeats, budget seconds) and returns a median in seconds."""
     samples = {k: [] for k in timers}
     for _ in range(rounds):
         for k, timer in timers.items():
+            time.sleep(SETTLE_S)
             samples[k].append(timer(repeats, budget_s / rounds))
     return {k: min(v) for k, v in samples.items()}
 
