@@ -14,7 +14,7 @@ from typing import Callable, Sequence
 import llvmlite.ir as ir
 
 from .kernel import Kernel, phase_args, phase_function
-from .kernel_builder import F32, I32, I64, PTR, KernelBuilder, shared_constant
+from .kernel_builder import F32, I32, I64, PTR, TRANSPOSE_WIDTHS, KernelBuilder, shared_constant
 from .layout_kernels import (declare_intrinsic, for_each_vector, load_lanes, only_thread_zero,
                              open_phase, store_lanes, vector_lanes, vector_suffix, zero_floats)
 from .reduce_kernels import (ROW_BLOCK, SPAN_BLOCK, SUM_IDENTITY, VectorAccumulators,
@@ -261,8 +261,8 @@ def _for_each_row_group(kb: KernelBuilder, x: ir.Value, tid: ir.Value, nthreads:
 
 def _rows_transposable(kb: KernelBuilder, length: int) -> bool:
     """Whether rows of `length` load and store in groups by W x W transposes: W to 2W
-    elements (a classifier's 10 logits on AVX2), W a power of two as `kb.transpose` needs."""
-    return kb.width <= length <= 2 * kb.width and kb.width & (kb.width - 1) == 0
+    elements (a classifier's 10 logits on AVX2), W one that `kb.transpose` handles."""
+    return kb.width <= length <= 2 * kb.width and kb.width in TRANSPOSE_WIDTHS
 
 
 class _RowGroup:
