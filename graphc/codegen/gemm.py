@@ -63,6 +63,7 @@ import sympy
 from graphc.codegen.expr import ExprEmitter
 from graphc.codegen.gemm_dot import DotEmitter, DotPlan, choose_dot_plan
 from graphc.codegen.kernel_builder import I1, I64, PTR, KernelBuilder
+from graphc.codegen.layout_kernels import store_lanes
 from graphc.codegen.target import vector_register_count, vector_width_f32
 
 __all__ = ["GemmPlan", "DotPlan", "choose_plan", "plan_gemm", "emit_gemm",
@@ -621,8 +622,8 @@ class _GemmEmitter:
             return fn
         a, panel, c, bias, kc, load_c, is_last, lda, ldc, panel_stride = fn.args[:10]
         width = self.plan.width
-        masks = [None if lanes == width else kb.lane_mask(lanes)
-                 for lanes in (min(width, cols - v * width) for v in range(vecs))]
+        lanes = [min(width, cols - v * width) for v in range(vecs)]
+        masks = [None if count == width else kb.lane_mask(count) for count in lanes]
         # Row r of the C tile, and of each epilogue operand's tile.
         c_rows = [kb.gep(c, kb.mul(r, ldc)) for r in range(rows)]
         extra_rows = [[kb.gep(e, kb.mul(r, ldc)) for e in fn.args[10:]] for r in range(rows)]
@@ -662,7 +663,7 @@ class _GemmEmitter:
                     kb.set(acc[r, v], self.apply_epilogue(kb, kb.get(acc[r, v]), bias,
                                                      r, v, masks[v], extra_rows[r]))
         for r, v in tile:
-            self.store_masked(kb, kb.get(acc[r, v]), c_rows[r], v * width, masks[v])
+            self.store_row(kb, kb.get(acc[r, v]), c_rows[r], v * width, lanes[v])
         kb.b.ret_void()
         return fn
 
@@ -698,8 +699,8 @@ class _GemmEmitter:
         return kb.masked_load_vec(ptr, offset, mask)
 
     @staticmethod
-    def store_masked(kb, value, ptr, offset, mask):
-        if mask is None:
-            kb.store_vec(value, ptr, offset)
-        else:
-            kb.masked_store_vec(value, ptr, offset, mask)
+    def store_row(kb, value, ptr, offset, lanes):
+        """Store the first `lanes` lanes of `value` at ptr[offset:]: a partial vector (an edge
+        tile's last vector, a dot tile's row of a few columns) by plain stores of its pieces,
+        not a masked store, microcoded on AMD cores (see layout_kernels.store_lanes)."""
+        store_lanes(kb, value, ptr, kb.i64(offset) if isinstance(offset, int) else offset, lanes)

@@ -203,7 +203,7 @@ class DotEmitter:
             if g.accumulate:
                 row = kb.fadd(row, g.load_masked(kb, c_row, 0, mask))
             row = g.apply_epilogue(kb, row, bias, r, 0, mask, [kb.gep(e, r * p.N) for e in extras])
-            g.store_masked(kb, row, c_row, 0, mask)
+            g.store_row(kb, row, c_row, 0, cols)
         kb.b.ret_void()
         return fn
 
