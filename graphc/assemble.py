@@ -87,7 +87,7 @@ def assemble(graph: Graph, outputs: list[Tensor], *, output_names: list[str], in
     modules = ProgramModules(graph.name, instructions_per_module, on_module)
     kernels = [None] * len(ordered)
     for i in sorted(range(len(ordered)), key=lambda i: _generation_order(ordered[i])):
-        kernels[i] = modules.add_kernel(_kernel_builder(i, ordered[i], max_threads))
+        kernels[i] = modules.add_kernel(_kernel_builder(i, ordered[i], max_threads), group=ordered[i].label)
     module = modules.module  # the last: entry, constants and profiling clock go here
     memory = plan_memory(ordered, [k.scratch_floats * 4 for k in kernels], [loc is None for loc in step_out])
 

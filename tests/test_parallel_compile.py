@@ -2,6 +2,7 @@
 codegen/program_modules.py, codegen/llvm_unlocked.py): the same numbers as the one-module serial
 build, a working fallback, multi-object cache entries and loading, and no crash when compiling
 in parallel over and over."""
+import re
 import sys
 import threading
 
@@ -13,6 +14,7 @@ import graphc as gc
 import graphc_runtime as rt
 from graphc import compiler, models
 from graphc.codegen import llvm_unlocked, parallel, program_modules, target
+from graphc.codegen.kernel import Kernel
 from graphc.interpreter_settings import GIL_SWITCH_INTERVAL_S
 from graphc.program_cache import CachedProgram, pack_entry, unpack_entry
 
@@ -268,6 +270,31 @@ def test_loader_refuses_unresolved_and_twice_defined_symbols():
     twice = parallel.compile_modules([_module_text("b", _define_triple)] * 2, 2)
     with pytest.raises(ValueError, match="defined twice"):
         rt.NativeLibrary(twice)
+
+
+def _kernel_of(instructions: int, name: str):
+    """A build function for ProgramModules.add_kernel: one phase of `instructions` instructions."""
+    def build(module):
+        fn = ir.Function(module, ir.FunctionType(ir.VoidType(), [ir.IntType(64)]), name=name)
+        builder = ir.IRBuilder(fn.append_basic_block("entry"))
+        value = fn.args[0]
+        for _ in range(instructions - 1):
+            value = builder.add(value, value)
+        builder.ret_void()
+        return Kernel([fn])
+    return build
+
+
+def test_modules_end_between_groups_of_kernels():
+    """A full module takes the further kernels of its last kernel's group (they call the same
+    helpers, which a cut would copy), up to twice the budget; a kernel of another group, or
+    one past twice the budget, starts a new module."""
+    modules = program_modules.ProgramModules("groups", budget=100)
+    kernels = [(60, "a"), (60, "a"), (60, "a"), (30, "b"), (90, "b"), (250, "c"), (10, "c")]
+    for i, (size, group) in enumerate(kernels):
+        modules.add_kernel(_kernel_of(size, f"k{i}"), group=group)
+    defined = [re.findall(r'define [^@]*@"(k\d+)"', text) for text in modules.finish()]
+    assert defined == [["k0", "k1", "k2"], ["k3", "k4"], ["k5"], ["k6"]]
 
 
 def test_split_modules():

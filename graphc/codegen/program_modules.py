@@ -1,16 +1,17 @@
 """Placing a program's kernels into LLVM modules small enough to compile in parallel.
 
 LLVM optimizes and emits one module on one thread, so a program built as one module compiles on
-one core. Here kernels go, in the order assemble.py generates them (by family), into a module
-until it holds about `budget` LLVM instructions; that module is then finished (turned into text
-and handed to `on_module`, which may start compiling it while the next one is generated) and a
-new one begun. The last module also receives the entry, which calls the phases of every kernel:
-the phases of earlier modules are made external and declared in the last one; those in the last
-stay internal. Helper functions (GEMM micro-kernels, intrinsics) are per module, so a module
-that needs one makes its own copy: the price of splitting, paid in compile time only, and kept
-small by generating kernels by family (assemble.py: LeNet-5's step copies 844 of 9,230
-instructions, against 2,430 of 10,816 in schedule order). Sharing one external copy across the
-modules instead made LeNet-5's step 15-45% slower: an internal helper's constant arguments
+one core. Here kernels go, in the order assemble.py generates them (by family, then label), into
+a module until it holds about `budget` LLVM instructions and the next kernel is of another group
+(label); that module is then finished (turned into text and handed to `on_module`, which may
+start compiling it while the next one is generated) and a new one begun. The last module also
+receives the entry, which calls the phases of every kernel: the phases of earlier modules are
+made external and declared in the last one; those in the last stay internal. Helper functions
+(GEMM micro-kernels, intrinsics) are per module, so a module that needs one makes its own copy:
+the price of splitting, paid in compile time only, and kept small by generating kernels by
+family and not cutting a group (LeNet-5's step copies 23 of 9,271 instructions; 838 of 10,046
+when a module could end inside a group, 2,430 of 10,816 in schedule order). Sharing one
+external copy across the modules instead made LeNet-5's step 15-45% slower: an internal helper's constant arguments
 (strides, flags) are propagated into it by LLVM when every caller in its module passes the same
 ones, which a register tile short of registers needs.
 
@@ -58,13 +59,22 @@ class ProgramModules:
         """The module being filled; the entry goes into the last one."""
         return self._module
 
-    def add_kernel(self, build: Callable[[ir.Module], Kernel]) -> Kernel:
-        """Build a kernel into the current module; finish the module if it is now full."""
+    def add_kernel(self, build: Callable[[ir.Module], Kernel], group: object = None) -> Kernel:
+        """Build a kernel into the current module, or into a new one if the current is full.
+
+        Kernels of one `group` (assemble.py: the same label, so mostly the same helpers) stay
+        together in a full module, up to twice the budget: cut between them, the next module
+        compiled their helpers again. In LeNet-5's step the budget fell between its two
+        "gemm+bias+relu" GEMMs and between its two "gemm+ew" ones, copying 8 helpers (~1,500
+        instructions, a seventh of the program) into a second module.
+        """
+        if self.budget is not None and (self._size >= 2 * self.budget or
+                                        self._size >= self.budget and group != self._group):
+            self._finish_module(last=False)
         kernel = build(self._module)
+        self._group = group
         self._phases += kernel.phases
         self._size += self._count_new_instructions()
-        if self.budget is not None and self._size >= self.budget:
-            self._finish_module(last=False)
         return kernel
 
     def callee(self, phase: ir.Function) -> ir.Function:
@@ -84,6 +94,7 @@ class ProgramModules:
 
     def _begin_module(self) -> None:
         self._module = new_module(self.name if not self.texts else f"{self.name}.part{len(self.texts)}")
+        self._group = None
         self._size = 0
         self._counted = 0
         self._phases: list[ir.Function] = []
