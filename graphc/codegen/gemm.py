@@ -703,4 +703,4 @@ class _GemmEmitter:
         """Store the first `lanes` lanes of `value` at ptr[offset:]: a partial vector (an edge
         tile's last vector, a dot tile's row of a few columns) by plain stores of its pieces,
         not a masked store, microcoded on AMD cores (see layout_kernels.store_lanes)."""
-        store_lanes(kb, value, ptr, kb.i64(offset) if isinstance(offset, int) else offset, lanes)
+        store_lanes(kb, value, ptr, offset, lanes)
