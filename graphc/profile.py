@@ -54,17 +54,25 @@ class ProfileReport:
 
 def profile(fn, feeds: dict, repeats: int = 20) -> ProfileReport:
     """Time each kernel of compiled function `fn` over `repeats` calls on `feeds`."""
-    from .compiler import object_code
+    from .compiler import CompiledTrainingStep, object_code
     spec = fn.recipe.assemble(profile=True)
     library = rt.NativeLibrary(object_code(spec.llvm_ir))
     params = {name: array.copy() for name, array in fn.params.items()}
     program = rt.Program(library, ENTRY_NAME, spec.slots, params, max_threads=spec.max_threads)
-    program(**feeds)
+    # Called as `fn` calls its program: a training step for its loss alone (natively at one
+    # thread, see graphc_runtime.fast_call), anything else for fresh output arrays.
+    if isinstance(fn, CompiledTrainingStep):
+        def call():
+            return program.call_scalar(feeds)
+    else:
+        def call():
+            return program(**feeds)
+    call()
     counters = program.state[PROFILE_SLOT]
     counters[:] = 0
     start = time.perf_counter()
     for _ in range(repeats):
-        program(**feeds)
+        call()
     per_call = (time.perf_counter() - start) / repeats
     seconds_per_tick = _seconds_per_tick(library)
     per_step = np.zeros(len(spec.steps))

@@ -2,9 +2,11 @@
 
 A call validates and converts every feed before any native code runs, allocates the outputs
 (`call_scalar`, a training step's call, reuses one buffer instead), writes their addresses
-into the argument vector and runs the entry once on the program's threads. Small training steps cost a few microseconds of native time, so everything that
-does not change between calls (param, state and workspace addresses, the ctypes function,
-slot positions) is prepared at construction and the call path does only what must be done.
+into the argument vector and runs the entry once on the program's threads. Small training
+steps cost a microsecond of native time, so everything that does not change between calls
+(param, state and workspace addresses, the ctypes function, slot positions) is prepared at
+construction and the call path does only what must be done; a training step's one-thread
+call is a single native function (`fast_call`) whenever its feeds need no conversion.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from types import MappingProxyType
 import numpy as np
 
 from .buffers import aligned_zeros, data_pointer, unchecked_data_pointer
+from .fast_call import REFUSED, Feed, fast_call_function
 from .loader import NativeLibrary
 from .slots import Input, Output, Param, Slot, State, Status, Workspace
 from .threads import EntryFunction, default_team, get_num_threads
@@ -99,6 +102,7 @@ class Program:
         self._entry_address = library.address(entry)
         self._entry_function = EntryFunction(self._entry_address)
         self._lock = threading.Lock()
+        self._fast_call = self._fast_call_function()
         if self._scalar_output is not None:
             # Shadows the method below on this instance: a training step's call is then this
             # function alone, a Python frame less (see `_specialized_call_scalar`).
@@ -188,6 +192,19 @@ class Program:
         memory = aligned_zeros(slot.shape, slot.dtype)
         address = data_pointer(memory)
         return memory, address, position, np.ctypeslib.as_ctypes_type(slot.dtype).from_address(address)
+
+    def _fast_call_function(self):
+        """The native one-thread call of a program with one scalar output (`fast_call`), if
+        this interpreter has one and every input can be checked by it."""
+        if self._scalar_output is None or any(
+                slot.valid_range is not None and not slot.range_checked_natively for slot in self.inputs):
+            return None
+        _, address, position, _ = self._scalar_output
+        return fast_call_function(
+            argv_address=self._argv_address, entry_address=self._entry_address,
+            feeds=[Feed(position, slot.dtype, slot.shape) for slot, position in _plan_of(Input, self.slots)],
+            output_position=position, output_address=address, output_dtype=self.outputs[0].dtype,
+            status_address=None if self._status is None else data_pointer(self._status), keep_alive=self.library)
 
     def _bound_memory(self, slot: Slot) -> np.ndarray | None:
         if isinstance(slot, Param):
@@ -297,7 +314,19 @@ def _call_body(program: Program, namespace: dict) -> list[str]:
     """The lines, inside `with _lock:`, that check and bind the feeds _v0, _v1, ..., run the
     entry and return the scalar; adds what they read to `namespace`."""
     output_position = program._scalar_output[2]
+    inputs = ", ".join(f"_v{i}" for i in range(len(program.inputs)))
+    checked = program._status_cell is not None
     lines = []
+    if program._fast_call is not None:
+        # One native call checks and binds the feeds and runs the entry (see fast_call); it
+        # declines (runs nothing) for any feed the lines below would have to convert or report.
+        namespace["_fast"] = program._fast_call
+        fast = [f"_r = _fast({inputs})", "if _type(_r) is float:", "    return _r",
+                *([f"if _r == {REFUSED}:", f"    raise _refused([{inputs}])"] if checked else [])]
+        if program.max_threads == 1:
+            lines += [" " * 8 + line for line in fast]
+        else:
+            lines += ["        if _get_num_threads() == 1:", *(" " * 12 + line for line in fast)]
     for i, (slot, position) in enumerate(_plan_of(Input, program.slots)):
         namespace.update({f"_dtype{i}": slot.dtype, f"_shape{i}": slot.shape, f"_prepare{i}": slot.prepare})
         lines += [f"        if (_type(_v{i}) is _ndarray and _v{i}.dtype is _dtype{i} and _v{i}.shape == _shape{i}"
@@ -308,8 +337,6 @@ def _call_body(program: Program, namespace: dict) -> list[str]:
                   f"            _v{i} = _prepare{i}(_v{i})",
                   f"        _argv[{position}] = _pointer(_v{i})"]
     # The _v's stay referenced until the function returns: converted copies outlive the native call.
-    checked = program._status_cell is not None
-    inputs = ", ".join(f"_v{i}" for i in range(len(program.inputs)))
     return lines + [
         f"        _argv[{output_position}] = _output_address  # a __call__ may have bound another",
         *(["        _status.value = 0"] if checked else []),

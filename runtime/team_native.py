@@ -31,15 +31,10 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import hashlib
 import string
 
-import llvmlite
-import llvmlite.binding as llvm
-
-from . import loader
-from .cache import ObjectCache, make_key
-from .loader import NativeLibrary, create_host_target_machine, host_target, initialize_llvm
+from .loader import NativeLibrary, host_target
+from .native_ir import library_from_ir
 
 MAX_THREADS = 1024  # mailbox capacity; tid 0 (the caller) needs none but keeps indexing simple
 
@@ -356,44 +351,5 @@ class TeamFunctions:
 
 @functools.cache
 def team_functions() -> TeamFunctions:
-    """The fork/join code for this host, once per process: loaded from the object cache, where
-    the first process on this machine to need it compiled and stored it.
-
-    Loading, not compiling, matters for memory more than for time (compiling takes ~10 ms):
-    a process's first code generation on a thread leaves its heap 18-22 MB larger, resident
-    for good. A process whose programs all come from the cache would pay that only for this.
-    """
-    host = host_target()
-    ir_text = team_ir(host.triple)
-    cache = ObjectCache()
-    key = _team_cache_key(ir_text, host)
-    cached = cache.get(key)
-    if cached is not None:
-        try:
-            return TeamFunctions(NativeLibrary(cached))
-        except Exception:  # noqa: BLE001 - any failure to load means: compile it again
-            pass
-    code = _compile_team(ir_text)
-    cache.put(key, code)
-    return TeamFunctions(NativeLibrary(code))
-
-
-def _team_cache_key(ir_text: str, host) -> str:
-    """Everything the team's object depends on: its IR, the CPU, LLVM, and how it is compiled
-    and loaded (this module's and the loader's source)."""
-    sources = hashlib.sha256()
-    for path in (__file__, loader.__file__):
-        with open(path, "rb") as source:
-            sources.update(source.read())
-    return make_key("graphc-team", ir_text, host.triple, host.cpu, host.features, llvmlite.__version__,
-                    repr(llvm.llvm_version_info), sources.hexdigest())
-
-
-def _compile_team(ir_text: str) -> bytes:
-    initialize_llvm()
-    target_machine = create_host_target_machine(opt_level=2)
-    module = llvm.parse_assembly(ir_text)
-    module.triple = target_machine.triple
-    module.data_layout = str(target_machine.target_data)
-    module.verify()
-    return target_machine.emit_object(module)
+    """The fork/join code for this host, once per process (see `native_ir.library_from_ir`)."""
+    return TeamFunctions(library_from_ir("graphc-team", team_ir(host_target().triple), __file__))

@@ -389,11 +389,11 @@ def test_team_runs_all_threads_concurrently(barrier_library, nthreads):
 
 
 def test_team_code_is_compiled_once_then_loaded_from_the_object_cache(barrier_library, tmp_path, monkeypatch):
-    from graphc_runtime import team_native
+    from graphc_runtime import native_ir, team_native
     monkeypatch.setenv("GRAPHC_CACHE_DIR", str(tmp_path))
     compiled = []
-    compile_team = team_native._compile_team
-    monkeypatch.setattr(team_native, "_compile_team", lambda ir_text: compiled.append(1) or compile_team(ir_text))
+    compile_ir = native_ir._compile
+    monkeypatch.setattr(native_ir, "_compile", lambda ir_text: compiled.append(1) or compile_ir(ir_text))
     team_native.team_functions.cache_clear()   # as in a new process
     try:
         team_native.team_functions()
@@ -410,10 +410,10 @@ def test_team_code_is_compiled_once_then_loaded_from_the_object_cache(barrier_li
 
 
 def test_a_damaged_team_object_in_the_cache_is_compiled_again(barrier_library, tmp_path, monkeypatch):
-    from graphc_runtime import team_native
+    from graphc_runtime import native_ir, team_native
     monkeypatch.setenv("GRAPHC_CACHE_DIR", str(tmp_path))
     host = rt.host_target()
-    key = team_native._team_cache_key(team_native.team_ir(host.triple), host)
+    key = native_ir._cache_key("graphc-team", team_native.team_ir(host.triple), host, team_native.__file__)
     cache = rt.ObjectCache(tmp_path)
     cache.put(key, b"\x7fELF but not an object")   # a sound entry holding unloadable bytes
     team_native.team_functions.cache_clear()

@@ -1,0 +1,205 @@
+"""Tests of the native one-thread call (graphc_runtime.fast_call): it runs exactly the feeds the
+Python path would pass unconverted, declines every other feed without running anything, and
+leaves the conversions and error reports to the Python path; the Python path alone remains
+where numpy's array layout is not the one it reads."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import numpy as np
+import pytest
+
+import graphc as gc
+import graphc_runtime as rt
+from graphc import models
+from graphc_runtime import fast_call
+from test_runtime import load_ir
+
+# total = sum(x) + sum(labels), calls += 1; labels[i] >= 3 is refused (status = argv position 1 + 1).
+TOTAL_IR = """
+define void @total(ptr %args, i64 %tid, i64 %nthreads) {
+entry:
+  %x = load ptr, ptr %args
+  %labels_slot = getelementptr inbounds ptr, ptr %args, i64 1
+  %labels = load ptr, ptr %labels_slot
+  %calls_slot = getelementptr inbounds ptr, ptr %args, i64 2
+  %calls = load ptr, ptr %calls_slot
+  %status_slot = getelementptr inbounds ptr, ptr %args, i64 3
+  %status = load ptr, ptr %status_slot
+  %out_slot = getelementptr inbounds ptr, ptr %args, i64 4
+  %out = load ptr, ptr %out_slot
+  %label0 = load i32, ptr %labels
+  %label1_at = getelementptr inbounds i32, ptr %labels, i64 1
+  %label1 = load i32, ptr %label1_at
+  %bad0 = icmp uge i32 %label0, 3
+  %bad1 = icmp uge i32 %label1, 3
+  %bad = or i1 %bad0, %bad1
+  br i1 %bad, label %refuse, label %sum
+refuse:
+  store i64 2, ptr %status
+  ret void
+sum:
+  %i = phi i64 [ 0, %entry ], [ %next, %sum ]
+  %acc = phi float [ 0.0, %entry ], [ %acc_next, %sum ]
+  %x_at = getelementptr inbounds float, ptr %x, i64 %i
+  %xi = load float, ptr %x_at
+  %acc_next = fadd float %acc, %xi
+  %next = add i64 %i, 1
+  %more = icmp ult i64 %next, 6
+  br i1 %more, label %sum, label %done
+done:
+  %labels_sum = add i32 %label0, %label1
+  %labels_float = sitofp i32 %labels_sum to float
+  %total = fadd float %acc_next, %labels_float
+  store float %total, ptr %out
+  %count = load i64, ptr %calls
+  %count_next = add i64 %count, 1
+  store i64 %count_next, ptr %calls
+  ret void
+}
+"""
+
+SLOTS = [
+    rt.Input("x", (2, 3)),
+    rt.Input("labels", (2,), "int32", valid_range=(0, 3), range_checked_natively=True),
+    rt.State("calls", (1,), "int64"),
+    rt.Status(),
+    rt.Output("total", ()),
+]
+X = np.arange(6, dtype=np.float32).reshape(2, 3)
+LABELS = np.array([1, 2], np.int32)
+
+
+@pytest.fixture(scope="module")
+def library():
+    return load_ir(TOTAL_IR)
+
+
+@pytest.fixture
+def program(library):
+    program = rt.Program(library, "total", SLOTS)
+    assert program._fast_call is not None, "this interpreter's numpy layout should have a fast call"
+    return program
+
+
+def calls(program) -> int:
+    return int(program.state["calls"][0])
+
+
+def test_exact_feeds_run_natively_and_return_the_loss_as_a_float(program):
+    result = program._fast_call(X, LABELS)
+    assert type(result) is float and result == 15.0 + 3.0
+    assert calls(program) == 1
+    assert program.keyword_call_scalar(object(), x=X, labels=LABELS) == 18.0
+    assert program.call_scalar({"x": X, "labels": LABELS}) == 18.0
+    assert calls(program) == 3
+
+
+class Subclass(np.ndarray):
+    pass
+
+
+@pytest.mark.parametrize("feeds", [
+    (X.astype(np.float64), LABELS),                            # another dtype
+    (X.astype(X.dtype.newbyteorder()), LABELS),                # big-endian: another dtype object
+    (np.zeros((2, 6), np.float32)[:, ::2], LABELS),            # not contiguous
+    (np.asfortranarray(X), LABELS),                            # F-ordered
+    (X.reshape(3, 2), LABELS),                                 # another shape, same size
+    (X.reshape(1, 2, 3), LABELS),                              # another ndim
+    (X.view(Subclass), LABELS),                                # a subclass
+    (X.tolist(), LABELS),                                      # not an array
+    (X, LABELS.astype(np.int64)),                              # the second feed wrong
+    (X,),                                                      # a feed missing
+    (X, LABELS, LABELS),                                       # one too many
+])
+def test_any_other_feed_is_declined_before_native_code_runs(program, feeds):
+    assert program._fast_call(*feeds) == fast_call.DECLINED
+    assert calls(program) == 0
+
+
+def test_declined_feeds_take_the_python_path_which_converts_or_reports_them(program):
+    call = program.keyword_call_scalar
+    owner = object()
+    assert call(owner, x=X.astype(np.float64), labels=LABELS) == 18.0          # converted
+    assert call(owner, x=np.asfortranarray(X), labels=LABELS.tolist()) == 18.0  # copied
+    assert calls(program) == 2
+    with pytest.raises(ValueError, match=r"input 'x': expected shape \(2, 3\) float32, got shape \(3, 2\)"):
+        call(owner, x=X.reshape(3, 2), labels=LABELS)
+    assert calls(program) == 2
+
+
+def test_an_input_the_entry_refuses_is_reported_by_name(program):
+    with pytest.raises(ValueError, match=r"input 'labels': values must lie in the valid range \[0, 3\)"):
+        program.keyword_call_scalar(object(), x=X, labels=np.array([0, 3], np.int32))
+    assert calls(program) == 0
+    assert program._fast_call(X, np.array([5, 0], np.int32)) == fast_call.REFUSED
+    assert program.call_scalar({"x": X, "labels": LABELS}) == 18.0   # the status is cleared again
+
+
+# Spins until flag[0] is set (by another Python thread) or ~2^31 iterations pass; out = flag[0].
+WAIT_IR = """
+define void @wait(ptr %args, i64 %tid, i64 %nthreads) {
+entry:
+  %flag = load ptr, ptr %args
+  %out_slot = getelementptr inbounds ptr, ptr %args, i64 1
+  %out = load ptr, ptr %out_slot
+  br label %spin
+spin:
+  %i = phi i64 [ 0, %entry ], [ %next, %spin ]
+  %value = load volatile float, ptr %flag
+  %next = add i64 %i, 1
+  %unset = fcmp oeq float %value, 0.0
+  %budget = icmp ult i64 %next, 2147483648
+  %again = and i1 %unset, %budget
+  br i1 %again, label %spin, label %done
+done:
+  store float %value, ptr %out
+  ret void
+}
+"""
+
+
+def test_the_gil_is_released_while_the_entry_runs():
+    """The entry waits for a Python thread to set a flag: it can only if the call let go of the GIL."""
+    program = rt.Program(load_ir(WAIT_IR), "wait", [rt.Input("flag", (1,)), rt.Output("seen", ())])
+    flag = np.zeros(1, np.float32)
+
+    def set_flag():
+        time.sleep(0.05)
+        flag[0] = 1.0
+
+    setter = threading.Thread(target=set_flag)
+    setter.start()
+    assert program._fast_call(flag) == 1.0
+    setter.join()
+
+
+def test_without_a_known_array_layout_programs_take_the_python_path(library, monkeypatch):
+    monkeypatch.setattr(fast_call, "array_layout", lambda: None)
+    program = rt.Program(library, "total", SLOTS)
+    assert program._fast_call is None
+    assert program.keyword_call_scalar(object(), x=X, labels=LABELS) == 18.0
+    with pytest.raises(ValueError, match="input 'labels'"):
+        program.call_scalar({"x": X, "labels": np.array([0, 3], np.int32)})
+
+
+@pytest.mark.parametrize("workload", ["w5", "logreg"])
+def test_a_training_step_trains_alike_on_both_paths(workload):
+    """The same native step through the fast call (exact feeds) and the Python path (float64
+    feeds, converted): bitwise the same losses and params."""
+    model = models.logistic_regression(16, 8) if workload == "w5" else models.softmax_regression(16, 20, 5)
+    feeds = models.random_batch(model, np.random.default_rng(1))
+    converted = {name: value.astype(np.float64) if value.dtype == np.float32 else value.tolist()
+                 for name, value in feeds.items()}
+    trained = []
+    for batch in (feeds, converted):
+        params = gc.init_params(model.graph, seed=0)
+        step = gc.compile_training_step(model.loss, params, gc.SGD(lr=0.5))
+        assert step._program._fast_call is not None
+        trained.append(([step(**batch) for _ in range(5)], params))
+    (fast_losses, fast_params), (python_losses, python_params) = trained
+    assert fast_losses == python_losses and fast_losses[0] != fast_losses[-1]
+    for name in fast_params:
+        np.testing.assert_array_equal(fast_params[name], python_params[name])
