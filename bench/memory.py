@@ -23,7 +23,10 @@ Each row is measured in a fresh interpreter (Linux only: it reads /proc/self/sta
     the baseline): numpy-owned bytes alive when the step loop starts (params, inputs, the arena)
     plus the largest growth of all traced memory during the loop (Python objects included, such
     as the floats the calls return). It leaves out machine code, Python objects the
-    compile left behind and allocator slack, so it shows the data alone.
+    compile left behind and allocator slack, so it shows the data alone. Measured in a second
+    fresh interpreter: tracemalloc keeps a record of every allocation it traces, in resident
+    memory of its own (~30 KiB for the objects a small step's compile leaves), which would
+    count against the step in steps 3 and 4.
 
 bound = params + inputs + live; ratio = run / bound (the issue's criterion).
 """
@@ -66,8 +69,9 @@ def _numpy_traced_bytes() -> int:
     return sum(stat.size for stat in snapshot.statistics("filename"))
 
 
-def measure(name: str, batch: int, threads: int) -> dict:
-    """The numbers of one row, measured in this process (see the module docstring)."""
+def measure(name: str, batch: int, threads: int, traced: bool) -> dict:
+    """The numbers of one row, measured in this process (see the module docstring): with
+    `traced`, the traced bytes alone, otherwise all the others."""
     import numpy as np
 
     import graphc as gc
@@ -79,7 +83,8 @@ def measure(name: str, batch: int, threads: int) -> dict:
     plan = gc.compile_training_step(model.loss, gc.init_params(model.graph, seed=0), gc.SGD(lr=LR)).memory
     models.random_batch(model, np.random.default_rng(0))  # numpy's generator, first used here, stays out
 
-    tracemalloc.start()
+    if traced:
+        tracemalloc.start()
     baseline = _settle_and_reset_peak()
     params = gc.init_params(model.graph, seed=0)
     feeds = models.random_batch(model, np.random.default_rng(0))
@@ -88,17 +93,18 @@ def measure(name: str, batch: int, threads: int) -> dict:
     compile_and_run = _status_kib("VmHWM") * 1024 - baseline
 
     _settle_and_reset_peak()
-    held = _numpy_traced_bytes()
-    tracemalloc.reset_peak()
-    loop_start = tracemalloc.get_traced_memory()[0]
+    if traced:
+        held = _numpy_traced_bytes()
+        tracemalloc.reset_peak()
+        loop_start = tracemalloc.get_traced_memory()[0]
+        for _ in range(STEPS):
+            step(**feeds)
+        return dict(traced=held + tracemalloc.get_traced_memory()[1] - loop_start)
     for _ in range(STEPS):
         step(**feeds)
-    # Before reading /proc: its file buffer and text (~12 KiB) are traced allocations too.
-    transient = tracemalloc.get_traced_memory()[1] - loop_start
     run = _status_kib("VmHWM") * 1024 - baseline
     return dict(params=sum(p.nbytes for p in params.values()), inputs=sum(f.nbytes for f in feeds.values()),
-                live=plan.peak_live_bytes, arena=plan.arena_bytes, compile_and_run=compile_and_run, run=run,
-                traced=held + transient)
+                live=plan.peak_live_bytes, arena=plan.arena_bytes, compile_and_run=compile_and_run, run=run)
 
 
 def main():
@@ -108,12 +114,12 @@ def main():
     parser.add_argument("--workloads", nargs="+", default=list(WORKLOADS), choices=list(WORKLOADS))
     parser.add_argument("--batches", nargs="+", type=int, default=[64, 256])
     parser.add_argument("--threads", nargs="+", type=int, default=[1])
-    parser.add_argument("--row", nargs=3, metavar=("WORKLOAD", "BATCH", "THREADS"),
+    parser.add_argument("--row", nargs=4, metavar=("WORKLOAD", "BATCH", "THREADS", "TRACED"),
                         help="measure one row in this process and print it as JSON (what each fresh interpreter runs)")
     args = parser.parse_args()
     if args.row:
-        name, batch, threads = args.row
-        print(json.dumps(measure(name, int(batch), int(threads))))
+        name, batch, threads, traced = args.row
+        print(json.dumps(measure(name, int(batch), int(threads), traced == "traced")))
         return
 
     print("KiB; bound = params + inputs + live (the planner's largest live set); arena: the planner's arena size")
@@ -125,9 +131,11 @@ def main():
     for name in args.workloads:
         for batch in [64] if name == "w5" else args.batches:  # W5 is defined at B = 64 only
             for threads in args.threads:
-                out = subprocess.run([sys.executable, __file__, "--row", name, str(batch), str(threads)],
-                                     capture_output=True, text=True, check=True)
-                row = json.loads(out.stdout.splitlines()[-1])
+                row = {}
+                for mode in ("untraced", "traced"):
+                    out = subprocess.run([sys.executable, __file__, "--row", name, str(batch), str(threads), mode],
+                                         capture_output=True, text=True, check=True)
+                    row.update(json.loads(out.stdout.splitlines()[-1]))
                 row["bound"] = row["params"] + row["inputs"] + row["live"]
                 print(f"{name:<9} {batch:>4} {threads:>3} " + " ".join(f"{row[c] / 1024:>11.1f}" for c in columns)
                       + f" {row['run'] / row['bound']:>9.2f} {row['traced'] / row['bound']:>12.2f}", flush=True)
