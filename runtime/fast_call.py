@@ -293,11 +293,20 @@ check_status:
 
 result:
   %is_double = load i64, ptr %word_OUTPUT_IS_DOUBLE, align 8
+  %is_double_flag = icmp ne i64 %is_double, 0
+  br i1 %is_double_flag, label %read_double, label %read_float
+
+read_float:
   %as_float = load float, ptr %output, align 4
   %widened = fpext float %as_float to double
+  br label %box
+
+read_double:
   %as_double = load double, ptr %output, align 8
-  %is_double_flag = icmp ne i64 %is_double, 0
-  %value = select i1 %is_double_flag, double %as_double, double %widened
+  br label %box
+
+box:
+  %value = phi double [%widened, %read_float], [%as_double, %read_double]
   %from_double = load ptr, ptr %word_FLOAT_FROM_DOUBLE, align 8
   %float_object = call ptr %from_double(double %value)
   ret ptr %float_object

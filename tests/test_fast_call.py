@@ -203,3 +203,23 @@ def test_a_training_step_trains_alike_on_both_paths(workload):
     assert fast_losses == python_losses and fast_losses[0] != fast_losses[-1]
     for name in fast_params:
         np.testing.assert_array_equal(fast_params[name], python_params[name])
+
+
+# out (float64) = x[0] (float64), plus 2^-40: a value a float32 could not hold.
+DOUBLE_IR = """
+define void @double(ptr %args, i64 %tid, i64 %nthreads) {
+  %x = load ptr, ptr %args
+  %out_slot = getelementptr inbounds ptr, ptr %args, i64 1
+  %out = load ptr, ptr %out_slot
+  %value = load double, ptr %x
+  %result = fadd double %value, 0x3D70000000000000
+  store double %result, ptr %out
+  ret void
+}
+"""
+
+
+def test_a_float64_output_is_returned_in_full_precision():
+    program = rt.Program(load_ir(DOUBLE_IR), "double", [rt.Input("x", (1,), "float64"), rt.Output("out", (), "float64")])
+    assert program._fast_call(np.array([1.0])) == 1.0 + 2.0 ** -40
+    assert program.keyword_call_scalar(object(), x=np.array([3.0])) == 3.0 + 2.0 ** -40
