@@ -32,6 +32,7 @@ import ctypes
 import enum
 import functools
 import string
+import sys
 import sysconfig
 from collections.abc import Callable, Sequence
 from typing import NamedTuple
@@ -91,7 +92,10 @@ def array_layout() -> ArrayLayout | None:
     """The offsets of the fields the fast call reads, proven on probe arrays; None where this
     interpreter or numpy lays an array out otherwise (or where the GIL is optional: the fast
     call relies on it while it reads the feeds)."""
-    if sysconfig.get_config_var("Py_GIL_DISABLED") or ctypes.sizeof(ctypes.c_void_p) != 8:
+    # 64-bit little-endian only: the table's int64 word METHOD_FLAGS is PyMethodDef's int
+    # ml_flags and its padding, which holds the value in its low half only there.
+    if (sysconfig.get_config_var("Py_GIL_DISABLED") or ctypes.sizeof(ctypes.c_void_p) != 8
+            or sys.byteorder != "little"):
         return None
     pointer = ctypes.c_void_p.from_address
     data = object.__basicsize__  # PyObject_HEAD, then `char *data`
