@@ -39,7 +39,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from .buffers import aligned_zeros, data_pointer
+from .buffers import _DATA_FIELD_OFFSET, _read_data_field, aligned_zeros, data_pointer, unchecked_data_pointer
 from .loader import NativeLibrary
 from .native_ir import library_from_ir
 
@@ -97,27 +97,27 @@ def array_layout() -> ArrayLayout | None:
     if (sysconfig.get_config_var("Py_GIL_DISABLED") or ctypes.sizeof(ctypes.c_void_p) != 8
             or sys.byteorder != "little"):
         return None
+    if unchecked_data_pointer is not _read_data_field:  # the data field itself is not where expected
+        return None
     pointer = ctypes.c_void_p.from_address
-    data = object.__basicsize__  # PyObject_HEAD, then `char *data`
+    data = _DATA_FIELD_OFFSET  # PyObject_HEAD, then `char *data`
     layout = ArrayLayout(type=data - 8, data=data, ndim=data + 8, shape=data + 16, descr=data + 40, flags=data + 48)
     base = np.arange(24, dtype=np.float32)
     probes = (base, base[5:], base.reshape(2, 3, 4)[1], base.reshape(4, 6)[:, ::2], np.zeros((), np.float64),
               np.empty(0, np.int32), np.zeros((3, 1), np.int64).T)
-    try:
-        for probe in probes:
-            at = id(probe)
-            shape_address = pointer(at + layout.shape).value
-            shape = tuple(ctypes.c_int64.from_address(shape_address + 8 * i).value for i in range(probe.ndim))
-            flags = ctypes.c_int32.from_address(at + layout.flags).value
-            if (pointer(at + layout.type).value != id(np.ndarray)
-                    or (pointer(at + layout.data).value or 0) != probe.ctypes.data
-                    or ctypes.c_int32.from_address(at + layout.ndim).value != probe.ndim
-                    or shape != probe.shape
-                    or pointer(at + layout.descr).value != id(probe.dtype)
-                    or bool(flags & _NPY_ARRAY_C_CONTIGUOUS) != probe.flags.c_contiguous):
-                return None
-    except (ValueError, OverflowError, TypeError):  # id() is not an address on this interpreter
-        return None
+    for probe in probes:
+        at = id(probe)
+        flags = ctypes.c_int32.from_address(at + layout.flags).value
+        if (pointer(at + layout.type).value != id(np.ndarray)
+                or ctypes.c_int32.from_address(at + layout.ndim).value != probe.ndim
+                or pointer(at + layout.descr).value != id(probe.dtype)
+                or bool(flags & _NPY_ARRAY_C_CONTIGUOUS) != probe.flags.c_contiguous):
+            return None
+        # Followed only once the fields inside the object proved right: a wrong offset must
+        # not send the probe to an arbitrary address.
+        shape_address = pointer(at + layout.shape).value
+        if tuple(ctypes.c_int64.from_address(shape_address + 8 * i).value for i in range(probe.ndim)) != probe.shape:
+            return None
     return layout
 
 
@@ -179,12 +179,15 @@ def fast_call_function(
     # self = the table (which holds the PyMethodDef); "module" = what must outlive the function
     # (the code it runs, the dtype objects whose addresses it compares): CPython stores it and
     # holds a reference (shown as __module__), nothing else.
-    return _new_builtin(address, table, (library, keep_alive, [feed.dtype for feed in feeds]))
+    return _new_builtin()(address, table, (library, keep_alive, [feed.dtype for feed in feeds]))
 
 
-# PyObject *PyCFunction_NewEx(PyMethodDef *, PyObject *self, PyObject *module), holding the GIL.
-_new_builtin = ctypes.PYFUNCTYPE(ctypes.py_object, ctypes.c_void_p, ctypes.py_object, ctypes.py_object)(
-    ("PyCFunction_NewEx", ctypes.pythonapi))
+@functools.cache
+def _new_builtin():
+    """PyObject *PyCFunction_NewEx(PyMethodDef *, PyObject *self, PyObject *module), called
+    holding the GIL (looked up here, past array_layout's checks, not at import)."""
+    return ctypes.PYFUNCTYPE(ctypes.py_object, ctypes.c_void_p, ctypes.py_object, ctypes.py_object)(
+        ("PyCFunction_NewEx", ctypes.pythonapi))
 
 
 def _address_of(function) -> int:
