@@ -26,7 +26,11 @@ class SharedOverride:
     def __init__(self, change: Callable[[], object], restore: Callable[[object], None],
                  after_last: Callable[[], None] | None = None):
         self._change, self._restore, self._after_last = change, restore, after_last
-        self._lock = threading.Lock()
+        # Reentrant: the cyclic GC may run finalizers at any allocation, also one made while
+        # the lock is held right after the GC is resumed, and a finalizer may compile (enter
+        # again) on this thread. A plain lock deadlocked there, depending on where the
+        # allocation count happened to cross the GC's threshold.
+        self._lock = threading.RLock()
         self._users = 0
         self._saved = None
 

@@ -394,6 +394,34 @@ def test_training_step_takes_feeds_as_keywords_with_the_same_checks(input_name):
         step(feed)
 
 
+def test_a_shared_override_may_be_entered_again_while_it_restores():
+    """What a finalizer does when the GC, resumed by the last compile's exit, collects at once
+    (still under the override's lock) and the finalizer compiles: deterministically here."""
+    import threading
+
+    from graphc.interpreter_settings import SharedOverride
+
+    events = []
+
+    def restore(saved):
+        events.append(("restore", saved))
+        if "nested" not in events:   # the "finalizer": a whole nested use, on the same thread
+            with override:
+                events.append("nested")
+
+    override = SharedOverride(lambda: len(events), restore)
+
+    def use():
+        with override:
+            events.append("outer")
+
+    user = threading.Thread(target=use, daemon=True)
+    user.start()
+    user.join(timeout=10)
+    assert not user.is_alive(), "deadlocked re-entering the override from its own restore"
+    assert events == ["outer", ("restore", 0), "nested", ("restore", 2)]
+
+
 def test_a_finalizer_that_compiles_during_a_compile_does_not_deadlock():
     """Cyclic garbage made during a compile is collected when it ends; its finalizer compiles."""
     import subprocess
