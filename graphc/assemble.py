@@ -221,6 +221,14 @@ def _check_supported(nodes):
                 f"native code needs non-empty tensors; %{node.id} ({node.op}, at {node.site}) has shape "
                 f"{node.shape}. Use gc.evaluate for empty tensors.")
         if node.dtype not in SUPPORTED_DTYPES:
+            label = f" {node.name!r}" if node.name else ""
             raise NotImplementedError(
-                f"native code supports float32 and int32 tensors; %{node.id} ({node.op}, at {node.site}) is "
-                f"{node.dtype}. Use gc.evaluate for float64.")
+                f"native code supports float32 and int32 tensors; %{node.id} ({node.op}{label}, at {node.site}) is "
+                f"{node.dtype}. {_dtype_advice(node.dtype)}")
+
+
+def _dtype_advice(dtype: str) -> str:
+    if dtype == "int64":
+        # compiled functions convert int64 label arrays to an int32 input after a range check
+        return 'Declare it with dtype="int32"; int64 arrays can still be fed to it.'
+    return "Use gc.evaluate for float64."

@@ -20,10 +20,23 @@ def user_site() -> str:
     frame = sys._getframe(1)
     while frame is not None:
         filename = frame.f_code.co_filename
-        if not os.path.abspath(filename).startswith(_PACKAGE_DIR):
+        if not _inside_graphc(frame):
             return f"{os.path.basename(filename)}:{frame.f_lineno}"
         frame = frame.f_back
     return "<graphc>"
+
+
+def _inside_graphc(frame) -> bool:
+    filename = frame.f_code.co_filename
+    if filename.startswith("<"):
+        # code generated from a string (a dataclass's __init__) belongs to the module it was made for
+        return frame.f_globals.get("__name__", "").split(".")[0] == __name__.split(".")[0]
+    return os.path.abspath(filename).startswith(_PACKAGE_DIR)
+
+
+def at_user_line(message: str) -> str:
+    """`message` followed by the user's line, as every graphc error ends."""
+    return f"{message} (at {user_site()})"
 
 
 def shape_error(op: str, reason: str, operands, site: str | None = None) -> ShapeError:

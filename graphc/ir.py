@@ -11,33 +11,130 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import math
+import numbers
+from collections.abc import Sequence
 from typing import Any, Iterable
 
 import networkx as nx
 import numpy as np
 
-from .errors import ShapeError, user_site
+from .errors import ShapeError, at_user_line, user_site
 
 FLOAT_DTYPES = ("float32", "float64")
 INT_DTYPES = ("int32", "int64")
 SOURCE_OPS = ("input", "param", "constant", "fill")
 
 
-def normalize_dtype(dtype) -> str:
-    name = np.dtype(dtype).name
+def normalize_dtype(dtype, what: str = "dtype") -> str:
+    """A graphc dtype's numpy name. None is refused: numpy would read it as float64."""
+    try:
+        name = np.dtype(dtype).name if dtype is not None else None
+    except TypeError:
+        name = None
+    if name is None:
+        raise TypeError(at_user_line(f"{what}: {dtype!r} is not a dtype; graphc tensors are one of "
+                                     f"{FLOAT_DTYPES + INT_DTYPES}"))
     if name not in FLOAT_DTYPES + INT_DTYPES:
-        raise ValueError(f"unsupported dtype {name!r}: graphc tensors are one of {FLOAT_DTYPES + INT_DTYPES}")
+        raise ValueError(at_user_line(f"{what}: unsupported dtype {name!r}: graphc tensors are one of "
+                                      f"{FLOAT_DTYPES + INT_DTYPES}"))
     return name
 
 
+# ---- arguments: the one place that says what an int, a shape and a finite float are ----------------
+
+
+def is_int(value) -> bool:
+    """A Python or numpy integer. Never a bool: True would silently become the dimension 1."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def as_int(value, what: str) -> int:
+    """`value` as a Python int, or TypeError naming `what` (a float is refused, not truncated)."""
+    if not is_int(value):
+        raise TypeError(at_user_line(f"{what} must be an int, got {value!r} ({type(value).__name__})"))
+    return int(value)
+
+
+def as_int_tuple(values, what: str) -> tuple[int, ...]:
+    """A sequence of ints (a shape, axes) as a tuple of Python ints, or TypeError naming `what`."""
+    if not (isinstance(values, Sequence) and not isinstance(values, (str, bytes))
+            or isinstance(values, np.ndarray) and values.ndim == 1):
+        # a set would have no order, a string only digits; an int is not a shape in torch either
+        raise TypeError(at_user_line(f"{what} must be a tuple of ints, got {values!r}"))
+    values = tuple(values)
+    for value in values:
+        if not is_int(value):
+            raise TypeError(at_user_line(f"{what} must be a tuple of ints, got {values!r}: "
+                                         f"{value!r} is a {type(value).__name__}"))
+    return tuple(int(v) for v in values)
+
+
+def as_finite_float(value, what: str) -> float:
+    """A real number (Python or numpy, not a bool) as a finite Python float; TypeError or ValueError naming `what`."""
+    if not isinstance(value, numbers.Real) or isinstance(value, bool):
+        raise TypeError(at_user_line(f"{what} must be a number, got {value!r} ({type(value).__name__})"))
+    value = float(value)
+    if not math.isfinite(value):
+        raise ValueError(at_user_line(f"{what} must be finite, got {value!r}"))
+    return value
+
+
+def as_bool(value, what: str) -> bool:
+    """A flag: True or False (numpy's too); any other truthy value is more likely a mistake."""
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(at_user_line(f"{what} must be True or False, got {value!r} ({type(value).__name__})"))
+    return bool(value)
+
+
 def normalize_shape(shape, what: str) -> tuple[int, ...]:
-    try:
-        dims = tuple(int(d) for d in shape)
-    except TypeError:
-        raise ValueError(f"{what}: shape must be a tuple of ints, got {shape!r}") from None
-    if any(d < 0 for d in dims):
-        raise ValueError(f"{what}: shape dimensions must be >= 0, got {dims}")
+    """A declared shape as a tuple of Python ints, each >= 1.
+
+    An empty dimension would reach the code generator as a zero-sized GEMM or a division by a
+    batch of 0, so it is refused where the user wrote it."""
+    dims = as_int_tuple(shape, f"{what}: shape")
+    if any(d < 1 for d in dims):
+        raise ShapeError(at_user_line(f"{what}: graphc compiles static shapes with every dimension >= 1, "
+                                      f"got shape {dims}"))
     return dims
+
+
+def constant_array(value, dtype, what: str) -> np.ndarray:
+    """`value` as an array of a graphc dtype: float32 or int32 unless `dtype` says otherwise.
+
+    Every value must survive the cast: an int beyond int32 would wrap, 1.5 would become 1 and
+    1e300 would become inf, each silently."""
+    array = np.asarray(value)
+    if array.dtype.kind not in "biuf":
+        raise TypeError(at_user_line(f"{what}: values must be ints or floats, got {_short_repr(value)} "
+                                     f"({array.dtype})"))
+    if array.dtype.kind == "b" and dtype is None:
+        raise TypeError(at_user_line(f"{what}: graphc has no bool tensors; give a dtype= for {_short_repr(value)}"))
+    target = normalize_dtype(dtype if dtype is not None else np.float32 if array.dtype.kind == "f" else np.int32, what)
+    with np.errstate(invalid="ignore", over="ignore"):
+        converted = array.astype(target)
+        changed = _changed_by_cast(array, converted)
+    if changed.any():
+        offender = array[changed].flat[0].item()
+        raise ValueError(at_user_line(f"{what}: value {offender!r} cannot be held exactly as {target}"
+                                      f"{' (it overflows)' if converted.dtype.kind == 'f' else ''}"))
+    return converted
+
+
+def _short_repr(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _changed_by_cast(source: np.ndarray, converted: np.ndarray) -> np.ndarray:
+    """Where a cast lost a value: wrapped or truncated ints, finite floats become infinite.
+
+    Rounding a float64 to float32 is the cast's purpose, not a loss."""
+    if converted.dtype.kind != "f":
+        return converted.astype(source.dtype) != source
+    if source.dtype.kind != "f":
+        return np.zeros(source.shape, bool)  # ints and bools fit float32's range
+    return np.isfinite(source) & ~np.isfinite(converted)
 
 
 class ConstArray:
@@ -178,21 +275,20 @@ class Graph:
 
     def constant(self, value, dtype=None, name: str | None = None) -> Tensor:
         """A fixed array baked into the graph (e.g. a fixed filter bank)."""
-        array = np.asarray(value, dtype=dtype if dtype is not None else None)
-        if array.dtype.kind == "f" and dtype is None:
-            array = array.astype(np.float32)
-        elif array.dtype.kind in "iub" and dtype is None:
-            array = array.astype(np.int32)
-        dt = normalize_dtype(array.dtype)
-        return self.add_node("constant", [], {"value": ConstArray(array.astype(dt))},
-                             array.shape, dt, name=name)
+        what = f"constant {name!r}" if name else "constant"
+        array = constant_array(value, dtype, what)
+        shape = normalize_shape(array.shape, what)
+        return self.add_node("constant", [], {"value": ConstArray(array)}, shape, array.dtype.name, name=name)
 
     def _source(self, op, table, name, shape, dtype) -> Tensor:
-        if not isinstance(name, str) or not name:
-            raise ValueError(f"{op} name must be a non-empty string, got {name!r}")
+        if not isinstance(name, str):
+            raise TypeError(at_user_line(f"{op} name must be a string, got {name!r}"))
+        if not name:
+            raise ValueError(at_user_line(f"{op} name must be a non-empty string, got {name!r}"))
         if name in self.inputs or name in self.params:
-            raise ValueError(f"graph {self.name!r} already has an input or param named {name!r}")
-        node = self.add_node(op, [], {}, normalize_shape(shape, f"{op} {name!r}"), normalize_dtype(dtype), name=name)
+            raise ValueError(at_user_line(f"graph {self.name!r} already has an input or param named {name!r}"))
+        what = f"{op} {name!r}"
+        node = self.add_node(op, [], {}, normalize_shape(shape, what), normalize_dtype(dtype, what), name=name)
         table[name] = node
         return node
 

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import dataclasses
 
-from .ir import Graph, Tensor
+from .errors import at_user_line
+from .ir import Graph, Tensor, as_bool, as_finite_float
 
 
 @dataclasses.dataclass(frozen=True)
@@ -27,12 +28,12 @@ class SGD:
     nesterov: bool = False
 
     def __post_init__(self):
+        # Stored as Python floats: a numpy scalar times a Tensor would make numpy build an array.
         for name in ("lr", "momentum", "weight_decay"):
-            value = getattr(self, name)
-            if not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0:
-                raise ValueError(f"SGD: {name} must be a non-negative number, got {value!r}")
+            object.__setattr__(self, name, non_negative_float(getattr(self, name), f"SGD: {name}"))
+        object.__setattr__(self, "nesterov", as_bool(self.nesterov, "SGD: nesterov"))
         if self.nesterov and self.momentum <= 0:
-            raise ValueError("SGD: nesterov momentum needs momentum > 0")
+            raise ValueError(at_user_line("SGD: nesterov momentum needs momentum > 0"))
 
     def updates(self, graph: Graph, params: list[Tensor], grads: list[Tensor]):
         """(writes, state_names): writes is a list of (name of the param or state buffer, its new
@@ -48,6 +49,14 @@ class SGD:
                 d = d + self.momentum * v if self.nesterov else v
             writes.append((p.name, p - self.lr * d))
         return writes, state
+
+
+def non_negative_float(value, what: str) -> float:
+    """A hyperparameter as torch.optim checks it: finite (NaN would poison every param) and >= 0."""
+    value = as_finite_float(value, what)
+    if value < 0:
+        raise ValueError(at_user_line(f"{what} must be >= 0, got {value!r}"))
+    return value
 
 
 def momentum_name(param_name: str) -> str:

@@ -11,17 +11,18 @@ from __future__ import annotations
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
-from ..errors import shape_error
-from ..ir import Tensor
+from ..errors import at_user_line, shape_error
+from ..ir import Tensor, is_int
 from .registry import Mismatch, OpDef, op, register, require_float
 
 
-def pair(value, what: str, op_name: str, operands) -> tuple[int, int]:
-    if isinstance(value, (int, np.integer)) and not isinstance(value, bool):
+def pair(value, what: str, op_name: str) -> tuple[int, int]:
+    """An int or a pair of ints (a stride, kernel or padding) as two Python ints; never truncates a float."""
+    if is_int(value):
         return int(value), int(value)
-    if isinstance(value, (tuple, list)) and len(value) == 2 and all(isinstance(v, (int, np.integer)) for v in value):
+    if isinstance(value, (tuple, list)) and len(value) == 2 and all(is_int(v) for v in value):
         return int(value[0]), int(value[1])
-    raise shape_error(op_name, f"{what} must be an int or a pair of ints, got {value!r}", operands)
+    raise TypeError(at_user_line(f"{op_name}: {what} must be an int or a pair of ints, got {value!r}"))
 
 
 def conv_padding(padding, kernel: tuple[int, int], stride: tuple[int, int], operands, op_name="conv2d"):
@@ -41,10 +42,12 @@ def conv_padding(padding, kernel: tuple[int, int], stride: tuple[int, int], oper
                           operands)
     if (isinstance(padding, (tuple, list)) and len(padding) == 2
             and all(isinstance(p, (tuple, list)) and len(p) == 2 for p in padding)):
+        if not all(is_int(v) for side in padding for v in side):
+            raise TypeError(at_user_line(f"{op_name}: padding must hold ints, got {padding!r}"))
         (t, b), (l, r) = padding
         result = (int(t), int(b)), (int(l), int(r))
     else:
-        ph, pw = pair(padding, "padding", op_name, operands)
+        ph, pw = pair(padding, "padding", op_name)
         result = (ph, ph), (pw, pw)
     if min(result[0] + result[1]) < 0:
         raise shape_error(op_name, f"padding must be >= 0, got {padding!r}", operands)
@@ -165,7 +168,7 @@ def conv2d(x: Tensor, w: Tensor, b: Tensor | None = None, stride=1, padding=0) -
     operands = [x, w] + ([b] if b is not None else [])
     if not all(isinstance(t, Tensor) for t in operands):
         raise shape_error("conv2d", "operands must be graphc Tensors", operands)
-    stride = pair(stride, "stride", "conv2d", operands)
+    stride = pair(stride, "stride", "conv2d")
     if min(stride) < 1:
         raise shape_error("conv2d", f"stride must be >= 1, got {stride}", operands)
     if w.ndim != 4:

@@ -8,7 +8,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..errors import shape_error
-from ..ir import INT_DTYPES, Tensor
+from ..ir import INT_DTYPES, Tensor, as_int
 from ..scalar import Softplus
 from .elementwise import elementwise
 from .registry import Mismatch, OpDef, op, register, require_float
@@ -91,6 +91,7 @@ def _check_labels(labels, classes):
 def softmax(x: Tensor, axis: int = -1) -> Tensor:
     if not isinstance(x, Tensor) or x.ndim == 0:
         raise shape_error("softmax", "needs a Tensor with at least one axis", [x])
+    axis = as_int(axis, "softmax: axis")
     if not -x.ndim <= axis < x.ndim:
         raise shape_error("softmax", f"axis {axis} out of range", [x])
     return op("softmax").apply([x], axis=axis % x.ndim)

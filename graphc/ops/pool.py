@@ -12,9 +12,9 @@ from .registry import Mismatch, OpDef, op, register, require_float
 
 
 def _pool_geometry(op_name, x, kernel, stride, padding):
-    kernel = pair(kernel, "kernel", op_name, [x])
-    stride = kernel if stride is None else pair(stride, "stride", op_name, [x])
-    pad = pair(padding, "padding", op_name, [x])
+    kernel = pair(kernel, "kernel", op_name)
+    stride = kernel if stride is None else pair(stride, "stride", op_name)
+    pad = pair(padding, "padding", op_name)
     if min(kernel) < 1 or min(stride) < 1 or min(pad) < 0:
         raise shape_error(op_name, f"kernel and stride must be >= 1 and padding >= 0, "
                                    f"got kernel={kernel} stride={stride} padding={pad}", [x])

@@ -1,11 +1,9 @@
 """Reductions: sum (primitive) and mean (sum times 1/n)."""
 from __future__ import annotations
 
-import builtins
-
 import numpy as np
 
-from ..ir import Tensor
+from ..ir import Tensor, as_bool
 from .registry import Mismatch, OpDef, normalize_axes, op, register
 
 
@@ -33,13 +31,14 @@ class Sum(OpDef):
 
 def sum(x: Tensor, axis=None, keepdims: bool = False) -> Tensor:
     axes = normalize_axes(axis, x.ndim, "sum", x)
+    keepdims = as_bool(keepdims, "sum: keepdims")
     if not axes:
         return x
-    return op("sum").apply([x], axes=axes, keepdims=builtins.bool(keepdims))
+    return op("sum").apply([x], axes=axes, keepdims=keepdims)
 
 
 def mean(x: Tensor, axis=None, keepdims: bool = False) -> Tensor:
     axes = normalize_axes(axis, x.ndim, "mean", x)
-    count = int(np.prod([x.shape[a] for a in axes], dtype=np.int64))
-    total = sum(x, axes, keepdims)
-    return total * (1.0 / count) if count else total
+    keepdims = as_bool(keepdims, "mean: keepdims")
+    count = int(np.prod([x.shape[a] for a in axes], dtype=np.int64))  # >= 1: no dimension is 0
+    return sum(x, axes, keepdims) * (1.0 / count)

@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import ShapeError, shape_error, user_site
-from ..ir import Tensor, check_same_graph
+from ..ir import Tensor, as_int, as_int_tuple, check_same_graph
 
 OPS: dict[str, "OpDef"] = {}
 
@@ -94,12 +94,15 @@ def check_composite(op_name: str, condition: bool, reason: str, operands):
 def normalize_axes(axis, ndim: int, op_name: str, operand) -> tuple[int, ...]:
     if axis is None:
         return tuple(range(ndim))
-    axes = (axis,) if isinstance(axis, (int, np.integer)) else tuple(axis)
+    if isinstance(axis, (tuple, list)):
+        axes = as_int_tuple(axis, f"{op_name}: axis")
+    else:
+        axes = (as_int(axis, f"{op_name}: axis"),)
     result = []
     for a in axes:
-        if not isinstance(a, (int, np.integer)) or not -ndim <= a < ndim:
+        if not -ndim <= a < ndim:
             raise shape_error(op_name, f"axis {a} out of range for a {ndim}-D tensor", [operand])
-        result.append(int(a) % ndim)
+        result.append(a % ndim)
     if len(set(result)) != len(result):
         raise shape_error(op_name, f"repeated axis in {axis}", [operand])
     return tuple(sorted(result))

@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..errors import shape_error
-from ..ir import Tensor
+from ..ir import Tensor, as_int_tuple, normalize_shape
 from .registry import OpDef, Mismatch, op, register
 
 
@@ -64,9 +64,12 @@ class BroadcastTo(OpDef):
 
 def reshape(x: Tensor, shape) -> Tensor:
     """Reshape to `shape`; one dimension may be -1."""
-    shape = tuple(int(d) for d in shape)
+    shape = as_int_tuple(shape, "reshape: shape")
     if shape.count(-1) > 1:
         raise shape_error("reshape", f"only one -1 allowed in {shape}", [x])
+    if any(d < 1 and d != -1 for d in shape):
+        # -2 * -6 == 12: a product check alone would accept negative dimensions
+        raise shape_error("reshape", f"dimensions must be >= 1 (or one -1), got {shape}", [x])
     if -1 in shape:
         known = int(np.prod([d for d in shape if d != -1], dtype=np.int64))
         if known == 0 or x.size % known:
@@ -86,17 +89,19 @@ def flatten(x: Tensor) -> Tensor:
 
 def transpose(x: Tensor, axes=None) -> Tensor:
     """Permute axes (default: reverse them), as numpy.transpose."""
-    if axes is not None and any(not -x.ndim <= int(a) < x.ndim for a in axes):
+    if axes is not None:
+        axes = as_int_tuple(axes, "transpose: axes")
+    if axes is not None and any(not -x.ndim <= a < x.ndim for a in axes):
         # checked before wrapping negatives: a modulo would turn axis 5 of a 2-D tensor into axis 1
-        raise shape_error("transpose", f"axes {tuple(axes)} out of range for a {x.ndim}-D tensor", [x])
-    axes = tuple(reversed(range(x.ndim))) if axes is None else tuple(int(a) % max(x.ndim, 1) for a in axes)
+        raise shape_error("transpose", f"axes {axes} out of range for a {x.ndim}-D tensor", [x])
+    axes = tuple(reversed(range(x.ndim))) if axes is None else tuple(a % max(x.ndim, 1) for a in axes)
     if axes == tuple(range(x.ndim)):
         return x
     return op("transpose").apply([x], axes=axes)
 
 
 def broadcast_to(x: Tensor, shape) -> Tensor:
-    shape = tuple(int(d) for d in shape)
+    shape = normalize_shape(shape, "broadcast_to")
     if shape == x.shape:
         return x
     return op("broadcast_to").apply([x], shape=shape)
