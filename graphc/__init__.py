@@ -6,6 +6,7 @@ executor (`evaluate`) or compile it to native code.
 __version__ = "0.1.0"
 
 from .autodiff import grad
+from .checkpoint import load_params, save_params
 from .errors import ShapeError
 from .gradcheck import GradCheckReport, grad_check
 from .init import init_params
@@ -24,7 +25,7 @@ from graphc_runtime import get_num_threads, set_num_threads
 __all__ = [
     "Graph", "Tensor", "ShapeError", "grad", "evaluate", "init_params", "grad_check", "GradCheckReport",
     "compile", "compile_training_step", "optimize", "CompiledFunction", "CompiledTrainingStep", "SGD",
-    "get_num_threads", "set_num_threads",
+    "get_num_threads", "set_num_threads", "save_params", "load_params",
     "add", "avg_pool2d", "broadcast_to", "conv2d", "div", "exp", "flatten", "global_avg_pool2d", "linear", "log",
     "matmul", "max_pool2d", "mean", "mse", "mul", "neg", "power", "relu", "reshape", "sigmoid",
     "sigmoid_binary_cross_entropy", "softmax", "softmax_cross_entropy", "softplus", "sqrt", "sub", "sum", "tanh",

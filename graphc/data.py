@@ -9,6 +9,8 @@ from __future__ import annotations
 import dataclasses
 import gzip
 import math
+import os
+import stat
 import zlib
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,6 +20,8 @@ import numpy as np
 IDX_IMAGES_MAGIC = 0x00000803   # unsigned bytes, 3 dimensions: count, rows, columns
 IDX_LABELS_MAGIC = 0x00000801   # unsigned bytes, 1 dimension: count
 _GZIP_MAGIC = b"\x1f\x8b"
+_DEFLATE_MAX_RATIO = 1032   # deflate cannot expand data by more than this
+_CHUNK = 1 << 20
 
 
 @dataclasses.dataclass(frozen=True)
@@ -122,32 +126,98 @@ def read_idx_labels(path) -> np.ndarray:
     return np.frombuffer(labels, dtype=np.uint8).astype(np.int32)
 
 
-def _read_idx(path, expected_magic: int, kind: str) -> tuple[tuple[int, ...], bytes]:
+def _read_idx(path, expected_magic: int, kind: str) -> tuple[tuple[int, ...], bytearray]:
     """(dimensions, payload) of an IDX file of unsigned bytes, checking the header against the size.
 
     Header: a big-endian 32-bit magic (0x0000, the element type 0x08 = unsigned byte, the number
-    of dimensions), then one big-endian 32-bit size per dimension.
+    of dimensions), then one big-endian 32-bit size per dimension. The header is read and checked
+    before the payload, and the payload read stops at the size the header declares, so a gzip
+    bomb is never inflated beyond it.
     """
-    content = _read_maybe_gzipped(path)
-    if len(content) < 4:
-        raise ValueError(f"{path}: {len(content)} bytes is too short for an IDX header")
-    magic = int.from_bytes(content[:4], "big")
+    with _open_regular_file(path) as file:
+        file_size = os.fstat(file.fileno()).st_size
+        compressed = _is_gzipped(path, file)
+        stream = gzip.GzipFile(fileobj=file, mode="rb") if compressed else file
+        try:
+            dims, header_size = _read_idx_header(path, stream, expected_magic, kind)
+            _check_declared_size(path, dims, header_size, file_size, compressed)
+            return dims, _read_payload(path, stream, dims)
+        except (OSError, EOFError, zlib.error) as error:
+            if not compressed:
+                raise
+            raise ValueError(f"{path}: damaged gzip data ({error})") from error
+
+
+def _open_regular_file(path):
+    # O_NONBLOCK: opening a FIFO for reading would otherwise wait for a writer.
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0))
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            kind = "a directory" if stat.S_ISDIR(mode) else "not a regular file"
+            raise ValueError(f"{path}: not an IDX file ({kind})")
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def _is_gzipped(path, file) -> bool:
+    """Whether the file starts with gzip's magic bytes or is named *.gz (then it must be gzip)."""
+    magic = file.read(len(_GZIP_MAGIC))
+    file.seek(0)
+    return magic == _GZIP_MAGIC or str(path).endswith(".gz")
+
+
+def _read_idx_header(path, stream, expected_magic: int, kind: str) -> tuple[tuple[int, ...], int]:
+    """(dimensions, header size in bytes), leaving `stream` at the start of the payload."""
+    start = stream.read(4)
+    if len(start) < 4:
+        raise ValueError(f"{path}: {len(start)} bytes is too short for an IDX header")
+    magic = int.from_bytes(start, "big")
     if magic != expected_magic:
         raise ValueError(f"{path}: magic number 0x{magic:08x} is not that of IDX {kind} "
                          f"(0x{expected_magic:08x}){_describe_magic(magic)}")
     ndim = magic & 0xFF
     header_size = 4 + 4 * ndim
-    if len(content) < header_size:
+    sizes = stream.read(4 * ndim)
+    if len(sizes) < 4 * ndim:
         raise ValueError(f"{path}: truncated header: {ndim} dimensions need {header_size} bytes, "
-                         f"the file has {len(content)}")
-    dims = tuple(int.from_bytes(content[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim))
+                         f"the file has {4 + len(sizes)}")
+    return tuple(int.from_bytes(sizes[4 * i: 4 * i + 4], "big") for i in range(ndim)), header_size
+
+
+def _check_declared_size(path, dims: tuple[int, ...], header_size: int, file_size: int, compressed: bool) -> None:
+    """Refuse a header that cannot fit the file before reading any of the payload."""
     expected_payload = math.prod(dims)
-    payload = content[header_size:]
-    if len(payload) != expected_payload:
-        problem = "truncated" if len(payload) < expected_payload else "has extra bytes"
-        raise ValueError(f"{path}: {problem}: the header's dimensions {dims} need {expected_payload} bytes "
-                         f"of data, the file holds {len(payload)}")
-    return dims, payload
+    if not compressed and file_size - header_size != expected_payload:
+        _raise_size_mismatch(path, dims, file_size - header_size)
+    if compressed and header_size + expected_payload > _DEFLATE_MAX_RATIO * file_size:
+        raise ValueError(f"{path}: the header's dimensions {dims} need {expected_payload} bytes of data, "
+                         f"more than a {file_size}-byte gzip file can hold")
+
+
+def _read_payload(path, stream, dims: tuple[int, ...]) -> bytearray:
+    """Exactly the payload the header declares; more or less is an error (found without reading on)."""
+    expected_payload = math.prod(dims)
+    payload = bytearray()   # grown as data arrives: the declared size of a gzip file is unproven
+    while len(payload) < expected_payload:
+        chunk = stream.read(min(_CHUNK, expected_payload - len(payload)))
+        if not chunk:
+            _raise_size_mismatch(path, dims, len(payload))
+        payload += chunk
+    if stream.read(1):   # at a gzip stream's end this also checks its CRC
+        _raise_size_mismatch(path, dims, None)
+    return payload
+
+
+def _raise_size_mismatch(path, dims: tuple[int, ...], held: int | None) -> None:
+    """`held`: the payload bytes the file holds, or None when there are more than declared (not counted)."""
+    expected_payload = math.prod(dims)
+    problem = "truncated" if held is not None and held < expected_payload else "has extra bytes"
+    holds = f"more than {expected_payload}" if held is None else held
+    raise ValueError(f"{path}: {problem}: the header's dimensions {dims} need {expected_payload} bytes "
+                     f"of data, the file holds {holds}")
 
 
 def _describe_magic(magic: int) -> str:
@@ -158,18 +228,6 @@ def _describe_magic(magic: int) -> str:
     if magic >> 16 == 0 and (magic >> 8) & 0xFF == 0x08:
         return f"; it has {magic & 0xFF} dimensions"
     return "; not an IDX file of unsigned bytes"
-
-
-def _read_maybe_gzipped(path) -> bytes:
-    """The file's bytes, decompressed when it starts with gzip's magic bytes or is named *.gz."""
-    with open(path, "rb") as file:
-        raw = file.read()
-    if not (raw.startswith(_GZIP_MAGIC) or str(path).endswith(".gz")):
-        return raw
-    try:
-        return gzip.decompress(raw)
-    except (OSError, EOFError, zlib.error) as error:
-        raise ValueError(f"{path}: damaged gzip data ({error})") from error
 
 
 MNIST_FILES = {

@@ -1,7 +1,10 @@
 """graphc.data: the embedded digits, IDX files (valid and malformed), and the minibatch samplers."""
 import gzip
 import math
+import os
 import sys
+import threading
+import tracemalloc
 
 import numpy as np
 import pytest
@@ -153,6 +156,84 @@ def test_damaged_gzip_raises_value_error(tmp_path, pixels):
     with pytest.raises(ValueError, match="damaged gzip") as error:
         read_idx_images(path)
     assert str(path) in str(error.value)
+
+
+def gzip_of(header: bytes, zeros: int) -> bytes:
+    """A small gzip file that inflates to `header` and then `zeros` zero bytes (a bomb when large):
+    one gzip member per MiB of zeros, which a gzip reader concatenates."""
+    mib_of_zeros = gzip.compress(bytes(1 << 20), mtime=0)
+    return gzip.compress(header, mtime=0) + mib_of_zeros * (zeros >> 20)
+
+
+def peak_memory_of_refusal(read, path, problem):
+    """The peak bytes allocated while `read(path)` raises a ValueError naming `path` and `problem`."""
+    tracemalloc.start()
+    try:
+        with pytest.raises(ValueError, match=problem) as error:
+            read(path)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert str(path) in str(error.value)
+    return peak
+
+
+MIB = 1 << 20
+
+
+def test_a_gzip_bomb_behind_a_small_header_is_not_inflated(tmp_path, pixels):
+    header = idx_bytes(IDX_IMAGES_MAGIC, pixels.shape, pixels.tobytes())
+    path = write(tmp_path / "bomb-images-idx3-ubyte.gz", gzip_of(header, 200 * MIB))
+    assert peak_memory_of_refusal(read_idx_images, path, "extra bytes") < 4 * MIB
+
+
+def test_a_gzip_header_declaring_more_than_the_file_can_inflate_to_is_refused_unread(tmp_path):
+    header = idx_bytes(IDX_IMAGES_MAGIC, [1_000_000, 28, 28], b"")   # 784 MB from a 200 KB file
+    path = write(tmp_path / "huge-images-idx3-ubyte.gz", gzip_of(header, 200 * MIB))
+    assert peak_memory_of_refusal(read_idx_images, path, "more than a .* gzip file can hold") < 4 * MIB
+
+
+def test_a_gzip_read_stops_at_the_size_the_header_declares(tmp_path):
+    header = idx_bytes(IDX_LABELS_MAGIC, [20 * MIB], b"")   # plausible for the file, but 200 MiB follow
+    path = write(tmp_path / "long-labels-idx1-ubyte.gz", gzip_of(header, 200 * MIB))
+    assert peak_memory_of_refusal(read_idx_labels, path, "extra bytes") < 30 * MIB
+
+
+def test_a_plain_file_of_the_wrong_size_is_refused_before_its_payload_is_read(tmp_path, pixels):
+    path = write(tmp_path / "long-images-idx3-ubyte", idx_bytes(IDX_IMAGES_MAGIC, pixels.shape, b""))
+    with open(path, "r+b") as file:
+        file.truncate(100 * MIB)   # sparse: no disk used
+    problem = rf"need 60 bytes of data, the file holds {100 * MIB - 16}"
+    assert peak_memory_of_refusal(read_idx_images, path, problem) < 4 * MIB
+
+
+def test_a_directory_is_not_an_idx_file(tmp_path):
+    with pytest.raises(ValueError, match="directory") as error:
+        read_idx_labels(tmp_path)
+    assert str(tmp_path) in str(error.value)
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no FIFOs here")
+def test_a_fifo_is_refused_without_waiting_for_a_writer(tmp_path):
+    fifo = tmp_path / "labels-idx1-ubyte"
+    os.mkfifo(fifo)
+    outcome = []
+
+    def read():
+        try:
+            read_idx_labels(fifo)
+        except Exception as error:   # noqa: BLE001 - judged below
+            outcome.append(error)
+
+    thread = threading.Thread(target=read, daemon=True)
+    thread.start()
+    thread.join(timeout=5)
+    if thread.is_alive():
+        with open(fifo, "wb"):   # a writer releases the blocked open
+            pass
+        thread.join()
+        pytest.fail("read_idx_labels waited for a writer on a FIFO")
+    assert isinstance(outcome[0], ValueError) and str(fifo) in str(outcome[0])
 
 
 def write_mnist(directory, train_labels=6):
