@@ -25,6 +25,7 @@ from graphc.codegen.gemm import (MAX_A_BLOCK_FLOATS, MAX_PANEL_FLOATS, MIN_K_BLO
                                  choose_plan, emit_gemm, gemm_workspace_floats, plan_gemm)
 from graphc.codegen.gemm_dot import choose_dot_plan
 from graphc.codegen.kernel_builder import I32, I64, PTR, KernelBuilder, i32_array
+from graphc_runtime.host import SIMD_SHAPES
 from read_guards import ending_at_guard_page
 
 _P = ctypes.c_void_p
@@ -51,7 +52,7 @@ class Case:
     dot: tuple[int, int] | None = None
     mc: int | None = None   # A packed in blocks of mc rows (split "n")
     kc: int | None = None   # K blocks of kc (the host's plan may take all of K in one)
-    host: bool = False      # exactly the plan plan_gemm makes for this host (no overrides)
+    simd: str | None = None  # exactly the plan plan_gemm makes for these vectors (no overrides)
 
     @property
     def name(self) -> str:
@@ -61,8 +62,9 @@ class Case:
         return f"gemm_{self.M}x{self.N}x{self.K}{flags}"
 
     def plan(self) -> GemmPlan | DotPlan:
-        if self.host:
-            return plan_gemm(self.M, self.N, self.K, trans_a=self.trans_a, trans_b=self.trans_b)
+        if self.simd:
+            return plan_gemm(self.M, self.N, self.K, trans_a=self.trans_a, trans_b=self.trans_b,
+                             simd=SIMD_SHAPES[self.simd])
         if self.dot is not None:
             rows, cols = self.dot
             return DotPlan(self.M, self.N, self.K, width=self.width or target.vector_width_f32(),
@@ -139,9 +141,9 @@ DOT_CASES = [
     Case(64, 1, 64, trans_b=True, dot=(12, 1)),                  # a logistic regression's
     Case(1, 1, 1, trans_b=True, dot=(1, 1)),
     Case(13, 9, 17, trans_b=True, accumulate=True, bias="row", relu=True, dot=(4, 3)),
-    Case(7, 5, 3, trans_b=True, bias="col", relu=True, dot=(2, 5)),
+    Case(7, 5, 3, trans_b=True, bias="col", relu=True, dot=(2, 5), width=8),   # 5 columns: 8 lanes
     Case(29, 7, 100, trans_b=True, dot=(6, 2), split="n"),
-    Case(11, 8, 40, trans_b=True, bias="col", dot=(3, 8)),
+    Case(11, 8, 40, trans_b=True, bias="col", dot=(3, 8), width=8),
 ] + [Case(9, 6, 37, trans_b=True, bias="col", relu=True, width=w, dot=(3, 3)) for w in (4, 16)]
 
 # B read in place (few row tiles): whole strips, a masked narrow strip, several K blocks.
@@ -165,18 +167,21 @@ PACKED_A_CASES = [
     Case(1, 50, 20, trans_a=True, mc=6),
 ] + [Case(29, 70, 300, width=w, trans_a=True, bias="col", relu=True, mc=12) for w in (4, 16)]
 
-# Plans exactly as plan_gemm makes them on this host, packed A included (M x kc past
-# MIN_FLOATS_TO_PACK_A): blocks of A balanced by _m_block_rows, K in one block or several.
-HOST_PLAN_CASES = [
-    Case(300, 130, 300, trans_a=True, host=True),
-    Case(301, 130, 2000, trans_a=True, bias="col", host=True),
-    Case(100, 200, 3000, trans_a=True, trans_b=True, host=True),
-    Case(10, 784, 300, trans_a=True, host=True),     # B read in place, all of K in one block
+# Plans exactly as plan_gemm makes them for each instruction set's vectors, packed A included
+# (M x kc past MIN_FLOATS_TO_PACK_A): blocks of A balanced by _m_block_rows, K in one block or
+# several. All run here: wider vectors than the host's are legal LLVM, only slower.
+PLAN_SHAPES = [
+    dict(M=300, N=130, K=300, trans_a=True),
+    dict(M=301, N=130, K=2000, trans_a=True, bias="col"),
+    dict(M=100, N=200, K=3000, trans_a=True, trans_b=True),
+    dict(M=600, N=512, K=300, trans_a=True),
+    dict(M=10, N=784, K=300, trans_a=True),     # B read in place, all of K in one block
 ]
+PLANNED_CASES = [Case(**shape, simd=name) for name in SIMD_SHAPES for shape in PLAN_SHAPES]
 
 ALL_CASES = list(dict.fromkeys(SHAPE_CASES + EPILOGUE_CASES + OTHER_WIDTH_CASES
                                + THREAD_CASES + DOT_CASES + DIRECT_B_CASES + PACKED_A_CASES
-                               + HOST_PLAN_CASES))
+                               + PLANNED_CASES))
 
 
 def _compile_cases(cases) -> bytes:
@@ -287,7 +292,7 @@ def _run_concurrently(fn, args, nthreads):
 
 # ------------------------------------------------------------------ GEMM
 @pytest.mark.parametrize("case", SHAPE_CASES + EPILOGUE_CASES + DOT_CASES + DIRECT_B_CASES
-                         + PACKED_A_CASES + HOST_PLAN_CASES, ids=lambda c: c.name)
+                         + PACKED_A_CASES + PLANNED_CASES, ids=lambda c: c.name)
 def test_gemm_matches_numpy(compiled, case):
     problem = Problem(case)
     problem.check(problem.run(compiled[case]))
@@ -300,7 +305,7 @@ def test_gemm_blocking_of_other_vector_widths(compiled, case):
 
 
 @pytest.mark.parametrize("case", THREAD_CASES + DOT_CASES[:6] + DIRECT_B_CASES + PACKED_A_CASES
-                         + HOST_PLAN_CASES, ids=lambda c: c.name)
+                         + PLANNED_CASES, ids=lambda c: c.name)
 @pytest.mark.parametrize("nthreads", [2, 3, 8])
 def test_gemm_threads_match_single_thread(compiled, case, nthreads):
     problem = Problem(case)
@@ -336,48 +341,55 @@ def test_workspace_size_covers_every_thread():
         assert gemm_workspace_floats(37, 150, 300, trans_a=True,
                                      nthreads=nthreads) == plan.workspace_floats(nthreads)
         assert plan.workspace_floats(nthreads) >= nthreads * plan.kc * plan.strip_width
-
-
-def test_host_plan_picks_the_kernel_that_fills_the_vectors():
-    """Narrow N with B transposed: dot products along K; few row tiles: B read in place;
-    anything wide: the packed GEMM."""
-    width = target.vector_width_f32()
-    assert isinstance(plan_gemm(64, 10, 784, trans_b=True), DotPlan)
-    assert isinstance(plan_gemm(64, 1, 64, trans_b=True), DotPlan)
-    assert isinstance(plan_gemm(64, 10, 784, trans_a=True, trans_b=True), GemmPlan)
-    assert isinstance(plan_gemm(256, 8 * width, 784, trans_b=True), GemmPlan)
-    assert not plan_gemm(10, 784, 64, trans_a=True).pack_b
-    assert plan_gemm(64, 784, 64).pack_b
     for M, N, K, ta, tb in [(64, 10, 784, False, True), (10, 784, 64, True, False)]:
         plan = plan_gemm(M, N, K, trans_a=ta, trans_b=tb)
         assert gemm_workspace_floats(M, N, K, trans_a=ta, trans_b=tb, nthreads=2) == plan.workspace_floats(2)
 
 
-def test_host_plan_packs_a_transposed_a_that_outgrows_l1():
+@pytest.mark.parametrize("simd", SIMD_SHAPES)
+def test_plan_picks_the_kernel_that_fills_the_vectors(simd):
+    """Narrow N with B transposed: dot products along K; few row tiles: B read in place;
+    anything wide: the packed GEMM."""
+    vectors = SIMD_SHAPES[simd]
+    width = vectors.width
+    assert isinstance(plan_gemm(64, 10, 784, trans_b=True, simd=vectors), DotPlan)
+    assert isinstance(plan_gemm(64, 1, 64, trans_b=True, simd=vectors), DotPlan)
+    assert isinstance(plan_gemm(64, 10, 784, trans_a=True, trans_b=True, simd=vectors), GemmPlan)
+    assert isinstance(plan_gemm(256, 8 * width, 784, trans_b=True, simd=vectors), GemmPlan)
+    assert not plan_gemm(10, 784, 64, trans_a=True, simd=vectors).pack_b
+    assert plan_gemm(64, 784, 64, simd=vectors).pack_b
+
+
+@pytest.mark.parametrize("simd", SIMD_SHAPES)
+def test_plan_packs_a_transposed_a_that_outgrows_l1(simd):
     """A stored (K, M) is packed when its K block does not fit L1 (the MLP's dW1 = dH1^T X),
     in blocks of at most MAX_A_BLOCK_FLOATS, whole tiles, balanced; small or upright A is not."""
-    plan = plan_gemm(512, 784, 256, trans_a=True)
+    vectors = SIMD_SHAPES[simd]
+    plan = plan_gemm(512, 784, 256, trans_a=True, simd=vectors)
     assert plan.pack_a and plan.mc % plan.rows == 0
     assert (plan.mc - plan.rows) * plan.kc < MAX_A_BLOCK_FLOATS   # rounded up to whole tiles
     blocks = -(-512 // plan.mc)
     assert 512 - (blocks - 1) * plan.mc > plan.mc // 2       # the last block is not a sliver
     assert plan.workspace_floats(2) == 2 * (plan.panel_floats + plan.a_block_floats)
     assert plan.a_block_floats >= plan.mc * plan.kc
-    assert not plan_gemm(512, 784, 256).pack_a               # A upright: its rows stream in order
-    assert not plan_gemm(10, 784, 64, trans_a=True).pack_a   # fits L1
+    assert not plan_gemm(512, 784, 256, simd=vectors).pack_a              # A upright: rows stream in order
+    assert not plan_gemm(10, 784, 64, trans_a=True, simd=vectors).pack_a  # fits L1
     with pytest.raises(ValueError, match="pack_a"):
         dataclasses.replace(plan, split="m")
     with pytest.raises(ValueError, match="A stored"):
         emit_gemm(target.new_module("t"), "g", 512, 784, 256, plan=plan)
 
 
-def test_host_plan_cases_pack_a_as_they_claim():
-    packed = [case.plan() for case in HOST_PLAN_CASES[:3]]
-    assert all(plan.pack_a for plan in packed)
+@pytest.mark.parametrize("simd", SIMD_SHAPES)
+def test_planned_cases_cover_packed_a_and_k_blocks_for_every_instruction_set(simd):
+    """Whatever the vectors, the executed plans include packed A in several blocks, packed A
+    over several K blocks, and B read in place with all of K in one block."""
+    plans = [case.plan() for case in PLANNED_CASES if case.simd == simd]
+    assert all(plan.width == SIMD_SHAPES[simd].width for plan in plans)
+    packed = [plan for plan in plans if plan.pack_a]
     assert any(-(-plan.M // plan.mc) > 1 for plan in packed)      # several blocks of A
     assert any(plan.k_blocks > 1 for plan in packed)              # several K blocks
-    direct = HOST_PLAN_CASES[3].plan()
-    assert not direct.pack_b and direct.k_blocks == 1
+    assert any(not plan.pack_b and plan.k_blocks == 1 for plan in plans)
 
 
 def test_k_takes_no_more_blocks_than_of_256_steps():

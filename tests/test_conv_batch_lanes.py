@@ -55,11 +55,14 @@ def test_batch_lanes_input_grad_matches_reference(batch):
     check_cases(cases(batch, np.random.default_rng(batch)))
 
 
-def test_lenet_conv2_takes_batch_lanes_with_two_full_groups():
-    """Its cost model: whole groups beat the cols GEMM's 4 idle lanes of 104; a batch of
-    one vector or less would waste lanes, a single group a second thread: cols."""
-    group = 2 * target.vector_width_f32()
-    for batch, path in ((2 * group, "batch in lanes"), (4 * group, "batch in lanes"),
+@pytest.mark.parametrize("width", [4, 8, 16])
+def test_lenet_conv2_takes_batch_lanes_with_two_full_groups(width):
+    """Its cost model: whole groups beat the cols GEMM's 4 idle lanes of 104 on 8 and 16
+    lanes; a batch of one vector or less would waste lanes, a single group a second thread:
+    cols. On 4 lanes the cols GEMM's rows of 104 pixels fill every vector: always cols."""
+    group = 2 * width
+    lanes = "cols" if width == 4 else "batch in lanes"
+    for batch, path in ((2 * group, lanes), (4 * group, lanes),
                         (1, "cols"), (group // 2, "cols"), (group, "cols")):
-        chosen = chosen_paths((batch, 6, 14, 14), (16, 6, 5, 5), (1, 1), ((0, 0), (0, 0)))
+        chosen = chosen_paths((batch, 6, 14, 14), (16, 6, 5, 5), (1, 1), ((0, 0), (0, 0)), width=width)
         assert chosen["input_grad"] == path, batch

@@ -13,30 +13,22 @@ import graphc as gc
 import graphc_runtime as rt
 from graphc import compiler, models
 from graphc.codegen import parallel, target
+from graphc_runtime import host
 
 from cross_targets import aarch64_target_machine
 
 pytestmark = pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"),
                                 reason="SSE-only code runs on x86-64 hosts")
 
-_WITHOUT = {"avx", "avx2", "fma", "fma4", "f16c", "xop", "avx512f", "avx512vl", "avx512bw", "avx512dq",
-            "avx512cd", "vaes", "vpclmulqdq"}
-_CACHED = (target.vector_width_f32, target.vector_register_count, target.host_target_machine,
-           target.target_fingerprint)
-
-
 @pytest.fixture
 def sse_only(monkeypatch, tmp_path):
     """Compile, until the test ends, for this CPU with AVX, AVX2 and FMA turned off."""
-    features = ",".join(f"-{f[1:]}" if f[1:] in _WITHOUT else f for f in target.host_features().split(","))
-    for cached in _CACHED:
-        cached.cache_clear()
-    monkeypatch.setattr(target, "host_features", lambda: features)
+    monkeypatch.setenv("GRAPHC_TARGET", "sse")
+    host.host_target.cache_clear()
     monkeypatch.setattr(compiler, "_cache", rt.ObjectCache(tmp_path))
     yield
     monkeypatch.undo()
-    for cached in _CACHED:
-        cached.cache_clear()
+    host.host_target.cache_clear()
 
 
 @pytest.mark.parametrize("network", ["mlp", "lenet5"])

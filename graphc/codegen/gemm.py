@@ -64,7 +64,9 @@ from graphc.codegen.expr import ExprEmitter
 from graphc.codegen.gemm_dot import DotEmitter, DotPlan, choose_dot_plan
 from graphc.codegen.kernel_builder import I1, I64, PTR, KernelBuilder
 from graphc.codegen.layout_kernels import store_lanes
+from graphc.codegen.target import simd as target_simd
 from graphc.codegen.target import vector_register_count, vector_width_f32
+from graphc_runtime.host import SimdShape
 
 __all__ = ["GemmPlan", "DotPlan", "choose_plan", "plan_gemm", "emit_gemm",
            "gemm_workspace_floats", "GEMM_ARG_NAMES"]
@@ -235,12 +237,14 @@ def _register_tile(vector_registers: int, M: int = 6, n_vectors: int = 2) -> tup
 
 
 def plan_gemm(M: int, N: int, K: int, *, trans_a: bool = False,
-              trans_b: bool = False) -> GemmPlan | DotPlan:
-    """The host's plan for a GEMM: dot products along K (gemm_dot.py) when B is transposed
-    and N too narrow to fill the packed GEMM's vectors, else the packed GEMM."""
-    packed = choose_plan(M, N, K)
+              trans_b: bool = False, simd: SimdShape | None = None) -> GemmPlan | DotPlan:
+    """The plan for a GEMM on `simd` (default: the host's vectors): dot products along K
+    (gemm_dot.py) when B is transposed and N too narrow to fill the packed GEMM's vectors, else
+    the packed GEMM."""
+    simd = simd or target_simd()
+    packed = choose_plan(M, N, K, width=simd.width, vector_registers=simd.registers)
     if trans_b and not trans_a:
-        dot = choose_dot_plan(M, N, K, width=packed.width, vector_registers=vector_register_count(),
+        dot = choose_dot_plan(M, N, K, width=packed.width, vector_registers=simd.registers,
                               packed_strip_width=packed.strip_width)
         if dot is not None:
             return dot

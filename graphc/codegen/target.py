@@ -24,6 +24,9 @@ import re
 import llvmlite
 import llvmlite.binding as llvm
 import llvmlite.ir as ir
+from llvmlite.binding import ffi
+
+from graphc_runtime.host import HostTarget, SimdShape, create_target_machine, host_target, initialize_llvm
 
 __all__ = [
     "host_target_machine",
@@ -31,6 +34,7 @@ __all__ = [
     "host_features",
     "vector_width_f32",
     "vector_register_count",
+    "simd",
     "new_module",
     "optimize",
     "pass_builder",
@@ -45,40 +49,30 @@ __all__ = [
 ]
 
 
-@functools.lru_cache(maxsize=None)
 def _initialize_llvm() -> None:
-    # llvmlite >= 0.45 refuses llvm.initialize(); the native pieces suffice.
-    llvm.initialize_native_target()
-    llvm.initialize_native_asmprinter()
-    llvm.initialize_native_asmparser()
+    initialize_llvm()
 
 
-@functools.lru_cache(maxsize=None)
 def host_features() -> str:
-    """LLVM feature string of the host CPU, e.g. '+avx2,+fma,-avx512f,...'."""
-    _initialize_llvm()
-    try:
-        return llvm.get_host_cpu_features().flatten()
-    except RuntimeError:
-        # Some hosts (and some LLVM builds) cannot report features; an empty
-        # string means "baseline of the triple", which is always safe.
-        return ""
+    """LLVM feature string of the target, e.g. '+avx2,+fma,-avx512f,...' (the host's, narrowed
+    by GRAPHC_TARGET; see graphc_runtime.host)."""
+    return host_target().features
 
 
-def _has_feature(name: str) -> bool:
-    return f"+{name}" in host_features().split(",")
-
-
-@functools.lru_cache(maxsize=None)
 def host_target_machine() -> llvm.TargetMachine:
-    """The shared target machine for this process's CPU, used to optimise and emit code.
+    """The shared target machine for this process's target, used to optimise and emit code.
 
     Never pass it to `llvm.create_mcjit_compiler`: the engine takes
     ownership of its target machine and destroys it with itself, which
     would leave this cached object dangling (a later compile then crashes).
     Engines get their own from `new_jit_target_machine()`.
     """
-    return new_jit_target_machine()
+    return _shared_target_machine(host_target())
+
+
+@functools.lru_cache(maxsize=None)
+def _shared_target_machine(host: HostTarget) -> llvm.TargetMachine:
+    return create_target_machine(host, opt_level=CODEGEN_OPT_LEVEL)
 
 
 # The code generator's optimization level (0-3). 1, not 3: the kernels are scheduled and
@@ -91,44 +85,24 @@ CODEGEN_OPT_LEVEL = 1
 
 def new_jit_target_machine() -> llvm.TargetMachine:
     """A fresh host target machine (same settings), e.g. for an MCJIT engine."""
-    _initialize_llvm()
-    target = llvm.Target.from_triple(llvm.get_process_triple())
-    return target.create_target_machine(
-        cpu=llvm.get_host_cpu_name(),
-        features=host_features(),
-        opt=CODEGEN_OPT_LEVEL,
-        reloc="default",
-        codemodel="jitdefault",
-        jit=True,
-    )
+    return create_target_machine(opt_level=CODEGEN_OPT_LEVEL)
 
 
-@functools.lru_cache(maxsize=None)
+def simd() -> SimdShape:
+    """The vector shape kernels are planned for: the target's lanes and registers."""
+    return host_target().simd
+
+
 def vector_width_f32() -> int:
-    """Floats per SIMD register that generated kernels should use.
-
-    16 with AVX-512F, 8 with AVX/AVX2, else 4 (SSE, NEON, and the generic
-    lowering of <4 x float> on anything else).
-    """
-    if _has_feature("avx512f"):
-        return 16
-    if _has_feature("avx"):
-        return 8
-    return 4
+    """Floats per SIMD register that generated kernels use: 16 with AVX-512F, 8 with AVX/AVX2,
+    else 4 (SSE, NEON, and the generic lowering of <4 x float> on anything else)."""
+    return simd().width
 
 
-@functools.lru_cache(maxsize=None)
 def vector_register_count() -> int:
-    """Architectural SIMD registers available for register tiling.
-
-    x86-64 has 32 with AVX-512 and 16 otherwise; AArch64 has 32.  Unknown
-    targets get the conservative 16.
-    """
-    if _has_feature("avx512f"):
-        return 32
-    if llvm.get_process_triple().startswith(("aarch64", "arm64")):
-        return 32
-    return 16
+    """Architectural SIMD registers available for register tiling: 32 with AVX-512 and on
+    AArch64, else 16."""
+    return simd().registers
 
 
 def new_module(name: str) -> ir.Module:
@@ -179,9 +153,21 @@ def pass_builder(target_machine: llvm.TargetMachine):
     return llvm.create_pass_builder(target_machine, llvm.create_pipeline_tuning_options())
 
 
+class _ModulePassManager(llvm.ModulePassManager):
+    """llvmlite's module pass manager, freed when closed.
+
+    llvmlite's own (0.50) never frees its LLVM object: ffi.ObjectRef precedes NewPassManager
+    among its bases, so ObjectRef's empty `_dispose` hides the one that deletes it, and each
+    compile leaked a manager and its passes for good.
+    """
+
+    def _dispose(self):
+        ffi.lib.LLVMPY_DisposeNewModulePassManger(self)
+
+
 def module_pass_manager():
     """A new module pass manager holding OPTIMIZATION_PASSES (one per run, like the builder)."""
-    manager = llvm.create_new_module_pass_manager()
+    manager = _ModulePassManager()
     for name in OPTIMIZATION_PASSES:
         getattr(manager, _PASS_METHODS[name])()
     return manager
@@ -222,14 +208,13 @@ def compile_to_assembly(ir_text: str) -> str:
     return host_target_machine().emit_assembly(module_ref)
 
 
-@functools.lru_cache(maxsize=None)
 def target_fingerprint() -> str:
     """Identifies everything that makes an emitted object host-specific."""
-    _initialize_llvm()
+    host = host_target()
     return "|".join([
-        llvm.get_process_triple(),
-        llvm.get_host_cpu_name(),
-        host_features(),
+        host.triple,
+        host.cpu,
+        host.features,
         f"llvmlite-{llvmlite.__version__}",
         "llvm-" + ".".join(map(str, llvm.llvm_version_info)),
     ])

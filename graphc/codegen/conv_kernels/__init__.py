@@ -102,8 +102,8 @@ class _Path:
     emit: Callable[..., Kernel]
 
 
-def _choose(paths: Sequence[_Path], g: ConvGeometry) -> _Path:
-    width = vector_width_f32()
+def _choose(paths: Sequence[_Path], g: ConvGeometry, width: int | None = None) -> _Path:
+    width = width or vector_width_f32()
     possible = [path for path in paths if path.possible(g, width)]
     return max(possible, key=lambda path: path.efficiency(g, width))
 
@@ -147,11 +147,11 @@ def emit_conv2d_weight_grad(module: ir.Module, name: str, x_shape, g_shape, w_sh
     return _choose(WEIGHT_GRAD_PATHS, g).emit(module, name, g, max_threads=max_threads)
 
 
-def chosen_paths(x_shape, w_shape, stride, padding) -> dict[str, str]:
-    """The path each kernel of this conv2d takes on this host: {"forward": ...,
-    "input_grad": ..., "weight_grad": ...} (benchmarks and diagnostics)."""
+def chosen_paths(x_shape, w_shape, stride, padding, *, width: int | None = None) -> dict[str, str]:
+    """The path each kernel of this conv2d takes with vectors of `width` floats (default: the
+    host's): {"forward": ..., "input_grad": ..., "weight_grad": ...} (benchmarks, diagnostics)."""
     g = ConvGeometry.from_shapes(x_shape, w_shape, stride, padding)
-    return {kind: _choose(paths, g).name for kind, paths in (
+    return {kind: _choose(paths, g, width).name for kind, paths in (
         ("forward", FORWARD_PATHS), ("input_grad", INPUT_GRAD_PATHS),
         ("weight_grad", WEIGHT_GRAD_PATHS))}
 
