@@ -216,10 +216,6 @@ def _kernel_name(index: int, step: Step) -> str:
 
 def _check_supported(nodes):
     for node in nodes:
-        if node.size == 0:
-            raise NotImplementedError(
-                f"native code needs non-empty tensors; %{node.id} ({node.op}, at {node.site}) has shape "
-                f"{node.shape}. Use gc.evaluate for empty tensors.")
         if node.dtype not in SUPPORTED_DTYPES:
             label = f" {node.name!r}" if node.name else ""
             raise NotImplementedError(
