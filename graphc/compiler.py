@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import numbers
+from collections import Counter
 from typing import Mapping
 
 import numpy as np
@@ -135,7 +137,7 @@ class CompiledFunction:
     def outputs(self) -> list:
         return self._plan.recipe.outputs
 
-    def __call__(self, **feeds):
+    def __call__(self, /, **feeds):
         results = self._program(**feeds)
         return results[0] if self._single else results
 
@@ -162,8 +164,18 @@ class CompiledFunction:
 
     @property
     def params(self):
-        """The arrays bound as params (the caller's own arrays)."""
+        """The arrays bound as params (the caller's own arrays, as now in the `params` it was
+        compiled with: an array put there after compiling is bound at the next call)."""
         return self._program.params
+
+    def load_params(self, values: Mapping[str, np.ndarray], strict: bool = True) -> None:
+        """Copy `values` (e.g. `gc.load_params(path, graph)`) into the arrays bound as params.
+
+        As torch's `load_state_dict`: with `strict`, missing and unexpected names are errors;
+        `strict=False` loads the names both have. Names, shapes and dtypes are all checked
+        before anything is copied. Every function compiled with the same arrays sees the values.
+        """
+        self._program.load_params(values, strict=strict)
 
     def describe(self) -> str:
         """The kernels in execution order, what each computes, and the memory plan."""
@@ -175,10 +187,18 @@ class CompiledFunction:
             lines.append(f"  k{i:<3} {step.label:<24} -> %{step.node.id:<5} {step.node.shape}  covers {covered}")
         return "\n".join(lines)
 
-    def profile(self, repeats: int = 20, **feeds):
-        """Time each kernel (see graphc.profile); params are copied, so nothing is updated."""
+    def profile(self, feeds: Mapping[str, object] | None = None, /, *, repeats: int = 20, **keyword_feeds):
+        """Time each kernel (see graphc.profile); params are copied, so nothing is updated.
+
+        Feeds are keywords, or a dict for inputs named like the keyword `repeats`."""
+        if feeds is not None and not isinstance(feeds, Mapping):
+            raise TypeError(f"profile: feeds are keywords or a dict, got {type(feeds).__name__}; "
+                            f"the number of calls is the keyword repeats (repeats=20)")
+        if isinstance(repeats, bool) or not isinstance(repeats, numbers.Integral):
+            raise TypeError(f"profile: repeats must be an int, got {type(repeats).__name__}; to feed an input "
+                            f"named 'repeats', pass the feeds as a dict: fn.profile({{'repeats': ...}}, repeats=20)")
         from .profile import profile
-        return profile(self, feeds, repeats)
+        return profile(self, {**(feeds or {}), **keyword_feeds}, int(repeats))
 
 
 class CompiledTrainingStep(CompiledFunction):
@@ -195,7 +215,7 @@ class CompiledTrainingStep(CompiledFunction):
                 "__call__": program.keyword_call_scalar, "__module__": type(self).__module__,
                 "__qualname__": type(self).__qualname__})
 
-    def __call__(self, **feeds) -> float:
+    def __call__(self, /, **feeds) -> float:
         # The loss is the program's only output: read straight from a reused buffer.
         return self._program.call_scalar(feeds)
 
@@ -222,7 +242,7 @@ def compile(outputs, params: Mapping[str, np.ndarray]) -> CompiledFunction:  # n
         if not isinstance(out, Tensor):
             raise TypeError(f"compile: outputs must be graphc Tensors, got {type(out).__name__}")
     _check_params(outputs, params)
-    names = [f"output{i}" for i in range(len(outputs))]
+    names = _unclaimed_names(outputs[0].graph, [f"output{i}" for i in range(len(outputs))])
     with cyclic_gc_paused:
         return _build(CompiledFunction, outputs, params, output_names=names, single=single)
 
@@ -246,16 +266,62 @@ def compile_training_step(loss: Tensor, params: Mapping[str, np.ndarray], optimi
         used = {node.id for node in graph.ancestors([train_loss])}
         trainable = [graph.params[name] for name in params if name in graph.params and graph.params[name].id in used]
         grads = grad(train_loss, trainable)
-        writes, state_names = optimizer.updates(graph, trainable, grads)
+        optimizer_graph = _OptimizerGraph(graph)
+        writes, state_names = optimizer.updates(optimizer_graph, trainable, grads)
         return _build(CompiledTrainingStep, [train_loss] + [value for _, value in writes], params,
-                      output_names=["loss"], inplace=[name for name, _ in writes], state_names=state_names)
+                      output_names=_unclaimed_names(graph, ["loss"]), inplace=[name for name, _ in writes],
+                      state_names=state_names, state_names_for_caller=optimizer_graph.names_for_caller())
 
 
-def _build(cls, outputs, params, *, output_names, single=False, inplace=(), state_names=()):
+class _OptimizerGraph:
+    """The step's graph as the optimizer sees it, to declare its state buffers as params.
+
+    A buffer whose name the graph already has gets a graph name of its own (SGD names the
+    momentum buffer of param 'w' "momentum:w", and a user may have named a param so); its
+    State slot keeps the name asked for, since the runtime keeps state names apart from the
+    names of inputs and params (see `names_for_caller`).
+    """
+
+    def __init__(self, graph):
+        self._graph = graph
+        self._asked_for: dict[str, str] = {}     # graph name -> name the optimizer asked for
+
+    def param(self, name, *args, **kwargs):
+        graph_name = _unclaimed_names(self._graph, [name])[0]
+        node = self._graph.param(graph_name, *args, **kwargs)
+        self._asked_for[graph_name] = name
+        return node
+
+    def __getattr__(self, attribute):
+        return getattr(self._graph, attribute)
+
+    def names_for_caller(self) -> dict[str, str]:
+        """Graph name -> the name asked for, of each renamed buffer whose asked-for name no
+        other buffer asked for (step.state is keyed by these)."""
+        asked = Counter(self._asked_for.values())
+        return {graph_name: name for graph_name, name in self._asked_for.items()
+                if graph_name != name and asked[name] == 1}
+
+
+def _unclaimed_names(graph, names: list[str]) -> list[str]:
+    """Each of `names`, or if the graph has an input or param of that name, the first of
+    name#1, name#2, ... it has not: the compiler's own names never take a user's."""
+    def unclaimed(name):
+        candidate, k = name, 0
+        while candidate in graph.inputs or candidate in graph.params:
+            k += 1
+            candidate = f"{name}#{k}"
+        return candidate
+    return [unclaimed(name) for name in names]
+
+
+def _build(cls, outputs, params, *, output_names, single=False, inplace=(), state_names=(),
+           state_names_for_caller=None):
     """Load the program from the cache or optimize, assemble and compile it; bind params.
 
     The first len(output_names) outputs are returned to the caller; each further one is written
     in place into the param (or state buffer) named by the matching entry of `inplace`.
+    `state_names_for_caller` renames State slots (graph name -> the name step.state shows).
     """
     request = dict(output_names=list(output_names), inplace=list(inplace), state_names=sorted(state_names),
                    threads=rt.get_num_threads())
@@ -268,9 +334,15 @@ def _build(cls, outputs, params, *, output_names, single=False, inplace=(), stat
         cache.put(key, pack_entry(compiled))
     else:
         plan = Plan(outputs, request, compiled.max_threads)
-    program = rt.Program(rt.NativeLibrary(compiled.objects), ENTRY_NAME, compiled.slots, params,
+    slots = _renamed_state_slots(compiled.slots, state_names_for_caller or {})
+    program = rt.Program(rt.NativeLibrary(compiled.objects), ENTRY_NAME, slots, params,
                          max_threads=compiled.max_threads, ignored_inputs=outputs[0].graph.inputs)
     return cls(program, plan, single)
+
+
+def _renamed_state_slots(slots, names: dict[str, str]) -> list:
+    return [dataclasses.replace(slot, name=names[slot.name]) if isinstance(slot, rt.State) and slot.name in names
+            else slot for slot in slots]
 
 
 def _load(cache: rt.ObjectCache, key: str) -> CachedProgram | None:

@@ -15,8 +15,11 @@ import ctypes
 import functools
 import keyword
 import math
+import os
 import threading
-from collections.abc import Iterable, Mapping, Sequence
+import time
+import weakref
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from types import MappingProxyType
 
 import numpy as np
@@ -39,12 +42,15 @@ class Program:
 
     `slots[i]` describes what `args[i]` points to (see `graphc_runtime.slots`). `params` maps
     each Param slot's name to the caller's array, bound without copy; extra names are
-    ignored so a model's whole parameter dict can be passed. `max_threads` is the most
-    threads the entry can use (1 for code that ignores tid); a call uses
+    ignored so a model's whole parameter dict can be passed. The program keeps `params`:
+    an array the caller puts into it later is bound at the next call, after the checks made
+    here (`load_params` copies values into the bound arrays instead). `max_threads` is the
+    most threads the entry can use (1 for code that ignores tid); a call uses
     min(get_num_threads(), max_threads).
 
     Calls from several Python threads are serialized per program: the argument vector,
-    the workspace and the state are shared by all calls.
+    the workspace and the state are shared by all calls. A fork waits for running calls to
+    finish, and the child gets new locks (see `_ForkGuard`).
     """
 
     def __init__(
@@ -77,8 +83,11 @@ class Program:
         self._output_plan = _plan_of(Output, self.slots)
 
         # Memory bound for the program's life; held here so it outlives every call. The
-        # mappings are read-only views: replacing an array in them would not rebind it.
-        self.params = MappingProxyType(_bind_params(self.slots, params or {}))
+        # mappings are read-only views: the caller rebinds through its own `params`.
+        self._given_params = params if params is not None else {}
+        self._param_plan = _plan_of(Param, self.slots)
+        self._bound = _bind_params(self.slots, self._given_params)
+        self._params_view = MappingProxyType(self._bound)
         self.state = MappingProxyType(
             {slot.name: aligned_zeros(slot.shape, slot.dtype) for slot in self.slots if isinstance(slot, State)}
         )
@@ -102,11 +111,16 @@ class Program:
         self._entry_address = library.address(entry)
         self._entry_function = EntryFunction(self._entry_address)
         self._lock = threading.Lock()
+        # The globals of the generated functions below: each holds the lock and the bound
+        # params, and gets the new ones when they are replaced.
+        self._call_namespaces: list[dict] = []
+        self._params_replaced = _params_replaced_check(self)
         self._fast_call = self._fast_call_function()
         if self._scalar_output is not None:
             # Shadows the method below on this instance: a training step's call is then this
             # function alone, a Python frame less (see `_specialized_call_scalar`).
             self.call_scalar = _specialized_call_scalar(self)
+        _live_programs.add(self)
 
     @functools.cached_property
     def keyword_call_scalar(self):
@@ -116,6 +130,15 @@ class Program:
         return None if self._scalar_output is None else _keyword_call_scalar(self)
 
     @property
+    def params(self) -> Mapping[str, np.ndarray]:
+        """The arrays bound as params, by name (a read-only view); arrays put into the caller's
+        `params` since the last call are bound first."""
+        with self._lock:
+            if self._params_replaced():
+                self._rebind_params()
+        return self._params_view
+
+    @property
     def num_threads(self) -> int:
         """Threads the next call will use."""
         return min(get_num_threads(), self.max_threads)
@@ -123,6 +146,8 @@ class Program:
     def __call__(self, /, **feeds) -> list[np.ndarray]:
         """Run the program on `feeds` (one per Input, by name); return the outputs in slot order."""
         with self._lock:
+            if self._params_replaced():
+                self._rebind_params()
             inputs = self._bind_inputs(feeds)
             outputs = []
             for slot, position in self._output_plan:
@@ -177,6 +202,47 @@ class Program:
         array = inputs[[p for _, p, _ in self._input_plan].index(position)]
         return slot.range_error(array)
 
+    def load_params(self, values: Mapping[str, object], strict: bool = True) -> None:
+        """Copy `values` (name -> array) into the bound param arrays, as torch's load_state_dict.
+
+        With `strict`, the names must be exactly the program's params; without, names it does
+        not have are ignored and params not named keep their values. Every name, shape and
+        dtype (a float param takes any float array, converted) is checked before anything is
+        copied: on any error nothing is.
+        """
+        if not isinstance(values, Mapping):
+            raise TypeError(f"load_params needs a mapping of param names to arrays, got {type(values).__name__}")
+        with self._lock:
+            if self._params_replaced():
+                self._rebind_params()
+            sources = _staged(_load_sources(self._param_plan, values, strict), self._bound)
+            for name, source in sources.items():
+                np.copyto(self._bound[name], source, casting="same_kind")
+
+    def _rebind_params(self) -> None:
+        """Bind the arrays now in the caller's `params`, checked as at construction; on any
+        problem raise, keeping the arrays bound before."""
+        bound = _bind_params(self.slots, self._given_params, rebinding=True)
+        self._bound.clear()
+        self._bound.update(bound)   # the params view shows the new arrays
+        for slot, position in self._param_plan:
+            self._argv[position] = data_pointer(bound[slot.name])
+        self._publish(_bound_globals(self))
+
+    def _publish(self, values: dict) -> None:
+        """Set globals of every generated function of this program."""
+        for namespace in self._call_namespaces:
+            namespace.update(values)
+
+    def _replace_lock(self) -> None:
+        self._lock = threading.Lock()
+        self._publish({"_lock": self._lock})
+
+    def _run_alone(self) -> None:
+        """Run on one thread from now on (a forked child's copy of a program caught mid-call)."""
+        self.max_threads = 1
+        self._publish({"_max_threads": 1})
+
     def reset_state(self) -> None:
         """Zero every State buffer (e.g. forget the optimizer's momentum)."""
         with self._lock:
@@ -208,7 +274,7 @@ class Program:
 
     def _bound_memory(self, slot: Slot) -> np.ndarray | None:
         if isinstance(slot, Param):
-            return self.params[slot.name]
+            return self._bound[slot.name]
         if isinstance(slot, State):
             return self.state[slot.name]
         if isinstance(slot, Workspace):
@@ -296,9 +362,43 @@ def _present_feeds(extra: dict, /, **inputs) -> dict:
     return {**{name: value for name, value in inputs.items() if value is not _MISSING}, **extra}
 
 
+def _params_replaced_check(program: Program):
+    """`params_replaced()`: whether an array in the caller's `params` is not the one bound."""
+    namespace = _registered_namespace(program, {})
+    lines = ["def params_replaced():", "    try:", f"        return not ({_unchanged_test(program, namespace)})",
+             "    except KeyError:", "        return True"]
+    return _define("params_replaced", lines, namespace, program)
+
+
+def _unchanged_test(program: Program, namespace: dict) -> str:
+    """The expression, true when every param's array in the caller's `params` is the bound one
+    (a KeyError if a name is gone): one dict lookup and identity test per param."""
+    namespace.update(_given=program._given_params, **_bound_globals(program))
+    tests = [f"_given[{slot.name!r}] is _bound{i}" for i, (slot, _) in enumerate(program._param_plan)]
+    return " and ".join(tests) or "True"
+
+
+def _bound_globals(program: Program) -> dict:
+    return {f"_bound{i}": program._bound[slot.name] for i, (slot, _) in enumerate(program._param_plan)}
+
+
+def _rebinding_lines(program: Program, namespace: dict) -> list[str]:
+    """The lines, inside `with _lock:`, that bind arrays the caller replaced in its `params`."""
+    if not program._param_plan:
+        return []
+    namespace["_rebind"] = program._rebind_params
+    return ["        try:", f"            if not ({_unchanged_test(program, namespace)}):", "                _rebind()",
+            "        except KeyError:", "            _rebind()"]
+
+
+def _registered_namespace(program: Program, namespace: dict) -> dict:
+    program._call_namespaces.append(namespace)
+    return namespace
+
+
 def _call_namespace(program: Program) -> dict:
     _, address, _, value = program._scalar_output
-    return {
+    return _registered_namespace(program, {
         "_type": type, "_min": min, "_ndarray": np.ndarray, "_pointer": unchecked_data_pointer,
         "_argv": program._argv, "_lock": program._lock, "_names": program._input_names,
         "_ignored": program._ignored_inputs, "_names_error": program._feed_names_error,
@@ -307,7 +407,7 @@ def _call_namespace(program: Program) -> dict:
         "_entry_address": program._entry_address, "_argv_address": program._argv_address,
         "_max_threads": program.max_threads, "_output_address": address, "_value": value,
         "_status": program._status_cell, "_refused": program._refused_input_error,
-    }
+    })
 
 
 def _call_body(program: Program, namespace: dict) -> list[str]:
@@ -316,7 +416,7 @@ def _call_body(program: Program, namespace: dict) -> list[str]:
     output_position = program._scalar_output[2]
     inputs = ", ".join(f"_v{i}" for i in range(len(program.inputs)))
     checked = program._status_cell is not None
-    lines = []
+    lines = _rebinding_lines(program, namespace)
     if program._fast_call is not None:
         # One native call checks and binds the feeds and runs the entry (see fast_call); it
         # declines (runs nothing) for any feed the lines below would have to convert or report.
@@ -357,23 +457,186 @@ def _plan_of(kind: type, slots: Sequence[Slot]) -> tuple[tuple[Slot, int], ...]:
     return tuple((slot, position) for position, slot in enumerate(slots) if isinstance(slot, kind))
 
 
+# The tables a slot's name is looked up in. Feeds, bindings and results are the caller's
+# names, one namespace as a graph's inputs and params are; state, workspace and status are
+# the runtime's own, so that no name a caller chooses collides with an optimizer's state.
+_NAMESPACES = {Input: "caller", Param: "caller", Output: "caller", State: "state", Workspace: "workspace",
+               Status: "status"}
+
+
 def _check_unique_names(slots: Sequence[Slot]) -> None:
     # A name identifies a feed, a param binding, a state buffer: two slots sharing one
     # would silently share or shadow memory.
     seen = set()
     for slot in slots:
-        if not isinstance(slot, (Input, Param, State, Output, Workspace, Status)):
+        namespace = _NAMESPACES.get(type(slot))
+        if namespace is None:
             raise TypeError(f"not a slot: {slot!r}")
-        if slot.name in seen:
+        if (namespace, slot.name) in seen:
             raise ValueError(f"two slots are named {slot.name!r}")
-        seen.add(slot.name)
+        seen.add((namespace, slot.name))
 
 
-def _bind_params(slots: Sequence[Slot], params: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+_REBIND_HINT = ("the array in params replaced the one bound before; to copy values into the bound arrays "
+                "instead, call load_params(values) on the compiled function or step")
+
+
+def _bind_params(slots: Sequence[Slot], params: Mapping[str, np.ndarray], *,
+                 rebinding: bool = False) -> dict[str, np.ndarray]:
+    """Each Param slot's array from `params`, checked; `rebinding`: arrays the caller put into
+    `params` after the program was made (errors then also say how to load values)."""
     bound = {}
     for slot in slots:
         if isinstance(slot, Param):
             if slot.name not in params:
-                raise ValueError(f"param {slot.name!r} ({slot.description}) is missing from params")
-            bound[slot.name] = slot.check_binding(params[slot.name])
+                raise ValueError(_missing_param_message(slot, rebinding))
+            try:
+                bound[slot.name] = slot.check_binding(params[slot.name])
+            except ValueError as error:
+                if not rebinding:
+                    raise
+                raise ValueError(f"{error}; {_REBIND_HINT}") from None
+    _check_no_shared_memory([slot for slot in slots if isinstance(slot, Param)], bound)
     return bound
+
+
+def _missing_param_message(slot: Param, rebinding: bool) -> str:
+    if not rebinding:
+        return f"param {slot.name!r} ({slot.description}) is missing from params"
+    return (f"param {slot.name!r} ({slot.description}) is no longer in the params the program was made with; "
+            f"put an array back, or call load_params(values) to copy values into the bound arrays")
+
+
+def _check_no_shared_memory(params: Sequence[Param], bound: Mapping[str, np.ndarray]) -> None:
+    """Refuse two params in overlapping memory when the program updates either: the update of
+    one would read the other's values half overwritten. Reading one array twice is harmless."""
+    for first, second in _overlapping_pairs([bound[slot.name] for slot in params]):
+        a, b = params[first], params[second]
+        if a.updated or b.updated:
+            written = " and ".join(repr(slot.name) for slot in (a, b) if slot.updated)
+            raise ValueError(
+                f"params {a.name!r} and {b.name!r} share memory (one array, or views that overlap) and the "
+                f"program updates {written}; bind each to an array of its own, e.g. params[{b.name!r}] = "
+                f"params[{b.name!r}].copy()")
+
+
+def _overlapping_pairs(arrays: Sequence[np.ndarray]) -> Iterator[tuple[int, int]]:
+    """Index pairs (i < j) of arrays whose bytes overlap: one sort by address, then each span
+    is compared only with the spans that start inside it."""
+    spans = sorted((*_byte_span(array), index) for index, array in enumerate(arrays))
+    spans = [span for span in spans if span[0] < span[1]]
+    for k, (_, end, index) in enumerate(spans):
+        for start, _, other in spans[k + 1:]:
+            if start >= end:
+                break
+            yield min(index, other), max(index, other)
+
+
+def _byte_span(array: np.ndarray) -> tuple[int, int]:
+    """[first, past last) byte an array's elements occupy (empty for an array of no elements)."""
+    start = end = data_pointer(array)
+    if array.size == 0:
+        return start, start
+    for extent, stride in zip(array.shape, array.strides):
+        if stride < 0:
+            start += stride * (extent - 1)
+        else:
+            end += stride * (extent - 1)
+    return start, end + array.itemsize
+
+
+def _load_sources(param_plan, values: Mapping[str, object], strict: bool) -> dict[str, np.ndarray]:
+    """The arrays `load_params` copies, by param name, after every check."""
+    params = {slot.name: slot for slot, _ in param_plan}
+    unexpected = [name for name in values if name not in params]
+    missing = [name for name in params if name not in values]
+    if strict and (unexpected or missing):
+        problems = ([f"unexpected params {unexpected} (not params of this program)"] if unexpected else []) + (
+            [f"missing params {missing}"] if missing else [])
+        raise ValueError(f"load_params: {'; '.join(problems)}; pass strict=False to load only the params "
+                         f"named in both")
+    return {name: _load_source(slot, values[name]) for name, slot in params.items() if name in values}
+
+
+def _load_source(slot: Param, value) -> np.ndarray:
+    try:
+        array = np.asarray(value)
+    except (ValueError, TypeError) as error:
+        raise ValueError(f"load_params: param {slot.name!r}: the value is not an array ({error})") from None
+    if array.shape != slot.shape:
+        raise ValueError(f"load_params: param {slot.name!r} is {slot.description}, got shape {array.shape} "
+                         f"{array.dtype}; the shapes must be equal")
+    if array.dtype != slot.dtype and not (slot.dtype.kind == "f" and array.dtype.kind == "f"):
+        raise ValueError(f"load_params: param {slot.name!r} is {slot.description}, got {array.dtype} values; "
+                         f"convert them with .astype(np.{slot.dtype})")
+    return array
+
+
+def _staged(sources: dict[str, np.ndarray], destinations: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """`sources`, with a copy of each one that overlaps another param's bound array (values
+    swapped between two params): no copy then reads a value an earlier one overwrote."""
+    names = list(sources)
+    targets = list(destinations)
+    arrays = [sources[name] for name in names] + [destinations[name] for name in targets]
+    overlapping = set()
+    for i, j in _overlapping_pairs(arrays):
+        if i < len(names) <= j and names[i] != targets[j - len(names)]:
+            overlapping.add(names[i])
+    return {name: source.copy() if name in overlapping else source for name, source in sources.items()}
+
+
+class _ForkGuard:
+    """Every live program, and what `os.fork` does with their locks.
+
+    A child has only the thread that forked: a lock another thread held at the fork is never
+    released there, and a call the other thread was making is half done in the child's
+    memory (its params half updated, its threads' barrier between phases). So a fork first
+    waits for the calls running in other threads to finish, holding every program's lock
+    across the fork, and the child gets new locks. A call that outlasts the wait (all calls
+    share one) is left
+    running: the child's copy of that program then runs on one thread, whose barrier never
+    reads the counters the fork caught mid-phase.
+    """
+
+    WAIT_SECONDS = 30.0
+
+    def __init__(self):
+        self._programs: weakref.WeakSet[Program] = weakref.WeakSet()
+        self._lock = threading.Lock()   # a WeakSet must not grow while a fork lists it
+        self._held: list[Program] = []
+        self._busy: list[Program] = []
+
+    def add(self, program: Program) -> None:
+        with self._lock:
+            self._programs.add(program)
+
+    def before_fork(self) -> None:
+        self._lock.acquire()
+        deadline = time.monotonic() + self.WAIT_SECONDS
+        for program in list(self._programs):
+            held = program._lock.acquire(timeout=max(deadline - time.monotonic(), 0))
+            (self._held if held else self._busy).append(program)
+
+    def after_fork_in_parent(self) -> None:
+        for program in self._held:
+            program._lock.release()
+        self._forget_fork()
+        self._lock.release()
+
+    def after_fork_in_child(self) -> None:
+        for program in self._held + self._busy:
+            program._replace_lock()
+        for program in self._busy:
+            program._run_alone()
+        self._forget_fork()
+        self._lock = threading.Lock()
+
+    def _forget_fork(self) -> None:
+        self._held, self._busy = [], []
+
+
+_live_programs = _ForkGuard()
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(before=_live_programs.before_fork, after_in_parent=_live_programs.after_fork_in_parent,
+                        after_in_child=_live_programs.after_fork_in_child)

@@ -209,10 +209,14 @@ def default_team() -> ThreadTeam:
 def _abandon_teams_in_forked_child() -> None:
     # A forked child inherits the teams' memory but not their worker threads: running a
     # job would wait forever, and shutting down would join threads that do not exist.
-    # Disown them; the child gets a fresh default team on first use.
+    # Disown them, with their locks (held at the fork by a thread the child lacks, a lock
+    # would block a run instead of reporting the team closed); the child gets a fresh
+    # default team on first use.
     global _default_team, _default_team_lock
     for team in list(_live_teams):
         team._finalizer.detach()
+        team._lock = threading.Lock()
+        team._workers = []
     _default_team = None
     _default_team_lock = threading.Lock()
 
