@@ -31,13 +31,7 @@ from .codegen.program_modules import default_budget
 from .interpreter_settings import cyclic_gc_paused
 from .ir import Tensor
 from .program_cache import CachedProgram, pack_entry, program_key, unpack_entry
-
-# Below this much work per call, fork/join and the barriers between kernels cost more than
-# splitting saves. Measured with 2 threads against 1 (FLOPs as the kernels count them):
-# softmax regression 784 -> 10 at B = 32 (1.0 MFLOP) ran x1.01 as fast, at B = 64 (2.0 MFLOP)
-# x1.27; an MLP 64-64-10 at B = 64 (1.3 MFLOP) x0.99; logistic regression 64 -> 1 at
-# B = 1024 (0.28 MFLOP) x0.93.
-MIN_FLOPS_FOR_THREADS = 1_500_000
+from . import thread_costs
 
 _cache: rt.ObjectCache | None = None
 
@@ -87,11 +81,18 @@ class Plan:
     @property
     def max_threads(self) -> int:
         if self._max_threads is None:
-            from .lowering import plan_steps
-            graph, outputs = self.optimized.graph, self.optimized.outputs
-            work = sum(step.flops for step in plan_steps(graph, outputs))
-            self._max_threads = self._request["threads"] if work >= MIN_FLOPS_FOR_THREADS else 1
+            self._max_threads = self._thread_count()
         return self._max_threads
+
+    def _thread_count(self) -> int:
+        """The most threads worth using, by this host's measured costs (thread_costs.py)."""
+        requested = self._request["threads"]
+        if requested == 1:
+            return 1
+        from .lowering import plan_steps
+        steps = plan_steps(self.optimized.graph, self.optimized.outputs)
+        return thread_costs.choose_thread_count(sum(step.flops for step in steps), len(steps), requested,
+                                   self._request["thread_costs"])
 
     @functools.cached_property
     def recipe(self) -> Recipe:
@@ -323,14 +324,16 @@ def _build(cls, outputs, params, *, output_names, single=False, inplace=(), stat
     in place into the param (or state buffer) named by the matching entry of `inplace`.
     `state_names_for_caller` renames State slots (graph name -> the name step.state shows).
     """
+    threads = rt.get_num_threads()
+    # The costs decide the program's thread count, so they are part of its cache key.
     request = dict(output_names=list(output_names), inplace=list(inplace), state_names=sorted(state_names),
-                   threads=rt.get_num_threads())
+                   threads=threads, thread_costs=thread_costs.measured_thread_costs(threads) if threads > 1 else None)
     cache = object_cache()
     key = program_key(outputs[0].graph, outputs, request)
     compiled = _load(cache, key)
     if compiled is None:
         plan = Plan(outputs, request)
-        compiled = _compile(plan.recipe)
+        compiled = compile_recipe(plan.recipe)
         cache.put(key, pack_entry(compiled))
     else:
         plan = Plan(outputs, request, compiled.max_threads)
@@ -355,7 +358,7 @@ def _load(cache: rt.ObjectCache, key: str) -> CachedProgram | None:
         return None   # an entry of another format: rebuild it
 
 
-def _compile(recipe: Recipe) -> CachedProgram:
+def compile_recipe(recipe: Recipe) -> CachedProgram:
     with ObjectCompiler() as compiler:
         # Each module compiles in the background as soon as assemble has finished it.
         spec = recipe.assemble(on_module=compiler.submit)

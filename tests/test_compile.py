@@ -1,10 +1,17 @@
 """Compiled programs against the numpy reference executor: whole networks, gradients, training
 steps, feed validation and parameter binding."""
+import contextlib
+import dataclasses
+import tempfile
+
 import numpy as np
 import pytest
 
 import graphc as gc
+import graphc_runtime as gc_runtime
 from graphc import models
+
+from thread_choice import splitting_pays  # noqa: F401 (a fixture)
 
 
 def assert_matches(actual, expected, rtol=1e-4, what="", atol=0.0):
@@ -291,13 +298,13 @@ def test_training_an_input_through_a_fusing_kernel_updates_it_from_its_old_value
 
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("bad_label", [10, -1, 2**31 - 1])
-def test_out_of_range_labels_are_refused_before_any_kernel_runs(threads, bad_label):
+def test_out_of_range_labels_are_refused_before_any_kernel_runs(splitting_pays, threads, bad_label):
     """The entry checks the labels first: a wrong one raises ValueError naming the input and its
     range, and leaves the params (trained in place) and the momentum untouched."""
     previous = gc.get_num_threads()
     gc.set_num_threads(threads)
     try:
-        model = models.mlp(64)   # enough work for a multi-threaded program
+        model = models.mlp(64)
         params = gc.init_params(model.graph, seed=0)
         step = gc.compile_training_step(model.loss, params, gc.SGD(lr=0.1, momentum=0.9))
         feeds = models.random_batch(model, np.random.default_rng(0))
@@ -316,28 +323,43 @@ def test_out_of_range_labels_are_refused_before_any_kernel_runs(threads, bad_lab
         gc.set_num_threads(previous)
 
 
-def test_threads_only_where_the_step_has_enough_work_to_split():
-    """Fork/join and the barriers cost more than they save on a tiny step (W5: 0.02 MFLOP); the
-    softmax regression at B = 64 (2.0 MFLOP) already runs faster on two threads."""
-    from graphc import compiler
+def test_threads_only_where_this_hosts_costs_say_splitting_pays(monkeypatch):
+    """The thread count comes from the host's measured costs (thread_costs.py), injected here:
+    with cheap fork/join and barriers the softmax regression at B = 64 (2.0 MFLOP) runs on two
+    threads and W5 (0.02 MFLOP) on one; with costly ones both run on one. Either way the step
+    computes the reference's update."""
+    from graphc import thread_costs
+    cheap = thread_costs.ThreadCosts(flop_s=1e-11, fork_join_s={2: 2e-6}, barrier_s={2: 2e-7}, efficiency={2: 0.9})
+    costly = dataclasses.replace(cheap, fork_join_s={2: 1e-4})
     previous = gc.get_num_threads()
     gc.set_num_threads(2)
     try:
-        for model, expected in [(models.logistic_regression(64, 64), 1), (models.softmax_regression(64, 784, 10), 2)]:
-            step = gc.compile_training_step(model.loss, gc.init_params(model.graph, seed=0), gc.SGD(lr=0.1))
-            assert step.num_threads == expected
-            assert (sum(s.flops for s in step.steps) >= compiler.MIN_FLOPS_FOR_THREADS) == (expected == 2)
-            feeds = models.random_batch(model, np.random.default_rng(0))
-            params = gc.init_params(model.graph, seed=0)
-            grads = gc.grad(model.loss, [model.graph.params[n] for n in params])
-            values = gc.evaluate(grads, feeds, params)
-            expected_params = {n: params[n] - 0.1 * g for n, g in zip(params, values)}
-            step = gc.compile_training_step(model.loss, params, gc.SGD(lr=0.1))
-            step(**feeds)
-            for name in params:
-                assert_matches(params[name], expected_params[name])
+        for costs, expected in [(cheap, (1, 2)), (costly, (1, 1))]:
+            monkeypatch.setattr(thread_costs, "measured_thread_costs", lambda requested, costs=costs: costs)
+            for model, threads in zip([models.logistic_regression(64, 64), models.softmax_regression(64, 784, 10)],
+                                      expected):
+                params = gc.init_params(model.graph, seed=0)
+                feeds = models.random_batch(model, np.random.default_rng(0))
+                grads = gc.grad(model.loss, [model.graph.params[n] for n in params])
+                values = gc.evaluate(grads, feeds, params)
+                expected_params = {n: params[n] - 0.1 * g for n, g in zip(params, values)}
+                with _empty_program_cache(monkeypatch):
+                    step = gc.compile_training_step(model.loss, params, gc.SGD(lr=0.1))
+                assert step.num_threads == threads
+                step(**feeds)
+                for name in params:
+                    assert_matches(params[name], expected_params[name])
     finally:
         gc.set_num_threads(previous)
+
+
+@contextlib.contextmanager
+def _empty_program_cache(monkeypatch):
+    """Compile afresh: the disk cache holds programs compiled with other thread counts."""
+    from graphc import compiler
+    with tempfile.TemporaryDirectory() as directory:
+        monkeypatch.setattr(compiler, "_cache", gc_runtime.ObjectCache(directory))
+        yield
 
 
 def test_compiling_pauses_the_cyclic_gc_and_restores_its_state():

@@ -22,6 +22,8 @@ import graphc as gc
 import graphc_runtime as rt
 from graphc import models
 
+from thread_choice import splitting_pays  # noqa: F401 (a fixture)
+
 pytestmark = pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
 
 CHILDREN = 10
@@ -29,7 +31,7 @@ CHILD_DEADLINE_SECONDS = 10.0
 
 
 @pytest.fixture
-def two_threads():
+def two_threads(splitting_pays):
     before = rt.get_num_threads()
     rt.set_num_threads(2)
     yield

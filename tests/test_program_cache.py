@@ -33,7 +33,10 @@ def test_miss_then_hit_without_optimizing_or_generating_ir(cache):
     assert str(step.graph) == str(first.graph) and step.describe() == first.describe()
 
 
-def test_thread_count_is_part_of_the_key(cache):
+def test_thread_count_is_part_of_the_key(cache, monkeypatch):
+    from graphc import thread_costs
+    from thread_choice import SPLITTING_PAYS
+    monkeypatch.setattr(thread_costs, "measured_thread_costs", lambda requested: SPLITTING_PAYS)
     previous = gc.get_num_threads()
     try:
         gc.set_num_threads(1)
