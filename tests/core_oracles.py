@@ -2,7 +2,8 @@
 
 Nothing here calls graphc's numpy semantics: convolution and pooling are direct loops over
 output positions with explicit bounds checks (no np.pad, no sliding windows), the losses are
-the textbook formulas, and gradients are central finite differences of `gc.evaluate` in float64.
+the textbook formulas, and gradients are (extrapolated) central finite differences of
+`gc.evaluate` in float64.
 """
 from __future__ import annotations
 
@@ -156,22 +157,30 @@ def rel_err(actual, expected) -> float:
 
 
 def numeric_grad(f, x: np.ndarray, eps: float = 1e-5) -> np.ndarray:
-    """Central finite differences of the scalar function f at x (float64), entry by entry.
+    """Finite differences of the scalar function f at x (float64), entry by entry: central
+    differences at steps eps and 2·eps, Richardson-extrapolated.
 
-    eps = 1e-5 is near the optimum for float64 (cube root of machine epsilon): truncation
-    (eps^2 f'''/6) and rounding (1e-16 |f| / eps) errors both stay near 1e-11."""
+    One central difference errs by eps²·f'''/6, which a steep function makes large: at x = 1.65
+    exp(exp(exp(x))) has f'''/f' near 1e6, and its exact gradient seemed 1.4e-6 off. Combining
+    (4·D(eps) - D(2·eps)) / 3 cancels that term, leaving one in eps⁴; rounding (1e-16 |f| / eps)
+    stays near 1e-11 at eps = 1e-5."""
     x = np.array(x, dtype=np.float64)
     grad = np.zeros_like(x)
     flat, gflat = x.reshape(-1), grad.reshape(-1)
     for i in range(flat.size):
-        orig = flat[i]
-        flat[i] = orig + eps
-        plus = f(x)
-        flat[i] = orig - eps
-        minus = f(x)
-        flat[i] = orig
-        gflat[i] = (plus - minus) / (2 * eps)
+        gflat[i] = (4 * _central_difference(f, x, flat, i, eps) - _central_difference(f, x, flat, i, 2 * eps)) / 3
     return grad
+
+
+def _central_difference(f, x, flat, i, step) -> float:
+    """(f(x + step·e_i) - f(x - step·e_i)) / 2·step, with x restored after (flat views x)."""
+    orig = flat[i]
+    flat[i] = orig + step
+    plus = f(x)
+    flat[i] = orig - step
+    minus = f(x)
+    flat[i] = orig
+    return (plus - minus) / (2 * step)
 
 
 def _declare(graph, name, value, differentiable):

@@ -3,17 +3,17 @@ with numpy forward, and their gradients agree with finite differences (float64, 
 import os
 
 import numpy as np
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import array_shapes, mutually_broadcastable_shapes
 
 import graphc as gc
 from core_oracles import assert_gradients_match, away_from_zero, evaluate64, rel_err
 
-# Fast and reproducible by default; GRAPHC_PROPERTY_EXAMPLES=500 explores more (with fresh randomness).
+# The same examples every run under the default "ci" profile (tests/conftest.py); fresh ones with
+# HYPOTHESIS_PROFILE=explore, and more with GRAPHC_PROPERTY_EXAMPLES=500.
 EXAMPLES = int(os.environ.get("GRAPHC_PROPERTY_EXAMPLES", "40"))
-property_test = settings(max_examples=EXAMPLES, deadline=None, derandomize=EXAMPLES <= 40,
-                         suppress_health_check=[HealthCheck.too_slow])
+property_test = settings(max_examples=EXAMPLES, suppress_health_check=[HealthCheck.too_slow])
 
 seeds = st.integers(0, 2**32 - 1)
 broadcast_pairs = mutually_broadcastable_shapes(num_shapes=2, min_dims=0, max_dims=3, max_side=3)
@@ -64,6 +64,7 @@ def test_scalar_operands(shapes, scalar, left, op, seed):
 
 @property_test
 @given(shape=shapes, ops=st.lists(st.sampled_from(sorted(UNARY)), min_size=1, max_size=3), seed=seeds)
+@example(shape=(2, 3), ops=["exp", "exp", "exp"], seed=0)   # found exploring: too steep for one central difference
 def test_unary_chains(shape, ops, seed):
     x = away_from_zero(np.random.default_rng(seed).uniform(-1.5, 1.5, shape), 0.2)
 
