@@ -14,7 +14,7 @@ import pytest
 
 from graphc.codegen import target
 from graphc.codegen.conv_kernels import INPUT_GRAD_PATHS, ConvGeometry, chosen_paths
-from test_conv_pool_kernels import Case, check_cases, conv_output_shape, random, reference
+from kernel_cases import Case, check_cases, conv_output_shape, random, reference
 
 PATH = next(path for path in INPUT_GRAD_PATHS if path.name == "batch in lanes")
 

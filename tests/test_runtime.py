@@ -23,19 +23,7 @@ import pytest
 import graphc_runtime as rt
 from graphc_runtime.buffers import aligned_zeros, data_pointer
 from graphc_runtime.loader import undefined_symbols
-
-
-def compile_ir(ir_text: str) -> bytes:
-    target_machine = rt.create_host_target_machine()
-    module = llvm.parse_assembly(ir_text)
-    module.triple = target_machine.triple
-    module.data_layout = str(target_machine.target_data)
-    module.verify()
-    return target_machine.emit_object(module)
-
-
-def load_ir(ir_text: str) -> rt.NativeLibrary:
-    return rt.NativeLibrary(compile_ir(ir_text))
+from hand_written_ir import compile_ir, load_ir
 
 
 def run_python(script: str, env: dict | None = None) -> subprocess.CompletedProcess:
