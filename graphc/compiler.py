@@ -28,7 +28,6 @@ from .assemble import ProgramSpec, assemble
 from .codegen.entry import ENTRY_NAME
 from .codegen.parallel import ObjectCompiler, compile_modules, split_modules
 from .codegen.program_modules import default_budget
-from .interpreter_settings import cyclic_gc_paused
 from .ir import Tensor
 from .program_cache import CachedProgram, pack_entry, program_key, unpack_entry
 from . import thread_costs
@@ -244,8 +243,7 @@ def compile(outputs, params: Mapping[str, np.ndarray]) -> CompiledFunction:  # n
             raise TypeError(f"compile: outputs must be graphc Tensors, got {type(out).__name__}")
     _check_params(outputs, params)
     names = _unclaimed_names(outputs[0].graph, [f"output{i}" for i in range(len(outputs))])
-    with cyclic_gc_paused:
-        return _build(CompiledFunction, outputs, params, output_names=names, single=single)
+    return _build(CompiledFunction, outputs, params, output_names=names, single=single)
 
 
 def compile_training_step(loss: Tensor, params: Mapping[str, np.ndarray], optimizer) -> CompiledTrainingStep:
@@ -262,16 +260,15 @@ def compile_training_step(loss: Tensor, params: Mapping[str, np.ndarray], optimi
     if not hasattr(optimizer, "updates"):
         raise TypeError(f"compile_training_step: expected an optimizer such as gc.SGD, got {optimizer!r}")
     _check_params([loss], params)
-    with cyclic_gc_paused:
-        graph, (train_loss,) = rebuild(loss.graph, [loss])
-        used = {node.id for node in graph.ancestors([train_loss])}
-        trainable = [graph.params[name] for name in params if name in graph.params and graph.params[name].id in used]
-        grads = grad(train_loss, trainable)
-        optimizer_graph = _OptimizerGraph(graph)
-        writes, state_names = optimizer.updates(optimizer_graph, trainable, grads)
-        return _build(CompiledTrainingStep, [train_loss] + [value for _, value in writes], params,
-                      output_names=_unclaimed_names(graph, ["loss"]), inplace=[name for name, _ in writes],
-                      state_names=state_names, state_names_for_caller=optimizer_graph.names_for_caller())
+    graph, (train_loss,) = rebuild(loss.graph, [loss])
+    used = {node.id for node in graph.ancestors([train_loss])}
+    trainable = [graph.params[name] for name in params if name in graph.params and graph.params[name].id in used]
+    grads = grad(train_loss, trainable)
+    optimizer_graph = _OptimizerGraph(graph)
+    writes, state_names = optimizer.updates(optimizer_graph, trainable, grads)
+    return _build(CompiledTrainingStep, [train_loss] + [value for _, value in writes], params,
+                  output_names=_unclaimed_names(graph, ["loss"]), inplace=[name for name, _ in writes],
+                  state_names=state_names, state_names_for_caller=optimizer_graph.names_for_caller())
 
 
 class _OptimizerGraph:

@@ -1,8 +1,14 @@
-"""Process-wide interpreter settings that compiling changes while it runs, and restores.
+"""`gc.fast_compile()`: process-wide interpreter settings a user may let compiles change.
 
-Each is a `SharedOverride`: a context manager that may be entered by several threads at once
-(two user threads compiling), changes the setting when the first enters and restores what it
-found when the last leaves. Not a decorator: its wrapper's frame (contextlib.py) would stand
+By default compiling changes no process-wide setting. Inside `with gc.fast_compile():` the
+cyclic GC is paused (a compile allocates a few hundred thousand short-lived objects, almost all
+freed by reference counting, and collections would examine them again and again) and the GIL's
+switch interval is shortened (a compile thread waiting for the GIL gets it sooner), both
+restored when the block ends.
+
+Each setting is a `SharedOverride`: a context manager that may be entered by several threads at
+once (two user threads compiling), changes the setting when the first enters and restores what
+it found when the last leaves. Not a decorator: its wrapper's frame (contextlib.py) would stand
 between the user's code and graphc's, and nodes built under it would name that file as the
 user's line (errors.user_site).
 """
@@ -13,7 +19,7 @@ import sys
 import threading
 from typing import Callable
 
-__all__ = ["SharedOverride", "GIL_SWITCH_INTERVAL_S", "short_gil_switches", "cyclic_gc_paused"]
+__all__ = ["SharedOverride", "GIL_SWITCH_INTERVAL_S", "short_gil_switches", "cyclic_gc_paused", "fast_compile"]
 
 
 class SharedOverride:
@@ -50,15 +56,7 @@ class SharedOverride:
             self._after_last()
 
 
-# Longest wait, in seconds, of a compile thread for the GIL while background threads compile.
-# A compile thread drops the GIL during the three heavy LLVM calls but needs it back after
-# each of its ~20 ctypes calls (creating and verifying the module, target machine, pass
-# builder, copying the object), while the caller's thread holds it generating the next
-# module's IR; a waiting thread gets the GIL only after the switch interval (5 ms by default).
-# Measured on LeNet's step (cold compiles after the first in one process): its first module
-# took 0.26-0.28 s to compile instead of 0.11-0.13 s, the whole compile 0.61-0.65 s instead
-# of 0.46-0.47 s. The interval matters only while a thread waits, so the caller's own work
-# is not slowed.
+# Longest wait, in seconds, of a compile thread for the GIL while the caller generates IR.
 GIL_SWITCH_INTERVAL_S = 0.0002
 
 
@@ -84,14 +82,29 @@ def _resume_cyclic_gc(was_enabled: bool) -> None:
 
 def _collect_youngest() -> None:
     # The youngest generation now holds everything the compile allocated and kept; the next
-    # allocation would start its collection anyway. Done here, it is counted as the compile's
-    # time, where it belongs (20-35 ms after LeNet's step). Nothing to do if the GC is off.
+    # allocation would start its collection anyway. Done here, it counts as the compile's time.
     if gc.isenabled():
         gc.collect(0)
 
 
-# A compile allocates a few hundred thousand short-lived Python objects (graphs, sympy
-# expressions, llvmlite IR), which set off ~120 cyclic collections, one of them of the oldest
-# generation: 60-105 ms of LeNet's 0.5-0.6 s cold compile. Almost all of it is freed by
-# reference counting; what the compile kept is examined once, at the end.
 cyclic_gc_paused = SharedOverride(_pause_cyclic_gc, _resume_cyclic_gc, after_last=_collect_youngest)
+
+
+class fast_compile:  # noqa: N801 (used like a function: `with gc.fast_compile():`)
+    """Let compiles inside the block pause the cyclic GC and shorten the GIL's switch interval
+    for the whole process; both are restored when the block ends (see the module docstring)."""
+
+    def __enter__(self) -> "fast_compile":
+        cyclic_gc_paused.__enter__()
+        try:
+            short_gil_switches.__enter__()
+        except BaseException:
+            cyclic_gc_paused.__exit__(None, None, None)
+            raise
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        try:
+            short_gil_switches.__exit__(*exc_info)
+        finally:
+            cyclic_gc_paused.__exit__(*exc_info)

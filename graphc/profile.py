@@ -59,8 +59,8 @@ def profile(fn, feeds: dict, repeats: int = 20) -> ProfileReport:
     library = rt.NativeLibrary(object_code(spec.llvm_ir))
     params = {name: array.copy() for name, array in fn.params.items()}
     program = rt.Program(library, ENTRY_NAME, spec.slots, params, max_threads=spec.max_threads)
-    # Called as `fn` calls its program: a training step for its loss alone (natively at one
-    # thread, see graphc_runtime.fast_call), anything else for fresh output arrays.
+    # Called as `fn` calls its program: a training step for its loss alone, anything else for
+    # fresh output arrays.
     if isinstance(fn, CompiledTrainingStep):
         def call():
             return program.call_scalar(feeds)

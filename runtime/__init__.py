@@ -8,8 +8,7 @@
     program      a loaded program, callable with numpy arrays (Program)
     buffers      aligned allocation and fast data pointers (internal)
     team_native  the native fork/join code behind ThreadTeam (internal)
-    fast_call    the native front of a one-thread training-step call: checks, binds, runs (internal)
-    native_ir    compiles and caches the runtime's own LLVM IR (team_native's, fast_call's) (internal)
+    native_ir    compiles and caches the runtime's own LLVM IR (team_native's) (internal)
 
 The ABI between compiler and runtime: a program is one function
 

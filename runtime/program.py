@@ -5,8 +5,8 @@ A call validates and converts every feed before any native code runs, allocates 
 into the argument vector and runs the entry once on the program's threads. Small training
 steps cost a microsecond of native time, so everything that does not change between calls
 (param, state and workspace addresses, the ctypes function, slot positions) is prepared at
-construction and the call path does only what must be done; a training step's one-thread
-call is a single native function (`fast_call`) whenever its feeds need no conversion.
+construction and the call path does only what must be done: a training step's call is one
+generated Python function, straight-line code for its inputs (`_specialized_call_scalar`).
 """
 
 from __future__ import annotations
@@ -25,7 +25,6 @@ from types import MappingProxyType
 import numpy as np
 
 from .buffers import aligned_zeros, data_pointer, unchecked_data_pointer
-from .fast_call import REFUSED, Feed, fast_call_function
 from .loader import NativeLibrary
 from .slots import Input, Output, Param, Slot, State, Status, Workspace
 from .threads import EntryFunction, default_team, get_num_threads
@@ -115,7 +114,6 @@ class Program:
         # params, and gets the new ones when they are replaced.
         self._call_namespaces: list[dict] = []
         self._params_replaced = _params_replaced_check(self)
-        self._fast_call = self._fast_call_function()
         if self._scalar_output is not None:
             # Shadows the method below on this instance: a training step's call is then this
             # function alone, a Python frame less (see `_specialized_call_scalar`).
@@ -258,19 +256,6 @@ class Program:
         memory = aligned_zeros(slot.shape, slot.dtype)
         address = data_pointer(memory)
         return memory, address, position, np.ctypeslib.as_ctypes_type(slot.dtype).from_address(address)
-
-    def _fast_call_function(self):
-        """The native one-thread call of a program with one scalar output (`fast_call`), if
-        this interpreter has one and every input can be checked by it."""
-        if self._scalar_output is None or any(
-                slot.valid_range is not None and not slot.range_checked_natively for slot in self.inputs):
-            return None
-        _, address, position, _ = self._scalar_output
-        return fast_call_function(
-            argv_address=self._argv_address, entry_address=self._entry_address,
-            feeds=[Feed(position, slot.dtype, slot.shape) for slot, position in _plan_of(Input, self.slots)],
-            output_position=position, output_address=address, output_dtype=self.outputs[0].dtype,
-            status_address=None if self._status is None else data_pointer(self._status), keep_alive=self.library)
 
     def _bound_memory(self, slot: Slot) -> np.ndarray | None:
         if isinstance(slot, Param):
@@ -417,16 +402,6 @@ def _call_body(program: Program, namespace: dict) -> list[str]:
     inputs = ", ".join(f"_v{i}" for i in range(len(program.inputs)))
     checked = program._status_cell is not None
     lines = _rebinding_lines(program, namespace)
-    if program._fast_call is not None:
-        # One native call checks and binds the feeds and runs the entry (see fast_call); it
-        # declines (runs nothing) for any feed the lines below would have to convert or report.
-        namespace["_fast"] = program._fast_call
-        fast = [f"_r = _fast({inputs})", "if _type(_r) is float:", "    return _r",
-                *([f"if _r == {REFUSED}:", f"    raise _refused([{inputs}])"] if checked else [])]
-        if program.max_threads == 1:
-            lines += [" " * 8 + line for line in fast]
-        else:
-            lines += ["        if _get_num_threads() == 1:", *(" " * 12 + line for line in fast)]
     for i, (slot, position) in enumerate(_plan_of(Input, program.slots)):
         namespace.update({f"_dtype{i}": slot.dtype, f"_shape{i}": slot.shape, f"_prepare{i}": slot.prepare})
         lines += [f"        if (_type(_v{i}) is _ndarray and _v{i}.dtype is _dtype{i} and _v{i}.shape == _shape{i}"

@@ -362,30 +362,38 @@ def _empty_program_cache(monkeypatch):
         yield
 
 
-def test_compiling_pauses_the_cyclic_gc_and_restores_its_state():
+def test_compiling_changes_no_interpreter_setting_unless_asked_with_fast_compile():
     import gc as cyclic_gc
+    import sys
     model = models.logistic_regression(8, 4)
     seen = []
     original_grad = gc.autodiff.grad
 
-    def grad_seeing_gc_state(*args, **kwargs):
-        seen.append(cyclic_gc.isenabled())
+    def grad_seeing_settings(*args, **kwargs):
+        seen.append((cyclic_gc.isenabled(), sys.getswitchinterval()))
         return original_grad(*args, **kwargs)
 
+    interval = sys.getswitchinterval()
     assert cyclic_gc.isenabled()
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(gc.autodiff, "grad", grad_seeing_gc_state)
+        patch.setattr(gc.autodiff, "grad", grad_seeing_settings)
         gc.compile_training_step(model.loss, gc.init_params(model.graph, seed=0), gc.SGD(lr=0.1))
-        assert seen == [False] and cyclic_gc.isenabled()
+        assert seen == [(True, interval)]
+        with gc.fast_compile():
+            gc.compile_training_step(model.loss, gc.init_params(model.graph, seed=1), gc.SGD(lr=0.1))
+        assert seen[1][0] is False and seen[1][1] < interval
+        assert cyclic_gc.isenabled() and sys.getswitchinterval() == interval
         cyclic_gc.disable()        # the user's choice is kept
         try:
-            gc.compile_training_step(model.loss, gc.init_params(model.graph, seed=1), gc.SGD(lr=0.1))
+            with gc.fast_compile():
+                gc.compile_training_step(model.loss, gc.init_params(model.graph, seed=2), gc.SGD(lr=0.1))
             assert not cyclic_gc.isenabled()
         finally:
             cyclic_gc.enable()
     with pytest.raises(ValueError, match="scalar"):
-        gc.compile_training_step(model.y, {}, gc.SGD(lr=0.1))
-    assert cyclic_gc.isenabled()   # restored after an error too
+        with gc.fast_compile():
+            gc.compile_training_step(model.y, {}, gc.SGD(lr=0.1))
+    assert cyclic_gc.isenabled() and sys.getswitchinterval() == interval   # restored after an error too
 
 
 # "_lock" is a name of the fast call's own code: such an input takes the dict call.
@@ -445,7 +453,8 @@ def test_a_shared_override_may_be_entered_again_while_it_restores():
 
 
 def test_a_finalizer_that_compiles_during_a_compile_does_not_deadlock():
-    """Cyclic garbage made during a compile is collected when it ends; its finalizer compiles."""
+    """Cyclic garbage made during a compile under gc.fast_compile() is collected when it ends;
+    its finalizer compiles."""
     import subprocess
     import sys
     import textwrap
@@ -464,7 +473,8 @@ def test_a_finalizer_that_compiles_during_a_compile_does_not_deadlock():
             cycle = CompilesWhenCollected(); cycle.self = cycle
             return check_params(*args)
         compiler._check_params = check_and_leave_a_cycle
-        gc.compile(loss, params)
+        with gc.fast_compile():
+            gc.compile(loss, params)
         cyclic_gc.collect()
         print(len(compiled), cyclic_gc.isenabled(), float(compiled[0](x=np.ones((4, 3), np.float32))))
     """)

@@ -1,7 +1,7 @@
-"""Compiling a program as several LLVM modules on several threads (codegen/parallel.py,
-codegen/program_modules.py, codegen/llvm_unlocked.py): the same numbers as the one-module serial
-build, a working fallback, multi-object cache entries and loading, and no crash when compiling
-in parallel over and over."""
+"""Compiling a program as several LLVM modules, in worker processes beside the generating thread
+(codegen/parallel.py, codegen/worker_process.py, codegen/program_modules.py): the same numbers as
+the one-module serial build, workers that fail or cannot start, multi-object cache entries and
+loading, and no crash when compiling in parallel over and over."""
 import re
 import sys
 import threading
@@ -13,14 +13,9 @@ import pytest
 import graphc as gc
 import graphc_runtime as rt
 from graphc import compiler, models
-from graphc.codegen import llvm_unlocked, parallel, program_modules, target
+from graphc.codegen import parallel, program_modules, target, worker_process
 from graphc.codegen.kernel import Kernel
-from graphc.interpreter_settings import GIL_SWITCH_INTERVAL_S
 from graphc.program_cache import CachedProgram, pack_entry, unpack_entry
-
-pytestmark = pytest.mark.skipif(not llvm_unlocked.available(),
-                                reason=f"parallel compilation unavailable: {llvm_unlocked.unavailable_reason()}")
-
 
 @pytest.fixture
 def fresh_cache(tmp_path, monkeypatch):
@@ -114,54 +109,50 @@ def test_llvm_ir_shows_every_module_and_profile_works(fresh_cache, parallel_mode
     assert len(report.kernels) == len(step.steps) and report.native_seconds > 0
 
 
-def test_fallback_when_llvmlite_internals_differ(fresh_cache, monkeypatch):
-    monkeypatch.delenv(parallel.COMPILE_THREADS_VARIABLE, raising=False)
-    monkeypatch.setattr(llvm_unlocked, "_raw_functions", lambda: "pretend llvmlite changed")
-    assert not llvm_unlocked.available()
-    assert parallel.compile_threads() == 1 and program_modules.default_budget() is None
+def test_compiling_where_no_worker_process_can_start_falls_back_to_this_process(fresh_cache, parallel_mode,
+                                                                               monkeypatch):
+    def no_process(settings):
+        raise OSError("Resource temporarily unavailable")
+
+    monkeypatch.setattr(parallel, "WorkerProcess", no_process)
     fresh_cache()
+    parallel_mode(2)
     model = models.lenet5(4)
     params = gc.init_params(model.graph, seed=0)
     step = gc.compile_training_step(model.loss, params, gc.SGD(lr=0.01))
-    assert len(parallel.split_modules(step.llvm_ir)) == 1
+    assert len(parallel.split_modules(step.llvm_ir)) > 2
     feeds = models.random_batch(model, np.random.default_rng(1))
     expected = float(gc.evaluate(model.loss, feeds, gc.init_params(model.graph, seed=0)))
     assert abs(step(**feeds) - expected) < 1e-4 * max(1.0, abs(expected))
 
 
-def _change_a_signature(monkeypatch):
-    changed = llvm_unlocked._expected_signatures()
-    argtypes, restypes = changed["LLVMPY_ParseAssembly"]
-    changed["LLVMPY_ParseAssembly"] = (argtypes[:2], restypes)
-    monkeypatch.setattr(llvm_unlocked, "_expected_signatures", lambda: changed)
-
-
-def _replace_the_lock_wrapper(monkeypatch):
-    from llvmlite.binding import ffi
-    monkeypatch.setattr(ffi, "_lib_wrapper", type("OtherWrapper", (), {}))
-
-
-def _hide_the_raw_function(monkeypatch):
-    from llvmlite.binding import ffi
-    monkeypatch.setitem(ffi.lib._fntab, "LLVMPY_TargetMachineEmitToMemory", object())
-
-
-@pytest.mark.parametrize("change, reason", [
-    (_change_a_signature, "another signature"),
-    (_replace_the_lock_wrapper, "lock wrapper"),
-    (_hide_the_raw_function, "not wrapped as expected"),
-])
-def test_unexpected_llvmlite_internals_are_detected(monkeypatch, change, reason):
-    llvm_unlocked._raw_functions.cache_clear()
+def test_a_worker_compiles_what_this_process_compiles():
+    text = _module_text("w", _define_triple)
+    worker = worker_process.WorkerProcess(target.worker_settings())
     try:
-        change(monkeypatch)
-        assert not llvm_unlocked.available()
-        assert reason in llvm_unlocked.unavailable_reason()
-        assert parallel.compile_threads() == 1
+        assert worker.compile(text) == parallel.compile_module(text, isolated=True)
+        with pytest.raises(RuntimeError, match="LLVM refused a module"):
+            worker.compile("this is not LLVM IR")
+        assert worker.compile(text) == parallel.compile_module(text, isolated=True)   # still serving
     finally:
-        monkeypatch.undo()
-        llvm_unlocked._raw_functions.cache_clear()
-    assert llvm_unlocked.available()
+        worker.close()
+
+
+def test_a_worker_that_dies_is_an_error_here_not_a_crash():
+    worker = worker_process.WorkerProcess(target.worker_settings())
+    worker._process.kill()
+    with pytest.raises(worker_process.WorkerDied, match="died .signal 9"):
+        worker.compile(_module_text("w", _define_triple))
+    worker.close()
+
+
+def test_the_default_path_uses_only_llvmlites_public_api():
+    """The compile path reaches no private llvmlite attribute (its lock wrapper, raw ctypes
+    functions): every llvmlite name graphc's codegen uses is public."""
+    import pathlib
+    codegen = pathlib.Path(parallel.__file__).parent
+    sources = "\n".join(path.read_text() for path in codegen.rglob("*.py"))
+    assert not re.search(r"\bffi\.|_cfn\b|_lib_wrapper|_fntab", sources)
 
 
 def test_thread_count_from_the_environment(monkeypatch):
@@ -318,36 +309,25 @@ def test_errors_reach_the_caller_and_threads_stop():
     assert not any(name.startswith("graphc-compile") for name in leftover)
 
 
-def test_gil_switch_interval_is_short_while_background_threads_compile_and_restored_after():
-    original = sys.getswitchinterval()
-    with parallel.ObjectCompiler(threads=1):
-        assert sys.getswitchinterval() == original      # no background thread: left alone
-    outer = parallel.ObjectCompiler(threads=2)
-    assert sys.getswitchinterval() == pytest.approx(GIL_SWITCH_INTERVAL_S)
-    with parallel.ObjectCompiler(threads=3):             # overlapping compilers
-        assert sys.getswitchinterval() == pytest.approx(GIL_SWITCH_INTERVAL_S)
-    assert sys.getswitchinterval() == pytest.approx(GIL_SWITCH_INTERVAL_S)  # the outer one still runs
-    outer.close()
-    assert sys.getswitchinterval() == original
-    with pytest.raises(RuntimeError, match="parsing error"):
-        parallel.compile_modules(["this is not LLVM IR"], threads=2)
-    assert sys.getswitchinterval() == original           # restored after an error too
+def test_compiling_changes_no_interpreter_setting():
+    """No process-wide setting changes while modules compile in the background."""
+    import gc as cyclic_gc
+    interval, collecting = sys.getswitchinterval(), cyclic_gc.isenabled()
+    seen = []
+    with parallel.ObjectCompiler(threads=2) as compiler:
+        compiler.submit(_module_text("a", _define_triple))
+        seen.append((sys.getswitchinterval(), cyclic_gc.isenabled()))
+        compiler.submit(_module_text("b", _define_triple))
+        compiler.objects()
+        seen.append((sys.getswitchinterval(), cyclic_gc.isenabled()))
+    assert seen == [(interval, collecting)] * 2
 
 
-def test_a_compile_thread_that_cannot_start_leaves_no_thread_and_the_switch_interval(monkeypatch):
-    original = sys.getswitchinterval()
-    start = threading.Thread.start
-
-    def start_all_but_the_second(thread):
-        if thread.name == "graphc-compile-1":
-            raise RuntimeError("can't start new thread")
-        start(thread)
-
-    monkeypatch.setattr(threading.Thread, "start", start_all_but_the_second)
-    with pytest.raises(RuntimeError, match="can't start"):
-        parallel.ObjectCompiler(threads=3)
-    assert sys.getswitchinterval() == original
-    assert not [t for t in threading.enumerate() if t.name.startswith("graphc-compile")]
+def test_no_compile_thread_or_worker_outlives_the_compile():
+    before = {t.name for t in threading.enumerate()}
+    parallel.compile_modules([_module_text(name, _define_triple) for name in "abc"], threads=3)
+    leftover = {t.name for t in threading.enumerate()} - before
+    assert not any(name.startswith("graphc-compile") for name in leftover)
 
 
 def test_compiling_in_parallel_over_and_over(fresh_cache, parallel_mode):

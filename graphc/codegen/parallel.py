@@ -1,21 +1,20 @@
-"""Compiling a program's LLVM modules to object code on several threads at once.
+"""Compiling a program's LLVM modules to object code while the next module is generated.
 
 A large program is assembled as several modules (assemble.py, codegen/program_modules.py);
 LLVM's optimization and code generation of one module is independent of the others', so each
-is compiled on its own thread, in its own LLVMContext with its own target machine, pass
-builder and pass manager, the heavy calls made without llvmlite's global lock
-(codegen/llvm_unlocked.py).
+is compiled on its own LLVM objects (context, module, target machine, pass builder and pass
+manager) and may run on any thread.
 
 `ObjectCompiler` overlaps that with IR generation: the assembler submits each module as soon
-as it is complete and goes on generating the next (Python, holding the GIL) while the
-background threads compile (native, GIL released). When generation is done, the caller's
-thread compiles what is still queued too, so `compile_threads()` threads in all are busy and
-the machine is not oversubscribed. Queued modules are taken largest first, so that the last
-to finish are small ones and the threads finish together.
+as it is complete and goes on generating the next (Python, holding the GIL) while background
+threads compile it (native code, through llvmlite's public API; ctypes drops the GIL during
+each call). llvmlite serializes its calls with one process-wide lock, so the LLVM work of two
+modules does not overlap; what overlaps is LLVM's work with Python's. When generation is done,
+the caller's thread compiles what is still queued too. Queued modules are taken largest first,
+so that the last to finish are small ones.
 
-With one thread (GRAPHC_COMPILE_THREADS=1, a one-core machine, or an llvmlite whose internals
-differ from those llvm_unlocked was written for) everything is compiled serially on the
-caller's thread through llvmlite's ordinary, locked API, as one module.
+With one thread (GRAPHC_COMPILE_THREADS=1 or a one-core machine) everything is compiled serially
+on the caller's thread, as one module.
 
 The program's IR as text (`ProgramSpec.llvm_ir`, `CompiledFunction.llvm_ir`) is the modules
 one after the other; each starts with its `; ModuleID = ...` line, which `split_modules` uses
@@ -37,9 +36,8 @@ import llvmlite.binding as llvm
 
 import graphc_runtime as rt
 
-from ..interpreter_settings import short_gil_switches
-from . import llvm_unlocked
 from . import target as host
+from .worker_process import WorkerProcess
 
 __all__ = ["COMPILE_THREADS_VARIABLE", "compile_threads", "compile_module", "compile_modules",
            "split_modules", "ObjectCompiler"]
@@ -50,10 +48,7 @@ _MODULE_HEADER = re.compile(r"^; ModuleID = ", re.MULTILINE)
 
 
 def compile_threads() -> int:
-    """Threads that compile a program: $GRAPHC_COMPILE_THREADS, else the usable CPUs; 1 when
-    llvmlite's internals are not the expected ones (then threads would only take turns)."""
-    if not llvm_unlocked.available():
-        return 1
+    """Threads that compile a program: $GRAPHC_COMPILE_THREADS, else the usable CPUs."""
     default = rt.usable_cpu_count()
     text = os.environ.get(COMPILE_THREADS_VARIABLE, "").strip()
     if not text:
@@ -82,8 +77,8 @@ def compile_module(ir_text: str, *, isolated: bool) -> bytes:
     """Object code of one module.
 
     isolated: on LLVM objects of this call's own (context, module, target machine, pass
-    builder), with the heavy calls unlocked, so that calls on several threads run in parallel.
-    Otherwise llvmlite's ordinary API, in the global context with the shared target machine.
+    builder), so that it may run on any thread. Otherwise in the global context with the
+    shared target machine.
     """
     if not isolated:
         return host.compile_to_object(ir_text)
@@ -91,14 +86,14 @@ def compile_module(ir_text: str, *, isolated: bool) -> bytes:
         # Closed in reverse order: the module before its context, the pass builder before the
         # target machine it points to.
         context = owned.enter_context(llvm.create_context())
-        module = owned.enter_context(llvm_unlocked.parse_assembly(ir_text, context))
+        module = owned.enter_context(llvm.parse_assembly(ir_text, context))
         module.verify()
         target_machine = owned.enter_context(host.new_jit_target_machine())
         host.set_target(module, target_machine)
         builder = owned.enter_context(host.pass_builder(target_machine))
         manager = owned.enter_context(host.module_pass_manager())
-        llvm_unlocked.run_module_pipeline(module, manager, builder)
-        return llvm_unlocked.emit_object(target_machine, module)
+        manager.run(module, builder)
+        return target_machine.emit_object(module)
 
 
 def compile_modules(ir_texts: list[str], threads: int | None = None) -> list[bytes]:
@@ -118,33 +113,33 @@ class ObjectCompiler:
 
     def __init__(self, threads: int | None = None):
         self.threads = compile_threads() if threads is None else max(1, threads)
-        self._isolated = self.threads > 1 and llvm_unlocked.available()
+        self._isolated = self.threads > 1
         # (priority, submission number, IR text, future): largest module first; the shutdown
         # markers, (inf, n, None, None), after every job.
         self._jobs: queue.PriorityQueue = queue.PriorityQueue()
         self._order = itertools.count()
         self._futures: list[Future] = []
-        # The caller's thread is the last of `threads`: it compiles in `objects()`.
-        background = self.threads - 1 if self._isolated else 0
-        self._workers = [threading.Thread(target=self._work, name=f"graphc-compile-{i}", daemon=True)
-                         for i in range(background)]
-        self._switches = contextlib.ExitStack()
-        if self._workers:
-            # The caller's thread generates IR while they compile: see short_gil_switches.
-            self._switches.enter_context(short_gil_switches)
-        try:
-            for worker in self._workers:
-                worker.start()
-        except BaseException:
-            # Stop the workers that did start and restore the switch interval.
-            self._workers = [worker for worker in self._workers if worker.ident is not None]
-            self.close()
-            raise
+        self._workers: list[threading.Thread] = []
+        self._processes_started = False
+        if self._isolated:
+            # One thread compiles in this process, beside the caller's generating the next
+            # module; worker processes join from a program's second module on (a one-module
+            # program is not worth starting a process).
+            self._start_worker(self._work_here)
 
     def submit(self, ir_text: str) -> None:
         future: Future = Future()
         self._futures.append(future)
         self._jobs.put((-len(ir_text), next(self._order), ir_text, future))
+        if self._isolated and len(self._futures) == 2:
+            self._processes_started = True
+            for _ in range(self.threads - 1):
+                self._start_worker(self._work_in_process)
+
+    def _start_worker(self, loop) -> None:
+        worker = threading.Thread(target=loop, name=f"graphc-compile-{len(self._workers)}", daemon=True)
+        worker.start()
+        self._workers.append(worker)
 
     def objects(self) -> list[bytes]:
         """Object code of every submitted module, in submission order; raises the first error."""
@@ -159,7 +154,6 @@ class ObjectCompiler:
         for worker in self._workers:
             worker.join()
         self._workers = []
-        self._switches.close()
 
     def __enter__(self) -> ObjectCompiler:
         return self
@@ -167,9 +161,29 @@ class ObjectCompiler:
     def __exit__(self, *exc_info) -> None:
         self.close()
 
-    def _work(self) -> None:
+    def _work_here(self) -> None:
+        """Compile in this process until worker processes take over: then it would only take
+        turns with the caller's thread at llvmlite's lock."""
         while (job := self._jobs.get())[2] is not None:
             self._run(job)
+            if self._processes_started:
+                return
+
+    def _work_in_process(self) -> None:
+        """Compile jobs in a worker process of this thread's own, started on its first job."""
+        worker, started = None, False
+        try:
+            while (job := self._jobs.get())[2] is not None:
+                if not started:
+                    started = True
+                    try:
+                        worker = WorkerProcess(host.worker_settings())
+                    except OSError:   # no process to be had: compile here, taking turns
+                        worker = None
+                self._run(job, worker.compile if worker is not None else None)
+        finally:
+            if worker is not None:
+                worker.close()
 
     def _run_queued(self) -> None:
         while True:
@@ -182,11 +196,14 @@ class ObjectCompiler:
                 return
             self._run(job)
 
-    def _run(self, job) -> None:
+    def _run(self, job, compile_text=None) -> None:
         _, _, ir_text, future = job
         if not future.set_running_or_notify_cancel():
             return
         try:
-            future.set_result(compile_module(ir_text, isolated=self._isolated))
+            if compile_text is None:
+                future.set_result(compile_module(ir_text, isolated=self._isolated))
+            else:
+                future.set_result(compile_text(ir_text))
         except BaseException as error:  # delivered to whoever asks for the objects
             future.set_exception(error)

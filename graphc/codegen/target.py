@@ -18,14 +18,16 @@ engine a fresh one from `new_jit_target_machine()`.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import re
+import threading
 
 import llvmlite
 import llvmlite.binding as llvm
 import llvmlite.ir as ir
-from llvmlite.binding import ffi
 
+from graphc.codegen.object_worker import PASS_METHODS
 from graphc_runtime.host import HostTarget, SimdShape, create_target_machine, host_target, initialize_llvm
 
 __all__ = [
@@ -133,14 +135,12 @@ def new_module(name: str) -> ir.Module:
 # regressions matched within noise (alternating rounds, one process).
 OPTIMIZATION_PASSES = ("sroa", "ipsccp", "instcombine", "simplifycfg", "loop_rotate",
                        "instcombine", "simplifycfg", "dce")
-_PASS_METHODS = {
-    "sroa": "add_sroa_pass",
-    "ipsccp": "add_ipsccp_pass",
-    "instcombine": "add_instruction_combine_pass",
-    "simplifycfg": "add_simplify_cfg_pass",
-    "loop_rotate": "add_loop_rotate_pass",
-    "dce": "add_dead_code_elimination_pass",
-}
+
+def worker_settings() -> dict:
+    """What a compile worker process (object_worker.py) needs to compile as this process would."""
+    host = host_target()
+    return {"triple": host.triple, "cpu": host.cpu, "features": host.features,
+            "opt_level": CODEGEN_OPT_LEVEL, "passes": list(OPTIMIZATION_PASSES)}
 
 
 def pass_builder(target_machine: llvm.TargetMachine):
@@ -153,29 +153,33 @@ def pass_builder(target_machine: llvm.TargetMachine):
     return llvm.create_pass_builder(target_machine, llvm.create_pipeline_tuning_options())
 
 
-class _ModulePassManager(llvm.ModulePassManager):
-    """llvmlite's module pass manager, freed when closed.
-
-    llvmlite's own (0.50) never frees its LLVM object: ffi.ObjectRef precedes NewPassManager
-    among its bases, so ObjectRef's empty `_dispose` hides the one that deletes it, and each
-    compile leaked a manager and its passes for good.
-    """
-
-    def _dispose(self):
-        ffi.lib.LLVMPY_DisposeNewModulePassManger(self)
+_idle_managers: list = []
+_idle_managers_lock = threading.Lock()
 
 
+@contextlib.contextmanager
 def module_pass_manager():
-    """A new module pass manager holding OPTIMIZATION_PASSES (one per run, like the builder)."""
-    manager = _ModulePassManager()
-    for name in OPTIMIZATION_PASSES:
-        getattr(manager, _PASS_METHODS[name])()
-    return manager
+    """A module pass manager holding OPTIMIZATION_PASSES, for one pipeline run at a time.
+
+    Borrowed from a pool and returned, never closed: llvmlite (0.50) frees no module pass
+    manager it creates, so one per compile grew the process for good. The pool holds as
+    many as ever ran at once.
+    """
+    with _idle_managers_lock:
+        manager = _idle_managers.pop() if _idle_managers else None
+    if manager is None:
+        manager = llvm.create_new_module_pass_manager()
+        for name in OPTIMIZATION_PASSES:
+            getattr(manager, PASS_METHODS[name])()
+    try:
+        yield manager
+    finally:
+        with _idle_managers_lock:
+            _idle_managers.append(manager)
 
 
 def optimize(module_ref: llvm.ModuleRef) -> llvm.ModuleRef:
     """Run OPTIMIZATION_PASSES on the module, in place."""
-    # The manager closes before the builder it ran with.
     with pass_builder(host_target_machine()) as builder, module_pass_manager() as manager:
         manager.run(module_ref, builder)
     return module_ref

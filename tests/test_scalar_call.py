@@ -1,7 +1,6 @@
-"""Tests of the native one-thread call (graphc_runtime.fast_call): it runs exactly the feeds the
-Python path would pass unconverted, declines every other feed without running anything, and
-leaves the conversions and error reports to the Python path; the Python path alone remains
-where numpy's array layout is not the one it reads."""
+"""A program's scalar call (`Program.call_scalar`, `keyword_call_scalar`: a training step's
+call): exact feeds run as they are, every other feed is converted or reported before native
+code runs, refused inputs are reported by name, the GIL is released while the entry runs."""
 
 from __future__ import annotations
 
@@ -11,11 +10,8 @@ import time
 import numpy as np
 import pytest
 
-import graphc as gc
 import graphc_runtime as rt
-from graphc import models
-from graphc_runtime import fast_call
-from test_runtime import load_ir
+from hand_written_ir import load_ir
 
 # total = sum(x) + sum(labels), calls += 1; labels[i] >= 3 is refused (status = argv position 1 + 1).
 TOTAL_IR = """
@@ -79,9 +75,7 @@ def library():
 
 @pytest.fixture
 def program(library):
-    program = rt.Program(library, "total", SLOTS)
-    assert program._fast_call is not None, "this interpreter's numpy layout should have a fast call"
-    return program
+    return rt.Program(library, "total", SLOTS)
 
 
 def calls(program) -> int:
@@ -89,37 +83,31 @@ def calls(program) -> int:
 
 
 def test_exact_feeds_run_natively_and_return_the_loss_as_a_float(program):
-    result = program._fast_call(X, LABELS)
+    result = program.keyword_call_scalar(object(), x=X, labels=LABELS)
     assert type(result) is float and result == 15.0 + 3.0
-    assert calls(program) == 1
-    assert program.keyword_call_scalar(object(), x=X, labels=LABELS) == 18.0
     assert program.call_scalar({"x": X, "labels": LABELS}) == 18.0
-    assert calls(program) == 3
+    assert calls(program) == 2
 
 
 class Subclass(np.ndarray):
     pass
 
 
-@pytest.mark.parametrize("feeds", [
-    (X.astype(np.float64), LABELS),                            # another dtype
-    (X.astype(X.dtype.newbyteorder()), LABELS),                # big-endian: another dtype object
-    (np.zeros((2, 6), np.float32)[:, ::2], LABELS),            # not contiguous
-    (np.asfortranarray(X), LABELS),                            # F-ordered
-    (X.reshape(3, 2), LABELS),                                 # another shape, same size
-    (X.reshape(1, 2, 3), LABELS),                              # another ndim
-    (X.view(Subclass), LABELS),                                # a subclass
-    (X.tolist(), LABELS),                                      # not an array
-    (X, LABELS.astype(np.int64)),                              # the second feed wrong
-    (X,),                                                      # a feed missing
-    (X, LABELS, LABELS),                                       # one too many
+@pytest.mark.parametrize("x", [
+    X.astype(np.float64),                            # another dtype
+    X.astype(X.dtype.newbyteorder()),                # big-endian: another dtype object
+    np.zeros((2, 6), np.float32)[:, ::2] + X,        # not contiguous
+    np.asfortranarray(X),                            # F-ordered
+    X.view(Subclass),                                # a subclass
+    X.tolist(),                                      # not an array
 ])
-def test_any_other_feed_is_declined_before_native_code_runs(program, feeds):
-    assert program._fast_call(*feeds) == fast_call.DECLINED
-    assert calls(program) == 0
+def test_any_other_feed_is_converted_and_gives_the_same_result(program, x):
+    assert program.keyword_call_scalar(object(), x=x, labels=LABELS) == 18.0
+    assert program.call_scalar({"x": x, "labels": LABELS.astype(np.int64)}) == 18.0
+    assert calls(program) == 2
 
 
-def test_declined_feeds_take_the_python_path_which_converts_or_reports_them(program):
+def test_feeds_are_converted_or_reported_before_native_code_runs(program):
     call = program.keyword_call_scalar
     owner = object()
     assert call(owner, x=X.astype(np.float64), labels=LABELS) == 18.0          # converted
@@ -134,7 +122,8 @@ def test_an_input_the_entry_refuses_is_reported_by_name(program):
     with pytest.raises(ValueError, match=r"input 'labels': values must lie in the valid range \[0, 3\)"):
         program.keyword_call_scalar(object(), x=X, labels=np.array([0, 3], np.int32))
     assert calls(program) == 0
-    assert program._fast_call(X, np.array([5, 0], np.int32)) == fast_call.REFUSED
+    with pytest.raises(ValueError, match="input 'labels'"):
+        program.call_scalar({"x": X, "labels": np.array([5, 0], np.int32)})
     assert program.call_scalar({"x": X, "labels": LABELS}) == 18.0   # the status is cleared again
 
 
@@ -172,37 +161,8 @@ def test_the_gil_is_released_while_the_entry_runs():
 
     setter = threading.Thread(target=set_flag)
     setter.start()
-    assert program._fast_call(flag) == 1.0
+    assert program.call_scalar({"flag": flag}) == 1.0
     setter.join()
-
-
-def test_without_a_known_array_layout_programs_take_the_python_path(library, monkeypatch):
-    monkeypatch.setattr(fast_call, "array_layout", lambda: None)
-    program = rt.Program(library, "total", SLOTS)
-    assert program._fast_call is None
-    assert program.keyword_call_scalar(object(), x=X, labels=LABELS) == 18.0
-    with pytest.raises(ValueError, match="input 'labels'"):
-        program.call_scalar({"x": X, "labels": np.array([0, 3], np.int32)})
-
-
-@pytest.mark.parametrize("workload", ["w5", "logreg"])
-def test_a_training_step_trains_alike_on_both_paths(workload):
-    """The same native step through the fast call (exact feeds) and the Python path (float64
-    feeds, converted): bitwise the same losses and params."""
-    model = models.logistic_regression(16, 8) if workload == "w5" else models.softmax_regression(16, 20, 5)
-    feeds = models.random_batch(model, np.random.default_rng(1))
-    converted = {name: value.astype(np.float64) if value.dtype == np.float32 else value.tolist()
-                 for name, value in feeds.items()}
-    trained = []
-    for batch in (feeds, converted):
-        params = gc.init_params(model.graph, seed=0)
-        step = gc.compile_training_step(model.loss, params, gc.SGD(lr=0.5))
-        assert step._program._fast_call is not None
-        trained.append(([step(**batch) for _ in range(5)], params))
-    (fast_losses, fast_params), (python_losses, python_params) = trained
-    assert fast_losses == python_losses and fast_losses[0] != fast_losses[-1]
-    for name in fast_params:
-        np.testing.assert_array_equal(fast_params[name], python_params[name])
 
 
 # out (float64) = x[0] (float64), plus 2^-40: a value a float32 could not hold.
@@ -221,5 +181,5 @@ define void @double(ptr %args, i64 %tid, i64 %nthreads) {
 
 def test_a_float64_output_is_returned_in_full_precision():
     program = rt.Program(load_ir(DOUBLE_IR), "double", [rt.Input("x", (1,), "float64"), rt.Output("out", (), "float64")])
-    assert program._fast_call(np.array([1.0])) == 1.0 + 2.0 ** -40
+    assert program.call_scalar({"x": np.array([1.0])}) == 1.0 + 2.0 ** -40
     assert program.keyword_call_scalar(object(), x=np.array([3.0])) == 3.0 + 2.0 ** -40
