@@ -5,11 +5,16 @@ from __future__ import annotations
 
 import ctypes
 import gc as garbage
+import os
+import pickle
 import platform
+import random
+import re
 import struct
 import subprocess
 import sys
 import textwrap
+import threading
 
 import llvmlite.binding as llvm
 import numpy as np
@@ -17,8 +22,9 @@ import pytest
 
 import graphc as gc
 import graphc_runtime as rt
-from graphc import models
-from graphc_runtime import elf_link
+from graphc import compiler, models
+from graphc.codegen import parallel
+from graphc_runtime import elf_link, loader
 from graphc_runtime.loader import LINKER_VARIABLE
 
 from cross_targets import aarch64_target_machine
@@ -186,6 +192,98 @@ def test_damaged_objects_are_refused_before_anything_is_mapped(section, field, v
 
 
 @needs_x86_64_elf
+@pytest.mark.parametrize("value", [2**63, 2**64 - 1])
+def test_a_section_table_beyond_any_offset_is_refused(value):
+    """Offsets past what Python indexes with made OverflowError escape instead of ValueError."""
+    blob = bytearray(_object())
+    struct.pack_into("<Q", blob, 0x28, value)   # e_shoff
+    with pytest.raises(ValueError, match="not a loadable object file"):
+        elf_link.link([bytes(blob)])
+    with pytest.raises(ValueError, match="not a loadable object file"):
+        rt.loader.undefined_symbols(bytes(blob))
+
+
+_RELA = struct.Struct("<QQq")
+
+
+def _with_relocation(blob: bytes, section_name: str, index: int, **fields) -> bytes:
+    """`blob` with relocation `index` of the named relocation section given another `kind`,
+    `symbol` or `addend`."""
+    section = next(s for s in elf_link.ElfObject(blob).sections if s.name == section_name)
+    position = section.offset + index * _RELA.size
+    offset, info, addend = _RELA.unpack_from(blob, position)
+    kind, symbol = fields.get("kind", info & 0xFFFFFFFF), fields.get("symbol", info >> 32)
+    patched = bytearray(blob)
+    _RELA.pack_into(patched, position, offset, symbol << 32 | kind, fields.get("addend", addend))
+    return bytes(patched)
+
+
+def _symbol_index(blob: bytes, name: str) -> int:
+    return [symbol.name for symbol in elf_link.ElfObject(blob).symbols].index(name)
+
+
+# What MCJIT would abort on is refused by the check before it (called directly here: were the
+# check to miss it, MCJIT would abort pytest).
+@needs_x86_64_elf
+@pytest.mark.parametrize("change, problem", [
+    (dict(kind=13), "relocation type 13, which MCJIT does not implement"),   # R_X86_64_PC16
+    (dict(kind=10), "relocation type 10, which MCJIT does not implement"),   # R_X86_64_32: JIT memory lies anywhere
+    (dict(addend=2**31), "out of reach"),
+    (dict(symbol=0), "to an absolute address"),
+    (dict(symbol="expf"), "'expf', defined elsewhere"),   # a PC32 to libm: a PLT32 would get a stub
+])
+def test_relocations_mcjit_would_abort_on_are_refused(change, problem):
+    blob = _object(jit_code_model=False)
+    if change.get("symbol") == "expf":
+        change = dict(symbol=_symbol_index(blob, "expf"))
+    with pytest.raises(ValueError, match=problem):
+        loader._checked_for_mcjit([_with_relocation(blob, ".rela.text", 0, **change)])
+
+
+@needs_x86_64_elf
+def test_a_placeholder_out_of_reach_is_refused():
+    """MCJIT adds the 32 bits at an x86-64 PC32 site to the addend, as unsigned."""
+    blob = bytearray(_object(jit_code_model=False))
+    parsed = elf_link.ElfObject(bytes(blob))
+    rela = next(index for index, section in enumerate(parsed.sections) if section.name == ".rela.text")
+    site = parsed.sections[parsed.sections[rela].info].offset + parsed.relocations[rela][0].offset
+    blob[site:site + 4] = b"\xff\xff\xff\xff"
+    with pytest.raises(ValueError, match="out of reach"):
+        loader._checked_for_mcjit([bytes(blob)])
+
+
+@needs_x86_64_elf
+def test_objects_for_another_machine_are_refused_before_mcjit():
+    with pytest.raises(ValueError, match="ELF machine 183"):
+        loader._checked_for_mcjit([_object(target_machine=aarch64_target_machine())])
+
+
+def test_mcjit_is_given_no_unwind_tables_to_register():
+    """The C++ unwinder trusts a registered .eh_frame and aborts on what it cannot parse, at
+    the next unwind anywhere in the process: MCJIT gets the table unnamed, loads it as data."""
+    blob = _object(jit_code_model=False)
+    assert ".eh_frame" in [section.name for section in elf_link.ElfObject(blob).sections]
+    given, = loader._checked_for_mcjit([blob])
+    assert ".eh_frame" not in [section.name for section in elf_link.ElfObject(given).sections]
+
+
+@pytest.mark.parametrize("jit_code_model", [True, False])
+def test_the_aarch64_rules_accept_what_llvm_emits_for_aarch64(monkeypatch, jit_code_model):
+    """Nothing runs AArch64 code here: the check alone, with the rules of an AArch64 host."""
+    machine = aarch64_target_machine()
+    if not jit_code_model:
+        machine = llvm.Target.from_triple(machine.triple).create_target_machine(cpu="generic", opt=1)
+    model = models.mlp(8, sizes=(16, 10))
+    step = gc.compile_training_step(model.loss, gc.init_params(model.graph, seed=0), gc.SGD(lr=0.1))
+    texts = [re.sub(r'^target (triple|datalayout) = ".*"$', "", text, flags=re.MULTILINE)
+             for text in parallel.split_modules(step.llvm_ir)] + [IR]
+    monkeypatch.setattr(loader, "_HOST_MACHINE", elf_link.EM_AARCH64)
+    for text in texts:
+        obj = _object(ir_text=text, target_machine=machine)
+        loader._check_machine_and_relocations(elf_link.ElfObject(obj))
+
+
+@needs_x86_64_elf
 def test_names_are_looked_up_in_the_process_not_in_ctypes():
     """A ctypes library object has attributes of its own (_handle, _FuncPtr): a generated
     reference to one must not link to them."""
@@ -215,3 +313,145 @@ def test_the_interpreter_exits_cleanly_while_a_thread_runs_generated_code():
     """)
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
+
+
+# ------------------------------------------------------------------ mutation fuzzing of the loader
+
+# Mutations of real objects, loaded in child processes: whatever the bytes, loading them either
+# succeeds or raises ValueError, never another exception and never an abort of the process
+# (MCJIT aborts on what it does not implement: `LLVM ERROR: Relocation type not implemented
+# yet!`). Seeded, so that a failure names a mutation that can be made again.
+# GRAPHC_FUZZ_MUTATIONS raises the count for a deeper run.
+FUZZ_MUTATIONS = int(os.environ.get("GRAPHC_FUZZ_MUTATIONS", "3000"))
+_FUZZ_CHILD = """
+    import os, pickle, sys
+    sys.path.insert(0, os.path.dirname(sys.argv[1]))
+    from test_elf_link import mutation
+    import graphc_runtime as rt
+
+    with open(sys.argv[2], "rb") as source:
+        programs = pickle.load(source)
+    for index in range(int(sys.argv[3]), int(sys.argv[4])):
+        print(index, flush=True)              # started: the last index printed names an abort
+        try:
+            rt.NativeLibrary(mutation(programs, index)[0])   # linked, never called
+            outcome = "loaded"
+        except ValueError:
+            outcome = "refused"
+        except Exception as error:  # noqa: BLE001 - what the test reports
+            outcome = f"{type(error).__name__}: {error}"[:300]
+        print(index, outcome, flush=True)
+"""
+
+
+def mutation(programs: list[list[bytes]], index: int) -> tuple[list[bytes], str]:
+    """Mutation `index` of one of `programs` (each a list of objects linked together): one of
+    its objects with one to three bytes or fields changed, or cut short, and what was done."""
+    rng = random.Random(index)
+    program = rng.randrange(len(programs))
+    objects = list(programs[program])
+    which = rng.randrange(len(objects))
+    data = bytearray(objects[which])
+    done = [_mutate_once(data, rng) for _ in range(rng.choice((1, 1, 2, 3)))]
+    objects[which] = bytes(data)
+    return objects, f"program {program}, object {which}: " + ", ".join(done)
+
+
+def _mutate_once(data: bytearray, rng: random.Random) -> str:
+    kind = rng.randrange(10)
+    if kind == 0:
+        del data[rng.randrange(len(data)):]
+        return f"cut to {len(data)} bytes"
+    position = _fuzz_position(data, rng)
+    if kind <= 3:
+        data[position] ^= 1 << rng.randrange(8)
+        return f"bit flipped at {position}"
+    if kind <= 6:
+        value = rng.choice((0, 0xFF, rng.randrange(256)))
+        data[position] = value
+        return f"byte {position} = {value:#x}"
+    width = rng.choice((2, 4, 8))
+    position -= position % width
+    if position + width > len(data):
+        return "nothing"
+    value = rng.choice((0, 1, 2**(8 * width) - 1, 2**(8 * width - 1), len(data), rng.randrange(2**(8 * width))))
+    data[position:position + width] = value.to_bytes(width, "little")
+    return f"{width}-byte field at {position} = {value:#x}"
+
+
+def _fuzz_position(data: bytearray, rng: random.Random) -> int:
+    """Half the time anywhere, else in the tables that describe the object (the header, the
+    section headers, the symbols and relocations), where a change matters most."""
+    if rng.random() < 0.5 or len(data) < 64:
+        return rng.randrange(len(data))
+    header_at, = struct.unpack_from("<Q", data, 0x28)
+    count, = struct.unpack_from("<H", data, 0x3C)
+    regions = [(0, 64)]
+    if header_at + 64 * count <= len(data):
+        regions.append((header_at, header_at + 64 * count))
+        for index in range(count):
+            kind, _, _, offset, size = struct.unpack_from("<IQQQQ", data, header_at + 64 * index + 4)
+            if kind in (2, 3, 4) and 0 < size and offset + size <= len(data):
+                regions.append((offset, offset + size))
+    start, end = rng.choice(regions)
+    return rng.randrange(start, end)
+
+
+def _fuzz_programs() -> list[list[bytes]]:
+    """Objects as graphc's compiler emits them (a compiled function's, one or more modules),
+    this file's test object with either code model (the small one goes to MCJIT), and two
+    objects linked together."""
+    x = gc.Graph("fuzz").input("x", (4, 8))
+    function = gc.compile(gc.relu(x) * 2.0 + gc.sigmoid(x), {})
+    two_objects = [_object(), _object(ir_text=IR.replace("@entry", "@other_entry"))]
+    return [compiler.object_code(function.llvm_ir), [_object()], [_object(jit_code_model=False)], two_objects]
+
+
+def _run_fuzz_children(programs, count: int, linker: str, tmp_path) -> tuple[dict[int, str], list[str]]:
+    """The outcome of each mutation, loaded in child processes (two at a time, one per core),
+    and how each child that did not exit normally ended, naming the mutation it was loading.
+    The mutations after one that killed its child are loaded by a new child."""
+    path = tmp_path / f"programs-{linker}.pickle"
+    path.write_bytes(pickle.dumps(programs))
+    environment = {**os.environ, LINKER_VARIABLE: linker}
+    environment.pop("GRAPHC_PERF_MAP", None)
+    outcomes, deaths = {}, []
+
+    def load_range(start: int, end: int) -> None:
+        while start < end:
+            child = subprocess.run(
+                [sys.executable, "-c", textwrap.dedent(_FUZZ_CHILD), __file__, str(path), str(start), str(end)],
+                capture_output=True, text=True, env=environment, timeout=600)
+            started = None
+            for line in child.stdout.splitlines():
+                index, _, outcome = line.partition(" ")
+                started = int(index)
+                if outcome:
+                    outcomes[started] = outcome
+            if started is None or child.returncode == 0 and started + 1 < end:
+                deaths.append(f"a child loaded nothing or stopped early: {child.stderr[-2000:]}")
+                return
+            if child.returncode != 0:
+                deaths.append(f"mutation {started} ({mutation(programs, started)[1]}) ended its child "
+                              f"with status {child.returncode}: {child.stderr[-300:]}")
+            start = started + 1
+
+    halves = [threading.Thread(target=load_range, args=bounds) for bounds in ((0, count // 2), (count // 2, count))]
+    for half in halves:
+        half.start()
+    for half in halves:
+        half.join()
+    return outcomes, deaths
+
+
+@pytest.mark.parametrize("linker", ["graphc", "mcjit"])
+def test_mutated_objects_load_or_are_refused_with_value_error(linker, tmp_path):
+    if linker == "graphc" and not X86_64_ELF:
+        pytest.skip("the own linker serves x86-64 ELF hosts")
+    programs = _fuzz_programs()
+    count = FUZZ_MUTATIONS // 2
+    outcomes, deaths = _run_fuzz_children(programs, count, linker, tmp_path)
+    wrong = [f"mutation {index} ({mutation(programs, index)[1]}): {outcome}"
+             for index, outcome in sorted(outcomes.items()) if outcome not in ("loaded", "refused")]
+    assert not deaths + wrong, "\n".join(deaths + wrong)
+    assert len(outcomes) == count
