@@ -327,15 +327,16 @@ def _build(cls, outputs, params, *, output_names, single=False, inplace=(), stat
                    threads=threads, thread_costs=thread_costs.measured_thread_costs(threads) if threads > 1 else None)
     cache = object_cache()
     key = program_key(outputs[0].graph, outputs, request)
-    compiled = _load(cache, key)
+    compiled, library = _load(cache, key)
     if compiled is None:
         plan = Plan(outputs, request)
         compiled = compile_recipe(plan.recipe)
         cache.put(key, pack_entry(compiled))
+        library = rt.NativeLibrary(compiled.objects)
     else:
         plan = Plan(outputs, request, compiled.max_threads)
     slots = _renamed_state_slots(compiled.slots, state_names_for_caller or {})
-    program = rt.Program(rt.NativeLibrary(compiled.objects), ENTRY_NAME, slots, params,
+    program = rt.Program(library, ENTRY_NAME, slots, params,
                          max_threads=compiled.max_threads, ignored_inputs=outputs[0].graph.inputs)
     return cls(program, plan, single)
 
@@ -345,14 +346,17 @@ def _renamed_state_slots(slots, names: dict[str, str]) -> list:
             else slot for slot in slots]
 
 
-def _load(cache: rt.ObjectCache, key: str) -> CachedProgram | None:
+def _load(cache: rt.ObjectCache, key: str) -> tuple[CachedProgram | None, rt.NativeLibrary | None]:
+    """The cached program under `key` and its loaded code, or (None, None): an entry of another
+    format, or one whose objects the loader refuses, is rebuilt."""
     blob = cache.get(key)
     if blob is None:
-        return None
+        return None, None
     try:
-        return unpack_entry(blob)
+        compiled = unpack_entry(blob)
+        return compiled, rt.NativeLibrary(compiled.objects)
     except (ValueError, KeyError, TypeError):
-        return None   # an entry of another format: rebuild it
+        return None, None
 
 
 def compile_recipe(recipe: Recipe) -> CachedProgram:

@@ -1,5 +1,6 @@
 """graphc_runtime: what running a compiled graphc program needs, and nothing more.
 
+    host         the target code is compiled for: this CPU, or a narrower level (GRAPHC_TARGET)
     cache        on-disk cache of compiled object code (ObjectCache, make_key)
     loader       links object code into the process (NativeLibrary, create_host_target_machine)
     elf_link     the linker NativeLibrary uses on x86-64 ELF hosts, MCJIT's stand-in (internal)
@@ -18,6 +19,7 @@ run concurrently by threads tid = 0 .. nthreads-1, where args[i] points to the m
 slot i. It imports neither the compiler nor sympy nor networkx.
 """
 
+from . import host
 from .cache import CacheStats, ObjectCache, default_cache_directory, make_key
 from .loader import (
     HostTarget,

@@ -21,18 +21,17 @@ the default small code model can overflow its 32-bit relocations.
 
 from __future__ import annotations
 
-import functools
 import os
 import platform
 import struct
 import sys
-import threading
 import warnings
 from typing import NamedTuple
 
 import llvmlite.binding as llvm
 
 from . import elf_link
+from .host import HostTarget, create_target_machine, host_target, initialize_llvm
 from .elf_link import EM_AARCH64, EM_X86_64, SHF_ALLOC, SHN_ABS, SHN_UNDEF, STT_FILE, STT_SECTION, ElfObject
 from .perf_map import PERF_MAP_VARIABLE, append_perf_map, perf_map_lines, perf_map_wanted
 
@@ -55,54 +54,12 @@ class MissingSymbolError(LookupError, ValueError):
     here, and loading refuses whatever it cannot load with a ValueError."""
 
 
-_initialize_lock = threading.Lock()
-_initialized = False
-
-
-def initialize_llvm() -> None:
-    """Initialize LLVM for the host target; cheap and safe to call any number of times.
-
-    llvmlite 0.50 removed `llvm.initialize()` (it raises); the three native initializers
-    are all that code generation and loading for the host need.
-    """
-    global _initialized
-    if _initialized:
-        return
-    with _initialize_lock:
-        if not _initialized:
-            llvm.initialize_native_target()
-            llvm.initialize_native_asmprinter()
-            llvm.initialize_native_asmparser()
-            _initialized = True
-
-
-class HostTarget(NamedTuple):
-    """What machine code is specialized to; part of every cache key."""
-
-    triple: str
-    cpu: str
-    features: str
-
-
-@functools.cache
-def host_target() -> HostTarget:
-    initialize_llvm()
-    return HostTarget(
-        triple=llvm.get_process_triple(),
-        cpu=llvm.get_host_cpu_name(),
-        features=llvm.get_host_cpu_features().flatten(),
-    )
-
-
 def create_host_target_machine(opt_level: int = 3) -> llvm.TargetMachine:
-    """A fresh target machine for this CPU with the JIT code model.
+    """A fresh target machine for this process's target (host.py) with the JIT code model.
 
     Fresh because MCJIT takes ownership of the target machine it is given.
     """
-    host = host_target()
-    return llvm.Target.from_triple(host.triple).create_target_machine(
-        cpu=host.cpu, features=host.features, opt=opt_level, jit=True
-    )
+    return create_target_machine(opt_level=opt_level)
 
 
 class NativeLibrary:

@@ -201,6 +201,24 @@ def test_damaged_multi_object_entry_is_rebuilt(fresh_cache, parallel_mode):
     assert abs(step(**feeds) - expected) < 1e-4 * max(1.0, abs(expected))
 
 
+def test_an_entry_whose_objects_the_loader_refuses_is_rebuilt(fresh_cache, parallel_mode):
+    """A checksummed entry holding objects no linker accepts (written by another version, or
+    by someone else): a miss, rebuilt, never a crash."""
+    cache = fresh_cache()
+    parallel_mode(2)
+    model = models.lenet5(4)
+    gc.compile_training_step(model.loss, gc.init_params(model.graph, seed=0), gc.SGD(lr=0.01))
+    ((key, blob),) = [(path.name.rsplit(".", 1)[0], cache.get(path.name.rsplit(".", 1)[0]))
+                      for path in cache.directory.iterdir() if path.is_file()]
+    entry = unpack_entry(blob)
+    cache.put(key, pack_entry(CachedProgram([b"\x7fELF" + bytes(60)] * len(entry.objects), entry.slots,
+                                            entry.max_threads)))
+    step = gc.compile_training_step(model.loss, gc.init_params(model.graph, seed=0), gc.SGD(lr=0.01))
+    feeds = models.random_batch(model, np.random.default_rng(3))
+    expected = float(gc.evaluate(model.loss, feeds, gc.init_params(model.graph, seed=0)))
+    assert abs(step(**feeds) - expected) < 1e-4 * max(1.0, abs(expected))
+
+
 def test_entry_format_checks():
     slots = [rt.Input("x", (2, 3), "float32"), rt.Workspace(64)]
     objects = [b"first object", b"second", b"third one"]
