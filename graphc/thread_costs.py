@@ -117,7 +117,8 @@ def _cache_key(max_threads: int) -> str:
 
 # ---------------------------------------------------------------- measuring
 
-_REPEATS = 60       # calls per sample
+_REPEATS = 50       # calls per sample of the fixed costs (microseconds each)
+_GEMM_REPEATS = 10  # calls per sample of the GEMM (~0.1 ms each)
 _SAMPLES = 7        # the fastest sample counts: the others met interference
 _BARRIERS = 32
 
@@ -134,15 +135,15 @@ def _measure(max_threads: int) -> ThreadCosts:
     return ThreadCosts(flop_s=flop_s, fork_join_s=fork_join, barrier_s=barrier, efficiency=efficiency)
 
 
-def _fastest(call) -> float:
+def _fastest(call, repeats: int = _REPEATS) -> float:
     """Seconds per call: the fastest of several samples' averages."""
     call()
     samples = []
     for _ in range(_SAMPLES):
         start = time.perf_counter()
-        for _ in range(_REPEATS):
+        for _ in range(repeats):
             call()
-        samples.append((time.perf_counter() - start) / _REPEATS)
+        samples.append((time.perf_counter() - start) / repeats)
     return min(samples)
 
 
@@ -155,7 +156,7 @@ def _gemm_rates(counts, fork_join: dict, barrier: dict) -> tuple[float, dict[int
         times = {}
         for n in (1, *counts):
             rt.set_num_threads(n)
-            times[n] = _fastest(lambda: program(**feeds))
+            times[n] = _fastest(lambda: program(**feeds), _GEMM_REPEATS)
     finally:
         rt.set_num_threads(previous)
     efficiency = {}
