@@ -9,7 +9,7 @@ the numpy reference ops, at the shapes of LeNet-5 and of a small 3x32x32 conv ne
 
 A conv kernel's FLOPs are 2*N*O*OH*OW*C*kh*kw (the same for the three kernels); the
 forward includes the bias + relu epilogue. Pools report microseconds only. numpy runs the
-reference implementation of graphc/ops (what the reference executor runs), one thread.
+reference implementation of graphc/core/ops (what the reference executor runs), one thread.
 Compile time is per kernel (IR -> optimised object); "path" is the way conv_kernels
 computes the kernel (see its *_PATHS).
 
@@ -35,13 +35,10 @@ os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 import numpy as np  # noqa: E402
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-from graphc.codegen import target  # noqa: E402
-from graphc.codegen.conv_kernels import (ConvGeometry, chosen_paths,  # noqa: E402
-                                         emit_conv2d, emit_conv2d_input_grad,
-                                         emit_conv2d_weight_grad)
-from graphc.codegen.pool_kernels import (emit_avg_pool2d, emit_avg_pool2d_grad,  # noqa: E402
-                                         emit_max_pool2d, emit_max_pool2d_grad)
-from graphc.ops import OPS  # noqa: E402
+from graphc.backend.llvm import target  # noqa: E402
+from graphc.backend.kernels.conv import (ConvGeometry, chosen_paths, emit_conv2d, emit_conv2d_input_grad, emit_conv2d_weight_grad)
+from graphc.backend.kernels.pool import (emit_avg_pool2d, emit_avg_pool2d_grad, emit_max_pool2d, emit_max_pool2d_grad)
+from graphc.core.ops import OPS  # noqa: E402
 
 BATCH = 64
 

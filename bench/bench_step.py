@@ -30,7 +30,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(__file__))
 
 import graphc as gc  # noqa: E402
-from graphc import models  # noqa: E402
+from graphc.tools import models  # noqa: E402
 from peak import PeakWorker  # noqa: E402
 from peers import JaxWorker, median_time, torch_step  # noqa: E402
 

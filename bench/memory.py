@@ -76,7 +76,7 @@ def measure(name: str, batch: int, threads: int, traced: bool) -> dict:
 
     import graphc as gc
     from bench_step import WORKLOADS
-    from graphc import models
+    from graphc.tools import models
 
     gc.set_num_threads(threads)
     model = WORKLOADS[name](batch)

@@ -1,7 +1,7 @@
 """The benchmark workloads written idiomatically for the peers: PyTorch (eager and torch.compile)
 and JAX (jit).
 
-Each builder mirrors the graphc model of the same name in graphc/models.py layer for layer.
+Each builder mirrors the graphc model of the same name in graphc/tools/models.py layer for layer.
 The JAX versions name their params as graphc does, so they start from graphc's own initial
 values; PyTorch models keep PyTorch's initializers (timing does not depend on the values).
 

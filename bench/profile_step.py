@@ -12,7 +12,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 
 import graphc as gc  # noqa: E402
 from bench_step import WORKLOADS  # noqa: E402
-from graphc import models  # noqa: E402
+from graphc.tools import models  # noqa: E402
 
 
 def main():

@@ -6,9 +6,9 @@ pooling and a linear classifier, trained with the compiled training step.
 import argparse
 
 import graphc as gc
-from graphc.classic import digits_cnn
-from graphc.data import load_digits
-from graphc.train import train
+from graphc.tools.classic import digits_cnn
+from graphc.tools.data import load_digits
+from graphc.tools.train import train
 
 
 def main():

@@ -10,8 +10,8 @@ import time
 import numpy as np
 from sklearn.tree import DecisionTreeClassifier
 
-from graphc.classic import compile_decision_tree
-from graphc.data import load_digits
+from graphc.tools.classic import compile_decision_tree
+from graphc.tools.data import load_digits
 
 
 def best_time(predict, x, repeats=5) -> float:

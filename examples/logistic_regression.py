@@ -6,9 +6,9 @@ trained by minibatch SGD with graphc's compiled training step.
 import argparse
 import dataclasses
 
-from graphc.data import load_digits
-from graphc.models import logistic_regression
-from graphc.train import train
+from graphc.tools.data import load_digits
+from graphc.tools.models import logistic_regression
+from graphc.tools.train import train
 
 
 def main():

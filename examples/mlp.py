@@ -4,9 +4,9 @@
 """
 import argparse
 
-from graphc.classic import digits_mlp
-from graphc.data import load_digits
-from graphc.train import train
+from graphc.tools.classic import digits_mlp
+from graphc.tools.data import load_digits
+from graphc.tools.train import train
 
 
 def main():

@@ -6,8 +6,8 @@ to every training image come from a compiled graph, ‖a‖² − 2a·b + ‖b�
 import argparse
 import time
 
-from graphc.classic import NearestNeighbors
-from graphc.data import load_digits
+from graphc.tools.classic import NearestNeighbors
+from graphc.tools.data import load_digits
 
 
 def main():

@@ -10,10 +10,10 @@ so one compiled program computes features and logits from the images.
 """
 import argparse
 
-from graphc.classic import feature_softmax_classifier, softmax_classifier
-from graphc.data import load_digits
-from graphc.features import feature_count
-from graphc.train import train
+from graphc.tools.classic import feature_softmax_classifier, softmax_classifier
+from graphc.tools.data import load_digits
+from graphc.tools.features import feature_count
+from graphc.tools.train import train
 
 
 def main():

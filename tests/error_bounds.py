@@ -54,10 +54,10 @@ from typing import Callable, Mapping
 import numpy as np
 import sympy
 
-from graphc.ops.conv import _windows
-from graphc.ops.pool import _scatter_windows
-from graphc.ops.registry import OPS
-from graphc.scalar import NUMPY_FUNCTIONS, Relu, Sigmoid, Softplus, Step
+from graphc.core.ops.conv import _windows
+from graphc.core.ops.pool import _scatter_windows
+from graphc.core.ops.registry import OPS
+from graphc.core.scalar import NUMPY_FUNCTIONS, Relu, Sigmoid, Softplus, Step
 
 EPS32 = float(np.finfo(np.float32).eps)      # 2^-23, twice float32's unit roundoff
 TINY32 = float(np.finfo(np.float32).tiny)    # what one flush to zero can lose

@@ -14,8 +14,8 @@ import types
 
 import numpy as np
 
-from graphc.codegen import target
-from graphc.ops import OPS
+from graphc.backend.llvm import target
+from graphc.core.ops import OPS
 
 MAX_THREADS = 2
 RTOL = 1e-4          # largest error relative to the largest expected magnitude

@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 
 import graphc as gc
-from graphc import models
-from graphc.checkpoint import load_params as load_checkpoint
-from graphc.checkpoint import save_params as save_checkpoint
+from graphc.tools import models
+from graphc.tools.checkpoint import load_params as load_checkpoint
+from graphc.tools.checkpoint import save_params as save_checkpoint
 
 
 def assert_close(actual, expected, rtol=1e-4):

@@ -1,4 +1,4 @@
-"""graphc.checkpoint's format and its refusals: every damaged or crafted file is a ValueError naming it.
+"""graphc.tools.checkpoint's format and its refusals: every damaged or crafted file is a ValueError naming it.
 
 The round trip, atomic replacement, expected shapes and a few damage cases are in test_train.py.
 """
@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 import graphc as gc
-from graphc.checkpoint import load_params, save_params
+from graphc.tools.checkpoint import load_params, save_params
 
 DIGEST_PREFIX = b"graphc-checkpoint/1 sha256="   # the documented format: pinned so a change is deliberate
 

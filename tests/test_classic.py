@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 
 import graphc as gc
-from graphc import classic, models
-from graphc.features import map_batches
+from graphc.tools import classic, models
+from graphc.tools.features import map_batches
 
 sklearn_tree = pytest.importorskip("sklearn.tree")
 

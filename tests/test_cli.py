@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-from graphc.cli import main
+from graphc.tools.cli import main
 
 
 @pytest.mark.parametrize("argv", [["--help"], ["demo", "--help"], ["show", "--help"], ["profile", "--help"]])
@@ -30,7 +30,7 @@ def test_quick_demo_prints_every_classifier_and_writes_its_files(tmp_path, capsy
     for picture in ("cnn_training.png", "learning_curve.png", "cnn_conv1_filters.png"):
         assert (tmp_path / picture).stat().st_size > 1000
     assert (tmp_path / "cnn_gradient_graph.dot").read_text().startswith("digraph")
-    from graphc.checkpoint import load_params
+    from graphc.tools.checkpoint import load_params
     assert "conv1.w" in load_params(tmp_path / "cnn_params.npz")
 
 
@@ -50,5 +50,5 @@ def test_show_prints_forward_backward_and_kernels(tmp_path, capsys):
 
 
 def test_console_script_entry_point_runs():
-    result = subprocess.run([sys.executable, "-m", "graphc.cli", "--help"], capture_output=True, text=True, timeout=60)
+    result = subprocess.run([sys.executable, "-m", "graphc", "--help"], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0 and "demo" in result.stdout

@@ -9,7 +9,7 @@ import pytest
 
 import graphc as gc
 import graphc_runtime as gc_runtime
-from graphc import models
+from graphc.tools import models
 
 from thread_choice import splitting_pays  # noqa: F401 (a fixture)
 
@@ -328,7 +328,7 @@ def test_threads_only_where_this_hosts_costs_say_splitting_pays(monkeypatch):
     with cheap fork/join and barriers the softmax regression at B = 64 (2.0 MFLOP) runs on two
     threads and W5 (0.02 MFLOP) on one; with costly ones both run on one. Either way the step
     computes the reference's update."""
-    from graphc import thread_costs
+    from graphc.backend import thread_costs
     cheap = thread_costs.ThreadCosts(flop_s=1e-11, fork_join_s={2: 2e-6}, barrier_s={2: 2e-7}, efficiency={2: 0.9})
     costly = dataclasses.replace(cheap, fork_join_s={2: 1e-4})
     previous = gc.get_num_threads()
@@ -356,7 +356,7 @@ def test_threads_only_where_this_hosts_costs_say_splitting_pays(monkeypatch):
 @contextlib.contextmanager
 def _empty_program_cache(monkeypatch):
     """Compile afresh: the disk cache holds programs compiled with other thread counts."""
-    from graphc import compiler
+    from graphc.backend import compiler
     with tempfile.TemporaryDirectory() as directory:
         monkeypatch.setattr(compiler, "_cache", gc_runtime.ObjectCache(directory))
         yield
@@ -367,7 +367,8 @@ def test_compiling_changes_no_interpreter_setting_unless_asked_with_fast_compile
     import sys
     model = models.logistic_regression(8, 4)
     seen = []
-    original_grad = gc.autodiff.grad
+    from graphc.core import autodiff
+    original_grad = autodiff.grad
 
     def grad_seeing_settings(*args, **kwargs):
         seen.append((cyclic_gc.isenabled(), sys.getswitchinterval()))
@@ -376,7 +377,7 @@ def test_compiling_changes_no_interpreter_setting_unless_asked_with_fast_compile
     interval = sys.getswitchinterval()
     assert cyclic_gc.isenabled()
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(gc.autodiff, "grad", grad_seeing_settings)
+        patch.setattr(autodiff, "grad", grad_seeing_settings)
         gc.compile_training_step(model.loss, gc.init_params(model.graph, seed=0), gc.SGD(lr=0.1))
         assert seen == [(True, interval)]
         with gc.fast_compile():
@@ -429,7 +430,7 @@ def test_a_shared_override_may_be_entered_again_while_it_restores():
     (still under the override's lock) and the finalizer compiles: deterministically here."""
     import threading
 
-    from graphc.interpreter_settings import SharedOverride
+    from graphc.backend.interpreter_settings import SharedOverride
 
     events = []
 
@@ -460,7 +461,7 @@ def test_a_finalizer_that_compiles_during_a_compile_does_not_deadlock():
     import textwrap
     script = textwrap.dedent("""
         import gc as cyclic_gc, numpy as np, graphc as gc
-        from graphc import compiler
+        from graphc.backend import compiler
         g = gc.Graph("n"); x = g.input("x", (4, 3)); w = g.param("w", (3, 2)); loss = gc.sum(x @ w)
         params = {"w": np.ones((3, 2), np.float32)}
         compiled = []

@@ -48,7 +48,7 @@ _DISTINCT_COMPILES = """
 
 _PASS_MANAGERS = """
     import os, sys
-    from graphc.codegen import target
+    from graphc.backend.llvm import target
 
     def resident_kib():
         with open("/proc/self/statm") as statm:

@@ -12,13 +12,11 @@ import dataclasses
 import numpy as np
 import pytest
 
-from graphc.codegen import conv_kernels, target
-from graphc.codegen.conv_kernels import (FORWARD_PATHS, INPUT_GRAD_PATHS, WEIGHT_GRAD_PATHS,
-                                         ConvGeometry, emit_conv2d, emit_conv2d_input_grad,
-                                         emit_conv2d_weight_grad)
-from graphc.codegen.pool_kernels import (emit_avg_pool2d, emit_avg_pool2d_grad,
-                                         emit_max_pool2d, emit_max_pool2d_grad)
-from graphc.scalar import Step, symbol
+from graphc.backend.kernels import conv as conv_kernels
+from graphc.backend.llvm import target
+from graphc.backend.kernels.conv import (FORWARD_PATHS, INPUT_GRAD_PATHS, WEIGHT_GRAD_PATHS, ConvGeometry, emit_conv2d, emit_conv2d_input_grad, emit_conv2d_weight_grad)
+from graphc.backend.kernels.pool import (emit_avg_pool2d, emit_avg_pool2d_grad, emit_max_pool2d, emit_max_pool2d_grad)
+from graphc.core.scalar import Step, symbol
 from kernel_cases import (MAX_THREADS, RTOL, Case, check_cases, compile_kernels, conv_output_shape,
                           random, reference, relative_error, run_kernel)
 
@@ -216,7 +214,7 @@ def test_input_gradient_paths_apply_their_epilogue(x_shape, w_shape, stride, pad
     """ReLU's backward fused into the input gradient (dx * Step(y)), on every path that
     applies, 1-3 threads, output and scratch starting as NaN: the epilogue reaches every
     sample exactly once."""
-    from graphc.codegen.conv_kernels import _DxEpilogue
+    from graphc.backend.kernels.conv import _DxEpilogue
 
     rng = np.random.default_rng(11)
     geometry = ConvGeometry.from_shapes(x_shape, w_shape, stride, padding)
@@ -303,7 +301,7 @@ def test_max_pool_gradient_of_2x2_windows_with_nan_ties_and_epilogue():
     """The pair path (pool_kernels._emit_max_grad_2x2): NaNs win over numbers (the first NaN
     of a window), ties go to the first maximum in window order, and ReLU's backward fused as
     the epilogue gives what it gives applied after; 1-3 threads."""
-    from graphc.codegen.pool_kernels import PoolGeometry, _pairs_of_whole_vectors
+    from graphc.backend.kernels.pool import PoolGeometry, _pairs_of_whole_vectors
 
     x_shape, kernel, padding = (2, 3, 6, 16), (2, 2), ((0, 0), (0, 0))
     assert _pairs_of_whole_vectors(PoolGeometry.from_attrs(x_shape, kernel, kernel, padding),
@@ -358,7 +356,7 @@ FLAT_SPREAD_GRID = [
 def test_flat_average_pool_gradient_plans_the_grid_at_every_width(width):
     """The flat path (pool_kernels._FlatSpread) takes the grid's shapes, but for the 2x4
     windows on 4 lanes: their row of windows (144 floats) repeats only every 36 vectors."""
-    from graphc.codegen.pool_kernels import PoolGeometry, _FlatSpread
+    from graphc.backend.kernels.pool import PoolGeometry, _FlatSpread
 
     flat = [(x_shape, kernel) for x_shape, kernel in FLAT_SPREAD_GRID
             if _FlatSpread.plan(PoolGeometry.from_attrs(x_shape, kernel, kernel, ((0, 0), (0, 0))), width)]
@@ -390,7 +388,7 @@ def test_flat_average_pool_gradient_with_and_without_epilogue(x_shape, kernel):
 def test_flat_average_pool_gradient_declines_long_periods():
     """A row of windows 68 floats long repeats only every 17 vectors: too much unrolled code,
     so the row-by-row path takes it (and still matches the reference)."""
-    from graphc.codegen.pool_kernels import PoolGeometry, _FlatSpread
+    from graphc.backend.kernels.pool import PoolGeometry, _FlatSpread
 
     x_shape, kernel, padding = (1, 2, 4, 34), (2, 2), ((0, 0), (0, 0))
     assert _FlatSpread.plan(PoolGeometry.from_attrs(x_shape, kernel, kernel, padding), 8) is None

@@ -1,4 +1,4 @@
-"""graphc.data: the embedded digits, IDX files (valid and malformed), and the minibatch samplers."""
+"""graphc.tools.data: the embedded digits, IDX files (valid and malformed), and the minibatch samplers."""
 import gzip
 import math
 import os
@@ -9,8 +9,7 @@ import tracemalloc
 import numpy as np
 import pytest
 
-from graphc.data import (IDX_IMAGES_MAGIC, IDX_LABELS_MAGIC, Dataset, epoch_indices, load_digits, load_mnist,
-                         read_idx_images, read_idx_labels, sample_indices, stratified_split)
+from graphc.tools.data import (IDX_IMAGES_MAGIC, IDX_LABELS_MAGIC, Dataset, epoch_indices, load_digits, load_mnist, read_idx_images, read_idx_labels, sample_indices, stratified_split)
 
 DIGITS = 1797
 

@@ -22,8 +22,9 @@ import pytest
 
 import graphc as gc
 import graphc_runtime as rt
-from graphc import compiler, models
-from graphc.codegen import parallel
+from graphc.backend import compiler
+from graphc.tools import models
+from graphc.backend.llvm import parallel
 from graphc_runtime import elf_link, loader
 from graphc_runtime.loader import LINKER_VARIABLE
 
@@ -298,7 +299,7 @@ def test_the_interpreter_exits_cleanly_while_a_thread_runs_generated_code():
         import threading, time
         import numpy as np
         import graphc as gc
-        from graphc import models
+        from graphc.tools import models
         gc.set_num_threads(1)
         model = models.mlp(256, sizes=(512, 512, 10))
         feeds = models.random_batch(model, np.random.default_rng(0))

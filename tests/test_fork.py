@@ -20,7 +20,7 @@ import pytest
 
 import graphc as gc
 import graphc_runtime as rt
-from graphc import models
+from graphc.tools import models
 
 from thread_choice import splitting_pays  # noqa: F401 (a fixture)
 

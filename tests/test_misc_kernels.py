@@ -1,5 +1,5 @@
 """Sum, softmax, cross-entropy, one-hot, transpose, broadcast and copy kernels
-(graphc.codegen.misc_kernels) against the numpy reference ops.
+(graphc.backend.kernels.misc) against the numpy reference ops.
 
 Each kind of kernel is compiled once, many kernels to a module (module-scoped fixture), and
 loaded through MCJIT from an emitted object file, as the runtime does. Every case is run the
@@ -20,16 +20,14 @@ import numpy as np
 import pytest
 import sympy
 
-from graphc.codegen import target
-from graphc.codegen.elementwise_kernel import emit_elementwise
-from graphc.codegen.kernel import Kernel
-from graphc.codegen.layout_kernels import collapse_dims
-from graphc.codegen.misc_kernels import (emit_broadcast_copy, emit_copy, emit_one_hot,
-                                         emit_softmax, emit_softmax_cross_entropy, emit_sum,
-                                         emit_transpose)
-from graphc.codegen.reduce_kernels import PARALLEL_TOTAL_MIN
-from graphc.codegen.softmax_kernels import PARALLEL_LOSS_MIN
-from graphc.ops.registry import OPS
+from graphc.backend.llvm import target
+from graphc.backend.kernels.elementwise import emit_elementwise
+from graphc.backend.emit.kernel import Kernel
+from graphc.backend.kernels.layout import collapse_dims
+from graphc.backend.kernels.misc import (emit_broadcast_copy, emit_copy, emit_one_hot, emit_softmax, emit_softmax_cross_entropy, emit_sum, emit_transpose)
+from graphc.backend.kernels.reduce import PARALLEL_TOTAL_MIN
+from graphc.backend.kernels.softmax import PARALLEL_LOSS_MIN
+from graphc.core.ops.registry import OPS
 from read_guards import ending_at_guard_page
 
 SENTINEL = np.float32(-12345.0)
@@ -183,7 +181,7 @@ def test_sum_matches_reference(sums, case):
 def test_shared_constants_are_one_object_per_value_and_keep_negative_zero():
     """Kernels share constant objects (llvmlite prints each object once); a sum's identity
     -0.0 must not become the 0.0 it compares equal to."""
-    from graphc.codegen.kernel_builder import F32, shared_constant
+    from graphc.backend.emit.kernel_builder import F32, shared_constant
     vector = ir.VectorType(F32, 8)
     assert shared_constant(vector, (1.5,) * 8) is shared_constant(vector, (1.5,) * 8)
     negative, positive = shared_constant(vector, (-0.0,) * 8), shared_constant(vector, (0.0,) * 8)
@@ -316,7 +314,7 @@ def test_softmax_cross_entropy_matches_reference(losses, case, scale):
 def test_rows_in_lanes_cover_classifier_rows():
     """The cases above run both row layouts: rows in lanes up to MAX_ROW_IN_LANES elements
     (a classifier's logits), rows along the lanes beyond."""
-    from graphc.codegen.softmax_kernels import MAX_ROW_IN_LANES
+    from graphc.backend.kernels.softmax import MAX_ROW_IN_LANES
     assert 10 <= MAX_ROW_IN_LANES < 37
     assert {c.classes <= MAX_ROW_IN_LANES for c in LOSS_CASES} == {True, False}
     assert any(c.n * c.classes >= PARALLEL_LOSS_MIN and c.classes <= MAX_ROW_IN_LANES for c in LOSS_CASES)

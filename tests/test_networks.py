@@ -131,7 +131,7 @@ def test_small_conv_net_max_pool_stride2_global_avg_pool(batch):
 
 def test_grad_check_catches_a_wrong_derivative(monkeypatch):
     """The check is not vacuous: a matmul VJP off by 1% is reported."""
-    from graphc.ops.registry import OPS
+    from graphc.core.ops.registry import OPS
     matmul_def = OPS["matmul"]
     original = type(matmul_def).vjp
 

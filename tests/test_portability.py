@@ -11,8 +11,9 @@ import pytest
 
 import graphc as gc
 import graphc_runtime as rt
-from graphc import compiler, models
-from graphc.codegen import parallel, target
+from graphc.backend import compiler
+from graphc.tools import models
+from graphc.backend.llvm import parallel, target
 from graphc_runtime import host
 
 from cross_targets import aarch64_target_machine

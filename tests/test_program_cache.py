@@ -5,7 +5,8 @@ import pytest
 
 import graphc as gc
 import graphc_runtime as rt
-from graphc import compiler, models
+from graphc.backend import compiler
+from graphc.tools import models
 
 
 @pytest.fixture
@@ -34,7 +35,7 @@ def test_miss_then_hit_without_optimizing_or_generating_ir(cache):
 
 
 def test_thread_count_is_part_of_the_key(cache, monkeypatch):
-    from graphc import thread_costs
+    from graphc.backend import thread_costs
     from thread_choice import SPLITTING_PAYS
     monkeypatch.setattr(thread_costs, "measured_thread_costs", lambda requested: SPLITTING_PAYS)
     previous = gc.get_num_threads()

@@ -17,7 +17,7 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 import graphc as gc
-from graphc.ops.elementwise import elementwise
+from graphc.core.ops.elementwise import elementwise
 from error_bounds import assert_compiled_matches_exact, bounded_values, worst_violation
 
 

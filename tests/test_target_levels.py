@@ -67,7 +67,7 @@ def test_graphc_target_sets_the_code_generators_target(fresh_target):
     fresh_target.setenv("GRAPHC_TARGET", narrowest)
     target = host.host_target()
     assert target.level == narrowest
-    from graphc.codegen import target as codegen_target
+    from graphc.backend.llvm import target as codegen_target
     assert codegen_target.host_features() == target.features
     assert codegen_target.simd() == target.simd
     if narrowest != "native":
@@ -85,7 +85,7 @@ NARROWER_LEVELS = [level for level in ("avx2", "sse")
                    if level in host.runnable_levels() and SIMD_SHAPES[level] != host._native_target().simd]
 
 # The tests that compile and execute kernels, and whole steps, at the process's target.
-KERNEL_TESTS = ["test_codegen_gemm.py", "test_misc_kernels.py", "test_conv_pool_kernels.py",
+KERNEL_TESTS = ["test_gemm_kernels.py", "test_misc_kernels.py", "test_conv_pool_kernels.py",
                 "test_conv_batch_lanes.py", "test_networks.py", "test_compile_ops.py"]
 
 

@@ -5,8 +5,8 @@ import dataclasses
 import pytest
 
 import graphc_runtime as rt
-from graphc import thread_costs
-from graphc.thread_costs import MIN_SPEEDUP, ThreadCosts, choose_thread_count
+from graphc.backend import thread_costs
+from graphc.backend.thread_costs import MIN_SPEEDUP, ThreadCosts, choose_thread_count
 
 # A host where a thread does 100 GFLOP/s, fork/join costs 5 µs and a barrier 0.5 µs.
 TYPICAL = ThreadCosts(flop_s=1e-11, fork_join_s={2: 5e-6, 3: 7e-6, 4: 9e-6},

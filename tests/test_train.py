@@ -1,4 +1,4 @@
-"""graphc.train (the training loop, compiled prediction) and graphc.checkpoint (.npz save/load)."""
+"""graphc.tools.train (the training loop, compiled prediction) and graphc.tools.checkpoint (.npz save/load)."""
 import os
 import sys
 
@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 
 import graphc as gc
-from graphc import models
-from graphc.checkpoint import load_params, save_params
-from graphc.data import Dataset, load_digits
-from graphc.train import predict_classes, train
+from graphc.tools import models
+from graphc.tools.checkpoint import load_params, save_params
+from graphc.tools.data import Dataset, load_digits
+from graphc.tools.train import predict_classes, train
 
 EVAL_BATCH = 128   # does not divide the 449 test examples: the last batch is padded
 

@@ -307,7 +307,7 @@ def test_int64_labels_get_advice_about_labels_not_float64():
 
 
 def test_finite_float_helper_names_the_argument():
-    from graphc.ir import as_finite_float, as_int
+    from graphc.core.ir import as_finite_float, as_int
     assert as_int(np.int16(3), "k") == 3 and type(as_int(np.int16(3), "k")) is int
     assert as_finite_float(np.float32(0.25), "f") == 0.25 and type(as_finite_float(1, "f")) is float
     with pytest.raises(ValueError, match="'f' must be finite, got nan"):

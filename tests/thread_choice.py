@@ -3,7 +3,7 @@ decision (graphc/thread_costs.py) is given costs under which splitting always pa
 import pytest
 
 import graphc_runtime as rt
-from graphc import compiler, thread_costs
+from graphc.backend import compiler, thread_costs
 
 SPLITTING_PAYS = thread_costs.ThreadCosts(flop_s=1e-11, fork_join_s={n: 1e-7 for n in range(2, 65)},
                                           barrier_s={n: 1e-8 for n in range(2, 65)},

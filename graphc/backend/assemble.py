@@ -1,0 +1,230 @@
+"""From an optimized graph to LLVM modules and the runtime's argument slots.
+
+Lowering picks a kernel for each step (lowering.py), the schedule and memory plan place them
+(memory.py), and the entry (codegen/entry.py) calls them in order. The kernels fill one or more
+modules, the entry goes into the last (codegen/program_modules.py), so that a large program
+compiles on all cores. The result, a `ProgramSpec`, holds everything the runtime needs to load
+and call the program.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from typing import Callable
+
+import graphc_runtime as rt
+import numpy as np
+
+from graphc.backend.emit.entry import EntryBuilder, emit_constant, emit_ticks_function
+from graphc.backend.llvm.program_modules import ProgramModules
+from graphc.core.ir import Graph, Tensor
+from graphc.backend.lowering import Step, alias_root, copy_step, plan_steps
+from graphc.backend.memory import MemoryPlan, plan_memory, schedule
+
+SUPPORTED_DTYPES = ("float32", "int32")
+PROFILE_SLOT = "profile:ticks"
+
+# Integer inputs whose valid range (class labels) the entry checks itself (see
+# EntryBuilder.refuse_out_of_range); others are checked in Python before the call.
+NATIVE_RANGE_CHECK_DTYPES = (np.dtype("int32"), np.dtype("int64"))
+
+
+@dataclasses.dataclass
+class ProgramSpec:
+    modules: list[str]           # LLVM IR of each module; the last holds the entry
+    slots: list
+    steps: list[Step]            # in schedule order
+    memory: MemoryPlan
+    max_threads: int
+    phase_steps: list[int]       # for each phase the entry calls, the index of its step
+
+    @property
+    def llvm_ir(self) -> str:
+        """The whole program's IR: its modules one after the other (codegen/parallel.split_modules
+        takes them apart)."""
+        return "\n".join(self.modules)
+
+
+def assemble(graph: Graph, outputs: list[Tensor], *, output_names: list[str], inplace: dict[int, str],
+             state_names: set[str], max_threads: int, profile: bool = False,
+             instructions_per_module: int | None = None,
+             on_module: Callable[[str], None] | None = None) -> ProgramSpec:
+    """Lower `outputs` of `graph`.
+
+    `inplace` maps a node id to the name of the param (or state) whose buffer receives that
+    node's value: the optimizer's updates. Params named in `state_names` become runtime-owned
+    State slots (momentum buffers) instead of caller-bound params.
+
+    A module is finished once it holds `instructions_per_module` LLVM instructions (None: the
+    whole program is one module; codegen/program_modules.default_budget() suits the compile
+    threads of this machine), and `on_module` is given its text at once, so that compiling it
+    can start while the next is generated.
+    """
+    writes = [graph.nodes[i] for i in inplace]
+    needed = graph.ancestors(list(outputs) + writes)
+    _check_supported(needed)
+
+    slots, locations = _slots(graph, needed, outputs, output_names, inplace, state_names)
+    steps = plan_steps(graph, list(outputs) + writes)
+    inplace_sources = {node_id: graph.params[name].id for node_id, name in inplace.items()}
+    for node_id, name in inplace.items():
+        locations[node_id] = locations[graph.params[name].id]
+
+    step_ids = {step.node.id for step in steps}
+    output_steps, output_locations = [], {}
+    for k, out in enumerate(outputs):
+        slot = ("slot", next(i for i, s in enumerate(slots) if isinstance(s, rt.Output) and s.name == output_names[k]))
+        if out.id in step_ids and out.id not in inplace and out.id not in output_locations:
+            output_locations[out.id] = slot
+        else:
+            output_steps.append((copy_step(out, alias_root(out)), slot))
+    locations.update(output_locations)
+
+    ordered = schedule(steps, inplace_sources) + [step for step, _ in output_steps]
+    step_out = [locations.get(step.node.id) for step in ordered[: len(steps)]] + [slot for _, slot in output_steps]
+
+    modules = ProgramModules(graph.name, instructions_per_module, on_module)
+    kernels = [None] * len(ordered)
+    for i in sorted(range(len(ordered)), key=lambda i: _generation_order(ordered[i])):
+        kernels[i] = modules.add_kernel(_kernel_builder(i, ordered[i], max_threads), group=ordered[i].label)
+    module = modules.module  # the last: entry, constants and profiling clock go here
+    memory = plan_memory(ordered, [k.scratch_floats * 4 for k in kernels], [loc is None for loc in step_out])
+
+    workspace_index = len(slots)
+    slots.append(rt.Workspace(max(memory.arena_bytes, 64)))
+    phase_steps = [i for i, kernel in enumerate(kernels) for _ in kernel.phases]
+    profile_index = None
+    if profile:
+        profile_index = len(slots)
+        slots.append(rt.State(PROFILE_SLOT, (len(phase_steps),), "int64"))
+        emit_ticks_function(module)
+    range_checks = [(position, math.prod(slot.shape), slot.dtype.itemsize * 8, *slot.valid_range)
+                    for position, slot in enumerate(slots)
+                    if isinstance(slot, rt.Input) and slot.range_checked_natively]
+    status_index = None
+    if range_checks:
+        status_index = len(slots)
+        slots.append(rt.Status())
+    entry = EntryBuilder(module, len(slots), workspace_index, profile_index)
+    if range_checks:
+        entry.refuse_out_of_range(status_index, range_checks)
+    constants = {}
+    for i, (step, kernel) in enumerate(zip(ordered, kernels)):
+        out_location = step_out[i] if step_out[i] is not None else ("arena", memory.offset_of_value(step.node.id))
+        in_pointers = [entry.pointer(_location_of(alias_root(o), locations, memory, module, constants))
+                       for o in step.operands]
+        scratch_offset = memory.offset_of_scratch(i)
+        scratch = entry.pointer(("arena", scratch_offset)) if scratch_offset is not None else None
+        phases = [modules.callee(phase) for phase in kernel.phases]
+        entry.call_phases(phases, entry.pointer(out_location), in_pointers, scratch)
+    entry.finish()
+    return ProgramSpec(modules.finish(), slots, ordered, memory, max_threads, phase_steps)
+
+
+def _generation_order(step: Step) -> tuple:
+    """Kernels are generated, and so placed into modules, by family, not in schedule order.
+
+    A module holds one copy of each helper its kernels call (GEMM micro-kernels and packers,
+    conv tiles): kernels of one family call the same helpers, and placed side by side they
+    share one copy. The family is the label's leading word (every GEMM's label starts with
+    "gemm", every convolution's with "conv2d"); within a family, kernels go by label. In
+    schedule order, LeNet-5's forward and backward convolutions and its dense layers' GEMMs
+    fell into different modules and compiled ~2,400 instructions (a fifth of the program)
+    twice.
+    """
+    family = re.match(r"[a-z0-9]+", step.label)
+    return (family.group(0) if family else step.label, step.label)
+
+
+def _kernel_builder(index: int, step: Step, max_threads: int):
+    def build(module):
+        kernel = step.build(module, _kernel_name(index, step), max_threads)
+        _keep_phases_apart(kernel)
+        return kernel
+    return build
+
+
+def _keep_phases_apart(kernel) -> None:
+    """Forbid inlining the phases into the entry, their only caller.
+
+    Inlined, they would make the entry one function as large as the whole program, on which
+    LLVM's function passes take longer than on the phases apart (LeNet: 0.75 -> 0.6 s of
+    optimization); one call per phase and step costs nothing measurable.
+    """
+    for phase in kernel.phases:
+        phase.attributes.add("noinline")
+
+
+def _slots(graph, needed, outputs, output_names, inplace, state_names):
+    """The runtime slots (inputs, params, state, outputs) and where each source node lives."""
+    needed_ids = {node.id for node in needed}
+    updated = set(inplace.values())
+    slots, locations = [], {}
+    label_ranges = _label_ranges(needed)
+    for name, node in graph.inputs.items():
+        if node.id in needed_ids:
+            locations[node.id] = ("slot", len(slots))
+            valid_range = label_ranges.get(node.id)
+            slots.append(rt.Input(name, node.shape, node.dtype, valid_range=valid_range,
+                                  range_checked_natively=valid_range is not None and node.size > 0
+                                  and np.dtype(node.dtype) in NATIVE_RANGE_CHECK_DTYPES))
+    for name, node in graph.params.items():
+        if node.id in needed_ids or name in updated:
+            locations[node.id] = ("slot", len(slots))
+            if name in state_names:
+                slots.append(rt.State(name, node.shape, node.dtype))
+            else:
+                slots.append(rt.Param(name, node.shape, node.dtype, updated=name in updated))
+    for name, out in zip(output_names, outputs):
+        slots.append(rt.Output(name, out.shape, out.dtype))
+    return slots, locations
+
+
+def _label_ranges(nodes) -> dict[int, tuple[int, int]]:
+    """Integer inputs used as class ids must lie in [0, classes): the runtime checks before native code runs."""
+    ranges: dict[int, tuple[int, int]] = {}
+    for node in nodes:
+        if node.op == "softmax_cross_entropy":
+            labels, classes = alias_root(node.inputs[1]), node.inputs[0].shape[1]
+        elif node.op == "one_hot":
+            labels, classes = alias_root(node.inputs[0]), node.attrs["classes"]
+        else:
+            continue
+        if labels.op == "input":
+            lo, hi = ranges.get(labels.id, (0, classes))
+            ranges[labels.id] = (0, min(hi, classes))
+    return ranges
+
+
+def _location_of(node, locations, memory, module, constants):
+    if node.id in locations:
+        return locations[node.id]
+    if node.op == "constant":
+        if node.id not in constants:
+            constants[node.id] = emit_constant(module, f"graphc.const{node.id}", node.attrs["value"].array)
+        return ("global", constants[node.id])
+    offset = memory.offset_of_value(node.id)
+    if offset is None:
+        raise RuntimeError(f"internal error: no buffer for %{node.id} ({node.op})")
+    return ("arena", offset)
+
+
+def _kernel_name(index: int, step: Step) -> str:
+    return f"k{index}.{re.sub(r'[^A-Za-z0-9_]', '_', step.label)}"
+
+
+def _check_supported(nodes):
+    for node in nodes:
+        if node.dtype not in SUPPORTED_DTYPES:
+            label = f" {node.name!r}" if node.name else ""
+            raise NotImplementedError(
+                f"native code supports float32 and int32 tensors; %{node.id} ({node.op}{label}, at {node.site}) is "
+                f"{node.dtype}. {_dtype_advice(node.dtype)}")
+
+
+def _dtype_advice(dtype: str) -> str:
+    if dtype == "int64":
+        # compiled functions convert int64 label arrays to an int32 input after a range check
+        return 'Declare it with dtype="int32"; int64 arrays can still be fed to it.'
+    return "Use gc.evaluate for float64."

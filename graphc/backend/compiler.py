@@ -1,0 +1,380 @@
+"""`gc.compile` and `gc.compile_training_step`: graphs to native programs.
+
+    optimize (passes/) -> lower + schedule + plan memory + emit LLVM IR (assemble.py)
+    -> machine code (codegen/parallel.py) -> a runtime Program (graphc_runtime)
+
+A large program's IR is several modules, compiled on all cores while the next is still being
+generated (codegen/parallel.py); its machine code is then several object files, loaded
+together.
+
+Compiled programs are cached on disk (program_cache.py), keyed by the graph before optimization:
+a warm compile finds the entry and loads it, running no pass and generating no IR; the optimized
+graph and the IR are made again only if someone asks to see them. The returned function runs the
+whole program in one native call; Python only validates feeds and allocates outputs.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import numbers
+from collections import Counter
+from typing import Mapping
+
+import numpy as np
+
+import graphc_runtime as rt
+
+from graphc.backend.assemble import ProgramSpec, assemble
+from graphc.backend.emit.entry import ENTRY_NAME
+from graphc.backend.llvm.parallel import ObjectCompiler, compile_modules, split_modules
+from graphc.backend.llvm.program_modules import default_budget
+from graphc.core.ir import Tensor
+from graphc.backend.program_cache import CachedProgram, pack_entry, program_key, unpack_entry
+from graphc.backend import thread_costs
+
+_cache: rt.ObjectCache | None = None
+
+
+def object_cache() -> rt.ObjectCache:
+    global _cache
+    if _cache is None:
+        _cache = rt.ObjectCache()
+    return _cache
+
+
+@dataclasses.dataclass
+class Recipe:
+    """Everything `assemble` needs to build a program again (for IR inspection or profiling)."""
+
+    graph: object
+    outputs: list
+    assemble_args: dict           # outputs, in-place writes, state buffers, threads
+    # How the program is split into modules (by the compile threads). The IR shown for a program
+    # loaded from the cache is made again with this process's split: the same kernels, perhaps
+    # in other modules.
+    instructions_per_module: int | None = None
+
+    def assemble(self, **overrides) -> ProgramSpec:
+        return assemble(self.graph, self.outputs, **{
+            **self.assemble_args, "instructions_per_module": self.instructions_per_module, **overrides})
+
+
+class Plan:
+    """How a program is made from its graph: the optimized graph and the recipe to assemble it.
+
+    Made on demand: a program loaded from the cache needs neither to run, only to be shown
+    (`graph`, `llvm_ir`, `describe()`) or profiled. `max_threads` is fixed when the program is
+    compiled, so that the plan made later has the cached program's kernels.
+    """
+
+    def __init__(self, outputs: list, request: dict, max_threads: int | None = None):
+        self._outputs = outputs
+        self._request = request
+        self._max_threads = max_threads
+
+    @functools.cached_property
+    def optimized(self):
+        from graphc.transforms import optimize
+        return optimize(self._outputs)
+
+    @property
+    def max_threads(self) -> int:
+        if self._max_threads is None:
+            self._max_threads = self._thread_count()
+        return self._max_threads
+
+    def _thread_count(self) -> int:
+        """The most threads worth using, by this host's measured costs (thread_costs.py)."""
+        requested = self._request["threads"]
+        if requested == 1:
+            return 1
+        from graphc.backend.lowering import plan_steps
+        steps = plan_steps(self.optimized.graph, self.optimized.outputs)
+        return thread_costs.choose_thread_count(sum(step.flops for step in steps), len(steps), requested,
+                                   self._request["thread_costs"])
+
+    @functools.cached_property
+    def recipe(self) -> Recipe:
+        graph, outputs = self.optimized.graph, self.optimized.outputs
+        output_names = self._request["output_names"]
+        user_outputs, write_nodes = outputs[:len(output_names)], outputs[len(output_names):]
+        inplace_ids = {node.id: name for node, name in zip(write_nodes, self._request["inplace"])
+                       if not (node.op == "param" and node.name == name)}
+        return Recipe(graph, user_outputs, dict(output_names=output_names, inplace=inplace_ids,
+                                                state_names=set(self._request["state_names"]),
+                                                max_threads=self.max_threads),
+                      instructions_per_module=default_budget())
+
+
+class CompiledFunction:
+    """A compiled graph: call it with the graph's inputs as keyword arguments.
+
+    `graph` is the optimized graph it runs, `optimization` what each pass did, `llvm_ir` the
+    LLVM IR of the program (its modules one after the other, each from its `; ModuleID` line;
+    the entry is in the last), `describe()` its kernels and memory plan, `profile(**feeds)` the
+    time of each kernel. All of these are made on first use, not by a compile that loaded the
+    program from the disk cache.
+    """
+
+    def __init__(self, program: rt.Program, plan: Plan, single: bool):
+        self._program = program
+        self._plan = plan
+        self._single = single
+
+    @property
+    def optimization(self):
+        return self._plan.optimized
+
+    @property
+    def graph(self):
+        return self._plan.optimized.graph
+
+    @property
+    def recipe(self) -> Recipe:
+        return self._plan.recipe
+
+    @property
+    def outputs(self) -> list:
+        return self._plan.recipe.outputs
+
+    def __call__(self, /, **feeds):
+        results = self._program(**feeds)
+        return results[0] if self._single else results
+
+    @functools.cached_property
+    def _spec(self) -> ProgramSpec:
+        # Generated on demand: a program loaded from the cache never needed its IR.
+        return self.recipe.assemble()
+
+    @property
+    def llvm_ir(self) -> str:
+        return self._spec.llvm_ir
+
+    @property
+    def steps(self):
+        return self._spec.steps
+
+    @property
+    def memory(self):
+        return self._spec.memory
+
+    @property
+    def num_threads(self) -> int:
+        return self._program.num_threads
+
+    @property
+    def params(self):
+        """The arrays bound as params (the caller's own arrays, as now in the `params` it was
+        compiled with: an array put there after compiling is bound at the next call)."""
+        return self._program.params
+
+    def load_params(self, values: Mapping[str, np.ndarray], strict: bool = True) -> None:
+        """Copy `values` (e.g. `gc.load_params(path, graph)`) into the arrays bound as params.
+
+        As torch's `load_state_dict`: with `strict`, missing and unexpected names are errors;
+        `strict=False` loads the names both have. Names, shapes and dtypes are all checked
+        before anything is copied. Every function compiled with the same arrays sees the values.
+        """
+        self._program.load_params(values, strict=strict)
+
+    def describe(self) -> str:
+        """The kernels in execution order, what each computes, and the memory plan."""
+        spec = self._spec
+        lines = [f"{len(spec.steps)} kernels, arena {spec.memory.arena_bytes / 1024:.1f} KiB "
+                 f"(peak live set {spec.memory.peak_live_bytes / 1024:.1f} KiB), up to {spec.max_threads} threads"]
+        for i, step in enumerate(spec.steps):
+            covered = ", ".join(f"%{n.id}" for n in step.covers)
+            lines.append(f"  k{i:<3} {step.label:<24} -> %{step.node.id:<5} {step.node.shape}  covers {covered}")
+        return "\n".join(lines)
+
+    def profile(self, feeds: Mapping[str, object] | None = None, /, *, repeats: int = 20, **keyword_feeds):
+        """Time each kernel (see graphc.profile); params are copied, so nothing is updated.
+
+        Feeds are keywords, or a dict for inputs named like the keyword `repeats`."""
+        if feeds is not None and not isinstance(feeds, Mapping):
+            raise TypeError(f"profile: feeds are keywords or a dict, got {type(feeds).__name__}; "
+                            f"the number of calls is the keyword repeats (repeats=20)")
+        if isinstance(repeats, bool) or not isinstance(repeats, numbers.Integral):
+            raise TypeError(f"profile: repeats must be an int, got {type(repeats).__name__}; to feed an input "
+                            f"named 'repeats', pass the feeds as a dict: fn.profile({{'repeats': ...}}, repeats=20)")
+        from graphc.backend.profile import profile
+        return profile(self, {**(feeds or {}), **keyword_feeds}, int(repeats))
+
+
+class CompiledTrainingStep(CompiledFunction):
+    """One native call: forward, backward and the optimizer's update. Returns the loss (a float)
+    and updates the bound param arrays in place."""
+
+    def __init__(self, program: rt.Program, plan: Plan, single: bool):
+        super().__init__(program, plan, single)
+        if program.keyword_call_scalar is not None:
+            # A class of its own whose __call__ is the program's: step(x=..., y=...) binds the
+            # arrays straight to its parameters, without the method below's frame and dict of
+            # keywords (see runtime/program.py's _keyword_call_scalar).
+            self.__class__ = type(type(self).__name__, (type(self),), {
+                "__call__": program.keyword_call_scalar, "__module__": type(self).__module__,
+                "__qualname__": type(self).__qualname__})
+
+    def __call__(self, /, **feeds) -> float:
+        # The loss is the program's only output: read straight from a reused buffer.
+        return self._program.call_scalar(feeds)
+
+    @property
+    def state(self):
+        """The optimizer's state buffers (momentum), by name."""
+        return self._program.state
+
+    def reset_state(self) -> None:
+        """Zero the optimizer's state (momentum buffers)."""
+        self._program.reset_state()
+
+
+def compile(outputs, params: Mapping[str, np.ndarray]) -> CompiledFunction:  # noqa: A001 (the API's name)
+    """Native code computing `outputs` (a Tensor or a list of them) from the graph's inputs.
+
+    The arrays of `params` are bound without copy: later calls see their current values.
+    """
+    single = isinstance(outputs, Tensor)
+    outputs = [outputs] if single else list(outputs)
+    if not outputs:
+        raise ValueError("compile: no outputs given")
+    for out in outputs:
+        if not isinstance(out, Tensor):
+            raise TypeError(f"compile: outputs must be graphc Tensors, got {type(out).__name__}")
+    _check_params(outputs, params)
+    names = _unclaimed_names(outputs[0].graph, [f"output{i}" for i in range(len(outputs))])
+    return _build(CompiledFunction, outputs, params, output_names=names, single=single)
+
+
+def compile_training_step(loss: Tensor, params: Mapping[str, np.ndarray], optimizer) -> CompiledTrainingStep:
+    """Native code for one training step of `loss` w.r.t. every param in `params` it depends on.
+
+    The gradient graph and the updates are built on a copy of the loss's graph: the user's
+    graph is left as it was.
+    """
+    from graphc.core.autodiff import grad
+    from graphc.transforms.rebuild import rebuild
+
+    if not isinstance(loss, Tensor) or loss.size != 1:
+        raise ValueError(f"compile_training_step: the loss must be a scalar Tensor, got {loss!r}")
+    if not hasattr(optimizer, "updates"):
+        raise TypeError(f"compile_training_step: expected an optimizer such as gc.SGD, got {optimizer!r}")
+    _check_params([loss], params)
+    graph, (train_loss,) = rebuild(loss.graph, [loss])
+    used = {node.id for node in graph.ancestors([train_loss])}
+    trainable = [graph.params[name] for name in params if name in graph.params and graph.params[name].id in used]
+    grads = grad(train_loss, trainable)
+    optimizer_graph = _OptimizerGraph(graph)
+    writes, state_names = optimizer.updates(optimizer_graph, trainable, grads)
+    return _build(CompiledTrainingStep, [train_loss] + [value for _, value in writes], params,
+                  output_names=_unclaimed_names(graph, ["loss"]), inplace=[name for name, _ in writes],
+                  state_names=state_names, state_names_for_caller=optimizer_graph.names_for_caller())
+
+
+class _OptimizerGraph:
+    """The step's graph as the optimizer sees it, to declare its state buffers as params.
+
+    A buffer whose name the graph already has gets a graph name of its own (SGD names the
+    momentum buffer of param 'w' "momentum:w", and a user may have named a param so); its
+    State slot keeps the name asked for, since the runtime keeps state names apart from the
+    names of inputs and params (see `names_for_caller`).
+    """
+
+    def __init__(self, graph):
+        self._graph = graph
+        self._asked_for: dict[str, str] = {}     # graph name -> name the optimizer asked for
+
+    def param(self, name, *args, **kwargs):
+        graph_name = _unclaimed_names(self._graph, [name])[0]
+        node = self._graph.param(graph_name, *args, **kwargs)
+        self._asked_for[graph_name] = name
+        return node
+
+    def __getattr__(self, attribute):
+        return getattr(self._graph, attribute)
+
+    def names_for_caller(self) -> dict[str, str]:
+        """Graph name -> the name asked for, of each renamed buffer whose asked-for name no
+        other buffer asked for (step.state is keyed by these)."""
+        asked = Counter(self._asked_for.values())
+        return {graph_name: name for graph_name, name in self._asked_for.items()
+                if graph_name != name and asked[name] == 1}
+
+
+def _unclaimed_names(graph, names: list[str]) -> list[str]:
+    """Each of `names`, or if the graph has an input or param of that name, the first of
+    name#1, name#2, ... it has not: the compiler's own names never take a user's."""
+    def unclaimed(name):
+        candidate, k = name, 0
+        while candidate in graph.inputs or candidate in graph.params:
+            k += 1
+            candidate = f"{name}#{k}"
+        return candidate
+    return [unclaimed(name) for name in names]
+
+
+def _build(cls, outputs, params, *, output_names, single=False, inplace=(), state_names=(),
+           state_names_for_caller=None):
+    """Load the program from the cache or optimize, assemble and compile it; bind params.
+
+    The first len(output_names) outputs are returned to the caller; each further one is written
+    in place into the param (or state buffer) named by the matching entry of `inplace`.
+    `state_names_for_caller` renames State slots (graph name -> the name step.state shows).
+    """
+    threads = rt.get_num_threads()
+    # The costs decide the program's thread count, so they are part of its cache key.
+    request = dict(output_names=list(output_names), inplace=list(inplace), state_names=sorted(state_names),
+                   threads=threads, thread_costs=thread_costs.measured_thread_costs(threads) if threads > 1 else None)
+    cache = object_cache()
+    key = program_key(outputs[0].graph, outputs, request)
+    compiled, library = _load(cache, key)
+    if compiled is None:
+        plan = Plan(outputs, request)
+        compiled = compile_recipe(plan.recipe)
+        cache.put(key, pack_entry(compiled))
+        library = rt.NativeLibrary(compiled.objects)
+    else:
+        plan = Plan(outputs, request, compiled.max_threads)
+    slots = _renamed_state_slots(compiled.slots, state_names_for_caller or {})
+    program = rt.Program(library, ENTRY_NAME, slots, params,
+                         max_threads=compiled.max_threads, ignored_inputs=outputs[0].graph.inputs)
+    return cls(program, plan, single)
+
+
+def _renamed_state_slots(slots, names: dict[str, str]) -> list:
+    return [dataclasses.replace(slot, name=names[slot.name]) if isinstance(slot, rt.State) and slot.name in names
+            else slot for slot in slots]
+
+
+def _load(cache: rt.ObjectCache, key: str) -> tuple[CachedProgram | None, rt.NativeLibrary | None]:
+    """The cached program under `key` and its loaded code, or (None, None): an entry of another
+    format, or one whose objects the loader refuses, is rebuilt."""
+    blob = cache.get(key)
+    if blob is None:
+        return None, None
+    try:
+        compiled = unpack_entry(blob)
+        return compiled, rt.NativeLibrary(compiled.objects)
+    except (ValueError, KeyError, TypeError):
+        return None, None
+
+
+def compile_recipe(recipe: Recipe) -> CachedProgram:
+    with ObjectCompiler() as compiler:
+        # Each module compiles in the background as soon as assemble has finished it.
+        spec = recipe.assemble(on_module=compiler.submit)
+        objects = compiler.objects()
+    return CachedProgram(objects, spec.slots, recipe.assemble_args["max_threads"])
+
+
+def object_code(llvm_ir: str) -> list[bytes]:
+    """Machine code for a program's LLVM IR text, one object per module, for `rt.NativeLibrary`
+    (not cached: callers cache whole programs)."""
+    return compile_modules(split_modules(llvm_ir))
+
+
+def _check_params(outputs, params):
+    graph = outputs[0].graph
+    missing = [node.name for node in graph.ancestors(outputs) if node.op == "param" and node.name not in params]
+    if missing:
+        raise ValueError(f"compile: the outputs depend on params {missing}, which are not in `params`")

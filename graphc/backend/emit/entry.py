@@ -1,0 +1,197 @@
+"""The program's entry function: runs every step's kernel phases in order, on all threads.
+
+    void graphc_entry(void **args, i64 tid, i64 nthreads)
+
+All threads run the same sequence of calls; a barrier after each phase keeps every thread from
+starting a phase before all have finished the one before (phases read what earlier ones wrote).
+"""
+from __future__ import annotations
+
+import llvmlite.ir as ir
+
+from graphc.backend.emit.kernel_builder import I64, PTR, KernelBuilder, i32_array
+
+ENTRY_NAME = "graphc_entry"
+TICKS_NAME = "graphc_ticks"      # i64 graphc_ticks(void): the profiler's clock, for calibration
+SPINS_BEFORE_YIELD = 2000
+I8 = ir.IntType(8)
+
+
+def emit_barrier(module: ir.Module) -> ir.Function:
+    """`void barrier(i64 nthreads)`: a sense-by-generation spin barrier on two module globals.
+
+    The last thread to arrive resets the count, then bumps the generation (release); the others
+    spin until they see the generation change (acquire), so everything written before the
+    barrier by any thread is visible after it to all.
+    """
+    count = ir.GlobalVariable(module, I64, "graphc.barrier.count")
+    generation = ir.GlobalVariable(module, I64, "graphc.barrier.generation")
+    for g in (count, generation):
+        g.initializer = ir.Constant(I64, 0)
+        g.linkage = "internal"
+        g.align = 64
+    fn = ir.Function(module, ir.FunctionType(ir.VoidType(), [I64]), "graphc.barrier")
+    fn.linkage = "internal"
+    # Inlined after every phase, its spin loop made the entry one large function: LeNet-5's
+    # entry took 0.15 s to compile (in the last module, on the critical path), 0.03 s with a call
+    # (one call per phase costs nanoseconds; a barrier among threads costs far more).
+    fn.attributes.add("noinline")
+    (nthreads,) = fn.args
+    b = ir.IRBuilder(fn.append_basic_block("entry"))
+    alone, together = fn.append_basic_block("alone"), fn.append_basic_block("together")
+    b.cbranch(b.icmp_signed("<=", nthreads, ir.Constant(I64, 1)), alone, together)
+    b.position_at_end(alone)
+    b.ret_void()
+
+    b.position_at_end(together)
+    seen = b.load_atomic(generation, "acquire", 8, typ=I64)
+    arrived = b.atomic_rmw("add", count, ir.Constant(I64, 1), "acq_rel")
+    last, wait = fn.append_basic_block("last"), fn.append_basic_block("wait")
+    b.cbranch(b.icmp_signed("==", arrived, b.sub(nthreads, ir.Constant(I64, 1))), last, wait)
+
+    b.position_at_end(last)
+    b.store_atomic(ir.Constant(I64, 0), count, "monotonic", 8)
+    b.atomic_rmw("add", generation, ir.Constant(I64, 1), "release")
+    b.ret_void()
+
+    # Spin briefly (phases are short), then yield the core: on a loaded machine a pure spin
+    # would starve the very thread it waits for.
+    b.position_at_end(wait)
+    spins = b.phi(I64, "spins")
+    spins.add_incoming(ir.Constant(I64, 0), together)
+    now = b.load_atomic(generation, "acquire", 8, typ=I64)
+    done, again = fn.append_basic_block("done"), fn.append_basic_block("again")
+    b.cbranch(b.icmp_signed("!=", now, seen), done, again)
+    b.position_at_end(again)
+    with b.if_then(b.icmp_unsigned(">=", spins, ir.Constant(I64, SPINS_BEFORE_YIELD))):
+        b.call(_sched_yield(module), [])
+    spins.add_incoming(b.add(spins, ir.Constant(I64, 1)), b.block)
+    b.branch(wait)
+    b.position_at_end(done)
+    b.ret_void()
+    return fn
+
+
+def _sched_yield(module: ir.Module) -> ir.Function:
+    existing = module.globals.get("sched_yield")
+    return existing or ir.Function(module, ir.FunctionType(ir.IntType(32), []), "sched_yield")
+
+
+class EntryBuilder:
+    """Builds the entry: pointers to slots, arena offsets and globals, then the kernel calls."""
+
+    def __init__(self, module: ir.Module, slot_count: int, workspace_slot: int | None,
+                 profile_slot: int | None = None):
+        self.module = module
+        self.barrier = emit_barrier(module)
+        fn = ir.Function(module, ir.FunctionType(ir.VoidType(), [PTR, I64, I64]), ENTRY_NAME)
+        self.fn = fn
+        args, self.tid, self.nthreads = fn.args
+        args.name, self.tid.name, self.nthreads.name = "args", "tid", "nthreads"
+        self.b = ir.IRBuilder(fn.append_basic_block("entry"))
+        self.slots = [self.b.load(self.b.gep(args, [ir.Constant(I64, i)], source_etype=PTR), typ=PTR, name=f"slot{i}")
+                      for i in range(slot_count)]
+        self.arena = self.slots[workspace_slot] if workspace_slot is not None else None
+        self._pending_barrier = False
+        # Profiling: after each phase all threads meet, and thread 0 adds the ticks since the
+        # previous phase ended to that phase's counter (an i64 per phase in the profile slot).
+        self.profile_counters = self.slots[profile_slot] if profile_slot is not None else None
+        self.phase_count = 0
+        self._last_tick = _timestamp(self.b, module) if self.profile_counters is not None else None
+
+    def pointer(self, location) -> ir.Value:
+        kind, where = location
+        if kind == "slot":
+            return self.slots[where]
+        if kind == "arena":
+            return self.b.gep(self.arena, [ir.Constant(I64, where)], source_etype=I8)
+        if kind == "global":
+            return where
+        raise ValueError(f"unknown location {location!r}")
+
+    def refuse_out_of_range(self, status_slot: int, checks) -> None:
+        """Before any kernel: if an integer input holds a value outside its [lo, hi), write that
+        input's slot position + 1 into the Status slot and return (every thread does the same,
+        before any barrier). `checks`: (slot position, element count, integer bits, lo, hi).
+
+        Class labels index arrays in the kernels that read them; checked here, a wrong label
+        costs one pass over the labels instead of a numpy reduction per call in Python.
+        """
+        for position, count, bits, lo, hi in checks:
+            int_type = ir.IntType(bits)
+            labels = self.slots[position]
+            bad = self.b.alloca(ir.IntType(1))
+            self.b.store(ir.Constant(ir.IntType(1), 0), bad)
+            loop = KernelBuilder(self.b)
+            with loop.for_range(0, count, name=f"check{position}") as i:
+                value = self.b.load(self.b.gep(labels, [i], source_etype=int_type), typ=int_type)
+                # lo <= v < hi  <=>  (v - lo) < (hi - lo) as unsigned: one compare per label.
+                outside = self.b.icmp_unsigned(">=", self.b.sub(value, ir.Constant(int_type, lo)),
+                                               ir.Constant(int_type, hi - lo))
+                self.b.store(self.b.or_(self.b.load(bad, typ=ir.IntType(1)), outside), bad)
+            with self.b.if_then(self.b.load(bad, typ=ir.IntType(1)), likely=False):
+                self.b.store(ir.Constant(I64, position + 1), self.slots[status_slot])
+                self.b.ret_void()
+
+    def call_phases(self, phases, out, inputs, scratch):
+        null = ir.Constant(PTR, None)
+        for phase in phases:
+            if self._pending_barrier:
+                self.b.call(self.barrier, [self.nthreads])
+            self.b.call(phase, [out, *inputs, scratch if scratch is not None else null, self.tid, self.nthreads])
+            self._pending_barrier = True
+            if self.profile_counters is not None:
+                self._count_phase_ticks()
+            self.phase_count += 1
+
+    def _count_phase_ticks(self):
+        self.b.call(self.barrier, [self.nthreads])
+        self._pending_barrier = False
+        now = _timestamp(self.b, self.module)
+        with self.b.if_then(self.b.icmp_signed("==", self.tid, ir.Constant(I64, 0))):
+            counter = self.b.gep(self.profile_counters, [ir.Constant(I64, self.phase_count)], source_etype=I64)
+            elapsed = self.b.sub(now, self._last_tick)
+            self.b.store(self.b.add(self.b.load(counter, typ=I64), elapsed), counter)
+        self._last_tick = now
+
+    def finish(self) -> ir.Function:
+        self.b.ret_void()
+        return self.fn
+
+
+def emit_ticks_function(module: ir.Module) -> ir.Function:
+    fn = ir.Function(module, ir.FunctionType(I64, []), TICKS_NAME)
+    b = ir.IRBuilder(fn.append_basic_block("entry"))
+    b.ret(_timestamp(b, module))
+    return fn
+
+
+def _timestamp(b: ir.IRBuilder, module: ir.Module) -> ir.Value:
+    """A monotonic tick count: the time-stamp counter on x86, clock_gettime(CLOCK_MONOTONIC) in ns
+    elsewhere (reading the cycle counter from user space traps on some ARM systems)."""
+    if module.triple.startswith(("x86_64", "i686", "i386")):
+        fn = module.globals.get("llvm.readcyclecounter") or ir.Function(
+            module, ir.FunctionType(I64, []), "llvm.readcyclecounter")
+        return b.call(fn, [])
+    fn = module.globals.get("clock_gettime") or ir.Function(
+        module, ir.FunctionType(ir.IntType(32), [ir.IntType(32), PTR]), "clock_gettime")
+    timespec = b.alloca(ir.ArrayType(I64, 2))
+    b.call(fn, [ir.Constant(ir.IntType(32), 1), timespec])
+    seconds = b.load(b.gep(timespec, [ir.Constant(I64, 0), ir.Constant(I64, 0)]), typ=I64)
+    nanoseconds = b.load(b.gep(timespec, [ir.Constant(I64, 0), ir.Constant(I64, 1)]), typ=I64)
+    return b.add(b.mul(seconds, ir.Constant(I64, 1_000_000_000)), nanoseconds)
+
+
+def emit_constant(module: ir.Module, name: str, array) -> ir.GlobalVariable:
+    """A read-only global holding `array` (float32 or int32), 64-byte aligned."""
+    flat = array.reshape(-1)
+    if array.dtype.kind == "f":
+        initializer = ir.Constant(ir.ArrayType(ir.FloatType(), flat.size), [float(v) for v in flat])
+    else:
+        initializer = i32_array(flat)
+    gv = ir.GlobalVariable(module, initializer.type, name)
+    gv.global_constant = True
+    gv.linkage = "internal"
+    gv.align = 64
+    gv.initializer = initializer
+    return gv

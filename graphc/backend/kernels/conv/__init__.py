@@ -1,0 +1,230 @@
+"""Native float32 kernels for conv2d (NCHW input, OIHW weights) and its two gradients.
+
+Every kernel is an implicit GEMM: no im2col matrix is built, operands are read where they
+lie (in a per-sample copy with the zero padding materialised, so no loop checks bounds).
+All of them run on one register tile (`_tile_function`): `rows` broadcast scalars times
+`vecs` vectors, rows*vecs accumulators (6 x 2 = 12 with AVX2's 16 registers: 2 FMA ports x
+4 cycles of latency need 8 in flight, and 6 broadcasts + 2 vector loads feed 12 FMAs). One
+operand's offset per reduction step comes from a table computed at compile time, the
+other's is affine: the conv's index arithmetic (channel, tap row, tap column; or output
+row and column) becomes one flat loop whatever the geometry, with no div/mod and no nest
+of short loops. Row pointers come from a table too, so a tile's rows need not be evenly
+spaced (6 output pixels that cross an output row). The tile is one internal function per
+(rows, vecs, table side), shared by every conv kernel of a module as gemm.py shares its
+micro-kernels, as is the one transpose: a program's IR, and LLVM's time on it, hardly grow
+with its number of conv kernels.
+
+Each kernel has two or three paths (`FORWARD_PATHS`, `INPUT_GRAD_PATHS`,
+`WEIGHT_GRAD_PATHS`); `_choose` takes the one that wastes fewer multiply-adds on the geometry:
+
+  channels in lanes  forward       outT[p, o]     = sum over k=(c,i,j) x[c, tap(p, k)] Wt[k, o]
+                     weight grad   dWt[k, o]     += sum over p  x[c, tap(p, k)] gT[p, o]
+                     rows: 6 pixels (forward) or 6 taps (weight grad), broadcast from x;
+                     lanes: output channels, padded to whole vectors. The channel-minor
+                     results and operands (outT, gT, dWt) cost a transpose per sample,
+                     O(P*C) against O(P*C*K) multiply-adds. Any stride. LeNet's conv2
+                     (16 channels, rows of 10 pixels), the conv net's weight gradients.
+
+  pixels in lanes    forward       out[o, oh, ow:ow+W] = sum over k  W[o, k] x[tap(oh, ow, k) : +W]
+                     rows: 6 output channels, broadcast from W; lanes: output columns,
+                     covered by pairs of vectors (`_VectorCover`), so every store is a
+                     whole vector of real results and nothing is transposed. Stride 1
+                     along rows. LeNet's conv1 (6 channels would use 6 of 8 lanes, here 28
+                     of 32 columns), the conv net's forwards.
+                     weight grad (`_dot_function`) dW[o, k] = sum over q of g[o, q] x[q + tap(k)]
+                     over "wide" rows: g copied with its rows as long as x's padded rows
+                     (zeros in the extra columns), so that a run of q reads x at one
+                     constant offset per tap; rows: 6 channels, vecs: 2 taps, lanes hold
+                     partial sums, added up once per call. Stride 1. LeNet's conv1.
+
+The input gradient is either a forward convolution with channels in lanes, of g dilated by
+the stride and padded by the kernel size less the conv's padding, with the weights
+flipped and transposed (`_emit_input_grad_as_forward`: any stride; with "same" padding,
+the conv net, no multiply-add is wasted), or, with stride 1 and few input channels
+(LeNet's conv2: 6, where the former would waste half its work on g's zero border and a
+quarter of its lanes), one of:
+
+  batch in lanes     dxT[c, y, x, n] = sum over o and the taps (i, j) that read g inside
+                     g of W[o, c, i, j] gT[o, y+pt-i, x+pl-j, n] (`_BatchLanesInputGrad`):
+                     rows: 6 input channels, broadcast from weights packed per range of
+                     valid taps; lanes: 2W samples (two vectors), g and dx transposed per
+                     group. No wasted multiply-add, reductions of O x taps steps. LeNet's
+                     conv2 at batch 64: 94 GFLOP/s in its tiles, ~10% more in transposes
+                     (450-530 -> 360-400 us against the cols path). A batch of at most
+                     one group (threads split the groups) goes to
+  cols               a GEMM cols[(i,j), p] = sum over o W[o, c, i, j] g[o, p] per input
+                     channel with pixels in lanes (reductions of only O = 16 steps for
+                     LeNet), then col2im summed per dx row in registers (`_emit_col2im`).
+
+Threads split the batch. Each thread owns its per-sample buffers in scratch; weights packed
+for a whole call are written by thread 0 in a first phase. All geometry is compile-time
+constant; loops stay IR loops (the module pipeline runs no unroller: LLVM's, when it ran,
+fully unrolled the small constant-trip ones, copying the row copies and the calls of a
+sample's tiles many times for no speed), so the code size does not grow with the image size.
+
+The package: `geometry` (shapes, vector covers), `tiles` (the shared register tiles, their
+offset tables, the transpose), `buffers` (padded sample copies, scratch, row primitives),
+`forward`, `input_grad` and `weight_grad` (the paths' emitters); here, the paths, the cost
+model that chooses among them, and the public `emit_*` functions.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable, Sequence
+
+import llvmlite.ir as ir
+
+from graphc.backend.emit.kernel import Kernel
+from graphc.backend.llvm.target import vector_width_f32
+from graphc.backend.kernels.conv.buffers import _round_up
+from graphc.backend.kernels.conv.forward import _emit_forward_channel_lanes, _emit_forward_pixel_lanes
+from graphc.backend.kernels.conv.geometry import (ConvGeometry, _ONE_VECTOR_EFFICIENCY, _VectorCover, _lanes_efficiency)
+from graphc.backend.kernels.conv.input_grad import (_MAX_BATCH_G_FLOATS, _MAX_COLS_FLOATS, _DxEpilogue, _emit_input_grad_as_forward, _emit_input_grad_batch_lanes, _emit_input_grad_by_cols)
+from graphc.backend.kernels.conv.tiles import _TILE_ROWS
+from graphc.backend.kernels.conv.weight_grad import (_emit_weight_grad_channel_lanes, _emit_weight_grad_pixel_lanes)
+
+
+__all__ = ["ConvGeometry", "chosen_paths", "emit_conv2d", "emit_conv2d_input_grad",
+           "emit_conv2d_weight_grad", "FORWARD_PATHS", "INPUT_GRAD_PATHS", "WEIGHT_GRAD_PATHS"]
+
+
+@dataclasses.dataclass(frozen=True)
+class _Path:
+    """One way to compute a kernel: whether it applies to a geometry, the fraction of its
+    multiply-adds that are useful (`_choose` takes the highest; ties go to the path listed
+    first), and its emitter."""
+
+    name: str
+    possible: Callable[[ConvGeometry, int], bool]
+    efficiency: Callable[[ConvGeometry, int], float]
+    emit: Callable[..., Kernel]
+
+
+def _choose(paths: Sequence[_Path], g: ConvGeometry, width: int | None = None) -> _Path:
+    width = width or vector_width_f32()
+    possible = [path for path in paths if path.possible(g, width)]
+    return max(possible, key=lambda path: path.efficiency(g, width))
+
+
+def _always(g: ConvGeometry, width: int) -> bool:
+    return True
+
+
+def _stride_one(g: ConvGeometry, width: int) -> bool:
+    return (g.stride_h, g.stride_w) == (1, 1)
+
+
+# --------------------------------------------------------------------------- public kernels
+
+def emit_conv2d(module: ir.Module, name: str, x_shape, w_shape, stride, padding, *,
+                bias: bool = False, relu: bool = False, max_threads: int) -> Kernel:
+    """out = conv2d(x, w) [+ b[o] on channel o] [then relu]; inputs x, w[, b]."""
+    g = ConvGeometry.from_shapes(x_shape, w_shape, stride, padding)
+    return _choose(FORWARD_PATHS, g).emit(module, name, g, bias=bias, relu=relu,
+                                          max_threads=max_threads)
+
+
+def emit_conv2d_input_grad(module: ir.Module, name: str, g_shape, w_shape, x_shape, stride,
+                           padding, *, max_threads: int, epilogue=None,
+                           epilogue_operands: int = 0) -> Kernel:
+    """out = dL/dx (shape x_shape) from g = dL/d(conv2d(x, w)); inputs g, w, then the
+    `epilogue_operands` operands of `epilogue`, a sympy expression over x0 = dx and x1.. =
+    those operands (each of dx's shape), applied to dx before it leaves the kernel (ReLU's
+    backward: x0*Step(x1))."""
+    g = ConvGeometry.from_shapes(x_shape, w_shape, stride, padding)
+    _check_grad_shape(g_shape, g)
+    return _choose(INPUT_GRAD_PATHS, g).emit(module, name, g, max_threads=max_threads,
+                                             epilogue=_DxEpilogue(epilogue, epilogue_operands))
+
+
+def emit_conv2d_weight_grad(module: ir.Module, name: str, x_shape, g_shape, w_shape, stride,
+                            padding, *, max_threads: int) -> Kernel:
+    """out = dL/dw (shape w_shape) from x and g = dL/d(conv2d(x, w)); inputs x, g."""
+    g = ConvGeometry.from_shapes(x_shape, w_shape, stride, padding)
+    _check_grad_shape(g_shape, g)
+    return _choose(WEIGHT_GRAD_PATHS, g).emit(module, name, g, max_threads=max_threads)
+
+
+def chosen_paths(x_shape, w_shape, stride, padding, *, width: int | None = None) -> dict[str, str]:
+    """The path each kernel of this conv2d takes with vectors of `width` floats (default: the
+    host's): {"forward": ..., "input_grad": ..., "weight_grad": ...} (benchmarks, diagnostics)."""
+    g = ConvGeometry.from_shapes(x_shape, w_shape, stride, padding)
+    return {kind: _choose(paths, g, width).name for kind, paths in (
+        ("forward", FORWARD_PATHS), ("input_grad", INPUT_GRAD_PATHS),
+        ("weight_grad", WEIGHT_GRAD_PATHS))}
+
+
+def _check_grad_shape(g_shape, geometry: ConvGeometry) -> None:
+    if tuple(g_shape) != geometry.out_shape:
+        raise ValueError(f"output gradient has shape {tuple(g_shape)}, the conv2d output "
+                         f"is {geometry.out_shape}")
+
+
+
+# --------------------------------------------------------------------------------- paths
+
+def _forward_pixels_possible(g: ConvGeometry, width: int) -> bool:
+    return g.stride_w == 1 and g.out_w >= width
+
+
+def _input_grad_by_cols_possible(g: ConvGeometry, width: int) -> bool:
+    return (_stride_one(g, width) and g.pixels >= width and
+            g.taps * g.pixels <= _MAX_COLS_FLOATS)
+
+
+def _input_grad_batch_lanes_possible(g: ConvGeometry, width: int) -> bool:
+    return _stride_one(g, width) and g.out_channels * g.pixels * 2 * width <= _MAX_BATCH_G_FLOATS
+
+
+def _input_grad_batch_lanes_efficiency(g: ConvGeometry, width: int) -> float:
+    """Every multiply-add is useful but for the lanes of missing samples in the last group
+    (a group of one vector is a one-vector tile) and the rows of a last channel tile short
+    of 6. Threads split the groups: with a single group, a second thread would idle."""
+    full, rest = divmod(g.batch, 2 * width)
+    lanes = full * 2 * width + (0 if rest == 0 else width if rest <= width else 2 * width)
+    efficiency = g.batch / lanes
+    if lanes == width:
+        efficiency *= _ONE_VECTOR_EFFICIENCY
+    if lanes <= 2 * width:
+        efficiency /= 2
+    return efficiency * g.channels / _round_up(g.channels, _TILE_ROWS)
+
+
+def _input_grad_as_forward_efficiency(g: ConvGeometry, width: int) -> float:
+    """As a forward conv, each dx pixel sums over all taps, of which only those reading
+    g inside g (not its padding) are useful."""
+    return g.pixels / (g.height * g.width) * _lanes_efficiency(g.channels, width)
+
+
+# Pixels in lanes win ties: nothing to transpose, and no outT to reload between blocks of
+# K (the conv net: 83-95 GFLOP/s against 47-87 with channels in lanes, the short K = 27
+# of its first layer the worst).
+FORWARD_PATHS = (
+    _Path("pixels in lanes", _forward_pixels_possible,
+          lambda g, width: g.out_w / _VectorCover.of(g.out_w, width).lanes,
+          _emit_forward_pixel_lanes),
+    _Path("channels in lanes", _always,
+          lambda g, width: _lanes_efficiency(g.out_channels, width),
+          _emit_forward_channel_lanes),
+)
+
+INPUT_GRAD_PATHS = (
+    _Path("as forward", _always, _input_grad_as_forward_efficiency,
+          _emit_input_grad_as_forward),
+    _Path("cols", _input_grad_by_cols_possible,
+          lambda g, width: g.pixels / _VectorCover.of(g.pixels, width).lanes,
+          _emit_input_grad_by_cols),
+    _Path("batch in lanes", _input_grad_batch_lanes_possible,
+          _input_grad_batch_lanes_efficiency, _emit_input_grad_batch_lanes),
+)
+
+# Channels in lanes win ties: the dot products' partial sums in every lane are added up
+# after every call, and their g is copied per sample (the conv net, 32-64 channels:
+# 69-82 GFLOP/s against 86-88).
+WEIGHT_GRAD_PATHS = (
+    _Path("channels in lanes", _always,
+          lambda g, width: _lanes_efficiency(g.out_channels, width),
+          _emit_weight_grad_channel_lanes),
+    _Path("pixels in lanes", _stride_one, lambda g, width: g.out_w / g.padded_w,
+          _emit_weight_grad_pixel_lanes),
+)

@@ -1,0 +1,397 @@
+"""Sum over axes, and the vector reduction helpers the softmax kernels share.
+
+After `collapse_dims` a sum is one of three loop nests, chosen by whether x's innermost dim is
+reduced and whether anything is kept:
+
+  * total (everything reduced, e.g. a loss): one contiguous span. Large ones run in two
+    phases: each thread sums whole TOTAL_BLOCK blocks into `scratch`, then thread 0 sums the
+    block results in order.
+  * row sums (innermost dim reduced: axis -1 of (N, C); conv bias gradients, axes (0, 2, 3)
+    of (N, C, H, W) = [N reduced, C kept, HW reduced]): threads split the outputs; each
+    output sums contiguous spans with vector accumulators, folded to a scalar once. When a
+    reduced dim lies outside a kept one (the conv bias gradient's N) and the outputs are
+    few, the reduced dims are the outer loops and each output's running total a stack
+    vector: x is read in memory order (LeNet's (64, 6, 28, 28): 23 -> 19.5 us), each
+    output adding the same spans in the same order as output by output.
+  * column sums (innermost dim kept: axis 0 of (N, C), the bias gradient of `linear`): threads
+    split chunks of COLUMN_CHUNK_VECTORS vectors of out; each chunk accumulates rows of x in
+    registers and is stored once.
+
+Every output is computed by the same instructions whichever thread owns it, and partial
+results are combined in a fixed order, so results do not depend on the thread count.
+Accumulation is float32 in blocks (SPAN_BLOCK floats, ROW_BLOCK rows) whose results are added
+into running totals: rounding error grows with the block length plus the number of blocks,
+not with the whole length.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable, Sequence
+
+import llvmlite.ir as ir
+
+from graphc.backend.emit.kernel import Kernel, phase_args, phase_function
+from graphc.backend.emit.kernel_builder import F32, I32, KernelBuilder, shared_constant
+from graphc.backend.kernels.layout import (collapse_dims, contiguous_strides, declare_intrinsic, dot_offset, emit_copy, entry_alloca, for_each_vector, load_lanes, only_thread_zero, open_phase, store_lanes, strided_loops, unflatten_index, vector_lanes, vector_suffix, zero_floats)
+
+__all__ = ["emit_sum"]
+
+# Independent accumulators of a span loop: enough to hide the latency of vector adds.
+SPAN_ACCUMULATORS = 4
+# Floats per block of a contiguous span sum (4 KiB; 32 per lane with 4 accumulators of 8).
+SPAN_BLOCK = 1024
+# Rows of x per block of a column sum.
+ROW_BLOCK = 64
+# Width of a column-sum work item in vectors: four accumulators, one 128-byte run per row.
+COLUMN_CHUNK_VECTORS = 4
+# A total over fewer floats is summed by one thread: two phases would cost more than they save.
+PARALLEL_TOTAL_MIN = 32768
+# Floats per work unit of a parallel total; one scratch float each.
+TOTAL_BLOCK = 8192
+
+# Most outputs of a row sum that reads x in memory order (one stack vector each: 16 KB with
+# 8-lane vectors).
+MEMORY_ORDER_OUTPUTS = 512
+
+# The identity of float addition that LLVM may fold away: x + -0.0 == x for every x.
+SUM_IDENTITY = -0.0
+
+Combine = Callable[[KernelBuilder, ir.Value, ir.Value], ir.Value]
+
+
+def vector_add(kb: KernelBuilder, a: ir.Value, b: ir.Value) -> ir.Value:
+    return kb.fadd(a, b)
+
+
+def vector_max(kb: KernelBuilder, a: ir.Value, b: ir.Value) -> ir.Value:
+    """Lanewise max (one vmaxps). A NaN may be dropped here; callers that exponentiate
+    `x - max` get the NaN back through the sum of exponentials."""
+    return kb.b.select(kb.b.fcmp_ordered(">", a, b), a, b)
+
+
+class VectorAccumulators:
+    """Running vector values kept in entry-block stack slots, promoted to registers by LLVM;
+    they can be updated inside any number of nested `for_range` loops."""
+
+    def __init__(self, kb: KernelBuilder, count: int, identity: float, combine: Combine,
+                 name: str = "acc"):
+        self.kb, self.identity, self.combine = kb, identity, combine
+        self.slots = [entry_alloca(kb, kb.vec_type, f"{name}{i}") for i in range(count)]
+
+    def reset(self) -> None:
+        for slot in self.slots:
+            self.kb.b.store(self.kb.splat(self.identity), slot)
+
+    def update(self, index: int, value: ir.Value) -> None:
+        slot = self.slots[index]
+        self.kb.b.store(self.combine(self.kb, self._load(slot), value), slot)
+
+    def update_all(self, values: Sequence[ir.Value]) -> None:
+        for index, value in enumerate(values):
+            self.update(index, value)
+
+    def values(self) -> list[ir.Value]:
+        return [self._load(slot) for slot in self.slots]
+
+    def _load(self, slot: ir.Value) -> ir.Value:
+        return self.kb.b.load(slot, typ=self.kb.vec_type)
+
+
+def tree_combine(kb: KernelBuilder, values: Sequence[ir.Value], combine: Combine) -> ir.Value:
+    """Combine values pairwise, ((a+b)+(c+d)) style."""
+    values = list(values)
+    while len(values) > 1:
+        paired = [combine(kb, a, b) for a, b in zip(values[::2], values[1::2])]
+        values = paired + values[len(paired) * 2:]
+    return values[0]
+
+
+def horizontal_sum(kb: KernelBuilder, vector: ir.Value) -> ir.Value:
+    """Sum of a vector's lanes (a shuffle tree: `reassoc` lets LLVM pick the order, which is
+    still fixed for a given target)."""
+    reduce = declare_intrinsic(kb.module, f"llvm.vector.reduce.fadd.{vector_suffix(kb)}", F32,
+                               [F32, kb.vec_type])
+    return kb.b.call(reduce, [kb.f32(SUM_IDENTITY), vector], fastmath=("reassoc",))
+
+
+def horizontal_max(kb: KernelBuilder, vector: ir.Value) -> ir.Value:
+    """Max of a vector's lanes, by halving: llvm.vector.reduce.fmax would add NaN checks
+    at every step (maxnum semantics) that `vector_max` does without."""
+    lanes = kb.width
+    while lanes > 1:
+        lanes //= 2
+        # Upper half of the live lanes onto the lower half; the other lanes become don't-cares.
+        upper = kb.b.shuffle_vector(vector, shared_constant(kb.vec_type, ir.Undefined),
+                                    shared_constant(ir.VectorType(I32, kb.width),
+                                                    tuple((lane + lanes) % kb.width for lane in range(kb.width))))
+        vector = vector_max(kb, vector, upper)
+    return kb.b.extract_element(vector, ir.Constant(I32, 0))
+
+
+PartialSums = Callable[[ir.Value, int], list[ir.Value]]
+
+
+def blocked_sum(kb: KernelBuilder, n: int, block: int, n_vectors: int,
+                partial_sums: PartialSums) -> list[ir.Value]:
+    """Sum over items range(n) one block at a time.
+
+    partial_sums(start, count) emits the sums (`n_vectors` vectors, in fresh accumulators)
+    of items [start, start + count); the blocks' sums are added into running totals.
+    """
+    if n <= block:
+        return partial_sums(kb.i64(0), n)
+    whole_blocks, rest = divmod(n, block)
+    totals = VectorAccumulators(kb, n_vectors, SUM_IDENTITY, vector_add, name="total")
+    totals.reset()
+    with kb.for_range(0, whole_blocks * block, step=block, name="block") as start:
+        totals.update_all(partial_sums(start, block))
+    if rest:
+        totals.update_all(partial_sums(kb.i64(whole_blocks * block), rest))
+    return totals.values()
+
+
+def span_reduce(kb: KernelBuilder, ptr: ir.Value, start: ir.Value, count: int,
+                identity: float, combine: Combine) -> ir.Value:
+    """Lanewise reduction of the floats ptr[start:][:count] to one vector (unblocked)."""
+    n_accumulators = max(1, min(SPAN_ACCUMULATORS, len(vector_lanes(kb, count))))
+    accumulators = VectorAccumulators(kb, n_accumulators, identity, combine)
+    accumulators.reset()
+
+    def accumulate(index: ir.Value, lanes: int, slot: int) -> None:
+        accumulators.update(slot, load_lanes(kb, ptr, index, lanes, fill=identity))
+
+    for_each_vector(kb, start, count, accumulate, unroll=n_accumulators)
+    return tree_combine(kb, accumulators.values(), combine)
+
+
+def span_sum(kb: KernelBuilder, ptr: ir.Value, start: ir.Value, count: int) -> ir.Value:
+    """Lanewise sum of ptr[start:][:count] as one vector (add its lanes for the total)."""
+    def block_sum(block_start: ir.Value, block_count: int) -> list[ir.Value]:
+        return [span_reduce(kb, ptr, kb.add(start, block_start), block_count,
+                            SUM_IDENTITY, vector_add)]
+    return blocked_sum(kb, count, SPAN_BLOCK, 1, block_sum)[0]
+
+
+def span_max(kb: KernelBuilder, ptr: ir.Value, start: ir.Value, count: int) -> ir.Value:
+    """Lanewise max of ptr[start:][:count] as one vector (-inf in lanes that saw nothing)."""
+    return span_reduce(kb, ptr, start, count, -math.inf, vector_max)
+
+
+ChunkBody = Callable[[ir.Value, ir.Value, int], None]
+
+
+def for_each_column_chunk(kb: KernelBuilder, tid: ir.Value, nthreads: ir.Value,
+                          outer_sizes: Sequence[int], outer_x_strides: Sequence[int],
+                          outer_out_strides: Sequence[int], columns: int,
+                          emit_chunk: ChunkBody,
+                          chunk_vectors: int = COLUMN_CHUNK_VECTORS) -> None:
+    """Split (outer index, chunk of `columns` contiguous floats) work items between threads.
+
+    Chunks are `chunk_vectors` vectors wide; the last of a row of chunks may be
+    narrower. emit_chunk(x_start, out_start, chunk_width) emits one item's work, given where
+    its first column lies in x and in out (outer offsets from the stride lists).
+    """
+    chunk = chunk_vectors * kb.width
+    n_chunks = math.ceil(columns / chunk)
+    last_chunk = columns - (n_chunks - 1) * chunk
+    grid = list(outer_sizes) + [n_chunks]
+    lo, hi = kb.split_range(math.prod(grid), tid, nthreads)
+    with kb.for_range(lo, hi, name="chunk") as item:
+        indices = unflatten_index(kb, item, grid)
+        x_start = dot_offset(kb, indices, list(outer_x_strides) + [chunk])
+        out_start = dot_offset(kb, indices, list(outer_out_strides) + [chunk])
+        if n_chunks == 1 or last_chunk == chunk:
+            emit_chunk(x_start, out_start, last_chunk)
+        else:
+            is_last = kb.b.icmp_signed("==", indices[-1], kb.i64(n_chunks - 1))
+            with kb.b.if_else(is_last) as (last, whole):
+                with last:
+                    emit_chunk(x_start, out_start, last_chunk)
+                with whole:
+                    emit_chunk(x_start, out_start, chunk)
+
+
+# ---------------------------------------------------------------------------- emit_sum
+
+def emit_sum(module: ir.Module, name: str, x_shape: Sequence[int], axes: Sequence[int], *,
+             max_threads: int, width: int | None = None) -> Kernel:
+    """out = x.sum(axes): in0 float32 of x_shape; out holds the kept dims in order (keepdims
+    changes only the shape). `axes` is a sorted tuple of distinct dims.
+
+    `width` overrides the host's vector width (tests use it to cover other hosts' tails).
+    """
+    x_shape, axes = tuple(x_shape), tuple(axes)
+    if list(axes) != sorted(set(axes)) or any(not 0 <= a < len(x_shape) for a in axes):
+        raise ValueError(f"axes {axes} must be sorted, distinct dims of a {len(x_shape)}-D x")
+    kept_shape = [d for i, d in enumerate(x_shape) if i not in axes]
+    kept_strides = iter(contiguous_strides(kept_shape))
+    # A reduced dim moves x but not out: its out stride is 0.
+    out_strides = [0 if i in axes else next(kept_strides) for i in range(len(x_shape))]
+    sizes, (in_strides, out_strides) = collapse_dims(x_shape, contiguous_strides(x_shape),
+                                                     out_strides)
+    n_out = math.prod(kept_shape)
+    if math.prod(x_shape) == 0:
+        return _emit_zeros(module, name, n_out)
+    reduced = [d for d, stride in enumerate(out_strides) if stride == 0]
+    if not reduced:  # only size-1 dims were reduced
+        return emit_copy(module, name, n_out, max_threads=max_threads, width=width)
+    if len(reduced) == len(sizes):
+        return _emit_total(module, name, sizes[0], max_threads, width)
+    if reduced[-1] == len(sizes) - 1:
+        return _emit_row_sums(module, name, sizes, in_strides, out_strides, width)
+    return _emit_column_sums(module, name, sizes, in_strides, out_strides, width)
+
+
+def _emit_zeros(module: ir.Module, name: str, n: int) -> Kernel:
+    """The sum over an empty axis."""
+    fn, kb = phase_function(module, name, 1)
+    out, _, _, tid, _ = phase_args(fn)
+    only_thread_zero(kb, tid)
+    zero_floats(kb, out, 0, n)
+    kb.b.ret_void()
+    return Kernel([fn])
+
+
+def _emit_total(module: ir.Module, name: str, n: int, max_threads: int,
+                width: int | None) -> Kernel:
+    """out[0] = sum of all n floats of x."""
+    if max_threads == 1 or n < PARALLEL_TOTAL_MIN:
+        fn, kb = open_phase(module, name, 1, width)
+        out, (x,), _, tid, _ = phase_args(fn)
+        only_thread_zero(kb, tid)
+        kb.store(horizontal_sum(kb, span_sum(kb, x, kb.i64(0), n)), out)
+        kb.b.ret_void()
+        return Kernel([fn])
+
+    n_blocks = math.ceil(n / TOTAL_BLOCK)
+    last_block_length = n - (n_blocks - 1) * TOTAL_BLOCK
+    partials, kb = open_phase(module, f"{name}_block_sums", 1, width)
+    _, (x,), scratch, tid, nthreads = phase_args(partials)
+    lo, hi = kb.split_range(n_blocks, tid, nthreads)
+
+    def store_block_sum(block: ir.Value, length: int) -> None:
+        block_sum = span_sum(kb, x, kb.mul(block, TOTAL_BLOCK), length)
+        kb.store(horizontal_sum(kb, block_sum), scratch, block)
+
+    # The last block may be short; the last thread (the only one whose hi is n_blocks) owns it.
+    with kb.for_range(lo, kb.min(hi, n_blocks - 1), name="block") as block:
+        store_block_sum(block, TOTAL_BLOCK)
+    with kb.if_then(kb.b.icmp_signed("==", hi, kb.i64(n_blocks))):
+        store_block_sum(kb.i64(n_blocks - 1), last_block_length)
+    kb.b.ret_void()
+
+    combine, kb = open_phase(module, f"{name}_combine", 1, width)
+    out, _, scratch, tid, _ = phase_args(combine)
+    only_thread_zero(kb, tid)
+    kb.store(horizontal_sum(kb, span_sum(kb, scratch, kb.i64(0), n_blocks)), out)
+    kb.b.ret_void()
+    return Kernel([partials, combine], scratch_floats=n_blocks)
+
+
+def _emit_row_sums(module: ir.Module, name: str, sizes: Sequence[int],
+                   in_strides: Sequence[int], out_strides: Sequence[int],
+                   width: int | None) -> Kernel:
+    """Collapsed sum whose innermost dim is reduced: each output is a sum of contiguous rows
+    of x (one per index of the outer reduced dims)."""
+    fn, kb = open_phase(module, name, 1, width)
+    out, (x,), _, tid, nthreads = phase_args(fn)
+    kept = [d for d, stride in enumerate(out_strides) if stride]
+    outer_reduced = [d for d, stride in enumerate(out_strides[:-1]) if not stride]
+    kept_sizes = [sizes[d] for d in kept]
+    row_length = sizes[-1]
+
+    lo, hi = kb.split_range(math.prod(kept_sizes), tid, nthreads)
+    reduced_outside_kept = bool(outer_reduced) and outer_reduced[0] < kept[-1]
+    if reduced_outside_kept and math.prod(kept_sizes) <= MEMORY_ORDER_OUTPUTS:
+        _emit_row_sums_in_memory_order(kb, x, out, lo, hi, sizes, in_strides, kept,
+                                       outer_reduced)
+        kb.b.ret_void()
+        return Kernel([fn])
+    total = VectorAccumulators(kb, 1, SUM_IDENTITY, vector_add, name="total")
+    with kb.for_range(lo, hi, name="out") as index:
+        base = dot_offset(kb, unflatten_index(kb, index, kept_sizes),
+                          [in_strides[d] for d in kept])
+        total.reset()
+        with strided_loops(kb, [sizes[d] for d in outer_reduced],
+                           [in_strides[d] for d in outer_reduced], base) as row_start:
+            total.update(0, span_sum(kb, x, row_start, row_length))
+        kb.store(horizontal_sum(kb, total.values()[0]), out, index)
+    kb.b.ret_void()
+    return Kernel([fn])
+
+
+def _emit_row_sums_in_memory_order(kb: KernelBuilder, x: ir.Value, out: ir.Value, lo: ir.Value,
+                                   hi: ir.Value, sizes: Sequence[int],
+                                   in_strides: Sequence[int], kept: list[int],
+                                   outer_reduced: list[int]) -> None:
+    """`_emit_row_sums` with the outer reduced dims as the outer loops: x is read in memory
+    order (the bias gradient of a conv: per sample, each channel's plane in turn), one
+    running vector total per output in a stack array. Each output still adds up the same
+    rows in the same order: the results are those of the output-major loops."""
+    kept_sizes = [sizes[d] for d in kept]
+    n_kept = math.prod(kept_sizes)
+    with kb.b.goto_entry_block():
+        totals = kb.b.alloca(kb.vec_type, size=kb.i64(n_kept), name="totals")
+
+    def total(index: ir.Value) -> ir.Value:
+        return kb.b.gep(totals, [index], source_etype=kb.vec_type)
+
+    with kb.for_range(lo, hi, name="out") as index:
+        kb.b.store(kb.splat(SUM_IDENTITY), total(index))
+    with strided_loops(kb, [sizes[d] for d in outer_reduced],
+                       [in_strides[d] for d in outer_reduced], kb.i64(0)) as rows_start:
+        with kb.for_range(lo, hi, name="out") as index:
+            row_start = dot_offset(kb, unflatten_index(kb, index, kept_sizes),
+                                   [in_strides[d] for d in kept], rows_start)
+            running = kb.b.load(total(index), typ=kb.vec_type)
+            kb.b.store(kb.fadd(running, span_sum(kb, x, row_start, sizes[-1])), total(index))
+    with kb.for_range(lo, hi, name="out") as index:
+        kb.store(horizontal_sum(kb, kb.b.load(total(index), typ=kb.vec_type)), out, index)
+
+
+def _emit_column_sums(module: ir.Module, name: str, sizes: Sequence[int],
+                      in_strides: Sequence[int], out_strides: Sequence[int],
+                      width: int | None) -> Kernel:
+    """Collapsed sum whose innermost dim is kept: out's innermost run of `columns` floats is a
+    vector sum of runs of x, one per index of the reduced dims."""
+    fn, kb = open_phase(module, name, 1, width)
+    out, (x,), _, tid, nthreads = phase_args(fn)
+    columns = sizes[-1]
+    outer_kept = [d for d, stride in enumerate(out_strides[:-1]) if stride]
+    reduced = [d for d, stride in enumerate(out_strides) if not stride]
+
+    def emit_chunk(x_start: ir.Value, out_start: ir.Value, chunk_width: int) -> None:
+        lanes = vector_lanes(kb, chunk_width)
+        sums = _column_chunk_sums(kb, x, x_start, lanes, [sizes[d] for d in reduced],
+                                  [in_strides[d] for d in reduced])
+        for v, (value, n_lanes) in enumerate(zip(sums, lanes)):
+            store_lanes(kb, value, out, kb.add(out_start, v * kb.width), n_lanes)
+
+    for_each_column_chunk(kb, tid, nthreads, [sizes[d] for d in outer_kept],
+                          [in_strides[d] for d in outer_kept],
+                          [out_strides[d] for d in outer_kept], columns, emit_chunk)
+    kb.b.ret_void()
+    return Kernel([fn])
+
+
+def _column_chunk_sums(kb: KernelBuilder, x: ir.Value, x_start: ir.Value, lanes: list[int],
+                       reduced_sizes: Sequence[int], reduced_strides: Sequence[int]
+                       ) -> list[ir.Value]:
+    """Vector sums of the runs x[x_start + offset:][:sum(lanes)] over every offset of the
+    reduced dims; the innermost reduced dim is summed in blocks of ROW_BLOCK rows."""
+    *outer_sizes, rows = reduced_sizes
+    *outer_strides, row_stride = reduced_strides
+    totals = VectorAccumulators(kb, len(lanes), SUM_IDENTITY, vector_add, name="total")
+    totals.reset()
+    with strided_loops(kb, outer_sizes, outer_strides, x_start) as rows_start:
+        def block_sums(first_row: ir.Value, n_rows: int) -> list[ir.Value]:
+            sums = VectorAccumulators(kb, len(lanes), SUM_IDENTITY, vector_add)
+            sums.reset()
+            with kb.for_range(first_row, kb.add(first_row, n_rows), name="row") as row:
+                run_start = kb.add(rows_start, kb.mul(row, row_stride))
+                for v, n_lanes in enumerate(lanes):
+                    sums.update(v, load_lanes(kb, x, kb.add(run_start, v * kb.width), n_lanes))
+            return sums.values()
+
+        totals.update_all(blocked_sum(kb, rows, ROW_BLOCK, len(lanes), block_sums))
+    return totals.values()

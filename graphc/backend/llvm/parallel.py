@@ -1,0 +1,209 @@
+"""Compiling a program's LLVM modules to object code while the next module is generated.
+
+A large program is assembled as several modules (assemble.py, codegen/program_modules.py);
+LLVM's optimization and code generation of one module is independent of the others', so each
+is compiled on its own LLVM objects (context, module, target machine, pass builder and pass
+manager) and may run on any thread.
+
+`ObjectCompiler` overlaps that with IR generation: the assembler submits each module as soon
+as it is complete and goes on generating the next (Python, holding the GIL) while background
+threads compile it (native code, through llvmlite's public API; ctypes drops the GIL during
+each call). llvmlite serializes its calls with one process-wide lock, so the LLVM work of two
+modules does not overlap; what overlaps is LLVM's work with Python's. When generation is done,
+the caller's thread compiles what is still queued too. Queued modules are taken largest first,
+so that the last to finish are small ones.
+
+With one thread (GRAPHC_COMPILE_THREADS=1 or a one-core machine) everything is compiled serially
+on the caller's thread, as one module.
+
+The program's IR as text (`ProgramSpec.llvm_ir`, `CompiledFunction.llvm_ir`) is the modules
+one after the other; each starts with its `; ModuleID = ...` line, which `split_modules` uses
+to take them apart again.
+"""
+from __future__ import annotations
+
+import contextlib
+import itertools
+import math
+import os
+import queue
+import re
+import threading
+import warnings
+from concurrent.futures import Future
+
+import llvmlite.binding as llvm
+
+import graphc_runtime as rt
+
+from graphc.backend.llvm import target as host
+from graphc.backend.llvm.worker_process import WorkerProcess
+
+__all__ = ["COMPILE_THREADS_VARIABLE", "compile_threads", "compile_module", "compile_modules",
+           "split_modules", "ObjectCompiler"]
+
+COMPILE_THREADS_VARIABLE = "GRAPHC_COMPILE_THREADS"
+MAX_COMPILE_THREADS = 256   # more would only be idle threads, each holding a target machine
+_MODULE_HEADER = re.compile(r"^; ModuleID = ", re.MULTILINE)
+
+
+def compile_threads() -> int:
+    """Threads that compile a program: $GRAPHC_COMPILE_THREADS, else the usable CPUs."""
+    default = rt.usable_cpu_count()
+    text = os.environ.get(COMPILE_THREADS_VARIABLE, "").strip()
+    if not text:
+        return default
+    try:
+        count = int(text)
+        if not 1 <= count <= MAX_COMPILE_THREADS:
+            raise ValueError(text)
+        return count
+    except ValueError:
+        warnings.warn(f"{COMPILE_THREADS_VARIABLE}={text!r} is not an integer in [1, {MAX_COMPILE_THREADS}]; "
+                      f"compiling on {default} threads (the usable CPUs)", RuntimeWarning, stacklevel=2)
+        return default
+
+
+def split_modules(program_ir: str) -> list[str]:
+    """The modules of a program's IR text (one or more modules, each from its ModuleID line on)."""
+    starts = [match.start() for match in _MODULE_HEADER.finditer(program_ir)]
+    if not starts or starts[0] != 0 and program_ir[:starts[0]].strip():
+        starts = [0] + starts   # text before the first header: a module without one
+    ends = starts[1:] + [len(program_ir)]
+    return [program_ir[start:end] for start, end in zip(starts, ends)]
+
+
+def compile_module(ir_text: str, *, isolated: bool) -> bytes:
+    """Object code of one module.
+
+    isolated: on LLVM objects of this call's own (context, module, target machine, pass
+    builder), so that it may run on any thread. Otherwise in the global context with the
+    shared target machine.
+    """
+    if not isolated:
+        return host.compile_to_object(ir_text)
+    with contextlib.ExitStack() as owned:
+        # Closed in reverse order: the module before its context, the pass builder before the
+        # target machine it points to.
+        context = owned.enter_context(llvm.create_context())
+        module = owned.enter_context(llvm.parse_assembly(ir_text, context))
+        module.verify()
+        target_machine = owned.enter_context(host.new_jit_target_machine())
+        host.set_target(module, target_machine)
+        builder = owned.enter_context(host.pass_builder(target_machine))
+        manager = owned.enter_context(host.module_pass_manager())
+        manager.run(module, builder)
+        return target_machine.emit_object(module)
+
+
+def compile_modules(ir_texts: list[str], threads: int | None = None) -> list[bytes]:
+    """Object code of each module, in order, compiled on up to `threads` threads."""
+    with ObjectCompiler(threads) as compiler:
+        for text in ir_texts:
+            compiler.submit(text)
+        return compiler.objects()
+
+
+class ObjectCompiler:
+    """Compiles submitted modules in the background; `objects()` returns their object code.
+
+    Use as a context manager: leaving it cancels what was not compiled yet and waits for the
+    background threads, so no compilation outlives the block.
+    """
+
+    def __init__(self, threads: int | None = None):
+        self.threads = compile_threads() if threads is None else max(1, threads)
+        self._isolated = self.threads > 1
+        # (priority, submission number, IR text, future): largest module first; the shutdown
+        # markers, (inf, n, None, None), after every job.
+        self._jobs: queue.PriorityQueue = queue.PriorityQueue()
+        self._order = itertools.count()
+        self._futures: list[Future] = []
+        self._workers: list[threading.Thread] = []
+        self._processes_started = False
+        if self._isolated:
+            # One thread compiles in this process, beside the caller's generating the next
+            # module; worker processes join from a program's second module on (a one-module
+            # program is not worth starting a process).
+            self._start_worker(self._work_here)
+
+    def submit(self, ir_text: str) -> None:
+        future: Future = Future()
+        self._futures.append(future)
+        self._jobs.put((-len(ir_text), next(self._order), ir_text, future))
+        if self._isolated and len(self._futures) == 2:
+            self._processes_started = True
+            for _ in range(self.threads - 1):
+                self._start_worker(self._work_in_process)
+
+    def _start_worker(self, loop) -> None:
+        worker = threading.Thread(target=loop, name=f"graphc-compile-{len(self._workers)}", daemon=True)
+        worker.start()
+        self._workers.append(worker)
+
+    def objects(self) -> list[bytes]:
+        """Object code of every submitted module, in submission order; raises the first error."""
+        self._run_queued()
+        return [future.result() for future in self._futures]
+
+    def close(self) -> None:
+        for future in self._futures:
+            future.cancel()          # only those no thread started
+        for _ in self._workers:
+            self._jobs.put((math.inf, next(self._order), None, None))
+        for worker in self._workers:
+            worker.join()
+        self._workers = []
+
+    def __enter__(self) -> ObjectCompiler:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+    def _work_here(self) -> None:
+        """Compile in this process until worker processes take over: then it would only take
+        turns with the caller's thread at llvmlite's lock."""
+        while (job := self._jobs.get())[2] is not None:
+            self._run(job)
+            if self._processes_started:
+                return
+
+    def _work_in_process(self) -> None:
+        """Compile jobs in a worker process of this thread's own, started on its first job."""
+        worker, started = None, False
+        try:
+            while (job := self._jobs.get())[2] is not None:
+                if not started:
+                    started = True
+                    try:
+                        worker = WorkerProcess(host.worker_settings())
+                    except OSError:   # no process to be had: compile here, taking turns
+                        worker = None
+                self._run(job, worker.compile if worker is not None else None)
+        finally:
+            if worker is not None:
+                worker.close()
+
+    def _run_queued(self) -> None:
+        while True:
+            try:
+                job = self._jobs.get_nowait()
+            except queue.Empty:
+                return
+            if job[2] is None:       # a shutdown marker: leave it for a worker
+                self._jobs.put(job)
+                return
+            self._run(job)
+
+    def _run(self, job, compile_text=None) -> None:
+        _, _, ir_text, future = job
+        if not future.set_running_or_notify_cancel():
+            return
+        try:
+            if compile_text is None:
+                future.set_result(compile_module(ir_text, isolated=self._isolated))
+            else:
+                future.set_result(compile_text(ir_text))
+        except BaseException as error:  # delivered to whoever asks for the objects
+            future.set_exception(error)

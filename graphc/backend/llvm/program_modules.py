@@ -1,0 +1,129 @@
+"""Placing a program's kernels into LLVM modules small enough to compile in parallel.
+
+LLVM optimizes and emits one module on one thread, so a program built as one module compiles on
+one core. Here kernels go, in the order assemble.py generates them (by family, then label), into
+a module until it holds about `budget` LLVM instructions and the next kernel is of another group
+(label); that module is then finished (turned into text and handed to `on_module`, which may
+start compiling it while the next one is generated) and a new one begun. The last module also
+receives the entry, which calls the phases of every kernel: the phases of earlier modules are
+made external and declared in the last one; those in the last stay internal. Helper functions
+(GEMM micro-kernels, intrinsics) are per module, so a module that needs one makes its own copy:
+the price of splitting, paid in compile time only, and kept small by generating kernels by
+family and not cutting a group (LeNet-5's step copies 23 of 9,271 instructions; 838 of 10,046
+when a module could end inside a group, 2,430 of 10,816 in schedule order). Sharing one
+external copy across the modules instead made LeNet-5's step 15-45% slower: an internal helper's constant arguments
+(strides, flags) are propagated into it by LLVM when every caller in its module passes the same
+ones, which a register tile short of registers needs.
+
+Instructions stand in for compile time: what LLVM spends on a kernel grows with its size, and
+counting them is cheap next to generating them. A program under the budget stays one module,
+exactly as with splitting off.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import llvmlite.ir as ir
+
+from graphc.backend.llvm import parallel
+from graphc.backend.emit.kernel import Kernel
+from graphc.backend.llvm.target import new_module
+
+__all__ = ["INSTRUCTIONS_PER_MODULE", "default_budget", "ProgramModules"]
+
+# About 0.1-0.15 s of LLVM work on this project's machines (LeNet-5's step: ~9k instructions,
+# ~0.5-0.6 s on one thread): large enough that the fixed cost of a module (~2 ms) and its copies
+# of shared helpers stay small, small enough that the modules compiled after generation ends
+# make a short tail. 800, 1200 and 3000 measured the same or slower on LeNet-5's cold compile.
+INSTRUCTIONS_PER_MODULE = 2000
+
+
+def default_budget() -> int | None:
+    """Instructions per module: None (everything in one module) when compiling on one thread."""
+    return None if parallel.compile_threads() == 1 else INSTRUCTIONS_PER_MODULE
+
+
+class ProgramModules:
+    """The modules of one program: add kernels, then build the entry in `module`, then `finish()`."""
+
+    def __init__(self, name: str, budget: int | None, on_module: Callable[[str], None] | None = None):
+        self.name = name
+        self.budget = budget
+        self.on_module = on_module
+        self.texts: list[str] = []
+        self._declared: dict[str, ir.Function] = {}
+        self._begin_module()
+
+    @property
+    def module(self) -> ir.Module:
+        """The module being filled; the entry goes into the last one."""
+        return self._module
+
+    def add_kernel(self, build: Callable[[ir.Module], Kernel], group: object = None) -> Kernel:
+        """Build a kernel into the current module, or into a new one if the current is full.
+
+        Kernels of one `group` (assemble.py: the same label, so mostly the same helpers) stay
+        together in a full module, up to twice the budget: cut between them, the next module
+        compiled their helpers again. In LeNet-5's step the budget fell between its two
+        "gemm+bias+relu" GEMMs and between its two "gemm+ew" ones, copying 8 helpers (~1,500
+        instructions, a seventh of the program) into a second module.
+        """
+        if self.budget is not None and (self._size >= 2 * self.budget or
+                                        self._size >= self.budget and group != self._group):
+            self._finish_module(last=False)
+        kernel = build(self._module)
+        self._group = group
+        self._phases += kernel.phases
+        self._size += self._count_new_instructions()
+        return kernel
+
+    def callee(self, phase: ir.Function) -> ir.Function:
+        """`phase`, callable from the current module: itself, or its declaration there."""
+        if phase.module is self._module:
+            return phase
+        declaration = self._declared.get(phase.name)
+        if declaration is None:
+            declaration = ir.Function(self._module, phase.function_type, phase.name)
+            self._declared[phase.name] = declaration
+        return declaration
+
+    def finish(self) -> list[str]:
+        """Finish the last module; the text of every module, in order."""
+        self._finish_module(last=True)
+        return self.texts
+
+    def _begin_module(self) -> None:
+        self._module = new_module(self.name if not self.texts else f"{self.name}.part{len(self.texts)}")
+        self._group = None
+        self._size = 0
+        self._counted = 0
+        self._phases: list[ir.Function] = []
+
+    def _count_new_instructions(self) -> int:
+        values = list(self._module.globals.values())
+        added, self._counted = values[self._counted:], len(values)
+        return sum(len(block.instructions) for value in added if isinstance(value, ir.Function)
+                   for block in value.blocks)
+
+    def _finish_module(self, last: bool) -> None:
+        if not last:
+            # The entry, in a later module, calls them.
+            for phase in self._phases:
+                phase.linkage = "external"
+        _mark_nounwind(self._module)
+        text = str(self._module)
+        self.texts.append(text)
+        if self.on_module is not None:
+            self.on_module(text)
+        if not last:
+            self._begin_module()
+
+
+def _mark_nounwind(module: ir.Module) -> None:
+    """Tell LLVM that no function defined here unwinds: nothing in generated code throws (it
+    calls its own functions and C library routines, which do not unwind), and without unwind
+    tables the object has no .eh_frame section for the loader to map and register (LeNet-5's
+    step: 4 KiB of 71). The price: debuggers and profilers cannot walk the stack through it."""
+    for function in module.functions:
+        if function.blocks:
+            function.attributes.add("nounwind")

@@ -1,0 +1,237 @@
+"""How many threads a program should use on this host, from costs measured on this host.
+
+Splitting a program over n threads divides its work but adds a fork/join per call and a
+barrier after every kernel phase; on small steps those fixed costs exceed what splitting saves,
+and how much they cost depends on the CPU, its cores and the OS. So they are measured here, once
+per machine (cached beside the compiled code), never assumed:
+
+- `fork_join_s[n]`: one team run of an entry that does nothing, beyond a direct call;
+- `barrier_s[n]`: one barrier among n threads;
+- `flop_s`: a single thread's seconds per FLOP, on a GEMM step the compiler made;
+- `efficiency[n]`: how much of an n-fold speed-up that GEMM reached, fixed costs aside.
+
+`choose_thread_count` predicts a program's time at each thread count from its FLOPs and kernel
+phases and takes more threads only for a clear predicted gain (`MIN_SPEEDUP`): a wrong guess
+towards one thread costs a little speed, one towards more threads can cost a lot.
+"""
+from __future__ import annotations
+
+import ctypes
+import dataclasses
+import functools
+import hashlib
+import json
+import threading
+import time
+
+import llvmlite.ir as ir
+import numpy as np
+
+import graphc_runtime as rt
+from graphc_runtime.native_ir import library_from_ir
+
+__all__ = ["ThreadCosts", "choose_thread_count", "measured_thread_costs", "MIN_SPEEDUP"]
+
+# Predicted speed-up below which a program stays on one thread.
+MIN_SPEEDUP = 1.2
+# Barriers assumed per kernel: most kernels are one phase, GEMMs that pack B two.
+BARRIERS_PER_KERNEL = 2
+FORMAT_VERSION = 1
+
+
+@dataclasses.dataclass(frozen=True)
+class ThreadCosts:
+    """Measured costs (seconds); the dicts are keyed by thread count (2 and up)."""
+
+    flop_s: float
+    fork_join_s: dict[int, float]
+    barrier_s: dict[int, float]
+    efficiency: dict[int, float]
+
+    def predicted_seconds(self, flops: int, kernels: int, threads: int) -> float:
+        work = flops * self.flop_s
+        if threads == 1:
+            return work
+        barriers = BARRIERS_PER_KERNEL * kernels
+        return (work / (threads * self.efficiency[threads]) + self.fork_join_s[threads]
+                + barriers * self.barrier_s[threads])
+
+    def to_json(self) -> str:
+        return json.dumps({"version": FORMAT_VERSION, **dataclasses.asdict(self)})
+
+    @classmethod
+    def from_json(cls, text: str) -> "ThreadCosts":
+        data = json.loads(text)
+        if data.pop("version", None) != FORMAT_VERSION:
+            raise ValueError("another format version")
+        by_count = {key: {int(n): float(v) for n, v in data[key].items()}
+                    for key in ("fork_join_s", "barrier_s", "efficiency")}
+        costs = cls(flop_s=float(data["flop_s"]), **by_count)
+        if not (costs.flop_s > 0 and all(v > 0 for d in by_count.values() for v in d.values())):
+            raise ValueError("costs must be positive")
+        return costs
+
+
+def choose_thread_count(flops: int, kernels: int, requested: int, costs: ThreadCosts) -> int:
+    """The thread count, 1..requested, predicted fastest for a program of `flops` FLOPs in
+    `kernels` kernels; more than one only if predicted at least MIN_SPEEDUP times faster."""
+    alone = costs.predicted_seconds(flops, kernels, 1)
+    candidates = [n for n in range(2, requested + 1) if n in costs.fork_join_s]
+    if not candidates:
+        return 1
+    best = min(candidates, key=lambda n: costs.predicted_seconds(flops, kernels, n))
+    return best if alone >= MIN_SPEEDUP * costs.predicted_seconds(flops, kernels, best) else 1
+
+
+_lock = threading.Lock()
+
+
+def measured_thread_costs(max_threads: int) -> ThreadCosts:
+    """This host's costs up to `max_threads` threads: from the cache, else measured now."""
+    with _lock:
+        return _measured(max_threads)
+
+
+@functools.cache
+def _measured(max_threads: int) -> ThreadCosts:
+    cache = rt.ObjectCache()
+    key = _cache_key(max_threads)
+    stored = cache.get(key)
+    if stored is not None:
+        try:
+            return ThreadCosts.from_json(stored.decode("utf-8"))
+        except (ValueError, KeyError, TypeError, UnicodeDecodeError):
+            pass  # measured again below
+    costs = _measure(max_threads)
+    cache.put(key, costs.to_json().encode("utf-8"))
+    return costs
+
+
+def _cache_key(max_threads: int) -> str:
+    with open(__file__, "rb") as source:
+        digest = hashlib.sha256(source.read()).hexdigest()
+    host = rt.host.host_target()
+    return rt.make_key("thread-costs", host.triple, host.cpu, host.features, str(max_threads),
+                       str(rt.usable_cpu_count()), digest)
+
+
+# ---------------------------------------------------------------- measuring
+
+_REPEATS = 50       # calls per sample of the fixed costs (microseconds each)
+_GEMM_REPEATS = 10  # calls per sample of the GEMM (~0.1 ms each)
+_SAMPLES = 7        # the fastest sample counts: the others met interference
+_BARRIERS = 32
+
+
+def _measure(max_threads: int) -> ThreadCosts:
+    team = rt.default_team()
+    entry = _barrier_entry()
+    counts = range(2, max_threads + 1)
+    direct = _fastest(lambda: entry.run_direct(0))
+    fork_join = {n: max(_fastest(lambda n=n: entry.run(team, 0, n)) - direct, 1e-9) for n in counts}
+    barrier = {n: max((_fastest(lambda n=n: entry.run(team, _BARRIERS, n)) - direct - fork_join[n]) / _BARRIERS,
+                      1e-9) for n in counts}
+    flop_s, efficiency = _gemm_rates(counts, fork_join, barrier)
+    return ThreadCosts(flop_s=flop_s, fork_join_s=fork_join, barrier_s=barrier, efficiency=efficiency)
+
+
+def _fastest(call, repeats: int = _REPEATS) -> float:
+    """Seconds per call: the fastest of several samples' averages."""
+    call()
+    samples = []
+    for _ in range(_SAMPLES):
+        start = time.perf_counter()
+        for _ in range(repeats):
+            call()
+        samples.append((time.perf_counter() - start) / repeats)
+    return min(samples)
+
+
+def _gemm_rates(counts, fork_join: dict, barrier: dict) -> tuple[float, dict[int, float]]:
+    """A single thread's seconds per FLOP on a compiled GEMM, and the fraction of an n-fold
+    speed-up the same program reaches on n threads, its fixed costs taken off."""
+    program, feeds, flops = _gemm_program(max(counts, default=1))
+    previous = rt.get_num_threads()
+    try:
+        times = {}
+        for n in (1, *counts):
+            rt.set_num_threads(n)
+            times[n] = _fastest(lambda: program(**feeds), _GEMM_REPEATS)
+    finally:
+        rt.set_num_threads(previous)
+    efficiency = {}
+    for n in counts:
+        parallel_part = max(times[n] - fork_join[n] - BARRIERS_PER_KERNEL * barrier[n], 1e-12)
+        efficiency[n] = min(1.0, max(0.05, times[1] / (n * parallel_part)))
+    return times[1] / flops, efficiency
+
+
+def _gemm_program(max_threads: int):
+    """A GEMM step compiled for `max_threads` (not through `gc.compile`, whose thread count
+    is what is being calibrated), its feeds and FLOPs."""
+    from graphc.backend.emit.entry import ENTRY_NAME
+    from graphc.backend.compiler import Recipe, compile_recipe
+    from graphc.core.ir import Graph
+    from graphc.core.ops import matmul
+    from graphc.transforms import optimize
+
+    rows, inner, columns = 96, 256, 256
+    g = Graph("calibration")
+    x, w = g.input("x", (rows, inner)), g.param("w", (inner, columns))
+    optimized = optimize([matmul(x, w)])
+    recipe = Recipe(optimized.graph, optimized.outputs, dict(output_names=["out"], inplace={}, state_names=set(),
+                                                              max_threads=max_threads))
+    compiled = compile_recipe(recipe)
+    params = {"w": np.full((inner, columns), 0.01, np.float32)}
+    program = rt.Program(rt.NativeLibrary(compiled.objects), ENTRY_NAME, compiled.slots, params,
+                         max_threads=max_threads)
+    return program, {"x": np.full((rows, inner), 0.5, np.float32)}, 2 * rows * inner * columns
+
+
+class _BarrierEntry:
+    """An entry that runs `args[0]` barriers among the threads that call it: the fork/join of
+    a call with none, and a barrier's cost from the difference."""
+
+    def __init__(self, library):
+        self._library = library
+        self.address = library.address("graphc_calibration_entry")
+        self._count = np.zeros(1, np.int64)
+        self._argv = (ctypes.c_void_p * 1)(self._count.ctypes.data)
+        self._argv_address = ctypes.addressof(self._argv)
+        self._direct = rt.EntryFunction(self.address)
+
+    def run(self, team, barriers: int, nthreads: int) -> None:
+        self._count[0] = barriers
+        team.run(self.address, self._argv_address, nthreads)
+
+    def run_direct(self, barriers: int) -> None:
+        self._count[0] = barriers
+        self._direct(self._argv_address, 0, 1)
+
+
+@functools.cache
+def _barrier_entry() -> _BarrierEntry:
+    from graphc.backend.emit.entry import emit_barrier
+    from graphc.backend.emit.kernel_builder import I64, PTR
+
+    module = ir.Module("graphc-calibration")
+    module.triple = rt.host.host_target().triple
+    barrier = emit_barrier(module)
+    fn = ir.Function(module, ir.FunctionType(ir.VoidType(), [PTR, I64, I64]), "graphc_calibration_entry")
+    args, _, nthreads = fn.args
+    b = ir.IRBuilder(fn.append_basic_block("entry"))
+    count = b.load(b.load(args, typ=PTR), typ=I64)
+    loop, body, done = (fn.append_basic_block(name) for name in ("loop", "body", "done"))
+    start = b.block
+    b.branch(loop)
+    b.position_at_end(loop)
+    index = b.phi(I64)
+    index.add_incoming(ir.Constant(I64, 0), start)
+    b.cbranch(b.icmp_signed("<", index, count), body, done)
+    b.position_at_end(body)
+    b.call(barrier, [nthreads])
+    index.add_incoming(b.add(index, ir.Constant(I64, 1)), body)
+    b.branch(loop)
+    b.position_at_end(done)
+    b.ret_void()
+    return _BarrierEntry(library_from_ir("graphc-calibration", str(module), __file__))

@@ -1,0 +1,24 @@
+"""Parameter initialization."""
+from __future__ import annotations
+
+import numpy as np
+
+from graphc.core.ir import Graph
+
+
+def init_params(graph: Graph, seed: int = 0) -> dict[str, np.ndarray]:
+    """Fresh values for every param of `graph`, in declaration order, from one seeded generator.
+
+    He-normal (std = sqrt(2 / fan_in), fan_in = prod(shape[1:])) for params of 2+ dims, as suits
+    ReLU networks; zeros for biases and other 1-D params. C-contiguous, of each param's dtype.
+    """
+    rng = np.random.default_rng(seed)
+    values = {}
+    for name, param in graph.params.items():
+        if param.ndim >= 2:
+            fan_in = int(np.prod(param.shape[1:]))
+            value = rng.standard_normal(param.shape) * np.sqrt(2.0 / max(fan_in, 1))
+        else:
+            value = np.zeros(param.shape)
+        values[name] = np.ascontiguousarray(value, dtype=param.dtype)
+    return values

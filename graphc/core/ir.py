@@ -1,0 +1,352 @@
+"""The graph IR: a Graph is an append-only DAG of Tensors, one Tensor per node.
+
+A node has an op name, input nodes, hashable attrs and one typed output (static shape, dtype).
+Nodes are created in topological order (an op's inputs exist before it), so a graph's node list
+is always a valid schedule; graph algorithms beyond that go through `to_networkx()`.
+
+Every node records its provenance: `site`, the user's `file:line` that built it, and `grad_of`,
+the forward node whose gradient it helps compute (None for forward nodes).
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import math
+import numbers
+from collections.abc import Sequence
+from typing import Any, Iterable
+
+import networkx as nx
+import numpy as np
+
+from graphc.core.errors import ShapeError, at_user_line, user_site
+
+FLOAT_DTYPES = ("float32", "float64")
+INT_DTYPES = ("int32", "int64")
+SOURCE_OPS = ("input", "param", "constant", "fill")
+
+
+def normalize_dtype(dtype, what: str = "dtype") -> str:
+    """A graphc dtype's numpy name. None is refused: numpy would read it as float64."""
+    try:
+        name = np.dtype(dtype).name if dtype is not None else None
+    except TypeError:
+        name = None
+    if name is None:
+        raise TypeError(at_user_line(f"{what}: {dtype!r} is not a dtype; graphc tensors are one of "
+                                     f"{FLOAT_DTYPES + INT_DTYPES}"))
+    if name not in FLOAT_DTYPES + INT_DTYPES:
+        raise ValueError(at_user_line(f"{what}: unsupported dtype {name!r}: graphc tensors are one of "
+                                      f"{FLOAT_DTYPES + INT_DTYPES}"))
+    return name
+
+
+# ---- arguments: the one place that says what an int, a shape and a finite float are ----------------
+
+
+def is_int(value) -> bool:
+    """A Python or numpy integer. Never a bool: True would silently become the dimension 1."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def as_int(value, what: str) -> int:
+    """`value` as a Python int, or TypeError naming `what` (a float is refused, not truncated)."""
+    if not is_int(value):
+        raise TypeError(at_user_line(f"{what} must be an int, got {value!r} ({type(value).__name__})"))
+    return int(value)
+
+
+def as_int_tuple(values, what: str) -> tuple[int, ...]:
+    """A sequence of ints (a shape, axes) as a tuple of Python ints, or TypeError naming `what`."""
+    if not (isinstance(values, Sequence) and not isinstance(values, (str, bytes))
+            or isinstance(values, np.ndarray) and values.ndim == 1):
+        # a set would have no order, a string only digits; an int is not a shape in torch either
+        raise TypeError(at_user_line(f"{what} must be a tuple of ints, got {values!r}"))
+    values = tuple(values)
+    for value in values:
+        if not is_int(value):
+            raise TypeError(at_user_line(f"{what} must be a tuple of ints, got {values!r}: "
+                                         f"{value!r} is a {type(value).__name__}"))
+    return tuple(int(v) for v in values)
+
+
+def as_finite_float(value, what: str) -> float:
+    """A real number (Python or numpy, not a bool) as a finite Python float; TypeError or ValueError naming `what`."""
+    if not isinstance(value, numbers.Real) or isinstance(value, bool):
+        raise TypeError(at_user_line(f"{what} must be a number, got {value!r} ({type(value).__name__})"))
+    value = float(value)
+    if not math.isfinite(value):
+        raise ValueError(at_user_line(f"{what} must be finite, got {value!r}"))
+    return value
+
+
+def as_bool(value, what: str) -> bool:
+    """A flag: True or False (numpy's too); any other truthy value is more likely a mistake."""
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(at_user_line(f"{what} must be True or False, got {value!r} ({type(value).__name__})"))
+    return bool(value)
+
+
+def normalize_shape(shape, what: str) -> tuple[int, ...]:
+    """A declared shape as a tuple of Python ints, each >= 1.
+
+    An empty dimension would reach the code generator as a zero-sized GEMM or a division by a
+    batch of 0, so it is refused where the user wrote it."""
+    dims = as_int_tuple(shape, f"{what}: shape")
+    if any(d < 1 for d in dims):
+        raise ShapeError(at_user_line(f"{what}: graphc compiles static shapes with every dimension >= 1, "
+                                      f"got shape {dims}"))
+    return dims
+
+
+def constant_array(value, dtype, what: str) -> np.ndarray:
+    """`value` as an array of a graphc dtype: float32 or int32 unless `dtype` says otherwise.
+
+    Every value must survive the cast: an int beyond int32 would wrap, 1.5 would become 1 and
+    1e300 would become inf, each silently."""
+    array = np.asarray(value)
+    if array.dtype.kind not in "biuf":
+        raise TypeError(at_user_line(f"{what}: values must be ints or floats, got {_short_repr(value)} "
+                                     f"({array.dtype})"))
+    if array.dtype.kind == "b" and dtype is None:
+        raise TypeError(at_user_line(f"{what}: graphc has no bool tensors; give a dtype= for {_short_repr(value)}"))
+    target = normalize_dtype(dtype if dtype is not None else np.float32 if array.dtype.kind == "f" else np.int32, what)
+    with np.errstate(invalid="ignore", over="ignore"):
+        converted = array.astype(target)
+        changed = _changed_by_cast(array, converted)
+    if changed.any():
+        offender = array[changed].flat[0].item()
+        raise ValueError(at_user_line(f"{what}: value {offender!r} cannot be held exactly as {target}"
+                                      f"{' (it overflows)' if converted.dtype.kind == 'f' else ''}"))
+    return converted
+
+
+def _short_repr(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _changed_by_cast(source: np.ndarray, converted: np.ndarray) -> np.ndarray:
+    """Where a cast lost a value: wrapped or truncated ints, finite floats become infinite.
+
+    Rounding a float64 to float32 is the cast's purpose, not a loss."""
+    if converted.dtype.kind != "f":
+        return converted.astype(source.dtype) != source
+    if source.dtype.kind != "f":
+        return np.zeros(source.shape, bool)  # ints and bools fit float32's range
+    return np.isfinite(source) & ~np.isfinite(converted)
+
+
+class ConstArray:
+    """A numpy array held as a node attribute: hashable by content, so CSE can merge equal constants."""
+
+    __slots__ = ("array", "_digest")
+
+    def __init__(self, array: np.ndarray):
+        # a private C-ordered copy: np.ascontiguousarray would turn a 0-d array 1-d, and would
+        # share (then freeze) a caller's array
+        self.array = np.array(array, order="C", copy=True)
+        self.array.setflags(write=False)
+        h = hashlib.sha256(self.array.tobytes())
+        h.update(repr((self.array.shape, self.array.dtype.str)).encode())
+        self._digest = h.hexdigest()
+
+    @property
+    def digest(self) -> str:
+        """sha256 of the array's bytes, shape and dtype."""
+        return self._digest
+
+    def __hash__(self):
+        return hash(self._digest)
+
+    def __eq__(self, other):
+        return isinstance(other, ConstArray) and other._digest == self._digest
+
+    def __repr__(self):
+        if self.array.size <= 4:
+            return np.array2string(self.array, separator=",")
+        return f"<{self.array.dtype}{list(self.array.shape)} {self._digest[:8]}>"
+
+
+class Tensor:
+    """A node of a Graph and the value it produces."""
+
+    __slots__ = ("graph", "id", "op", "inputs", "attrs", "shape", "dtype", "name", "site", "grad_of", "__weakref__")
+
+    def __init__(self, graph, id, op, inputs, attrs, shape, dtype, name, site, grad_of):
+        self.graph = graph
+        self.id = id
+        self.op = op
+        self.inputs = inputs
+        self.attrs = attrs
+        self.shape = shape
+        self.dtype = dtype
+        self.name = name
+        self.site = site
+        self.grad_of = grad_of
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+    @property
+    def size(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64))
+
+    @property
+    def is_backward(self) -> bool:
+        return self.grad_of is not None
+
+    @property
+    def T(self) -> "Tensor":
+        from graphc.core.ops.shape import transpose
+        return transpose(self)
+
+    def __repr__(self):
+        label = f" {self.name!r}" if self.name else ""
+        return f"<Tensor %{self.id} {self.op}{label} {self.dtype}{list(self.shape)}>"
+
+    # Arithmetic with numpy broadcasting; Python scalars become constants of the expression.
+    def __add__(self, other): return _ew().add(self, other)
+    def __radd__(self, other): return _ew().add(other, self)
+    def __sub__(self, other): return _ew().sub(self, other)
+    def __rsub__(self, other): return _ew().sub(other, self)
+    def __mul__(self, other): return _ew().mul(self, other)
+    def __rmul__(self, other): return _ew().mul(other, self)
+    def __truediv__(self, other): return _ew().div(self, other)
+    def __rtruediv__(self, other): return _ew().div(other, self)
+    def __pow__(self, exponent): return _ew().power(self, exponent)
+    def __neg__(self): return _ew().neg(self)
+
+    def __matmul__(self, other):
+        from graphc.core.ops.linalg import matmul
+        return matmul(self, other)
+
+    def __rmatmul__(self, other):
+        from graphc.core.ops.linalg import matmul
+        return matmul(other, self)
+
+    # Tensors are graph nodes: identity is equality (networkx and dicts rely on it).
+    __hash__ = object.__hash__
+
+    def __bool__(self):
+        raise TypeError("a graphc Tensor is symbolic and has no truth value; evaluate it first")
+
+
+def _ew():
+    from graphc.core.ops import elementwise
+    return elementwise
+
+
+_graph_collectors: list[list] = []
+
+
+@contextlib.contextmanager
+def collect_graphs():
+    """Yields a list that receives every Graph created inside the block (for `graphc show`)."""
+    created: list = []
+    _graph_collectors.append(created)
+    try:
+        yield created
+    finally:
+        _graph_collectors.remove(created)
+
+
+class Graph:
+    """A static computation graph: inputs, trainable params, and the ops between them."""
+
+    def __init__(self, name: str = "graph"):
+        for collector in _graph_collectors:
+            collector.append(self)
+        self.name = name
+        self.nodes: list[Tensor] = []
+        self.inputs: dict[str, Tensor] = {}
+        self.params: dict[str, Tensor] = {}
+        self._grad_of_stack: list[Tensor] = []
+
+    # ---- declaring sources -------------------------------------------------------------
+    def input(self, name: str, shape, dtype="float32") -> Tensor:
+        """A value fed at every call (a minibatch, its labels)."""
+        return self._source("input", self.inputs, name, shape, dtype)
+
+    def param(self, name: str, shape, dtype="float32") -> Tensor:
+        """A trainable parameter; its values live outside the graph (see `gc.init_params`)."""
+        return self._source("param", self.params, name, shape, dtype)
+
+    def constant(self, value, dtype=None, name: str | None = None) -> Tensor:
+        """A fixed array baked into the graph (e.g. a fixed filter bank)."""
+        what = f"constant {name!r}" if name else "constant"
+        array = constant_array(value, dtype, what)
+        shape = normalize_shape(array.shape, what)
+        return self.add_node("constant", [], {"value": ConstArray(array)}, shape, array.dtype.name, name=name)
+
+    def _source(self, op, table, name, shape, dtype) -> Tensor:
+        if not isinstance(name, str):
+            raise TypeError(at_user_line(f"{op} name must be a string, got {name!r}"))
+        if not name:
+            raise ValueError(at_user_line(f"{op} name must be a non-empty string, got {name!r}"))
+        if name in self.inputs or name in self.params:
+            raise ValueError(at_user_line(f"graph {self.name!r} already has an input or param named {name!r}"))
+        what = f"{op} {name!r}"
+        node = self.add_node(op, [], {}, normalize_shape(shape, what), normalize_dtype(dtype, what), name=name)
+        table[name] = node
+        return node
+
+    # ---- adding nodes ------------------------------------------------------------------
+    def add_node(self, op: str, inputs: list[Tensor], attrs: dict[str, Any], shape, dtype: str,
+                 name: str | None = None, site: str | None = None) -> Tensor:
+        """Append a node. Ops call this after their type rule has accepted the operands."""
+        grad_of = self._grad_of_stack[-1] if self._grad_of_stack else None
+        node = Tensor(self, len(self.nodes), op, tuple(inputs), dict(attrs), tuple(shape), dtype,
+                      name, site or user_site(), grad_of)
+        self.nodes.append(node)
+        return node
+
+    @contextlib.contextmanager
+    def building_gradient_of(self, forward: Tensor):
+        """Nodes created inside this block are marked as computing the gradient of `forward`."""
+        self._grad_of_stack.append(forward)
+        try:
+            yield
+        finally:
+            self._grad_of_stack.pop()
+
+    # ---- graph algorithms --------------------------------------------------------------
+    def to_networkx(self) -> nx.MultiDiGraph:
+        """The graph as networkx: node ids, one edge per operand use (an op may use a value twice)."""
+        dg = nx.MultiDiGraph()
+        for node in self.nodes:
+            dg.add_node(node.id, tensor=node)
+            for index, operand in enumerate(node.inputs):
+                dg.add_edge(operand.id, node.id, operand_index=index)
+        return dg
+
+    def ancestors(self, outputs: Iterable[Tensor]) -> list[Tensor]:
+        """Every node `outputs` depend on, outputs included, in topological order."""
+        # Nodes are stored in topological order, so one backward sweep marks every ancestor:
+        # linear in the graph's size however many outputs there are.
+        needed = {out.id for out in outputs}
+        for node in reversed(self.nodes):
+            if node.id in needed:
+                needed.update(operand.id for operand in node.inputs)
+        return [self.nodes[i] for i in sorted(needed)]
+
+    # ---- inspection --------------------------------------------------------------------
+    def __str__(self) -> str:
+        from graphc.core.display import listing
+        return listing(self)
+
+    def __repr__(self) -> str:
+        return f"<Graph {self.name!r}: {len(self.nodes)} nodes, {len(self.inputs)} inputs, {len(self.params)} params>"
+
+    def to_dot(self, outputs: Iterable[Tensor] | None = None) -> str:
+        """Graphviz DOT text; backward nodes are drawn distinctly from forward ones."""
+        from graphc.core.display import to_dot
+        return to_dot(self, outputs)
+
+
+def check_same_graph(op: str, tensors: list[Tensor]) -> Graph:
+    graphs = {id(t.graph) for t in tensors}
+    if len(graphs) != 1:
+        raise ShapeError(f"{op}: operands belong to different graphs (at {user_site()})")
+    return tensors[0].graph

@@ -1,0 +1,119 @@
+"""Shape ops: reshape, flatten, transpose, broadcast_to, and sum_to (the adjoint of broadcasting)."""
+from __future__ import annotations
+
+import numpy as np
+
+from graphc.core.errors import shape_error
+from graphc.core.ir import Tensor, as_int_tuple, normalize_shape
+from graphc.core.ops.registry import OpDef, Mismatch, op, register
+
+
+@register
+class Reshape(OpDef):
+    name = "reshape"
+
+    def infer(self, inputs, attrs):
+        (x,) = inputs
+        if int(np.prod(attrs["shape"], dtype=np.int64)) != x.size:
+            raise Mismatch(f"cannot reshape {x.size} elements into shape {attrs['shape']}")
+        return attrs["shape"], x.dtype
+
+    def reference(self, args, attrs, node, float_dtype):
+        return args[0].reshape(attrs["shape"])
+
+    def vjp(self, node, g, wanted):
+        return [reshape(g, node.inputs[0].shape)]
+
+
+@register
+class Transpose(OpDef):
+    name = "transpose"
+
+    def infer(self, inputs, attrs):
+        (x,) = inputs
+        if sorted(attrs["axes"]) != list(range(x.ndim)):
+            raise Mismatch(f"axes {attrs['axes']} are not a permutation of a {x.ndim}-D tensor's axes")
+        return tuple(x.shape[a] for a in attrs["axes"]), x.dtype
+
+    def reference(self, args, attrs, node, float_dtype):
+        return np.transpose(args[0], attrs["axes"])
+
+    def vjp(self, node, g, wanted):
+        return [transpose(g, tuple(np.argsort(node.attrs["axes"]).tolist()))]
+
+
+@register
+class BroadcastTo(OpDef):
+    name = "broadcast_to"
+
+    def infer(self, inputs, attrs):
+        (x,) = inputs
+        try:
+            if np.broadcast_shapes(x.shape, attrs["shape"]) != attrs["shape"]:
+                raise ValueError
+        except ValueError:
+            raise Mismatch(f"cannot broadcast {x.shape} to {attrs['shape']}") from None
+        return attrs["shape"], x.dtype
+
+    def reference(self, args, attrs, node, float_dtype):
+        return np.broadcast_to(args[0], attrs["shape"])
+
+    def vjp(self, node, g, wanted):
+        return [sum_to(g, node.inputs[0].shape)]
+
+
+def reshape(x: Tensor, shape) -> Tensor:
+    """Reshape to `shape`; one dimension may be -1."""
+    shape = as_int_tuple(shape, "reshape: shape")
+    if shape.count(-1) > 1:
+        raise shape_error("reshape", f"only one -1 allowed in {shape}", [x])
+    if any(d < 1 and d != -1 for d in shape):
+        # -2 * -6 == 12: a product check alone would accept negative dimensions
+        raise shape_error("reshape", f"dimensions must be >= 1 (or one -1), got {shape}", [x])
+    if -1 in shape:
+        known = int(np.prod([d for d in shape if d != -1], dtype=np.int64))
+        if known == 0 or x.size % known:
+            raise shape_error("reshape", f"cannot reshape {x.size} elements into {shape}", [x])
+        shape = tuple(x.size // known if d == -1 else d for d in shape)
+    if shape == x.shape:
+        return x
+    return op("reshape").apply([x], shape=shape)
+
+
+def flatten(x: Tensor) -> Tensor:
+    """(N, ...) -> (N, prod(...))."""
+    if x.ndim < 1:
+        raise shape_error("flatten", "needs a tensor with a batch dimension", [x])
+    return reshape(x, (x.shape[0], int(np.prod(x.shape[1:], dtype=np.int64))))
+
+
+def transpose(x: Tensor, axes=None) -> Tensor:
+    """Permute axes (default: reverse them), as numpy.transpose."""
+    if axes is not None:
+        axes = as_int_tuple(axes, "transpose: axes")
+    if axes is not None and any(not -x.ndim <= a < x.ndim for a in axes):
+        # checked before wrapping negatives: a modulo would turn axis 5 of a 2-D tensor into axis 1
+        raise shape_error("transpose", f"axes {axes} out of range for a {x.ndim}-D tensor", [x])
+    axes = tuple(reversed(range(x.ndim))) if axes is None else tuple(a % max(x.ndim, 1) for a in axes)
+    if axes == tuple(range(x.ndim)):
+        return x
+    return op("transpose").apply([x], axes=axes)
+
+
+def broadcast_to(x: Tensor, shape) -> Tensor:
+    shape = normalize_shape(shape, "broadcast_to")
+    if shape == x.shape:
+        return x
+    return op("broadcast_to").apply([x], shape=shape)
+
+
+def sum_to(g: Tensor, shape) -> Tensor:
+    """Sum `g` over the axes numpy broadcasting added or stretched, giving `shape`: the VJP of broadcasting."""
+    shape = tuple(shape)
+    if g.shape == shape:
+        return g
+    from graphc.core.ops.reduce import sum as reduce_sum
+    lead = g.ndim - len(shape)
+    stretched = tuple(lead + i for i, d in enumerate(shape) if d == 1 and g.shape[lead + i] != 1)
+    summed = reduce_sum(g, axis=tuple(range(lead)) + stretched, keepdims=True)
+    return reshape(summed, shape)

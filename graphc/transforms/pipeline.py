@@ -1,0 +1,120 @@
+"""The optimization pipeline: passes run in order, each logged with what it changed.
+
+A pass is any function `(graph, outputs) -> (new_graph, new_outputs)`; its log name is its
+`__name__`. `FixedPoint` groups passes that feed each other (simplification exposes duplicates,
+merging them exposes simplifications) and reruns them until a round changes nothing.
+"""
+from __future__ import annotations
+
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Callable, Sequence, Union
+
+from graphc.core.ir import Graph, Tensor
+from graphc.transforms.constant_folding import fold_constants
+from graphc.transforms.cse import cse
+from graphc.transforms.dce import dce
+from graphc.transforms.elementwise_fusion import fuse_elementwise
+from graphc.transforms.rebuild import attrs_key
+from graphc.transforms.simplify import simplify
+from graphc.transforms.value_reuse import reuse_values
+
+Pass = Callable[[Graph, list[Tensor]], tuple[Graph, list[Tensor]]]
+
+
+@dataclass(frozen=True)
+class FixedPoint:
+    """Run `passes` in order, again and again, until a round leaves the graph as it was
+    (or `max_rounds` rounds have run)."""
+
+    passes: tuple[Pass, ...]
+    max_rounds: int = 4
+
+
+@dataclass(frozen=True)
+class PassRecord:
+    """One run of one pass: node counts around it and which ops' counts it changed."""
+
+    name: str
+    nodes_before: int
+    nodes_after: int
+    changes: str
+    seconds: float
+
+
+@dataclass
+class OptimizeResult:
+    graph: Graph
+    outputs: list[Tensor]
+    log: list[PassRecord] = field(default_factory=list)
+
+    def summary(self) -> str:
+        """The log as a table: one row per pass run."""
+        width = max((len(record.name) for record in self.log), default=4)
+        rows = [f"{'pass':<{width}}  {'nodes':>11}  {'ms':>6}  changes"]
+        for record in self.log:
+            counts = f"{record.nodes_before:>4} -> {record.nodes_after:<4}"
+            rows.append(f"{record.name:<{width}}  {counts}  {record.seconds * 1e3:>6.1f}  {record.changes}")
+        return "\n".join(rows)
+
+
+DEFAULT_PASSES: list[Union[Pass, FixedPoint]] = [
+    dce,
+    FixedPoint((fold_constants, simplify, cse)),
+    fuse_elementwise,
+    reuse_values,
+]
+
+
+def optimize(outputs, passes: Sequence[Union[Pass, FixedPoint]] | None = None) -> OptimizeResult:
+    """Run `passes` (default `DEFAULT_PASSES`) on the graph of `outputs` (a Tensor or a list of them).
+
+    The input graph is left untouched; the result holds the new graph, the new tensors standing
+    for `outputs` (in the same order), and a log of every pass run."""
+    outputs = [outputs] if isinstance(outputs, Tensor) else list(outputs)
+    if not outputs:
+        raise ValueError("optimize: needs at least one output")
+    result = OptimizeResult(outputs[0].graph, outputs)
+    for entry in DEFAULT_PASSES if passes is None else passes:
+        if isinstance(entry, FixedPoint):
+            _run_to_fixed_point(entry, result)
+        else:
+            _run_logged(entry, entry.__name__, result)
+    return result
+
+
+def _run_to_fixed_point(group: FixedPoint, result: OptimizeResult):
+    for round_number in range(1, group.max_rounds + 1):
+        before = graph_signature(result.graph, result.outputs)
+        for each in group.passes:
+            _run_logged(each, f"{each.__name__} #{round_number}", result)
+        if graph_signature(result.graph, result.outputs) == before:
+            return
+
+
+def _run_logged(run: Pass, name: str, result: OptimizeResult):
+    before = result.graph
+    start = time.perf_counter()
+    result.graph, result.outputs = run(result.graph, result.outputs)
+    seconds = time.perf_counter() - start
+    result.log.append(PassRecord(name, len(before.nodes), len(result.graph.nodes),
+                                 _op_count_changes(before, result.graph), seconds))
+
+
+def graph_signature(graph: Graph, outputs: list[Tensor]) -> tuple:
+    """Equal for two graphs computing the same nodes in the same order (provenance aside)."""
+    nodes = tuple((node.op, tuple(operand.id for operand in node.inputs), attrs_key(node.attrs),
+                   node.shape, node.dtype) for node in graph.nodes)
+    return nodes, tuple(out.id for out in outputs)
+
+
+def _op_count_changes(before: Graph, after: Graph) -> str:
+    """e.g. "ew 20->6, transpose 9->6": the ops whose node counts changed."""
+    old = Counter(node.op for node in before.nodes)
+    new = Counter(node.op for node in after.nodes)
+    changed = [f"{op} {old[op]}->{new[op]}" for op in sorted(old.keys() | new.keys()) if old[op] != new[op]]
+    if changed:
+        return ", ".join(changed)
+    same = graph_signature(before, []) == graph_signature(after, [])
+    return "no change" if same else "same op counts, nodes rewritten"

@@ -1,0 +1,218 @@
+"""Copying the part of a graph its outputs need into a fresh Graph, substituting nodes on the way.
+
+Every pass is a `rebuild` with a rewrite hook. The hook sees each needed node in topological
+order, with its operands already rewritten, and returns what stands for the node in the new
+graph: an existing new node, a node it builds through the `Rewrite` helpers, `Absorbed` (the
+node is computed inside a consumer and gets no node of its own), or None to copy it unchanged.
+Nodes that substitutions leave without consumers are dropped by a final compaction.
+
+A rebuilt graph keeps, from the original:
+- every declared input and param, in declaration order, so feeds and params bind identically;
+- provenance: the nodes built while rewriting node `n` get `n.site`, and `grad_of` pointing at
+  the new-graph stand-in of `n.grad_of`: what that forward node became; if it was absorbed into
+  a consumer, that consumer's stand-in; if it disappeared, its nearest surviving ancestor's.
+
+The IR gives a new node the caller's site and the `building_gradient_of` block's forward node,
+and has no call that copies another node's provenance; so provenance is copied by assigning
+`site` and `grad_of` on nodes of the graph being built, which nothing else has seen yet
+(`_declare`, `_stamp_provenance`, `_link_gradients`).
+"""
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+from typing import Callable, Iterable, Union
+
+import networkx as nx
+import numpy as np
+import sympy
+
+from graphc.core.ir import ConstArray, Graph, Tensor
+from graphc.core.ops.elementwise import make_ew
+from graphc.core.ops.registry import OPS
+from graphc.core.ops.sources import fill
+
+DECLARED_OPS = ("input", "param")
+
+
+@dataclass(frozen=True)
+class Absorbed:
+    """A rewrite's answer for a node computed inside a consumer: it gets no node of its own.
+
+    `into` is the old-graph node whose replacement computes it, which stands for it in
+    provenance (the `grad_of` of the node's backward nodes)."""
+
+    into: Tensor
+
+
+Replacement = Union[Tensor, Absorbed, None]
+RewriteHook = Callable[["Rewrite"], Replacement]
+
+
+class Rewrite:
+    """What a rewrite hook sees of the node being copied, and how it builds new nodes."""
+
+    def __init__(self, copy: "_Copy", node: Tensor):
+        self._copy = copy
+        self.node = node
+
+    @property
+    def operands(self) -> list[Tensor]:
+        """The new-graph tensors standing for the node's operands."""
+        return [self.new(operand) for operand in self.node.inputs]
+
+    def new(self, old: Tensor) -> Tensor:
+        """The new-graph tensor standing for `old`, a node of the old graph visited before this one."""
+        return self._copy.value_of(old)
+
+    def copy(self, operands: list[Tensor] | None = None) -> Tensor:
+        """The node itself, built on `operands` (default: its rewritten operands)."""
+        return self._copy.copy_node(self.node, self.operands if operands is None else operands)
+
+    def apply(self, op_name: str, operands: list[Tensor], **attrs) -> Tensor:
+        """A new `op_name` node; its type rule runs again."""
+        return OPS[op_name].apply(list(operands), site=self.node.site, **attrs)
+
+    def ew(self, expr: sympy.Expr, operands: list[Tensor]) -> Tensor:
+        """An elementwise node computing `expr` over `operands`, shaped like the node being rewritten."""
+        if not operands:
+            return self.fill(float(expr))
+        return make_ew(expr, list(operands), self.node.shape, site=self.node.site)
+
+    def fill(self, value: float) -> Tensor:
+        """A fill of `value`, shaped and typed like the node being rewritten."""
+        return fill(self._copy.new, self.node.shape, value, self.node.dtype, site=self.node.site)
+
+    def constant(self, array: np.ndarray) -> Tensor:
+        """A constant holding `array` (cast to the node's dtype), standing for the node being rewritten."""
+        array = np.asarray(array, dtype=self.node.dtype)
+        return self._copy.new.add_node("constant", [], {"value": ConstArray(array)}, array.shape, self.node.dtype,
+                                       site=self.node.site)
+
+
+def rebuild(graph: Graph, outputs: Iterable[Tensor], rewrite: RewriteHook | None = None
+            ) -> tuple[Graph, list[Tensor]]:
+    """A new Graph computing `outputs`, each needed node replaced by what `rewrite` returns for it.
+
+    Without a hook this is a copy of what the outputs need: dead-code elimination."""
+    outputs = list(outputs)
+    for out in outputs:
+        if not isinstance(out, Tensor) or out.graph is not graph:
+            raise ValueError(f"rebuild: every output must be a Tensor of graph {graph.name!r}, got {out!r}")
+    copy = _Copy(graph, rewrite)
+    new_outputs = copy.run(outputs)
+    if _has_dead_nodes(copy.new, new_outputs):
+        # Substitutions orphaned some of the nodes copied before them; a plain copy drops them.
+        return rebuild(copy.new, new_outputs)
+    return copy.new, new_outputs
+
+
+def attrs_key(attrs: dict) -> tuple:
+    """A node's attributes as a hashable, order-independent value (sympy compares structurally)."""
+    return tuple(sorted(attrs.items(), key=lambda item: item[0]))
+
+
+class _Copy:
+    """One copy of `old` into a fresh graph, node by node in topological order."""
+
+    def __init__(self, old: Graph, rewrite: RewriteHook | None):
+        self.old = old
+        self.new = Graph(old.name)
+        self.rewrite = rewrite
+        self.values: dict[int, Tensor | Absorbed] = {}
+        self.built_for: dict[int, Tensor] = {}  # new node id -> the old node it was built for
+
+    def run(self, outputs: list[Tensor]) -> list[Tensor]:
+        # Declarations keep their places among the other nodes, so copying a clean graph changes nothing.
+        needed = {node.id for node in needed_nodes(self.old, outputs)}
+        for node in self.old.nodes:
+            if node.op in DECLARED_OPS:
+                self._declare(node)
+            elif node.id in needed:
+                self._visit(node)
+        self._link_gradients()
+        return [self.value_of(out) for out in outputs]
+
+    def value_of(self, old: Tensor) -> Tensor:
+        value = self.values.get(old.id)
+        if isinstance(value, Tensor):
+            return value
+        if isinstance(value, Absorbed):
+            raise RuntimeError(f"%{old.id} ({old.op}) was absorbed into %{value.into.id}, "
+                               f"yet a node of the rebuilt graph uses it")
+        raise RuntimeError(f"%{old.id} ({old.op}) is used before it was rebuilt")
+
+    def copy_node(self, node: Tensor, operands: list[Tensor]) -> Tensor:
+        if not node.inputs:  # constant or fill: nothing to type-check again
+            return self.new.add_node(node.op, [], node.attrs, node.shape, node.dtype, name=node.name, site=node.site)
+        return OPS[node.op].apply(operands, site=node.site, name=node.name, **node.attrs)
+
+    def _declare(self, node: Tensor):
+        declare = self.new.input if node.op == "input" else self.new.param
+        self.values[node.id] = new = declare(node.name, node.shape, node.dtype)
+        new.site = node.site
+
+    def _visit(self, node: Tensor):
+        first_new_id = len(self.new.nodes)
+        replacement = self.rewrite(Rewrite(self, node)) if self.rewrite else None
+        if replacement is None:
+            replacement = self.copy_node(node, [self.value_of(operand) for operand in node.inputs])
+        if isinstance(replacement, Tensor):
+            _check_replacement(node, replacement, self.new)
+        self.values[node.id] = replacement
+        self._stamp_provenance(node, self.new.nodes[first_new_id:])
+
+    def _stamp_provenance(self, node: Tensor, built: list[Tensor]):
+        # Helpers such as make_ew create nodes (a trailing broadcast_to) without a site of ours.
+        for new in built:
+            new.site = node.site
+            self.built_for[new.id] = node
+
+    def _link_gradients(self):
+        # Deferred to the end: a forward node absorbed into a consumer has its stand-in only
+        # once that consumer is built, which may be after the backward nodes that refer to it.
+        for new_id, node in self.built_for.items():
+            if node.grad_of is not None:
+                self.new.nodes[new_id].grad_of = self._stand_in(node.grad_of)
+
+    def _stand_in(self, forward: Tensor) -> Tensor | None:
+        """The new node that best stands for `forward`: its replacement, else its nearest ancestor's."""
+        queue, seen = deque([forward]), {forward.id}
+        while queue:
+            node = queue.popleft()
+            value = self.values.get(node.id)
+            while isinstance(value, Absorbed):
+                value = self.values.get(value.into.id)
+            if value is not None:
+                return value
+            for operand in node.inputs:
+                if operand.id not in seen:
+                    seen.add(operand.id)
+                    queue.append(operand)
+        return None
+
+
+def _check_replacement(node: Tensor, replacement: Tensor, graph: Graph):
+    if replacement.graph is not graph:
+        raise RuntimeError(f"the rewrite of %{node.id} ({node.op}) returned a node of another graph")
+    if replacement.shape != node.shape or replacement.dtype != node.dtype:
+        raise RuntimeError(f"the rewrite of %{node.id} ({node.op}, {node.dtype}{list(node.shape)}) returned "
+                           f"{replacement.op} {replacement.dtype}{list(replacement.shape)}")
+
+
+def needed_nodes(graph: Graph, outputs: list[Tensor]) -> list[Tensor]:
+    """Every node `outputs` depend on, outputs included, in topological order.
+
+    One traversal from a sink fed by every output: a training graph has an output per param, and
+    a traversal per output (`Graph.ancestors`) costs quadratic time on deep networks."""
+    dg = graph.to_networkx()
+    sink = "outputs"
+    dg.add_node(sink)
+    dg.add_edges_from((out.id, sink) for out in outputs)
+    return [graph.nodes[node_id] for node_id in sorted(nx.ancestors(dg, sink))]
+
+
+def _has_dead_nodes(graph: Graph, outputs: list[Tensor]) -> bool:
+    live = {node.id for node in needed_nodes(graph, outputs)}
+    live |= {node.id for node in graph.nodes if node.op in DECLARED_OPS}
+    return len(live) < len(graph.nodes)
