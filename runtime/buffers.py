@@ -2,7 +2,7 @@
 
 Native code receives plain addresses, so the runtime needs two things from numpy that
 numpy makes slow or does not offer: the address of an array's data on every call (the
-documented ``ndarray.ctypes.data`` costs ~1.4 µs because it builds a helper object, which
+documented ``ndarray.ctypes.data`` is slow because it builds a helper object, which
 alone would exceed the per-call budget of a tiny training step), and buffers aligned to a
 cache line (numpy only promises the element alignment).
 """
@@ -18,8 +18,8 @@ CACHE_LINE_BYTES = 64
 
 # numpy's C ABI fixes the layout of an array object: the Python object header, then
 # `char *data` (PyArrayObject_fields). Compiled extensions read the field at this offset
-# through numpy's own macros, so it is stable across numpy versions; reading it costs
-# ~0.15 µs. `_data_field_is_readable` proves the layout on this interpreter at import
+# through numpy's own macros, so it is stable across numpy versions; reading it builds
+# nothing. `_data_field_is_readable` proves the layout on this interpreter at import
 # and the slow documented path is used where it does not hold.
 _DATA_FIELD_OFFSET = object.__basicsize__
 _pointer_at = ctypes.c_void_p.from_address

@@ -1,8 +1,8 @@
 """Linking graphc's x86-64 ELF objects into memory without an MCJIT engine.
 
-Why: an MCJIT engine costs ~80 KiB of resident memory per library (the engine, the
-TargetMachine it owns, its memory manager): a third of all the data of a small training step
-(softmax regression at batch 64 holds 234 KiB), and a program's fixed cost halved without it.
+Why: an MCJIT engine costs resident memory per library (the engine, the TargetMachine it owns,
+its memory manager): a large share of all the data of a small training step, and of a
+program's fixed cost (bench/NOTES.md, "Loading and memory").
 And there is little to link: the objects are compiled with the JIT code model
 (`loader.create_host_target_machine`), which on x86-64 is the large one, so every reference to
 code, to constants or to a library function is an absolute 64-bit address, an R_X86_64_64

@@ -3,7 +3,7 @@
 The compiler emits one or more object files (possibly from the on-disk cache; a large program
 is compiled as several modules, in parallel); `NativeLibrary` links them into memory as one
 unit, and hands out function addresses. On x86-64 ELF hosts graphc links them itself
-(`elf_link`: no MCJIT engine, ~80 KiB less resident per library); elsewhere, or for objects
+(`elf_link`: no MCJIT engine resident per library); elsewhere, or for objects
 it does not handle, LLVM's MCJIT does. Symbols one object needs from
 another (the entry calls kernels compiled in other modules) resolve among them; the other
 external symbols the generated code uses (expf, logf, tanhf from libm; memset, memcpy from
@@ -75,8 +75,8 @@ class NativeLibrary:
         if not objects:
             raise ValueError("NativeLibrary needs at least one object file")
         self._addresses: dict[str, int] = {}
-        # graphc's own linker where it applies (x86-64 ELF, ~80 KiB less resident per
-        # library), MCJIT for everything else.
+        # graphc's own linker where it applies (x86-64 ELF: no engine resident per library),
+        # MCJIT for everything else.
         self._image = elf_link.link(objects) if _HOST_IS_X86_64_ELF and own_linker_enabled() else None
         self._engine = None if self._image is not None else self._link_with_mcjit(objects)
         if _HOST_USES_ELF64_LITTLE_ENDIAN and perf_map_wanted():

@@ -1,9 +1,9 @@
 """The runtime's own native helpers, written in LLVM IR: compiled once per machine and kept in
 the object cache, so that a process whose programs all come from the cache compiles nothing.
 
-Loading, not compiling, matters for memory more than for time (compiling one takes ~10 ms):
-a process's first code generation on a thread leaves its heap 18-22 MB larger, resident for
-good.
+Loading, not compiling, matters for memory more than for time (compiling one is quick): a
+process's first code generation on a thread leaves its heap many megabytes larger, resident
+for good (bench/NOTES.md, "Loading and memory").
 """
 
 from __future__ import annotations

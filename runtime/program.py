@@ -307,9 +307,9 @@ def _keyword_call_scalar(program: Program):
     then one keyword-only parameter per input; None when an input's name cannot be one.
 
     `step(x=..., y=...)` then binds the arrays straight to the parameters, with no second
-    Python frame and no dict of the feeds (W5: 3.5-3.6 -> 3.1-3.25 µs per step). Anything
-    unusual (an input missing, an unexpected or ignored name) goes to `call_scalar` with a
-    dict, which accepts or reports it exactly as a dict call would.
+    Python frame and no dict of the feeds, both visible in a small step's time (bench/NOTES.md,
+    "Call path"). Anything unusual (an input missing, an unexpected or ignored name) goes to
+    `call_scalar` with a dict, which accepts or reports it exactly as a dict call would.
 
     A parameter is named as its input, so it must not shadow a name of the generated code:
     those all begin with "_", and inputs whose names do are left to `call_scalar`. Python

@@ -26,7 +26,7 @@ __all__ = ["Input", "Output", "Param", "Slot", "State", "Status", "Workspace"]
 
 # Integer dtype -> the unsigned dtype of its size (itself if unsigned), for range checks.
 _UNSIGNED = {np.dtype(f"{kind}{size}"): np.dtype(f"u{size}") for kind in "iu" for size in (1, 2, 4, 8)}
-_maximum = np.maximum.reduce  # a ufunc's reduce directly: array.max() adds ~0.3 µs of Python
+_maximum = np.maximum.reduce  # a ufunc's reduce directly: array.max() adds a layer of Python
 
 
 def _describe(array: np.ndarray) -> str:

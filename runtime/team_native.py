@@ -1,8 +1,8 @@
 """Native fork/join for `ThreadTeam`, written in LLVM IR, compiled once per machine and kept
 in the object cache (`team_functions`).
 
-Why native: a fork/join through Python locks costs ~25-35 µs here (GIL handoffs and futex
-round trips per worker), more than a whole small training step. Here each worker
+Why native: a fork/join through Python locks (GIL handoffs and futex round trips per worker)
+costs more than a whole small training step (bench/NOTES.md, "Thread team"). Here each worker
 thread makes one ctypes call that never returns until shutdown (so it never holds the GIL),
 and a fork/join is one ctypes call from the caller: it publishes the job, runs tid 0 itself,
 and waits; waiting spins briefly on a cache line, then sleeps on a condition variable.

@@ -130,8 +130,8 @@ def _generation_order(step: Step) -> tuple:
     share one copy. The family is the label's leading word (every GEMM's label starts with
     "gemm", every convolution's with "conv2d"); within a family, kernels go by label. In
     schedule order, LeNet-5's forward and backward convolutions and its dense layers' GEMMs
-    fell into different modules and compiled ~2,400 instructions (a fifth of the program)
-    twice.
+    fell into different modules, each compiling its own copy of the helpers they share
+    (bench/NOTES.md, "Compile time: program modules").
     """
     family = re.match(r"[a-z0-9]+", step.label)
     return (family.group(0) if family else step.label, step.label)
@@ -149,8 +149,8 @@ def _keep_phases_apart(kernel) -> None:
     """Forbid inlining the phases into the entry, their only caller.
 
     Inlined, they would make the entry one function as large as the whole program, on which
-    LLVM's function passes take longer than on the phases apart (LeNet: 0.75 -> 0.6 s of
-    optimization); one call per phase and step costs nothing measurable.
+    LLVM's function passes take longer than on the phases apart (bench/NOTES.md, "Compile
+    time: IR and its functions"); one call per phase and step costs nothing measurable.
     """
     for phase in kernel.phases:
         phase.attributes.add("noinline")

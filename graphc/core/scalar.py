@@ -106,6 +106,6 @@ def numpy_function(expr: sympy.Expr, arity: int):
     # scale) by ~1e-15; 17 digits print every double exactly.
     expr = expr.xreplace({f: sympy.Float(f, 17) for f in expr.atoms(sympy.Float)})
     # numpy the module, not "numpy" the name: for a name, lambdify runs `from numpy import *`,
-    # which makes numpy import its lazy submodules (f2py, ...): 0.15 s on the first call, a
-    # quarter of a cold compile. The printer (NumPyPrinter) and the code are the same.
+    # which makes numpy import its lazy submodules (f2py, ...) on the first call, a large part
+    # of a cold compile. The printer (NumPyPrinter) and the code are the same.
     return sympy.lambdify(args, expr, modules=[NUMPY_FUNCTIONS, np])

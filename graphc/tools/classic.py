@@ -102,7 +102,8 @@ def squared_distance_graph(batch: int, n_points: int, dims: int) -> tuple[Graph,
 
 def smallest_in_each_row(values: np.ndarray, k: int) -> np.ndarray:
     """Column indices of each row's k smallest values, ordered by (value, column): what a stable
-    argsort would give, at the cost of a partition (sorting whole rows took 10× the distances)."""
+    argsort would give, at the cost of a partition (sorting whole rows took far longer than
+    the distances; bench/NOTES.md)."""
     kth_smallest = np.partition(values, k - 1, axis=1)[:, k - 1:k]
     # Every value up to the k-th smallest is a candidate, ties at the boundary included.
     rows, columns = np.nonzero(values <= kth_smallest)

@@ -32,8 +32,8 @@ def emit_barrier(module: ir.Module) -> ir.Function:
         g.align = 64
     fn = ir.Function(module, ir.FunctionType(ir.VoidType(), [I64]), "graphc.barrier")
     fn.linkage = "internal"
-    # Inlined after every phase, its spin loop made the entry one large function: LeNet-5's
-    # entry took 0.15 s to compile (in the last module, on the critical path), 0.03 s with a call
+    # Inlined after every phase, its spin loop made the entry one large function, slow to
+    # compile in the last module, on the critical path; called, it compiles quickly
     # (one call per phase costs nanoseconds; a barrier among threads costs far more).
     fn.attributes.add("noinline")
     (nthreads,) = fn.args

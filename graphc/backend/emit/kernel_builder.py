@@ -296,9 +296,8 @@ class KernelBuilder:
         the groups, by log2(width / 4) rounds that interleave blocks (vperm2f128 on AVX2).
         On a 4-wide target (SSE, NEON) the two in-lane rounds are the whole transpose. The
         plain log2(width)-round perfect shuffle it replaces moved elements across 128-bit lanes
-        in every round: 2-3 instructions a shuffle on AVX2, and slow for LLVM to lower (LeNet-5's
-        softmax over 10 classes, two 8 x 8 transposes a group of rows, took 76 ms to compile
-        alone, 27 ms now).
+        in every round: 2-3 instructions a shuffle on AVX2, and slow for LLVM to lower
+        (bench/NOTES.md, "Compile time: IR and its functions").
         """
         w = self.width
         if len(rows) != w or w not in TRANSPOSE_WIDTHS:
@@ -400,8 +399,8 @@ def _type_suffix(typ: ir.Type) -> str:
 def shared_constant(typ: ir.Type, value) -> ir.Constant:
     """One `ir.Constant` object per (type, value): llvmlite prints a constant each time it is
     used, unless it is the same object, whose text it keeps. Vector constants (splats, masks,
-    shuffle patterns) are used thousands of times in a program: shared, LeNet-5's modules
-    print in 0.10-0.15 s instead of 0.14-0.20. `value` must be hashable (a tuple for a
+    shuffle patterns) are used thousands of times in a program: shared, each is printed once,
+    and a module's text is ready sooner. `value` must be hashable (a tuple for a
     vector)."""
     # Keyed by the value's repr too: -0.0 == 0.0 (and they hash alike), but a sum's identity
     # must stay -0.0.
@@ -411,7 +410,7 @@ def shared_constant(typ: ir.Type, value) -> ir.Constant:
 def i32_array(values) -> ir.Constant:
     """An [n x i32] constant of `values` (a conv kernel's offset tables, thousands long),
     written out as text at once: llvmlite makes and prints one constant object per element
-    otherwise, ~6 us each (LeNet-5's tables: 25 ms of a cold compile)."""
+    otherwise, which thousands of entries make a visible part of a cold compile."""
     values = [int(v) for v in values]
     if any(not -2**31 <= v < 2**31 for v in values):
         raise ValueError("i32_array: a value does not fit in 32 bits")

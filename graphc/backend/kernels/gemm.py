@@ -5,7 +5,7 @@
 op(A) is A stored (M,K) row-major, or with trans_a A stored (K,M); op(B) is
 B stored (K,N), or with trans_b B stored (N,K).  C is (M,N) row-major.
 
-How it is fast (see shared/NOTES-llvm.md for the measurements):
+How it is fast (see bench/NOTES.md for the measurements):
 
   * K is cut into blocks (`kc`) whose packed panel holds at most
     MAX_PANEL_FLOATS (256 steps on AVX-512, 1024 on AVX2 with the 6-row
@@ -78,11 +78,10 @@ GEMM_ARG_NAMES = ("A", "B", "C", "bias", "workspace", "tid", "nthreads")
 _FLOATS_PER_LINE = 16
 
 # A packed B panel holds at most this many floats (64 KiB), which bounds the K block: 256 for
-# AVX-512's 64-column strips of 6-row tiles (512 measured much worse there), 1024 for AVX2's
+# AVX-512's 64-column strips of 6-row tiles (longer blocks were slower there), 1024 for AVX2's
 # 16 columns. A longer K block means fewer passes over C, each of which reloads every tile of
-# C from L3 (AVX2, 256x512x784: kc = 262 ran at 0.93x numpy, kc = 784 at 1.01x). The panel
-# then outgrows L1, but a micro-kernel reads it in order, two vectors per k, which L2 keeps
-# up with.
+# C from L3 (bench/NOTES.md, "GEMM: K and A blocks"). The panel then outgrows L1, but a
+# micro-kernel reads it in order, two vectors per k, which L2 keeps up with.
 MAX_PANEL_FLOATS = 16384
 # ... but never shorter than this, the block every strip had before: a tile of few rows
 # (M < 6) takes wider strips (AVX-512, one row: 240 columns), whose panel bound would
@@ -98,7 +97,7 @@ MIN_FLOATS_TO_PACK_A = 8192
 
 # A packed block of A holds at most this many floats (256 KiB, half an L2): 256 rows at
 # kc = 256, 64 at kc = 1024. Each block re-packs the thread's B panels once; the blocks'
-# size mattered little between 144 rows and all of M (a few %, within the host's noise).
+# size mattered little (bench/NOTES.md).
 MAX_A_BLOCK_FLOATS = 65536
 
 

@@ -11,7 +11,7 @@ reduced and whether anything is kept:
     output sums contiguous spans with vector accumulators, folded to a scalar once. When a
     reduced dim lies outside a kept one (the conv bias gradient's N) and the outputs are
     few, the reduced dims are the outer loops and each output's running total a stack
-    vector: x is read in memory order (LeNet's (64, 6, 28, 28): 23 -> 19.5 us), each
+    vector: x is read in memory order, which is faster (bench/NOTES.md), each
     output adding the same spans in the same order as output by output.
   * column sums (innermost dim kept: axis 0 of (N, C), the bias gradient of `linear`): threads
     split chunks of COLUMN_CHUNK_VECTORS vectors of out; each chunk accumulates rows of x in

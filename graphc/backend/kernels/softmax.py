@@ -30,11 +30,10 @@ PARALLEL_LOSS_MIN = 16384
 # Cross-entropy over rows of at most this many logits (a classifier's 10) runs with rows in
 # the lanes (`_RowGroup`): W rows at a time, one vector per class, loaded by two W x W
 # transposes when rows hold W to 2W elements, else gathered. Along the lanes a row of 10
-# fills 10 of 16 lanes and needs a horizontal max and sum and a libm log: 64 x 10 took
-# 3.5-3.8 us a call, rows in lanes 2.5 (AVX2, with a ctypes call's ~0.8; 256 x 10: 6.0-6.4 ->
-# 3.4). Softmax takes rows in lanes for rows shorter than 2W (64 x 10: 2.9-3.1 -> 2.3 us;
-# 64 x 3: 1.6 -> 1.1), writing back by transposes or, below W, through a permute of each
-# row's max and 1/sum; gathered and scattered, 64 x 10 measured even and 64 x 16 slower.
+# fills 10 of 16 lanes and needs a horizontal max and sum and a libm log, slower than rows in
+# lanes. Softmax takes rows in lanes for rows shorter than 2W, writing back by transposes or,
+# below W, through a permute of each row's max and 1/sum; gathered and scattered instead,
+# rows of 10 gained nothing and rows of 16 lost (bench/NOTES.md, "Softmax and reductions").
 MAX_ROW_IN_LANES = 16
 
 # exp(x) = 2**n * exp(r) with n = round(x / ln 2) and |r| <= ln(2) / 2. ln 2 is split so that

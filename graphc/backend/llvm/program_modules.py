@@ -9,9 +9,8 @@ receives the entry, which calls the phases of every kernel: the phases of earlie
 made external and declared in the last one; those in the last stay internal. Helper functions
 (GEMM micro-kernels, intrinsics) are per module, so a module that needs one makes its own copy:
 the price of splitting, paid in compile time only, and kept small by generating kernels by
-family and not cutting a group (LeNet-5's step copies 23 of 9,271 instructions; 838 of 10,046
-when a module could end inside a group, 2,430 of 10,816 in schedule order). Sharing one
-external copy across the modules instead made LeNet-5's step 15-45% slower: an internal helper's constant arguments
+family and not cutting a group (bench/NOTES.md, "Compile time: program modules"). Sharing one
+external copy across the modules instead made steps slower: an internal helper's constant arguments
 (strides, flags) are propagated into it by LLVM when every caller in its module passes the same
 ones, which a register tile short of registers needs.
 
@@ -31,10 +30,9 @@ from graphc.backend.llvm.target import new_module
 
 __all__ = ["INSTRUCTIONS_PER_MODULE", "default_budget", "ProgramModules"]
 
-# About 0.1-0.15 s of LLVM work on this project's machines (LeNet-5's step: ~9k instructions,
-# ~0.5-0.6 s on one thread): large enough that the fixed cost of a module (~2 ms) and its copies
-# of shared helpers stay small, small enough that the modules compiled after generation ends
-# make a short tail. 800, 1200 and 3000 measured the same or slower on LeNet-5's cold compile.
+# Large enough that the fixed cost of a module and its copies of shared helpers stay small,
+# small enough that the modules compiled after generation ends make a short tail; smaller and
+# larger budgets compiled no faster (bench/NOTES.md, "Compile time: program modules").
 INSTRUCTIONS_PER_MODULE = 2000
 
 
@@ -64,9 +62,8 @@ class ProgramModules:
 
         Kernels of one `group` (assemble.py: the same label, so mostly the same helpers) stay
         together in a full module, up to twice the budget: cut between them, the next module
-        compiled their helpers again. In LeNet-5's step the budget fell between its two
-        "gemm+bias+relu" GEMMs and between its two "gemm+ew" ones, copying 8 helpers (~1,500
-        instructions, a seventh of the program) into a second module.
+        compiled their helpers again (in LeNet-5's step the budget fell between its two
+        "gemm+bias+relu" GEMMs and between its two "gemm+ew" ones; bench/NOTES.md).
         """
         if self.budget is not None and (self._size >= 2 * self.budget or
                                         self._size >= self.budget and group != self._group):
@@ -122,8 +119,9 @@ class ProgramModules:
 def _mark_nounwind(module: ir.Module) -> None:
     """Tell LLVM that no function defined here unwinds: nothing in generated code throws (it
     calls its own functions and C library routines, which do not unwind), and without unwind
-    tables the object has no .eh_frame section for the loader to map and register (LeNet-5's
-    step: 4 KiB of 71). The price: debuggers and profilers cannot walk the stack through it."""
+    tables the object has no .eh_frame section for the loader to map and register (memory
+    saved: bench/NOTES.md, "Loading and memory"). The price: debuggers and profilers cannot
+    walk the stack through it."""
     for function in module.functions:
         if function.blocks:
             function.attributes.add("nounwind")

@@ -78,10 +78,8 @@ def _shared_target_machine(host: HostTarget) -> llvm.TargetMachine:
 
 
 # The code generator's optimization level (0-3). 1, not 3: the kernels are scheduled and
-# register-tiled by hand, and the extra machine passes of levels 2-3 made no step faster.
-# Measured on this project's 2-core machine, programs of both levels timed in turn in one
-# process: level 1 was 1-4% faster on the MLP and the logistic regression, equal on LeNet-5
-# and the conv net (1 and 2 threads), and emitted LeNet-5's step in ~18% less time.
+# register-tiled by hand, and the extra machine passes of levels 2-3 made no step faster, only
+# the emission slower (bench/NOTES.md, "Code generation: optimization level").
 CODEGEN_OPT_LEVEL = 1
 
 
@@ -128,11 +126,10 @@ def new_module(name: str) -> ir.Module:
 # variables are allocas), IPSCCP (an internal helper gets the constant arguments that every
 # caller in its module passes: strides, flags), InstCombine and SimplifyCFG to clean up, loop
 # rotation (bottom-tested loops for the code generator) and dead-code elimination.
-# LLVM's default O2 pipeline ran some 80 passes more and found next to nothing to do: on
-# LeNet-5's step it took 0.45-0.55 s against 0.06-0.12 s for these (codegen 0.4-0.5 s either
-# way), its hot loops came out instruction for instruction the same (the GEMM micro-kernel's
-# k loop) and the per-kernel profiles of LeNet-5, the conv net, the MLP and the logistic
-# regressions matched within noise (alternating rounds, one process).
+# LLVM's default O2 pipeline ran some 80 passes more and found next to nothing to do: it took
+# several times as long, its hot loops came out instruction for instruction the same (the GEMM
+# micro-kernel's k loop) and no workload's per-kernel profile changed (bench/NOTES.md,
+# "Code generation: optimization passes").
 OPTIMIZATION_PASSES = ("sroa", "ipsccp", "instcombine", "simplifycfg", "loop_rotate",
                        "instcombine", "simplifycfg", "dce")
 

@@ -48,9 +48,9 @@ quarter of its lanes), one of:
                      g of W[o, c, i, j] gT[o, y+pt-i, x+pl-j, n] (`_BatchLanesInputGrad`):
                      rows: 6 input channels, broadcast from weights packed per range of
                      valid taps; lanes: 2W samples (two vectors), g and dx transposed per
-                     group. No wasted multiply-add, reductions of O x taps steps. LeNet's
-                     conv2 at batch 64: 94 GFLOP/s in its tiles, ~10% more in transposes
-                     (450-530 -> 360-400 us against the cols path). A batch of at most
+                     group. No wasted multiply-add, reductions of O x taps steps: faster
+                     than cols on LeNet's conv2 at batch 64, transposes included
+                     (bench/NOTES.md). A batch of at most
                      one group (threads split the groups) goes to
   cols               a GEMM cols[(i,j), p] = sum over o W[o, c, i, j] g[o, p] per input
                      channel with pixels in lanes (reductions of only O = 16 steps for
@@ -197,8 +197,8 @@ def _input_grad_as_forward_efficiency(g: ConvGeometry, width: int) -> float:
 
 
 # Pixels in lanes win ties: nothing to transpose, and no outT to reload between blocks of
-# K (the conv net: 83-95 GFLOP/s against 47-87 with channels in lanes, the short K = 27
-# of its first layer the worst).
+# K (faster on the conv net, above all on the short K = 27 of its first layer;
+# bench/NOTES.md, "Convolutions").
 FORWARD_PATHS = (
     _Path("pixels in lanes", _forward_pixels_possible,
           lambda g, width: g.out_w / _VectorCover.of(g.out_w, width).lanes,
@@ -219,8 +219,8 @@ INPUT_GRAD_PATHS = (
 )
 
 # Channels in lanes win ties: the dot products' partial sums in every lane are added up
-# after every call, and their g is copied per sample (the conv net, 32-64 channels:
-# 69-82 GFLOP/s against 86-88).
+# after every call, and their g is copied per sample (slower on the conv net's 32-64
+# channels; bench/NOTES.md, "Convolutions").
 WEIGHT_GRAD_PATHS = (
     _Path("channels in lanes", _always,
           lambda g, width: _lanes_efficiency(g.out_channels, width),

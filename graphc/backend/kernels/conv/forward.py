@@ -20,9 +20,8 @@ from graphc.backend.kernels.conv.tiles import (_TILE_ROWS, _Tables, _call_tile, 
 # block's rows of Wt for a tile's channels (K_block x 16 floats) stay in L1 across all its
 # pixel tiles, along with the cells of x its 6 pixels broadcast (K_block / 9 channels x 3-4
 # rows of x for 3x3 taps): 192 steps are 12 KB of Wt plus ~10-14 KB of x, near the 32 KB
-# of L1 (the conv net's 64 -> 64 channels, 3x3: 48 GFLOP/s in one block of K = 576; its
-# input gradient 77-80 in 3 blocks of 192, 82-89 in 5 of 116). Each extra block reloads
-# and stores outT, so a K that fits stays whole (LeNet's conv2, K = 150).
+# of L1 (a K of 576 in one block ran far slower; bench/NOTES.md, "Convolutions"). Each
+# extra block reloads and stores outT, so a K that fits stays whole (LeNet's conv2, K = 150).
 _MAX_K_UNSPLIT = 256
 _MAX_K_BLOCK = 128
 

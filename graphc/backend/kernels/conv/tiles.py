@@ -39,10 +39,10 @@ def _tile_function(module: ir.Module, rows: int, vecs: int, table: str) -> ir.Fu
     where, for table "a", da = steps[s] and db = s*stride (and for "b" the other way
     round); and (if relu) acc = max(acc, 0); stored at c[r*c_row + v*v_step : +W].
     Offsets are in floats, the tables i32. One operand's offsets are always affine (a
-    weight or a channel-minor operand), and a second table load per step cost up to 15%
-    on the conv net (10 loads per 12 FMAs).
+    weight or a channel-minor operand), and a second table load per step slowed the conv
+    net (10 loads per 12 FMAs; bench/NOTES.md, "Convolutions").
 
-    Two steps per loop iteration (one: 6% slower on LeNet's input gradient, whose
+    Two steps per loop iteration (one was slower on LeNet's input gradient, whose
     reductions are 16 steps long). A tile of fewer accumulators than a full one may have
     too few to hide the FMA latency, so it alternates between two sets of them, summed at
     the end (a tile one vector wide; a short last group of rows).
@@ -296,7 +296,7 @@ def _transpose_block(kb: KernelBuilder, rows: list[ir.Value]) -> list[ir.Value]:
     """The W x W block held in `rows`, transposed. For W = 8, in three rounds of shuffles
     whose masks are each one AVX instruction (unpcklps/unpckhps within 128-bit halves,
     shufps, vperm2f128): `kb.transpose`'s whole-vector interleaves need several each, and
-    X86's instruction selection took 66 ms on the one function holding them."""
+    X86's instruction selection was slow on the one function holding them (bench/NOTES.md)."""
     if kb.width != 8:
         return kb.transpose(rows)
 

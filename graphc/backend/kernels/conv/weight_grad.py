@@ -28,9 +28,9 @@ def _emit_weight_grad_channel_lanes(module: ir.Module, name: str, g: ConvGeometr
     Phase 1: each thread sums, over its share of the batch, its own partial dWt (K, Op):
     per sample, gT = g[n]^T (P, Op), then tiles of (up to) 6 taps x a group of channel
     vectors, summed over blocks of at most `_MAX_P_BLOCK` pixels. Taps are cut into tiles
-    of balanced sizes (27 = 6 + 6 + 5 + 5 + 5): the conv net's first layer lost 6% to 5
-    tiles of 6 with 3 padding rows. Phase 2 (thread 0): adds the partials and transposes
-    the sum into out (O, K).
+    of balanced sizes (27 = 6 + 6 + 5 + 5 + 5): 5 tiles of 6 with 3 padding rows were
+    slower on the conv net's first layer (bench/NOTES.md). Phase 2 (thread 0): adds the
+    partials and transposes the sum into out (O, K).
     """
     width = vector_width_f32()
     O, K, P = g.out_channels, g.patch_size, g.pixels
