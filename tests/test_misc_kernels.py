@@ -1,5 +1,5 @@
 """Sum, softmax, cross-entropy, one-hot, transpose, broadcast and copy kernels
-(graphc.backend.kernels.misc) against the numpy reference ops.
+(graphc.backend.kernels: reduce, softmax, layout) against the numpy reference ops.
 
 Each kind of kernel is compiled once, many kernels to a module (module-scoped fixture), and
 loaded through MCJIT from an emitted object file, as the runtime does. Every case is run the
@@ -24,7 +24,9 @@ from graphc.backend.llvm import target
 from graphc.backend.kernels.elementwise import emit_elementwise
 from graphc.backend.emit.kernel import Kernel
 from graphc.backend.kernels.layout import collapse_dims
-from graphc.backend.kernels.misc import (emit_broadcast_copy, emit_copy, emit_one_hot, emit_softmax, emit_softmax_cross_entropy, emit_sum, emit_transpose)
+from graphc.backend.kernels.layout import emit_broadcast_copy, emit_copy, emit_transpose
+from graphc.backend.kernels.reduce import emit_sum
+from graphc.backend.kernels.softmax import emit_one_hot, emit_softmax, emit_softmax_cross_entropy
 from graphc.backend.kernels.reduce import PARALLEL_TOTAL_MIN
 from graphc.backend.kernels.softmax import PARALLEL_LOSS_MIN
 from graphc.core.ops.registry import OPS

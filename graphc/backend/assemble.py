@@ -19,7 +19,9 @@ import numpy as np
 from graphc.backend.emit.entry import EntryBuilder, emit_constant, emit_ticks_function
 from graphc.backend.llvm.program_modules import ProgramModules
 from graphc.core.ir import Graph, Tensor
-from graphc.backend.lowering import Step, alias_root, copy_step, plan_steps
+from graphc.backend.kernels.layout import copy_step
+from graphc.backend.lowering import Step, alias_root, plan_steps
+from graphc.backend.lowering_rules import LOWERINGS
 from graphc.backend.memory import MemoryPlan, plan_memory, schedule
 
 SUPPORTED_DTYPES = ("float32", "int32")
@@ -182,15 +184,14 @@ def _slots(graph, needed, outputs, output_names, inplace, state_names):
 
 
 def _label_ranges(nodes) -> dict[int, tuple[int, int]]:
-    """Integer inputs used as class ids must lie in [0, classes): the runtime checks before native code runs."""
+    """Integer inputs a kernel indexes by (class ids) must lie in [0, classes): the runtime checks
+    them before native code runs. Which ones, each kernel family's lowering rules say."""
     ranges: dict[int, tuple[int, int]] = {}
     for node in nodes:
-        if node.op == "softmax_cross_entropy":
-            labels, classes = alias_root(node.inputs[1]), node.inputs[0].shape[1]
-        elif node.op == "one_hot":
-            labels, classes = alias_root(node.inputs[0]), node.attrs["classes"]
-        else:
+        rule = LOWERINGS.get(node.op)
+        if rule is None or rule.label_range is None:
             continue
+        labels, classes = rule.label_range(node)
         if labels.op == "input":
             lo, hi = ranges.get(labels.id, (0, classes))
             ranges[labels.id] = (0, min(hi, classes))

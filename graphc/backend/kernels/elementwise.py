@@ -16,6 +16,8 @@ from graphc.backend.emit.expr import ExprEmitter
 from graphc.backend.emit.kernel import Kernel, phase_args, phase_function
 from graphc.backend.kernels.layout import only_thread_zero
 from graphc.backend.kernels.softmax import vector_exp_any, vector_log
+from graphc.backend.lowering_rules import Step, lowers
+from graphc.core.scalar import symbol
 
 # Below this many elements a kernel runs on one thread: splitting costs more than it saves.
 PARALLEL_MIN_ELEMENTS = 1 << 15
@@ -159,3 +161,20 @@ def _inner_loop(kb, expr, out, out_base, emitter_inputs, operand_bases, start, s
         mask = kb.lane_mask_dynamic(remaining)
         value = _RegisterMathEmitter(kb, operand_vectors(full_stop, mask)).emit_all([expr])[0]
         kb.masked_store_vec(value, out, kb.add(out_base, full_stop), mask)
+
+
+# ---- lowering --------------------------------------------------------------------------------
+
+@lowers("ew", "fill", "broadcast_to")
+def lower_elementwise(node, _epilogue) -> Step:
+    if node.op == "fill":
+        expr, operands = sympy.Float(node.attrs["value"]), []
+    elif node.op == "broadcast_to":
+        expr, operands = symbol(0), list(node.inputs)
+    else:
+        expr, operands = node.attrs["expr"], list(node.inputs)
+    shapes = [o.shape for o in operands]
+    label = "fill" if node.op == "fill" else "ew"
+    return Step(node, operands,
+                lambda m, name, threads: emit_elementwise(m, name, node.shape, shapes, expr, max_threads=threads),
+                label, [node], flops=node.size * max(1, sympy.count_ops(expr)))

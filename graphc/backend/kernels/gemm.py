@@ -67,6 +67,8 @@ from graphc.backend.kernels.layout import store_lanes
 from graphc.backend.llvm.target import simd as target_simd
 from graphc.backend.llvm.target import vector_register_count, vector_width_f32
 from graphc_runtime.host import SimdShape
+from graphc.backend.emit.kernel import Kernel, phase_args, phase_function
+from graphc.backend.lowering_rules import Epilogue, Step, alias_root, lowers
 
 __all__ = ["GemmPlan", "DotPlan", "choose_plan", "plan_gemm", "emit_gemm",
            "gemm_workspace_floats", "GEMM_ARG_NAMES"]
@@ -707,3 +709,60 @@ class _GemmEmitter:
         tile's last vector, a dot tile's row of a few columns) by plain stores of its pieces,
         not a masked store, microcoded on AMD cores (see layout_kernels.store_lanes)."""
         store_lanes(kb, value, ptr, offset, lanes)
+
+
+# ---- lowering --------------------------------------------------------------------------------
+
+def is_2d_swap(node) -> bool:
+    """A 2-D transpose: the GEMM reads its operand in place, transposed (no copy is made)."""
+    return node.op == "transpose" and node.attrs["axes"] == (1, 0)
+
+
+def matmul_plan(node) -> GemmPlan | DotPlan:
+    """The plan `lower_matmul` emits for a matmul node."""
+    a, b = node.inputs
+    return plan_gemm(a.shape[0], b.shape[1], a.shape[1], trans_a=is_2d_swap(a), trans_b=is_2d_swap(b))
+
+
+def epilogue_allowed(product, others) -> bool:
+    """A general epilogue reads its operands while C is written, so C must be final after one K
+    block; and the fused step may write its result over an operand (a param updated in place),
+    which the GEMM must not be reading as A or B meanwhile."""
+    if matmul_plan(product).k_blocks > 1:
+        return False
+    product_operands = {alias_root(t).id for t in product.inputs} | \
+        {alias_root(t.inputs[0]).id for t in product.inputs if is_2d_swap(t)}
+    return not any(alias_root(t).id in product_operands for t in others)
+
+
+@lowers("matmul", bias_epilogue="col", elementwise_epilogue=True, epilogue_allowed=epilogue_allowed,
+        folds_operand=is_2d_swap)
+def lower_matmul(node, epilogue: Epilogue | None) -> Step:
+    a, b = node.inputs
+    trans_a, trans_b = is_2d_swap(a), is_2d_swap(b)
+    a_src = a.inputs[0] if trans_a else a
+    b_src = b.inputs[0] if trans_b else b
+    M, K = a.shape
+    N = b.shape[1]
+    epilogue = epilogue or Epilogue(node)
+    has_bias = epilogue.bias is not None
+    operands = [a_src, b_src] + ([epilogue.bias] if has_bias else []) + list(epilogue.operands)
+
+    def build(module, name, threads):
+        gemm = emit_gemm(module, f"{name}.gemm", M, N, K, trans_a=trans_a, trans_b=trans_b,
+                         bias="col" if has_bias else None, relu=epilogue.relu,
+                         epilogue=epilogue.expr, epilogue_operands=len(epilogue.operands))
+        gemm.linkage = "internal"
+        fn, kb = phase_function(module, name, len(operands))
+        out, ins, scratch, tid, nthreads = phase_args(fn)
+        bias_ptr = ins[2] if has_bias else ir.Constant(ins[0].type, None)
+        extras = ins[3:] if has_bias else ins[2:]
+        kb.b.call(gemm, [ins[0], ins[1], out, bias_ptr, scratch, tid, nthreads] + list(extras))
+        kb.b.ret_void()
+        return Kernel([fn], gemm_workspace_floats(M, N, K, trans_a=trans_a, trans_b=trans_b, nthreads=threads))
+
+    label = ("gemm" + ("T" if trans_a else "") + ("+bias" if has_bias else "") + ("+relu" if epilogue.relu else "")
+             + ("+ew" if epilogue.expr is not None else ""))
+    folded = [t for t, is_folded in ((a, trans_a), (b, trans_b)) if is_folded]
+    covers = folded + [node] + ([epilogue.node] if epilogue.node is not node else [])
+    return Step(epilogue.node, operands, build, label, covers, flops=2 * M * N * K)

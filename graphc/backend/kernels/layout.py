@@ -23,6 +23,7 @@ import llvmlite.ir as ir
 
 from graphc.backend.emit.kernel import Kernel, phase_args, phase_function
 from graphc.backend.emit.kernel_builder import I1, I32, I64, PTR, KernelBuilder
+from graphc.backend.lowering_rules import Step, lowers
 
 __all__ = ["emit_copy", "emit_broadcast_copy", "emit_transpose"]
 
@@ -439,3 +440,19 @@ class _Slab:
         """Whether the block extends past its whole tiles (only a last block can)."""
         block_end = kb.add(kb.mul(block, TRANSPOSE_BLOCK), whole_extent)
         return kb.b.icmp_signed("<", block_end, kb.i64(extent))
+
+
+# ---- lowering --------------------------------------------------------------------------------
+
+@lowers("transpose")
+def lower_transpose(node, _epilogue) -> Step:
+    x = node.inputs[0]
+    return Step(node, [x], lambda m, name, threads: emit_transpose(m, name, x.shape, node.attrs["axes"],
+                                                                    max_threads=threads),
+                "transpose", [node], flops=0)
+
+
+def copy_step(node, source) -> Step:
+    """A step copying `source`'s buffer into `node`'s (materializes an output that aliases another value)."""
+    return Step(node, [source], lambda m, name, threads: emit_copy(m, name, node.size, max_threads=threads),
+                "copy", [], flops=0)

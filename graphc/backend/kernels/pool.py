@@ -32,6 +32,7 @@ from graphc.backend.kernels.elementwise import emit_elementwise_epilogue, emit_e
 from graphc.backend.emit.kernel import Kernel, phase_args, phase_function
 from graphc.backend.emit.kernel_builder import I32, I64, KernelBuilder, shared_constant
 from graphc.backend.kernels.window import WindowGeometry
+from graphc.backend.lowering_rules import lowers, no_param_operands, step_with_elementwise_epilogue
 
 __all__ = ["PoolGeometry", "emit_avg_pool2d", "emit_avg_pool2d_grad", "emit_max_pool2d",
            "emit_max_pool2d_grad"]
@@ -694,3 +695,25 @@ def _entry_alloca(kb: KernelBuilder, typ: ir.Type) -> ir.AllocaInstr:
     slot = kb.b.alloca(typ)
     kb.b.position_at_end(current)
     return slot
+
+
+# ---- lowering --------------------------------------------------------------------------------
+
+def _lower_pool(emit, x_shape_of):
+    def lower(node, epilogue):
+        a = node.attrs
+        x_shape = x_shape_of(node)
+        return step_with_elementwise_epilogue(
+            node, epilogue, lambda m, name, threads, **fused: emit(
+                m, name, x_shape, a["kernel"], a["stride"], a["padding"], max_threads=threads, **fused),
+            flops=node.size * math.prod(a["kernel"]))
+    return lower
+
+
+lowers("avg_pool2d")(_lower_pool(emit_avg_pool2d, lambda node: node.inputs[0].shape))
+lowers("max_pool2d")(_lower_pool(emit_max_pool2d, lambda node: node.inputs[0].shape))
+# The gradients take their elementwise consumer (ReLU's backward) as an epilogue.
+lowers("avg_pool2d_grad", elementwise_epilogue=True, epilogue_allowed=no_param_operands)(
+    _lower_pool(emit_avg_pool2d_grad, lambda node: node.attrs["x_shape"]))
+lowers("max_pool2d_grad", elementwise_epilogue=True, epilogue_allowed=no_param_operands)(
+    _lower_pool(emit_max_pool2d_grad, lambda node: node.inputs[0].shape))

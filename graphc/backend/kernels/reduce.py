@@ -33,6 +33,7 @@ import llvmlite.ir as ir
 from graphc.backend.emit.kernel import Kernel, phase_args, phase_function
 from graphc.backend.emit.kernel_builder import F32, I32, KernelBuilder, shared_constant
 from graphc.backend.kernels.layout import (collapse_dims, contiguous_strides, declare_intrinsic, dot_offset, emit_copy, entry_alloca, for_each_vector, load_lanes, only_thread_zero, open_phase, store_lanes, strided_loops, unflatten_index, vector_lanes, vector_suffix, zero_floats)
+from graphc.backend.lowering_rules import Step, lowers
 
 __all__ = ["emit_sum"]
 
@@ -395,3 +396,12 @@ def _column_chunk_sums(kb: KernelBuilder, x: ir.Value, x_start: ir.Value, lanes:
 
         totals.update_all(blocked_sum(kb, rows, ROW_BLOCK, len(lanes), block_sums))
     return totals.values()
+
+
+# ---- lowering --------------------------------------------------------------------------------
+
+@lowers("sum")
+def lower_sum(node, _epilogue) -> Step:
+    x = node.inputs[0]
+    return Step(node, [x], lambda m, name, threads: emit_sum(m, name, x.shape, node.attrs["axes"], max_threads=threads),
+                "sum", [node], flops=x.size)

@@ -17,6 +17,7 @@ from graphc.backend.emit.kernel import Kernel, phase_args, phase_function
 from graphc.backend.emit.kernel_builder import (F32, I32, I64, PTR, TRANSPOSE_WIDTHS, KernelBuilder, shared_constant)
 from graphc.backend.kernels.layout import (declare_intrinsic, for_each_vector, load_lanes, only_thread_zero, open_phase, store_lanes, vector_lanes, vector_suffix, zero_floats)
 from graphc.backend.kernels.reduce import (ROW_BLOCK, SPAN_BLOCK, SUM_IDENTITY, VectorAccumulators, blocked_sum, for_each_column_chunk, horizontal_max, horizontal_sum, span_max, span_sum, tree_combine, vector_add, vector_max)
+from graphc.backend.lowering_rules import Step, alias_root, lowers
 
 __all__ = ["emit_softmax", "emit_softmax_cross_entropy", "emit_one_hot", "vector_exp", "vector_exp_any",
            "vector_log"]
@@ -473,3 +474,30 @@ def emit_one_hot(module: ir.Module, name: str, n: int, classes: int, *,
         kb.store(kb.f32(1.0), out, kb.add(kb.mul(row, classes), _load_label(kb, labels, row)))
     kb.b.ret_void()
     return Kernel([fn])
+
+
+# ---- lowering --------------------------------------------------------------------------------
+
+@lowers("softmax")
+def lower_softmax(node, _epilogue) -> Step:
+    return Step(node, [node.inputs[0]],
+                lambda m, name, threads: emit_softmax(m, name, node.shape, node.attrs["axis"], max_threads=threads),
+                "softmax", [node], flops=4 * node.size)
+
+
+# Class ids index the logits' rows: the runtime checks them before native code runs.
+@lowers("softmax_cross_entropy",
+        label_range=lambda node: (alias_root(node.inputs[1]), node.inputs[0].shape[1]))
+def lower_softmax_cross_entropy(node, _epilogue) -> Step:
+    logits = node.inputs[0]
+    return Step(node, list(node.inputs),
+                lambda m, name, threads: emit_softmax_cross_entropy(m, name, logits.shape, max_threads=threads),
+                "softmax_cross_entropy", [node], flops=4 * logits.size)
+
+
+@lowers("one_hot", label_range=lambda node: (alias_root(node.inputs[0]), node.attrs["classes"]))
+def lower_one_hot(node, _epilogue) -> Step:
+    return Step(node, [node.inputs[0]],
+                lambda m, name, threads: emit_one_hot(m, name, node.shape[0], node.attrs["classes"],
+                                                      max_threads=threads),
+                "one_hot", [node], flops=0)

@@ -82,6 +82,8 @@ from graphc.backend.kernels.conv.geometry import (ConvGeometry, _ONE_VECTOR_EFFI
 from graphc.backend.kernels.conv.input_grad import (_MAX_BATCH_G_FLOATS, _MAX_COLS_FLOATS, _DxEpilogue, _emit_input_grad_as_forward, _emit_input_grad_batch_lanes, _emit_input_grad_by_cols)
 from graphc.backend.kernels.conv.tiles import _TILE_ROWS
 from graphc.backend.kernels.conv.weight_grad import (_emit_weight_grad_channel_lanes, _emit_weight_grad_pixel_lanes)
+import math
+from graphc.backend.lowering_rules import Step, lowers, no_param_operands, step_with_elementwise_epilogue
 
 
 __all__ = ["ConvGeometry", "chosen_paths", "emit_conv2d", "emit_conv2d_input_grad",
@@ -228,3 +230,42 @@ WEIGHT_GRAD_PATHS = (
     _Path("pixels in lanes", _stride_one, lambda g, width: g.out_w / g.padded_w,
           _emit_weight_grad_pixel_lanes),
 )
+
+
+# ---- lowering --------------------------------------------------------------------------------
+
+@lowers("conv2d", bias_epilogue="row")
+def lower_conv2d(node, epilogue) -> Step:
+    x, w = node.inputs
+    operands = [x, w] + ([epilogue.bias] if epilogue else [])
+    relu = bool(epilogue and epilogue.relu)
+    attrs = node.attrs
+
+    def build(m, name, threads):
+        return emit_conv2d(m, name, x.shape, w.shape, attrs["stride"], attrs["padding"],
+                           bias=epilogue is not None, relu=relu, max_threads=threads)
+
+    label = "conv2d" + ("+bias" if epilogue else "") + ("+relu" if relu else "")
+    covers = [node] + ([epilogue.node] if epilogue else [])
+    return Step(epilogue.node if epilogue else node, operands, build, label, covers,
+                flops=2 * node.size * math.prod(w.shape[1:]))
+
+
+@lowers("conv2d_input_grad", elementwise_epilogue=True, epilogue_allowed=no_param_operands)
+def lower_conv2d_input_grad(node, epilogue) -> Step:
+    g, w = node.inputs
+    a = node.attrs
+    return step_with_elementwise_epilogue(
+        node, epilogue, lambda m, name, threads, **fused: emit_conv2d_input_grad(
+            m, name, g.shape, w.shape, a["x_shape"], a["stride"], a["padding"], max_threads=threads, **fused),
+        flops=2 * g.size * math.prod(w.shape[1:]))
+
+
+@lowers("conv2d_weight_grad")
+def lower_conv2d_weight_grad(node, _epilogue) -> Step:
+    x, g = node.inputs
+    a = node.attrs
+    return Step(node, [x, g],
+                lambda m, name, threads: emit_conv2d_weight_grad(m, name, x.shape, g.shape, a["w_shape"], a["stride"],
+                                                                 a["padding"], max_threads=threads),
+                "conv2d_weight_grad", [node], flops=2 * g.size * math.prod(a["w_shape"][1:]))

@@ -1,0 +1,102 @@
+"""What a kernel family declares for each op it computes, beside its emitters.
+
+A family registers one `Lowering` per op with `@lowers(...)`: the function that turns a node
+(and the consumer it absorbed, if any) into a `Step`, and the fusion rules lowering.py applies
+before calling it: which epilogue the kernel can take, which operand layouts it reads in place,
+which integer inputs it indexes by. A new primitive with its own kernel is then its op file in
+graphc/core/ops/ and its family's file in graphc/backend/kernels/.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable
+
+import llvmlite.ir as ir
+import sympy
+
+from graphc.backend.emit.kernel import Kernel
+from graphc.core.ir import Tensor
+
+__all__ = ["Step", "Epilogue", "Lowering", "LOWERINGS", "lowers", "alias_root", "step_with_elementwise_epilogue"]
+
+
+@dataclasses.dataclass
+class Step:
+    node: Tensor                       # the node whose value this step writes
+    operands: list[Tensor]             # nodes whose buffers the kernel reads, in kernel input order
+    build: Callable[[ir.Module, str, int], Kernel]   # (module, function name, max_threads) -> Kernel
+    label: str                         # what runs, for listings and profiles: "gemm+bias+relu"
+    covers: list[Tensor]               # every IR node this step computes
+    flops: int = 0
+
+
+@dataclasses.dataclass
+class Epilogue:
+    """A consumer a kernel computes as it writes its result."""
+
+    node: Tensor                    # the ew node whose value the fused step writes
+    bias: Tensor | None = None      # the bias operand
+    relu: bool = False
+    expr: sympy.Expr | None = None  # a general epilogue: x0 the kernel's result, x1.. the `operands`
+    operands: tuple = ()            # operands of `expr`, each of the result's shape
+
+
+@dataclasses.dataclass(frozen=True)
+class Lowering:
+    """How an op becomes a Step, and what the step may absorb.
+
+    bias_epilogue: "col" (a bias of N values on an (M, N) result) or "row" (one value per
+        channel of an (N, C, H, W) result): absorbs `result + bias` and `relu(result + bias)`.
+    elementwise_epilogue: absorbs an elementwise consumer whose other operands have the
+        result's shape, if `epilogue_allowed(node, others)` agrees.
+    folds_operand: an operand layout (a node) the kernel reads in place instead of a copy.
+    label_range: (the integer input node, its class count) for inputs the kernel indexes by;
+        the runtime checks them before native code runs.
+    """
+
+    lower: Callable[[Tensor, Epilogue | None], Step]
+    bias_epilogue: str | None = None
+    elementwise_epilogue: bool = False
+    epilogue_allowed: Callable[[Tensor, list[Tensor]], bool] | None = None
+    folds_operand: Callable[[Tensor], bool] | None = None
+    label_range: Callable[[Tensor], tuple[Tensor, int]] | None = None
+
+
+LOWERINGS: dict[str, Lowering] = {}
+
+
+def lowers(*ops: str, **rules) -> Callable:
+    """Register the decorated function as the lowering of `ops`, with `rules` (see Lowering)."""
+    def register(lower):
+        for op in ops:
+            if op in LOWERINGS:
+                raise ValueError(f"op {op!r} already has a lowering ({LOWERINGS[op].lower.__qualname__})")
+            LOWERINGS[op] = Lowering(lower, **rules)
+        return lower
+    return register
+
+
+def alias_root(node: Tensor) -> Tensor:
+    """The node whose buffer holds `node`'s value (reshapes share their operand's buffer)."""
+    while node.op == "reshape":
+        node = node.inputs[0]
+    return node
+
+
+def step_with_elementwise_epilogue(node, epilogue: Epilogue | None, emit, flops: int) -> Step:
+    """The step of a kernel that may take its elementwise consumer as an epilogue (pooling and
+    conv input gradients): its inputs are the node's, then the epilogue's operands; `emit`
+    takes `epilogue` and `epilogue_operands` when there is one."""
+    if epilogue is None:
+        return Step(node, list(node.inputs), emit, node.op, [node], flops=flops)
+    fused = dict(epilogue=epilogue.expr, epilogue_operands=len(epilogue.operands))
+    return Step(epilogue.node, list(node.inputs) + list(epilogue.operands),
+                lambda m, name, threads: emit(m, name, threads, **fused),
+                node.op + "+ew", [node, epilogue.node], flops=flops)
+
+
+def no_param_operands(producer: Tensor, others: list[Tensor]) -> bool:
+    """An epilogue rule for kernels that write a whole plane or sample of their result before
+    applying the epilogue to it: a param operand may be the very buffer the step updates in
+    place, which the epilogue would then read already overwritten."""
+    return not any(alias_root(t).op == "param" for t in others)
