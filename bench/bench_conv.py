@@ -35,9 +35,10 @@ os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 import numpy as np  # noqa: E402
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+from graphc.backend.kernels.conv import (ConvGeometry, chosen_paths, emit_conv2d, emit_conv2d_input_grad,
+                                         emit_conv2d_weight_grad)
+from graphc.backend.kernels.pool import emit_avg_pool2d, emit_avg_pool2d_grad, emit_max_pool2d, emit_max_pool2d_grad
 from graphc.backend.llvm import target  # noqa: E402
-from graphc.backend.kernels.conv import (ConvGeometry, chosen_paths, emit_conv2d, emit_conv2d_input_grad, emit_conv2d_weight_grad)
-from graphc.backend.kernels.pool import (emit_avg_pool2d, emit_avg_pool2d_grad, emit_max_pool2d, emit_max_pool2d_grad)
 from graphc.core.ops import OPS  # noqa: E402
 
 BATCH = 64

@@ -27,8 +27,8 @@ os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 import numpy as np  # noqa: E402
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-from graphc.backend.llvm import target  # noqa: E402
 from graphc.backend.kernels.gemm import emit_gemm, gemm_workspace_floats  # noqa: E402
+from graphc.backend.llvm import target  # noqa: E402
 
 DEFAULT_SHAPES = ["64x784x512", "256x784x512", "64x512x256", "256x512x256",
                   "6x784x25", "16x100x150", "512x512x512"]

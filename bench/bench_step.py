@@ -29,10 +29,11 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(__file__))
 
-import graphc as gc  # noqa: E402
-from graphc.tools import models  # noqa: E402
 from peak import PeakWorker  # noqa: E402
 from peers import JaxWorker, median_time, torch_step  # noqa: E402
+
+import graphc as gc  # noqa: E402
+from graphc.tools import models  # noqa: E402
 
 WORKLOADS = {
     "logreg": lambda b: models.softmax_regression(b, 784, 10),
@@ -221,6 +222,7 @@ def main():
         import logging
 
         import torch
+
         # Dynamo warns that it ignores the optimizer's profiler hooks, once per compiled step.
         torch._logging.set_logs(dynamo=logging.ERROR)
     jax_workers = {t: JaxWorker(t) for t in args.threads} if "jax" in peers else {}

@@ -73,9 +73,9 @@ def measure(name: str, batch: int, threads: int, traced: bool) -> dict:
     """The numbers of one row, measured in this process (see the module docstring): with
     `traced`, the traced bytes alone, otherwise all the others."""
     import numpy as np
+    from bench_step import WORKLOADS
 
     import graphc as gc
-    from bench_step import WORKLOADS
     from graphc.tools import models
 
     gc.set_num_threads(threads)

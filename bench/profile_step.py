@@ -10,8 +10,9 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(__file__))
 
-import graphc as gc  # noqa: E402
 from bench_step import WORKLOADS  # noqa: E402
+
+import graphc as gc  # noqa: E402
 from graphc.tools import models  # noqa: E402
 
 

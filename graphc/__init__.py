@@ -5,20 +5,22 @@ executor (`evaluate`) or compile it to native code.
 """
 __version__ = "0.1.0"
 
+from graphc.backend.compiler import CompiledFunction, CompiledTrainingStep, compile, compile_training_step
+from graphc.backend.interpreter_settings import fast_compile
 from graphc.core.autodiff import grad
-from graphc.tools.checkpoint import load_params, save_params
 from graphc.core.errors import ShapeError
 from graphc.core.gradcheck import GradCheckReport, grad_check
 from graphc.core.init import init_params
 from graphc.core.ir import Graph, Tensor
-from graphc.core.ops import (add, avg_pool2d, broadcast_to, conv2d, div, exp, flatten, global_avg_pool2d, linear, log, matmul, max_pool2d, mean, mse, mul, neg, power, relu, reshape, sigmoid, sigmoid_binary_cross_entropy, softmax, softmax_cross_entropy, softplus, sqrt, sub, sum, tanh, transpose)
-from graphc.core.reference import evaluate
+from graphc.core.ops import (add, avg_pool2d, broadcast_to, conv2d, div, exp, flatten, global_avg_pool2d, linear, log,
+                             matmul, max_pool2d, mean, mse, mul, neg, power, relu, reshape, sigmoid,
+                             sigmoid_binary_cross_entropy, softmax, softmax_cross_entropy, softplus, sqrt, sub, sum,
+                             tanh, transpose)
 from graphc.core.optim import SGD
+from graphc.core.reference import evaluate
+from graphc.tools.checkpoint import load_params, save_params
 from graphc.transforms import optimize
-from graphc.backend.compiler import CompiledFunction, CompiledTrainingStep, compile, compile_training_step
-from graphc.backend.interpreter_settings import fast_compile
 from graphc_runtime import get_num_threads, set_num_threads
-
 
 __all__ = [
     "Graph", "Tensor", "ShapeError", "grad", "evaluate", "init_params", "grad_check", "GradCheckReport",

@@ -3,9 +3,9 @@ nodes, vector-Jacobian products with a seed, and second (and third) derivatives 
 finite differences of the first gradient."""
 import numpy as np
 import pytest
+from core_oracles import evaluate64, numeric_grad, rel_err
 
 import graphc as gc
-from core_oracles import evaluate64, numeric_grad, rel_err
 
 # ---- fan-out, zeros, subgradients ------------------------------------------------------------
 

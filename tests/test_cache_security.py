@@ -256,8 +256,9 @@ def test_one_unwritable_entry_does_not_stop_caching_the_others(tmp_path):
 # ------------------------------------------------------------------- the compile paths
 
 def test_compile_training_step_ignores_a_world_writable_cache_directory(tmp_path, monkeypatch):
-    from graphc.backend import compiler
     import test_program_cache
+
+    from graphc.backend import compiler
 
     directory = tmp_path / "cache"
     monkeypatch.setenv("GRAPHC_CACHE_DIR", str(directory))

@@ -6,12 +6,11 @@ import tempfile
 
 import numpy as np
 import pytest
+from thread_choice import splitting_pays  # noqa: F401 (a fixture)
 
 import graphc as gc
 import graphc_runtime as gc_runtime
 from graphc.tools import models
-
-from thread_choice import splitting_pays  # noqa: F401 (a fixture)
 
 
 def assert_matches(actual, expected, rtol=1e-4, what="", atol=0.0):

@@ -5,9 +5,9 @@ import zlib
 
 import numpy as np
 import pytest
+from error_bounds import assert_compiled_matches_exact
 
 import graphc as gc
-from error_bounds import assert_compiled_matches_exact
 
 
 def unary(op, shape=(3, 17)):

@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
-from graphc.backend.llvm import target
-from graphc.backend.kernels.conv import INPUT_GRAD_PATHS, ConvGeometry, chosen_paths
 from kernel_cases import Case, check_cases, conv_output_shape, random, reference
+
+from graphc.backend.kernels.conv import INPUT_GRAD_PATHS, ConvGeometry, chosen_paths
+from graphc.backend.llvm import target
 
 PATH = next(path for path in INPUT_GRAD_PATHS if path.name == "batch in lanes")
 

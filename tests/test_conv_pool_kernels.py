@@ -11,14 +11,15 @@ import dataclasses
 
 import numpy as np
 import pytest
+from kernel_cases import (MAX_THREADS, RTOL, Case, check_cases, compile_kernels, conv_output_shape, random, reference,
+                          relative_error, run_kernel)
 
 from graphc.backend.kernels import conv as conv_kernels
+from graphc.backend.kernels.conv import (FORWARD_PATHS, INPUT_GRAD_PATHS, WEIGHT_GRAD_PATHS, ConvGeometry, emit_conv2d,
+                                         emit_conv2d_input_grad, emit_conv2d_weight_grad)
+from graphc.backend.kernels.pool import emit_avg_pool2d, emit_avg_pool2d_grad, emit_max_pool2d, emit_max_pool2d_grad
 from graphc.backend.llvm import target
-from graphc.backend.kernels.conv import (FORWARD_PATHS, INPUT_GRAD_PATHS, WEIGHT_GRAD_PATHS, ConvGeometry, emit_conv2d, emit_conv2d_input_grad, emit_conv2d_weight_grad)
-from graphc.backend.kernels.pool import (emit_avg_pool2d, emit_avg_pool2d_grad, emit_max_pool2d, emit_max_pool2d_grad)
 from graphc.core.scalar import Step, symbol
-from kernel_cases import (MAX_THREADS, RTOL, Case, check_cases, compile_kernels, conv_output_shape,
-                          random, reference, relative_error, run_kernel)
 
 # A fused epilogue like ReLU's backward, but not idempotent: applied twice, it would show.
 EPILOGUE = 2 * symbol(0) * Step(symbol(1)) + symbol(1)

@@ -9,7 +9,8 @@ import tracemalloc
 import numpy as np
 import pytest
 
-from graphc.tools.data import (IDX_IMAGES_MAGIC, IDX_LABELS_MAGIC, Dataset, epoch_indices, load_digits, load_mnist, read_idx_images, read_idx_labels, sample_indices, stratified_split)
+from graphc.tools.data import (IDX_IMAGES_MAGIC, IDX_LABELS_MAGIC, Dataset, epoch_indices, load_digits, load_mnist,
+                               read_idx_images, read_idx_labels, sample_indices, stratified_split)
 
 DIGITS = 1797
 

@@ -19,16 +19,15 @@ import threading
 import llvmlite.binding as llvm
 import numpy as np
 import pytest
+from cross_targets import aarch64_target_machine
 
 import graphc as gc
 import graphc_runtime as rt
 from graphc.backend import compiler
-from graphc.tools import models
 from graphc.backend.llvm import parallel
+from graphc.tools import models
 from graphc_runtime import elf_link, loader
 from graphc_runtime.loader import LINKER_VARIABLE
-
-from cross_targets import aarch64_target_machine
 
 X86_64_ELF = llvm.get_object_format() == "ELF" and platform.machine().lower() in ("x86_64", "amd64")
 needs_x86_64_elf = pytest.mark.skipif(not X86_64_ELF, reason="the own linker serves x86-64 ELF hosts")

@@ -3,7 +3,8 @@ import numpy as np
 import pytest
 
 import graphc as gc
-from graphc.tools.features import (extract_features, feature_count, feature_graph, map_batches, orientation_histogram_features)
+from graphc.tools.features import (extract_features, feature_count, feature_graph, map_batches,
+                                   orientation_histogram_features)
 
 
 def numpy_orientation_histograms(images, orientations=8, cell=2, eps=1e-3):

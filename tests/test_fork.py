@@ -17,12 +17,11 @@ import time
 
 import numpy as np
 import pytest
+from thread_choice import splitting_pays  # noqa: F401 (a fixture)
 
 import graphc as gc
 import graphc_runtime as rt
 from graphc.tools import models
-
-from thread_choice import splitting_pays  # noqa: F401 (a fixture)
 
 pytestmark = pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
 

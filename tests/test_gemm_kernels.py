@@ -19,13 +19,14 @@ import llvmlite.binding as llvm
 import llvmlite.ir as ir
 import numpy as np
 import pytest
-
-from graphc.backend.llvm import target
-from graphc.backend.kernels.gemm import (MAX_A_BLOCK_FLOATS, MAX_PANEL_FLOATS, MIN_K_BLOCK, DotPlan, GemmPlan, choose_plan, emit_gemm, gemm_workspace_floats, plan_gemm)
-from graphc.backend.kernels.gemm_dot import choose_dot_plan
-from graphc.backend.emit.kernel_builder import I32, I64, PTR, KernelBuilder, i32_array
-from graphc_runtime.host import SIMD_SHAPES
 from read_guards import ending_at_guard_page
+
+from graphc.backend.emit.kernel_builder import I32, I64, PTR, KernelBuilder, i32_array
+from graphc.backend.kernels.gemm import (MAX_A_BLOCK_FLOATS, MAX_PANEL_FLOATS, MIN_K_BLOCK, DotPlan, GemmPlan,
+                                         choose_plan, emit_gemm, gemm_workspace_floats, plan_gemm)
+from graphc.backend.kernels.gemm_dot import choose_dot_plan
+from graphc.backend.llvm import target
+from graphc_runtime.host import SIMD_SHAPES
 
 _P = ctypes.c_void_p
 GEMM_CFUNC = ctypes.CFUNCTYPE(None, _P, _P, _P, _P, _P, ctypes.c_int64, ctypes.c_int64)

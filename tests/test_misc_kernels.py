@@ -19,18 +19,15 @@ import llvmlite.ir as ir
 import numpy as np
 import pytest
 import sympy
-
-from graphc.backend.llvm import target
-from graphc.backend.kernels.elementwise import emit_elementwise
-from graphc.backend.emit.kernel import Kernel
-from graphc.backend.kernels.layout import collapse_dims
-from graphc.backend.kernels.layout import emit_broadcast_copy, emit_copy, emit_transpose
-from graphc.backend.kernels.reduce import emit_sum
-from graphc.backend.kernels.softmax import emit_one_hot, emit_softmax, emit_softmax_cross_entropy
-from graphc.backend.kernels.reduce import PARALLEL_TOTAL_MIN
-from graphc.backend.kernels.softmax import PARALLEL_LOSS_MIN
-from graphc.core.ops.registry import OPS
 from read_guards import ending_at_guard_page
+
+from graphc.backend.emit.kernel import Kernel
+from graphc.backend.kernels.elementwise import emit_elementwise
+from graphc.backend.kernels.layout import collapse_dims, emit_broadcast_copy, emit_copy, emit_transpose
+from graphc.backend.kernels.reduce import PARALLEL_TOTAL_MIN, emit_sum
+from graphc.backend.kernels.softmax import PARALLEL_LOSS_MIN, emit_one_hot, emit_softmax, emit_softmax_cross_entropy
+from graphc.backend.llvm import target
+from graphc.core.ops.registry import OPS
 
 SENTINEL = np.float32(-12345.0)
 GUARD = 16

@@ -2,9 +2,9 @@
 param, and the forward loss matches a forward pass written here in plain numpy."""
 import numpy as np
 import pytest
+from core_oracles import conv2d_loop, max_pool_loop, sigmoid_bce_textbook, softmax_cross_entropy_plain
 
 import graphc as gc
-from core_oracles import conv2d_loop, max_pool_loop, sigmoid_bce_textbook, softmax_cross_entropy_plain
 
 
 def assert_grad_check(loss, params, feeds, graph):

@@ -3,10 +3,10 @@ import itertools
 
 import numpy as np
 import pytest
-
-import graphc as gc
 from core_oracles import (avg_pool_loop, conv2d_loop, evaluate64, explicit_pads, max_pool_loop, rel_err,
                           sigmoid_bce_textbook, softmax_cross_entropy_plain)
+
+import graphc as gc
 
 # ---- conv2d ----------------------------------------------------------------------------------
 

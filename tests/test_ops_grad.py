@@ -6,10 +6,9 @@ compares every entry of every operand's gradient with central differences of `gc
 """
 import numpy as np
 import pytest
+from core_oracles import assert_gradients_match, away_from_zero, distinct_values, evaluate64, max_pool_grad_loop
 
 import graphc as gc
-from core_oracles import (assert_gradients_match, away_from_zero, distinct_values, evaluate64,
-                          max_pool_grad_loop)
 
 # ---- conv2d ----------------------------------------------------------------------------------
 

@@ -13,10 +13,11 @@ import pytest
 import graphc as gc
 import graphc_runtime as rt
 from graphc.backend import compiler
-from graphc.tools import models
-from graphc.backend.llvm import parallel, program_modules, target, worker_process
 from graphc.backend.emit.kernel import Kernel
+from graphc.backend.llvm import parallel, program_modules, target, worker_process
 from graphc.backend.program_cache import CachedProgram, pack_entry, unpack_entry
+from graphc.tools import models
+
 
 @pytest.fixture
 def fresh_cache(tmp_path, monkeypatch):

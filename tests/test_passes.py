@@ -11,10 +11,10 @@ from hypothesis import strategies as st
 
 import graphc as gc
 from graphc.core.ops.sources import fill
-from graphc.transforms import (DEFAULT_PASSES, FixedPoint, cse, dce, fold_constants, fuse_elementwise, optimize, reuse_values, simplify)
-from graphc.transforms import constant_folding, elementwise_fusion
-from graphc.transforms.pipeline import graph_signature
 from graphc.core.scalar import Sigmoid
+from graphc.transforms import (DEFAULT_PASSES, FixedPoint, constant_folding, cse, dce, elementwise_fusion,
+                               fold_constants, fuse_elementwise, optimize, reuse_values, simplify)
+from graphc.transforms.pipeline import graph_signature
 
 PASSES = [dce, cse, fold_constants, simplify, fuse_elementwise, reuse_values]
 

@@ -8,15 +8,14 @@ import platform
 
 import numpy as np
 import pytest
+from cross_targets import aarch64_target_machine
 
 import graphc as gc
 import graphc_runtime as rt
 from graphc.backend import compiler
-from graphc.tools import models
 from graphc.backend.llvm import parallel, target
+from graphc.tools import models
 from graphc_runtime import host
-
-from cross_targets import aarch64_target_machine
 
 pytestmark = pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"),
                                 reason="SSE-only code runs on x86-64 hosts")

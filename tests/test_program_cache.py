@@ -35,8 +35,9 @@ def test_miss_then_hit_without_optimizing_or_generating_ir(cache):
 
 
 def test_thread_count_is_part_of_the_key(cache, monkeypatch):
-    from graphc.backend import thread_costs
     from thread_choice import SPLITTING_PAYS
+
+    from graphc.backend import thread_costs
     monkeypatch.setattr(thread_costs, "measured_thread_costs", lambda requested: SPLITTING_PAYS)
     previous = gc.get_num_threads()
     try:

@@ -3,12 +3,12 @@ with numpy forward, and their gradients agree with finite differences (float64, 
 import os
 
 import numpy as np
+from core_oracles import assert_gradients_match, away_from_zero, evaluate64, rel_err
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import array_shapes, mutually_broadcastable_shapes
 
 import graphc as gc
-from core_oracles import assert_gradients_match, away_from_zero, evaluate64, rel_err
 
 # The same examples every run under the default "ci" profile (tests/conftest.py); fresh ones with
 # HYPOTHESIS_PROFILE=explore, and more with GRAPHC_PROPERTY_EXAMPLES=500.

@@ -13,12 +13,12 @@ import os
 import numpy as np
 import pytest
 import sympy
+from error_bounds import assert_compiled_matches_exact, bounded_values, worst_violation
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 import graphc as gc
 from graphc.core.ops.elementwise import elementwise
-from error_bounds import assert_compiled_matches_exact, bounded_values, worst_violation
 
 
 class Builder:

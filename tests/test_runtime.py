@@ -19,11 +19,11 @@ import warnings
 import llvmlite.binding as llvm
 import numpy as np
 import pytest
+from hand_written_ir import compile_ir, load_ir
 
 import graphc_runtime as rt
 from graphc_runtime.buffers import aligned_zeros, data_pointer
 from graphc_runtime.loader import undefined_symbols
-from hand_written_ir import compile_ir, load_ir
 
 
 def run_python(script: str, env: dict | None = None) -> subprocess.CompletedProcess:

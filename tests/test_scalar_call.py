@@ -9,9 +9,9 @@ import time
 
 import numpy as np
 import pytest
+from hand_written_ir import load_ir
 
 import graphc_runtime as rt
-from hand_written_ir import load_ir
 
 # total = sum(x) + sum(labels), calls += 1; labels[i] >= 3 is refused (status = argv position 1 + 1).
 TOTAL_IR = """

@@ -3,9 +3,9 @@ magnitude 100 (and 1000), in float32 and float64. The oracle is 50-digit mpmath 
 import mpmath
 import numpy as np
 import pytest
+from core_oracles import assert_gradients_match
 
 import graphc as gc
-from core_oracles import assert_gradients_match
 
 mpmath.mp.dps = 50
 

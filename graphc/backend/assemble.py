@@ -13,16 +13,16 @@ import math
 import re
 from typing import Callable
 
-import graphc_runtime as rt
 import numpy as np
 
+import graphc_runtime as rt
 from graphc.backend.emit.entry import EntryBuilder, emit_constant, emit_ticks_function
-from graphc.backend.llvm.program_modules import ProgramModules
-from graphc.core.ir import Graph, Tensor
 from graphc.backend.kernels.layout import copy_step
+from graphc.backend.llvm.program_modules import ProgramModules
 from graphc.backend.lowering import Step, alias_root, plan_steps
 from graphc.backend.lowering_rules import LOWERINGS
 from graphc.backend.memory import MemoryPlan, plan_memory, schedule
+from graphc.core.ir import Graph, Tensor
 
 SUPPORTED_DTYPES = ("float32", "int32")
 PROFILE_SLOT = "profile:ticks"

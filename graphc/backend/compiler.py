@@ -23,14 +23,13 @@ from typing import Mapping
 import numpy as np
 
 import graphc_runtime as rt
-
+from graphc.backend import thread_costs
 from graphc.backend.assemble import ProgramSpec, assemble
 from graphc.backend.emit.entry import ENTRY_NAME
 from graphc.backend.llvm.parallel import ObjectCompiler, compile_modules, split_modules
 from graphc.backend.llvm.program_modules import default_budget
-from graphc.core.ir import Tensor
 from graphc.backend.program_cache import CachedProgram, pack_entry, program_key, unpack_entry
-from graphc.backend import thread_costs
+from graphc.core.ir import Tensor
 
 _cache: rt.ObjectCache | None = None
 

@@ -14,7 +14,6 @@ import time
 import numpy as np
 
 import graphc_runtime as rt
-
 from graphc.backend.assemble import PROFILE_SLOT
 from graphc.backend.emit.entry import ENTRY_NAME, TICKS_NAME
 

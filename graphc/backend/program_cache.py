@@ -25,10 +25,9 @@ import numpy as np
 import sympy
 
 import graphc_runtime as rt
-from graphc_runtime import slots as runtime_slots
-
 from graphc.backend.llvm.target import target_fingerprint
 from graphc.core.ir import ConstArray
+from graphc_runtime import slots as runtime_slots
 
 # Every slot kind the runtime defines (a new one is stored without a change here).
 _SLOT_TYPES = {name: getattr(runtime_slots, name) for name in runtime_slots.__all__ if name != "Slot"}

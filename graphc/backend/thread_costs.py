@@ -169,8 +169,8 @@ def _gemm_rates(counts, fork_join: dict, barrier: dict) -> tuple[float, dict[int
 def _gemm_program(max_threads: int):
     """A GEMM step compiled for `max_threads` (not through `gc.compile`, whose thread count
     is what is being calibrated), its feeds and FLOPs."""
-    from graphc.backend.emit.entry import ENTRY_NAME
     from graphc.backend.compiler import Recipe, compile_recipe
+    from graphc.backend.emit.entry import ENTRY_NAME
     from graphc.core.ir import Graph
     from graphc.core.ops import matmul
     from graphc.transforms import optimize

@@ -15,14 +15,15 @@ import dataclasses
 
 import numpy as np
 
-from graphc.tools import models
+from graphc.backend.compiler import CompiledFunction
+from graphc.backend.compiler import compile as compile_graph
 from graphc.core import ops
-from graphc.backend.compiler import CompiledFunction, compile as compile_graph
-from graphc.tools.features import map_batches, orientation_histogram_features
 from graphc.core.ir import Graph, Tensor
-from graphc.tools.models import Model
 from graphc.core.ops.elementwise import elementwise
 from graphc.core.scalar import Step
+from graphc.tools import models
+from graphc.tools.features import map_batches, orientation_histogram_features
+from graphc.tools.models import Model
 
 DIGITS_IMAGE = (1, 8, 8)
 INSTALL_HINT = 'pip install "graphc[demo]"'

@@ -63,8 +63,8 @@ def _profile(args) -> int:
     import numpy as np
 
     from graphc import compile_training_step, init_params
-    from graphc.tools import models
     from graphc.core.optim import SGD
+    from graphc.tools import models
     builders = {"logreg": lambda b: models.softmax_regression(b), "mlp": models.mlp, "lenet5": models.lenet5,
                 "convnet": models.convnet, "w5": lambda b: models.logistic_regression(b, 64)}
     model = builders[args.workload](args.batch)

@@ -13,11 +13,11 @@ from pathlib import Path
 
 import numpy as np
 
-from graphc.tools import classic, models
 from graphc.core.autodiff import grad
+from graphc.core.display import to_dot
+from graphc.tools import classic, models
 from graphc.tools.checkpoint import save_params
 from graphc.tools.data import Dataset, load_digits
-from graphc.core.display import to_dot
 from graphc.tools.plots import plot_filters, plot_learning_curve, plot_training_curves, render_dot
 from graphc.tools.train import train
 

@@ -21,8 +21,8 @@ import functools
 
 import numpy as np
 
-from graphc.core import ops
 from graphc.backend.compiler import compile as compile_graph
+from graphc.core import ops
 from graphc.core.ir import Graph, Tensor
 
 DEFAULT_ORIENTATIONS = 8

@@ -6,12 +6,12 @@ import runpy
 import sys
 from pathlib import Path
 
+from graphc.backend.lowering import kernel_groups
 from graphc.core.autodiff import grad
 from graphc.core.display import listing, to_dot
 from graphc.core.ir import FLOAT_DTYPES, collect_graphs
-from graphc.backend.lowering import kernel_groups
-from graphc.transforms import optimize
 from graphc.tools.plots import render_dot
+from graphc.transforms import optimize
 
 
 def run_script(script: str, args: list[str]) -> list:

@@ -20,11 +20,11 @@ import numpy as np
 
 from graphc.backend import compiler
 from graphc.backend.compiler import CompiledFunction
-from graphc.tools.data import Dataset, epoch_indices, sample_indices
 from graphc.core.init import init_params
 from graphc.core.ir import Tensor
-from graphc.tools.models import Model
 from graphc.core.optim import SGD
+from graphc.tools.data import Dataset, epoch_indices, sample_indices
+from graphc.tools.models import Model
 
 SAMPLINGS = ("epoch", "uniform")
 

@@ -12,8 +12,8 @@ import functools
 import llvmlite.ir as ir
 import sympy
 
-from graphc.core.scalar import Relu, Sigmoid, Softplus, Step, symbol_index
 from graphc.backend.emit.kernel_builder import F32, KernelBuilder
+from graphc.core.scalar import Relu, Sigmoid, Softplus, Step, symbol_index
 
 # Elementwise kernels evaluate in float32; IEEE semantics except contraction of a*b+c into fma.
 _FLAGS = ("contract",)

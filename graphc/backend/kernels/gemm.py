@@ -61,14 +61,14 @@ import llvmlite.ir as ir
 import sympy
 
 from graphc.backend.emit.expr import ExprEmitter
-from graphc.backend.kernels.gemm_dot import DotEmitter, DotPlan, choose_dot_plan
+from graphc.backend.emit.kernel import Kernel, phase_args, phase_function
 from graphc.backend.emit.kernel_builder import I1, I64, PTR, KernelBuilder
+from graphc.backend.kernels.gemm_dot import DotEmitter, DotPlan, choose_dot_plan
 from graphc.backend.kernels.layout import store_lanes
 from graphc.backend.llvm.target import simd as target_simd
 from graphc.backend.llvm.target import vector_register_count, vector_width_f32
-from graphc_runtime.host import SimdShape
-from graphc.backend.emit.kernel import Kernel, phase_args, phase_function
 from graphc.backend.lowering_rules import Epilogue, Step, alias_root, lowers
+from graphc_runtime.host import SimdShape
 
 __all__ = ["GemmPlan", "DotPlan", "choose_plan", "plan_gemm", "emit_gemm",
            "gemm_workspace_floats", "GEMM_ARG_NAMES"]

@@ -27,10 +27,10 @@ from typing import Callable, Iterator, Sequence
 
 import llvmlite.ir as ir
 
-from graphc.backend.kernels.conv.buffers import emit_fill_zero, splat_i32
-from graphc.backend.kernels.elementwise import emit_elementwise_epilogue, emit_expr
 from graphc.backend.emit.kernel import Kernel, phase_args, phase_function
 from graphc.backend.emit.kernel_builder import I32, I64, KernelBuilder, shared_constant
+from graphc.backend.kernels.conv.buffers import emit_fill_zero, splat_i32
+from graphc.backend.kernels.elementwise import emit_elementwise_epilogue, emit_expr
 from graphc.backend.kernels.window import WindowGeometry
 from graphc.backend.lowering_rules import lowers, no_param_operands, step_with_elementwise_epilogue
 

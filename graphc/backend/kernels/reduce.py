@@ -32,7 +32,10 @@ import llvmlite.ir as ir
 
 from graphc.backend.emit.kernel import Kernel, phase_args, phase_function
 from graphc.backend.emit.kernel_builder import F32, I32, KernelBuilder, shared_constant
-from graphc.backend.kernels.layout import (collapse_dims, contiguous_strides, declare_intrinsic, dot_offset, emit_copy, entry_alloca, for_each_vector, load_lanes, only_thread_zero, open_phase, store_lanes, strided_loops, unflatten_index, vector_lanes, vector_suffix, zero_floats)
+from graphc.backend.kernels.layout import (collapse_dims, contiguous_strides, declare_intrinsic, dot_offset, emit_copy,
+                                           entry_alloca, for_each_vector, load_lanes, only_thread_zero, open_phase,
+                                           store_lanes, strided_loops, unflatten_index, vector_lanes, vector_suffix,
+                                           zero_floats)
 from graphc.backend.lowering_rules import Step, lowers
 
 __all__ = ["emit_sum"]

@@ -14,9 +14,12 @@ from typing import Callable, Sequence
 import llvmlite.ir as ir
 
 from graphc.backend.emit.kernel import Kernel, phase_args, phase_function
-from graphc.backend.emit.kernel_builder import (F32, I32, I64, PTR, TRANSPOSE_WIDTHS, KernelBuilder, shared_constant)
-from graphc.backend.kernels.layout import (declare_intrinsic, for_each_vector, load_lanes, only_thread_zero, open_phase, store_lanes, vector_lanes, vector_suffix, zero_floats)
-from graphc.backend.kernels.reduce import (ROW_BLOCK, SPAN_BLOCK, SUM_IDENTITY, VectorAccumulators, blocked_sum, for_each_column_chunk, horizontal_max, horizontal_sum, span_max, span_sum, tree_combine, vector_add, vector_max)
+from graphc.backend.emit.kernel_builder import F32, I32, I64, PTR, TRANSPOSE_WIDTHS, KernelBuilder, shared_constant
+from graphc.backend.kernels.layout import (declare_intrinsic, for_each_vector, load_lanes, only_thread_zero, open_phase,
+                                           store_lanes, vector_lanes, vector_suffix, zero_floats)
+from graphc.backend.kernels.reduce import (ROW_BLOCK, SPAN_BLOCK, SUM_IDENTITY, VectorAccumulators, blocked_sum,
+                                           for_each_column_chunk, horizontal_max, horizontal_sum, span_max, span_sum,
+                                           tree_combine, vector_add, vector_max)
 from graphc.backend.lowering_rules import Step, alias_root, lowers
 
 __all__ = ["emit_softmax", "emit_softmax_cross_entropy", "emit_one_hot", "vector_exp", "vector_exp_any",

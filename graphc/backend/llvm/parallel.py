@@ -35,7 +35,6 @@ from concurrent.futures import Future
 import llvmlite.binding as llvm
 
 import graphc_runtime as rt
-
 from graphc.backend.llvm import target as host
 from graphc.backend.llvm.worker_process import WorkerProcess
 

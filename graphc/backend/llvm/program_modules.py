@@ -24,8 +24,8 @@ from typing import Callable
 
 import llvmlite.ir as ir
 
-from graphc.backend.llvm import parallel
 from graphc.backend.emit.kernel import Kernel
+from graphc.backend.llvm import parallel
 from graphc.backend.llvm.target import new_module
 
 __all__ = ["INSTRUCTIONS_PER_MODULE", "default_budget", "ProgramModules"]

@@ -1,7 +1,7 @@
 """Every op of graphc. Importing this package registers all primitives."""
 from graphc.core.ops import sources  # noqa: F401  (registers input/param/constant/fill)
 from graphc.core.ops.conv import conv2d
-from graphc.core.ops.elementwise import (add, div, exp, log, mul, neg, power, relu, sigmoid, softplus, sqrt, sub, tanh)
+from graphc.core.ops.elementwise import add, div, exp, log, mul, neg, power, relu, sigmoid, softplus, sqrt, sub, tanh
 from graphc.core.ops.linalg import linear, matmul
 from graphc.core.ops.loss import mse, sigmoid_binary_cross_entropy, softmax, softmax_cross_entropy
 from graphc.core.ops.pool import avg_pool2d, global_avg_pool2d, max_pool2d

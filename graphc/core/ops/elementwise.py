@@ -13,8 +13,8 @@ import sympy
 
 from graphc.core.errors import shape_error, user_site
 from graphc.core.ir import Tensor
-from graphc.core.scalar import Relu, Sigmoid, Softplus, Step, numpy_function, symbol, symbol_index
 from graphc.core.ops.registry import Mismatch, OpDef, op, register
+from graphc.core.scalar import Relu, Sigmoid, Softplus, Step, numpy_function, symbol, symbol_index
 
 
 @register

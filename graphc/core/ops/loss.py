@@ -9,9 +9,9 @@ import numpy as np
 
 from graphc.core.errors import shape_error
 from graphc.core.ir import INT_DTYPES, Tensor, as_int
-from graphc.core.scalar import Softplus
 from graphc.core.ops.elementwise import elementwise
 from graphc.core.ops.registry import Mismatch, OpDef, op, register, require_float
+from graphc.core.scalar import Softplus
 
 
 def _log_softmax(x, axis):

@@ -5,7 +5,7 @@ import numpy as np
 
 from graphc.core.errors import shape_error
 from graphc.core.ir import Tensor, as_int_tuple, normalize_shape
-from graphc.core.ops.registry import OpDef, Mismatch, op, register
+from graphc.core.ops.registry import Mismatch, OpDef, op, register
 
 
 @register

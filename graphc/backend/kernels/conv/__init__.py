@@ -70,21 +70,22 @@ model that chooses among them, and the public `emit_*` functions.
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Callable, Sequence
 
 import llvmlite.ir as ir
 
 from graphc.backend.emit.kernel import Kernel
-from graphc.backend.llvm.target import vector_width_f32
 from graphc.backend.kernels.conv.buffers import _round_up
 from graphc.backend.kernels.conv.forward import _emit_forward_channel_lanes, _emit_forward_pixel_lanes
-from graphc.backend.kernels.conv.geometry import (ConvGeometry, _ONE_VECTOR_EFFICIENCY, _VectorCover, _lanes_efficiency)
-from graphc.backend.kernels.conv.input_grad import (_MAX_BATCH_G_FLOATS, _MAX_COLS_FLOATS, _DxEpilogue, _emit_input_grad_as_forward, _emit_input_grad_batch_lanes, _emit_input_grad_by_cols)
+from graphc.backend.kernels.conv.geometry import _ONE_VECTOR_EFFICIENCY, ConvGeometry, _lanes_efficiency, _VectorCover
+from graphc.backend.kernels.conv.input_grad import (_MAX_BATCH_G_FLOATS, _MAX_COLS_FLOATS, _DxEpilogue,
+                                                    _emit_input_grad_as_forward, _emit_input_grad_batch_lanes,
+                                                    _emit_input_grad_by_cols)
 from graphc.backend.kernels.conv.tiles import _TILE_ROWS
-from graphc.backend.kernels.conv.weight_grad import (_emit_weight_grad_channel_lanes, _emit_weight_grad_pixel_lanes)
-import math
+from graphc.backend.kernels.conv.weight_grad import _emit_weight_grad_channel_lanes, _emit_weight_grad_pixel_lanes
+from graphc.backend.llvm.target import vector_width_f32
 from graphc.backend.lowering_rules import Step, lowers, no_param_operands, step_with_elementwise_epilogue
-
 
 __all__ = ["ConvGeometry", "chosen_paths", "emit_conv2d", "emit_conv2d_input_grad",
            "emit_conv2d_weight_grad", "FORWARD_PATHS", "INPUT_GRAD_PATHS", "WEIGHT_GRAD_PATHS"]

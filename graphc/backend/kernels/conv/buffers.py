@@ -13,7 +13,6 @@ from graphc.backend.emit.kernel import phase_args, phase_function
 from graphc.backend.emit.kernel_builder import I32, KernelBuilder
 from graphc.backend.kernels.conv.geometry import ConvGeometry
 
-
 # Scratch regions start on a 64-byte boundary (relative to scratch) so that two threads
 # never write the same cache line.
 _CACHE_LINE_FLOATS = 16

@@ -9,11 +9,13 @@ import llvmlite.ir as ir
 
 from graphc.backend.emit.kernel import Kernel, phase_args, phase_function
 from graphc.backend.emit.kernel_builder import I1, KernelBuilder
-from graphc.backend.llvm.target import vector_width_f32
-from graphc.backend.kernels.conv.buffers import (_Placement, _ScratchLayout, _ceil_div, _emit_copy_zero_tail, _my_samples, _round_up, _sample, _thread0_phase, emit_fill_zero)
+from graphc.backend.kernels.conv.buffers import (_ceil_div, _emit_copy_zero_tail, _my_samples, _Placement, _round_up,
+                                                 _sample, _ScratchLayout, _thread0_phase, emit_fill_zero)
 from graphc.backend.kernels.conv.geometry import ConvGeometry, _VectorCover
-from graphc.backend.kernels.conv.tiles import (_TILE_ROWS, _Tables, _call_tile, _call_transpose, _equal_runs, _padded_list, _row_indices, _tile_function, _tile_vectors, _tiles_along, _zeros)
-
+from graphc.backend.kernels.conv.tiles import (_TILE_ROWS, _call_tile, _call_transpose, _equal_runs, _padded_list,
+                                               _row_indices, _Tables, _tile_function, _tile_vectors, _tiles_along,
+                                               _zeros)
+from graphc.backend.llvm.target import vector_width_f32
 
 # Reduction steps of a channels-in-lanes forward tile per call: a K of at most
 # `_MAX_K_UNSPLIT` in one block, a longer one in blocks of at most `_MAX_K_BLOCK`. A

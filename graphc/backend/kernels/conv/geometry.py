@@ -9,7 +9,6 @@ import llvmlite.ir as ir
 from graphc.backend.emit.kernel_builder import KernelBuilder
 from graphc.backend.kernels.window import WindowGeometry
 
-
 # A tile one vector wide is load-bound (a broadcast per FMA); lane counts are discounted
 # by this when choosing a layout.
 _ONE_VECTOR_EFFICIENCY = 0.8

@@ -9,14 +9,14 @@ import llvmlite.ir as ir
 import sympy
 
 from graphc.backend.emit.kernel import Kernel, phase_args, phase_function
-from graphc.backend.kernels.elementwise import emit_elementwise_epilogue
 from graphc.backend.emit.kernel_builder import I64, KernelBuilder
-from graphc.backend.llvm.target import vector_width_f32
-from graphc.backend.kernels.conv.buffers import (_Placement, _ScratchLayout, _my_samples, _sample, _store, _thread0_phase)
+from graphc.backend.kernels.conv.buffers import _my_samples, _Placement, _sample, _ScratchLayout, _store, _thread0_phase
 from graphc.backend.kernels.conv.forward import _LanesForward
 from graphc.backend.kernels.conv.geometry import ConvGeometry, _VectorCover
-from graphc.backend.kernels.conv.tiles import (_TILE_ROWS, _Tables, _balanced, _call_tile, _call_transpose, _equal_runs, _load_index, _row_indices, _tile_function, _tiles_along, _zeros)
-
+from graphc.backend.kernels.conv.tiles import (_TILE_ROWS, _balanced, _call_tile, _call_transpose, _equal_runs,
+                                               _load_index, _row_indices, _Tables, _tile_function, _tiles_along, _zeros)
+from graphc.backend.kernels.elementwise import emit_elementwise_epilogue
+from graphc.backend.llvm.target import vector_width_f32
 
 # Largest cols buffer (taps x pixels floats, one input channel's) of the GEMM + col2im
 # input gradient: LeNet's conv2 needs 2500 and stays in L1 between the GEMM that writes

@@ -9,7 +9,6 @@ import llvmlite.ir as ir
 from graphc.backend.emit.kernel_builder import F32, I1, I32, I64, PTR, KernelBuilder, i32_array
 from graphc.backend.llvm.target import vector_register_count
 
-
 # Rows of a register tile: each has a pointer to its broadcast operand, in a register.
 _TILE_ROWS = 6
 

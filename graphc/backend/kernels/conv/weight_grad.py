@@ -2,17 +2,17 @@
 wide rows with pixels in the lanes."""
 from __future__ import annotations
 
-
 import llvmlite.ir as ir
 
 from graphc.backend.emit.kernel import Kernel, phase_args, phase_function
-from graphc.backend.kernels.reduce import horizontal_sum
-from graphc.backend.llvm.target import vector_width_f32
-from graphc.backend.kernels.conv.buffers import (_Placement, _ScratchLayout, _my_samples, _round_up, _sample, _sum_thread_partials, emit_fill_zero)
+from graphc.backend.kernels.conv.buffers import (_my_samples, _Placement, _round_up, _sample, _ScratchLayout,
+                                                 _sum_thread_partials, emit_fill_zero)
 from graphc.backend.kernels.conv.forward import _emit_channel_groups
 from graphc.backend.kernels.conv.geometry import ConvGeometry
-from graphc.backend.kernels.conv.tiles import (_TILE_ROWS, _Tables, _balanced, _call_tile, _call_transpose, _dot_function, _equal_runs, _padded_list, _tile_function)
-
+from graphc.backend.kernels.conv.tiles import (_TILE_ROWS, _balanced, _call_tile, _call_transpose, _dot_function,
+                                               _equal_runs, _padded_list, _Tables, _tile_function)
+from graphc.backend.kernels.reduce import horizontal_sum
+from graphc.backend.llvm.target import vector_width_f32
 
 # Most pixels per weight-gradient block: the block's rows of gT for a tile's channels
 # (256 x 16 floats, 16 KB) stay in L1 across all the tiles of taps.
