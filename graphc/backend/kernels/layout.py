@@ -22,7 +22,7 @@ from typing import Callable, Iterator, Sequence
 import llvmlite.ir as ir
 
 from graphc.backend.emit.kernel import Kernel, phase_args, phase_function
-from graphc.backend.emit.kernel_builder import I1, I32, I64, PTR, KernelBuilder
+from graphc.backend.emit.kernel_builder import F32, I1, I32, I64, PTR, KernelBuilder
 from graphc.backend.lowering_rules import Step, lowers
 
 __all__ = ["emit_copy", "emit_broadcast_copy", "emit_transpose"]
@@ -312,15 +312,58 @@ def emit_transpose(module: ir.Module, name: str, x_shape: Sequence[int], axes: S
     return _emit_tiled_transpose(module, name, sizes, in_strides, out_strides, width)
 
 
+def emit_slice(module: ir.Module, name: str, x_shape: Sequence[int], starts: Sequence[int],
+               stops: Sequence[int], *, max_threads: int, width: int | None = None) -> Kernel:
+    """out = in0[starts[0]:stops[0], ...], materialised contiguously: a row gather whose rows
+    start at the box's corner."""
+    out_shape = [stop - start for start, stop in zip(starts, stops)]
+    x_strides = contiguous_strides(x_shape)
+    corner = sum(start * stride for start, stride in zip(starts, x_strides))
+    return _emit_row_gather(module, name, out_shape[:-1], x_strides[:-1], out_shape[-1], splat=False,
+                            width=width, base=corner)
+
+
+def emit_pad(module: ir.Module, name: str, x_shape: Sequence[int], pad_width: Sequence[tuple[int, int]],
+             value: float, *, max_threads: int, width: int | None = None) -> Kernel:
+    """out = numpy.pad(in0, pad_width, constant_values=value), one row of out per work item:
+    rows inside x's box are the constant, x's row, the constant; the others all constant."""
+    fn, kb = open_phase(module, name, 1, width)
+    out, (x,), _, tid, nthreads = phase_args(fn)
+    out_shape = [d + before + after for d, (before, after) in zip(x_shape, pad_width)]
+    (before_last, after_last), x_row, out_row = pad_width[-1], x_shape[-1], out_shape[-1]
+    fill = kb.splat(ir.Constant(F32, value))
+    lo, hi = kb.split_range(math.prod(out_shape[:-1]), tid, nthreads)
+    with kb.for_range(lo, hi, name="row") as row:
+        out_index = kb.mul(row, out_row)
+        indices = unflatten_index(kb, row, out_shape[:-1]) if len(out_shape) > 1 else []
+        inside = ir.Constant(I1, 1)
+        for index, d, (before, _) in zip(indices, x_shape, pad_width):
+            shifted = kb.sub(index, before)   # unsigned: below the box wraps around, above it
+            inside = kb.b.and_(inside, kb.b.icmp_unsigned("<", shifted, kb.i64(d)))
+        with kb.b.if_else(inside) as (copy_row, fill_row):
+            with copy_row:
+                x_index = dot_offset(kb, [kb.sub(i, before) for i, (before, _) in zip(indices, pad_width)],
+                                     contiguous_strides(x_shape)[:-1])
+                if before_last:
+                    fill_floats(kb, out, out_index, before_last, fill)
+                copy_floats(kb, out, kb.add(out_index, before_last), x, x_index, x_row)
+                if after_last:
+                    fill_floats(kb, out, kb.add(out_index, before_last + x_row), after_last, fill)
+            with fill_row:
+                fill_floats(kb, out, out_index, out_row, fill)
+    kb.b.ret_void()
+    return Kernel([fn])
+
+
 # ---------------------------------------------------------------------------- row gathers
 
 def _emit_row_gather(module: ir.Module, name: str, row_sizes: Sequence[int],
                      row_strides: Sequence[int], row_length: int, *, splat: bool,
-                     width: int | None) -> Kernel:
+                     width: int | None, base: int = 0) -> Kernel:
     """out[r, :] = x[offset(r) : offset(r) + row_length], or with `splat` the single value
     x[offset(r)] repeated, for the rows r of a contiguous out of shape row_sizes + (row_length,).
 
-    offset(r) = sum(r_k * row_strides[k]). Work items are (row, chunk of the row).
+    offset(r) = base + sum(r_k * row_strides[k]). Work items are (row, chunk of the row).
     """
     fn, kb = open_phase(module, name, 1, width)
     out, (x,), _, tid, nthreads = phase_args(fn)
@@ -333,7 +376,7 @@ def _emit_row_gather(module: ir.Module, name: str, row_sizes: Sequence[int],
         count = (row_length if n_chunks == 1
                  else kb.min(ROW_CHUNK_FLOATS, kb.sub(row_length, chunk_start)))
         out_index = kb.add(kb.mul(kb.b.udiv(item, kb.i64(n_chunks)), row_length), chunk_start)
-        x_index = dot_offset(kb, indices[:-1], row_strides)
+        x_index = dot_offset(kb, indices[:-1], row_strides, base)
         if splat:
             fill_floats(kb, out, out_index, count, kb.splat(kb.load(x, x_index)))
         else:
@@ -456,3 +499,21 @@ def copy_step(node, source) -> Step:
     """A step copying `source`'s buffer into `node`'s (materializes an output that aliases another value)."""
     return Step(node, [source], lambda m, name, threads: emit_copy(m, name, node.size, max_threads=threads),
                 "copy", [], flops=0)
+
+
+@lowers("slice")
+def lower_slice(node, _epilogue) -> Step:
+    x = node.inputs[0]
+    a = node.attrs
+    return Step(node, [x], lambda m, name, threads: emit_slice(m, name, x.shape, a["starts"], a["stops"],
+                                                                max_threads=threads),
+                "slice", [node], flops=0)
+
+
+@lowers("pad")
+def lower_pad(node, _epilogue) -> Step:
+    x = node.inputs[0]
+    a = node.attrs
+    return Step(node, [x], lambda m, name, threads: emit_pad(m, name, x.shape, a["pad_width"], a["value"],
+                                                              max_threads=threads),
+                "pad", [node], flops=0)

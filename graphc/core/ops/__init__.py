@@ -7,9 +7,9 @@ from graphc.core.ops.loss import mse, sigmoid_binary_cross_entropy, softmax, sof
 from graphc.core.ops.pool import avg_pool2d, global_avg_pool2d, max_pool2d
 from graphc.core.ops.reduce import mean, sum
 from graphc.core.ops.registry import OPS
-from graphc.core.ops.shape import broadcast_to, flatten, reshape, transpose
+from graphc.core.ops.shape import broadcast_to, flatten, pad, reshape, slice_, transpose
 
 __all__ = ["conv2d", "add", "div", "exp", "log", "mul", "neg", "power", "relu", "sigmoid", "softplus", "sqrt",
            "sub", "tanh", "linear", "matmul", "mse", "sigmoid_binary_cross_entropy", "softmax",
            "softmax_cross_entropy", "avg_pool2d", "global_avg_pool2d", "max_pool2d", "mean", "sum",
-           "broadcast_to", "flatten", "reshape", "transpose", "OPS"]
+           "broadcast_to", "flatten", "pad", "reshape", "slice_", "transpose", "OPS"]

@@ -1,10 +1,11 @@
-"""Shape ops: reshape, flatten, transpose, broadcast_to, and sum_to (the adjoint of broadcasting)."""
+"""Shape ops: reshape, flatten, transpose, broadcast_to, pad, slice, and sum_to (the adjoint of
+broadcasting)."""
 from __future__ import annotations
 
 import numpy as np
 
 from graphc.core.errors import shape_error
-from graphc.core.ir import Tensor, as_int_tuple, normalize_shape
+from graphc.core.ir import Tensor, as_finite_float, as_int_tuple, normalize_shape
 from graphc.core.ops.registry import Mismatch, OpDef, op, register
 
 
@@ -62,6 +63,44 @@ class BroadcastTo(OpDef):
         return [sum_to(g, node.inputs[0].shape)]
 
 
+@register
+class Pad(OpDef):
+    """np.pad with a constant: `pad_width` one (before, after) pair per axis."""
+
+    name = "pad"
+
+    def infer(self, inputs, attrs):
+        (x,) = inputs
+        return tuple(d + before + after for d, (before, after) in zip(x.shape, attrs["pad_width"])), x.dtype
+
+    def reference(self, args, attrs, node, float_dtype):
+        return np.pad(args[0], attrs["pad_width"], constant_values=attrs["value"])
+
+    def vjp(self, node, g, wanted):
+        x = node.inputs[0]
+        starts = tuple(before for before, _ in node.attrs["pad_width"])
+        return [slice_(g, starts, tuple(start + d for start, d in zip(starts, x.shape)))]
+
+
+@register
+class Slice(OpDef):
+    """x[starts[0]:stops[0], starts[1]:stops[1], ...]: a box of x, steps of 1."""
+
+    name = "slice"
+
+    def infer(self, inputs, attrs):
+        (x,) = inputs
+        return tuple(stop - start for start, stop in zip(attrs["starts"], attrs["stops"])), x.dtype
+
+    def reference(self, args, attrs, node, float_dtype):
+        return args[0][tuple(slice(start, stop) for start, stop in zip(attrs["starts"], attrs["stops"]))]
+
+    def vjp(self, node, g, wanted):
+        x = node.inputs[0]
+        widths = tuple((start, d - stop) for start, stop, d in zip(node.attrs["starts"], node.attrs["stops"], x.shape))
+        return [pad(g, widths)]
+
+
 def reshape(x: Tensor, shape) -> Tensor:
     """Reshape to `shape`; one dimension may be -1."""
     shape = as_int_tuple(shape, "reshape: shape")
@@ -117,3 +156,30 @@ def sum_to(g: Tensor, shape) -> Tensor:
     stretched = tuple(lead + i for i, d in enumerate(shape) if d == 1 and g.shape[lead + i] != 1)
     summed = reduce_sum(g, axis=tuple(range(lead)) + stretched, keepdims=True)
     return reshape(summed, shape)
+
+
+def pad(x: Tensor, pad_width, value=0.0) -> Tensor:
+    """`np.pad(x, pad_width, constant_values=value)`: `pad_width` holds one (before, after) pair
+    of non-negative ints per axis."""
+    if not isinstance(pad_width, (list, tuple)) or len(pad_width) != x.ndim:
+        raise shape_error("pad", f"pad_width must hold one (before, after) pair per axis of a {x.ndim}-D tensor, "
+                                 f"got {pad_width!r}", [x])
+    widths = tuple(as_int_tuple(pair, "pad: each pad_width pair") for pair in pad_width)
+    if any(len(pair) != 2 or min(pair) < 0 for pair in widths):
+        raise shape_error("pad", f"each pad_width entry must be a (before, after) pair of ints >= 0, got {widths}", [x])
+    value = as_finite_float(value, "pad: value")
+    if not any(before or after for before, after in widths):
+        return x
+    return op("pad").apply([x], pad_width=widths, value=value)
+
+
+def slice_(x: Tensor, starts, stops) -> Tensor:
+    """x[starts[0]:stops[0], ...] for every axis: 0 <= start < stop <= size (steps of 1)."""
+    starts, stops = as_int_tuple(starts, "slice: starts"), as_int_tuple(stops, "slice: stops")
+    if len(starts) != x.ndim or len(stops) != x.ndim or any(
+            not 0 <= start < stop <= d for start, stop, d in zip(starts, stops, x.shape)):
+        raise shape_error("slice", f"needs 0 <= start < stop <= size on every axis, got starts {starts}, "
+                                   f"stops {stops}", [x])
+    if starts == (0,) * x.ndim and stops == x.shape:
+        return x
+    return op("slice").apply([x], starts=starts, stops=stops)
