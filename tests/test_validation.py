@@ -343,3 +343,12 @@ def test_shapes_and_axes_are_ordered_sequences():
     m = matrix()
     refused(TypeError, lambda: gc.transpose(m, {1, 0}), "transpose", "{0, 1}")
     assert g.input("r", range(1, 3)).shape == (1, 2) and g.input("a", np.array([2, 3])).shape == (2, 3)
+
+
+@pytest.mark.parametrize("seed, error", [(True, TypeError), (1.5, TypeError), ("3", TypeError), (-1, ValueError)])
+def test_init_params_refuses_a_seed_that_is_not_a_non_negative_int(seed, error):
+    g = gc.Graph("seed")
+    g.param("w", (2, 2))
+    with pytest.raises(error, match="seed"):
+        gc.init_params(g, seed=seed)
+    np.testing.assert_array_equal(gc.init_params(g, seed=np.int64(3))["w"], gc.init_params(g, seed=3)["w"])

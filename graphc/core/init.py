@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from graphc.core.ir import Graph
+from graphc.core.ir import Graph, as_int
 
 
 def init_params(graph: Graph, seed: int = 0) -> dict[str, np.ndarray]:
@@ -12,6 +12,11 @@ def init_params(graph: Graph, seed: int = 0) -> dict[str, np.ndarray]:
     He-normal (std = sqrt(2 / fan_in), fan_in = prod(shape[1:])) for params of 2+ dims, as suits
     ReLU networks; zeros for biases and other 1-D params. C-contiguous, of each param's dtype.
     """
+    if not isinstance(graph, Graph):
+        raise TypeError(f"init_params: expected a gc.Graph, got {type(graph).__name__}")
+    seed = as_int(seed, "init_params: seed")   # True or 1.5 would silently become a seed
+    if seed < 0:
+        raise ValueError(f"init_params: seed must be >= 0, got {seed}")
     rng = np.random.default_rng(seed)
     values = {}
     for name, param in graph.params.items():
