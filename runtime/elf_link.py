@@ -48,6 +48,7 @@ _R_X86_64_NONE, _R_X86_64_64 = 0, 1
 # groups, REL relocations, extended section indexes, ...) are refused, not guessed at.
 _SECTION_KINDS = {SHT_PROGBITS, SHT_SYMTAB, SHT_STRTAB, SHT_RELA, SHT_NOTE, SHT_NOBITS, SHT_INIT_ARRAY,
                   SHT_FINI_ARRAY, SHT_X86_64_UNWIND, SHT_LLVM_ADDRSIG}
+_SHT_LOOS = 0x60000000   # from here on, section types are OS- or processor-specific
 # Sections relocations may patch: loaded ones with contents.
 _RELOCATABLE_KINDS = {SHT_PROGBITS, SHT_INIT_ARRAY, SHT_FINI_ARRAY, SHT_X86_64_UNWIND}
 # Far beyond any object graphc emits; bound a malformed size or alignment before it is used.
@@ -156,7 +157,9 @@ def _read_sections(blob: bytes, table_offset: int, count: int, names_index: int)
     names = _string_table(blob, headers[names_index], names_index)
     sections = [Section("", SHT_NULL, 0, 0, 0, 0, 0, 1, 0)]
     for index, (name, kind, flags, _, offset, size, link, info, align, entry_size) in enumerate(headers[1:], 1):
-        if kind not in _SECTION_KINDS:
+        if kind not in _SECTION_KINDS and (kind < _SHT_LOOS or flags & SHF_ALLOC):
+            # An unknown OS- or processor-specific section that is not loaded (an LLVM or
+            # AArch64 attribute section a later LLVM adds) is ignored by both linkers.
             raise _malformed(f"section {index} is of type {kind:#x}")
         if flags & (SHF_TLS | SHF_COMPRESSED):
             raise _malformed(f"section {index} is thread-local or compressed")

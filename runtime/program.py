@@ -27,7 +27,7 @@ import numpy as np
 from .buffers import aligned_zeros, data_pointer, unchecked_data_pointer
 from .loader import NativeLibrary
 from .slots import Input, Output, Param, Slot, State, Status, Workspace
-from .threads import EntryFunction, default_team, get_num_threads
+from .threads import EntryFunction, _checked_thread_count, default_team, get_num_threads
 
 __all__ = ["Program"]
 
@@ -83,9 +83,12 @@ class Program:
 
         # Memory bound for the program's life; held here so it outlives every call. The
         # mappings are read-only views: the caller rebinds through its own `params`.
-        self._given_params = params if params is not None else {}
+        given = params if params is not None else {}
         self._param_plan = _plan_of(Param, self.slots)
-        self._bound = _bind_params(self.slots, self._given_params)
+        self._bound = _bind_params(self.slots, given)
+        # Arrays the caller puts into its dict later are bound at the next call. Another
+        # mapping (np.load's NpzFile) may hand out a new array at every lookup: bound once.
+        self._given_params = given if isinstance(given, dict) else self._bound
         self._params_view = MappingProxyType(self._bound)
         self.state = MappingProxyType(
             {slot.name: aligned_zeros(slot.shape, slot.dtype) for slot in self.slots if isinstance(slot, State)}
@@ -143,6 +146,12 @@ class Program:
 
     def __call__(self, /, **feeds) -> list[np.ndarray]:
         """Run the program on `feeds` (one per Input, by name); return the outputs in slot order."""
+        return self.call(feeds)
+
+    def call(self, feeds: Mapping[str, object], *, threads: int | None = None) -> list[np.ndarray]:
+        """`self(**feeds)` on `threads` threads (at most max_threads; default: the process's
+        setting), without changing the process's setting."""
+        nthreads = min(get_num_threads() if threads is None else _checked_thread_count(threads), self.max_threads)
         with self._lock:
             if self._params_replaced():
                 self._rebind_params()
@@ -152,7 +161,7 @@ class Program:
                 array = np.empty(slot.shape, slot.dtype)
                 outputs.append(array)
                 self._argv[position] = unchecked_data_pointer(array)
-            self._run_entry(inputs)
+            self._run_entry(inputs, nthreads)
         return outputs
 
     def call_scalar(self, feeds: Mapping[str, object]):
@@ -180,15 +189,14 @@ class Program:
             argv[position] = unchecked_data_pointer(array)
         return prepared
 
-    def _run_entry(self, inputs: list[np.ndarray]) -> None:
-        """Run the entry once on the program's threads; `inputs` (the bound feeds, some of them
+    def _run_entry(self, inputs: list[np.ndarray], nthreads: int) -> None:
+        """Run the entry once on `nthreads` threads; `inputs` (the bound feeds, some of them
         converted copies) is held here so that no copy is freed while native code reads it."""
         if self._status_cell is not None:
             self._status_cell.value = 0
-        if self.max_threads == 1 or get_num_threads() == 1:
+        if nthreads == 1:
             self._entry_function(self._argv_pointer, _TID_0, _ONE_THREAD)
         else:
-            nthreads = min(get_num_threads(), self.max_threads)
             default_team().run(self._entry_address, self._argv_address, nthreads)
         if self._status_cell is not None and self._status_cell.value:
             raise self._refused_input_error(inputs)
@@ -369,7 +377,7 @@ def _bound_globals(program: Program) -> dict:
 
 def _rebinding_lines(program: Program, namespace: dict) -> list[str]:
     """The lines, inside `with _lock:`, that bind arrays the caller replaced in its `params`."""
-    if not program._param_plan:
+    if not program._param_plan or program._given_params is program._bound:
         return []
     namespace["_rebind"] = program._rebind_params
     return ["        try:", f"            if not ({_unchanged_test(program, namespace)}):", "                _rebind()",

@@ -1,5 +1,5 @@
 """Tiny hand-written LLVM IR compiled for this host, for the runtime tests (test_runtime,
-test_fast_call) that exercise graphc_runtime without the real compiler."""
+test_scalar_call) that exercise graphc_runtime without the real compiler."""
 from __future__ import annotations
 
 import llvmlite.binding as llvm

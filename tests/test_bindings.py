@@ -304,3 +304,21 @@ def test_inputs_named_self_and_repeats_can_be_profiled():
     assert both.profile({"self": feeds_for()["x"], "repeats": feeds_for()["x"]}, repeats=2).kernels
     with pytest.raises(TypeError, match="repeats.*dict"):
         both.profile(self=feeds_for()["x"], repeats=feeds_for()["x"])
+
+
+def test_params_from_a_mapping_that_hands_out_new_arrays_train(tmp_path):
+    """np.load's NpzFile makes a new array at every lookup: the step binds them once and trains
+    those, as before the caller's dict was watched for replaced arrays."""
+    g = gc.Graph("npz")
+    x, y = g.input("x", (8, 3)), g.input("y", (8,), dtype="int32")
+    w = g.param("w", (2, 3))
+    loss = gc.softmax_cross_entropy(gc.linear(x, w), y)
+    path = tmp_path / "w.npz"
+    np.savez(path, w=np.zeros((2, 3), np.float32))
+    feeds = {"x": np.random.default_rng(0).standard_normal((8, 3)).astype(np.float32),
+             "y": np.array([0, 1] * 4, np.int32)}
+    with np.load(path) as values:
+        step = gc.compile_training_step(loss, values, gc.SGD(lr=0.5))
+        losses = [step(**feeds) for _ in range(4)]
+    assert losses[0] > losses[1] > losses[2] > losses[3]
+    assert not np.array_equal(step.params["w"], np.zeros((2, 3), np.float32))

@@ -299,7 +299,7 @@ def test_max_pool_propagates_nan_like_numpy():
 
 
 def test_max_pool_gradient_of_2x2_windows_with_nan_ties_and_epilogue():
-    """The pair path (pool_kernels._emit_max_grad_2x2): NaNs win over numbers (the first NaN
+    """The pair path (kernels/pool.py: _emit_max_grad_2x2): NaNs win over numbers (the first NaN
     of a window), ties go to the first maximum in window order, and ReLU's backward fused as
     the epilogue gives what it gives applied after; 1-3 threads."""
     from graphc.backend.kernels.pool import PoolGeometry, _pairs_of_whole_vectors
@@ -355,7 +355,7 @@ FLAT_SPREAD_GRID = [
 
 @pytest.mark.parametrize("width", [4, 8, 16])
 def test_flat_average_pool_gradient_plans_the_grid_at_every_width(width):
-    """The flat path (pool_kernels._FlatSpread) takes the grid's shapes, but for the 2x4
+    """The flat path (kernels/pool.py: _FlatSpread) takes the grid's shapes, but for the 2x4
     windows on 4 lanes: their row of windows (144 floats) repeats only every 36 vectors."""
     from graphc.backend.kernels.pool import PoolGeometry, _FlatSpread
 

@@ -101,3 +101,5 @@ def test_bad_pad_widths_are_refused_naming_the_problem(widths, error):
         gc.pad(x, ((1, 1), (0, 0)), value="zero")
     with pytest.raises(gc.ShapeError, match="slice"):
         slice_(x, (0, 0), (3, 3))
+    with pytest.raises(gc.ShapeError, match="pads float tensors, got int32"):
+        gc.pad(g.input("labels", (2,), dtype="int32"), ((1, 1),))

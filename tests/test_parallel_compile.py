@@ -1,5 +1,5 @@
 """Compiling a program as several LLVM modules, in worker processes beside the generating thread
-(codegen/parallel.py, codegen/worker_process.py, codegen/program_modules.py): the same numbers as
+(graphc/backend/llvm: parallel.py, worker_process.py, program_modules.py): the same numbers as
 the one-module serial build, workers that fail or cannot start, multi-object cache entries and
 loading, and no crash when compiling in parallel over and over."""
 import re
@@ -113,10 +113,11 @@ def test_llvm_ir_shows_every_module_and_profile_works(fresh_cache, parallel_mode
 
 def test_compiling_where_no_worker_process_can_start_falls_back_to_this_process(fresh_cache, parallel_mode,
                                                                                monkeypatch):
-    def no_process(settings):
-        raise OSError("Resource temporarily unavailable")
-
-    monkeypatch.setattr(parallel, "WorkerProcess", no_process)
+    """An interpreter that exits at once (an embedding application's executable, say) starts no
+    worker: every module compiles in this process."""
+    monkeypatch.setattr(worker_process.sys, "executable", "/bin/false")
+    with pytest.raises(worker_process.WorkerUnavailable, match="died"):
+        worker_process.WorkerProcess(target.worker_settings())
     fresh_cache()
     parallel_mode(2)
     model = models.lenet5(4)
@@ -140,6 +141,25 @@ def test_a_worker_compiles_what_this_process_compiles():
         worker.close()
 
 
+def test_a_worker_that_dies_is_restarted_once_then_its_module_is_an_error(monkeypatch):
+    text = _module_text("w", _define_triple)
+    here = []
+    worker = worker_process.RestartingWorker(target.worker_settings(), here.append)
+    try:
+        worker.compile(text)
+        worker._worker._process.kill()                 # killed from outside: started again
+        assert worker.compile(text) == parallel.compile_module(text, isolated=True)
+
+        def dies(self, ir_text):
+            raise worker_process.WorkerDied("a graphc compile worker died (signal 6)")
+        monkeypatch.setattr(worker_process.WorkerProcess, "compile", dies)
+        with pytest.raises(worker_process.WorkerDied, match="signal 6"):
+            worker.compile(text)                       # twice on the same module: never compiled here
+        assert here == []
+    finally:
+        worker.close()
+
+
 def test_a_worker_that_dies_is_an_error_here_not_a_crash():
     worker = worker_process.WorkerProcess(target.worker_settings())
     worker._process.kill()
@@ -150,10 +170,11 @@ def test_a_worker_that_dies_is_an_error_here_not_a_crash():
 
 def test_the_default_path_uses_only_llvmlites_public_api():
     """The compile path reaches no private llvmlite attribute (its lock wrapper, raw ctypes
-    functions): every llvmlite name graphc's codegen uses is public."""
+    functions): every llvmlite name graphc's backend and runtime use is public."""
     import pathlib
-    codegen = pathlib.Path(parallel.__file__).parent
-    sources = "\n".join(path.read_text() for path in codegen.rglob("*.py"))
+    backend = pathlib.Path(parallel.__file__).parent.parent
+    sources = "\n".join(path.read_text() for folder in (backend, pathlib.Path(rt.__file__).parent)
+                         for path in folder.rglob("*.py"))
     assert not re.search(r"\bffi\.|_cfn\b|_lib_wrapper|_fntab", sources)
 
 

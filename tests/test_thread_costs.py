@@ -1,5 +1,5 @@
 """The thread count of a program: the decision from injected costs, and the measured costs'
-per-machine cache (graphc/thread_costs.py)."""
+per-machine cache (graphc/backend/thread_costs.py)."""
 import dataclasses
 
 import pytest
@@ -59,7 +59,8 @@ def test_a_count_the_costs_do_not_cover_is_not_chosen():
 
 def test_costs_round_trip_and_damaged_text_is_refused():
     assert ThreadCosts.from_json(TYPICAL.to_json()) == TYPICAL
-    for damaged in ['{"version": 0}', "not json", TYPICAL.to_json().replace("1e-11", "-1")]:
+    uneven = dataclasses.replace(TYPICAL, barrier_s={2: 5e-7}).to_json()   # no barrier cost for 3, 4
+    for damaged in ['{"version": 0}', "not json", TYPICAL.to_json().replace("1e-11", "-1"), uneven]:
         with pytest.raises(ValueError):
             ThreadCosts.from_json(damaged)
 
@@ -96,9 +97,13 @@ def test_a_damaged_cache_entry_is_measured_again(fresh_costs):
 def test_this_hosts_measured_costs_are_sane(tmp_path, monkeypatch):
     monkeypatch.setenv("GRAPHC_CACHE_DIR", str(tmp_path))
     thread_costs._measured.cache_clear()
+    previous = rt.get_num_threads()
+    rt.set_num_threads(1)
     try:
         costs = thread_costs.measured_thread_costs(2)
+        assert rt.get_num_threads() == 1      # measured on 2 threads without changing the setting
     finally:
+        rt.set_num_threads(previous)
         thread_costs._measured.cache_clear()
     assert 1e-13 < costs.flop_s < 1e-8             # 0.1 to 10,000 GFLOP/s a thread
     assert 0 < costs.fork_join_s[2] < 0.01

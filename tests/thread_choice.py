@@ -1,5 +1,5 @@
 """Tests that need a program on several threads whatever this host measures: the thread-count
-decision (graphc/thread_costs.py) is given costs under which splitting always pays."""
+decision (graphc/backend/thread_costs.py) is given costs under which splitting always pays."""
 import pytest
 
 import graphc_runtime as rt

@@ -1,8 +1,8 @@
 """From an optimized graph to LLVM modules and the runtime's argument slots.
 
 Lowering picks a kernel for each step (lowering.py), the schedule and memory plan place them
-(memory.py), and the entry (codegen/entry.py) calls them in order. The kernels fill one or more
-modules, the entry goes into the last (codegen/program_modules.py), so that a large program
+(memory.py), and the entry (emit/entry.py) calls them in order. The kernels fill one or more
+modules, the entry goes into the last (llvm/program_modules.py), so that a large program
 compiles on all cores. The result, a `ProgramSpec`, holds everything the runtime needs to load
 and call the program.
 """
@@ -43,7 +43,7 @@ class ProgramSpec:
 
     @property
     def llvm_ir(self) -> str:
-        """The whole program's IR: its modules one after the other (codegen/parallel.split_modules
+        """The whole program's IR: its modules one after the other (llvm/parallel.split_modules
         takes them apart)."""
         return "\n".join(self.modules)
 
@@ -59,7 +59,7 @@ def assemble(graph: Graph, outputs: list[Tensor], *, output_names: list[str], in
     State slots (momentum buffers) instead of caller-bound params.
 
     A module is finished once it holds `instructions_per_module` LLVM instructions (None: the
-    whole program is one module; codegen/program_modules.default_budget() suits the compile
+    whole program is one module; llvm/program_modules.default_budget() suits the compile
     threads of this machine), and `on_module` is given its text at once, so that compiling it
     can start while the next is generated.
     """

@@ -1,10 +1,10 @@
 """`gc.compile` and `gc.compile_training_step`: graphs to native programs.
 
     optimize (passes/) -> lower + schedule + plan memory + emit LLVM IR (assemble.py)
-    -> machine code (codegen/parallel.py) -> a runtime Program (graphc_runtime)
+    -> machine code (llvm/parallel.py) -> a runtime Program (graphc_runtime)
 
 A large program's IR is several modules, compiled on all cores while the next is still being
-generated (codegen/parallel.py); its machine code is then several object files, loaded
+generated (llvm/parallel.py); its machine code is then several object files, loaded
 together.
 
 Compiled programs are cached on disk (program_cache.py), keyed by the graph before optimization:

@@ -69,6 +69,8 @@ class ThreadCosts:
         costs = cls(flop_s=float(data["flop_s"]), **by_count)
         if not (costs.flop_s > 0 and all(v > 0 for d in by_count.values() for v in d.values())):
             raise ValueError("costs must be positive")
+        if len({frozenset(d) for d in by_count.values()}) != 1:
+            raise ValueError("costs for different thread counts")
         return costs
 
 
@@ -83,7 +85,8 @@ def choose_thread_count(flops: int, kernels: int, requested: int, costs: ThreadC
     return best if alone >= MIN_SPEEDUP * costs.predicted_seconds(flops, kernels, best) else 1
 
 
-_lock = threading.Lock()
+# Reentrant: a finalizer run by a collection during the measurement may compile.
+_lock = threading.RLock()
 
 
 def measured_thread_costs(max_threads: int) -> ThreadCosts:
@@ -151,14 +154,7 @@ def _gemm_rates(counts, fork_join: dict, barrier: dict) -> tuple[float, dict[int
     """A single thread's seconds per FLOP on a compiled GEMM, and the fraction of an n-fold
     speed-up the same program reaches on n threads, its fixed costs taken off."""
     program, feeds, flops = _gemm_program(max(counts, default=1))
-    previous = rt.get_num_threads()
-    try:
-        times = {}
-        for n in (1, *counts):
-            rt.set_num_threads(n)
-            times[n] = _fastest(lambda: program(**feeds), _GEMM_REPEATS)
-    finally:
-        rt.set_num_threads(previous)
+    times = {n: _fastest(lambda n=n: program.call(feeds, threads=n), _GEMM_REPEATS) for n in (1, *counts)}
     efficiency = {}
     for n in counts:
         parallel_part = max(times[n] - fork_join[n] - BARRIERS_PER_KERNEL * barrier[n], 1e-12)

@@ -4,7 +4,7 @@ Elementwise ops are sympy expressions over the symbols x0, x1, ...; their deriva
 from `sympy.diff`. sympy's own `Max(x, 0)` differentiates to `Heaviside(x)` (1/2 at 0) and
 `log(1 + exp(x))` overflows when evaluated, so ReLU, its step, the sigmoid and softplus are
 functions of our own: each knows its derivative (so sympy's chain rule can use it) and has a
-numerically stable numpy form (`NUMPY_FUNCTIONS`) and a native lowering (in codegen).
+numerically stable numpy form (`NUMPY_FUNCTIONS`) and a native lowering (in graphc/backend/emit/expr.py).
 """
 from __future__ import annotations
 

@@ -707,7 +707,7 @@ class _GemmEmitter:
     def store_row(kb, value, ptr, offset, lanes):
         """Store the first `lanes` lanes of `value` at ptr[offset:]: a partial vector (an edge
         tile's last vector, a dot tile's row of a few columns) by plain stores of its pieces,
-        not a masked store, microcoded on AMD cores (see layout_kernels.store_lanes)."""
+        not a masked store, microcoded on AMD cores (see layout.store_lanes)."""
         store_lanes(kb, value, ptr, offset, lanes)
 
 

@@ -7,6 +7,7 @@ parallel through llvmlite's public API.
 
 Protocol (all integers little-endian u64):
   parent -> worker, once: length + JSON {"triple", "cpu", "features", "opt_level", "passes"}
+  worker -> parent, once: the byte READY, when it can compile
   parent -> worker, per job: length + IR text (UTF-8); length 0 ends the worker
   worker -> parent, per job: status byte (0 ok, 1 error) + length + object code or error text
 """
@@ -17,8 +18,9 @@ import struct
 import sys
 
 _LENGTH = struct.Struct("<Q")
+READY = b"\x01"
 
-# The pass pipeline by name, as codegen/target.py's module_pass_manager adds it.
+# The pass pipeline by name, as target.py's module_pass_manager adds it.
 PASS_METHODS = {
     "sroa": "add_sroa_pass",
     "ipsccp": "add_ipsccp_pass",
@@ -79,6 +81,8 @@ def serve(source, sink) -> None:
     llvm.initialize_native_asmparser()
     settings = json.loads(read_frame(source))
     manager = pass_manager(llvm, settings)
+    sink.write(READY)
+    sink.flush()
     while (job := read_frame(source)):
         try:
             result, status = compile_ir(llvm, settings, manager, job.decode("utf-8")), 0

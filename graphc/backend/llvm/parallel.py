@@ -1,17 +1,18 @@
 """Compiling a program's LLVM modules to object code while the next module is generated.
 
-A large program is assembled as several modules (assemble.py, codegen/program_modules.py);
-LLVM's optimization and code generation of one module is independent of the others', so each
-is compiled on its own LLVM objects (context, module, target machine, pass builder and pass
-manager) and may run on any thread.
+A large program is assembled as several modules (assemble.py, llvm/program_modules.py); LLVM's
+optimization and code generation of one module is independent of the others', so each is
+compiled on LLVM objects of its own (context, module, target machine, pass builder).
 
-`ObjectCompiler` overlaps that with IR generation: the assembler submits each module as soon
-as it is complete and goes on generating the next (Python, holding the GIL) while background
-threads compile it (native code, through llvmlite's public API; ctypes drops the GIL during
-each call). llvmlite serializes its calls with one process-wide lock, so the LLVM work of two
-modules does not overlap; what overlaps is LLVM's work with Python's. When generation is done,
-the caller's thread compiles what is still queued too. Queued modules are taken largest first,
-so that the last to finish are small ones.
+`ObjectCompiler` overlaps that with IR generation: the assembler submits each module as soon as
+it is complete and goes on generating the next (Python, holding the GIL). The first module
+compiles on a thread of this process (ctypes drops the GIL during each llvmlite call); from the
+second on, worker processes (worker_process.py) compile them, one per compile thread, each with
+an llvmlite of its own, so modules compile truly in parallel through llvmlite's public API, which
+serializes the calls of one process with a process-wide lock. When generation is done, the
+caller's thread compiles what is still queued too. Queued modules are taken largest first, so
+that the last to finish are small ones. Where no worker process can start, the threads compile
+in this process, taking turns at llvmlite's lock.
 
 With one thread (GRAPHC_COMPILE_THREADS=1 or a one-core machine) everything is compiled serially
 on the caller's thread, as one module.
@@ -36,13 +37,13 @@ import llvmlite.binding as llvm
 
 import graphc_runtime as rt
 from graphc.backend.llvm import target as host
-from graphc.backend.llvm.worker_process import WorkerProcess
+from graphc.backend.llvm.worker_process import RestartingWorker
 
 __all__ = ["COMPILE_THREADS_VARIABLE", "compile_threads", "compile_module", "compile_modules",
            "split_modules", "ObjectCompiler"]
 
 COMPILE_THREADS_VARIABLE = "GRAPHC_COMPILE_THREADS"
-MAX_COMPILE_THREADS = 256   # more would only be idle threads, each holding a target machine
+MAX_COMPILE_THREADS = 256   # more would only be idle threads and worker processes
 _MODULE_HEADER = re.compile(r"^; ModuleID = ", re.MULTILINE)
 
 
@@ -169,20 +170,14 @@ class ObjectCompiler:
                 return
 
     def _work_in_process(self) -> None:
-        """Compile jobs in a worker process of this thread's own, started on its first job."""
-        worker, started = None, False
+        """Compile jobs in a worker process of this thread's own, started on its first job (or
+        here, where no process can start)."""
+        worker = RestartingWorker(host.worker_settings(), lambda text: compile_module(text, isolated=True))
         try:
             while (job := self._jobs.get())[2] is not None:
-                if not started:
-                    started = True
-                    try:
-                        worker = WorkerProcess(host.worker_settings())
-                    except OSError:   # no process to be had: compile here, taking turns
-                        worker = None
-                self._run(job, worker.compile if worker is not None else None)
+                self._run(job, worker.compile)
         finally:
-            if worker is not None:
-                worker.close()
+            worker.close()
 
     def _run_queued(self) -> None:
         while True:

@@ -10,7 +10,7 @@ Objects are emitted here and loaded by the runtime with an MCJIT engine
 large code model (64-bit absolute addresses for constants and calls), which
 RuntimeDyld resolves wherever it places the sections, however far from the
 libc/libm symbols the code calls.  Tested end to end in
-tests/test_codegen_gemm.py.
+tests/test_gemm_kernels.py.
 
 Engines own their target machine (see `host_target_machine`): give each
 engine a fresh one from `new_jit_target_machine()`.
@@ -111,7 +111,7 @@ def new_module(name: str) -> ir.Module:
     Without them LLVM assumes a target without vector registers: the
     passes' cost models and instruction selection need them. The name goes into the
     module's `; ModuleID = "..."` header line, which also separates the
-    modules of a program's IR text (codegen/parallel.py): quotes and control
+    modules of a program's IR text (llvm/parallel.py): quotes and control
     characters are replaced so that it stays one well-formed line.
     """
     tm = host_target_machine()
@@ -224,7 +224,7 @@ def target_fingerprint() -> str:
 def load_object(obj: bytes) -> llvm.ExecutionEngine:
     """Load an emitted object into a new MCJIT engine (tests and benchmarks).
 
-    The runtime has its own loader; this one exists so codegen can be
+    The runtime has its own loader; this one exists so the kernels can be
     tested end to end the same way.  Keep the engine alive while its
     functions are used: `engine.get_function_address(name)`.
     """

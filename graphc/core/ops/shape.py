@@ -168,6 +168,8 @@ def pad(x: Tensor, pad_width, value=0.0) -> Tensor:
     if any(len(pair) != 2 or min(pair) < 0 for pair in widths):
         raise shape_error("pad", f"each pad_width entry must be a (before, after) pair of ints >= 0, got {widths}", [x])
     value = as_finite_float(value, "pad: value")
+    if not np.issubdtype(np.dtype(x.dtype), np.floating):
+        raise shape_error("pad", f"pads float tensors, got {x.dtype}", [x])
     if not any(before or after for before, after in widths):
         return x
     return op("pad").apply([x], pad_width=widths, value=value)

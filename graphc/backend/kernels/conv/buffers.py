@@ -1,6 +1,6 @@
 """Per-sample buffers and scratch of the conv kernels: zero-padded copies of the samples
 (`_Placement`), the threads' shares of the batch, scratch layout, and row primitives
-(pool_kernels uses `emit_fill_zero` and `splat_i32` too)."""
+(kernels/pool.py uses `emit_fill_zero` and `splat_i32` too)."""
 from __future__ import annotations
 
 import contextlib
