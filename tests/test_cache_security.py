@@ -14,7 +14,9 @@ import warnings
 
 import pytest
 
+import graphc as gc
 import graphc_runtime as rt
+from graphc.tools import models
 from graphc_runtime import cache as cache_module
 
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="giving a file to another user needs root")
@@ -255,20 +257,23 @@ def test_one_unwritable_entry_does_not_stop_caching_the_others(tmp_path):
 
 # ------------------------------------------------------------------- the compile paths
 
-def test_compile_training_step_ignores_a_world_writable_cache_directory(tmp_path, monkeypatch):
-    import test_program_cache
+def _compile_mlp():
+    model = models.mlp(4, sizes=(12, 8, 3))
+    return gc.compile_training_step(model.loss, gc.init_params(model.graph, seed=0), gc.SGD(lr=0.1, momentum=0.9))
 
+
+def test_compile_training_step_ignores_a_world_writable_cache_directory(tmp_path, monkeypatch):
     from graphc.backend import compiler
 
     directory = tmp_path / "cache"
     monkeypatch.setenv("GRAPHC_CACHE_DIR", str(directory))
     monkeypatch.setattr(compiler, "_cache", None)
-    test_program_cache.compile_mlp()                      # stores the entry (the "plant")
+    _compile_mlp()                                        # stores the entry (the "plant")
     assert compiler.object_cache().stats.misses == 1
     os.chmod(directory, 0o777)
 
     monkeypatch.setattr(compiler, "_cache", None)         # as in a new process
-    messages = runtime_warnings(test_program_cache.compile_mlp)
+    messages = runtime_warnings(_compile_mlp)
     assert (compiler.object_cache().stats.hits, compiler.object_cache().stats.misses) == (0, 1)
     assert len(messages) == 1 and str(directory) in messages[0] and "world-writable" in messages[0]
 
