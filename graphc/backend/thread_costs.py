@@ -7,8 +7,10 @@ per machine (cached beside the compiled code), never assumed:
 
 - `fork_join_s[n]`: one team run of an entry that does nothing, beyond a direct call;
 - `barrier_s[n]`: one barrier among n threads;
-- `flop_s`: a single thread's seconds per FLOP, on a GEMM step the compiler made;
-- `efficiency[n]`: how much of an n-fold speed-up that GEMM reached, fixed costs aside.
+- `flop_s`: a single thread's seconds per FLOP of vector multiply-adds (what GEMMs and
+  convolutions, which dominate the programs worth splitting, run at);
+- `efficiency[n]`: how much of an n-fold speed-up the same work reaches on n threads, fixed
+  costs aside (below 1 where two "cores" share one core's units, or the CPU slows when busy).
 
 `choose_thread_count` predicts a program's time at each thread count from its FLOPs and kernel
 phases and takes more threads only for a clear predicted gain (`MIN_SPEEDUP`): a wrong guess
@@ -121,20 +123,20 @@ def _cache_key(max_threads: int) -> str:
 # ---------------------------------------------------------------- measuring
 
 _REPEATS = 50       # calls per sample of the fixed costs (microseconds each)
-_GEMM_REPEATS = 10  # calls per sample of the GEMM (~0.1 ms each)
+_COMPUTE_REPEATS = 10  # calls per sample of the arithmetic (each about _COMPUTE_SECONDS long)
 _SAMPLES = 7        # the fastest sample counts: the others met interference
 _BARRIERS = 32
 
 
 def _measure(max_threads: int) -> ThreadCosts:
     team = rt.default_team()
-    entry = _barrier_entry()
+    entry = _calibration_entry()
     counts = range(2, max_threads + 1)
-    direct = _fastest(lambda: entry.run_direct(0))
-    fork_join = {n: max(_fastest(lambda n=n: entry.run(team, 0, n)) - direct, 1e-9) for n in counts}
-    barrier = {n: max((_fastest(lambda n=n: entry.run(team, _BARRIERS, n)) - direct - fork_join[n]) / _BARRIERS,
+    direct = _fastest(lambda: entry.run_direct(0, 0))
+    fork_join = {n: max(_fastest(lambda n=n: entry.run(team, 0, 0, n)) - direct, 1e-9) for n in counts}
+    barrier = {n: max((_fastest(lambda n=n: entry.run(team, _BARRIERS, 0, n)) - direct - fork_join[n]) / _BARRIERS,
                       1e-9) for n in counts}
-    flop_s, efficiency = _gemm_rates(counts, fork_join, barrier)
+    flop_s, efficiency = _compute_rates(entry, team, counts, fork_join)
     return ThreadCosts(flop_s=flop_s, fork_join_s=fork_join, barrier_s=barrier, efficiency=efficiency)
 
 
@@ -150,84 +152,106 @@ def _fastest(call, repeats: int = _REPEATS) -> float:
     return min(samples)
 
 
-def _gemm_rates(counts, fork_join: dict, barrier: dict) -> tuple[float, dict[int, float]]:
-    """A single thread's seconds per FLOP on a compiled GEMM, and the fraction of an n-fold
-    speed-up the same program reaches on n threads, its fixed costs taken off."""
-    program, feeds, flops = _gemm_program(max(counts, default=1))
-    times = {n: _fastest(lambda n=n: program.call(feeds, threads=n), _GEMM_REPEATS) for n in (1, *counts)}
+# One thread's multiply-adds take about this long, split over the threads being measured.
+_COMPUTE_SECONDS = 1e-4
+
+
+def _compute_rates(entry, team, counts, fork_join: dict) -> tuple[float, dict[int, float]]:
+    """A single thread's seconds per FLOP of vector multiply-adds, and the fraction of an
+    n-fold speed-up the same multiply-adds reach on n threads, fork/join taken off."""
+    probe = 1 << 12
+    per_iteration = _fastest(lambda: entry.run_direct(0, probe), _COMPUTE_REPEATS) / probe
+    iterations = max(probe, int(_COMPUTE_SECONDS / per_iteration)) // 840 * 840   # splits evenly
+    alone = _fastest(lambda: entry.run_direct(0, iterations), _COMPUTE_REPEATS)
     efficiency = {}
     for n in counts:
-        parallel_part = max(times[n] - fork_join[n] - BARRIERS_PER_KERNEL * barrier[n], 1e-12)
-        efficiency[n] = min(1.0, max(0.05, times[1] / (n * parallel_part)))
-    return times[1] / flops, efficiency
+        split = max(_fastest(lambda n=n: entry.run(team, 0, iterations, n), _COMPUTE_REPEATS) - fork_join[n], 1e-12)
+        efficiency[n] = min(1.0, max(0.05, alone / (n * split)))
+    return alone / (iterations * entry.flops_per_iteration), efficiency
 
 
-def _gemm_program(max_threads: int):
-    """A GEMM step compiled for `max_threads` (not through `gc.compile`, whose thread count
-    is what is being calibrated), its feeds and FLOPs."""
-    from graphc.backend.compiler import Recipe, compile_recipe
-    from graphc.backend.emit.entry import ENTRY_NAME
-    from graphc.core.ir import Graph
-    from graphc.core.ops import matmul
-    from graphc.transforms import optimize
+class _CalibrationEntry:
+    """An entry that runs `args[0]` barriers among the threads that call it, then its share of
+    `args[1]` iterations of vector multiply-adds (the sum of each thread's results goes to
+    `args[2][tid]`, so that nothing is optimized away): the fork/join of a call that does
+    neither, a barrier's cost from the difference, and the threads' arithmetic throughput."""
 
-    rows, inner, columns = 96, 256, 256
-    g = Graph("calibration")
-    x, w = g.input("x", (rows, inner)), g.param("w", (inner, columns))
-    optimized = optimize([matmul(x, w)])
-    recipe = Recipe(optimized.graph, optimized.outputs, dict(output_names=["out"], inplace={}, state_names=set(),
-                                                              max_threads=max_threads))
-    compiled = compile_recipe(recipe)
-    params = {"w": np.full((inner, columns), 0.01, np.float32)}
-    program = rt.Program(rt.NativeLibrary(compiled.objects), ENTRY_NAME, compiled.slots, params,
-                         max_threads=max_threads)
-    return program, {"x": np.full((rows, inner), 0.5, np.float32)}, 2 * rows * inner * columns
-
-
-class _BarrierEntry:
-    """An entry that runs `args[0]` barriers among the threads that call it: the fork/join of
-    a call with none, and a barrier's cost from the difference."""
-
-    def __init__(self, library):
+    def __init__(self, library, flops_per_iteration: int):
         self._library = library
+        self.flops_per_iteration = flops_per_iteration
         self.address = library.address("graphc_calibration_entry")
-        self._count = np.zeros(1, np.int64)
-        self._argv = (ctypes.c_void_p * 1)(self._count.ctypes.data)
+        self._work = np.zeros(2, np.int64)
+        self._results = np.zeros(rt.MAX_THREADS, np.float32)
+        self._argv = (ctypes.c_void_p * 3)(self._work.ctypes.data, self._work[1:].ctypes.data,
+                                           self._results.ctypes.data)
         self._argv_address = ctypes.addressof(self._argv)
         self._direct = rt.EntryFunction(self.address)
 
-    def run(self, team, barriers: int, nthreads: int) -> None:
-        self._count[0] = barriers
+    def run(self, team, barriers: int, iterations: int, nthreads: int) -> None:
+        self._work[:] = barriers, iterations
         team.run(self.address, self._argv_address, nthreads)
 
-    def run_direct(self, barriers: int) -> None:
-        self._count[0] = barriers
+    def run_direct(self, barriers: int, iterations: int) -> None:
+        self._work[:] = barriers, iterations
         self._direct(self._argv_address, 0, 1)
 
 
+_CHAINS = 8   # independent multiply-add chains: enough to keep two FMA units of 4 cycles busy
+
+
 @functools.cache
-def _barrier_entry() -> _BarrierEntry:
+def _calibration_entry() -> _CalibrationEntry:
     from graphc.backend.emit.entry import emit_barrier
     from graphc.backend.emit.kernel_builder import I64, PTR
 
+    width = rt.host.host_target().simd.width
+    vector = ir.VectorType(ir.FloatType(), width)
     module = ir.Module("graphc-calibration")
     module.triple = rt.host.host_target().triple
     barrier = emit_barrier(module)
+    fmuladd = ir.Function(module, ir.FunctionType(vector, [vector] * 3), f"llvm.fmuladd.v{width}f32")
     fn = ir.Function(module, ir.FunctionType(ir.VoidType(), [PTR, I64, I64]), "graphc_calibration_entry")
-    args, _, nthreads = fn.args
+    args, tid, nthreads = fn.args
     b = ir.IRBuilder(fn.append_basic_block("entry"))
-    count = b.load(b.load(args, typ=PTR), typ=I64)
-    loop, body, done = (fn.append_basic_block(name) for name in ("loop", "body", "done"))
-    start = b.block
-    b.branch(loop)
-    b.position_at_end(loop)
-    index = b.phi(I64)
-    index.add_incoming(ir.Constant(I64, 0), start)
-    b.cbranch(b.icmp_signed("<", index, count), body, done)
-    b.position_at_end(body)
-    b.call(barrier, [nthreads])
-    index.add_incoming(b.add(index, ir.Constant(I64, 1)), body)
-    b.branch(loop)
-    b.position_at_end(done)
+    barriers = b.load(b.load(args, typ=PTR), typ=I64)
+    iterations = b.load(b.load(b.gep(args, [ir.Constant(I64, 1)], source_etype=PTR), typ=PTR), typ=I64)
+    results = b.load(b.gep(args, [ir.Constant(I64, 2)], source_etype=PTR), typ=PTR)
+    share = b.sdiv(iterations, nthreads)
+
+    def counted_loop(count, body, values=()):
+        """for i in range(count): values = body(values); returns the final values."""
+        start = b.block
+        loop, inside, done = (fn.append_basic_block(name) for name in ("loop", "body", "done"))
+        b.branch(loop)
+        b.position_at_end(loop)
+        index = b.phi(I64)
+        index.add_incoming(ir.Constant(I64, 0), start)
+        phis = [b.phi(value.type) for value in values]
+        for phi, value in zip(phis, values):
+            phi.add_incoming(value, start)
+        b.cbranch(b.icmp_signed("<", index, count), inside, done)
+        b.position_at_end(inside)
+        updated = body(phis)
+        index.add_incoming(b.add(index, ir.Constant(I64, 1)), b.block)
+        for phi, value in zip(phis, updated):
+            phi.add_incoming(value, b.block)
+        b.branch(loop)
+        b.position_at_end(done)
+        return phis
+
+    def one_barrier(_):
+        b.call(barrier, [nthreads])
+        return []
+
+    counted_loop(barriers, one_barrier)
+    scale, step = (ir.Constant(vector, [ir.Constant(ir.FloatType(), v)] * width) for v in (0.999, 1e-3))
+    seeds = [ir.Constant(vector, [ir.Constant(ir.FloatType(), float(k))] * width) for k in range(_CHAINS)]
+    sums = counted_loop(share, lambda accumulators: [b.call(fmuladd, [acc, scale, step]) for acc in accumulators],
+                        seeds)
+    total = sums[0]
+    for value in sums[1:]:
+        total = b.fadd(total, value)
+    b.store(b.extract_element(total, ir.Constant(I64, 0)), b.gep(results, [tid], source_etype=ir.FloatType()))
     b.ret_void()
-    return _BarrierEntry(library_from_ir("graphc-calibration", str(module), __file__))
+    library = library_from_ir("graphc-calibration", str(module), __file__)
+    return _CalibrationEntry(library, flops_per_iteration=2 * _CHAINS * width)

@@ -5,12 +5,13 @@ optimization and code generation of one module is independent of the others', so
 compiled on LLVM objects of its own (context, module, target machine, pass builder).
 
 `ObjectCompiler` overlaps that with IR generation: the assembler submits each module as soon as
-it is complete and goes on generating the next (Python, holding the GIL). The first module
-compiles on a thread of this process (ctypes drops the GIL during each llvmlite call); from the
-second on, worker processes (worker_process.py) compile them, one per compile thread, each with
-an llvmlite of its own, so modules compile truly in parallel through llvmlite's public API, which
-serializes the calls of one process with a process-wide lock. When generation is done, the
-caller's thread compiles what is still queued too. Queued modules are taken largest first, so
+it is complete and goes on generating the next (Python, holding the GIL). A program of several
+modules is compiled by worker processes (worker_process.py), one per compile thread besides the
+caller's, each with an llvmlite of its own: modules compile truly in parallel through llvmlite's
+public API, which serializes the calls of one process with a process-wide lock, and no compile
+thread competes for the GIL with the generating one. A one-module program compiles on a thread of
+this process instead. When generation is done, the caller's thread compiles what is still
+queued too. Queued modules are taken largest first, so
 that the last to finish are small ones. Where no worker process can start, the threads compile
 in this process, taking turns at llvmlite's lock.
 
@@ -121,20 +122,23 @@ class ObjectCompiler:
         self._futures: list[Future] = []
         self._workers: list[threading.Thread] = []
         self._processes_started = False
-        if self._isolated:
-            # One thread compiles in this process, beside the caller's generating the next
-            # module; worker processes join from a program's second module on (a one-module
-            # program is not worth starting a process).
-            self._start_worker(self._work_here)
 
-    def submit(self, ir_text: str) -> None:
+    def submit(self, ir_text: str, *, more_follow: bool = False) -> None:
+        """Queue a module; `more_follow` says the program has more, worth worker processes."""
         future: Future = Future()
         self._futures.append(future)
         self._jobs.put((-len(ir_text), next(self._order), ir_text, future))
-        if self._isolated and len(self._futures) == 2:
+        if not self._isolated or self._processes_started:
+            return
+        if more_follow or len(self._futures) > 1:
+            # Several modules: worker processes compile them all, and the caller's thread,
+            # generating the next module, does not share the GIL with a compile thread.
             self._processes_started = True
             for _ in range(self.threads - 1):
                 self._start_worker(self._work_in_process)
+        elif not self._workers:
+            # One module (so far): a thread of this process, not worth starting a process.
+            self._start_worker(self._work_here)
 
     def _start_worker(self, loop) -> None:
         worker = threading.Thread(target=loop, name=f"graphc-compile-{len(self._workers)}", daemon=True)
@@ -170,10 +174,11 @@ class ObjectCompiler:
                 return
 
     def _work_in_process(self) -> None:
-        """Compile jobs in a worker process of this thread's own, started on its first job (or
-        here, where no process can start)."""
+        """Compile jobs in a worker process of this thread's own, started at once (or here,
+        where no process can start)."""
         worker = RestartingWorker(host.worker_settings(), lambda text: compile_module(text, isolated=True))
         try:
+            worker.start()
             while (job := self._jobs.get())[2] is not None:
                 self._run(job, worker.compile)
         finally:

@@ -111,7 +111,7 @@ class ProgramModules:
         text = str(self._module)
         self.texts.append(text)
         if self.on_module is not None:
-            self.on_module(text)
+            self.on_module(text, more_follow=not last)
         if not last:
             self._begin_module()
 

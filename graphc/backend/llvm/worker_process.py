@@ -122,6 +122,10 @@ class RestartingWorker:
                     raise
         raise AssertionError("unreachable")
 
+    def start(self) -> None:
+        """Start the worker now rather than at the first module (no error if none can start)."""
+        self._started()
+
     def close(self) -> None:
         if self._worker is not None:
             self._worker.close()
