@@ -28,7 +28,6 @@ import hashlib
 import math
 import os
 import secrets
-import stat
 import struct
 import unicodedata
 import warnings
@@ -38,6 +37,7 @@ from collections.abc import Mapping
 import numpy as np
 
 from graphc.core.ir import Graph
+from graphc.tools.files import DEFLATE_MAX_RATIO, READ_CHUNK, open_regular_file
 
 # A zip archive starts with a local file header, or when empty with the end-of-directory record.
 _ZIP_SIGNATURES = (b"PK\x03\x04", b"PK\x05\x06")
@@ -49,8 +49,6 @@ _COMMENT_LENGTH = len(_DIGEST_PREFIX) + _DIGEST_HEX_LENGTH
 _STORED_DTYPE = np.dtype("<f4")
 _MEMBER_SUFFIX = ".npy"
 _MAX_MEMBER_NAME_BYTES = 0xFFFF            # zip's 16-bit name length
-_DEFLATE_MAX_RATIO = 1032                  # deflate cannot expand data by more than this
-_CHUNK = 1 << 20
 
 
 class _Damaged(ValueError):
@@ -159,9 +157,9 @@ def _fsync_directory(directory: str) -> None:
 def _sha256_of_prefix(file, length: int):
     """SHA-256 of the next `length` bytes of `file`; None when the file ends before them."""
     digest = hashlib.sha256()
-    buffer = memoryview(bytearray(min(length, _CHUNK)))   # not 1 MiB for a small file
+    buffer = memoryview(bytearray(min(length, READ_CHUNK)))   # not 1 MiB for a small file
     while length > 0:
-        got = file.readinto(buffer[:min(length, _CHUNK)])
+        got = file.readinto(buffer[:min(length, READ_CHUNK)])
         if not got:
             return None
         digest.update(buffer[:got])
@@ -185,7 +183,7 @@ def load_params(path, expected: Mapping[str, tuple] | Graph | None = None) -> di
 
 
 def _read_checkpoint(path) -> dict[str, np.ndarray]:
-    with _open_regular_file(path) as file:   # a missing file stays a FileNotFoundError
+    with open_regular_file(path, "an .npz archive", _Damaged) as file:   # a missing file: FileNotFoundError
         try:
             params, has_digest = _read_verified_npz(path, file)
         except (_Damaged, MemoryError):
@@ -198,20 +196,6 @@ def _read_checkpoint(path) -> dict[str, np.ndarray]:
                       f"beyond what zip's CRC-32 catches goes unnoticed; save it again to add one",
                       UserWarning, stacklevel=3)
     return params
-
-
-def _open_regular_file(path):
-    # O_NONBLOCK: opening a FIFO for reading would otherwise wait for a writer.
-    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0))
-    try:
-        mode = os.fstat(fd).st_mode
-        if not stat.S_ISREG(mode):
-            kind = "a directory" if stat.S_ISDIR(mode) else "not a regular file"
-            raise _Damaged(f"{path}: not an .npz archive ({kind})")
-        return os.fdopen(fd, "rb")
-    except BaseException:
-        os.close(fd)
-        raise
 
 
 def _read_verified_npz(path, file) -> tuple[dict[str, np.ndarray], bool]:
@@ -297,7 +281,7 @@ def _check_compression(what: str, info: zipfile.ZipInfo, has_digest: bool) -> No
             raise _Damaged(f"{what} is stored uncompressed, yet its sizes differ "
                            f"({info.file_size} and {info.compress_size} bytes)")
     elif info.compress_type == zipfile.ZIP_DEFLATED and not has_digest:   # np.savez_compressed
-        if info.file_size > _DEFLATE_MAX_RATIO * info.compress_size + 64:
+        if info.file_size > DEFLATE_MAX_RATIO * info.compress_size + 64:
             raise _Damaged(f"{what} claims {info.file_size} bytes from {info.compress_size} compressed: "
                            f"more than deflate can produce")
     else:
@@ -349,7 +333,7 @@ def _read_exactly(path, name: str, member, count: int, dtype: np.dtype) -> np.nd
     view = memoryview(flat.view(np.uint8))
     position = 0
     while position < len(view):
-        chunk = member.read(min(_CHUNK, len(view) - position))
+        chunk = member.read(min(READ_CHUNK, len(view) - position))
         if not chunk:
             raise _Damaged(f"{path}: damaged or truncated .npz archive: entry {name!r} ends early")
         view[position:position + len(chunk)] = chunk

@@ -10,18 +10,17 @@ import dataclasses
 import gzip
 import math
 import os
-import stat
 import zlib
 from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 
+from graphc.tools.files import DEFLATE_MAX_RATIO, READ_CHUNK, open_regular_file
+
 IDX_IMAGES_MAGIC = 0x00000803   # unsigned bytes, 3 dimensions: count, rows, columns
 IDX_LABELS_MAGIC = 0x00000801   # unsigned bytes, 1 dimension: count
 _GZIP_MAGIC = b"\x1f\x8b"
-_DEFLATE_MAX_RATIO = 1032   # deflate cannot expand data by more than this
-_CHUNK = 1 << 20
 
 
 @dataclasses.dataclass(frozen=True)
@@ -134,7 +133,7 @@ def _read_idx(path, expected_magic: int, kind: str) -> tuple[tuple[int, ...], by
     before the payload, and the payload read stops at the size the header declares, so a gzip
     bomb is never inflated beyond it.
     """
-    with _open_regular_file(path) as file:
+    with open_regular_file(path, "an IDX file") as file:
         file_size = os.fstat(file.fileno()).st_size
         compressed = _is_gzipped(path, file)
         stream = gzip.GzipFile(fileobj=file, mode="rb") if compressed else file
@@ -146,20 +145,6 @@ def _read_idx(path, expected_magic: int, kind: str) -> tuple[tuple[int, ...], by
             if not compressed:
                 raise
             raise ValueError(f"{path}: damaged gzip data ({error})") from error
-
-
-def _open_regular_file(path):
-    # O_NONBLOCK: opening a FIFO for reading would otherwise wait for a writer.
-    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0))
-    try:
-        mode = os.fstat(fd).st_mode
-        if not stat.S_ISREG(mode):
-            kind = "a directory" if stat.S_ISDIR(mode) else "not a regular file"
-            raise ValueError(f"{path}: not an IDX file ({kind})")
-        return os.fdopen(fd, "rb")
-    except BaseException:
-        os.close(fd)
-        raise
 
 
 def _is_gzipped(path, file) -> bool:
@@ -192,7 +177,7 @@ def _check_declared_size(path, dims: tuple[int, ...], header_size: int, file_siz
     expected_payload = math.prod(dims)
     if not compressed and file_size - header_size != expected_payload:
         _raise_size_mismatch(path, dims, file_size - header_size)
-    if compressed and header_size + expected_payload > _DEFLATE_MAX_RATIO * file_size:
+    if compressed and header_size + expected_payload > DEFLATE_MAX_RATIO * file_size:
         raise ValueError(f"{path}: the header's dimensions {dims} need {expected_payload} bytes of data, "
                          f"more than a {file_size}-byte gzip file can hold")
 
@@ -202,7 +187,7 @@ def _read_payload(path, stream, dims: tuple[int, ...]) -> bytearray:
     expected_payload = math.prod(dims)
     payload = bytearray()   # grown as data arrives: the declared size of a gzip file is unproven
     while len(payload) < expected_payload:
-        chunk = stream.read(min(_CHUNK, expected_payload - len(payload)))
+        chunk = stream.read(min(READ_CHUNK, expected_payload - len(payload)))
         if not chunk:
             _raise_size_mismatch(path, dims, len(payload))
         payload += chunk
