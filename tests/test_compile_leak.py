@@ -14,7 +14,7 @@ pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="re
 
 # The child prints the growth of its resident set in KiB, from after `warm_up` compiles (which
 # fill what is filled once: LLVM's and the compiler's caches, the allocator's arenas) to after
-# `measured` more, each of a graph not compiled before. A compile leaves some 60 objects in
+# `measured` more, each of a graph not compiled before. A compile leaves some objects in
 # reference cycles (llvmlite's IR, graphs) that reach the oldest generation, collected only
 # every few thousand compiles: full collections every few compiles keep that garbage, which
 # is no leak, from counting.
@@ -75,15 +75,15 @@ def _child_growth_kib(script: str, *arguments, tmp_path) -> int:
 
 
 def test_distinct_compiles_do_not_grow_the_process(tmp_path):
-    """Before the pass managers were freed this grew by ~2.8 MB. Most of what remains is
-    llvmlite's: each pass builder leaves its instrumentation callbacks (1.5 KB) behind, and
+    """A compile once kept its module pass manager for good (bench/NOTES.md). Most of what
+    remains is llvmlite's: each pass builder leaves its instrumentation callbacks behind, and
     no API frees them."""
     growth = _child_growth_kib(_DISTINCT_COMPILES, 100, 300, tmp_path=tmp_path)
     assert growth < 1024, f"300 distinct compiles grew the resident set by {growth} KiB"
 
 
 def test_pass_managers_are_reused(tmp_path):
-    """llvmlite's module pass manager never frees its LLVM object (~5 KB with graphc's passes):
-    3,000 of them held ~14 MB. Borrowed and returned, one serves every compile."""
+    """llvmlite's module pass manager never frees its LLVM object: one per compile grew the
+    process for good. Borrowed and returned, one serves every compile."""
     growth = _child_growth_kib(_PASS_MANAGERS, 3000, tmp_path=tmp_path)
     assert growth < 1024, f"3,000 pipeline runs' pass managers kept {growth} KiB"

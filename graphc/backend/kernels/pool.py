@@ -31,6 +31,7 @@ from graphc.backend.emit.kernel import Kernel, phase_args, phase_function
 from graphc.backend.emit.kernel_builder import I32, I64, KernelBuilder, shared_constant
 from graphc.backend.kernels.conv.buffers import emit_fill_zero, splat_i32
 from graphc.backend.kernels.elementwise import emit_elementwise_epilogue, emit_expr
+from graphc.backend.kernels.layout import entry_alloca
 from graphc.backend.kernels.window import WindowGeometry
 from graphc.backend.lowering_rules import lowers, no_param_operands, step_with_elementwise_epilogue
 
@@ -578,7 +579,7 @@ class _ScalarWindow:
         included); the final state. The state lives in entry-block stack slots, registers
         after mem2reg."""
         kb = self.kb
-        slots = [_entry_alloca(kb, value.type) for value in state]
+        slots = [entry_alloca(kb, value.type, f"state{i}") for i, value in enumerate(state)]
         for slot, value in zip(slots, state):
             kb.b.store(value, slot)
 
@@ -685,16 +686,6 @@ def _load_strided(kb: KernelBuilder, base: ir.Value, start: ir.Value, stride: in
         return parts[0]
     even_lanes = ir.Constant(ir.VectorType(I32, width), [2 * lane for lane in range(width)])
     return kb.b.shuffle_vector(parts[0], parts[1], even_lanes)
-
-
-def _entry_alloca(kb: KernelBuilder, typ: ir.Type) -> ir.AllocaInstr:
-    """A stack slot in the function's entry block, where LLVM promotes it to registers (an
-    alloca inside a loop would be neither promoted nor freed until the function returns)."""
-    current = kb.b.block
-    kb.b.position_at_start(kb.b.function.entry_basic_block)
-    slot = kb.b.alloca(typ)
-    kb.b.position_at_end(current)
-    return slot
 
 
 # ---- lowering --------------------------------------------------------------------------------
