@@ -21,7 +21,7 @@ import warnings
 import llvmlite.binding as llvm
 
 __all__ = ["SimdShape", "SIMD_SHAPES", "HostTarget", "TARGET_LEVELS", "host_target", "initialize_llvm",
-           "narrowed_features", "target_level"]
+           "narrowed_features", "runnable_levels", "create_target_machine"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -97,10 +97,6 @@ class HostTarget:
             return SIMD_SHAPES["neon"]
         return SIMD_SHAPES["sse"]
 
-    # A NamedTuple before; kept iterable for callers that unpack it.
-    def __iter__(self):
-        return iter((self.triple, self.cpu, self.features))
-
 
 def narrowed_features(features: str, level: str) -> str:
     """`features` (an LLVM feature string) with everything above x86 `level` turned off."""
@@ -143,11 +139,6 @@ def runnable_levels() -> tuple[str, ...]:
 def _native_target() -> HostTarget:
     initialize_llvm()
     return HostTarget(llvm.get_process_triple(), llvm.get_host_cpu_name(), _host_features())
-
-
-def target_level() -> str:
-    """The level GRAPHC_TARGET asks for, if this host can run it; else "native"."""
-    return host_target().level
 
 
 @functools.cache

@@ -51,10 +51,6 @@ __all__ = [
 ]
 
 
-def _initialize_llvm() -> None:
-    initialize_llvm()
-
-
 def host_features() -> str:
     """LLVM feature string of the target, e.g. '+avx2,+fma,-avx512f,...' (the host's, narrowed
     by GRAPHC_TARGET; see graphc_runtime.host)."""
@@ -190,7 +186,7 @@ def set_target(module_ref: llvm.ModuleRef, target_machine: llvm.TargetMachine) -
 
 def parse_and_verify(ir_text: str) -> llvm.ModuleRef:
     """Parse textual IR and verify it, with the host triple and layout."""
-    _initialize_llvm()
+    initialize_llvm()
     module_ref = llvm.parse_assembly(str(ir_text))
     module_ref.verify()
     set_target(module_ref, host_target_machine())
