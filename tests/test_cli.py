@@ -5,6 +5,7 @@ import sys
 
 import pytest
 
+import graphc_runtime as rt
 from graphc.tools.cli import main
 
 
@@ -52,3 +53,22 @@ def test_show_prints_forward_backward_and_kernels(tmp_path, capsys):
 def test_console_script_entry_point_runs():
     result = subprocess.run([sys.executable, "-m", "graphc", "--help"], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0 and "demo" in result.stdout
+
+
+@pytest.mark.skipif(rt.usable_cpu_count() < 2, reason="one usable CPU")
+def test_calibrate_measures_again_and_replaces_the_cached_costs(tmp_path, monkeypatch, capsys):
+    from graphc.backend import thread_costs
+    monkeypatch.setenv("GRAPHC_CACHE_DIR", str(tmp_path))
+    thread_costs._measured.cache_clear()
+    try:
+        assert main(["calibrate"]) == 0
+        printed = capsys.readouterr().out
+        assert "GFLOP/s" in printed and "fork/join" in printed and "efficiency" in printed
+
+        def no_measuring(max_threads):
+            raise AssertionError("measured again instead of reading the calibration")
+        monkeypatch.setattr(thread_costs, "_measure", no_measuring)
+        costs = thread_costs.measured_thread_costs(rt.get_num_threads())
+        assert f"{costs.fork_join_s[2] * 1e6:.2f} µs" in printed
+    finally:
+        thread_costs._measured.cache_clear()

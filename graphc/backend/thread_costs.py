@@ -32,7 +32,7 @@ import numpy as np
 import graphc_runtime as rt
 from graphc_runtime.native_ir import library_from_ir
 
-__all__ = ["ThreadCosts", "choose_thread_count", "measured_thread_costs", "MIN_SPEEDUP"]
+__all__ = ["ThreadCosts", "choose_thread_count", "measured_thread_costs", "measure_again", "MIN_SPEEDUP"]
 
 # Predicted speed-up below which a program stays on one thread.
 MIN_SPEEDUP = 1.2
@@ -95,6 +95,16 @@ def measured_thread_costs(max_threads: int) -> ThreadCosts:
     """This host's costs up to `max_threads` threads: from the cache, else measured now."""
     with _lock:
         return _measured(max_threads)
+
+
+def measure_again(max_threads: int) -> ThreadCosts:
+    """Measure this host's costs now and replace the cached ones (`graphc calibrate`): for a
+    calibration taken while the machine was busy, or after the hardware changed."""
+    with _lock:
+        costs = _measure(max_threads)
+        rt.ObjectCache().put(_cache_key(max_threads), costs.to_json().encode("utf-8"))
+        _measured.cache_clear()
+        return costs
 
 
 @functools.cache

@@ -46,6 +46,12 @@ def main(argv=None) -> int:
     profile.add_argument("--batch", type=int, default=64)
     profile.add_argument("--threads", type=int, default=None)
 
+    commands.add_parser("calibrate", help="measure this machine's threading costs again",
+                        description="Measure the fork/join, barrier and arithmetic costs that decide how many "
+                                    "threads each compiled program uses, replace the cached ones and print "
+                                    "them. Run it on an idle machine: costs measured under load keep programs "
+                                    "on fewer threads.")
+
     args = parser.parse_args(argv)
     if getattr(args, "threads", None):
         from graphc_runtime import set_num_threads
@@ -53,6 +59,8 @@ def main(argv=None) -> int:
     if args.command == "demo":
         from graphc.tools.demo import run_demo
         return run_demo(args)
+    if args.command == "calibrate":
+        return _calibrate()
     if args.command == "show":
         from graphc.tools.show import show as run_show
         return run_show(args.script, with_grad=args.grad, out_dir=args.out, script_args=args.script_args)
@@ -76,3 +84,18 @@ def _profile(args) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+def _calibrate() -> int:
+    from graphc.backend.thread_costs import measure_again
+    from graphc_runtime import get_num_threads
+    threads = get_num_threads()
+    if threads == 1:
+        print("one thread: nothing to calibrate (GRAPHC_NUM_THREADS is 1 or this machine has one core)")
+        return 0
+    costs = measure_again(threads)
+    print(f"a thread's multiply-adds: {1e-9 / costs.flop_s:.1f} GFLOP/s")
+    for n in sorted(costs.fork_join_s):
+        print(f"{n} threads: fork/join {costs.fork_join_s[n] * 1e6:.2f} µs, barrier {costs.barrier_s[n] * 1e6:.2f} µs, "
+              f"efficiency {costs.efficiency[n]:.2f}")
+    return 0
