@@ -10,6 +10,10 @@ from hypothesis import HealthCheck, settings
 # `import core_oracles` works under any pytest import mode and from any working directory
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+# Fixtures every test may ask for by name: `splitting_pays` (a multi-threaded program whatever
+# this host measures).
+pytest_plugins = ["thread_choice"]
+
 # "ci", the default: every run draws the same examples (seeded from each test's source, no
 # example database), so a red run is a regression anyone can reproduce, on any Python.
 settings.register_profile("ci", derandomize=True, database=None, deadline=None, print_blob=True,

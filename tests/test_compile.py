@@ -6,7 +6,6 @@ import tempfile
 
 import numpy as np
 import pytest
-from thread_choice import splitting_pays  # noqa: F401 (a fixture)
 
 import graphc as gc
 import graphc_runtime as gc_runtime

@@ -3,11 +3,11 @@ import gzip
 import math
 import os
 import sys
-import threading
 import tracemalloc
 
 import numpy as np
 import pytest
+from fifo_guard import assert_fifo_refused_without_waiting
 
 from graphc.tools.data import (IDX_IMAGES_MAGIC, IDX_LABELS_MAGIC, Dataset, epoch_indices, load_digits, load_mnist,
                                read_idx_images, read_idx_labels, sample_indices, stratified_split)
@@ -215,25 +215,7 @@ def test_a_directory_is_not_an_idx_file(tmp_path):
 
 @pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no FIFOs here")
 def test_a_fifo_is_refused_without_waiting_for_a_writer(tmp_path):
-    fifo = tmp_path / "labels-idx1-ubyte"
-    os.mkfifo(fifo)
-    outcome = []
-
-    def read():
-        try:
-            read_idx_labels(fifo)
-        except Exception as error:   # noqa: BLE001 - judged below
-            outcome.append(error)
-
-    thread = threading.Thread(target=read, daemon=True)
-    thread.start()
-    thread.join(timeout=5)
-    if thread.is_alive():
-        with open(fifo, "wb"):   # a writer releases the blocked open
-            pass
-        thread.join()
-        pytest.fail("read_idx_labels waited for a writer on a FIFO")
-    assert isinstance(outcome[0], ValueError) and str(fifo) in str(outcome[0])
+    assert_fifo_refused_without_waiting(read_idx_labels, tmp_path / "labels-idx1-ubyte")
 
 
 def write_mnist(directory, train_labels=6):

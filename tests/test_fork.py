@@ -8,6 +8,7 @@ the test instead of hanging the suite.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import multiprocessing
 import os
@@ -17,7 +18,6 @@ import time
 
 import numpy as np
 import pytest
-from thread_choice import splitting_pays  # noqa: F401 (a fixture)
 
 import graphc as gc
 import graphc_runtime as rt
@@ -35,6 +35,26 @@ def two_threads(splitting_pays):
     rt.set_num_threads(2)
     yield
     rt.set_num_threads(before)
+
+
+@contextlib.contextmanager
+def held_by_another_thread(lock):
+    """`lock` held by a thread of the test for the block's duration, as a running call holds it."""
+    held, release = threading.Event(), threading.Event()
+
+    def hold():
+        with lock:
+            held.set()
+            release.wait(30)
+
+    holder = threading.Thread(target=hold, daemon=True)
+    holder.start()
+    held.wait(30)
+    try:
+        yield
+    finally:
+        release.set()
+        holder.join(30)
 
 
 def logistic_step():
@@ -180,17 +200,7 @@ def test_a_team_whose_lock_a_thread_held_at_the_fork_reports_itself_closed_in_th
     """The child inherits the team without its workers: running a job must fail at once, not wait
     for a lock the parent's thread held at the fork (deterministic: the lock is held on purpose)."""
     team = rt.ThreadTeam()
-    held, release = threading.Event(), threading.Event()
-
-    def hold_the_lock():
-        with team._lock:
-            held.set()
-            release.wait(30)
-
-    holder = threading.Thread(target=hold_the_lock, daemon=True)
-    holder.start()
-    held.wait(30)
-    try:
+    with held_by_another_thread(team._lock):
         pid = os.fork()
         if pid == 0:
             code = 1
@@ -200,9 +210,6 @@ def test_a_team_whose_lock_a_thread_held_at_the_fork_reports_itself_closed_in_th
                 code = 0 if "closed" in str(error) else 1
             finally:
                 os._exit(code)
-    finally:
-        release.set()
-        holder.join(30)
     assert wait_for_children([pid]) == {pid: "ok"}
     team.close()
 
@@ -215,18 +222,7 @@ def test_a_child_forked_during_a_call_that_outlasts_the_wait_runs_the_program_on
     from graphc_runtime import program as program_module
     monkeypatch.setattr(program_module._live_programs, "WAIT_SECONDS", 0.05)
     step, feeds = threaded_step()
-    program = step._program
-    held, release = threading.Event(), threading.Event()
-
-    def hold_the_lock():
-        with program._lock:
-            held.set()
-            release.wait(30)
-
-    holder = threading.Thread(target=hold_the_lock, daemon=True)
-    holder.start()
-    held.wait(30)
-    try:
+    with held_by_another_thread(step._program._lock):
         pid = os.fork()
         if pid == 0:
             code = 1
@@ -234,8 +230,5 @@ def test_a_child_forked_during_a_call_that_outlasts_the_wait_runs_the_program_on
                 code = 0 if math.isfinite(step(**feeds)) and step.num_threads == 1 else 1
             finally:
                 os._exit(code)
-    finally:
-        release.set()
-        holder.join(30)
     assert wait_for_children([pid]) == {pid: "ok"}
     assert step.num_threads == 2            # the parent's program is as it was

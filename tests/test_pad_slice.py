@@ -3,11 +3,10 @@ finite differences in float64, compiled kernels against the reference bit for bi
 move values), on 1-3 threads, and in a training step."""
 import numpy as np
 import pytest
+from core_oracles import assert_gradients_match
 
 import graphc as gc
-from core_oracles import assert_gradients_match
 from graphc.core.ops import slice_
-from thread_choice import splitting_pays  # noqa: F401 (a fixture)
 
 CASES = [   # shape, pad_width
     ((7,), ((2, 3),)),

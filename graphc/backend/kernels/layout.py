@@ -487,33 +487,34 @@ class _Slab:
 
 # ---- lowering --------------------------------------------------------------------------------
 
+def _moving_step(node, emit, label: str) -> Step:
+    """The step of a kernel that only moves its one operand's values: `emit(module, name,
+    threads)` builds it."""
+    return Step(node, [node.inputs[0]], emit, label, [node], flops=0)
+
+
 @lowers("transpose")
 def lower_transpose(node, _epilogue) -> Step:
-    x = node.inputs[0]
-    return Step(node, [x], lambda m, name, threads: emit_transpose(m, name, x.shape, node.attrs["axes"],
-                                                                    max_threads=threads),
-                "transpose", [node], flops=0)
+    shape, axes = node.inputs[0].shape, node.attrs["axes"]
+    return _moving_step(node, lambda m, name, threads: emit_transpose(m, name, shape, axes, max_threads=threads),
+                        "transpose")
+
+
+@lowers("slice")
+def lower_slice(node, _epilogue) -> Step:
+    shape, a = node.inputs[0].shape, node.attrs
+    return _moving_step(node, lambda m, name, threads: emit_slice(m, name, shape, a["starts"], a["stops"],
+                                                                  max_threads=threads), "slice")
+
+
+@lowers("pad")
+def lower_pad(node, _epilogue) -> Step:
+    shape, a = node.inputs[0].shape, node.attrs
+    return _moving_step(node, lambda m, name, threads: emit_pad(m, name, shape, a["pad_width"], a["value"],
+                                                                max_threads=threads), "pad")
 
 
 def copy_step(node, source) -> Step:
     """A step copying `source`'s buffer into `node`'s (materializes an output that aliases another value)."""
     return Step(node, [source], lambda m, name, threads: emit_copy(m, name, node.size, max_threads=threads),
                 "copy", [], flops=0)
-
-
-@lowers("slice")
-def lower_slice(node, _epilogue) -> Step:
-    x = node.inputs[0]
-    a = node.attrs
-    return Step(node, [x], lambda m, name, threads: emit_slice(m, name, x.shape, a["starts"], a["stops"],
-                                                                max_threads=threads),
-                "slice", [node], flops=0)
-
-
-@lowers("pad")
-def lower_pad(node, _epilogue) -> Step:
-    x = node.inputs[0]
-    a = node.attrs
-    return Step(node, [x], lambda m, name, threads: emit_pad(m, name, x.shape, a["pad_width"], a["value"],
-                                                              max_threads=threads),
-                "pad", [node], flops=0)
