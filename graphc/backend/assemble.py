@@ -69,9 +69,10 @@ def assemble(graph: Graph, outputs: list[Tensor], *, output_names: list[str], in
 
     slots, locations = _slots(graph, needed, outputs, output_names, inplace, state_names)
     steps = plan_steps(graph, list(outputs) + writes)
-    inplace_sources = {node_id: graph.params[name].id for node_id, name in inplace.items()}
+    sources = graph.bound_sources()
+    inplace_sources = {node_id: sources[name].id for node_id, name in inplace.items()}
     for node_id, name in inplace.items():
-        locations[node_id] = locations[graph.params[name].id]
+        locations[node_id] = locations[sources[name].id]
 
     step_ids = {step.node.id for step in steps}
     output_steps, output_locations = [], {}
@@ -171,7 +172,7 @@ def _slots(graph, needed, outputs, output_names, inplace, state_names):
             slots.append(rt.Input(name, node.shape, node.dtype, valid_range=valid_range,
                                   range_checked_natively=valid_range is not None and node.size > 0
                                   and np.dtype(node.dtype) in NATIVE_RANGE_CHECK_DTYPES))
-    for name, node in graph.params.items():
+    for name, node in graph.bound_sources().items():
         if node.id in needed_ids or name in updated:
             locations[node.id] = ("slot", len(slots))
             if name in state_names:

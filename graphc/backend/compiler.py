@@ -18,6 +18,7 @@ import dataclasses
 import functools
 import numbers
 from collections import Counter
+from types import MappingProxyType
 from typing import Mapping
 
 import numpy as np
@@ -29,7 +30,8 @@ from graphc.backend.emit.entry import ENTRY_NAME
 from graphc.backend.llvm.parallel import ObjectCompiler, compile_modules, split_modules
 from graphc.backend.llvm.program_modules import default_budget
 from graphc.backend.program_cache import CachedProgram, pack_entry, program_key, unpack_entry
-from graphc.core.ir import Tensor
+from graphc.backend.call_values import CallValues
+from graphc.core.ir import Tensor, as_int
 
 _cache: rt.ObjectCache | None = None
 
@@ -70,6 +72,7 @@ class Plan:
         self._outputs = outputs
         self._request = request
         self._max_threads = max_threads
+        self.hidden_state: set[str] = set()   # State slots that are not the optimizer's (call_values.py)
 
     @functools.cached_property
     def optimized(self):
@@ -115,10 +118,11 @@ class CompiledFunction:
     program from the disk cache.
     """
 
-    def __init__(self, program: rt.Program, plan: Plan, single: bool):
+    def __init__(self, program: rt.Program, plan: Plan, single: bool, call_values: CallValues):
         self._program = program
         self._plan = plan
         self._single = single
+        self._call_values = call_values
 
     @property
     def optimization(self):
@@ -137,8 +141,24 @@ class CompiledFunction:
         return self._plan.recipe.outputs
 
     def __call__(self, /, **feeds):
-        results = self._program(**feeds)
+        values = self._call_values
+        if values.per_call:
+            with values.lock:
+                values.before_call()
+                results = self._program(**feeds)
+                values.after_call()
+        else:
+            results = self._program(**feeds)
         return results[0] if self._single else results
+
+    @property
+    def seed(self) -> int:
+        """The seed of the random masks (dropout); `calls` says how many calls drew them so far."""
+        return self._call_values.seed
+
+    @property
+    def calls(self) -> int:
+        return self._call_values.calls
 
     @functools.cached_property
     def _spec(self) -> ProgramSpec:
@@ -204,9 +224,9 @@ class CompiledTrainingStep(CompiledFunction):
     """One native call: forward, backward and the optimizer's update. Returns the loss (a float)
     and updates the bound param arrays in place."""
 
-    def __init__(self, program: rt.Program, plan: Plan, single: bool):
-        super().__init__(program, plan, single)
-        if program.keyword_call_scalar is not None:
+    def __init__(self, program: rt.Program, plan: Plan, single: bool, call_values: CallValues):
+        super().__init__(program, plan, single, call_values)
+        if program.keyword_call_scalar is not None and not call_values.per_call:
             # A class of its own whose __call__ is the program's: step(x=..., y=...) binds the
             # arrays straight to its parameters, without the method below's frame and dict of
             # keywords (see runtime/program.py's _keyword_call_scalar).
@@ -216,22 +236,108 @@ class CompiledTrainingStep(CompiledFunction):
 
     def __call__(self, /, **feeds) -> float:
         # The loss is the program's only output: read straight from a reused buffer.
-        return self._program.call_scalar(feeds)
+        values = self._call_values
+        if not values.per_call:
+            return self._program.call_scalar(feeds)
+        with values.lock:
+            values.before_call()
+            loss = self._program.call_scalar(feeds)
+            values.after_call()
+        return loss
+
+    @property
+    def lr(self) -> float:
+        """The learning rate; setting it takes effect at the next call, without recompiling."""
+        return self._call_values.lr
+
+    @lr.setter
+    def lr(self, value) -> None:
+        self._call_values.lr = value
+
+    @property
+    def optimizer_steps(self) -> int:
+        """Updates made since the optimizer's state was last zeroed (Adam's step count)."""
+        return self._call_values.optimizer_steps
 
     @property
     def state(self):
-        """The optimizer's state buffers (momentum), by name."""
-        return self._program.state
+        """The optimizer's state buffers (momentum, Adam's moments), by name."""
+        hidden = self._hidden_state_names
+        return MappingProxyType({name: array for name, array in self._program.state.items() if name not in hidden})
+
+    @functools.cached_property
+    def _hidden_state_names(self) -> frozenset:
+        return frozenset(self._plan.hidden_state)
 
     def reset_state(self) -> None:
-        """Zero the optimizer's state (momentum buffers)."""
-        self._program.reset_state()
+        """Zero the optimizer's state (momentum buffers, Adam's moments and step count)."""
+        with self._call_values.lock:
+            self._program.reset_state()
+            self._call_values.reset_optimizer()
+
+    def state_dict(self) -> dict[str, np.ndarray]:
+        """Everything a resumed run needs to continue bit for bit, as float32 arrays by name
+        (for `gc.save_params`): the params and buffers, the optimizer's state under
+        "optimizer:<name>", and the call and step counters."""
+        with self._call_values.lock:
+            values = {name: np.array(array) for name, array in self.params.items()}
+            values.update({f"{OPTIMIZER_PREFIX}{name}": np.array(array) for name, array in self.state.items()})
+            for name, count in self._call_values.counters().items():
+                values[f"{COUNTER_PREFIX}{name}"] = _count_as_float32(count)
+        return values
+
+    def load_state_dict(self, values: Mapping[str, np.ndarray]) -> None:
+        """Restore what `state_dict` gave (e.g. `gc.load_params(path)`): every name must match."""
+        if not isinstance(values, Mapping):
+            raise TypeError(f"load_state_dict needs a mapping of names to arrays, got {type(values).__name__}")
+        state = self.state
+        expected_counters = {f"{COUNTER_PREFIX}{name}" for name in self._call_values.counters()}
+        optimizer = {name[len(OPTIMIZER_PREFIX):]: value for name, value in values.items()
+                     if name.startswith(OPTIMIZER_PREFIX)}
+        counters = {name: value for name, value in values.items() if name in expected_counters}
+        params = {name: value for name, value in values.items()
+                  if not name.startswith(OPTIMIZER_PREFIX) and name not in expected_counters}
+        problems = [f"missing optimizer state {name!r}" for name in state if name not in optimizer]
+        problems += [f"unexpected optimizer state {name!r}" for name in optimizer if name not in state]
+        problems += [f"missing counter {name!r}" for name in sorted(expected_counters - set(counters))]
+        for name, value in optimizer.items():
+            array = np.asarray(value)
+            if name in state and array.shape != state[name].shape:
+                problems.append(f"optimizer state {name!r} must have shape {state[name].shape}, got {array.shape}")
+        if problems:
+            raise ValueError("load_state_dict: " + "; ".join(problems))
+        counts = {name[len(COUNTER_PREFIX):]: _count_from_float32(name, value) for name, value in counters.items()}
+        with self._call_values.lock:
+            self._program.load_params(params, strict=True)
+            for name, value in optimizer.items():
+                np.copyto(state[name], np.asarray(value), casting="same_kind")
+            self._call_values.restore(**counts)
 
 
-def compile(outputs, params: Mapping[str, np.ndarray]) -> CompiledFunction:  # noqa: A001 (the API's name)
+OPTIMIZER_PREFIX = "optimizer:"
+COUNTER_PREFIX = "counter:"
+
+
+def _count_as_float32(count: int) -> np.ndarray:
+    """A count as float32 values that hold it exactly: its 16-bit digits, least significant first."""
+    digits = [(count >> shift) & 0xFFFF for shift in range(0, 64, 16)]
+    return np.array(digits, dtype=np.float32)
+
+
+def _count_from_float32(name: str, value) -> int:
+    digits = np.asarray(value)
+    if digits.shape != (4,) or not np.all((digits >= 0) & (digits < 2 ** 16) & (digits == np.floor(digits))):
+        raise ValueError(f"load_state_dict: counter {name!r} must be four 16-bit digits, got {value!r}")
+    return sum(int(d) << (16 * i) for i, d in enumerate(digits))
+
+
+def compile(outputs, params: Mapping[str, np.ndarray], seed: int = 0) -> CompiledFunction:  # noqa: A001
     """Native code computing `outputs` (a Tensor or a list of them) from the graph's inputs.
 
-    The arrays of `params` are bound without copy: later calls see their current values.
+    The arrays of `params` are bound without copy: later calls see their current values. Buffers
+    the outputs' ops update (batch norm's running statistics) are updated in place at every
+    call. Random masks (dropout) are drawn from `seed`: call 0's masks first, new ones at every
+    call.
     """
     single = isinstance(outputs, Tensor)
     outputs = [outputs] if single else list(outputs)
@@ -240,34 +346,54 @@ def compile(outputs, params: Mapping[str, np.ndarray]) -> CompiledFunction:  # n
     for out in outputs:
         if not isinstance(out, Tensor):
             raise TypeError(f"compile: outputs must be graphc Tensors, got {type(out).__name__}")
-    _check_params(outputs, params)
-    names = _unclaimed_names(outputs[0].graph, [f"output{i}" for i in range(len(outputs))])
-    return _build(CompiledFunction, outputs, params, output_names=names, single=single)
+    seed = _checked_seed(seed, "compile")
+    graph = outputs[0].graph
+    updates = graph.buffer_updates_for(outputs)
+    writes = [update.value for update in updates]
+    _check_params(outputs + writes, params)
+    names = _unclaimed_names(graph, [f"output{i}" for i in range(len(outputs))])
+    return _build(CompiledFunction, outputs + writes, params, output_names=names, single=single,
+                  inplace=[update.buffer.name for update in updates], seed=seed)
 
 
-def compile_training_step(loss: Tensor, params: Mapping[str, np.ndarray], optimizer) -> CompiledTrainingStep:
+def compile_training_step(loss: Tensor, params: Mapping[str, np.ndarray], optimizer,
+                          seed: int = 0) -> CompiledTrainingStep:
     """Native code for one training step of `loss` w.r.t. every param in `params` it depends on.
 
     The gradient graph and the updates are built on a copy of the loss's graph: the user's
-    graph is left as it was.
+    graph is left as it was. Buffers are updated by their ops, never by the optimizer; dropout
+    masks are drawn from `seed`, new ones at every call.
     """
     from graphc.core.autodiff import grad
+    from graphc.core.optim import Optimizer
     from graphc.transforms.rebuild import rebuild
 
     if not isinstance(loss, Tensor) or loss.size != 1:
         raise ValueError(f"compile_training_step: the loss must be a scalar Tensor, got {loss!r}")
-    if not hasattr(optimizer, "updates"):
-        raise TypeError(f"compile_training_step: expected an optimizer such as gc.SGD, got {optimizer!r}")
-    _check_params([loss], params)
-    graph, (train_loss,) = rebuild(loss.graph, [loss])
+    if not isinstance(optimizer, Optimizer):
+        raise TypeError(f"compile_training_step: expected an optimizer such as gc.SGD or gc.Adam, got {optimizer!r}")
+    seed = _checked_seed(seed, "compile_training_step")
+    buffer_updates = loss.graph.buffer_updates_for([loss])
+    _check_params([loss] + [update.value for update in buffer_updates], params)
+    graph, (train_loss, *buffer_values) = rebuild(loss.graph, [loss] + [update.value for update in buffer_updates])
     used = {node.id for node in graph.ancestors([train_loss])}
     trainable = [graph.params[name] for name in params if name in graph.params and graph.params[name].id in used]
     grads = grad(train_loss, trainable)
     optimizer_graph = _OptimizerGraph(graph)
-    writes, state_names = optimizer.updates(optimizer_graph, trainable, grads)
+    writes, state_names = optimizer.updates(optimizer_graph, trainable, grads, hyper=optimizer_graph.hyper)
+    writes += [(update.buffer.name, value) for update, value in zip(buffer_updates, buffer_values)]
     return _build(CompiledTrainingStep, [train_loss] + [value for _, value in writes], params,
                   output_names=_unclaimed_names(graph, ["loss"]), inplace=[name for name, _ in writes],
-                  state_names=state_names, state_names_for_caller=optimizer_graph.names_for_caller())
+                  state_names=list(state_names) + list(optimizer_graph.hyper_names.values()),
+                  state_names_for_caller=optimizer_graph.names_for_caller(),
+                  seed=seed, optimizer=optimizer, hyper_slots=optimizer_graph.hyper_names)
+
+
+def _checked_seed(seed, where: str) -> int:
+    seed = as_int(seed, f"{where}: seed")
+    if not 0 <= seed < 2 ** 32:
+        raise ValueError(f"{where}: seed must lie in [0, 2**32), got {seed}")
+    return seed
 
 
 class _OptimizerGraph:
@@ -282,12 +408,22 @@ class _OptimizerGraph:
     def __init__(self, graph):
         self._graph = graph
         self._asked_for: dict[str, str] = {}     # graph name -> name the optimizer asked for
+        self.hyper_names: dict[str, str] = {}    # hyperparameter -> its slot's graph name
+        self._hyper_nodes: dict[str, Tensor] = {}
 
     def param(self, name, *args, **kwargs):
         graph_name = _unclaimed_names(self._graph, [name])[0]
         node = self._graph.param(graph_name, *args, **kwargs)
         self._asked_for[graph_name] = name
         return node
+
+    def hyper(self, name: str):
+        """The (1,)-shaped slot of hyperparameter `name`, written before calls (call_values.py)."""
+        if name not in self.hyper_names:
+            node = self.param(f"optim:{name}", (1,))
+            self.hyper_names[name] = node.name
+            self._hyper_nodes[name] = node
+        return self._hyper_nodes[name]
 
     def __getattr__(self, attribute):
         return getattr(self._graph, attribute)
@@ -305,7 +441,7 @@ def _unclaimed_names(graph, names: list[str]) -> list[str]:
     name#1, name#2, ... it has not: the compiler's own names never take a user's."""
     def unclaimed(name):
         candidate, k = name, 0
-        while candidate in graph.inputs or candidate in graph.params:
+        while graph.has_name(candidate):
             k += 1
             candidate = f"{name}#{k}"
         return candidate
@@ -313,13 +449,17 @@ def _unclaimed_names(graph, names: list[str]) -> list[str]:
 
 
 def _build(cls, outputs, params, *, output_names, single=False, inplace=(), state_names=(),
-           state_names_for_caller=None):
+           state_names_for_caller=None, seed=0, optimizer=None, hyper_slots=None):
     """Load the program from the cache or optimize, assemble and compile it; bind params.
 
     The first len(output_names) outputs are returned to the caller; each further one is written
     in place into the param (or state buffer) named by the matching entry of `inplace`.
     `state_names_for_caller` renames State slots (graph name -> the name step.state shows).
     """
+    graph = outputs[0].graph
+    random_key = graph.random_key.name if graph.random_key is not None else None
+    hidden_state = set((hyper_slots or {}).values()) | ({random_key} if random_key else set())
+    state_names = list(state_names) + ([random_key] if random_key else [])
     threads = rt.get_num_threads()
     # The costs decide the program's thread count, so they are part of its cache key.
     request = dict(output_names=list(output_names), inplace=list(inplace), state_names=sorted(state_names),
@@ -334,10 +474,14 @@ def _build(cls, outputs, params, *, output_names, single=False, inplace=(), stat
         library = rt.NativeLibrary(compiled.objects)
     else:
         plan = Plan(outputs, request, compiled.max_threads)
-    slots = _renamed_state_slots(compiled.slots, state_names_for_caller or {})
+    renames = state_names_for_caller or {}
+    plan.hidden_state = {renames.get(name, name) for name in hidden_state}
+    slots = _renamed_state_slots(compiled.slots, renames)
     program = rt.Program(library, ENTRY_NAME, slots, params,
-                         max_threads=compiled.max_threads, ignored_inputs=outputs[0].graph.inputs)
-    return cls(program, plan, single)
+                         max_threads=compiled.max_threads, ignored_inputs=graph.inputs)
+    call_values = CallValues(program.state, seed=seed, random_key_slot=random_key, optimizer=optimizer,
+                             hyper_slots={name: renames.get(slot, slot) for name, slot in (hyper_slots or {}).items()})
+    return cls(program, plan, single, call_values)
 
 
 def _renamed_state_slots(slots, names: dict[str, str]) -> list:
@@ -374,6 +518,7 @@ def object_code(llvm_ir: str) -> list[bytes]:
 
 def _check_params(outputs, params):
     graph = outputs[0].graph
-    missing = [node.name for node in graph.ancestors(outputs) if node.op == "param" and node.name not in params]
+    missing = [node.name for node in graph.ancestors(outputs)
+               if node.op == "param" and node is not graph.random_key and node.name not in params]
     if missing:
-        raise ValueError(f"compile: the outputs depend on params {missing}, which are not in `params`")
+        raise ValueError(f"compile: the outputs depend on params or buffers {missing}, which are not in `params`")

@@ -53,7 +53,8 @@ def plan_steps(graph, outputs: list[Tensor]) -> list[Step]:
             if rule.bias_epilogue:
                 epilogue = _bias_epilogue(node, consumers, rule.bias_epilogue)
             if epilogue is None and rule.elementwise_epilogue:
-                epilogue = _elementwise_epilogue(node, consumers, rule.epilogue_allowed)
+                epilogue = _elementwise_epilogue(node, consumers, rule.epilogue_allowed,
+                                                 rule.scalar_epilogue_operands)
             if epilogue is not None and epilogue.node.id in absorbed:
                 epilogue = None  # a sum of two products: the other product already took it
         if epilogue is not None:
@@ -77,16 +78,17 @@ def _folded_into_consumers(node: Tensor, consumers: _Consumers) -> bool:
 MAX_EPILOGUE_OPERANDS = 4
 
 
-def _elementwise_epilogue(producer: Tensor, consumers: _Consumers, allowed) -> Epilogue | None:
+def _elementwise_epilogue(producer: Tensor, consumers: _Consumers, allowed, scalars: bool) -> Epilogue | None:
     """An elementwise consumer whose other operands all have the producer's shape (the SGD
-    update of a weight from its gradient, ReLU's backward after an input gradient, ...), if the
-    producer's kernel family `allowed` it."""
+    update of a weight from its gradient, ReLU's backward after an input gradient, ...), or
+    one element if the family reads `scalars`, if the producer's kernel family `allowed` it."""
     user = consumers.only(producer)
     if user is None or user.op != "ew" or user.shape != producer.shape:
         return None
     others = [t for t in user.inputs if t is not producer]
     if (len(others) > MAX_EPILOGUE_OPERANDS
-            or any(t.shape != producer.shape or t.dtype != "float32" for t in others)):
+            or any(not (t.shape == producer.shape or scalars and t.size == 1) or t.dtype != "float32"
+                   for t in others)):
         return None
     if allowed is not None and not allowed(producer, others):
         return None

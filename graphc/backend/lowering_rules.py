@@ -49,6 +49,8 @@ class Lowering:
         channel of an (N, C, H, W) result): absorbs `result + bias` and `relu(result + bias)`.
     elementwise_epilogue: absorbs an elementwise consumer whose other operands have the
         result's shape, if `epilogue_allowed(node, others)` agrees.
+    scalar_epilogue_operands: the elementwise epilogue may also read operands of one element
+        (a learning rate set between calls), broadcast to every element.
     folds_operand: an operand layout (a node) the kernel reads in place instead of a copy.
     label_range: (the integer input node, its class count) for inputs the kernel indexes by;
         the runtime checks them before native code runs.
@@ -58,6 +60,7 @@ class Lowering:
     bias_epilogue: str | None = None
     elementwise_epilogue: bool = False
     epilogue_allowed: Callable[[Tensor, list[Tensor]], bool] | None = None
+    scalar_epilogue_operands: bool = False
     folds_operand: Callable[[Tensor], bool] | None = None
     label_range: Callable[[Tensor], tuple[Tensor, int]] | None = None
 

@@ -88,5 +88,8 @@ def _validate(y, xs, seed):
             raise TypeError(f"grad: can only differentiate w.r.t. graphc Tensors, got {type(x).__name__}")
         if x.graph is not y.graph:
             raise ValueError(f"grad: {x!r} belongs to another graph than the output")
+        if x.op == "param" and x.graph.buffers.get(x.name) is x:
+            raise ValueError(f"grad: {x.name!r} is a buffer (non-trainable state updated by its op), "
+                             f"not a param; buffers take no gradient")
         if x.dtype not in FLOAT_DTYPES:
             raise ValueError(f"grad: {x!r} is {x.dtype}; only float tensors have gradients")

@@ -262,6 +262,13 @@ class Graph:
         self.nodes: list[Tensor] = []
         self.inputs: dict[str, Tensor] = {}
         self.params: dict[str, Tensor] = {}
+        self.buffers: dict[str, Tensor] = {}
+        # name -> the constant a param or buffer starts at (`init=`); others follow init_params' rule
+        self.initial_values: dict[str, float] = {}
+        # In-place writes of buffers by the ops that own them (batch norm's running statistics)
+        self.buffer_updates: list[BufferUpdate] = []
+        # The source of every random mask: [seed, call index], supplied by whoever runs the graph
+        self.random_key: Tensor | None = None
         self._grad_of_stack: list[Tensor] = []
 
     # ---- declaring sources -------------------------------------------------------------
@@ -269,9 +276,71 @@ class Graph:
         """A value fed at every call (a minibatch, its labels)."""
         return self._source("input", self.inputs, name, shape, dtype)
 
-    def param(self, name: str, shape, dtype="float32") -> Tensor:
-        """A trainable parameter; its values live outside the graph (see `gc.init_params`)."""
-        return self._source("param", self.params, name, shape, dtype)
+    def param(self, name: str, shape, dtype="float32", init=None) -> Tensor:
+        """A trainable parameter; its values live outside the graph (see `gc.init_params`).
+
+        `init`: None for init_params' rule (He-normal, zeros for 1-D), or a float to fill with."""
+        node = self._source("param", self.params, name, shape, dtype)
+        self._record_initial_value(node, init)
+        return node
+
+    def buffer(self, name: str, shape, init=0.0) -> Tensor:
+        """Non-trainable float32 state (batch norm's running statistics), updated in place by
+        the op that owns it; held with the params, by name (see `gc.init_params`)."""
+        node = self._source("param", self.buffers, name, shape, "float32", kind="buffer")
+        self._record_initial_value(node, as_finite_float(init, f"buffer {name!r}: init"))
+        return node
+
+    def bound_sources(self) -> dict[str, Tensor]:
+        """Every source bound from outside rather than fed: params, buffers, the random key."""
+        key = {self.random_key.name: self.random_key} if self.random_key is not None else {}
+        return {**self.params, **self.buffers, **key}
+
+    def has_name(self, name: str) -> bool:
+        return name in self.inputs or name in self.params or name in self.buffers or (
+            self.random_key is not None and name == self.random_key.name)
+
+    def random_key_node(self) -> Tensor:
+        """The graph's random key: int32 [seed, call index], one per graph, made on first use."""
+        if self.random_key is None:
+            name = "rng:key"
+            while self.has_name(name):
+                name += "'"
+            self.random_key = self.add_node("param", [], {}, (2,), "int32", name=name, site="<graphc>")
+        return self.random_key
+
+    def update_buffer(self, buffer: Tensor, value: Tensor, owner: Tensor) -> None:
+        """Record that evaluating `owner` writes `value` into `buffer` (as torch's in-place update)."""
+        if buffer.graph is not self or buffer.op != "param" or self.buffers.get(buffer.name) is not buffer:
+            raise ValueError(at_user_line(f"{buffer!r} is not a buffer of graph {self.name!r}"))
+        if value.shape != buffer.shape or value.dtype != buffer.dtype:
+            raise ShapeError(at_user_line(f"the update of buffer {buffer.name!r} {buffer.dtype}{list(buffer.shape)} "
+                                          f"has shape {value.shape} {value.dtype}"))
+        self.buffer_updates.append(BufferUpdate(owner, buffer, value))
+
+    def buffer_updates_for(self, outputs: Iterable[Tensor]) -> list["BufferUpdate"]:
+        """The buffer writes that computing `outputs` makes: those whose owner they depend on.
+
+        Two owners updating one buffer in one evaluation would leave it to the order of the
+        writes: refused, naming both."""
+        needed = {node.id for node in self.ancestors(outputs)}
+        updates = [u for u in self.buffer_updates if u.owner.id in needed]
+        writers: dict[str, BufferUpdate] = {}
+        for update in updates:
+            earlier = writers.setdefault(update.buffer.name, update)
+            if earlier is not update:
+                raise ValueError(f"buffer {update.buffer.name!r} would be updated twice by one evaluation: "
+                                 f"by %{earlier.owner.id} {earlier.owner.op} (at {earlier.owner.site}) and by "
+                                 f"%{update.owner.id} {update.owner.op} (at {update.owner.site})")
+        return updates
+
+    def _record_initial_value(self, node: Tensor, init) -> None:
+        if init is None:
+            return
+        init = as_finite_float(init, f"{node.op} {node.name!r}: init")
+        if node.dtype not in FLOAT_DTYPES:
+            raise ValueError(at_user_line(f"{node.op} {node.name!r}: init= needs a float tensor, not {node.dtype}"))
+        self.initial_values[node.name] = init
 
     def constant(self, value, dtype=None, name: str | None = None) -> Tensor:
         """A fixed array baked into the graph (e.g. a fixed filter bank)."""
@@ -280,14 +349,15 @@ class Graph:
         shape = normalize_shape(array.shape, what)
         return self.add_node("constant", [], {"value": ConstArray(array)}, shape, array.dtype.name, name=name)
 
-    def _source(self, op, table, name, shape, dtype) -> Tensor:
+    def _source(self, op, table, name, shape, dtype, kind=None) -> Tensor:
+        kind = kind or op
         if not isinstance(name, str):
-            raise TypeError(at_user_line(f"{op} name must be a string, got {name!r}"))
+            raise TypeError(at_user_line(f"{kind} name must be a string, got {name!r}"))
         if not name:
-            raise ValueError(at_user_line(f"{op} name must be a non-empty string, got {name!r}"))
-        if name in self.inputs or name in self.params:
-            raise ValueError(at_user_line(f"graph {self.name!r} already has an input or param named {name!r}"))
-        what = f"{op} {name!r}"
+            raise ValueError(at_user_line(f"{kind} name must be a non-empty string, got {name!r}"))
+        if self.has_name(name):
+            raise ValueError(at_user_line(f"graph {self.name!r} already has an input, param or buffer named {name!r}"))
+        what = f"{kind} {name!r}"
         node = self.add_node(op, [], {}, normalize_shape(shape, what), normalize_dtype(dtype, what), name=name)
         table[name] = node
         return node
@@ -337,12 +407,26 @@ class Graph:
         return listing(self)
 
     def __repr__(self) -> str:
-        return f"<Graph {self.name!r}: {len(self.nodes)} nodes, {len(self.inputs)} inputs, {len(self.params)} params>"
+        buffers = f", {len(self.buffers)} buffers" if self.buffers else ""
+        return (f"<Graph {self.name!r}: {len(self.nodes)} nodes, {len(self.inputs)} inputs, "
+                f"{len(self.params)} params{buffers}>")
 
     def to_dot(self, outputs: Iterable[Tensor] | None = None) -> str:
         """Graphviz DOT text; backward nodes are drawn distinctly from forward ones."""
         from graphc.core.display import to_dot
         return to_dot(self, outputs)
+
+
+class BufferUpdate:
+    """`value` is written into `buffer` whenever `owner` is evaluated."""
+
+    __slots__ = ("owner", "buffer", "value")
+
+    def __init__(self, owner: Tensor, buffer: Tensor, value: Tensor):
+        self.owner, self.buffer, self.value = owner, buffer, value
+
+    def __repr__(self):
+        return f"<BufferUpdate {self.buffer.name!r} <- %{self.value.id} by %{self.owner.id} {self.owner.op}>"
 
 
 def check_same_graph(op: str, tensors: list[Tensor]) -> Graph:

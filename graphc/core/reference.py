@@ -9,12 +9,18 @@ from typing import Mapping
 
 import numpy as np
 
-from graphc.core.ir import Graph, Tensor
+from graphc.core.ir import Graph, Tensor, as_int
 from graphc.core.ops.registry import OPS
 
 
-def evaluate(outputs, feeds: Mapping[str, object], params: Mapping[str, np.ndarray] | None = None, dtype=None):
-    """Values of `outputs` (a Tensor or a list of them) for the given inputs and param values."""
+def evaluate(outputs, feeds: Mapping[str, object], params: Mapping[str, np.ndarray] | None = None, dtype=None,
+             seed: int = 0):
+    """Values of `outputs` (a Tensor or a list of them) for the given inputs and param values.
+
+    `params` holds the params and buffers. Buffers the outputs' ops update (batch norm's running
+    statistics in training mode) are updated in place in `params`, as torch does. Random masks
+    (dropout) are those of call 0 for `seed`, as a compiled function's first call.
+    """
     single = isinstance(outputs, Tensor)
     outputs = [outputs] if single else list(outputs)
     if not outputs:
@@ -30,13 +36,18 @@ def evaluate(outputs, feeds: Mapping[str, object], params: Mapping[str, np.ndarr
         raise ValueError(f"evaluate: {unknown} are not inputs of graph {graph.name!r} "
                          f"(its inputs: {sorted(graph.inputs)})")
 
+    updates = graph.buffer_updates_for(outputs)
+    key = random_key(seed, call=0)
     values: dict[int, np.ndarray] = {}
-    for node in graph.ancestors(outputs):
+    for node in graph.ancestors(outputs + [update.value for update in updates]):
         float_dtype = forced or (np.dtype(node.dtype) if node.dtype.startswith("float") else np.dtype("float32"))
         if node.op == "input":
             values[node.id] = bind_value(node, feeds, "input", float_dtype)
+        elif node is graph.random_key:
+            values[node.id] = key
         elif node.op == "param":
-            values[node.id] = bind_value(node, params, "param", float_dtype)
+            kind = "buffer" if node.name in graph.buffers else "param"
+            values[node.id] = bind_value(node, params, kind, float_dtype)
         else:
             args = [values[operand.id] for operand in node.inputs]
             result = np.asarray(OPS[node.op].reference(args, node.attrs, node, float_dtype))
@@ -44,7 +55,27 @@ def evaluate(outputs, feeds: Mapping[str, object], params: Mapping[str, np.ndarr
                 result = result.astype(float_dtype)
             values[node.id] = result
     results = [np.array(values[out.id], copy=True) for out in outputs]
+    _write_buffers(updates, values, params)
     return results[0] if single else results
+
+
+def random_key(seed, call: int) -> np.ndarray:
+    """The random key a graph's masks are drawn with: int32 [seed, call], each read as uint32."""
+    seed = as_int(seed, "seed")
+    if not 0 <= seed < 2 ** 32:
+        raise ValueError(f"seed must lie in [0, 2**32), got {seed}")
+    return np.array([seed, call % 2 ** 32], dtype=np.uint32).view(np.int32)
+
+
+def _write_buffers(updates, values, params) -> None:
+    """Copy each updated buffer's new value into the caller's array, in place."""
+    for update in updates:   # all checked before any is written
+        target = params[update.buffer.name]
+        if not isinstance(target, np.ndarray) or not target.flags.writeable:
+            raise ValueError(f"buffer {update.buffer.name!r} is updated by %{update.owner.id} {update.owner.op} "
+                             f"(at {update.owner.site}), so it must be a writeable numpy array")
+    for update in updates:
+        np.copyto(params[update.buffer.name], values[update.value.id], casting="unsafe")
 
 
 def bind_value(node: Tensor, table: Mapping[str, object], kind: str, float_dtype) -> np.ndarray:

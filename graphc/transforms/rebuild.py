@@ -131,6 +131,7 @@ class _Copy:
             elif node.id in needed:
                 self._visit(node)
         self._link_gradients()
+        self._carry_buffer_updates()
         return [self.value_of(out) for out in outputs]
 
     def value_of(self, old: Tensor) -> Tensor:
@@ -148,9 +149,24 @@ class _Copy:
         return OPS[node.op].apply(operands, site=node.site, name=node.name, **node.attrs)
 
     def _declare(self, node: Tensor):
-        declare = self.new.input if node.op == "input" else self.new.param
-        self.values[node.id] = new = declare(node.name, node.shape, node.dtype)
+        old, name = self.old, node.name
+        if node.op == "input":
+            new = self.new.input(name, node.shape, node.dtype)
+        elif node is old.random_key:
+            new = self.new.random_key_node()
+        elif name in old.buffers:
+            new = self.new.buffer(name, node.shape, init=old.initial_values.get(name, 0.0))
+        else:
+            new = self.new.param(name, node.shape, node.dtype, init=old.initial_values.get(name))
+        self.values[node.id] = new
         new.site = node.site
+
+    def _carry_buffer_updates(self):
+        """The old graph's buffer updates whose owner and value both have a stand-in here."""
+        for update in self.old.buffer_updates:
+            owner, value = self.values.get(update.owner.id), self.values.get(update.value.id)
+            if isinstance(owner, Tensor) and isinstance(value, Tensor):
+                self.new.update_buffer(self.values[update.buffer.id], value, owner)
 
     def _visit(self, node: Tensor):
         first_new_id = len(self.new.nodes)

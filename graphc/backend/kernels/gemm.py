@@ -276,12 +276,13 @@ def emit_gemm(module: ir.Module, name: str, M: int, N: int, K: int, *,
               trans_a: bool = False, trans_b: bool = False,
               accumulate: bool = False, bias: str | None = None,
               relu: bool = False, plan: GemmPlan | DotPlan | None = None,
-              epilogue=None, epilogue_operands: int = 0) -> ir.Function:
+              epilogue=None, epilogue_operands: int = 0, scalar_operands: tuple[bool, ...] = ()) -> ir.Function:
     """Add `void name(A, B, C, bias, workspace, tid, nthreads, E_1..E_k)` to `module`.
 
     `epilogue` (a sympy expression over x0 = the result after bias and relu, and x1..xk = the
     k = `epilogue_operands` matrices E_1..E_k, each (M, N) row-major) replaces every element of
-    C by its value before C is stored: an elementwise consumer fused into the GEMM. E_i may be
+    C by its value before C is stored: an elementwise consumer fused into the GEMM. E_i is one
+    float, broadcast, where `scalar_operands[i - 1]` is true (a learning rate). E_i may be
     C itself (an in-place update) only when the plan has one K block (`plan.k_blocks == 1`):
     with several, C holds partial sums before the last one.
 
@@ -302,7 +303,8 @@ def emit_gemm(module: ir.Module, name: str, M: int, N: int, K: int, *,
         raise ValueError("a plan that packs A needs A stored (K, M)")
     emitter = _GemmEmitter(module, name, plan, trans_a=trans_a, trans_b=trans_b,
                            accumulate=accumulate, bias=bias, relu=relu,
-                           epilogue=epilogue, epilogue_operands=epilogue_operands)
+                           epilogue=epilogue, epilogue_operands=epilogue_operands,
+                           scalar_operands=scalar_operands)
     if isinstance(plan, DotPlan):
         return DotEmitter(emitter, plan).emit()
     return emitter.emit()
@@ -333,7 +335,7 @@ class _GemmEmitter:
     (panel packers and one micro-kernel per tile shape actually needed)."""
 
     def __init__(self, module, name, plan, *, trans_a, trans_b, accumulate,
-                 bias, relu, epilogue=None, epilogue_operands=0):
+                 bias, relu, epilogue=None, epilogue_operands=0, scalar_operands=()):
         self.module = module
         self.name = name
         self.plan = plan
@@ -344,6 +346,9 @@ class _GemmEmitter:
         self.relu = relu
         self.epilogue = epilogue
         self.extras = epilogue_operands
+        self.scalar_extras = tuple(scalar_operands) or (False,) * epilogue_operands
+        if len(self.scalar_extras) != epilogue_operands:
+            raise ValueError("scalar_operands must have one flag per epilogue operand")
 
     # ------------------------------------------------------------ driver
     def driver_function(self):
@@ -495,7 +500,7 @@ class _GemmEmitter:
         else:
             bias_tile = ops.bias  # may be null; never read
         c_offset = kb.add(kb.mul(i0, p.N), j0)
-        extra_tiles = [kb.gep(extra, c_offset) for extra in ops.extras]
+        extra_tiles = self.offset_extras(kb, ops.extras, c_offset)
         kb.b.call(kernel, [a_tile, ops.panel, c_tile, bias_tile, block.kc, block.load_c,
                            block.is_last, kb.i64(lda), kb.i64(p.N), panel_stride] + extra_tiles)
 
@@ -631,7 +636,7 @@ class _GemmEmitter:
         masks = [None if count == width else kb.lane_mask(count) for count in lanes]
         # Row r of the C tile, and of each epilogue operand's tile.
         c_rows = [kb.gep(c, kb.mul(r, ldc)) for r in range(rows)]
-        extra_rows = [[kb.gep(e, kb.mul(r, ldc)) for e in fn.args[10:]] for r in range(rows)]
+        extra_rows = [self.offset_extras(kb, fn.args[10:], kb.mul(r, ldc)) for r in range(rows)]
 
         tile = list(itertools.product(range(rows), range(vecs)))  # (r, v) pairs
 
@@ -639,8 +644,9 @@ class _GemmEmitter:
         # or a saved activation is often in L3 or memory by then: fetched now, it arrives while
         # the tile computes instead of stalling the tile's end.
         for row in extra_rows:
-            for operand_row in row:
-                self.prefetch_row(kb, operand_row, cols)
+            for operand_row, scalar in zip(row, self.scalar_extras):
+                if not scalar:
+                    self.prefetch_row(kb, operand_row, cols)
 
         # acc[r, v]: the accumulator of row r, vector v, kept in registers.
         acc = {rv: kb.variable(kb.splat(0.0)) for rv in tile}
@@ -675,7 +681,11 @@ class _GemmEmitter:
     def epilogue_key(self) -> tuple:
         """Everything the epilogue's code depends on (part of every helper's name)."""
         return (self.bias, self.relu, None if self.epilogue is None else sympy.srepr(self.epilogue),
-                self.extras)
+                self.extras, self.scalar_extras)
+
+    def offset_extras(self, kb, extras, offset):
+        """The epilogue operands' pointers moved to element `offset` of C; a scalar stays put."""
+        return [e if scalar else kb.gep(e, offset) for e, scalar in zip(extras, self.scalar_extras)]
 
     def apply_epilogue(self, kb, value, bias, r, v, mask, extra_rows):
         """bias, relu, then the elementwise epilogue on the accumulator of row r, vector v;
@@ -687,7 +697,8 @@ class _GemmEmitter:
         if self.relu:
             value = kb.relu(value)
         if self.epilogue is not None:
-            operands = [value] + [self.load_masked(kb, e, v * kb.width, mask) for e in extra_rows]
+            operands = [value] + [kb.splat(kb.load(e, 0)) if scalar else self.load_masked(kb, e, v * kb.width, mask)
+                                  for e, scalar in zip(extra_rows, self.scalar_extras)]
             value = ExprEmitter(kb, operands).emit_all([self.epilogue])[0]
         return value
 
@@ -736,7 +747,7 @@ def epilogue_allowed(product, others) -> bool:
 
 
 @lowers("matmul", bias_epilogue="col", elementwise_epilogue=True, epilogue_allowed=epilogue_allowed,
-        folds_operand=is_2d_swap)
+        scalar_epilogue_operands=True, folds_operand=is_2d_swap)
 def lower_matmul(node, epilogue: Epilogue | None) -> Step:
     a, b = node.inputs
     trans_a, trans_b = is_2d_swap(a), is_2d_swap(b)
@@ -751,7 +762,8 @@ def lower_matmul(node, epilogue: Epilogue | None) -> Step:
     def build(module, name, threads):
         gemm = emit_gemm(module, f"{name}.gemm", M, N, K, trans_a=trans_a, trans_b=trans_b,
                          bias="col" if has_bias else None, relu=epilogue.relu,
-                         epilogue=epilogue.expr, epilogue_operands=len(epilogue.operands))
+                         epilogue=epilogue.expr, epilogue_operands=len(epilogue.operands),
+                         scalar_operands=tuple(t.size == 1 for t in epilogue.operands))
         gemm.linkage = "internal"
         fn, kb = phase_function(module, name, len(operands))
         out, ins, scratch, tid, nthreads = phase_args(fn)

@@ -164,7 +164,7 @@ class DotEmitter:
             bias_tile = bias  # may be null; never read
         kb.b.call(kernel, [kb.gep(a, kb.mul(i0, p.K)), kb.gep(b, kb.mul(j0, p.K)),
                            kb.gep(c, c_offset), bias_tile]
-                  + [kb.gep(extra, c_offset) for extra in extras])
+                  + g.offset_extras(kb, extras, c_offset))
 
     def _tile_function(self, rows: int, cols: int) -> ir.Function:
         """`tile(A_rows, B_rows, C_tile, bias_tile, E_tiles)`: C_tile[rows, cols] from the dot
@@ -202,7 +202,7 @@ class DotEmitter:
             c_row = kb.gep(c, r * p.N)
             if g.accumulate:
                 row = kb.fadd(row, g.load_masked(kb, c_row, 0, mask))
-            row = g.apply_epilogue(kb, row, bias, r, 0, mask, [kb.gep(e, r * p.N) for e in extras])
+            row = g.apply_epilogue(kb, row, bias, r, 0, mask, g.offset_extras(kb, extras, r * p.N))
             g.store_row(kb, row, c_row, 0, cols)
         kb.b.ret_void()
         return fn
