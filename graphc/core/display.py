@@ -14,18 +14,29 @@ def type_string(t: Tensor) -> str:
 def node_summary(node: Tensor) -> str:
     """`conv2d(%0, %1) stride=(1, 1) ...`, or `param conv1.w` for sources."""
     if node.op in ("input", "param"):
-        return f"{node.op} {node.name}"
+        return f"{source_kind(node)} {node.name}"
     operands = ", ".join(f"%{operand.id}" for operand in node.inputs)
     attrs = OPS[node.op].describe(node.attrs)
     named = f" '{node.name}'" if node.name else ""
     return f"{node.op}({operands}){named}" + (f" {attrs}" if attrs else "")
 
 
+def source_kind(node: Tensor) -> str:
+    """"input", "param", or for state the program keeps: "buffer" or "random key"."""
+    graph = node.graph
+    if node.op == "param" and graph.buffers.get(node.name) is node:
+        return "buffer"
+    if node is graph.random_key:
+        return "random key"
+    return node.op
+
+
 def listing(graph: Graph, nodes=None, groups: dict[int, str] | None = None) -> str:
     """One line per node. `groups` (node id -> kernel label) adds the kernel computing each node."""
     nodes = graph.nodes if nodes is None else list(nodes)
     backward = sum(node.is_backward for node in nodes)
-    lines = [f"graph {graph.name!r}: {len(graph.inputs)} inputs, {len(graph.params)} params, "
+    state = f"{len(graph.buffers)} buffers (state), " if graph.buffers else ""
+    lines = [f"graph {graph.name!r}: {len(graph.inputs)} inputs, {len(graph.params)} params, {state}"
              f"{len(nodes)} nodes ({len(nodes) - backward} forward, {backward} backward; "
              f"* marks a backward node, 'grad of %k' the forward node it serves)"]
     summaries = [node_summary(node) for node in nodes]
@@ -45,16 +56,24 @@ def _dot_escape(text: str) -> str:
 
 
 def to_dot(graph: Graph, outputs=None, groups: dict[int, str] | None = None) -> str:
-    """Graphviz DOT. Forward ops: white boxes; inputs yellow, params green; backward ops blue
+    """Graphviz DOT. Forward ops: white boxes; inputs yellow, params green, buffers (state)
+    lilac and dashed; backward ops blue
     and dashed, each labelled with the forward node whose gradient it computes. `groups`
     (node id -> kernel label) draws the nodes one kernel computes inside one box (a cluster)."""
-    nodes = graph.nodes if outputs is None else graph.ancestors(outputs)
+    if outputs is None:
+        nodes, updates = graph.nodes, graph.buffer_updates
+    else:
+        outputs = list(outputs)
+        updates = graph.buffer_updates_for(outputs)
+        nodes = graph.ancestors(outputs + [update.value for update in updates])
     lines = [f'digraph "{_dot_escape(graph.name)}" {{', "  rankdir=TB;",
              '  node [shape=box, style="rounded,filled", fillcolor=white, fontname="Helvetica", fontsize=10];']
     for node in nodes:
         label = [f"%{node.id} {node_summary(node)}", type_string(node)]
         if node.op == "input":
             style = 'shape=ellipse, fillcolor="#fff3b0"'
+        elif source_kind(node) in ("buffer", "random key"):
+            style = 'shape=ellipse, fillcolor="#e0d0f0", style="filled,dashed"'   # state, not trained
         elif node.op == "param":
             style = 'shape=ellipse, fillcolor="#c8f0c8"'
         elif node.is_backward:
@@ -73,6 +92,9 @@ def to_dot(graph: Graph, outputs=None, groups: dict[int, str] | None = None) -> 
             if operand.id in shown:
                 edge_style = ' [color="#1f4e9c"]' if node.is_backward else ""
                 lines.append(f"  n{operand.id} -> n{node.id}{edge_style};")
+    for update in updates:   # the in-place write of a buffer, closing a loop across calls
+        lines.append(f'  n{update.value.id} -> n{update.buffer.id} [style=dashed, color="#7040a0", '
+                     f'label="updates", constraint=false];')
     lines.append("}")
     return "\n".join(lines) + "\n"
 

@@ -37,11 +37,12 @@ def grad_check(loss: Tensor, params: Mapping[str, np.ndarray], feeds: Mapping[st
 
     Per parameter, checks the derivative along `directions` random ±1 directions (which touch
     every entry at once, as PyTensor's verify_grad does) and along `coordinates` single entries
-    (the largest-gradient ones first). Relative errors use a floor of 1e-3 of the parameter's
-    largest gradient entry, so entries whose gradient is ~0 do not report rounding noise.
+    (the largest-gradient ones first); buffers in `params` are only read. Relative errors use a
+    floor of 1e-3 of the parameter's largest gradient entry, so entries whose gradient is ~0 do
+    not report rounding noise.
     """
     graph = loss.graph
-    names = list(params)
+    names = [name for name in params if name not in graph.buffers]   # buffers are state: no gradient
     for name in names:
         if name not in graph.params:
             raise ValueError(f"grad_check: {name!r} is not a param of graph {graph.name!r}")
