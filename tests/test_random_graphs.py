@@ -13,12 +13,32 @@ import os
 import numpy as np
 import pytest
 import sympy
-from error_bounds import assert_compiled_matches_exact, bounded_values, worst_violation
+from error_bounds import (RULES, Bounded, _held, _moves_values, assert_compiled_matches_exact, bounded_values,
+                          worst_violation)
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 import graphc as gc
 from graphc.core.ops.elementwise import elementwise
+
+
+# Magnitude rules for the ops that only move values (error_bounds.py has none yet): a value's
+# bound travels with it; pad's constant is held exactly, or with one rounding.
+def _concat_bounds(node, operands, feeds, params):
+    axis = node.attrs["axis"]
+    return Bounded(np.concatenate([x.exact for x in operands], axis),
+                   np.concatenate([x.magnitude for x in operands], axis), max(x.depth for x in operands))
+
+
+def _pad_bounds(node, operands, feeds, params):
+    (x,), value = operands, node.attrs["value"]
+    magnitude = np.pad(x.magnitude, node.attrs["pad_width"], constant_values=abs(value))
+    return Bounded(np.pad(x.exact, node.attrs["pad_width"], constant_values=value), magnitude,
+                   max(x.depth, _held(np.float64(value)).depth))
+
+
+for _op, _rule in {"concat": _concat_bounds, "pad": _pad_bounds, "slice": _moves_values}.items():
+    RULES.setdefault(_op, _rule)
 
 
 class Builder:
@@ -34,12 +54,14 @@ class Builder:
 
     def dense_op(self, t):
         n, f = t.shape
-        choice = self.draw(st.sampled_from(["linear", "act", "bias", "scale", "sum", "softmax", "transpose_mm"]))
+        choice = self.draw(st.sampled_from(["linear", "act", "bias", "scale", "sum", "softmax", "transpose_mm",
+                                            "power", "concat", "pad"]))
         if choice == "linear":
             out = self.draw(st.integers(1, 9))
             return gc.linear(t, self.param((out, f)), self.param((out,)) if self.draw(st.booleans()) else None)
         if choice == "act":
-            act = self.draw(st.sampled_from([gc.relu, gc.sigmoid, gc.tanh, lambda v: gc.exp(v * 0.3), lambda v: -v]))
+            act = self.draw(st.sampled_from([gc.relu, gc.sigmoid, gc.tanh, lambda v: gc.exp(v * 0.3), lambda v: -v,
+                                             gc.leaky_relu, lambda v: gc.leaky_relu(v, 0.2)]))
             return act(t)
         if choice == "bias":
             shape = self.draw(st.sampled_from([(f,), (1, f), (n, 1), (n, f)]))
@@ -50,11 +72,23 @@ class Builder:
             return gc.sum(t, axis=self.draw(st.sampled_from([0, 1])), keepdims=True) + t
         if choice == "softmax":
             return gc.softmax(t, axis=self.draw(st.sampled_from([0, 1, -1])))
+        if choice == "power":     # sqrt and x ** c on positive values, x ** 2 anywhere
+            power = self.draw(st.sampled_from([gc.sqrt, lambda v: v ** -1, lambda v: v ** 1.5, lambda v: v ** 0.5]))
+            return t ** 2 if self.draw(st.booleans()) else power(t * t + 1.0)
+        if choice == "concat":    # with a param's rows, or beside a function of itself
+            if self.draw(st.booleans()):
+                rows = self.param((self.draw(st.integers(1, 3)), f))
+                return gc.concat([rows, t], axis=self.draw(st.sampled_from([0, -2])))
+            return gc.concat([t, gc.tanh(t), t * self.param((f,))][:self.draw(st.integers(2, 3))], axis=-1)
+        if choice == "pad":
+            widths = ((self.draw(st.integers(0, 2)), self.draw(st.integers(0, 1))),
+                      (self.draw(st.integers(0, 1)), self.draw(st.integers(0, 3))))
+            return gc.pad(t, widths, value=self.draw(st.sampled_from([0.0, 0.5, -1.0])))
         return t @ gc.transpose(self.param((self.draw(st.integers(1, 7)), f)))
 
     def image_op(self, t):
         n, c, h, w = t.shape
-        choice = self.draw(st.sampled_from(["conv", "conv", "avg", "max", "act", "bias"]))
+        choice = self.draw(st.sampled_from(["conv", "conv", "avg", "max", "act", "bias", "concat", "pad"]))
         if choice == "conv":
             kh, kw = self.draw(st.integers(1, 3)), self.draw(st.integers(1, 3))
             stride = self.draw(st.sampled_from([1, 2, (2, 1)]))
@@ -76,7 +110,13 @@ class Builder:
             except gc.ShapeError:
                 assume(False)
         if choice == "act":
-            return self.draw(st.sampled_from([gc.relu, gc.tanh, gc.sigmoid]))(t)
+            return self.draw(st.sampled_from([gc.relu, gc.tanh, gc.sigmoid, gc.leaky_relu]))(t)
+        if choice == "concat":    # DenseNet's: new channels from a 3x3 conv beside the old ones
+            grown = gc.conv2d(t, self.param((self.draw(st.integers(1, 3)), c, 3, 3)), padding="same")
+            return gc.concat([t, gc.leaky_relu(grown, 0.1)], axis=1)
+        if choice == "pad":
+            return gc.pad(t, ((0, 0), (0, self.draw(st.integers(0, 1))), (self.draw(st.integers(0, 2)), 1),
+                              (1, self.draw(st.integers(0, 2)))))
         return t + self.param((c, 1, 1))
 
 

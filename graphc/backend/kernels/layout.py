@@ -1,4 +1,5 @@
-"""Kernels that only move floats: contiguous copy, numpy broadcasting, axis permutation.
+"""Kernels that only move floats: contiguous copy, numpy broadcasting, axis permutation, slice,
+pad and concat.
 
 This module also holds the IR building blocks the reduction and softmax kernels share: loops
 over a contiguous span in vectors with a partial last vector, lane-masked loads and stores,
@@ -25,7 +26,7 @@ from graphc.backend.emit.kernel import Kernel, phase_args, phase_function
 from graphc.backend.emit.kernel_builder import F32, I1, I32, I64, PTR, KernelBuilder
 from graphc.backend.lowering_rules import Step, lowers
 
-__all__ = ["emit_copy", "emit_broadcast_copy", "emit_transpose"]
+__all__ = ["emit_copy", "emit_broadcast_copy", "emit_transpose", "emit_concat"]
 
 I8 = ir.IntType(8)
 
@@ -355,6 +356,39 @@ def emit_pad(module: ir.Module, name: str, x_shape: Sequence[int], pad_width: Se
     return Kernel([fn])
 
 
+def emit_concat(module: ir.Module, name: str, shapes: Sequence[Sequence[int]], axis: int, *,
+                max_threads: int, width: int | None = None) -> Kernel:
+    """out = numpy.concatenate(in0, in1, ..., axis): each input copied into its slab of out.
+
+    Seen from `axis`, out is a batch of rows (the dims before it); each row is input 0's run,
+    input 1's, ... one after the other, input k's run a contiguous shape_k[axis] * (inner size)
+    floats. When every run fits in one work item, a thread fills whole rows of out, every
+    input's run in turn, so that each cache line of out is written once and whole (runs of a
+    few floats, as a concat on the last axis has, would otherwise make every input's pass
+    read and write all of out again). Longer runs are copied input by input, threads sharing
+    each input's rows in chunks of ROW_CHUNK_FLOATS.
+    """
+    shapes = [tuple(shape) for shape in shapes]
+    outer = math.prod(shapes[0][:axis])
+    runs = [math.prod(shape[axis:]) for shape in shapes]
+    if any(math.prod(shape[:axis]) != outer for shape in shapes):
+        raise ValueError(f"shapes {shapes} differ before axis {axis}")
+    fn, kb = open_phase(module, name, len(shapes), width)
+    out, inputs, _, tid, nthreads = phase_args(fn)
+    starts = [sum(runs[:k]) for k in range(len(runs))]
+    if outer > 1 and max(runs) <= ROW_CHUNK_FLOATS:
+        lo, hi = kb.split_range(outer, tid, nthreads)
+        with kb.for_range(lo, hi, name="row") as row:
+            for x, run, start in zip(inputs, runs, starts):
+                copy_floats(kb, out, kb.add(kb.mul(row, sum(runs)), start), x, kb.mul(row, run), run)
+    else:
+        for x, run, start in zip(inputs, runs, starts):
+            _copy_rows(kb, out, x, tid, nthreads, [outer] if outer > 1 else [], [run] if outer > 1 else [], run,
+                       splat=False, out_row_stride=sum(runs), out_base=start)
+    kb.b.ret_void()
+    return Kernel([fn])
+
+
 # ---------------------------------------------------------------------------- row gathers
 
 def _emit_row_gather(module: ir.Module, name: str, row_sizes: Sequence[int],
@@ -363,10 +397,25 @@ def _emit_row_gather(module: ir.Module, name: str, row_sizes: Sequence[int],
     """out[r, :] = x[offset(r) : offset(r) + row_length], or with `splat` the single value
     x[offset(r)] repeated, for the rows r of a contiguous out of shape row_sizes + (row_length,).
 
-    offset(r) = base + sum(r_k * row_strides[k]). Work items are (row, chunk of the row).
+    offset(r) = base + sum(r_k * row_strides[k]).
     """
     fn, kb = open_phase(module, name, 1, width)
     out, (x,), _, tid, nthreads = phase_args(fn)
+    _copy_rows(kb, out, x, tid, nthreads, row_sizes, row_strides, row_length, splat=splat, base=base)
+    kb.b.ret_void()
+    return Kernel([fn])
+
+
+def _copy_rows(kb: KernelBuilder, out: ir.Value, x: ir.Value, tid: ir.Value, nthreads: ir.Value,
+               row_sizes: Sequence[int], row_strides: Sequence[int], row_length: int, *, splat: bool,
+               base: int = 0, out_row_stride: int | None = None, out_base: int = 0) -> None:
+    """Thread `tid`'s share of the row copies out[out_base + r * out_row_stride :][:row_length] =
+    x[offset(r):][:row_length] (or x[offset(r)] splat), r the flat index of a row over `row_sizes`.
+
+    out's rows are contiguous by default (out_row_stride = row_length); a wider stride places
+    them in a slab of a wider out (concat). Work items are (row, chunk of the row).
+    """
+    out_row_stride = row_length if out_row_stride is None else out_row_stride
     n_chunks = math.ceil(row_length / ROW_CHUNK_FLOATS)
     n_rows = math.prod(row_sizes)
     lo, hi = kb.split_range(n_rows * n_chunks, tid, nthreads)
@@ -375,14 +424,13 @@ def _emit_row_gather(module: ir.Module, name: str, row_sizes: Sequence[int],
         chunk_start = kb.mul(indices[-1], ROW_CHUNK_FLOATS)
         count = (row_length if n_chunks == 1
                  else kb.min(ROW_CHUNK_FLOATS, kb.sub(row_length, chunk_start)))
-        out_index = kb.add(kb.mul(kb.b.udiv(item, kb.i64(n_chunks)), row_length), chunk_start)
+        row = kb.b.udiv(item, kb.i64(n_chunks)) if n_chunks > 1 else item
+        out_index = kb.add(kb.add(kb.mul(row, out_row_stride), out_base), chunk_start)
         x_index = dot_offset(kb, indices[:-1], row_strides, base)
         if splat:
             fill_floats(kb, out, out_index, count, kb.splat(kb.load(x, x_index)))
         else:
             copy_floats(kb, out, out_index, x, kb.add(x_index, chunk_start), count)
-    kb.b.ret_void()
-    return Kernel([fn])
 
 
 # ---------------------------------------------------------------------------- transposes
@@ -512,6 +560,14 @@ def lower_pad(node, _epilogue) -> Step:
     shape, a = node.inputs[0].shape, node.attrs
     return _moving_step(node, lambda m, name, threads: emit_pad(m, name, shape, a["pad_width"], a["value"],
                                                                 max_threads=threads), "pad")
+
+
+@lowers("concat")
+def lower_concat(node, _epilogue) -> Step:
+    shapes, axis = [operand.shape for operand in node.inputs], node.attrs["axis"]
+    return Step(node, list(node.inputs),
+                lambda m, name, threads: emit_concat(m, name, shapes, axis, max_threads=threads),
+                "concat", [node], flops=0)
 
 
 def copy_step(node, source) -> Step:

@@ -12,7 +12,7 @@ import numpy as np
 import sympy
 
 from graphc.core.errors import shape_error, user_site
-from graphc.core.ir import Tensor
+from graphc.core.ir import Tensor, as_finite_float
 from graphc.core.ops.registry import Mismatch, OpDef, op, register
 from graphc.core.scalar import Relu, Sigmoid, Softplus, Step, numpy_function, symbol, symbol_index
 
@@ -64,11 +64,24 @@ def _derivative_via_output(expr: sympy.Expr, i: int, node: Tensor):
     derivative = sympy.diff(expr, symbol(i))
     if len(node.inputs) == 1:
         y = symbol(0)
-        via_output = derivative.xreplace({Step(symbol(0)): Step(expr)} if isinstance(expr, Relu) else {})
+        via_output = derivative.xreplace({Step(symbol(0)): Step(expr)} if _positive_where_x0_is(expr) else {})
         via_output = via_output.xreplace({expr: sympy.Dummy("y")})
         if symbol(0) not in via_output.free_symbols:
             return via_output.xreplace({d: y for d in via_output.atoms(sympy.Dummy)}), [node]
     return derivative, list(node.inputs)
+
+
+def _positive_where_x0_is(expr: sympy.Expr) -> bool:
+    """Whether expr > 0 exactly where x0 > 0, so that Step(x0) == Step(expr): true of relu and of
+    x0·(a + b·Step(x0)) with a >= 0 < a + b (leaky_relu with a slope >= 0), whose derivatives
+    can then read the output."""
+    if isinstance(expr, Relu):
+        return True
+    x, step = symbol(0), sympy.Dummy("step")
+    gain = sympy.expand(expr.xreplace({Step(x): step}) / x)
+    a, b = gain.coeff(step, 0), gain.coeff(step, 1)
+    numbers = all(c.is_Number and c.is_finite for c in (a, b))
+    return bool(numbers and a >= 0 and a + b > 0 and gain == a + b * step)
 
 
 def make_ew(expr: sympy.Expr, inputs: list[Tensor], shape=None, site: str | None = None) -> Tensor:
@@ -149,6 +162,23 @@ def sub(a, b): return elementwise(lambda x, y: x - y, a, b, name="sub")
 def mul(a, b): return elementwise(lambda x, y: x * y, a, b, name="mul")
 def div(a, b): return elementwise(lambda x, y: x / y, a, b, name="div")
 def neg(x): return elementwise(lambda v: -v, x, name="neg")
+
+
+def leaky_relu(x, negative_slope=0.01):
+    """torch.nn.functional.leaky_relu: x where x > 0, negative_slope·x elsewhere.
+
+    Written x·(slope + (1 - slope)·Step(x)): sympy derives slope + (1 - slope)·Step(x), which is
+    negative_slope at 0 as torch's backward gives, and the op fuses with its elementwise
+    neighbours as relu does. For a slope in [0, 1] the two constants sum to exactly 1 in float32
+    and float64, so x > 0 comes out as x itself and x <= 0 as slope·x, bit for bit torch's
+    values (the form slope·x + (1 - slope)·relu(x) rounds both products: up to 2 ulp off).
+    Slope 0 is relu's very expression, slope 1 the identity.
+    """
+    slope = as_finite_float(negative_slope, "leaky_relu: negative_slope")
+    if slope == 0:
+        return elementwise(Relu, x, name="leaky_relu")
+    coefficient = sympy.Integer(int(slope)) if slope.is_integer() else sympy.Float(slope)
+    return elementwise(lambda v: v * (coefficient + (1 - coefficient) * Step(v)), x, name="leaky_relu")
 
 
 def power(x, exponent):

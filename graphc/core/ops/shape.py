@@ -1,11 +1,11 @@
-"""Shape ops: reshape, flatten, transpose, broadcast_to, pad, slice, and sum_to (the adjoint of
-broadcasting)."""
+"""Shape ops: reshape, flatten, transpose, broadcast_to, pad, slice, concat, and sum_to (the adjoint
+of broadcasting)."""
 from __future__ import annotations
 
 import numpy as np
 
-from graphc.core.errors import shape_error
-from graphc.core.ir import Tensor, as_finite_float, as_int_tuple, normalize_shape
+from graphc.core.errors import ShapeError, shape_error, user_site
+from graphc.core.ir import Tensor, as_finite_float, as_int, as_int_tuple, normalize_shape
 from graphc.core.ops.registry import Mismatch, OpDef, op, register
 
 
@@ -101,6 +101,41 @@ class Slice(OpDef):
         return [pad(g, widths)]
 
 
+@register
+class Concat(OpDef):
+    """np.concatenate(operands, axis): operands of one rank and dtype, equal sizes off `axis`."""
+
+    name = "concat"
+
+    def infer(self, inputs, attrs):
+        axis, first = attrs["axis"], inputs[0]
+        for i, t in enumerate(inputs):
+            if t.dtype != first.dtype:
+                raise Mismatch(f"operand {i} is {t.dtype} where operand 0 is {first.dtype}")
+            if t.ndim != first.ndim:
+                raise Mismatch(f"operand {i} is {t.ndim}-D where operand 0 is {first.ndim}-D")
+            if any(a != b for k, (a, b) in enumerate(zip(t.shape, first.shape)) if k != axis):
+                raise Mismatch(f"operand {i}'s shape {t.shape} differs from operand 0's {first.shape} "
+                               f"on an axis other than {axis}")
+        size = sum(t.shape[axis] for t in inputs)
+        return first.shape[:axis] + (size,) + first.shape[axis + 1:], first.dtype
+
+    def reference(self, args, attrs, node, float_dtype):
+        return np.concatenate(args, axis=attrs["axis"])
+
+    def vjp(self, node, g, wanted):
+        axis, grads, start = node.attrs["axis"], [], 0
+        for operand, needed in zip(node.inputs, wanted):
+            stop = start + operand.shape[axis]
+            if needed:
+                starts = (0,) * axis + (start,) + (0,) * (g.ndim - axis - 1)
+                grads.append(slice_(g, starts, g.shape[:axis] + (stop,) + g.shape[axis + 1:]))
+            else:
+                grads.append(None)
+            start = stop
+        return grads
+
+
 def reshape(x: Tensor, shape) -> Tensor:
     """Reshape to `shape`; one dimension may be -1."""
     shape = as_int_tuple(shape, "reshape: shape")
@@ -185,3 +220,30 @@ def slice_(x: Tensor, starts, stops) -> Tensor:
     if starts == (0,) * x.ndim and stops == x.shape:
         return x
     return op("slice").apply([x], starts=starts, stops=stops)
+
+
+def concat(tensors, axis) -> Tensor:
+    """`np.concatenate(tensors, axis)`: a list of tensors of one graph, rank and dtype whose sizes
+    agree on every axis but `axis` (negative counts from the last)."""
+    site = user_site()
+    if not isinstance(tensors, (list, tuple)):
+        raise shape_error("concat", f"takes a list or tuple of tensors, got {type(tensors).__name__}",
+                          [tensors], site)
+    tensors = list(tensors)
+    if not tensors:
+        raise ShapeError(f"concat: needs at least one tensor, got an empty list (at {site})")
+    for i, t in enumerate(tensors):
+        if not isinstance(t, Tensor):
+            raise shape_error("concat", f"operands must be graphc Tensors; operand {i} is a {type(t).__name__}",
+                              tensors, site)
+    if len({id(t.graph) for t in tensors}) > 1:
+        raise shape_error("concat", "operands belong to different graphs", tensors, site)
+    axis = as_int(axis, "concat: axis")
+    ndim = tensors[0].ndim
+    if ndim == 0:
+        raise shape_error("concat", "cannot concatenate 0-D tensors", tensors, site)
+    if not -ndim <= axis < ndim:
+        raise shape_error("concat", f"axis {axis} out of range for {ndim}-D tensors", tensors, site)
+    if len(tensors) == 1:
+        return tensors[0]
+    return op("concat").apply(tensors, site=site, axis=axis % ndim)
