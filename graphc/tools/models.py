@@ -107,3 +107,111 @@ def random_batch(model: Model, rng, classes: int | None = None):
     else:
         y = rng.integers(0, 2, model.y.shape).astype(np.float32)
     return {model.x.name: x, model.y.name: y}
+
+
+# ---- modern models: batch norm, dropout, residual blocks ------------------------------------
+#
+# Each takes `training`: True builds the training graph (batch norm on the batch's statistics,
+# updating its running statistics; dropout on), False the eval graph (batch norm on the running
+# statistics; dropout off). Both declare the same params and buffers, so one params dict binds
+# both: train on one, predict with the other.
+
+def resnet(batch: int, depth: int, image=(3, 32, 32), classes: int = 10, widths=(16, 32, 64),
+           training: bool = True) -> Model:
+    """A CIFAR ResNet of He et al. 2016 (section 4.2): 6n+2 layers, e.g. depth 20 for n = 3.
+
+    A 3×3 conv → BN → ReLU stem, then one stage of n basic blocks per width (conv3×3-BN-ReLU-
+    conv3×3-BN, plus the shortcut, then ReLU); every stage after the first halves the grid with
+    a stride-2 first conv and projects its shortcut with a 1×1 stride-2 conv + BN (option B);
+    global average pooling, then a linear classifier. Param and buffer names are torch's
+    (`conv1.weight`, `layer1.0.bn1.running_mean`, `layer2.0.downsample.0.weight`, `fc.bias`).
+    """
+    if isinstance(depth, bool) or not isinstance(depth, int) or depth < 8 or (depth - 2) % 6:
+        raise ValueError(f"resnet: depth must be 6n+2 for n >= 1 (8, 14, 20, 32, ...), got {depth!r}")
+    widths = tuple(widths)
+    if not widths:
+        raise ValueError("resnet: widths must name at least one stage")
+    blocks = (depth - 2) // 6
+    g = Graph(f"resnet{depth}")
+    x = g.input("x", (batch,) + tuple(image))
+    y = g.input("y", (batch,), dtype="int32")
+    h = _conv_bn(g, x, "conv1", "bn1", widths[0], 3, 1, training)
+    h, channels = ops.relu(h), widths[0]
+    for stage, width in enumerate(widths):
+        for block in range(blocks):
+            stride = 2 if stage > 0 and block == 0 else 1
+            h = _basic_block(g, h, f"layer{stage + 1}.{block}", channels, width, stride, training)
+            channels = width
+    h = ops.global_avg_pool2d(h)
+    logits = ops.linear(h, g.param("fc.weight", (classes, channels)), g.param("fc.bias", (classes,)))
+    return Model(g, x, y, logits, ops.softmax_cross_entropy(logits, y))
+
+
+def resnet8(batch: int, training: bool = True, **kwargs) -> Model:
+    """ResNet-8: one basic block per stage (see `resnet`)."""
+    return resnet(batch, 8, training=training, **kwargs)
+
+
+def resnet20(batch: int, training: bool = True, **kwargs) -> Model:
+    """ResNet-20: three basic blocks per stage (see `resnet`)."""
+    return resnet(batch, 20, training=training, **kwargs)
+
+
+def _basic_block(g: Graph, x: Tensor, prefix: str, channels: int, width: int, stride: int, training: bool) -> Tensor:
+    h = ops.relu(_conv_bn(g, x, f"{prefix}.conv1", f"{prefix}.bn1", width, 3, stride, training))
+    h = _conv_bn(g, h, f"{prefix}.conv2", f"{prefix}.bn2", width, 3, 1, training)
+    shortcut = x
+    if stride != 1 or channels != width:
+        shortcut = _conv_bn(g, x, f"{prefix}.downsample.0", f"{prefix}.downsample.1", width, 1, stride, training)
+    return ops.relu(h + shortcut)
+
+
+def _conv_bn(g: Graph, x: Tensor, conv: str, bn: str, width: int, kernel: int, stride: int, training: bool) -> Tensor:
+    """A bias-free conv (padding keeping the grid at stride 1) followed by batch norm."""
+    w = g.param(f"{conv}.weight", (width, x.shape[1], kernel, kernel))
+    return _batch_norm(g, ops.conv2d(x, w, stride=stride, padding=kernel // 2), bn, training)
+
+
+def _batch_norm(g: Graph, x: Tensor, name: str, training: bool) -> Tensor:
+    """torch.nn.BatchNorm's params (weight 1, bias 0) and buffers (running mean 0, variance 1)."""
+    from graphc.core.ops.norm import batch_norm
+    channels = (x.shape[1],)
+    return batch_norm(x, g.param(f"{name}.weight", channels, init=1.0), g.param(f"{name}.bias", channels, init=0.0),
+                      g.buffer(f"{name}.running_mean", channels, init=0.0),
+                      g.buffer(f"{name}.running_var", channels, init=1.0), training=training)
+
+
+def _dropout(x: Tensor, p: float, training: bool) -> Tensor:
+    if not training or p == 0:
+        return x   # what dropout is then; the eval graph needs no random key
+    from graphc.core.ops.random import dropout
+    return dropout(x, p, training=True)
+
+
+def mlp_dropout(batch: int, sizes=(784, 512, 256, 10), p: float = 0.5, training: bool = True) -> Model:
+    """`mlp` with dropout after every hidden ReLU; the same param names, so `mlp`'s params fit."""
+    g = Graph("mlp_dropout")
+    x = g.input("x", (batch, sizes[0]))
+    y = g.input("y", (batch,), dtype="int32")
+    h = x
+    for i, (n_in, n_out) in enumerate(zip(sizes[:-1], sizes[1:])):
+        h = ops.linear(h, g.param(f"fc{i + 1}.w", (n_out, n_in)), g.param(f"fc{i + 1}.b", (n_out,)))
+        if i < len(sizes) - 2:
+            h = _dropout(ops.relu(h), p, training)
+    return Model(g, x, y, h, ops.softmax_cross_entropy(h, y))
+
+
+def digits_cnn(batch: int, training: bool = True, image=(1, 8, 8), widths=(16, 32), p: float = 0.25,
+               classes: int = 10) -> Model:
+    """A small modern CNN for the 8×8 digits: (conv3×3 → BN → ReLU) per width, 2×2 max pooling,
+    dropout, linear on the flattened 4×4 grid. Torch's names (`conv1.weight`, `bn1.running_var`,
+    `fc.weight`); the convs have no bias, as batch norm's shift replaces it."""
+    g = Graph("digits_cnn_bn")
+    x = g.input("x", (batch,) + tuple(image))
+    y = g.input("y", (batch,), dtype="int32")
+    h = x
+    for i, width in enumerate(widths):
+        h = ops.relu(_conv_bn(g, h, f"conv{i + 1}", f"bn{i + 1}", width, 3, 1, training))
+    h = _dropout(ops.flatten(ops.max_pool2d(h, 2)), p, training)
+    logits = ops.linear(h, g.param("fc.weight", (classes, h.shape[1])), g.param("fc.bias", (classes,)))
+    return Model(g, x, y, logits, ops.softmax_cross_entropy(logits, y))

@@ -1,19 +1,24 @@
-"""Training a model with its compiled step: minibatch SGD, per-epoch train and test error.
+"""Training a model with its compiled step: minibatch SGD (or any optimizer), per-epoch train and test error.
 
     result = train(lambda batch: models.mlp(batch, (64, 128, 10)), load_digits(),
                    epochs=10, batch_size=32, lr=0.05, weight_decay=1e-4)
     result.history[-1].test_error, result.accuracy(x, y)
+    train(models.digits_cnn, load_digits(), epochs=10, batch_size=32, optimizer=Adam(lr=3e-3), schedule="cosine")
 
-Each step is one native call (forward, backward, SGD update in place on the param arrays).
+Each step is one native call (forward, backward, optimizer update in place on the param arrays).
 After every epoch the whole train and test splits are classified by a compiled logits function
 bound to the same param arrays, giving the training error, the test error and the gap between
-them (the course's generalization error, estimated on held-out data).
+them (the course's generalization error, estimated on held-out data). A model builder taking
+`training` is asked for its eval graph to classify (batch norm on its running statistics,
+dropout off).
 """
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import math
 import time
+import warnings
 from collections.abc import Callable, Iterable, Mapping
 
 import numpy as np
@@ -22,11 +27,13 @@ from graphc.backend import compiler
 from graphc.backend.compiler import CompiledFunction
 from graphc.core.init import init_params
 from graphc.core.ir import Tensor
-from graphc.core.optim import SGD
+from graphc.core.optim import SGD, Optimizer
 from graphc.tools.data import Dataset, epoch_indices, sample_indices
 from graphc.tools.models import Model
+from graphc.tools.schedules import cosine_lr
 
 SAMPLINGS = ("epoch", "uniform")
+SCHEDULES = {"cosine": cosine_lr}   # name -> schedule(step, total_steps): over the whole run
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,6 +45,7 @@ class EpochRecord:
     generalization_gap: float   # test_error - train_error
     seconds: float              # wall time of the epoch's training steps (evaluation excluded)
     examples_per_second: float  # training examples processed per second of steps
+    lr: float = math.nan        # the learning rate of the epoch's last step
 
 
 @dataclasses.dataclass
@@ -56,16 +64,24 @@ class TrainResult:
         return float(np.mean(self.predict(x) == np.asarray(y).reshape(-1)))
 
 
-def train(model_fn: Callable[[int], Model], data: Dataset, *, epochs: int, batch_size: int, lr: float,
-          momentum: float = 0.9, weight_decay: float = 0.0, sampling: str = "epoch", seed: int = 0,
-          progress: bool = True, eval_batch: int | None = None,
-          params: Mapping[str, np.ndarray] | None = None) -> TrainResult:
-    """Train `model_fn(batch_size)` on `data` by minibatch SGD with the compiled training step.
+def train(model_fn: Callable[..., Model], data: Dataset, *, epochs: int, batch_size: int, lr: float | None = None,
+          momentum: float | None = None, weight_decay: float | None = None, optimizer: Optimizer | None = None,
+          schedule=None, sampling: str = "epoch", seed: int = 0, progress: bool = True,
+          eval_batch: int | None = None, params: Mapping[str, np.ndarray] | None = None) -> TrainResult:
+    """Train `model_fn(batch_size)` on `data` by minibatch SGD (or `optimizer`) with the compiled training step.
 
     model_fn(batch) builds the model for a static batch size; it is called for `batch_size` and,
     when `eval_batch` differs from it, for `eval_batch` (the batch of the compiled predict
     function, default `batch_size`). Examples are reshaped to the model's input, so a linear
-    model taking (batch, 64) trains on 1×8×8 images.
+    model taking (batch, 64) trains on 1×8×8 images. If model_fn has a `training` parameter
+    (as `models.digits_cnn`, `models.resnet8`), the train and test errors come from its eval
+    graph, `model_fn(eval_batch, training=False)`, bound to the same params and buffers.
+
+    The optimizer is `SGD(lr, momentum, weight_decay)` (defaults momentum 0.9, weight decay 0),
+    or `optimizer` (e.g. `Adam(lr=1e-3)`), which then holds these settings itself. `schedule`
+    drives the lr: "cosine" anneals it to 0 over all the steps (`schedules.cosine_lr`), or a
+    function (compiled step, total steps) -> a schedule such as `schedules.step_lr`'s, whose
+    `.step()` runs after each training step.
 
     sampling="epoch" runs shuffled epochs of n // batch_size steps (the n mod batch_size
     examples left over differ every epoch); sampling="uniform" is the classic recipe, each step
@@ -74,33 +90,37 @@ def train(model_fn: Callable[[int], Model], data: Dataset, *, epochs: int, batch
 
     weight_decay is the regularizer (L2, applied by SGD as in PyTorch). `params` (name -> array)
     resumes from given values and is updated in place; by default fresh values from
-    `init_params(graph, seed)`. Raises FloatingPointError if the loss stops being finite.
+    `init_params(graph, seed)`, which also seeds dropout's masks. Raises FloatingPointError if
+    the loss stops being finite.
     """
     _check_options(data, epochs, batch_size, sampling, eval_batch)
+    optimizer = _optimizer(optimizer, lr, momentum, weight_decay)
+    make_schedule = _schedule_maker(schedule)
     started = time.perf_counter()
     model = _build(model_fn, batch_size)
-    eval_model = model if eval_batch in (None, batch_size) else _build(model_fn, eval_batch)
+    eval_model = _eval_model(model_fn, model, eval_batch or batch_size)
     x_train = _as_model_input(data.x_train, model.x)
     y_train = data.y_train.astype(model.y.dtype).reshape((-1,) + model.y.shape[1:])
     params = init_params(model.graph, seed) if params is None else params
-    step = compiler.compile_training_step(model.loss, params, SGD(lr, momentum, weight_decay))
+    step = compiler.compile_training_step(model.loss, params, optimizer, seed=seed)
     predict_fn = compiler.compile(eval_model.logits, params)
     compile_seconds = time.perf_counter() - started
 
     batches = _batch_sampler(sampling, np.random.default_rng(_sampling_seed(seed)), len(x_train), batch_size)
     steps_per_epoch = len(x_train) // batch_size
+    lr_schedule = make_schedule(step, epochs * steps_per_epoch) if make_schedule else None
     history = []
     display = _progress_display(progress, epochs, epochs * steps_per_epoch)
     try:
         for epoch in range(1, epochs + 1):
-            loss, seconds = _run_epoch(step, model, x_train, y_train, batches(), display)
+            loss, seconds, last_lr = _run_epoch(step, model, x_train, y_train, batches(), display, lr_schedule)
             if not math.isfinite(loss):
                 raise FloatingPointError(f"training diverged in epoch {epoch}: the mean loss is {loss}; "
-                                         f"try a smaller lr (now {lr})")
+                                         f"try a smaller lr (now {last_lr})")
             train_error = error_rate(predict_fn, data.x_train, data.y_train)
             test_error = error_rate(predict_fn, data.x_test, data.y_test)
             history.append(EpochRecord(epoch, loss, train_error, test_error, test_error - train_error,
-                                       seconds, steps_per_epoch * batch_size / seconds))
+                                       seconds, steps_per_epoch * batch_size / seconds, last_lr))
             display.epoch_done(history[-1])
     finally:
         display.close()
@@ -119,12 +139,70 @@ def _check_options(data: Dataset, epochs, batch_size, sampling, eval_batch) -> N
         raise ValueError(f"eval_batch must be a positive int, got {eval_batch!r}")
 
 
-def _build(model_fn, batch: int) -> Model:
-    model = model_fn(batch)
+def _optimizer(optimizer, lr, momentum, weight_decay) -> Optimizer:
+    """The given optimizer, or SGD(lr, momentum 0.9, weight decay 0) made of the settings given."""
+    if optimizer is None:
+        if lr is None:
+            raise TypeError("train: give lr (the default optimizer is SGD(lr, momentum, weight_decay)) "
+                            "or an optimizer such as Adam(lr=1e-3)")
+        return SGD(lr, 0.9 if momentum is None else momentum, 0.0 if weight_decay is None else weight_decay)
+    if not isinstance(optimizer, Optimizer):
+        raise TypeError(f"train: optimizer must be an optimizer such as SGD(...) or Adam(...), got {optimizer!r}")
+    given = [name for name, value in (("lr", lr), ("momentum", momentum), ("weight_decay", weight_decay))
+             if value is not None]
+    if given:
+        raise ValueError(f"train: {', '.join(given)} belong to the optimizer when one is given "
+                         f"(e.g. Adam(lr=1e-3, weight_decay=1e-4)), not to train")
+    return optimizer
+
+
+def _schedule_maker(schedule):
+    """A function (compiled step, total steps) -> schedule, or None for a constant lr."""
+    if schedule is None or callable(schedule):
+        return schedule
+    if isinstance(schedule, str) and schedule in SCHEDULES:
+        return SCHEDULES[schedule]
+    raise ValueError(f"train: schedule must be None, one of {sorted(SCHEDULES)} or a function (step, total_steps) "
+                     f"-> a schedule (e.g. lambda step, n: schedules.step_lr(step, n // 3)), got {schedule!r}")
+
+
+def _build(model_fn, batch: int, **options) -> Model:
+    model = model_fn(batch, **options)
     if model.x.shape[0] != batch:
-        raise ValueError(f"model_fn({batch}) built a model whose input {model.x.name!r} has batch size "
+        call = ", ".join([str(batch)] + [f"{name}={value!r}" for name, value in options.items()])
+        raise ValueError(f"model_fn({call}) built a model whose input {model.x.name!r} has batch size "
                          f"{model.x.shape[0]}")
     return model
+
+
+def _eval_model(model_fn, model: Model, batch: int) -> Model:
+    """The model that classifies: model_fn's eval graph if it takes `training`, else the
+    training model itself (or one built for the eval batch)."""
+    if not _takes_training(model_fn):
+        graph = model.graph
+        if graph.buffers or graph.random_key is not None:
+            warnings.warn("train: model_fn takes no `training` parameter, so the train and test errors come from "
+                          "the training graph (batch norm on each batch's statistics, updating the running "
+                          "statistics; dropout on); give model_fn a `training` parameter for its eval graph",
+                          stacklevel=3)
+        return model if batch == model.x.shape[0] else _build(model_fn, batch)
+    eval_model = _build(model_fn, batch, training=False)
+    trained = {**model.graph.params, **model.graph.buffers}
+    for name, node in {**eval_model.graph.params, **eval_model.graph.buffers}.items():
+        if name not in trained or trained[name].shape != node.shape:
+            found = f"shape {trained[name].shape}" if name in trained else "no such param or buffer"
+            raise ValueError(f"model_fn({batch}, training=False) declares {name!r} of shape {node.shape}, but the "
+                             f"training graph has {found}: both must bind one params dict")
+    return eval_model
+
+
+def _takes_training(model_fn) -> bool:
+    try:
+        parameters = inspect.signature(model_fn).parameters
+    except (TypeError, ValueError):   # a builtin or an extension without a signature
+        return False
+    parameter = parameters.get("training")
+    return parameter is not None and parameter.kind in (parameter.POSITIONAL_OR_KEYWORD, parameter.KEYWORD_ONLY)
 
 
 def _sampling_seed(seed: int) -> np.random.SeedSequence:
@@ -139,16 +217,21 @@ def _batch_sampler(sampling: str, rng: np.random.Generator, n: int, k: int) -> C
     return lambda: epoch_indices(rng, n, k, drop_last=True)
 
 
-def _run_epoch(step, model: Model, x: np.ndarray, y: np.ndarray, batches: Iterable[np.ndarray], display):
-    """(mean loss, seconds) of one epoch of training steps."""
+def _run_epoch(step, model: Model, x: np.ndarray, y: np.ndarray, batches: Iterable[np.ndarray], display,
+               lr_schedule=None):
+    """(mean loss, seconds, lr of the last step) of one epoch of training steps."""
     total_loss, steps, examples = 0.0, 0, 0
+    lr = step.lr
     started = time.perf_counter()
     for indices in batches:
         total_loss += step(**{model.x.name: x[indices], model.y.name: y[indices]})
+        if lr_schedule is not None:
+            lr = step.lr
+            lr_schedule.step()
         steps += 1
         examples += len(indices)
         display.step(total_loss / steps, examples / (time.perf_counter() - started))
-    return total_loss / steps, time.perf_counter() - started
+    return total_loss / steps, time.perf_counter() - started, lr
 
 
 # ---- prediction ------------------------------------------------------------------------------
