@@ -1,0 +1,70 @@
+"""Random ops: `dropout_mask`, a counter-based (Philox) mask of 0s and 1/(1-p)s.
+
+The mask is a pure function of its key operand ([seed, call index], int32), its `stream`
+attribute and each element's index (graphc/core/philox.py gives the exact mapping): no state,
+so the reference executor and native code agree bit for bit, CSE may merge two masks of equal
+key and attributes, and a backward pass may regenerate a mask rather than keep it.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from graphc.core import philox
+from graphc.core.errors import at_user_line
+from graphc.core.ir import Tensor, as_finite_float, as_int, normalize_shape
+from graphc.core.ops.registry import Mismatch, OpDef, op, register
+
+__all__ = ["dropout_mask", "key_words"]
+
+KEY_SHAPE = (2,)
+MAX_STREAM = 2**32 - 1
+
+
+@register
+class DropoutMask(OpDef):
+    """key (2,) int32 = [seed, call index] -> float32 `shape`: float32(1/(1-p)) where an element
+    is kept (probability 1 - p), 0 where it is dropped; `stream` separates masks of one call."""
+
+    name = "dropout_mask"
+
+    def infer(self, inputs, attrs):
+        (key,) = inputs
+        if key.dtype != "int32":
+            raise Mismatch(f"the key must be an int32 tensor [seed, call index], got {key.dtype}")
+        if key.shape != KEY_SHAPE:
+            raise Mismatch(f"the key must have shape {KEY_SHAPE} ([seed, call index]), got shape {key.shape}")
+        return attrs["shape"], "float32"
+
+    def reference(self, args, attrs, node, float_dtype):
+        seed, call = key_words(args[0])
+        return philox.dropout_mask_values(attrs["shape"], attrs["p"], seed, call, attrs["stream"])
+
+    def vjp(self, node, g, wanted):
+        return [None]   # the key is an index, not a value: it takes no gradient
+
+
+def key_words(key) -> tuple[int, int]:
+    """(seed, call index) of a key value, as the uint32 bits of its two int32 words.
+
+    A folded constant key may arrive as floats holding whole numbers (a `fill`'s reference value)."""
+    words = np.asarray(key).reshape(-1)
+    if words.shape != KEY_SHAPE:
+        raise ValueError(f"dropout_mask: the key must hold 2 words [seed, call index], got shape {np.shape(key)}")
+    seed, call = (int(w) & 0xFFFFFFFF for w in words.tolist())
+    return seed, call
+
+
+def dropout_mask(key: Tensor, shape, p: float, stream: int = 0) -> Tensor:
+    """A float32 tensor of `shape`: each element float32(1/(1-p)) with probability 1 - p, else 0.
+
+    `key` is an int32 tensor of shape (2,): [seed, call index]; `stream` (an int in
+    [0, 2**32)) tells apart masks drawn with one key, e.g. one per dropout layer."""
+    shape = normalize_shape(shape, "dropout_mask")
+    p = as_finite_float(p, "dropout_mask: p")
+    if not 0.0 <= p < 1.0:
+        raise ValueError(at_user_line(f"dropout_mask: p, the probability of dropping an element, must be in [0, 1), "
+                                      f"got {p!r}"))
+    stream = as_int(stream, "dropout_mask: stream")
+    if not 0 <= stream <= MAX_STREAM:
+        raise ValueError(at_user_line(f"dropout_mask: stream must be in [0, 2**32), got {stream}"))
+    return op("dropout_mask").apply([key], shape=shape, p=p, stream=stream)
