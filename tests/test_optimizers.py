@@ -18,7 +18,7 @@ def refused(error, build, *fragments):
         assert fragment in message, f"{fragment!r} not in: {message}"
 
 
-def small_net(batch=8, features=6, hidden=5, classes=3, bn=False):
+def small_net(batch=8, features=6, hidden=5, classes=3, bn=False, dropout=0.0):
     g = gc.Graph()
     x = g.input("x", (batch, features))
     y = g.input("y", (batch,), dtype="int32")
@@ -26,7 +26,7 @@ def small_net(batch=8, features=6, hidden=5, classes=3, bn=False):
     if bn:
         h = batch_norm(h, g.param("bn.w", (hidden,), init=1.0), g.param("bn.b", (hidden,)),
                        g.buffer("bn.rm", (hidden,)), g.buffer("bn.rv", (hidden,), init=1.0))
-    h = gc.relu(h)
+    h = gc.dropout(gc.relu(h), dropout)
     logits = gc.linear(h, g.param("fc2.w", (classes, hidden)), g.param("fc2.b", (classes,)))
     return g, gc.softmax_cross_entropy(logits, y)
 
@@ -131,7 +131,7 @@ def test_sgd_update_with_a_settable_lr_stays_fused_into_the_weight_gradient_gemm
 @pytest.mark.parametrize("optimizer", [Adam(lr=0.01), gc.SGD(lr=0.05, momentum=0.9)], ids=["Adam", "SGD"])
 def test_a_run_resumed_from_a_checkpoint_continues_bit_for_bit(tmp_path, optimizer):
     data = batches(6, seed=4)
-    g, loss = small_net(bn=True)
+    g, loss = small_net(bn=True, dropout=0.3)     # buffers, optimizer state and the masks' call index
 
     straight = gc.init_params(g, seed=5)
     step = gc.compile_training_step(loss, straight, optimizer)

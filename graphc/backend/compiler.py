@@ -26,11 +26,11 @@ import numpy as np
 import graphc_runtime as rt
 from graphc.backend import thread_costs
 from graphc.backend.assemble import ProgramSpec, assemble
+from graphc.backend.call_values import CallValues
 from graphc.backend.emit.entry import ENTRY_NAME
 from graphc.backend.llvm.parallel import ObjectCompiler, compile_modules, split_modules
 from graphc.backend.llvm.program_modules import default_budget
 from graphc.backend.program_cache import CachedProgram, pack_entry, program_key, unpack_entry
-from graphc.backend.call_values import CallValues
 from graphc.core.ir import Tensor, as_int
 
 _cache: rt.ObjectCache | None = None

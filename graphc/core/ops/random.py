@@ -11,10 +11,10 @@ import numpy as np
 
 from graphc.core import philox
 from graphc.core.errors import at_user_line
-from graphc.core.ir import Tensor, as_finite_float, as_int, normalize_shape
+from graphc.core.ir import Tensor, as_bool, as_finite_float, as_int, normalize_shape
 from graphc.core.ops.registry import Mismatch, OpDef, op, register
 
-__all__ = ["dropout_mask", "key_words"]
+__all__ = ["dropout", "dropout_mask", "key_words"]
 
 KEY_SHAPE = (2,)
 MAX_STREAM = 2**32 - 1
@@ -68,3 +68,27 @@ def dropout_mask(key: Tensor, shape, p: float, stream: int = 0) -> Tensor:
     if not 0 <= stream <= MAX_STREAM:
         raise ValueError(at_user_line(f"dropout_mask: stream must be in [0, 2**32), got {stream}"))
     return op("dropout_mask").apply([key], shape=shape, p=p, stream=stream)
+
+
+def dropout(x: Tensor, p: float, training: bool = True) -> Tensor:
+    """`torch.nn.functional.dropout`: each element zeroed with probability `p`, the others scaled
+    by 1/(1-p); `x` itself when not `training` (or p is 0).
+
+    The mask is drawn from the graph's random key: whoever runs the graph supplies [seed, call
+    index] (`gc.evaluate(..., seed=)`, `gc.compile(..., seed=)`), and each dropout call of the
+    graph draws its own stream. The backward pass multiplies by the same mask, kept in memory.
+    """
+    from graphc.core.errors import shape_error
+    if not isinstance(x, Tensor):
+        raise TypeError(at_user_line(f"dropout: x must be a graphc Tensor, got {type(x).__name__}"))
+    p = as_finite_float(p, "dropout: p")
+    if not 0.0 <= p < 1.0:
+        raise ValueError(at_user_line(f"dropout: p, the probability of zeroing an element, must be in [0, 1), "
+                                      f"got {p!r}"))
+    if as_bool(training, "dropout: training") is False or p == 0.0:
+        return x
+    if x.dtype != "float32":
+        raise shape_error("dropout", f"needs a float32 tensor, got {x.dtype}", [x])
+    graph = x.graph
+    stream = sum(node.op == "dropout_mask" for node in graph.nodes)
+    return x * dropout_mask(graph.random_key_node(), x.shape, p, stream)
