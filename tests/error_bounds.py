@@ -488,6 +488,21 @@ def _extreme(e, args: list[Bounded]) -> Bounded:
     return Bounded(value, magnitude, max(arg.depth for arg in args))
 
 
+# Ops that only move values: a value's bound travels with it; pad's constant is held exactly,
+# or with one rounding.
+def _concat(node, operands, feeds, params) -> Bounded:
+    axis = node.attrs["axis"]
+    return Bounded(np.concatenate([x.exact for x in operands], axis),
+                   np.concatenate([x.magnitude for x in operands], axis), max(x.depth for x in operands))
+
+
+def _pad(node, operands, feeds, params) -> Bounded:
+    (x,), value = operands, node.attrs["value"]
+    magnitude = np.pad(x.magnitude, node.attrs["pad_width"], constant_values=abs(value))
+    return Bounded(np.pad(x.exact, node.attrs["pad_width"], constant_values=value), magnitude,
+                   max(x.depth, _held(np.float64(value)).depth))
+
+
 RULES: dict[str, Callable] = {
     "input": _source,
     "param": _source,
@@ -497,6 +512,9 @@ RULES: dict[str, Callable] = {
     "reshape": _moves_values,
     "transpose": _moves_values,
     "broadcast_to": _moves_values,
+    "slice": _moves_values,
+    "concat": _concat,
+    "pad": _pad,
     "sum": _reduction(_sum_terms),
     "avg_pool2d": _reduction(_window_area),
     "avg_pool2d_grad": _reduction(lambda node: _window_area(node) + 1),

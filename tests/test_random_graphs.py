@@ -13,32 +13,12 @@ import os
 import numpy as np
 import pytest
 import sympy
-from error_bounds import (RULES, Bounded, _held, _moves_values, assert_compiled_matches_exact, bounded_values,
-                          worst_violation)
+from error_bounds import assert_compiled_matches_exact, bounded_values, worst_violation
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 import graphc as gc
 from graphc.core.ops.elementwise import elementwise
-
-
-# Magnitude rules for the ops that only move values (error_bounds.py has none yet): a value's
-# bound travels with it; pad's constant is held exactly, or with one rounding.
-def _concat_bounds(node, operands, feeds, params):
-    axis = node.attrs["axis"]
-    return Bounded(np.concatenate([x.exact for x in operands], axis),
-                   np.concatenate([x.magnitude for x in operands], axis), max(x.depth for x in operands))
-
-
-def _pad_bounds(node, operands, feeds, params):
-    (x,), value = operands, node.attrs["value"]
-    magnitude = np.pad(x.magnitude, node.attrs["pad_width"], constant_values=abs(value))
-    return Bounded(np.pad(x.exact, node.attrs["pad_width"], constant_values=value), magnitude,
-                   max(x.depth, _held(np.float64(value)).depth))
-
-
-for _op, _rule in {"concat": _concat_bounds, "pad": _pad_bounds, "slice": _moves_values}.items():
-    RULES.setdefault(_op, _rule)
 
 
 class Builder:
