@@ -408,7 +408,7 @@ def adam_cosine_digits(digits):
 
 def test_adam_and_a_cosine_schedule_train_the_digits_cnn(adam_cosine_digits, digits):
     result = adam_cosine_digits
-    # Measured 2.2% test error after 5 epochs (without dropout); chance is 90%.
+    # Measured 3.6% test error after 5 epochs (0.7%..3.6% over seeds 0..4); chance is 90%.
     assert result.history[-1].test_error < 0.06
     assert result.history[-1].loss < result.history[0].loss
     steps = len(digits.x_train) // 32
