@@ -18,14 +18,6 @@ IMAGE = (3, 16, 16)   # small enough for a fast step; all three stages still hal
 RESNET_PARAM_COUNTS = {8: 78_042, 20: 272_474}
 
 
-def dropout_available() -> bool:
-    from graphc.core.ops import random
-    return hasattr(random, "dropout")
-
-
-needs_dropout = pytest.mark.skipif(not dropout_available(), reason="gc.dropout has not landed yet")
-
-
 def state_shapes(model):
     return {name: node.shape for name, node in {**model.graph.params, **model.graph.buffers}.items()}
 
@@ -113,8 +105,6 @@ def test_resnet_state_matches_torch(depth):
 @pytest.mark.parametrize("build", [models.resnet8, models.resnet20, models.digits_cnn, models.mlp_dropout],
                          ids=lambda build: build.__name__)
 def test_train_and_eval_graphs_declare_the_same_params_and_buffers(build):
-    if build in (models.mlp_dropout, models.digits_cnn) and not dropout_available():
-        pytest.skip("gc.dropout has not landed yet")
     training, evaluation = build(2, training=True), build(2, training=False)
     assert state_shapes(training) == state_shapes(evaluation)
     assert list(training.graph.params) == list(evaluation.graph.params)
@@ -252,7 +242,6 @@ def test_mlp_dropout_in_eval_mode_is_the_mlp():
     np.testing.assert_array_equal(logits, expected)
 
 
-@needs_dropout
 def test_mlp_dropout_training_step_matches_the_reference_executor():
     sizes = (64, 32, 16, 10)
     model = models.mlp_dropout(8, sizes, p=0.5)
@@ -338,6 +327,15 @@ def test_schedules_follow_torch(kind):
     np.testing.assert_allclose(lrs(make, TOTAL), expected, rtol=1e-12, atol=1e-15)
 
 
+def test_a_schedule_resumes_from_a_step_count():
+    step = FakeStep(0.1)
+    schedule = schedules.cosine_lr(step, TOTAL, warmup_steps=WARMUP)
+    schedule.steps = 12
+    assert step.lr == schedule.lr == lrs(lambda s: schedules.cosine_lr(s, TOTAL, warmup_steps=WARMUP), 12)[12]
+    with pytest.raises(ValueError, match="steps must be a non-negative int"):
+        schedule.steps = -1
+
+
 def test_cosine_holds_min_lr_after_total_steps():
     values = lrs(lambda s: schedules.cosine_lr(s, 4, min_lr=0.02), 8)
     assert values[4:] == [pytest.approx(0.02)] * 5
@@ -393,16 +391,9 @@ def digits():
     return load_digits()
 
 
-def digits_cnn_recipe():
-    """The demo's recipe, with dropout while it has not landed (p=0 builds no dropout)."""
-    if dropout_available():
-        return models.digits_cnn
-    return lambda batch, training=True: models.digits_cnn(batch, training=training, p=0.0)
-
-
 @pytest.fixture(scope="module")
 def adam_cosine_digits(digits):
-    return train(digits_cnn_recipe(), digits, epochs=5, batch_size=32, optimizer=Adam(lr=3e-3),
+    return train(models.digits_cnn, digits, epochs=5, batch_size=32, optimizer=Adam(lr=3e-3),
                  schedule="cosine", progress=False, eval_batch=128)
 
 

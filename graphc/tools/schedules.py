@@ -9,7 +9,11 @@
 The base lr is the step's lr when the schedule is made. Making a schedule sets `step.lr` to the
 lr of the first training step; each `schedule.step()` sets the next one (`step.lr` is read at
 every call, so nothing is recompiled). Every value is a closed form of the number of steps
-taken, computed in float64 as torch does.
+taken, computed in float64 as torch does, so a resumed run picks up where it stopped:
+
+    step.load_state_dict(gc.load_params("ckpt.npz"))
+    schedule = cosine_lr(step, total_steps=1000)    # the step's lr is the base lr again
+    schedule.steps = step.optimizer_steps           # sets step.lr for step number optimizer_steps
 """
 from __future__ import annotations
 
@@ -30,10 +34,21 @@ class LRSchedule:
         if not math.isfinite(self.base_lr) or self.base_lr < 0:
             raise ValueError(f"{where}: the step's lr must be finite and >= 0, got {self.base_lr!r}")
         self._step = step
-        self.steps = 0   # schedule.step() calls so far: the index of the next training step
+        self._steps = 0
 
     def lr_at(self, t: int) -> float:
         raise NotImplementedError
+
+    @property
+    def steps(self) -> int:
+        """Training steps taken so far (`schedule.step()` calls): the index of the next one."""
+        return self._steps
+
+    @steps.setter
+    def steps(self, value: int) -> None:
+        """Jump to a step count (e.g. a resumed run's `step.optimizer_steps`); sets `step.lr`."""
+        self._steps = _count(value, f"{type(self).__name__}: steps", minimum=0)
+        self._apply()
 
     @property
     def lr(self) -> float:
@@ -42,7 +57,7 @@ class LRSchedule:
 
     def step(self) -> None:
         """Call after each training step: sets `step.lr` for the next one."""
-        self.steps += 1
+        self._steps += 1
         self._apply()
 
     def _apply(self) -> None:
