@@ -6,19 +6,10 @@ and checked against finite differences in float64.
 """
 import numpy as np
 import pytest
+from refusals import refused
 
 import graphc as gc
 from graphc.core.ops.norm import batch_norm
-
-HERE = "test_batch_norm.py"
-
-
-def refused(error, build, *fragments):
-    with pytest.raises(error) as info:
-        build()
-    message = str(info.value)
-    for fragment in fragments + (f"{HERE}:{build.__code__.co_firstlineno}",):
-        assert fragment in message, f"{fragment!r} not in: {message}"
 
 
 def bn_graph(shape, training=True, affine=True, momentum=0.1):

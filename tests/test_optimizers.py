@@ -2,20 +2,11 @@
 between calls, and checkpoints that resume bit for bit."""
 import numpy as np
 import pytest
+from refusals import refused
 
 import graphc as gc
 from graphc.core.ops.norm import batch_norm
 from graphc.core.optim import Adam, AdamW
-
-HERE = "test_optimizers.py"
-
-
-def refused(error, build, *fragments):
-    with pytest.raises(error) as info:
-        build()
-    message = str(info.value)
-    for fragment in fragments + (f"{HERE}:{build.__code__.co_firstlineno}",):
-        assert fragment in message, f"{fragment!r} not in: {message}"
 
 
 def small_net(batch=8, features=6, hidden=5, classes=3, bn=False, dropout=0.0):

@@ -9,20 +9,9 @@ import math
 
 import numpy as np
 import pytest
+from refusals import refused
 
 import graphc as gc
-
-HERE = "test_validation.py"
-
-
-def refused(error, build, *fragments):
-    """Run the one-line lambda `build`; check it raises `error` naming each fragment and its own line."""
-    with pytest.raises(error) as info:
-        build()
-    message = str(info.value)
-    for fragment in fragments + (f"{HERE}:{build.__code__.co_firstlineno}",):
-        assert fragment in message, f"{fragment!r} not in: {message}"
-    return info.value
 
 
 def images():

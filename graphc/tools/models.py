@@ -38,16 +38,17 @@ def softmax_regression(batch: int, features: int = 784, classes: int = 10) -> Mo
     return Model(g, x, y, logits, ops.softmax_cross_entropy(logits, y))
 
 
-def mlp(batch: int, sizes=(784, 512, 256, 10)) -> Model:
-    """A ReLU multilayer perceptron."""
-    g = Graph("mlp")
+def mlp(batch: int, sizes=(784, 512, 256, 10), *, p: float = 0.0, training: bool = True,
+        name: str = "mlp") -> Model:
+    """A ReLU multilayer perceptron; with `p`, dropout after every hidden ReLU (training only)."""
+    g = Graph(name)
     x = g.input("x", (batch, sizes[0]))
     y = g.input("y", (batch,), dtype="int32")
     h = x
     for i, (n_in, n_out) in enumerate(zip(sizes[:-1], sizes[1:])):
         h = ops.linear(h, g.param(f"fc{i + 1}.w", (n_out, n_in)), g.param(f"fc{i + 1}.b", (n_out,)))
         if i < len(sizes) - 2:
-            h = ops.relu(h)
+            h = ops.dropout(ops.relu(h), p, training)
     return Model(g, x, y, h, ops.softmax_cross_entropy(h, y))
 
 
@@ -174,31 +175,15 @@ def _conv_bn(g: Graph, x: Tensor, conv: str, bn: str, width: int, kernel: int, s
 
 def _batch_norm(g: Graph, x: Tensor, name: str, training: bool) -> Tensor:
     """torch.nn.BatchNorm's params (weight 1, bias 0) and buffers (running mean 0, variance 1)."""
-    from graphc.core.ops.norm import batch_norm
     channels = (x.shape[1],)
-    return batch_norm(x, g.param(f"{name}.weight", channels, init=1.0), g.param(f"{name}.bias", channels, init=0.0),
+    return ops.batch_norm(x, g.param(f"{name}.weight", channels, init=1.0), g.param(f"{name}.bias", channels, init=0.0),
                       g.buffer(f"{name}.running_mean", channels, init=0.0),
                       g.buffer(f"{name}.running_var", channels, init=1.0), training=training)
 
 
-def _dropout(x: Tensor, p: float, training: bool) -> Tensor:
-    if not training or p == 0:
-        return x   # what dropout is then; the eval graph needs no random key
-    from graphc.core.ops.random import dropout
-    return dropout(x, p, training=True)
-
-
 def mlp_dropout(batch: int, sizes=(784, 512, 256, 10), p: float = 0.5, training: bool = True) -> Model:
     """`mlp` with dropout after every hidden ReLU; the same param names, so `mlp`'s params fit."""
-    g = Graph("mlp_dropout")
-    x = g.input("x", (batch, sizes[0]))
-    y = g.input("y", (batch,), dtype="int32")
-    h = x
-    for i, (n_in, n_out) in enumerate(zip(sizes[:-1], sizes[1:])):
-        h = ops.linear(h, g.param(f"fc{i + 1}.w", (n_out, n_in)), g.param(f"fc{i + 1}.b", (n_out,)))
-        if i < len(sizes) - 2:
-            h = _dropout(ops.relu(h), p, training)
-    return Model(g, x, y, h, ops.softmax_cross_entropy(h, y))
+    return mlp(batch, sizes, p=p, training=training, name="mlp_dropout")
 
 
 def digits_cnn(batch: int, training: bool = True, image=(1, 8, 8), widths=(16, 32), p: float = 0.25,
@@ -212,6 +197,6 @@ def digits_cnn(batch: int, training: bool = True, image=(1, 8, 8), widths=(16, 3
     h = x
     for i, width in enumerate(widths):
         h = ops.relu(_conv_bn(g, h, f"conv{i + 1}", f"bn{i + 1}", width, 3, 1, training))
-    h = _dropout(ops.flatten(ops.max_pool2d(h, 2)), p, training)
+    h = ops.dropout(ops.flatten(ops.max_pool2d(h, 2)), p, training)
     logits = ops.linear(h, g.param("fc.weight", (classes, h.shape[1])), g.param("fc.bias", (classes,)))
     return Model(g, x, y, logits, ops.softmax_cross_entropy(logits, y))
