@@ -119,6 +119,34 @@ def test_sgd_update_with_a_settable_lr_stays_fused_into_the_weight_gradient_gemm
     assert sum(label.startswith("gemm") and label.endswith("+ew") for label in labels) >= 2, labels
 
 
+@pytest.mark.parametrize("features, hidden", [(40, 33), (7, 64), (130, 17)])
+@pytest.mark.parametrize("optimizer", [Adam(lr=0.01, weight_decay=0.01), AdamW(lr=0.01)], ids=["Adam", "AdamW"])
+def test_adam_updates_fused_into_the_weight_gradient_gemm_match_the_reference(features, hidden, optimizer):
+    """The GEMM writing a weight's gradient computes Adam's moments and the update as it stores,
+    writing all three in place (side stores); shapes cover edge tiles and narrow outputs."""
+    g, loss = small_net(batch=32, features=features, hidden=hidden)
+    params = gc.init_params(g, seed=7)
+    step = gc.compile_training_step(loss, params, optimizer)
+    labels = [s.label for s in step.steps]
+    assert sum(label.startswith("gemm") and label.endswith("+ew+2 in place") for label in labels) >= 1, labels
+    assert sum(label.endswith("in place") for label in labels) == 4, labels     # one kernel per param
+    reference = {name: value.astype(np.float64) for name, value in params.items()}
+    trainable = [g.params[name] for name in g.params]
+    grads = gc.grad(loss, trainable)
+    for number, (xb, yb) in enumerate(batches(3, batch=32, features=features, seed=8), start=1):
+        step(x=xb, y=yb)
+        hyper = optimizer.hyper_values(optimizer.lr, number).__getitem__
+        writes, state = optimizer.updates(g if number == 1 else _StateGraph(g), trainable, grads, hyper=hyper)
+        for name in state:
+            reference.setdefault(name, np.zeros(g.params[name].shape))
+        new = gc.evaluate([value for _, value in writes], {"x": xb, "y": yb}, reference, dtype="float64")
+        reference.update({name: value for (name, _), value in zip(writes, new)})
+    for name in params:
+        np.testing.assert_allclose(params[name], reference[name], rtol=1e-4, atol=1e-6)
+    for name, moment in step.state.items():
+        np.testing.assert_allclose(moment, reference[name], rtol=1e-4, atol=1e-7)
+
+
 @pytest.mark.parametrize("optimizer", [Adam(lr=0.01), gc.SGD(lr=0.05, momentum=0.9)], ids=["Adam", "SGD"])
 def test_a_run_resumed_from_a_checkpoint_continues_bit_for_bit(tmp_path, optimizer):
     data = batches(6, seed=4)

@@ -68,8 +68,8 @@ def assemble(graph: Graph, outputs: list[Tensor], *, output_names: list[str], in
     _check_supported(needed)
 
     slots, locations = _slots(graph, needed, outputs, output_names, inplace, state_names)
-    steps = plan_steps(graph, list(outputs) + writes)
     sources = graph.bound_sources()
+    steps = plan_steps(graph, list(outputs) + writes, {node_id: sources[name] for node_id, name in inplace.items()})
     inplace_sources = {node_id: sources[name].id for node_id, name in inplace.items()}
     for node_id, name in inplace.items():
         locations[node_id] = locations[sources[name].id]

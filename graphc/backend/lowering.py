@@ -14,7 +14,8 @@ emitters (lowering_rules.py, graphc/backend/kernels/); this module applies those
 from __future__ import annotations
 
 import graphc.backend.kernels  # noqa: F401 (the kernel families register their lowerings)
-from graphc.backend.lowering_rules import LOWERINGS, Epilogue, Step, alias_root
+from graphc.backend.kernels.elementwise import lower_elementwise_group
+from graphc.backend.lowering_rules import LOWERINGS, Epilogue, Step, UpdateGroup, alias_root, group_expression
 from graphc.core.ir import Tensor
 from graphc.core.scalar import Relu, symbol
 
@@ -35,12 +36,18 @@ class _Consumers:
         return users[0] if len(users) == 1 else None
 
 
-def plan_steps(graph, outputs: list[Tensor]) -> list[Step]:
-    """Steps computing every node `outputs` need, in the graph's (topological) order."""
+def plan_steps(graph, outputs: list[Tensor], inplace: dict[int, Tensor] | None = None) -> list[Step]:
+    """Steps computing every node `outputs` need, in the graph's (topological) order.
+
+    `inplace` maps the id of each output written over a source (a param's or a state buffer's
+    new value) to that source: such a value read only by another in-place update (Adam's
+    moments, read by the param's update) is computed by that update's kernel, which stores it
+    as a side write."""
     nodes = graph.ancestors(outputs)
     consumers = _Consumers(nodes)
     output_ids = {out.id for out in outputs}
-    absorbed: set[int] = set()
+    side_writes = _side_writes(nodes, consumers, inplace or {})
+    absorbed: set[int] = {value.id for group in side_writes.values() for value, _ in group.writes}
     steps = []
     for node in nodes:
         if node.op in NO_STEP_OPS or node.id in absorbed or _folded_into_consumers(node, consumers):
@@ -48,6 +55,10 @@ def plan_steps(graph, outputs: list[Tensor]) -> list[Step]:
         rule = LOWERINGS.get(node.op)
         if rule is None:
             raise NotImplementedError(f"no kernel computes op {node.op!r} (%{node.id}, at {node.site})")
+        if node.id in side_writes:
+            group = side_writes[node.id]
+            steps.append(lower_elementwise_group(group.update, group.writes))
+            continue
         epilogue = None
         if node.id not in output_ids:
             if rule.bias_epilogue:
@@ -55,12 +66,69 @@ def plan_steps(graph, outputs: list[Tensor]) -> list[Step]:
             if epilogue is None and rule.elementwise_epilogue:
                 epilogue = _elementwise_epilogue(node, consumers, rule.epilogue_allowed,
                                                  rule.scalar_epilogue_operands)
+                if epilogue is not None and epilogue.node.id in side_writes:
+                    epilogue = None   # that update computes more than this consumer sees
+                if epilogue is None and rule.scalar_epilogue_operands:
+                    epilogue = _update_group_epilogue(node, consumers, side_writes, rule.epilogue_allowed)
             if epilogue is not None and epilogue.node.id in absorbed:
                 epilogue = None  # a sum of two products: the other product already took it
         if epilogue is not None:
             absorbed.add(epilogue.node.id)
+            absorbed.update(t.id for t in epilogue.absorbed)
         steps.append(rule.lower(node, epilogue))
     return steps
+
+
+def _update_group_epilogue(producer: Tensor, consumers: _Consumers, side_writes, allowed) -> Epilogue | None:
+    """An in-place update and the side writes its kernel would store (see `_side_writes`), taken
+    whole as the producer's epilogue when they are all the producer's consumers: Adam's moments
+    and param update computed from the weight gradient as the GEMM writes it."""
+    users = {user.id for user in consumers.of[producer.id]}
+    for group in side_writes.values():
+        if not users <= group.member_ids or group.update.shape != producer.shape:
+            continue
+        expr, operands, side_stores = group_expression(group.update, group.writes, first=producer)
+        others = operands[1:]
+        full = [t for t in others if t.shape == producer.shape]
+        if (len(full) > MAX_EPILOGUE_OPERANDS or any(t.shape != producer.shape and t.size != 1 for t in others)
+                or any(t.dtype != "float32" for t in others)
+                or allowed is not None and not allowed(producer, others)):
+            return None
+        return Epilogue(group.update, expr=expr, operands=tuple(others), side_stores=side_stores,
+                        absorbed=tuple(value for value, _ in group.writes))
+    return None
+
+
+def _side_writes(nodes, consumers: _Consumers, inplace: dict[int, Tensor]) -> dict[int, UpdateGroup]:
+    """update node id -> the in-place values that the update's kernel also stores.
+
+    A value qualifies when it is an elementwise in-place update of the update's shape that
+    nothing else reads, and no producer's kernel would rather take it alone as its epilogue
+    (SGD's momentum, fused into the weight gradient's GEMM, saves more there)."""
+    found: dict[int, UpdateGroup] = {}
+    for node in nodes:
+        if node.op != "ew" or node.id not in inplace or node.dtype != "float32":
+            continue
+        writes = []
+        for operand in dict.fromkeys(node.inputs):
+            source = inplace.get(operand.id)
+            if (source is None or operand.op != "ew" or operand.shape != node.shape or source.shape != node.shape
+                    or any(user is not node for user in consumers.of[operand.id])
+                    or _wanted_as_epilogue(operand, consumers)):
+                continue
+            writes.append((operand, source))
+        if writes:
+            found[node.id] = UpdateGroup(node, writes)
+    return found
+
+
+def _wanted_as_epilogue(value: Tensor, consumers: _Consumers) -> bool:
+    for operand in value.inputs:
+        rule = LOWERINGS.get(operand.op)
+        if rule is not None and rule.elementwise_epilogue and consumers.only(operand) is value:
+            return True
+    return False
+
 
 
 # ---- patterns -----------------------------------------------------------------------------

@@ -16,8 +16,10 @@ import sympy
 
 from graphc.backend.emit.kernel import Kernel
 from graphc.core.ir import Tensor
+from graphc.core.scalar import symbol
 
-__all__ = ["Step", "Epilogue", "Lowering", "LOWERINGS", "lowers", "alias_root", "step_with_elementwise_epilogue"]
+__all__ = ["Step", "Epilogue", "Lowering", "LOWERINGS", "lowers", "alias_root", "step_with_elementwise_epilogue",
+           "UpdateGroup", "group_expression"]
 
 
 @dataclasses.dataclass
@@ -28,6 +30,9 @@ class Step:
     label: str                         # what runs, for listings and profiles: "gemm+bias+relu"
     covers: list[Tensor]               # every IR node this step computes
     flops: int = 0
+    # Sources (params, state) whose buffers the step also overwrites, beside its node's own:
+    # in-place updates computed with it (an optimizer's moments beside the param they move)
+    side_writes: list[Tensor] = dataclasses.field(default_factory=list)
 
 
 @dataclasses.dataclass
@@ -38,7 +43,46 @@ class Epilogue:
     bias: Tensor | None = None      # the bias operand
     relu: bool = False
     expr: sympy.Expr | None = None  # a general epilogue: x0 the kernel's result, x1.. the `operands`
-    operands: tuple = ()            # operands of `expr`, each of the result's shape
+    operands: tuple = ()            # operands of `expr`, each of the result's shape (or one element)
+    # (k, e): also store e(x0, x1, ...) into operand x_k, an in-place update computed beside the
+    # result (Adam's moments beside the param); `absorbed` the nodes those values stand for
+    side_stores: tuple = ()
+    absorbed: tuple = ()
+
+
+@dataclasses.dataclass
+class UpdateGroup:
+    """An in-place update (`update`, e.g. a param's new value) and the in-place values only it
+    reads (`writes`: (value, the source it overwrites), e.g. Adam's moments): one kernel
+    computes them all and stores each."""
+
+    update: Tensor
+    writes: list
+
+    @property
+    def member_ids(self) -> set[int]:
+        return {self.update.id} | {value.id for value, _ in self.writes}
+
+
+def group_expression(update: Tensor, writes: list, first: Tensor | None = None):
+    """(expr, operands, side_stores) computing a group in one kernel: `expr` the update's value
+    over x0.. = `operands` (starting with `first`, a producer's result, if given), each value of
+    `writes` inlined; side_stores the (k, e) storing each value into its source, operand k."""
+    operands: list = [first] if first is not None else []
+
+    def index_of(t) -> int:
+        if t not in operands:
+            operands.append(t)
+        return operands.index(t)
+
+    def over_operands(expr, inputs, inlined):
+        return expr.xreplace({symbol(i): inlined[t.id] if t.id in inlined else symbol(index_of(t))
+                              for i, t in enumerate(inputs)})
+
+    inner = {value.id: over_operands(value.attrs["expr"], value.inputs, {}) for value, _ in writes}
+    expr = over_operands(update.attrs["expr"], update.inputs, inner)
+    side_stores = tuple((index_of(source), inner[value.id]) for value, source in writes)
+    return expr, operands, side_stores
 
 
 @dataclasses.dataclass(frozen=True)

@@ -20,7 +20,8 @@ ALIGNMENT = 64
 
 def schedule(steps: list[Step], inplace: dict[int, int]) -> list[Step]:
     """Steps in an order that respects dependences; `inplace` maps a step node id to the id of the
-    source (param/state) node whose buffer it overwrites."""
+    source (param/state) node whose buffer it overwrites. A step overwriting a source (as its
+    result or a side write) runs after every other step reading that source."""
     producer = {step.node.id: i for i, step in enumerate(steps)}
     dg = nx.DiGraph()
     dg.add_nodes_from(range(len(steps)))
@@ -32,10 +33,11 @@ def schedule(steps: list[Step], inplace: dict[int, int]) -> list[Step]:
             if root.id in producer and producer[root.id] != i:
                 dg.add_edge(producer[root.id], i)
     for i, step in enumerate(steps):
-        source = inplace.get(step.node.id)
-        for reader in readers.get(source, []) if source is not None else []:
-            if reader != i:
-                dg.add_edge(reader, i)
+        sources = [inplace.get(step.node.id)] + [source.id for source in step.side_writes]
+        for source in sources:
+            for reader in readers.get(source, []) if source is not None else []:
+                if reader != i:
+                    dg.add_edge(reader, i)
     if not nx.is_directed_acyclic_graph(dg):
         raise RuntimeError("internal error: in-place updates make the step graph cyclic")
     return [steps[i] for i in nx.lexicographical_topological_sort(dg)]

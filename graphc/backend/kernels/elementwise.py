@@ -16,7 +16,7 @@ from graphc.backend.emit.expr import ExprEmitter
 from graphc.backend.emit.kernel import Kernel, phase_args, phase_function
 from graphc.backend.kernels.layout import only_thread_zero
 from graphc.backend.kernels.softmax import vector_exp_any, vector_log
-from graphc.backend.lowering_rules import Step, lowers
+from graphc.backend.lowering_rules import Step, group_expression, lowers
 from graphc.core.scalar import symbol
 
 # Below this many elements a kernel runs on one thread: splitting costs more than it saves.
@@ -53,8 +53,12 @@ def collapse_dims(out_shape, operand_strides):
     return sizes, [[strides[k] for _, strides in merged] for k in range(len(operand_strides))]
 
 
-def emit_elementwise(module, name: str, out_shape, operand_shapes, expr: sympy.Expr, *, max_threads: int) -> Kernel:
-    """out = expr(x0, x1, ...) with numpy broadcasting of the operands into `out_shape`."""
+def emit_elementwise(module, name: str, out_shape, operand_shapes, expr: sympy.Expr, *, max_threads: int,
+                     side_stores: tuple = ()) -> Kernel:
+    """out = expr(x0, x1, ...) with numpy broadcasting of the operands into `out_shape`.
+
+    Each (k, e) of `side_stores` also stores e(x0, x1, ...) into operand k, which must have the
+    output's shape: an in-place update computed beside the output (written after it was read)."""
     fn, kb = phase_function(module, name, len(operand_shapes))
     out, inputs, _scratch, tid, nthreads = phase_args(fn)
     out_strides = broadcast_strides(out_shape, out_shape)
@@ -65,7 +69,7 @@ def emit_elementwise(module, name: str, out_shape, operand_shapes, expr: sympy.E
     outer_sizes = sizes[:-1]
     outer_count = math.prod(outer_sizes)
     parallel = max_threads > 1 and math.prod(sizes) >= PARALLEL_MIN_ELEMENTS
-    emitter_inputs = (inputs, operand_strides)
+    emitter_inputs = (inputs, operand_strides, tuple(side_stores))
 
     if outer_count > 1 or not parallel:
         # Split the outer iterations across threads; each runs whole inner rows.
@@ -132,8 +136,9 @@ def _outer_bases(kb, flat, outer_sizes, stride_sets):
 
 
 def _inner_loop(kb, expr, out, out_base, emitter_inputs, operand_bases, start, stop):
-    """out[out_base + i] = expr(...) for i in [start, stop), on vectors with a masked tail."""
-    inputs, operand_strides = emitter_inputs
+    """out[out_base + i] = expr(...) for i in [start, stop), on vectors with a masked tail; and
+    the side stores: operand k [base + i] = e(...) for each (k, e)."""
+    inputs, operand_strides, side_stores = (emitter_inputs + ((),))[:3]
     inner_strides = [s[-1] for s in operand_strides]
     # Broadcast operands (stride 0 along the row) are loaded once per row.
     splats = {k: kb.splat(kb.load(inputs[k], operand_bases[k]))
@@ -153,14 +158,18 @@ def _inner_loop(kb, expr, out, out_base, emitter_inputs, operand_bases, start, s
     width = kb.width
     length = kb.sub(stop, start)
     full_stop = kb.add(start, kb.mul(kb.b.sdiv(length, kb.i64(width)), width))
+    exprs = [expr] + [side_expr for _, side_expr in side_stores]
+    targets = [(out, out_base)] + [(inputs[k], operand_bases[k]) for k, _ in side_stores]
     with kb.for_range(start, full_stop, step=width, name="vec") as i:
-        value = _RegisterMathEmitter(kb, operand_vectors(i)).emit_all([expr])[0]
-        kb.store_vec(value, out, kb.add(out_base, i))
+        values = _RegisterMathEmitter(kb, operand_vectors(i)).emit_all(exprs)
+        for value, (target, base) in zip(values, targets):
+            kb.store_vec(value, target, kb.add(base, i))
     remaining = kb.sub(stop, full_stop)
     with kb.if_then(kb.b.icmp_signed(">", remaining, kb.i64(0))):
         mask = kb.lane_mask_dynamic(remaining)
-        value = _RegisterMathEmitter(kb, operand_vectors(full_stop, mask)).emit_all([expr])[0]
-        kb.masked_store_vec(value, out, kb.add(out_base, full_stop), mask)
+        values = _RegisterMathEmitter(kb, operand_vectors(full_stop, mask)).emit_all(exprs)
+        for value, (target, base) in zip(values, targets):
+            kb.masked_store_vec(value, target, kb.add(base, full_stop), mask)
 
 
 # ---- lowering --------------------------------------------------------------------------------
@@ -178,3 +187,17 @@ def lower_elementwise(node, _epilogue) -> Step:
     return Step(node, operands,
                 lambda m, name, threads: emit_elementwise(m, name, node.shape, shapes, expr, max_threads=threads),
                 label, [node], flops=node.size * max(1, sympy.count_ops(expr)))
+
+
+def lower_elementwise_group(node, writes) -> Step:
+    """One kernel computing the elementwise `node` and, as side stores, each in-place value of
+    `writes` ((value node, the source it overwrites), each an `ew` operand of `node` of its
+    shape): Adam's moments, stored beside the param they move, in one pass over memory."""
+    expr, operands, side_stores = group_expression(node, writes)
+    shapes = [o.shape for o in operands]
+    count_ops = sympy.count_ops(expr) + sum(sympy.count_ops(e) for _, e in side_stores)
+    return Step(node, operands,
+                lambda m, name, threads: emit_elementwise(m, name, node.shape, shapes, expr, max_threads=threads,
+                                                          side_stores=side_stores),
+                f"ew+{len(writes)} in place", [value for value, _ in writes] + [node],
+                flops=node.size * max(1, count_ops), side_writes=[source for _, source in writes])

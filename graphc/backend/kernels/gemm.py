@@ -276,13 +276,16 @@ def emit_gemm(module: ir.Module, name: str, M: int, N: int, K: int, *,
               trans_a: bool = False, trans_b: bool = False,
               accumulate: bool = False, bias: str | None = None,
               relu: bool = False, plan: GemmPlan | DotPlan | None = None,
-              epilogue=None, epilogue_operands: int = 0, scalar_operands: tuple[bool, ...] = ()) -> ir.Function:
+              epilogue=None, epilogue_operands: int = 0, scalar_operands: tuple[bool, ...] = (),
+              side_stores: tuple = ()) -> ir.Function:
     """Add `void name(A, B, C, bias, workspace, tid, nthreads, E_1..E_k)` to `module`.
 
     `epilogue` (a sympy expression over x0 = the result after bias and relu, and x1..xk = the
     k = `epilogue_operands` matrices E_1..E_k, each (M, N) row-major) replaces every element of
     C by its value before C is stored: an elementwise consumer fused into the GEMM. E_i is one
-    float, broadcast, where `scalar_operands[i - 1]` is true (a learning rate). E_i may be
+    float, broadcast, where `scalar_operands[i - 1]` is true (a learning rate). Each (i, e) of
+    `side_stores` also stores e(x0, ..., xk) into E_i (an optimizer's moments, updated in place
+    beside the param the epilogue moves). E_i may be
     C itself (an in-place update) only when the plan has one K block (`plan.k_blocks == 1`):
     with several, C holds partial sums before the last one.
 
@@ -304,7 +307,7 @@ def emit_gemm(module: ir.Module, name: str, M: int, N: int, K: int, *,
     emitter = _GemmEmitter(module, name, plan, trans_a=trans_a, trans_b=trans_b,
                            accumulate=accumulate, bias=bias, relu=relu,
                            epilogue=epilogue, epilogue_operands=epilogue_operands,
-                           scalar_operands=scalar_operands)
+                           scalar_operands=scalar_operands, side_stores=side_stores)
     if isinstance(plan, DotPlan):
         return DotEmitter(emitter, plan).emit()
     return emitter.emit()
@@ -335,7 +338,7 @@ class _GemmEmitter:
     (panel packers and one micro-kernel per tile shape actually needed)."""
 
     def __init__(self, module, name, plan, *, trans_a, trans_b, accumulate,
-                 bias, relu, epilogue=None, epilogue_operands=0, scalar_operands=()):
+                 bias, relu, epilogue=None, epilogue_operands=0, scalar_operands=(), side_stores=()):
         self.module = module
         self.name = name
         self.plan = plan
@@ -349,6 +352,9 @@ class _GemmEmitter:
         self.scalar_extras = tuple(scalar_operands) or (False,) * epilogue_operands
         if len(self.scalar_extras) != epilogue_operands:
             raise ValueError("scalar_operands must have one flag per epilogue operand")
+        self.side_stores = tuple(side_stores)
+        if any(not 1 <= k <= epilogue_operands or self.scalar_extras[k - 1] for k, _ in self.side_stores):
+            raise ValueError("side stores go to epilogue operands of the result's shape")
 
     # ------------------------------------------------------------ driver
     def driver_function(self):
@@ -681,7 +687,7 @@ class _GemmEmitter:
     def epilogue_key(self) -> tuple:
         """Everything the epilogue's code depends on (part of every helper's name)."""
         return (self.bias, self.relu, None if self.epilogue is None else sympy.srepr(self.epilogue),
-                self.extras, self.scalar_extras)
+                self.extras, self.scalar_extras, tuple((k, sympy.srepr(e)) for k, e in self.side_stores))
 
     def offset_extras(self, kb, extras, offset):
         """The epilogue operands' pointers moved to element `offset` of C; a scalar stays put."""
@@ -699,7 +705,12 @@ class _GemmEmitter:
         if self.epilogue is not None:
             operands = [value] + [kb.splat(kb.load(e, 0)) if scalar else self.load_masked(kb, e, v * kb.width, mask)
                                   for e, scalar in zip(extra_rows, self.scalar_extras)]
-            value = ExprEmitter(kb, operands).emit_all([self.epilogue])[0]
+            value, *side_values = ExprEmitter(kb, operands).emit_all([self.epilogue] + [e for _, e in self.side_stores])
+            for (k, _), side_value in zip(self.side_stores, side_values):
+                if mask is None:
+                    kb.store_vec(side_value, extra_rows[k - 1], v * kb.width)
+                else:
+                    kb.masked_store_vec(side_value, extra_rows[k - 1], v * kb.width, mask)
         return value
 
     @staticmethod
@@ -763,7 +774,8 @@ def lower_matmul(node, epilogue: Epilogue | None) -> Step:
         gemm = emit_gemm(module, f"{name}.gemm", M, N, K, trans_a=trans_a, trans_b=trans_b,
                          bias="col" if has_bias else None, relu=epilogue.relu,
                          epilogue=epilogue.expr, epilogue_operands=len(epilogue.operands),
-                         scalar_operands=tuple(t.size == 1 for t in epilogue.operands))
+                         scalar_operands=tuple(t.size == 1 and t.shape != node.shape for t in epilogue.operands),
+                         side_stores=epilogue.side_stores)
         gemm.linkage = "internal"
         fn, kb = phase_function(module, name, len(operands))
         out, ins, scratch, tid, nthreads = phase_args(fn)
@@ -774,7 +786,9 @@ def lower_matmul(node, epilogue: Epilogue | None) -> Step:
         return Kernel([fn], gemm_workspace_floats(M, N, K, trans_a=trans_a, trans_b=trans_b, nthreads=threads))
 
     label = ("gemm" + ("T" if trans_a else "") + ("+bias" if has_bias else "") + ("+relu" if epilogue.relu else "")
-             + ("+ew" if epilogue.expr is not None else ""))
+             + ("+ew" if epilogue.expr is not None else "")
+             + (f"+{len(epilogue.side_stores)} in place" if epilogue.side_stores else ""))
     folded = [t for t, is_folded in ((a, trans_a), (b, trans_b)) if is_folded]
-    covers = folded + [node] + ([epilogue.node] if epilogue.node is not node else [])
-    return Step(epilogue.node, operands, build, label, covers, flops=2 * M * N * K)
+    covers = folded + [node] + list(epilogue.absorbed) + ([epilogue.node] if epilogue.node is not node else [])
+    side_writes = [epilogue.operands[k - 1] for k, _ in epilogue.side_stores]
+    return Step(epilogue.node, operands, build, label, covers, flops=2 * M * N * K, side_writes=side_writes)
