@@ -87,7 +87,7 @@ NARROWER_LEVELS = [level for level in ("avx2", "sse")
 # The tests that compile and execute kernels, and whole steps, at the process's target.
 KERNEL_TESTS = ["test_gemm_kernels.py", "test_misc_kernels.py", "test_conv_pool_kernels.py",
                 "test_conv_batch_lanes.py", "test_networks.py", "test_compile_ops.py", "test_pad_slice.py",
-                "test_dropout_mask.py", "test_concat_leaky_relu.py", "test_optimizers.py"]
+                "test_dropout_mask.py", "test_concat_leaky_relu.py", "test_optimizers.py", "test_sum_prologue.py"]
 
 
 @pytest.mark.skipif(not NARROWER_LEVELS, reason="this host runs no narrower instruction set")

@@ -48,6 +48,8 @@ def plan_steps(graph, outputs: list[Tensor], inplace: dict[int, Tensor] | None =
     output_ids = {out.id for out in outputs}
     side_writes = _side_writes(nodes, consumers, inplace or {})
     absorbed: set[int] = {value.id for group in side_writes.values() for value, _ in group.writes}
+    with_prologue = _prologues(nodes, consumers, output_ids, absorbed)
+    absorbed.update(step.covers[0].id for step in with_prologue.values())
     steps = []
     for node in nodes:
         if node.op in NO_STEP_OPS or node.id in absorbed or _folded_into_consumers(node, consumers):
@@ -55,6 +57,9 @@ def plan_steps(graph, outputs: list[Tensor], inplace: dict[int, Tensor] | None =
         rule = LOWERINGS.get(node.op)
         if rule is None:
             raise NotImplementedError(f"no kernel computes op {node.op!r} (%{node.id}, at {node.site})")
+        if node.id in with_prologue:
+            steps.append(with_prologue[node.id])
+            continue
         if node.id in side_writes:
             group = side_writes[node.id]
             steps.append(lower_elementwise_group(group.update, group.writes))
@@ -119,6 +124,25 @@ def _side_writes(nodes, consumers: _Consumers, inplace: dict[int, Tensor]) -> di
             writes.append((operand, source))
         if writes:
             found[node.id] = UpdateGroup(node, writes)
+    return found
+
+
+def _prologues(nodes, consumers: _Consumers, output_ids: set[int], taken: set[int]) -> dict[int, Step]:
+    """node id -> its step with its operand's elementwise producer fused in (a sum of a
+    product), where the producer has no other reader and no kernel would take it as its
+    epilogue. The step's `covers` starts with the producer."""
+    found: dict[int, Step] = {}
+    for node in nodes:
+        rule = LOWERINGS.get(node.op)
+        if rule is None or rule.prologue is None or len(node.inputs) != 1:
+            continue
+        producer = node.inputs[0]
+        if (producer.op != "ew" or producer.id in output_ids or producer.id in taken
+                or consumers.of[producer.id] != [node] or _wanted_as_epilogue(producer, consumers)):
+            continue
+        step = rule.prologue(node, producer)
+        if step is not None:
+            found[node.id] = step
     return found
 
 

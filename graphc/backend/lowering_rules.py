@@ -98,6 +98,7 @@ class Lowering:
     folds_operand: an operand layout (a node) the kernel reads in place instead of a copy.
     label_range: (the integer input node, its class count) for inputs the kernel indexes by;
         the runtime checks them before native code runs.
+    prologue: absorbs the elementwise producer of its only operand when nothing else reads it.
     """
 
     lower: Callable[[Tensor, Epilogue | None], Step]
@@ -107,6 +108,9 @@ class Lowering:
     scalar_epilogue_operands: bool = False
     folds_operand: Callable[[Tensor], bool] | None = None
     label_range: Callable[[Tensor], tuple[Tensor, int]] | None = None
+    # (node, its operand's elementwise producer) -> a Step computing both, or None: the kernel
+    # evaluates the producer's expression as it reads the operand (a sum of products)
+    prologue: Callable[[Tensor, Tensor], Step | None] | None = None
 
 
 LOWERINGS: dict[str, Lowering] = {}

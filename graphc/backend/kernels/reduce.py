@@ -25,10 +25,12 @@ not with the whole length.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Callable, Sequence
 
 import llvmlite.ir as ir
+import sympy
 
 from graphc.backend.emit.kernel import Kernel, phase_args, phase_function
 from graphc.backend.emit.kernel_builder import F32, I32, KernelBuilder, shared_constant
@@ -154,22 +156,27 @@ def blocked_sum(kb: KernelBuilder, n: int, block: int, n_vectors: int,
     return totals.values()
 
 
-def span_reduce(kb: KernelBuilder, ptr: ir.Value, start: ir.Value, count: int,
+def span_reduce(kb: KernelBuilder, ptr, start: ir.Value, count: int,
                 identity: float, combine: Combine) -> ir.Value:
-    """Lanewise reduction of the floats ptr[start:][:count] to one vector (unblocked)."""
+    """Lanewise reduction of the floats ptr[start:][:count] to one vector (unblocked).
+
+    `ptr` may instead be a loader, (index, lanes) -> the vector of those elements with
+    `identity` in the other lanes (a sum's fused prologue, see `Prologue`)."""
     n_accumulators = max(1, min(SPAN_ACCUMULATORS, len(vector_lanes(kb, count))))
     accumulators = VectorAccumulators(kb, n_accumulators, identity, combine)
     accumulators.reset()
+    load = ptr if callable(ptr) else lambda index, lanes: load_lanes(kb, ptr, index, lanes, fill=identity)
 
     def accumulate(index: ir.Value, lanes: int, slot: int) -> None:
-        accumulators.update(slot, load_lanes(kb, ptr, index, lanes, fill=identity))
+        accumulators.update(slot, load(index, lanes))
 
     for_each_vector(kb, start, count, accumulate, unroll=n_accumulators)
     return tree_combine(kb, accumulators.values(), combine)
 
 
-def span_sum(kb: KernelBuilder, ptr: ir.Value, start: ir.Value, count: int) -> ir.Value:
-    """Lanewise sum of ptr[start:][:count] as one vector (add its lanes for the total)."""
+def span_sum(kb: KernelBuilder, ptr, start: ir.Value, count: int) -> ir.Value:
+    """Lanewise sum of ptr[start:][:count] (or of a loader's elements, see `span_reduce`) as
+    one vector (add its lanes for the total)."""
     def block_sum(block_start: ir.Value, block_count: int) -> list[ir.Value]:
         return [span_reduce(kb, ptr, kb.add(start, block_start), block_count,
                             SUM_IDENTITY, vector_add)]
@@ -217,32 +224,94 @@ def for_each_column_chunk(kb: KernelBuilder, tid: ir.Value, nthreads: ir.Value,
 
 # ---------------------------------------------------------------------------- emit_sum
 
+@dataclasses.dataclass(frozen=True)
+class Prologue:
+    """The elementwise producer of a sum's x, computed as x is read and never stored.
+
+    `expr` is over x0.. = the kernel's inputs; `kinds[k]` says how input k is laid out: "full"
+    (x's shape), "per_output" (one value per output of the sum, in out's order) or "scalar"."""
+
+    expr: sympy.Expr
+    kinds: tuple[str, ...]
+
+
+class _Source:
+    """What a sum reads at an index of x: x's floats, or its prologue evaluated there."""
+
+    def __init__(self, kb: KernelBuilder, inputs: Sequence[ir.Value], prologue: Prologue | None):
+        self.kb, self.inputs, self.prologue = kb, list(inputs), prologue
+        if prologue is not None:
+            self.scalars = {k: kb.splat(kb.load(ptr, 0)) for k, (ptr, kind) in
+                            enumerate(zip(inputs, prologue.kinds)) if kind == "scalar"}
+
+    def loader(self, out_index: ir.Value | None = None):
+        """(index, lanes) -> vector, for the rows of output `out_index` (needed by per-output
+        inputs; None where the sum has one output)."""
+        kb, prologue = self.kb, self.prologue
+        if prologue is None:
+            return lambda index, lanes: load_lanes(kb, self.inputs[0], index, lanes, fill=SUM_IDENTITY)
+        fixed = dict(self.scalars)
+        for k, kind in enumerate(prologue.kinds):
+            if kind == "per_output":
+                fixed[k] = kb.splat(kb.load(self.inputs[k], out_index if out_index is not None else 0))
+
+        def load(index: ir.Value, lanes: int) -> ir.Value:
+            from graphc.backend.kernels.elementwise import emit_expr  # elementwise imports this module's users
+            values = [fixed[k] if k in fixed else load_lanes(kb, ptr, index, lanes)
+                      for k, ptr in enumerate(self.inputs)]
+            value = emit_expr(kb, prologue.expr, values)
+            if lanes < kb.width:   # the prologue of absent elements need not be 0
+                value = kb.b.select(kb.lane_mask(lanes), value, kb.splat(SUM_IDENTITY))
+            return value
+        return load
+
+
+def sum_path(x_shape: Sequence[int], axes: Sequence[int]) -> str:
+    """Which loop nest `emit_sum` emits: "zeros", "copy", "total", "rows" or "columns"."""
+    _, _, sizes, out_strides = _collapsed(tuple(x_shape), tuple(axes))
+    if math.prod(x_shape) == 0:
+        return "zeros"
+    reduced = [d for d, stride in enumerate(out_strides) if stride == 0]
+    if not reduced:
+        return "copy"
+    if len(reduced) == len(sizes):
+        return "total"
+    return "rows" if reduced[-1] == len(sizes) - 1 else "columns"
+
+
+def _collapsed(x_shape, axes):
+    kept_shape = [d for i, d in enumerate(x_shape) if i not in axes]
+    kept_strides = iter(contiguous_strides(kept_shape))
+    # A reduced dim moves x but not out: its out stride is 0.
+    out_strides = [0 if i in axes else next(kept_strides) for i in range(len(x_shape))]
+    sizes, (in_strides, out_strides) = collapse_dims(x_shape, contiguous_strides(x_shape), out_strides)
+    return kept_shape, in_strides, sizes, out_strides
+
 def emit_sum(module: ir.Module, name: str, x_shape: Sequence[int], axes: Sequence[int], *,
-             max_threads: int, width: int | None = None) -> Kernel:
+             max_threads: int, width: int | None = None, prologue: Prologue | None = None) -> Kernel:
     """out = x.sum(axes): in0 float32 of x_shape; out holds the kept dims in order (keepdims
     changes only the shape). `axes` is a sorted tuple of distinct dims.
 
+    With a `prologue` (total and row sums only, see `sum_path`), x is not an input: the
+    kernel's inputs are the prologue's, and x's elements its expression over them.
     `width` overrides the host's vector width (tests use it to cover other hosts' tails).
     """
     x_shape, axes = tuple(x_shape), tuple(axes)
     if list(axes) != sorted(set(axes)) or any(not 0 <= a < len(x_shape) for a in axes):
         raise ValueError(f"axes {axes} must be sorted, distinct dims of a {len(x_shape)}-D x")
-    kept_shape = [d for i, d in enumerate(x_shape) if i not in axes]
-    kept_strides = iter(contiguous_strides(kept_shape))
-    # A reduced dim moves x but not out: its out stride is 0.
-    out_strides = [0 if i in axes else next(kept_strides) for i in range(len(x_shape))]
-    sizes, (in_strides, out_strides) = collapse_dims(x_shape, contiguous_strides(x_shape),
-                                                     out_strides)
+    kept_shape, in_strides, sizes, out_strides = _collapsed(x_shape, axes)
     n_out = math.prod(kept_shape)
-    if math.prod(x_shape) == 0:
+    path = sum_path(x_shape, axes)
+    if prologue is not None and path not in ("total", "rows"):
+        raise ValueError(f"a sum's prologue needs a total or a row sum, not {path}")
+    if path == "zeros":
         return _emit_zeros(module, name, n_out)
-    reduced = [d for d, stride in enumerate(out_strides) if stride == 0]
-    if not reduced:  # only size-1 dims were reduced
+    if path == "copy":  # only size-1 dims were reduced
         return emit_copy(module, name, n_out, max_threads=max_threads, width=width)
-    if len(reduced) == len(sizes):
-        return _emit_total(module, name, sizes[0], max_threads, width)
-    if reduced[-1] == len(sizes) - 1:
-        return _emit_row_sums(module, name, sizes, in_strides, out_strides, width)
+    if path == "total":
+        return _emit_total(module, name, sizes[0], max_threads, width, prologue)
+    if path == "rows":
+        return _emit_row_sums(module, name, sizes, in_strides, out_strides, width, prologue)
     return _emit_column_sums(module, name, sizes, in_strides, out_strides, width)
 
 
@@ -257,21 +326,23 @@ def _emit_zeros(module: ir.Module, name: str, n: int) -> Kernel:
 
 
 def _emit_total(module: ir.Module, name: str, n: int, max_threads: int,
-                width: int | None) -> Kernel:
+                width: int | None, prologue: Prologue | None = None) -> Kernel:
     """out[0] = sum of all n floats of x."""
+    n_inputs = 1 if prologue is None else len(prologue.kinds)
     if max_threads == 1 or n < PARALLEL_TOTAL_MIN:
-        fn, kb = open_phase(module, name, 1, width)
-        out, (x,), _, tid, _ = phase_args(fn)
+        fn, kb = open_phase(module, name, n_inputs, width)
+        out, inputs, _, tid, _ = phase_args(fn)
         only_thread_zero(kb, tid)
-        kb.store(horizontal_sum(kb, span_sum(kb, x, kb.i64(0), n)), out)
+        kb.store(horizontal_sum(kb, span_sum(kb, _Source(kb, inputs, prologue).loader(), kb.i64(0), n)), out)
         kb.b.ret_void()
         return Kernel([fn])
 
     n_blocks = math.ceil(n / TOTAL_BLOCK)
     last_block_length = n - (n_blocks - 1) * TOTAL_BLOCK
-    partials, kb = open_phase(module, f"{name}_block_sums", 1, width)
-    _, (x,), scratch, tid, nthreads = phase_args(partials)
+    partials, kb = open_phase(module, f"{name}_block_sums", n_inputs, width)
+    _, inputs, scratch, tid, nthreads = phase_args(partials)
     lo, hi = kb.split_range(n_blocks, tid, nthreads)
+    x = _Source(kb, inputs, prologue).loader()
 
     def store_block_sum(block: ir.Value, length: int) -> None:
         block_sum = span_sum(kb, x, kb.mul(block, TOTAL_BLOCK), length)
@@ -284,7 +355,7 @@ def _emit_total(module: ir.Module, name: str, n: int, max_threads: int,
         store_block_sum(kb.i64(n_blocks - 1), last_block_length)
     kb.b.ret_void()
 
-    combine, kb = open_phase(module, f"{name}_combine", 1, width)
+    combine, kb = open_phase(module, f"{name}_combine", n_inputs, width)
     out, _, scratch, tid, _ = phase_args(combine)
     only_thread_zero(kb, tid)
     kb.store(horizontal_sum(kb, span_sum(kb, scratch, kb.i64(0), n_blocks)), out)
@@ -294,11 +365,12 @@ def _emit_total(module: ir.Module, name: str, n: int, max_threads: int,
 
 def _emit_row_sums(module: ir.Module, name: str, sizes: Sequence[int],
                    in_strides: Sequence[int], out_strides: Sequence[int],
-                   width: int | None) -> Kernel:
+                   width: int | None, prologue: Prologue | None = None) -> Kernel:
     """Collapsed sum whose innermost dim is reduced: each output is a sum of contiguous rows
     of x (one per index of the outer reduced dims)."""
-    fn, kb = open_phase(module, name, 1, width)
-    out, (x,), _, tid, nthreads = phase_args(fn)
+    fn, kb = open_phase(module, name, 1 if prologue is None else len(prologue.kinds), width)
+    out, inputs, _, tid, nthreads = phase_args(fn)
+    x = _Source(kb, inputs, prologue)
     kept = [d for d, stride in enumerate(out_strides) if stride]
     outer_reduced = [d for d, stride in enumerate(out_strides[:-1]) if not stride]
     kept_sizes = [sizes[d] for d in kept]
@@ -316,15 +388,16 @@ def _emit_row_sums(module: ir.Module, name: str, sizes: Sequence[int],
         base = dot_offset(kb, unflatten_index(kb, index, kept_sizes),
                           [in_strides[d] for d in kept])
         total.reset()
+        rows = x.loader(index)
         with strided_loops(kb, [sizes[d] for d in outer_reduced],
                            [in_strides[d] for d in outer_reduced], base) as row_start:
-            total.update(0, span_sum(kb, x, row_start, row_length))
+            total.update(0, span_sum(kb, rows, row_start, row_length))
         kb.store(horizontal_sum(kb, total.values()[0]), out, index)
     kb.b.ret_void()
     return Kernel([fn])
 
 
-def _emit_row_sums_in_memory_order(kb: KernelBuilder, x: ir.Value, out: ir.Value, lo: ir.Value,
+def _emit_row_sums_in_memory_order(kb: KernelBuilder, x: _Source, out: ir.Value, lo: ir.Value,
                                    hi: ir.Value, sizes: Sequence[int],
                                    in_strides: Sequence[int], kept: list[int],
                                    outer_reduced: list[int]) -> None:
@@ -348,7 +421,7 @@ def _emit_row_sums_in_memory_order(kb: KernelBuilder, x: ir.Value, out: ir.Value
             row_start = dot_offset(kb, unflatten_index(kb, index, kept_sizes),
                                    [in_strides[d] for d in kept], rows_start)
             running = kb.b.load(total(index), typ=kb.vec_type)
-            kb.b.store(kb.fadd(running, span_sum(kb, x, row_start, sizes[-1])), total(index))
+            kb.b.store(kb.fadd(running, span_sum(kb, x.loader(index), row_start, sizes[-1])), total(index))
     with kb.for_range(lo, hi, name="out") as index:
         kb.store(horizontal_sum(kb, kb.b.load(total(index), typ=kb.vec_type)), out, index)
 
@@ -403,7 +476,36 @@ def _column_chunk_sums(kb: KernelBuilder, x: ir.Value, x_start: ir.Value, lanes:
 
 # ---- lowering --------------------------------------------------------------------------------
 
-@lowers("sum")
+def sum_prologue(node, producer) -> Step | None:
+    """The sum `node` computing its elementwise operand `producer` as it reads it, if the sum is
+    a total or row sum and each of the producer's operands is x-shaped, one value per output
+    (batch norm's per-channel statistics) or one value."""
+    axes = node.attrs["axes"]
+    if producer.dtype != "float32" or sum_path(producer.shape, axes) not in ("total", "rows"):
+        return None
+    per_output = tuple(1 if i in axes else d for i, d in enumerate(producer.shape))
+    kinds = []
+    for operand in producer.inputs:
+        if operand.dtype != "float32":
+            return None
+        padded = (1,) * (producer.ndim - operand.ndim) + tuple(operand.shape)
+        if operand.shape == producer.shape:
+            kinds.append("full")
+        elif operand.size == 1:
+            kinds.append("scalar")
+        elif padded == per_output:
+            kinds.append("per_output")
+        else:
+            return None
+    prologue = Prologue(producer.attrs["expr"], tuple(kinds))
+    operands = list(producer.inputs)
+    return Step(node, operands,
+                lambda m, name, threads: emit_sum(m, name, producer.shape, axes, max_threads=threads,
+                                                  prologue=prologue),
+                "sum+ew", [producer, node], flops=producer.size * (1 + sympy.count_ops(prologue.expr)))
+
+
+@lowers("sum", prologue=sum_prologue)
 def lower_sum(node, _epilogue) -> Step:
     x = node.inputs[0]
     return Step(node, [x], lambda m, name, threads: emit_sum(m, name, x.shape, node.attrs["axes"], max_threads=threads),
