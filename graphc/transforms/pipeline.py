@@ -16,6 +16,7 @@ from graphc.transforms.constant_folding import fold_constants
 from graphc.transforms.cse import cse
 from graphc.transforms.dce import dce
 from graphc.transforms.elementwise_fusion import fuse_elementwise
+from graphc.transforms.fold_channel_scale import fold_channel_scale
 from graphc.transforms.rebuild import attrs_key
 from graphc.transforms.simplify import simplify
 from graphc.transforms.value_reuse import reuse_values
@@ -63,6 +64,7 @@ DEFAULT_PASSES: list[Union[Pass, FixedPoint]] = [
     dce,
     FixedPoint((fold_constants, simplify, cse)),
     fuse_elementwise,
+    fold_channel_scale,
     reuse_values,
 ]
 
