@@ -36,8 +36,8 @@ CLASS_ORDER = ["conv forward", "conv input grad", "conv weight grad", "BN+ReLU f
 def kernel_class(step_, forward_ids: set, stat_ids: set) -> str:
     """The class of one kernel (a `Step`) by the nodes it covers.
 
-    - conv: the kernel's label (a conv kernel may absorb an elementwise consumer: "+ew"; its time
-      stays the conv's, so the BN+ReLU classes are a lower bound).
+    - conv: the kernel's label (a conv kernel may absorb an elementwise consumer, "+ew", or an
+      update; its time stays the conv's, so the BN+ReLU classes are a lower bound).
     - head: a node of a matmul, the loss or softmax, or of the global average pool (2-D (N, C)
       values), or the gradient of one of them.
     - optimizer update / BN running stats: nodes that are neither forward (ancestors of the loss)
@@ -57,7 +57,7 @@ def kernel_class(step_, forward_ids: set, stat_ids: set) -> str:
         return "BN running stats" if any(n.id in stat_ids for n in nodes) else "optimizer update"
     if any(len(n.shape) == 2 or (n.grad_of is not None and len(n.grad_of.shape) == 2) for n in nodes):
         return "head"
-    if step_.label in ("ew", "sum"):
+    if base in ("ew", "sum"):   # also "sum+ew" (a sum reading its elementwise producer), "ew+2" (two outputs)
         return "BN+ReLU backward" if any(n.grad_of is not None for n in nodes) else "BN+ReLU forward"
     return "other"
 
