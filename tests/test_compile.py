@@ -360,9 +360,12 @@ def _empty_program_cache(monkeypatch):
         yield
 
 
-def test_compiling_changes_no_interpreter_setting_unless_asked_with_fast_compile():
+def test_compiling_changes_no_interpreter_setting_unless_asked_with_fast_compile(tmp_path, monkeypatch):
     import gc as cyclic_gc
     import sys
+
+    from graphc.backend import compiler
+    monkeypatch.setattr(compiler, "_cache", gc_runtime.ObjectCache(tmp_path))   # every step below is compiled
     model = models.logistic_regression(8, 4)
     seen = []
     from graphc.core import autodiff
@@ -378,8 +381,9 @@ def test_compiling_changes_no_interpreter_setting_unless_asked_with_fast_compile
         patch.setattr(autodiff, "grad", grad_seeing_settings)
         gc.compile_training_step(model.loss, gc.init_params(model.graph, seed=0), gc.SGD(lr=0.1))
         assert seen == [(True, interval)]
+        other = models.logistic_regression(9, 4)    # another program: its gradient is built
         with gc.fast_compile():
-            gc.compile_training_step(model.loss, gc.init_params(model.graph, seed=1), gc.SGD(lr=0.1))
+            gc.compile_training_step(other.loss, gc.init_params(other.graph, seed=1), gc.SGD(lr=0.1))
         assert seen[1][0] is False and seen[1][1] < interval
         assert cyclic_gc.isenabled() and sys.getswitchinterval() == interval
         cyclic_gc.disable()        # the user's choice is kept

@@ -34,6 +34,39 @@ def test_miss_then_hit_without_optimizing_or_generating_ir(cache):
     assert str(step.graph) == str(first.graph) and step.describe() == first.describe()
 
 
+def test_a_cached_training_step_builds_no_gradient_graph_and_keeps_its_state(cache, monkeypatch):
+    """Found by its forward graph, optimizer and params: the gradient graph is built only when
+    someone asks to see it. State names, the learning rate and dropout's counter work as after
+    a cold compile."""
+    from graphc.core import autodiff
+
+    def build():
+        g = gc.Graph()
+        x, y = g.input("x", (8, 5)), g.input("y", (8,), dtype="int32")
+        h = gc.batch_norm(gc.linear(x, g.param("w", (6, 5))), g.param("bn.w", (6,), init=1.0), g.param("bn.b", (6,)),
+                          g.buffer("bn.rm", (6,)), g.buffer("bn.rv", (6,), init=1.0))
+        loss = gc.softmax_cross_entropy(gc.linear(gc.dropout(gc.relu(h), 0.3), g.param("v", (3, 6))), y)
+        params = gc.init_params(g, seed=0)
+        return loss, params, gc.compile_training_step(loss, params, gc.Adam(lr=0.01), seed=4)
+
+    feeds = {"x": np.linspace(-1, 1, 40, dtype=np.float32).reshape(8, 5), "y": np.arange(8, dtype=np.int32) % 3}
+    _, cold_params, cold = build()
+    calls = []
+    monkeypatch.setattr(autodiff, "grad", lambda *a, **k: calls.append(1) or pytest.fail("grad was called"))
+    _, warm_params, warm = build()
+    assert (cache.stats.hits, cache.stats.misses) == (1, 1) and not calls
+    assert set(warm.state) == set(cold.state) == {"exp_avg:w", "exp_avg_sq:w", "exp_avg:v", "exp_avg_sq:v",
+                                                  "exp_avg:bn.w", "exp_avg_sq:bn.w", "exp_avg:bn.b", "exp_avg_sq:bn.b"}
+    for step in (cold, warm):
+        step.lr = 0.02
+        for _ in range(3):
+            step(**feeds)
+    for name in cold_params:
+        assert warm_params[name].tobytes() == cold_params[name].tobytes(), name
+    monkeypatch.undo()
+    assert warm.describe() == cold.describe()
+
+
 def test_thread_count_is_part_of_the_key(cache, monkeypatch):
     from thread_choice import SPLITTING_PAYS
 

@@ -31,6 +31,7 @@ from graphc.backend.emit.entry import ENTRY_NAME
 from graphc.backend.llvm.parallel import ObjectCompiler, compile_modules, split_modules
 from graphc.backend.llvm.program_modules import default_budget
 from graphc.backend.program_cache import CachedProgram, pack_entry, program_key, unpack_entry
+from graphc.core.errors import building_for, user_site
 from graphc.core.ir import Tensor, as_int
 
 _cache: rt.ObjectCache | None = None
@@ -68,11 +69,24 @@ class Plan:
     compiled, so that the plan made later has the cached program's kernels.
     """
 
-    def __init__(self, outputs: list, request: dict, max_threads: int | None = None):
-        self._outputs = outputs
-        self._request = request
+    def __init__(self, outputs, request: dict | None = None, max_threads: int | None = None):
+        # `outputs` may be a function giving (outputs, request): a training step loaded from the
+        # cache builds its gradient graph only if someone asks to see it.
+        self._source = outputs if request is None else (lambda: (outputs, request))
         self._max_threads = max_threads
         self.hidden_state: set[str] = set()   # State slots that are not the optimizer's (call_values.py)
+
+    @functools.cached_property
+    def _built(self) -> tuple[list, dict]:
+        return self._source()
+
+    @property
+    def _outputs(self) -> list:
+        return self._built[0]
+
+    @property
+    def _request(self) -> dict:
+        return self._built[1]
 
     @functools.cached_property
     def optimized(self):
@@ -118,11 +132,13 @@ class CompiledFunction:
     program from the disk cache.
     """
 
-    def __init__(self, program: rt.Program, plan: Plan, single: bool, call_values: CallValues):
+    def __init__(self, program: rt.Program, plan: Plan, single: bool, call_values: CallValues,
+                 compiled: CachedProgram | None = None):
         self._program = program
         self._plan = plan
         self._single = single
         self._call_values = call_values
+        self._compiled = compiled    # the code and slot layout, as the disk cache holds them
 
     @property
     def optimization(self):
@@ -224,8 +240,9 @@ class CompiledTrainingStep(CompiledFunction):
     """One native call: forward, backward and the optimizer's update. Returns the loss (a float)
     and updates the bound param arrays in place."""
 
-    def __init__(self, program: rt.Program, plan: Plan, single: bool, call_values: CallValues):
-        super().__init__(program, plan, single, call_values)
+    def __init__(self, program: rt.Program, plan: Plan, single: bool, call_values: CallValues,
+                 compiled: CachedProgram | None = None):
+        super().__init__(program, plan, single, call_values, compiled)
         if program.keyword_call_scalar is not None and not call_values.per_call:
             # A class of its own whose __call__ is the program's: step(x=..., y=...) binds the
             # arrays straight to its parameters, without the method below's frame and dict of
@@ -363,10 +380,12 @@ def compile_training_step(loss: Tensor, params: Mapping[str, np.ndarray], optimi
     The gradient graph and the updates are built on a copy of the loss's graph: the user's
     graph is left as it was. Buffers are updated by their ops, never by the optimizer; dropout
     masks are drawn from `seed`, new ones at every call.
+
+    A step compiled before (same forward graph, params, optimizer and threads) is found in the
+    disk cache by its forward graph alone: the gradient graph is built only if someone asks to
+    see it.
     """
-    from graphc.core.autodiff import grad
     from graphc.core.optim import Optimizer
-    from graphc.transforms.rebuild import rebuild
 
     if not isinstance(loss, Tensor) or loss.size != 1:
         raise ValueError(f"compile_training_step: the loss must be a scalar Tensor, got {loss!r}")
@@ -374,19 +393,84 @@ def compile_training_step(loss: Tensor, params: Mapping[str, np.ndarray], optimi
         raise TypeError(f"compile_training_step: expected an optimizer such as gc.SGD or gc.Adam, got {optimizer!r}")
     seed = _checked_seed(seed, "compile_training_step")
     buffer_updates = loss.graph.buffer_updates_for([loss])
-    _check_params([loss] + [update.value for update in buffer_updates], params)
+    forward_outputs = [loss] + [update.value for update in buffer_updates]
+    _check_params(forward_outputs, params)
+    used = {node.id for node in loss.graph.ancestors([loss])}
+    trainable = [name for name in params if name in loss.graph.params and loss.graph.params[name].id in used]
+
+    site = user_site()
+
+    def training_graph() -> _TrainingGraph:
+        with building_for(site):     # also when built later, for a step loaded from the cache
+            return _training_graph(loss, buffer_updates, trainable, optimizer)
+
+    threads = rt.get_num_threads()
+    step_request = dict(kind="training step", trainable=trainable, optimizer=repr(optimizer),
+                        buffers=[update.buffer.name for update in buffer_updates], threads=threads,
+                        thread_costs=thread_costs.measured_thread_costs(threads) if threads > 1 else None)
+    cache = object_cache()
+    step_key = program_key(loss.graph, forward_outputs, step_request)
+    compiled, library = _load(cache, step_key)
+    made = _step_names(compiled.extras) if compiled is not None else None
+    if made is not None:
+        plan = Plan(lambda: training_graph().outputs_and_request(threads), max_threads=compiled.max_threads)
+        return _bound(CompiledTrainingStep, compiled, library, plan, params, loss.graph,
+                      single=False, seed=seed, optimizer=optimizer, renames=made["renames"],
+                      hyper_slots=made["hyper_slots"], random_key=made["random_key"])
+    built = training_graph()
+    extras = {"step": {"renames": built.renames, "hyper_slots": built.hyper_slots,
+                       "random_key": built.graph.random_key.name if built.graph.random_key is not None else None}}
+    return _build(CompiledTrainingStep, built.outputs, params, output_names=built.output_names,
+                  inplace=built.inplace, state_names=built.state_names, state_names_for_caller=built.renames,
+                  seed=seed, optimizer=optimizer, hyper_slots=built.hyper_slots, missed_key=step_key, extras=extras)
+
+
+def _step_names(extras: dict) -> dict | None:
+    """A cached training step's state names (see compile_training_step), or None if the entry
+    has none or they are not what this version writes."""
+    made = extras.get("step")
+    if not isinstance(made, dict):
+        return None
+    names_ok = all(isinstance(made.get(field), dict) and all(
+        isinstance(k, str) and isinstance(v, str) for k, v in made[field].items()) for field in ("renames", "hyper_slots"))
+    key = made.get("random_key")
+    return made if names_ok and (key is None or isinstance(key, str)) else None
+
+
+@dataclasses.dataclass
+class _TrainingGraph:
+    """The graph a training step runs: loss, then each in-place write (params' and optimizer
+    state's new values, buffers'), with what the compiler needs to know of its names."""
+
+    graph: object
+    outputs: list
+    output_names: list
+    inplace: list
+    state_names: list
+    renames: dict         # graph name of a state buffer -> the name step.state shows
+    hyper_slots: dict     # hyperparameter -> its slot's graph name
+
+    def outputs_and_request(self, threads: int) -> tuple[list, dict]:
+        random_key = self.graph.random_key.name if self.graph.random_key is not None else None
+        state_names = list(self.state_names) + ([random_key] if random_key else [])
+        return self.outputs, dict(output_names=self.output_names, inplace=self.inplace,
+                                  state_names=sorted(state_names), threads=threads,
+                                  thread_costs=thread_costs.measured_thread_costs(threads) if threads > 1 else None)
+
+
+def _training_graph(loss, buffer_updates, trainable_names, optimizer) -> _TrainingGraph:
+    from graphc.core.autodiff import grad
+    from graphc.transforms.rebuild import rebuild
+
     graph, (train_loss, *buffer_values) = rebuild(loss.graph, [loss] + [update.value for update in buffer_updates])
-    used = {node.id for node in graph.ancestors([train_loss])}
-    trainable = [graph.params[name] for name in params if name in graph.params and graph.params[name].id in used]
+    trainable = [graph.params[name] for name in trainable_names]
     grads = grad(train_loss, trainable)
     optimizer_graph = _OptimizerGraph(graph)
     writes, state_names = optimizer.updates(optimizer_graph, trainable, grads, hyper=optimizer_graph.hyper)
     writes += [(update.buffer.name, value) for update, value in zip(buffer_updates, buffer_values)]
-    return _build(CompiledTrainingStep, [train_loss] + [value for _, value in writes], params,
-                  output_names=_unclaimed_names(graph, ["loss"]), inplace=[name for name, _ in writes],
-                  state_names=list(state_names) + list(optimizer_graph.hyper_names.values()),
-                  state_names_for_caller=optimizer_graph.names_for_caller(),
-                  seed=seed, optimizer=optimizer, hyper_slots=optimizer_graph.hyper_names)
+    return _TrainingGraph(graph, [train_loss] + [value for _, value in writes], _unclaimed_names(graph, ["loss"]),
+                          [name for name, _ in writes], list(state_names) + list(optimizer_graph.hyper_names.values()),
+                          optimizer_graph.names_for_caller(), dict(optimizer_graph.hyper_names))
 
 
 def _checked_seed(seed, where: str) -> int:
@@ -449,39 +533,47 @@ def _unclaimed_names(graph, names: list[str]) -> list[str]:
 
 
 def _build(cls, outputs, params, *, output_names, single=False, inplace=(), state_names=(),
-           state_names_for_caller=None, seed=0, optimizer=None, hyper_slots=None):
+           state_names_for_caller=None, seed=0, optimizer=None, hyper_slots=None, missed_key=None, extras=None):
     """Load the program from the cache or optimize, assemble and compile it; bind params.
 
     The first len(output_names) outputs are returned to the caller; each further one is written
     in place into the param (or state buffer) named by the matching entry of `inplace`.
     `state_names_for_caller` renames State slots (graph name -> the name step.state shows).
+    `missed_key`: the caller's own cache key, already looked up and missed; the program is
+    stored under it (with `extras`) instead of under the key of `outputs`' graph.
     """
     graph = outputs[0].graph
     random_key = graph.random_key.name if graph.random_key is not None else None
-    hidden_state = set((hyper_slots or {}).values()) | ({random_key} if random_key else set())
     state_names = list(state_names) + ([random_key] if random_key else [])
     threads = rt.get_num_threads()
     # The costs decide the program's thread count, so they are part of its cache key.
     request = dict(output_names=list(output_names), inplace=list(inplace), state_names=sorted(state_names),
                    threads=threads, thread_costs=thread_costs.measured_thread_costs(threads) if threads > 1 else None)
     cache = object_cache()
-    key = program_key(outputs[0].graph, outputs, request)
-    compiled, library = _load(cache, key)
+    key = missed_key or program_key(outputs[0].graph, outputs, request)
+    compiled, library = _load(cache, key) if missed_key is None else (None, None)
     if compiled is None:
         plan = Plan(outputs, request)
-        compiled = compile_recipe(plan.recipe)
+        compiled = dataclasses.replace(compile_recipe(plan.recipe), extras=extras or {})
         cache.put(key, pack_entry(compiled))
         library = rt.NativeLibrary(compiled.objects)
     else:
         plan = Plan(outputs, request, compiled.max_threads)
-    renames = state_names_for_caller or {}
-    plan.hidden_state = {renames.get(name, name) for name in hidden_state}
+    return _bound(cls, compiled, library, plan, params, graph, single=single, seed=seed, optimizer=optimizer,
+                  renames=state_names_for_caller or {}, hyper_slots=hyper_slots or {}, random_key=random_key)
+
+
+def _bound(cls, compiled: CachedProgram, library, plan: Plan, params, graph, *, single, seed, optimizer,
+           renames: dict, hyper_slots: dict, random_key: str | None):
+    """The compiled function or step running `compiled` with `params` bound."""
+    plan.hidden_state = {renames.get(name, name) for name in hyper_slots.values()} | (
+        {random_key} if random_key else set())
     slots = _renamed_state_slots(compiled.slots, renames)
     program = rt.Program(library, ENTRY_NAME, slots, params,
                          max_threads=compiled.max_threads, ignored_inputs=graph.inputs)
     call_values = CallValues(program.state, seed=seed, random_key_slot=random_key, optimizer=optimizer,
-                             hyper_slots={name: renames.get(slot, slot) for name, slot in (hyper_slots or {}).items()})
-    return cls(program, plan, single, call_values)
+                             hyper_slots={name: renames.get(slot, slot) for name, slot in hyper_slots.items()})
+    return cls(program, plan, single, call_values, compiled)
 
 
 def _renamed_state_slots(slots, names: dict[str, str]) -> list:

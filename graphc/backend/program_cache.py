@@ -83,13 +83,17 @@ class CachedProgram:
     objects: list[bytes]
     slots: list
     max_threads: int
+    # What the caller needs beside the code, as JSON (a training step's state names, so that a
+    # warm compile need not build its gradient graph to learn them)
+    extras: dict = dataclasses.field(default_factory=dict)
 
 
 def pack_entry(program: CachedProgram) -> bytes:
     """The program's object files, slot layout and thread count in one blob."""
     objects = [bytes(obj) for obj in program.objects]
     header = json.dumps({"format": _FORMAT, "slots": [_slot_to_json(slot) for slot in program.slots],
-                         "max_threads": program.max_threads, "objects": [len(obj) for obj in objects]}).encode()
+                         "max_threads": program.max_threads, "objects": [len(obj) for obj in objects],
+                         "extras": program.extras}).encode()
     return _HEADER.pack(len(header)) + header + b"".join(objects)
 
 
@@ -112,7 +116,10 @@ def unpack_entry(blob: bytes) -> CachedProgram:
     for size in sizes:
         objects.append(bytes(body[start:start + size]))
         start += size
-    return CachedProgram(objects, [_slot_from_json(item) for item in header["slots"]], max_threads)
+    extras = header.get("extras", {})
+    if not isinstance(extras, dict):
+        raise ValueError("program cache entry: extras are not a mapping")
+    return CachedProgram(objects, [_slot_from_json(item) for item in header["slots"]], max_threads, extras)
 
 
 def _slot_to_json(slot) -> dict:

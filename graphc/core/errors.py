@@ -1,6 +1,8 @@
 """Errors graphc raises, and where in the user's program they come from."""
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import os
 import sys
 
@@ -12,12 +14,30 @@ class ShapeError(ValueError):
     """An op was built from operands whose shapes or dtypes it cannot take."""
 
 
+# Set while graphc builds nodes for a user's call later than the call itself (a cached training
+# step's gradient graph, built when someone asks to see it): the line of that call.
+_deferred_site: contextvars.ContextVar[str | None] = contextvars.ContextVar("graphc_deferred_site", default=None)
+
+
+@contextlib.contextmanager
+def building_for(site: str):
+    """Inside the block, `user_site()` is `site`: nodes built now belong to the user's earlier call."""
+    token = _deferred_site.set(site)
+    try:
+        yield
+    finally:
+        _deferred_site.reset(token)
+
+
 def user_site() -> str:
     """`file:line` of the innermost stack frame outside graphc: the user's line that built a node.
 
     Walking frames is cheap next to everything else an op does at build time, and it is what
     makes every listing and every error point at the user's own code.
     """
+    deferred = _deferred_site.get()
+    if deferred is not None:
+        return deferred
     frame = sys._getframe(1)
     while frame is not None:
         filename = frame.f_code.co_filename
