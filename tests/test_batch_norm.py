@@ -68,6 +68,10 @@ def test_buffer_names_share_the_graph_namespace():
     g.param("a", (2,))
     refused(ValueError, lambda: g.buffer("a", (2,)), "already has", "'a'")
     refused(ValueError, lambda: g.buffer("b", (2,), init=float("nan")), "buffer 'b'", "finite")
+    refused(ValueError, lambda: g.param("c", (2,), dtype="int32", init=1.0), "param 'c'", "float tensor")
+    g.buffer("b", (2,), init=1.0)       # a refused declaration left the names free
+    g.param("c", (2,), init=2.0)
+    assert g.initial_values == {"b": 1.0, "c": 2.0}
 
 
 # ---- batch norm against torch and float64 ------------------------------------------------------

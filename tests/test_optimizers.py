@@ -190,16 +190,70 @@ def test_reset_state_restarts_adam_from_step_one():
 
 
 def test_a_damaged_state_dict_is_refused_before_anything_changes():
-    g, loss = small_net()
+    g, loss = small_net(dropout=0.2)
     params = gc.init_params(g)
-    step = gc.compile_training_step(loss, params, Adam(lr=0.01))
+    step = gc.compile_training_step(loss, params, Adam(lr=0.01), seed=3)
+    (xb, yb), = batches(1)
+    step(x=xb, y=yb)
     state = step.state_dict()
-    assert {"optimizer:exp_avg:fc1.w", "optimizer:exp_avg_sq:fc2.b", "counter:optimizer_steps"} <= set(state)
-    missing = {k: v for k, v in state.items() if k != "optimizer:exp_avg:fc1.w"}
-    with pytest.raises(ValueError, match="missing optimizer state 'exp_avg:fc1.w'"):
-        step.load_state_dict(missing)
-    with pytest.raises(ValueError, match="counter"):
-        step.load_state_dict({**state, "counter:calls": np.array([0.5, 0, 0, 0], np.float32)})
+    assert {"optimizer:exp_avg:fc1.w", "optimizer:exp_avg_sq:fc2.b", "counter:optimizer_steps",
+            "counter:seed"} <= set(state)
+    other = {name: value + 1 for name, value in state.items() if not name.startswith("counter:")}
+    damaged = [
+        ({k: v for k, v in other.items() if k != "optimizer:exp_avg:fc1.w"}, "missing optimizer state 'exp_avg:fc1.w'"),
+        ({**state, **other, "counter:calls": np.array([0.5, 0, 0, 0], np.float32)}, "counter:calls"),
+        ({**state, **other, "optimizer:exp_avg:fc1.w": np.ones((5, 6), complex)}, "exp_avg:fc1.w"),
+        ({**state, **other, "counter:optimizer_steps": np.array([9, 0, 0, 0], np.float32)}, "cannot follow"),
+        ({**state, **other, "counter:seed": np.array([4, 0, 0, 0], np.float32)}, "seed=4"),
+    ]
+    before = step.state_dict()
+    for values, fragment in damaged:
+        with pytest.raises(ValueError, match=fragment):
+            step.load_state_dict(values)
+        after = step.state_dict()
+        assert all(after[name].tobytes() == before[name].tobytes() for name in before), fragment
+
+
+def test_sgd_steps_are_counted_on_the_fastest_call_path_too():
+    """The entry counts its calls natively: an SGD step (no per-call Python) still knows them."""
+    g, loss = small_net()
+    step = gc.compile_training_step(loss, gc.init_params(g), gc.SGD(lr=0.1))
+    (xb, yb), = batches(1)
+    for _ in range(3):
+        step(x=xb, y=yb)
+    assert step.optimizer_steps == 3 and step.calls == 3
+    step.reset_state()
+    step(x=xb, y=yb)
+    assert step.optimizer_steps == 1 and step.calls == 4
+    assert step.state_dict()["counter:optimizer_steps"].tolist() == [1, 0, 0, 0]
+
+
+def test_the_cache_key_holds_every_setting_of_an_optimizer_subclass(tmp_path, monkeypatch):
+    import dataclasses
+
+    import graphc_runtime as rt
+    from graphc.backend import compiler
+    monkeypatch.setattr(compiler, "_cache", rt.ObjectCache(tmp_path))
+
+    @dataclasses.dataclass(frozen=True, repr=False)
+    class ScaledSGD(gc.SGD):
+        factor: float = 1.0
+
+        def updates(self, graph, params, grads, hyper=None):
+            return super().updates(graph, params, [self.factor * grad for grad in grads], hyper)
+
+        def __repr__(self):
+            return "ScaledSGD()"      # leaves out `factor`: the key must not rely on repr
+
+    g, loss = small_net()
+    (xb, yb), = batches(1)
+    moved = []
+    for factor in (1.0, 100.0):
+        params = gc.init_params(g, seed=0)
+        before = params["fc2.w"].copy()
+        gc.compile_training_step(loss, params, ScaledSGD(lr=0.01, factor=factor))(x=xb, y=yb)
+        moved.append(np.abs(params["fc2.w"] - before).max())
+    assert moved[1] == pytest.approx(100 * moved[0], rel=1e-3)
 
 
 # ---- bad input ------------------------------------------------------------------------------------

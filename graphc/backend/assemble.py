@@ -26,6 +26,7 @@ from graphc.core.ir import Graph, Tensor
 
 SUPPORTED_DTYPES = ("float32", "int32")
 PROFILE_SLOT = "profile:ticks"
+CALLS_SLOT = "graphc:calls"   # completed calls, counted by the entry (dropout's call index, Adam's t)
 
 # Integer inputs whose valid range (class labels) the entry checks itself (see
 # EntryBuilder.refuse_out_of_range); others are checked in Python before the call.
@@ -54,9 +55,10 @@ def assemble(graph: Graph, outputs: list[Tensor], *, output_names: list[str], in
              on_module: Callable[[str], None] | None = None) -> ProgramSpec:
     """Lower `outputs` of `graph`.
 
-    `inplace` maps a node id to the name of the param (or state) whose buffer receives that
-    node's value: the optimizer's updates. Params named in `state_names` become runtime-owned
-    State slots (momentum buffers) instead of caller-bound params.
+    `inplace` maps a node id to the name of the param, buffer or state whose memory receives
+    that node's value: the optimizer's updates, batch norm's running statistics. Params named in
+    `state_names` become runtime-owned State slots (optimizer state, hyperparameter slots, the
+    random key) instead of caller-bound params.
 
     A module is finished once it holds `instructions_per_module` LLVM instructions (None: the
     whole program is one module; llvm/program_modules.default_budget() suits the compile
@@ -96,6 +98,8 @@ def assemble(graph: Graph, outputs: list[Tensor], *, output_names: list[str], in
 
     workspace_index = len(slots)
     slots.append(rt.Workspace(max(memory.arena_bytes, 64)))
+    calls_index = len(slots)
+    slots.append(rt.State(CALLS_SLOT, (1,), "int64"))
     phase_steps = [i for i, kernel in enumerate(kernels) for _ in kernel.phases]
     profile_index = None
     if profile:
@@ -109,7 +113,7 @@ def assemble(graph: Graph, outputs: list[Tensor], *, output_names: list[str], in
     if range_checks:
         status_index = len(slots)
         slots.append(rt.Status())
-    entry = EntryBuilder(module, len(slots), workspace_index, profile_index)
+    entry = EntryBuilder(module, len(slots), workspace_index, profile_index, calls_slot=calls_index)
     if range_checks:
         entry.refuse_out_of_range(status_index, range_checks)
     constants = {}

@@ -4,8 +4,10 @@
 - the optimizer's hyperparameter slots: the learning rate, and Adam's bias corrections, which
   depend on the step count.
 
-Each lives in a State buffer of the program; this object writes them before a call and counts
-the calls after it. Programs that have neither pay nothing: their call path does not come here.
+Each lives in a State buffer of the program. The program's entry counts its completed calls
+itself (assemble.CALLS_SLOT), so every call path, the fastest included, keeps the count; this
+object writes the key and the slots from it. Only programs whose values change at every call
+(dropout's key, Adam's corrections) come here before each call.
 """
 from __future__ import annotations
 
@@ -17,31 +19,39 @@ from graphc.core.optim import non_negative_float
 
 
 class CallValues:
-    """The random key and hyperparameter slots of one program, and the counters behind them.
+    """The random key and hyperparameter slots of one program, and the counts behind them.
 
-    `calls` counts completed calls (the random key's call index); `optimizer_steps` the updates
-    the optimizer has made (Adam's t - 1), which `reset_optimizer` sets back to 0 as a new
-    torch optimizer would start. Both are counted only by programs whose values depend on them
-    (`per_call`): an SGD step without dropout reads neither.
+    `calls` is the number of completed calls (the random key's call index); `optimizer_steps`
+    the updates the optimizer has made since its state was last zeroed (Adam's t - 1), as a
+    new torch optimizer would start.
     """
 
-    def __init__(self, state, *, seed: int, random_key_slot: str | None, optimizer=None,
+    def __init__(self, state, calls_slot: str, *, seed: int, random_key_slot: str | None, optimizer=None,
                  hyper_slots: dict[str, str] | None = None):
         self.seed = seed
-        self.calls = 0
-        self.optimizer_steps = 0
         self.lock = threading.Lock()
+        self._counter = state[calls_slot]
+        self._steps_before_reset = 0
         key = state.get(random_key_slot) if random_key_slot else None
         self._key = None if key is None else key.view(np.uint32)
-        if self._key is not None:
-            self._key[0] = seed
         self._optimizer = optimizer
         self._lr = optimizer.lr if optimizer is not None else None
-        self._hyper = {name: state[slot] for name, slot in (hyper_slots or {}).items() if slot in state}
-        # Adam's slots change at every call; SGD's only when the learning rate is set.
+        self._hyper = {name: state[slot] for name, slot in (hyper_slots or {}).items()}
         self.per_call = self._key is not None or (optimizer is not None and optimizer.changes_every_call
                                                   and bool(self._hyper))
         self.write_hyper()
+
+    @property
+    def uses_masks(self) -> bool:
+        return self._key is not None
+
+    @property
+    def calls(self) -> int:
+        return int(self._counter[0])
+
+    @property
+    def optimizer_steps(self) -> int:
+        return self.calls - self._steps_before_reset
 
     @property
     def lr(self) -> float | None:
@@ -71,20 +81,17 @@ class CallValues:
         if self._optimizer is not None and self._optimizer.changes_every_call:
             self.write_hyper()
 
-    def after_call(self) -> None:
-        self.calls += 1
-        if self._optimizer is not None:
-            self.optimizer_steps += 1
-
-    def reset_optimizer(self) -> None:
-        """After the optimizer's state was zeroed: count steps from 0 again, and rewrite the
-        slots (zeroed with the rest of the state)."""
-        self.optimizer_steps = 0
+    def reset_optimizer(self, calls: int) -> None:
+        """After the program's state was zeroed: the call count back at `calls`, optimizer steps
+        counted from 0 again, the slots rewritten."""
+        self._counter[0] = calls
+        self._steps_before_reset = calls
         self.write_hyper()
 
     def counters(self) -> dict[str, int]:
         return {"calls": self.calls, "optimizer_steps": self.optimizer_steps}
 
     def restore(self, calls: int, optimizer_steps: int) -> None:
-        self.calls, self.optimizer_steps = calls, optimizer_steps
+        self._counter[0] = calls
+        self._steps_before_reset = calls - optimizer_steps
         self.write_hyper()

@@ -24,8 +24,8 @@ from typing import Mapping
 import numpy as np
 
 import graphc_runtime as rt
-from graphc.backend import thread_costs
-from graphc.backend.assemble import ProgramSpec, assemble
+from graphc.backend import step_state, thread_costs
+from graphc.backend.assemble import CALLS_SLOT, ProgramSpec, assemble
 from graphc.backend.call_values import CallValues
 from graphc.backend.emit.entry import ENTRY_NAME
 from graphc.backend.llvm.parallel import ObjectCompiler, compile_modules, split_modules
@@ -105,18 +105,25 @@ class Plan:
         if requested == 1:
             return 1
         from graphc.backend.lowering import plan_steps
-        steps = plan_steps(self.optimized.graph, self.optimized.outputs)
+        graph, outputs = self.optimized.graph, self.optimized.outputs
+        sources = graph.bound_sources()
+        inplace = {node_id: sources[name] for node_id, name in self._inplace_ids().items()}
+        steps = plan_steps(graph, outputs, inplace)
         return thread_costs.choose_thread_count(sum(step.flops for step in steps), len(steps), requested,
                                    self._request["thread_costs"])
+
+    def _inplace_ids(self) -> dict[int, str]:
+        """Optimized node id -> the param or state it is written over (its own value excepted)."""
+        outputs = self.optimized.outputs
+        write_nodes = outputs[len(self._request["output_names"]):]
+        return {node.id: name for node, name in zip(write_nodes, self._request["inplace"])
+                if not (node.op == "param" and node.name == name)}
 
     @functools.cached_property
     def recipe(self) -> Recipe:
         graph, outputs = self.optimized.graph, self.optimized.outputs
         output_names = self._request["output_names"]
-        user_outputs, write_nodes = outputs[:len(output_names)], outputs[len(output_names):]
-        inplace_ids = {node.id: name for node, name in zip(write_nodes, self._request["inplace"])
-                       if not (node.op == "param" and node.name == name)}
-        return Recipe(graph, user_outputs, dict(output_names=output_names, inplace=inplace_ids,
+        return Recipe(graph, outputs[:len(output_names)], dict(output_names=output_names, inplace=self._inplace_ids(),
                                                 state_names=set(self._request["state_names"]),
                                                 max_threads=self.max_threads),
                       instructions_per_module=default_budget())
@@ -132,13 +139,11 @@ class CompiledFunction:
     program from the disk cache.
     """
 
-    def __init__(self, program: rt.Program, plan: Plan, single: bool, call_values: CallValues,
-                 compiled: CachedProgram | None = None):
+    def __init__(self, program: rt.Program, plan: Plan, single: bool, call_values: CallValues):
         self._program = program
         self._plan = plan
         self._single = single
         self._call_values = call_values
-        self._compiled = compiled    # the code and slot layout, as the disk cache holds them
 
     @property
     def optimization(self):
@@ -162,7 +167,6 @@ class CompiledFunction:
             with values.lock:
                 values.before_call()
                 results = self._program(**feeds)
-                values.after_call()
         else:
             results = self._program(**feeds)
         return results[0] if self._single else results
@@ -238,11 +242,10 @@ class CompiledFunction:
 
 class CompiledTrainingStep(CompiledFunction):
     """One native call: forward, backward and the optimizer's update. Returns the loss (a float)
-    and updates the bound param arrays in place."""
+    and updates the bound param and buffer arrays in place."""
 
-    def __init__(self, program: rt.Program, plan: Plan, single: bool, call_values: CallValues,
-                 compiled: CachedProgram | None = None):
-        super().__init__(program, plan, single, call_values, compiled)
+    def __init__(self, program: rt.Program, plan: Plan, single: bool, call_values: CallValues):
+        super().__init__(program, plan, single, call_values)
         if program.keyword_call_scalar is not None and not call_values.per_call:
             # A class of its own whose __call__ is the program's: step(x=..., y=...) binds the
             # arrays straight to its parameters, without the method below's frame and dict of
@@ -258,9 +261,7 @@ class CompiledTrainingStep(CompiledFunction):
             return self._program.call_scalar(feeds)
         with values.lock:
             values.before_call()
-            loss = self._program.call_scalar(feeds)
-            values.after_call()
-        return loss
+            return self._program.call_scalar(feeds)
 
     @property
     def lr(self) -> float:
@@ -289,63 +290,22 @@ class CompiledTrainingStep(CompiledFunction):
     def reset_state(self) -> None:
         """Zero the optimizer's state (momentum buffers, Adam's moments and step count)."""
         with self._call_values.lock:
+            calls = self._call_values.calls     # dropout's masks go on from where they were
             self._program.reset_state()
-            self._call_values.reset_optimizer()
+            self._call_values.reset_optimizer(calls)
 
     def state_dict(self) -> dict[str, np.ndarray]:
         """Everything a resumed run needs to continue bit for bit, as float32 arrays by name
         (for `gc.save_params`): the params and buffers, the optimizer's state under
-        "optimizer:<name>", and the call and step counters."""
+        "optimizer:<name>", the call and step counts and dropout's seed (see step_state.py)."""
         with self._call_values.lock:
-            values = {name: np.array(array) for name, array in self.params.items()}
-            values.update({f"{OPTIMIZER_PREFIX}{name}": np.array(array) for name, array in self.state.items()})
-            for name, count in self._call_values.counters().items():
-                values[f"{COUNTER_PREFIX}{name}"] = _count_as_float32(count)
-        return values
+            return step_state.state_dict(self.params, self.state, self._call_values)
 
     def load_state_dict(self, values: Mapping[str, np.ndarray]) -> None:
-        """Restore what `state_dict` gave (e.g. `gc.load_params(path)`): every name must match."""
-        if not isinstance(values, Mapping):
-            raise TypeError(f"load_state_dict needs a mapping of names to arrays, got {type(values).__name__}")
-        state = self.state
-        expected_counters = {f"{COUNTER_PREFIX}{name}" for name in self._call_values.counters()}
-        optimizer = {name[len(OPTIMIZER_PREFIX):]: value for name, value in values.items()
-                     if name.startswith(OPTIMIZER_PREFIX)}
-        counters = {name: value for name, value in values.items() if name in expected_counters}
-        params = {name: value for name, value in values.items()
-                  if not name.startswith(OPTIMIZER_PREFIX) and name not in expected_counters}
-        problems = [f"missing optimizer state {name!r}" for name in state if name not in optimizer]
-        problems += [f"unexpected optimizer state {name!r}" for name in optimizer if name not in state]
-        problems += [f"missing counter {name!r}" for name in sorted(expected_counters - set(counters))]
-        for name, value in optimizer.items():
-            array = np.asarray(value)
-            if name in state and array.shape != state[name].shape:
-                problems.append(f"optimizer state {name!r} must have shape {state[name].shape}, got {array.shape}")
-        if problems:
-            raise ValueError("load_state_dict: " + "; ".join(problems))
-        counts = {name[len(COUNTER_PREFIX):]: _count_from_float32(name, value) for name, value in counters.items()}
+        """Restore what `state_dict` gave (e.g. `gc.load_params(path)`): every name must match.
+        Everything is checked before anything is written."""
         with self._call_values.lock:
-            self._program.load_params(params, strict=True)
-            for name, value in optimizer.items():
-                np.copyto(state[name], np.asarray(value), casting="same_kind")
-            self._call_values.restore(**counts)
-
-
-OPTIMIZER_PREFIX = "optimizer:"
-COUNTER_PREFIX = "counter:"
-
-
-def _count_as_float32(count: int) -> np.ndarray:
-    """A count as float32 values that hold it exactly: its 16-bit digits, least significant first."""
-    digits = [(count >> shift) & 0xFFFF for shift in range(0, 64, 16)]
-    return np.array(digits, dtype=np.float32)
-
-
-def _count_from_float32(name: str, value) -> int:
-    digits = np.asarray(value)
-    if digits.shape != (4,) or not np.all((digits >= 0) & (digits < 2 ** 16) & (digits == np.floor(digits))):
-        raise ValueError(f"load_state_dict: counter {name!r} must be four 16-bit digits, got {value!r}")
-    return sum(int(d) << (16 * i) for i, d in enumerate(digits))
+            step_state.load_state_dict(values, self._program, self.state, self._call_values)
 
 
 def compile(outputs, params: Mapping[str, np.ndarray], seed: int = 0) -> CompiledFunction:  # noqa: A001
@@ -394,7 +354,7 @@ def compile_training_step(loss: Tensor, params: Mapping[str, np.ndarray], optimi
     seed = _checked_seed(seed, "compile_training_step")
     buffer_updates = loss.graph.buffer_updates_for([loss])
     forward_outputs = [loss] + [update.value for update in buffer_updates]
-    _check_params(forward_outputs, params)
+    _check_params(forward_outputs, params, "compile_training_step")
     used = {node.id for node in loss.graph.ancestors([loss])}
     trainable = [name for name in params if name in loss.graph.params and loss.graph.params[name].id in used]
 
@@ -405,13 +365,18 @@ def compile_training_step(loss: Tensor, params: Mapping[str, np.ndarray], optimi
             return _training_graph(loss, buffer_updates, trainable, optimizer)
 
     threads = rt.get_num_threads()
-    step_request = dict(kind="training step", trainable=trainable, optimizer=repr(optimizer),
-                        buffers=[update.buffer.name for update in buffer_updates], threads=threads,
-                        thread_costs=thread_costs.measured_thread_costs(threads) if threads > 1 else None)
+    optimizer_key = _optimizer_key(optimizer)
+    if optimizer_key is None:    # an optimizer we cannot describe exactly: keyed by its update graph
+        built = training_graph()
+        return _build(CompiledTrainingStep, built.outputs, params, output_names=built.output_names,
+                      inplace=built.inplace, state_names=built.state_names, state_names_for_caller=built.renames,
+                      seed=seed, optimizer=optimizer, hyper_slots=built.hyper_slots)
+    step_request = dict(kind="training step", trainable=trainable, optimizer=optimizer_key,
+                        buffers=[update.buffer.name for update in buffer_updates], **_thread_request(threads))
     cache = object_cache()
     step_key = program_key(loss.graph, forward_outputs, step_request)
     compiled, library = _load(cache, step_key)
-    made = _step_names(compiled.extras) if compiled is not None else None
+    made = _step_names(compiled, optimizer) if compiled is not None else None
     if made is not None:
         plan = Plan(lambda: training_graph().outputs_and_request(threads), max_threads=compiled.max_threads)
         return _bound(CompiledTrainingStep, compiled, library, plan, params, loss.graph,
@@ -425,16 +390,38 @@ def compile_training_step(loss: Tensor, params: Mapping[str, np.ndarray], optimi
                   seed=seed, optimizer=optimizer, hyper_slots=built.hyper_slots, missed_key=step_key, extras=extras)
 
 
-def _step_names(extras: dict) -> dict | None:
-    """A cached training step's state names (see compile_training_step), or None if the entry
-    has none or they are not what this version writes."""
-    made = extras.get("step")
+def _optimizer_key(optimizer) -> str | None:
+    """What of the optimizer its compiled update depends on, exactly: its class and every field
+    but the learning rate (a slot set at run time); None for one that is not a dataclass."""
+    if not dataclasses.is_dataclass(optimizer):
+        return None
+    fields = {field.name: getattr(optimizer, field.name) for field in dataclasses.fields(optimizer) if field.name != "lr"}
+    return f"{type(optimizer).__module__}.{type(optimizer).__qualname__}{sorted(fields.items())!r}"
+
+
+def _step_names(compiled: CachedProgram, optimizer) -> dict | None:
+    """A cached training step's state names (see compile_training_step), if the entry has them
+    and they name its own State slots; else None, and the step is compiled afresh."""
+    made = compiled.extras.get("step")
     if not isinstance(made, dict):
         return None
-    names_ok = all(isinstance(made.get(field), dict) and all(
-        isinstance(k, str) and isinstance(v, str) for k, v in made[field].items()) for field in ("renames", "hyper_slots"))
+    if not all(isinstance(made.get(field), dict) and all(isinstance(k, str) and isinstance(v, str)
+                                                         for k, v in made[field].items())
+               for field in ("renames", "hyper_slots")):
+        return None
     key = made.get("random_key")
-    return made if names_ok and (key is None or isinstance(key, str)) else None
+    states = {slot.name for slot in compiled.slots if isinstance(slot, rt.State)}
+    named = set(made["hyper_slots"].values()) | ({key} if key is not None else set())
+    if (key is not None and not isinstance(key, str)) or not named <= states or not set(made["renames"]) <= states:
+        return None
+    if set(made["hyper_slots"]) != set(optimizer.hyper_values(optimizer.lr, 1)):
+        return None
+    return made
+
+
+def _thread_request(threads: int) -> dict:
+    """The threads asked for and this host's costs, which decide a program's thread count."""
+    return dict(threads=threads, thread_costs=thread_costs.measured_thread_costs(threads) if threads > 1 else None)
 
 
 @dataclasses.dataclass
@@ -451,11 +438,7 @@ class _TrainingGraph:
     hyper_slots: dict     # hyperparameter -> its slot's graph name
 
     def outputs_and_request(self, threads: int) -> tuple[list, dict]:
-        random_key = self.graph.random_key.name if self.graph.random_key is not None else None
-        state_names = list(self.state_names) + ([random_key] if random_key else [])
-        return self.outputs, dict(output_names=self.output_names, inplace=self.inplace,
-                                  state_names=sorted(state_names), threads=threads,
-                                  thread_costs=thread_costs.measured_thread_costs(threads) if threads > 1 else None)
+        return self.outputs, _request(self.graph, self.output_names, self.inplace, self.state_names, threads)
 
 
 def _training_graph(loss, buffer_updates, trainable_names, optimizer) -> _TrainingGraph:
@@ -544,11 +527,7 @@ def _build(cls, outputs, params, *, output_names, single=False, inplace=(), stat
     """
     graph = outputs[0].graph
     random_key = graph.random_key.name if graph.random_key is not None else None
-    state_names = list(state_names) + ([random_key] if random_key else [])
-    threads = rt.get_num_threads()
-    # The costs decide the program's thread count, so they are part of its cache key.
-    request = dict(output_names=list(output_names), inplace=list(inplace), state_names=sorted(state_names),
-                   threads=threads, thread_costs=thread_costs.measured_thread_costs(threads) if threads > 1 else None)
+    request = _request(graph, output_names, inplace, state_names, rt.get_num_threads())
     cache = object_cache()
     key = missed_key or program_key(outputs[0].graph, outputs, request)
     compiled, library = _load(cache, key) if missed_key is None else (None, None)
@@ -563,17 +542,25 @@ def _build(cls, outputs, params, *, output_names, single=False, inplace=(), stat
                   renames=state_names_for_caller or {}, hyper_slots=hyper_slots or {}, random_key=random_key)
 
 
+def _request(graph, output_names, inplace, state_names, threads: int) -> dict:
+    """What is asked of a program besides its graph: part of its cache key and of its plan."""
+    random_key = [graph.random_key.name] if graph.random_key is not None else []
+    # The costs decide the program's thread count, so they are part of its cache key.
+    return dict(output_names=list(output_names), inplace=list(inplace),
+                state_names=sorted(list(state_names) + random_key), **_thread_request(threads))
+
+
 def _bound(cls, compiled: CachedProgram, library, plan: Plan, params, graph, *, single, seed, optimizer,
            renames: dict, hyper_slots: dict, random_key: str | None):
     """The compiled function or step running `compiled` with `params` bound."""
     plan.hidden_state = {renames.get(name, name) for name in hyper_slots.values()} | (
-        {random_key} if random_key else set())
+        {random_key} if random_key else set()) | {CALLS_SLOT}
     slots = _renamed_state_slots(compiled.slots, renames)
     program = rt.Program(library, ENTRY_NAME, slots, params,
                          max_threads=compiled.max_threads, ignored_inputs=graph.inputs)
-    call_values = CallValues(program.state, seed=seed, random_key_slot=random_key, optimizer=optimizer,
+    call_values = CallValues(program.state, CALLS_SLOT, seed=seed, random_key_slot=random_key, optimizer=optimizer,
                              hyper_slots={name: renames.get(slot, slot) for name, slot in hyper_slots.items()})
-    return cls(program, plan, single, call_values, compiled)
+    return cls(program, plan, single, call_values)
 
 
 def _renamed_state_slots(slots, names: dict[str, str]) -> list:
@@ -608,9 +595,9 @@ def object_code(llvm_ir: str) -> list[bytes]:
     return compile_modules(split_modules(llvm_ir))
 
 
-def _check_params(outputs, params):
+def _check_params(outputs, params, where: str = "compile"):
     graph = outputs[0].graph
     missing = [node.name for node in graph.ancestors(outputs)
                if node.op == "param" and node is not graph.random_key and node.name not in params]
     if missing:
-        raise ValueError(f"compile: the outputs depend on params or buffers {missing}, which are not in `params`")
+        raise ValueError(f"{where}: the outputs depend on params or buffers {missing}, which are not in `params`")

@@ -8,7 +8,8 @@ optimization lets a warm compile skip the passes too: on a hit nothing is optimi
 generated, the entry holds the object code, the runtime's slot layout and the thread count.
 
 An entry's payload (the runtime's ObjectCache adds the checksummed header) is a length, a JSON
-header (format, slot layout, thread count, length of each object file), then the object files
+header (format, slot layout, thread count, length of each object file, and `extras`: what the
+caller needs besides the code, e.g. a training step's state names), then the object files
 back to back. Anything inconsistent raises ValueError, and the compiler rebuilds the entry.
 """
 from __future__ import annotations

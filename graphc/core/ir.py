@@ -280,15 +280,19 @@ class Graph:
         """A trainable parameter; its values live outside the graph (see `gc.init_params`).
 
         `init`: None for init_params' rule (He-normal, zeros for 1-D), or a float to fill with."""
+        if init is not None:
+            init = self._initial_value(init, f"param {name!r}", dtype)
         node = self._source("param", self.params, name, shape, dtype)
-        self._record_initial_value(node, init)
+        if init is not None:
+            self.initial_values[node.name] = init
         return node
 
     def buffer(self, name: str, shape, init=0.0) -> Tensor:
         """Non-trainable float32 state (batch norm's running statistics), updated in place by
         the op that owns it; held with the params, by name (see `gc.init_params`)."""
+        init = self._initial_value(init, f"buffer {name!r}", "float32")
         node = self._source("param", self.buffers, name, shape, "float32", kind="buffer")
-        self._record_initial_value(node, as_finite_float(init, f"buffer {name!r}: init"))
+        self.initial_values[node.name] = init
         return node
 
     def bound_sources(self) -> dict[str, Tensor]:
@@ -334,13 +338,13 @@ class Graph:
                                  f"%{update.owner.id} {update.owner.op} (at {update.owner.site})")
         return updates
 
-    def _record_initial_value(self, node: Tensor, init) -> None:
-        if init is None:
-            return
-        init = as_finite_float(init, f"{node.op} {node.name!r}: init")
-        if node.dtype not in FLOAT_DTYPES:
-            raise ValueError(at_user_line(f"{node.op} {node.name!r}: init= needs a float tensor, not {node.dtype}"))
-        self.initial_values[node.name] = init
+    @staticmethod
+    def _initial_value(init, what: str, dtype) -> float:
+        """`init=` checked before anything is declared: a refused one leaves the name free."""
+        init = as_finite_float(init, f"{what}: init")
+        if normalize_dtype(dtype, what) not in FLOAT_DTYPES:
+            raise ValueError(at_user_line(f"{what}: init= needs a float tensor, not {normalize_dtype(dtype, what)}"))
+        return init
 
     def constant(self, value, dtype=None, name: str | None = None) -> Tensor:
         """A fixed array baked into the graph (e.g. a fixed filter bank)."""

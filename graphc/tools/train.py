@@ -90,8 +90,8 @@ def train(model_fn: Callable[..., Model], data: Dataset, *, epochs: int, batch_s
 
     weight_decay is the regularizer (L2, applied by SGD as in PyTorch). `params` (name -> array)
     resumes from given values and is updated in place; by default fresh values from
-    `init_params(graph, seed)`, which also seeds dropout's masks. Raises FloatingPointError if
-    the loss stops being finite.
+    `init_params(graph, seed)`; `seed` also seeds dropout's masks (the training step's `seed=`)
+    and the sampling. Raises FloatingPointError if the loss stops being finite.
     """
     _check_options(data, epochs, batch_size, sampling, eval_batch)
     optimizer = _optimizer(optimizer, lr, momentum, weight_decay)

@@ -1,7 +1,7 @@
 """Folding a per-channel scale into the convolution or matmul before it.
 
-Batch norm in eval mode is `y = conv(x, W) * s + t` with s and t per output channel, computed
-from params and buffers only. Scaling the weights instead, `conv(x, W * s) + t`, touches
+Batch norm in eval mode is `y = conv(x, W) * s + t` with s and t per output channel (from
+params and buffers). Any such s and t that do not depend on the product fold: scaling the weights instead, `conv(x, W * s) + t`, touches
 O·C·kh·kw weights rather than every activation, and leaves `+ t` (and a ReLU after it) in the
 form the convolution's bias epilogue absorbs: the normalization costs no pass over memory.
 Likewise `(a @ b) * s + t` becomes `a @ (b * s) + t`.

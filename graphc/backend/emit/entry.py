@@ -81,8 +81,9 @@ class EntryBuilder:
     """Builds the entry: pointers to slots, arena offsets and globals, then the kernel calls."""
 
     def __init__(self, module: ir.Module, slot_count: int, workspace_slot: int | None,
-                 profile_slot: int | None = None):
+                 profile_slot: int | None = None, calls_slot: int | None = None):
         self.module = module
+        self.calls_slot = calls_slot
         self.barrier = emit_barrier(module)
         fn = ir.Function(module, ir.FunctionType(ir.VoidType(), [PTR, I64, I64]), ENTRY_NAME)
         self.fn = fn
@@ -155,6 +156,12 @@ class EntryBuilder:
         self._last_tick = now
 
     def finish(self) -> ir.Function:
+        if self.calls_slot is not None:
+            # Thread 0 counts the call once all its kernels ran; a call refused before any
+            # kernel (refuse_out_of_range) returns earlier and is not counted.
+            with self.b.if_then(self.b.icmp_signed("==", self.tid, ir.Constant(I64, 0))):
+                counter = self.slots[self.calls_slot]
+                self.b.store(self.b.add(self.b.load(counter, typ=I64), ir.Constant(I64, 1)), counter)
         self.b.ret_void()
         return self.fn
 

@@ -69,7 +69,7 @@ def emit_elementwise(module, name: str, out_shape, operand_shapes, expr: sympy.E
     outer_sizes = sizes[:-1]
     outer_count = math.prod(outer_sizes)
     parallel = max_threads > 1 and math.prod(sizes) >= PARALLEL_MIN_ELEMENTS
-    emitter_inputs = (inputs, operand_strides, tuple(side_stores))
+    emitter_inputs = (inputs, operand_strides)
 
     if outer_count > 1 or not parallel:
         # Split the outer iterations across threads; each runs whole inner rows.
@@ -78,7 +78,8 @@ def emit_elementwise(module, name: str, out_shape, operand_shapes, expr: sympy.E
             only_thread_zero(kb, tid)
         with kb.for_range(lo, hi, name="outer") as flat:
             bases = _outer_bases(kb, flat, outer_sizes, [out_strides] + operand_strides)
-            _inner_loop(kb, expr, out, bases[0], emitter_inputs, bases[1:], kb.i64(0), kb.i64(inner))
+            _inner_loop(kb, expr, out, bases[0], emitter_inputs, bases[1:], kb.i64(0), kb.i64(inner),
+                        side_stores=side_stores)
     else:
         # One long row: split it into vector-aligned chunks.
         chunks = -(-inner // kb.width)
@@ -86,7 +87,7 @@ def emit_elementwise(module, name: str, out_shape, operand_shapes, expr: sympy.E
         start = kb.mul(lo, kb.width)
         stop = kb.min(kb.mul(hi, kb.width), inner)
         zero = kb.i64(0)
-        _inner_loop(kb, expr, out, zero, emitter_inputs, [zero] * len(inputs), start, stop)
+        _inner_loop(kb, expr, out, zero, emitter_inputs, [zero] * len(inputs), start, stop, side_stores=side_stores)
     kb.b.ret_void()
     return Kernel([fn])
 
@@ -135,10 +136,10 @@ def _outer_bases(kb, flat, outer_sizes, stride_sets):
     return bases
 
 
-def _inner_loop(kb, expr, out, out_base, emitter_inputs, operand_bases, start, stop):
+def _inner_loop(kb, expr, out, out_base, emitter_inputs, operand_bases, start, stop, side_stores=()):
     """out[out_base + i] = expr(...) for i in [start, stop), on vectors with a masked tail; and
     the side stores: operand k [base + i] = e(...) for each (k, e)."""
-    inputs, operand_strides, side_stores = (emitter_inputs + ((),))[:3]
+    inputs, operand_strides = emitter_inputs
     inner_strides = [s[-1] for s in operand_strides]
     # Broadcast operands (stride 0 along the row) are loaded once per row.
     splats = {k: kb.splat(kb.load(inputs[k], operand_bases[k]))
