@@ -94,6 +94,8 @@ def _update_group_epilogue(producer: Tensor, consumers: _Consumers, side_writes,
             continue
         expr, operands, side_stores = group_expression(group.update, group.writes, first=producer)
         others = operands[1:]
+        # one-element operands (learning rate, bias corrections) are loaded once per tile and
+        # hold no register per row: only full-shaped ones count against the limit
         full = [t for t in others if t.shape == producer.shape]
         if (len(full) > MAX_EPILOGUE_OPERANDS or any(t.shape != producer.shape and t.size != 1 for t in others)
                 or any(t.dtype != "float32" for t in others)
@@ -152,7 +154,6 @@ def _wanted_as_epilogue(value: Tensor, consumers: _Consumers) -> bool:
         if rule is not None and rule.elementwise_epilogue and consumers.only(operand) is value:
             return True
     return False
-
 
 
 # ---- patterns -----------------------------------------------------------------------------

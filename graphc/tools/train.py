@@ -109,6 +109,9 @@ def train(model_fn: Callable[..., Model], data: Dataset, *, epochs: int, batch_s
     batches = _batch_sampler(sampling, np.random.default_rng(_sampling_seed(seed)), len(x_train), batch_size)
     steps_per_epoch = len(x_train) // batch_size
     lr_schedule = make_schedule(step, epochs * steps_per_epoch) if make_schedule else None
+    if lr_schedule is not None and not callable(getattr(lr_schedule, "step", None)):
+        raise TypeError(f"train: the schedule function returned {lr_schedule!r}, which has no step() method; "
+                        f"return a schedule such as schedules.step_lr(step, n // 3)")
     history = []
     display = _progress_display(progress, epochs, epochs * steps_per_epoch)
     try:

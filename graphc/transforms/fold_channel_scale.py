@@ -46,13 +46,13 @@ def _match(node: Tensor, uses: dict[int, int], output_ids: set[int]):
             continue
         channels = _channel_shape(product)
         for j, scale in enumerate(node.inputs):
-            if j == i or not _per_channel(scale, channels, product):
+            if j == i or not _per_channel(scale, channels):
                 continue
-            if inner == symbol(i) * symbol(j):
+            if inner == symbol(i) * symbol(j) and _independent(product, [scale]):
                 return i, j, None, relu
             for k, shift in enumerate(node.inputs):
-                if k not in (i, j) and _per_channel(shift, channels, product) and \
-                        inner == symbol(i) * symbol(j) + symbol(k):
+                if k not in (i, j) and _per_channel(shift, channels) and \
+                        inner == symbol(i) * symbol(j) + symbol(k) and _independent(product, [scale, shift]):
                     return i, j, k, relu
     return None
 
@@ -64,10 +64,14 @@ def _channel_shape(product: Tensor) -> tuple[int, ...]:
     return (1, product.shape[1])
 
 
-def _per_channel(t: Tensor, channels: tuple[int, ...], product: Tensor) -> bool:
+def _per_channel(t: Tensor, channels: tuple[int, ...]) -> bool:
     padded = (1,) * (len(channels) - t.ndim) + tuple(t.shape)
-    return (t.dtype == "float32" and len(padded) == len(channels) and padded == channels
-            and product not in t.graph.ancestors([t]))
+    return t.dtype == "float32" and len(padded) == len(channels) and padded == channels
+
+
+def _independent(product: Tensor, factors: list[Tensor]) -> bool:
+    """None of `factors` is computed from `product` (training-mode batch norm's scale is)."""
+    return all(node is not product for node in product.graph.ancestors(factors))
 
 
 def _folded(rewrite: Rewrite, i: int, j: int, k: int | None, relu: bool) -> Tensor:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 
 from graphc.core import philox
-from graphc.core.errors import at_user_line
+from graphc.core.errors import at_user_line, shape_error
 from graphc.core.ir import Tensor, as_bool, as_finite_float, as_int, normalize_shape
 from graphc.core.ops.registry import Mismatch, OpDef, op, register
 
@@ -78,7 +78,6 @@ def dropout(x: Tensor, p: float, training: bool = True) -> Tensor:
     index] (`gc.evaluate(..., seed=)`, `gc.compile(..., seed=)`), and each dropout call of the
     graph draws its own stream. The backward pass multiplies by the same mask, kept in memory.
     """
-    from graphc.core.errors import shape_error
     if not isinstance(x, Tensor):
         raise TypeError(at_user_line(f"dropout: x must be a graphc Tensor, got {type(x).__name__}"))
     p = as_finite_float(p, "dropout: p")
