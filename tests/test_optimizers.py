@@ -67,20 +67,34 @@ def test_ten_steps_match_the_reference_executor(optimizer):
     params = gc.init_params(g, seed=2)
     reference = {name: value.astype(np.float64) for name, value in params.items()}
     step = gc.compile_training_step(loss, params, optimizer)
-    trainable = [g.params[name] for name in g.params]
-    grads = gc.grad(loss, trainable)
-    for number, (lr, (xb, yb)) in enumerate(zip(LR_SCHEDULE, batches(10, seed=3)), start=1):
+    reference_step = ReferenceOptimizer(g, loss, optimizer, reference)
+    for lr, (xb, yb) in zip(LR_SCHEDULE, batches(10, seed=3)):
         step.lr = lr
         step(x=xb, y=yb)
-        values = optimizer.hyper_values(lr, number)
-        writes, state = optimizer.updates(g, trainable, grads, hyper=values.__getitem__) if number == 1 else \
-            optimizer.updates(_StateGraph(g), trainable, grads, hyper=values.__getitem__)
-        for name in state:
-            reference.setdefault(name, np.zeros(g.params[name].shape))
-        new = gc.evaluate([value for _, value in writes], {"x": xb, "y": yb}, reference, dtype="float64")
-        reference.update({name: value for (name, _), value in zip(writes, new)})
+        reference_step(lr, {"x": xb, "y": yb})
     for name in params:
         np.testing.assert_allclose(params[name], reference[name], rtol=1e-4, atol=1e-6)
+
+
+class ReferenceOptimizer:
+    """The optimizer's update graph run by the reference executor in float64, one call per step,
+    each step's hyperparameters as constants; `values` (params, then state) updated in place."""
+
+    def __init__(self, graph, loss, optimizer, values):
+        self.graph, self.optimizer, self.values = graph, optimizer, values
+        self.trainable = [graph.params[name] for name in graph.params]
+        self.grads = gc.grad(loss, self.trainable)
+        self.steps = 0
+
+    def __call__(self, lr, feeds):
+        self.steps += 1
+        hyper = self.optimizer.hyper_values(lr, self.steps).__getitem__
+        graph = self.graph if self.steps == 1 else _StateGraph(self.graph)   # state declared once
+        writes, state = self.optimizer.updates(graph, self.trainable, self.grads, hyper=hyper)
+        for name in state:
+            self.values.setdefault(name, np.zeros(self.graph.params[name].shape))
+        new = gc.evaluate([value for _, value in writes], feeds, self.values, dtype="float64")
+        self.values.update({name: value for (name, _), value in zip(writes, new)})
 
 
 class _StateGraph:
@@ -131,16 +145,10 @@ def test_adam_updates_fused_into_the_weight_gradient_gemm_match_the_reference(fe
     assert sum(label.startswith("gemm") and label.endswith("+ew+2 in place") for label in labels) >= 1, labels
     assert sum(label.endswith("in place") for label in labels) == 4, labels     # one kernel per param
     reference = {name: value.astype(np.float64) for name, value in params.items()}
-    trainable = [g.params[name] for name in g.params]
-    grads = gc.grad(loss, trainable)
-    for number, (xb, yb) in enumerate(batches(3, batch=32, features=features, seed=8), start=1):
+    reference_step = ReferenceOptimizer(g, loss, optimizer, reference)
+    for xb, yb in batches(3, batch=32, features=features, seed=8):
         step(x=xb, y=yb)
-        hyper = optimizer.hyper_values(optimizer.lr, number).__getitem__
-        writes, state = optimizer.updates(g if number == 1 else _StateGraph(g), trainable, grads, hyper=hyper)
-        for name in state:
-            reference.setdefault(name, np.zeros(g.params[name].shape))
-        new = gc.evaluate([value for _, value in writes], {"x": xb, "y": yb}, reference, dtype="float64")
-        reference.update({name: value for (name, _), value in zip(writes, new)})
+        reference_step(optimizer.lr, {"x": xb, "y": yb})
     for name in params:
         np.testing.assert_allclose(params[name], reference[name], rtol=1e-4, atol=1e-6)
     for name, moment in step.state.items():
