@@ -31,11 +31,11 @@ __all__ = ["emit_dropout_mask"]
 CHUNK_ELEMENTS = ROW_CHUNK_FLOATS
 
 # The work of one element, in the FLOPs the thread-count choice counts (thread_costs.py
-# calibrates the seconds per FLOP on FMA chains, 2 FLOPs per lane): the mask is ~37 integer
-# lane operations per element (per block and round, two 32x32->64-bit products, each two
-# pmuludq on pairs of lanes with the masks, shifts and ors that split and rejoin them, and
-# four xors), its products at half an FMA's throughput; measured, one element takes as long
-# as ~126 FLOPs on an AVX-512 core. Profiles print the GFLOP/s of these equivalents.
+# calibrates the seconds per FLOP on FMA chains): about 37 integer lane operations per element
+# (per block and round, two 32x32->64-bit products, each two pmuludq on pairs of lanes, with
+# the shifts and ors that split and rejoin them, and four xors), the products at half an FMA's
+# throughput. The equivalence is bench/NOTES.md's ("Dropout masks"). Profiles print the
+# GFLOP/s of these equivalents.
 FLOPS_PER_ELEMENT = 128
 
 WORD = 0xFFFFFFFF
