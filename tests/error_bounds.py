@@ -57,6 +57,7 @@ import sympy
 from graphc.core.ops.conv import _windows
 from graphc.core.ops.pool import _scatter_windows
 from graphc.core.ops.registry import OPS
+from graphc.core.reference import random_key
 from graphc.core.scalar import NUMPY_FUNCTIONS, Relu, Sigmoid, Softplus, Step
 
 EPS32 = float(np.finfo(np.float32).eps)      # 2^-23, twice float32's unit roundoff
@@ -205,6 +206,8 @@ def _times(magnitude: np.ndarray, other: Bounded) -> np.ndarray:
 
 
 def _source(node, operands, feeds, params) -> Bounded:
+    if node is node.graph.random_key:      # a program's first call draws the masks of seed 0, call 0
+        return _held(random_key(0, call=0))
     table = feeds if node.op == "input" else params
     return _held(np.asarray(table[node.name]))
 
@@ -218,6 +221,11 @@ def _fill(node, operands, feeds, params) -> Bounded:
 
 
 def _one_hot(node, operands, feeds, params) -> Bounded:
+    return _held(_apply(node, [operands[0].exact]))
+
+
+def _dropout_mask(node, operands, feeds, params) -> Bounded:
+    """0 or float32(1/(1-p)), the same bits in numpy and native code: held exactly."""
     return _held(_apply(node, [operands[0].exact]))
 
 
@@ -509,6 +517,7 @@ RULES: dict[str, Callable] = {
     "constant": _constant,
     "fill": _fill,
     "one_hot": _one_hot,
+    "dropout_mask": _dropout_mask,
     "reshape": _moves_values,
     "transpose": _moves_values,
     "broadcast_to": _moves_values,

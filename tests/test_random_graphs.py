@@ -32,10 +32,19 @@ class Builder:
         self.params += 1
         return self.g.param(f"p{self.params}", shape)
 
+    def batch_norm(self, t):
+        """Training mode (batch statistics) or eval mode (running statistics, drawn values)."""
+        channels = (t.shape[1],)
+        self.params += 1
+        k = self.params
+        weight, bias = self.g.param(f"bn{k}.w", channels), self.g.param(f"bn{k}.b", channels)
+        mean, var = self.g.buffer(f"bn{k}.mean", channels), self.g.buffer(f"bn{k}.var", channels, init=1.0)
+        return gc.batch_norm(t, weight, bias, mean, var, training=self.draw(st.booleans()))
+
     def dense_op(self, t):
         n, f = t.shape
         choice = self.draw(st.sampled_from(["linear", "act", "bias", "scale", "sum", "softmax", "transpose_mm",
-                                            "power", "concat", "pad"]))
+                                            "power", "concat", "pad", "batch_norm", "dropout"]))
         if choice == "linear":
             out = self.draw(st.integers(1, 9))
             return gc.linear(t, self.param((out, f)), self.param((out,)) if self.draw(st.booleans()) else None)
@@ -60,6 +69,10 @@ class Builder:
                 rows = self.param((self.draw(st.integers(1, 3)), f))
                 return gc.concat([rows, t], axis=self.draw(st.sampled_from([0, -2])))
             return gc.concat([t, gc.tanh(t), t * self.param((f,))][:self.draw(st.integers(2, 3))], axis=-1)
+        if choice == "batch_norm" and n > 1:
+            return self.batch_norm(t)
+        if choice == "dropout":
+            return gc.dropout(t, self.draw(st.sampled_from([0.25, 0.5])))
         if choice == "pad":
             widths = ((self.draw(st.integers(0, 2)), self.draw(st.integers(0, 1))),
                       (self.draw(st.integers(0, 1)), self.draw(st.integers(0, 3))))
@@ -68,7 +81,8 @@ class Builder:
 
     def image_op(self, t):
         n, c, h, w = t.shape
-        choice = self.draw(st.sampled_from(["conv", "conv", "avg", "max", "act", "bias", "concat", "pad"]))
+        choice = self.draw(st.sampled_from(["conv", "conv", "avg", "max", "act", "bias", "concat", "pad",
+                                            "batch_norm"]))
         if choice == "conv":
             kh, kw = self.draw(st.integers(1, 3)), self.draw(st.integers(1, 3))
             stride = self.draw(st.sampled_from([1, 2, (2, 1)]))
@@ -94,6 +108,8 @@ class Builder:
         if choice == "concat":    # DenseNet's: new channels from a 3x3 conv beside the old ones
             grown = gc.conv2d(t, self.param((self.draw(st.integers(1, 3)), c, 3, 3)), padding="same")
             return gc.concat([t, gc.leaky_relu(grown, 0.1)], axis=1)
+        if choice == "batch_norm":
+            return self.batch_norm(t)
         if choice == "pad":
             return gc.pad(t, ((0, 0), (0, self.draw(st.integers(0, 1))), (self.draw(st.integers(0, 2)), 1),
                               (1, self.draw(st.integers(0, 2)))))
@@ -134,6 +150,9 @@ def random_values(graph, loss, seed):
     """Params and feeds for a drawn graph: float32, as the compiled program reads them."""
     rng = np.random.default_rng(seed)
     params = {name: (rng.standard_normal(p.shape) * 0.5).astype(np.float32) for name, p in graph.params.items()}
+    # running statistics: a mean near 0 and a variance near 1, as a trained network's
+    params.update({name: (rng.uniform(0.5, 1.5, b.shape) if name.endswith(".var") else rng.standard_normal(b.shape) * 0.3
+                          ).astype(np.float32) for name, b in graph.buffers.items()})
     feeds = {"x": rng.standard_normal(graph.inputs["x"].shape).astype(np.float32)}
     if "y" in graph.inputs:
         feeds["y"] = rng.integers(0, loss.inputs[0].shape[1], graph.inputs["y"].shape).astype(np.int32)
