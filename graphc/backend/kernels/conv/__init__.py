@@ -81,7 +81,7 @@ from graphc.backend.kernels.conv.forward import _emit_forward_channel_lanes, _em
 from graphc.backend.kernels.conv.geometry import _ONE_VECTOR_EFFICIENCY, ConvGeometry, _lanes_efficiency, _VectorCover
 from graphc.backend.kernels.conv.input_grad import (_MAX_BATCH_G_FLOATS, _MAX_COLS_FLOATS, _DxEpilogue,
                                                     _emit_input_grad_as_forward, _emit_input_grad_batch_lanes,
-                                                    _emit_input_grad_by_cols)
+                                                    _emit_input_grad_by_cols, _emit_input_grad_pixel_lanes)
 from graphc.backend.kernels.conv.tiles import _TILE_ROWS
 from graphc.backend.kernels.conv.weight_grad import _emit_weight_grad_channel_lanes, _emit_weight_grad_pixel_lanes
 from graphc.backend.llvm.target import vector_width_f32
@@ -211,7 +211,22 @@ FORWARD_PATHS = (
           _emit_forward_channel_lanes),
 )
 
+def _input_grad_pixels_possible(g: ConvGeometry, width: int) -> bool:
+    return _stride_one(g, width) and g.width >= width
+
+
+def _input_grad_pixels_efficiency(g: ConvGeometry, width: int) -> float:
+    """As "as forward", with dx's columns in the lanes instead of its channels. A tile is up
+    to 6 input channels x 2 vectors of a row: fewer channels, or rows of one vector, leave
+    accumulators (and FMA slots) unused."""
+    cover = _VectorCover.of(g.width, width)
+    used = min(g.channels, _TILE_ROWS) / _TILE_ROWS * min(cover.lanes // width, 2) / 2
+    return g.pixels / (g.height * g.width) * g.width / cover.lanes * used
+
+
 INPUT_GRAD_PATHS = (
+    _Path("as forward, pixels in lanes", _input_grad_pixels_possible, _input_grad_pixels_efficiency,
+          _emit_input_grad_pixel_lanes),
     _Path("as forward", _always, _input_grad_as_forward_efficiency,
           _emit_input_grad_as_forward),
     _Path("cols", _input_grad_by_cols_possible,

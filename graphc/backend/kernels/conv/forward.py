@@ -137,7 +137,9 @@ def _emit_channel_groups(kb: KernelBuilder, lanes: int,
 # -------------------------------------------------------------- forward, pixels in lanes
 
 def _emit_forward_pixel_lanes(module: ir.Module, name: str, g: ConvGeometry, *, bias: bool,
-                              relu: bool, max_threads: int) -> Kernel:
+                              relu: bool, max_threads: int, placement: _Placement | None = None,
+                              pack_group: Callable | None = None, after_sample: Callable | None = None,
+                              n_inputs: int | None = None) -> Kernel:
     """out[o, oh, ow..] by tiles of (up to) 6 output channels x a pair of vectors of one
     output row, broadcasting packed weights Wp[k, r] and reading x at one offset per tap.
 
@@ -145,24 +147,30 @@ def _emit_forward_pixel_lanes(module: ir.Module, name: str, g: ConvGeometry, *, 
     at o0*K; the bias of channel o splatted into a vector (the initial accumulators).
     Phase 2: per sample, every tile, stored straight into out[n]. Groups come in runs of
     equal sizes (`_equal_runs`: 64 channels are 9 x 6 + 2 x 5), each run an IR loop.
+
+    The input gradient runs this on its own geometry: `placement` lays out its dilated,
+    padded g, `pack_group(kb, w, block, o0, rows)` writes a group's block of its flipped,
+    transposed weights, and `after_sample(kb, out, inputs, n)` applies its fused epilogue.
     """
     width = vector_width_f32()
     O, K, P = g.out_channels, g.patch_size, g.pixels
     runs = _equal_runs(O, _TILE_ROWS)
+    placement = placement or _Placement.padding_of(g)
     layout = _ScratchLayout(shared={"wp": O * K, "bias": O * width},
-                            private={"x": _Placement.padding_of(g).buffer_floats(width)})
+                            private={"x": placement.buffer_floats(width)})
     tables = _Tables(module, name)
     steps = tables.add("steps", g.tap_offsets())
-    placement = _Placement.padding_of(g)
-    n_inputs = 3 if bias else 2
+    n_inputs = n_inputs or (3 if bias else 2)
+
+    def transposed_block(kb, w, block, o0, rows):
+        _call_transpose(kb, kb.gep(w, kb.mul(o0, K)), K, block, rows, rows=rows, cols=K, lanes=rows)
 
     def pack(kb, inputs, scratch):
         wp, biases = layout.shared(kb, scratch, "wp"), layout.shared(kb, scratch, "bias")
         for first, rows, count in runs:
             with kb.for_range(0, count, name="group") as group:
                 o0 = kb.add(first, kb.mul(group, rows))
-                _call_transpose(kb, kb.gep(inputs[1], kb.mul(o0, K)), K,
-                                kb.gep(wp, kb.mul(o0, K)), rows, rows=rows, cols=K, lanes=rows)
+                (pack_group or transposed_block)(kb, inputs[1], kb.gep(wp, kb.mul(o0, K)), o0, rows)
         if bias:
             with kb.for_range(0, O, name="o") as o:
                 kb.store_vec(kb.splat(kb.load(inputs[2], o)), biases, kb.mul(o, width))
@@ -175,7 +183,7 @@ def _emit_forward_pixel_lanes(module: ir.Module, name: str, g: ConvGeometry, *, 
     zeros = _zeros(module)
     cover = _VectorCover.of(g.out_w, width)
     with _my_samples(kb, g.batch, tid, nthreads) as n:
-        x_n = placement.place(kb, _sample(kb, inputs[0], n, g.sample_floats), x_buffer)
+        x_n = placement.place(kb, _sample(kb, inputs[0], n, placement.source_floats), x_buffer)
         out_n = _sample(kb, out, n, O * P)
         for first, rows, count in runs:
             with kb.for_range(0, count, name="group") as group:
@@ -189,6 +197,8 @@ def _emit_forward_pixel_lanes(module: ir.Module, name: str, g: ConvGeometry, *, 
                         a=kb.gep(wp, kb.mul(o0, K)), a_rows=row_indices, steps=steps,
                         stride=rows, n=kb.i64(K), c_row=P, init=init, init_row=init_row,
                         init_vec=0, relu=relu))
+        if after_sample is not None:
+            after_sample(kb, out, inputs, n)
     kb.b.ret_void()
     pack_fn = _thread0_phase(module, f"{name}.pack", n_inputs, pack)
     return Kernel([pack_fn, fn], layout.total_floats(max_threads))

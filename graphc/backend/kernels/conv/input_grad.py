@@ -11,7 +11,7 @@ import sympy
 from graphc.backend.emit.kernel import Kernel, phase_args, phase_function
 from graphc.backend.emit.kernel_builder import I64, KernelBuilder
 from graphc.backend.kernels.conv.buffers import _my_samples, _Placement, _sample, _ScratchLayout, _store, _thread0_phase
-from graphc.backend.kernels.conv.forward import _LanesForward
+from graphc.backend.kernels.conv.forward import _emit_forward_pixel_lanes, _LanesForward
 from graphc.backend.kernels.conv.geometry import ConvGeometry, _VectorCover
 from graphc.backend.kernels.conv.tiles import (_TILE_ROWS, _balanced, _call_tile, _call_transpose, _equal_runs,
                                                _load_index, _row_indices, _Tables, _tile_function, _tiles_along, _zeros)
@@ -53,6 +53,20 @@ _NO_EPILOGUE = _DxEpilogue()
 
 # ---------------------------------------------------------------------- input gradient
 
+def _as_forward_geometry(g: ConvGeometry) -> tuple[ConvGeometry, _Placement]:
+    """The forward convolution computing dx, and where g goes in its input: dilated by the
+    stride, padded by kernel - 1 - padding (see `_emit_input_grad_as_forward`)."""
+    forward = ConvGeometry(g.height + g.kernel_h - 1, g.width + g.kernel_w - 1,
+                           g.kernel_h, g.kernel_w, 1, 1, 0, 0, 0, 0, batch=g.batch,
+                           channels=g.out_channels, out_channels=g.channels)
+    placement = _Placement(channels=g.out_channels, src_h=g.out_h, src_w=g.out_w,
+                           dst_h=forward.height, dst_w=forward.width,
+                           step_y=g.stride_h, step_x=g.stride_w,
+                           first_y=g.kernel_h - 1 - g.pad_top,
+                           first_x=g.kernel_w - 1 - g.pad_left)
+    return forward, placement
+
+
 def _emit_input_grad_as_forward(module: ir.Module, name: str, g: ConvGeometry, *,
                                 max_threads: int, epilogue: _DxEpilogue = _NO_EPILOGUE) -> Kernel:
     """dx as the forward convolution, with input channels in the lanes, of g dilated by
@@ -62,14 +76,7 @@ def _emit_input_grad_as_forward(module: ir.Module, name: str, g: ConvGeometry, *
 
     where gd[o, oh*sh + kh-1-pt, ow*sw + kw-1-pl] = g[o, oh, ow] and gd is 0 elsewhere.
     """
-    forward = ConvGeometry(g.height + g.kernel_h - 1, g.width + g.kernel_w - 1,
-                           g.kernel_h, g.kernel_w, 1, 1, 0, 0, 0, 0, batch=g.batch,
-                           channels=g.out_channels, out_channels=g.channels)
-    placement = _Placement(channels=g.out_channels, src_h=g.out_h, src_w=g.out_w,
-                           dst_h=forward.height, dst_w=forward.width,
-                           step_y=g.stride_h, step_x=g.stride_w,
-                           first_y=g.kernel_h - 1 - g.pad_top,
-                           first_x=g.kernel_w - 1 - g.pad_left)
+    forward, placement = _as_forward_geometry(g)
     C, O, taps = g.channels, g.out_channels, g.taps
 
     def pack(kb, w, wt, lanes):
@@ -85,6 +92,32 @@ def _emit_input_grad_as_forward(module: ir.Module, name: str, g: ConvGeometry, *
 
     return _LanesForward(forward, placement, pack=pack, after_sample=after_sample).emit(
         module, name, n_inputs=epilogue.inputs, max_threads=max_threads)
+
+
+def _emit_input_grad_pixel_lanes(module: ir.Module, name: str, g: ConvGeometry, *,
+                                 max_threads: int, epilogue: _DxEpilogue = _NO_EPILOGUE) -> Kernel:
+    """dx for stride 1 as the forward convolution of `_emit_input_grad_as_forward`, with dx's
+    pixels in the lanes (forward.py's pixel-lanes kernel): tiles of 6 input channels x two
+    vectors of a dx row, twice the accumulators of the channel-lanes tile when there are few
+    channels (16: one vector per tile row there), and no transpose of the result."""
+    forward, placement = _as_forward_geometry(g)
+    C, O, taps = g.channels, g.out_channels, g.taps
+
+    def pack_group(kb, w, block, c0, rows):
+        # block[(o, t), r] = W[o, c0 + r, taps-1-t]: the rows input channels' flipped taps
+        with kb.for_range(0, O, name="o") as o:
+            for r in range(rows):
+                source = kb.gep(w, kb.mul(kb.add(kb.mul(o, C), kb.add(c0, r)), taps))
+                with kb.for_range(0, taps, name="t") as t:
+                    value = kb.load(source, kb.sub(taps - 1, t))
+                    kb.store(value, block, kb.add(kb.mul(kb.add(kb.mul(o, taps), t), rows), r))
+
+    def after_sample(kb, out, inputs, n):
+        epilogue.apply(kb, out, inputs, n, g.sample_floats)
+
+    return _emit_forward_pixel_lanes(module, name, forward, bias=False, relu=False, max_threads=max_threads,
+                                     placement=placement, pack_group=pack_group, after_sample=after_sample,
+                                     n_inputs=epilogue.inputs)
 
 
 def _emit_input_grad_by_cols(module: ir.Module, name: str, g: ConvGeometry, *,
