@@ -365,7 +365,8 @@ def test_optimize_logs_every_pass_and_shrinks_lenet():
     assert_interface_and_provenance_kept(graph, outputs, result.graph, result.outputs)
     assert_same_values(outputs, result.outputs, feeds, params)
     names = [record.name for record in result.log]
-    assert names[0] == "dce" and names[-3:] == ["fuse_elementwise", "fold_channel_scale", "reuse_values"]
+    assert names[0] == "dce" and names[-5:] == ["fuse_elementwise", "factor_sums", "cse", "fold_channel_scale",
+                                              "reuse_values"]
     assert any(name.startswith("simplify #") for name in names)
     for previous, record in zip(result.log, result.log[1:]):
         assert previous.nodes_after == record.nodes_before

@@ -23,7 +23,7 @@ CASES = {
                                        [(4, 5, 7, 3), (1, 5, 1, 1)]),
     "product over rows, odd length": (lambda a, b: gc.sum(a * b, axis=1), [(6, 37), (6, 37)]),
     "nonzero at zero, partial vectors": (lambda a: gc.sum(gc.exp(a * 0.1), axis=-1), [(3, 13)]),
-    "a total with a scalar": (lambda a, s: gc.sum(a * s + 1.0), [(11, 9), (1,)]),
+    "a total with a scalar inside": (lambda a, s: gc.sum(gc.tanh(a * s) + 1.0), [(11, 9), (1,)]),
     "backward-style three operands": (lambda g, c, s: gc.sum(g * c * s, axis=(0, 2, 3), keepdims=True),
                                       [(2, 3, 5, 5), (2, 3, 5, 5), (1, 3, 1, 1)]),
 }

@@ -8,6 +8,7 @@ from graphc.transforms.constant_folding import fold_constants
 from graphc.transforms.cse import cse
 from graphc.transforms.dce import dce
 from graphc.transforms.elementwise_fusion import fuse_elementwise
+from graphc.transforms.factor_sums import factor_sums
 from graphc.transforms.fold_channel_scale import fold_channel_scale
 from graphc.transforms.pipeline import DEFAULT_PASSES, FixedPoint, OptimizeResult, PassRecord, optimize
 from graphc.transforms.rebuild import Absorbed, Rewrite, rebuild
@@ -15,5 +16,5 @@ from graphc.transforms.simplify import simplify
 from graphc.transforms.value_reuse import reuse_values
 
 __all__ = ["optimize", "OptimizeResult", "PassRecord", "DEFAULT_PASSES", "FixedPoint",
-           "dce", "cse", "fold_constants", "simplify", "fuse_elementwise", "fold_channel_scale", "reuse_values",
+           "dce", "cse", "fold_constants", "simplify", "fuse_elementwise", "factor_sums", "fold_channel_scale", "reuse_values",
            "rebuild", "Rewrite", "Absorbed"]

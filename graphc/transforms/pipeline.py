@@ -16,6 +16,7 @@ from graphc.transforms.constant_folding import fold_constants
 from graphc.transforms.cse import cse
 from graphc.transforms.dce import dce
 from graphc.transforms.elementwise_fusion import fuse_elementwise
+from graphc.transforms.factor_sums import factor_sums
 from graphc.transforms.fold_channel_scale import fold_channel_scale
 from graphc.transforms.rebuild import attrs_key
 from graphc.transforms.simplify import simplify
@@ -64,6 +65,8 @@ DEFAULT_PASSES: list[Union[Pass, FixedPoint]] = [
     dce,
     FixedPoint((fold_constants, simplify, cse)),
     fuse_elementwise,
+    factor_sums,
+    cse,
     fold_channel_scale,
     reuse_values,
 ]
