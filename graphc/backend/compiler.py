@@ -32,7 +32,8 @@ from graphc.backend.llvm.parallel import ObjectCompiler, compile_modules, split_
 from graphc.backend.llvm.program_modules import default_budget
 from graphc.backend.program_cache import CachedProgram, pack_entry, program_key, unpack_entry
 from graphc.core.errors import building_for, user_site
-from graphc.core.ir import Tensor, as_int
+from graphc.core.ir import Tensor
+from graphc.core.reference import checked_seed
 
 _cache: rt.ObjectCache | None = None
 
@@ -323,7 +324,7 @@ def compile(outputs, params: Mapping[str, np.ndarray], seed: int = 0) -> Compile
     for out in outputs:
         if not isinstance(out, Tensor):
             raise TypeError(f"compile: outputs must be graphc Tensors, got {type(out).__name__}")
-    seed = _checked_seed(seed, "compile")
+    seed = checked_seed(seed, "compile")
     graph = outputs[0].graph
     updates = graph.buffer_updates_for(outputs)
     writes = [update.value for update in updates]
@@ -351,7 +352,7 @@ def compile_training_step(loss: Tensor, params: Mapping[str, np.ndarray], optimi
         raise ValueError(f"compile_training_step: the loss must be a scalar Tensor, got {loss!r}")
     if not isinstance(optimizer, Optimizer):
         raise TypeError(f"compile_training_step: expected an optimizer such as gc.SGD or gc.Adam, got {optimizer!r}")
-    seed = _checked_seed(seed, "compile_training_step")
+    seed = checked_seed(seed, "compile_training_step")
     buffer_updates = loss.graph.buffer_updates_for([loss])
     forward_outputs = [loss] + [update.value for update in buffer_updates]
     _check_params(forward_outputs, params, "compile_training_step")
@@ -454,13 +455,6 @@ def _training_graph(loss, buffer_updates, trainable_names, optimizer) -> _Traini
     return _TrainingGraph(graph, [train_loss] + [value for _, value in writes], _unclaimed_names(graph, ["loss"]),
                           [name for name, _ in writes], list(state_names) + list(optimizer_graph.hyper_names.values()),
                           optimizer_graph.names_for_caller(), dict(optimizer_graph.hyper_names))
-
-
-def _checked_seed(seed, where: str) -> int:
-    seed = as_int(seed, f"{where}: seed")
-    if not 0 <= seed < 2 ** 32:
-        raise ValueError(f"{where}: seed must lie in [0, 2**32), got {seed}")
-    return seed
 
 
 class _OptimizerGraph:

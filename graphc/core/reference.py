@@ -59,12 +59,17 @@ def evaluate(outputs, feeds: Mapping[str, object], params: Mapping[str, np.ndarr
     return results[0] if single else results
 
 
+def checked_seed(seed, where: str) -> int:
+    """A seed of random masks: an int in [0, 2**32), or TypeError/ValueError naming `where`."""
+    seed = as_int(seed, f"{where}: seed")
+    if not 0 <= seed < 2 ** 32:
+        raise ValueError(f"{where}: seed must lie in [0, 2**32), got {seed}")
+    return seed
+
+
 def random_key(seed, call: int) -> np.ndarray:
     """The random key a graph's masks are drawn with: int32 [seed, call], each read as uint32."""
-    seed = as_int(seed, "seed")
-    if not 0 <= seed < 2 ** 32:
-        raise ValueError(f"seed must lie in [0, 2**32), got {seed}")
-    return np.array([seed, call % 2 ** 32], dtype=np.uint32).view(np.int32)
+    return np.array([checked_seed(seed, "evaluate"), call % 2 ** 32], dtype=np.uint32).view(np.int32)
 
 
 def _write_buffers(updates, values, params) -> None:

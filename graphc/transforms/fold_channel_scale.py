@@ -13,16 +13,13 @@ from __future__ import annotations
 from graphc.core.ir import Graph, Tensor
 from graphc.core.ops.elementwise import make_ew
 from graphc.core.scalar import Relu, symbol
-from graphc.transforms.rebuild import Rewrite, rebuild
+from graphc.transforms.rebuild import Rewrite, rebuild, use_counts
 
 _FOLDABLE = ("conv2d", "matmul")
 
 
 def fold_channel_scale(graph: Graph, outputs: list[Tensor]) -> tuple[Graph, list[Tensor]]:
-    uses: dict[int, int] = {}
-    for node in graph.nodes:
-        for operand in node.inputs:
-            uses[operand.id] = uses.get(operand.id, 0) + 1
+    uses = use_counts(graph)
     output_ids = {out.id for out in outputs}
 
     def fold(rewrite: Rewrite) -> Tensor | None:

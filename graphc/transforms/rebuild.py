@@ -216,6 +216,15 @@ def _check_replacement(node: Tensor, replacement: Tensor, graph: Graph):
                            f"{replacement.op} {replacement.dtype}{list(replacement.shape)}")
 
 
+def use_counts(graph: Graph) -> dict[int, int]:
+    """node id -> how many operand slots of the graph's nodes read it (nodes nothing reads: absent)."""
+    uses: dict[int, int] = {}
+    for node in graph.nodes:
+        for operand in node.inputs:
+            uses[operand.id] = uses.get(operand.id, 0) + 1
+    return uses
+
+
 def needed_nodes(graph: Graph, outputs: list[Tensor]) -> list[Tensor]:
     """Every node `outputs` depend on, outputs included, in topological order.
 

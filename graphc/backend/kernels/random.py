@@ -26,8 +26,8 @@ from graphc.core import philox
 
 __all__ = ["emit_dropout_mask"]
 
-# A thread's unit of work: 64 KiB of mask, as the layout kernels' row chunks. A multiple of
-# every group (4 * width elements), so only the mask's last chunk has a partial group.
+# A thread's unit of work: one of the layout kernels' row chunks of mask. A multiple of every
+# group (4 * width elements), so only the mask's last chunk has a partial group.
 CHUNK_ELEMENTS = ROW_CHUNK_FLOATS
 
 # The work of one element, in the FLOPs the thread-count choice counts (thread_costs.py

@@ -54,16 +54,22 @@ def key_words(key) -> tuple[int, int]:
     return seed, call
 
 
+def drop_probability(p, op_name: str) -> float:
+    """`p` as a float in [0, 1), or an error naming `op_name` and the user's line."""
+    p = as_finite_float(p, f"{op_name}: p")
+    if not 0.0 <= p < 1.0:
+        raise ValueError(at_user_line(f"{op_name}: p, the probability of zeroing an element, must be in [0, 1), "
+                                      f"got {p!r}"))
+    return p
+
+
 def dropout_mask(key: Tensor, shape, p: float, stream: int = 0) -> Tensor:
     """A float32 tensor of `shape`: each element float32(1/(1-p)) with probability 1 - p, else 0.
 
     `key` is an int32 tensor of shape (2,): [seed, call index]; `stream` (an int in
     [0, 2**32)) tells apart masks drawn with one key, e.g. one per dropout layer."""
     shape = normalize_shape(shape, "dropout_mask")
-    p = as_finite_float(p, "dropout_mask: p")
-    if not 0.0 <= p < 1.0:
-        raise ValueError(at_user_line(f"dropout_mask: p, the probability of dropping an element, must be in [0, 1), "
-                                      f"got {p!r}"))
+    p = drop_probability(p, "dropout_mask")
     stream = as_int(stream, "dropout_mask: stream")
     if not 0 <= stream <= MAX_STREAM:
         raise ValueError(at_user_line(f"dropout_mask: stream must be in [0, 2**32), got {stream}"))
@@ -80,10 +86,7 @@ def dropout(x: Tensor, p: float, training: bool = True) -> Tensor:
     """
     if not isinstance(x, Tensor):
         raise TypeError(at_user_line(f"dropout: x must be a graphc Tensor, got {type(x).__name__}"))
-    p = as_finite_float(p, "dropout: p")
-    if not 0.0 <= p < 1.0:
-        raise ValueError(at_user_line(f"dropout: p, the probability of zeroing an element, must be in [0, 1), "
-                                      f"got {p!r}"))
+    p = drop_probability(p, "dropout")
     if as_bool(training, "dropout: training") is False or p == 0.0:
         return x
     if x.dtype != "float32":
