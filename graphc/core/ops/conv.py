@@ -68,6 +68,7 @@ def _windows(x, kernel, stride, padding, out_hw):
 @register
 class Conv2d(OpDef):
     name = "conv2d"
+    vjp_rule = "dx = conv2d_input_grad(dy, w) (transposed convolution); dw = conv2d_weight_grad(x, dy) (correlation of x with dy)"
 
     def infer(self, inputs, attrs):
         x, w = inputs
@@ -104,6 +105,7 @@ class Conv2dInputGrad(OpDef):
     """dL/dx of conv2d: a transposed convolution of the output gradient with the weights."""
 
     name = "conv2d_input_grad"
+    vjp_rule = "linear in (dy, w): d(dy) = conv2d(c, w); dw = conv2d_weight_grad(c, dy)"
 
     def infer(self, inputs, attrs):
         g, w = inputs
@@ -133,6 +135,7 @@ class Conv2dWeightGrad(OpDef):
     """dL/dw of conv2d: the correlation of the (padded) input with the output gradient."""
 
     name = "conv2d_weight_grad"
+    vjp_rule = "linear in (x, dy): dx = conv2d_input_grad(dy, c); d(dy) = conv2d(x, c)"
 
     def infer(self, inputs, attrs):
         x, g = inputs

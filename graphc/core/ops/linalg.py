@@ -10,6 +10,7 @@ from graphc.core.ops.registry import Mismatch, OpDef, check_composite, op, regis
 @register
 class MatMul(OpDef):
     name = "matmul"
+    vjp_rule = "dA = dY · Bᵀ; dB = Aᵀ · dY"
 
     def infer(self, inputs, attrs):
         a, b = inputs

@@ -22,6 +22,7 @@ def _log_softmax(x, axis):
 @register
 class Softmax(OpDef):
     name = "softmax"
+    vjp_rule = "dx = y · (dy − Σ(dy · y)) along the softmax axis"
 
     def infer(self, inputs, attrs):
         require_float(inputs)
@@ -42,6 +43,7 @@ class OneHot(OpDef):
     """labels (N,) int -> (N, C) float with a 1 at each label."""
 
     name = "one_hot"
+    vjp_rule = "labels take no gradient"
 
     def infer(self, inputs, attrs):
         return inputs[0].shape + (attrs["classes"],), attrs["dtype"]
@@ -58,6 +60,7 @@ class OneHot(OpDef):
 @register
 class SoftmaxCrossEntropy(OpDef):
     name = "softmax_cross_entropy"
+    vjp_rule = "d logits = (softmax(logits) − one_hot(labels)) · dL / N; labels take no gradient"
 
     def infer(self, inputs, attrs):
         logits, labels = inputs

@@ -58,6 +58,7 @@ def _scatter_windows(values, x_shape, kernel, stride, padding):
 @register
 class AvgPool2d(_Pool):
     name = "avg_pool2d"
+    vjp_rule = "dx = avg_pool2d_grad(dy): each output gradient spread evenly over its window"
 
     def reference(self, args, attrs, node, float_dtype):
         win = _windows(args[0], attrs["kernel"], attrs["stride"], attrs["padding"], node.shape[2:])
@@ -72,6 +73,7 @@ class AvgPool2dGrad(OpDef):
     """dL/dx of avg_pool2d: each output gradient spread evenly over its window."""
 
     name = "avg_pool2d_grad"
+    vjp_rule = "linear: d(dy) = avg_pool2d(c)"
 
     def infer(self, inputs, attrs):
         return attrs["x_shape"], inputs[0].dtype
@@ -90,6 +92,7 @@ class AvgPool2dGrad(OpDef):
 @register
 class MaxPool2d(_Pool):
     name = "max_pool2d"
+    vjp_rule = "dx = max_pool2d_grad(x, dy): each output gradient to its window's first maximum"
 
     def reference(self, args, attrs, node, float_dtype):
         x = args[0]

@@ -26,6 +26,7 @@ class DropoutMask(OpDef):
     is kept (probability 1 - p), 0 where it is dropped; `stream` separates masks of one call."""
 
     name = "dropout_mask"
+    vjp_rule = "the random key takes no gradient"
 
     def infer(self, inputs, attrs):
         (key,) = inputs

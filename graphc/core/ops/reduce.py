@@ -10,6 +10,7 @@ from graphc.core.ops.registry import Mismatch, OpDef, normalize_axes, op, regist
 @register
 class Sum(OpDef):
     name = "sum"
+    vjp_rule = "dx = broadcast_to(dy) over the summed axes"
 
     def infer(self, inputs, attrs):
         (x,) = inputs

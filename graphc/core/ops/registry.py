@@ -26,6 +26,8 @@ def register(cls):
 
 class OpDef:
     name: str = ""
+    # The derivative rule in words, as reports show it beside the backward nodes it builds.
+    vjp_rule: str = ""
 
     def infer(self, inputs: list[Tensor], attrs: dict[str, Any]) -> tuple[tuple[int, ...], str]:
         """(shape, dtype) of the result, or raise Mismatch(reason)."""

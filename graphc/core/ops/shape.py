@@ -12,6 +12,7 @@ from graphc.core.ops.registry import Mismatch, OpDef, op, register
 @register
 class Reshape(OpDef):
     name = "reshape"
+    vjp_rule = "dx = reshape(dy, x.shape)"
 
     def infer(self, inputs, attrs):
         (x,) = inputs
@@ -29,6 +30,7 @@ class Reshape(OpDef):
 @register
 class Transpose(OpDef):
     name = "transpose"
+    vjp_rule = "dx = transpose(dy, inverse permutation)"
 
     def infer(self, inputs, attrs):
         (x,) = inputs
@@ -46,6 +48,7 @@ class Transpose(OpDef):
 @register
 class BroadcastTo(OpDef):
     name = "broadcast_to"
+    vjp_rule = "dx = sum_to(dy, x.shape): summed over the broadcast axes"
 
     def infer(self, inputs, attrs):
         (x,) = inputs
@@ -68,6 +71,7 @@ class Pad(OpDef):
     """np.pad with a constant: `pad_width` one (before, after) pair per axis."""
 
     name = "pad"
+    vjp_rule = "dx = slice of dy without the padding"
 
     def infer(self, inputs, attrs):
         (x,) = inputs
@@ -87,6 +91,7 @@ class Slice(OpDef):
     """x[starts[0]:stops[0], starts[1]:stops[1], ...]: a box of x, steps of 1."""
 
     name = "slice"
+    vjp_rule = "dx = pad(dy) with zeros back to x's shape"
 
     def infer(self, inputs, attrs):
         (x,) = inputs
@@ -106,6 +111,7 @@ class Concat(OpDef):
     """np.concatenate(operands, axis): operands of one rank and dtype, equal sizes off `axis`."""
 
     name = "concat"
+    vjp_rule = "d(operand i) = the slice of dy along the axis that operand i filled"
 
     def infer(self, inputs, attrs):
         axis, first = attrs["axis"], inputs[0]
