@@ -57,6 +57,7 @@ class MemoryPlan:
     offsets: dict[object, int]
     arena_bytes: int
     peak_live_bytes: int           # the largest sum of live intervals at any step (a lower bound)
+    intervals: list[Interval] = dataclasses.field(default_factory=list)   # each buffer's lifetime, placed
 
     def offset_of_value(self, node_id: int) -> int | None:
         return self.offsets.get(("value", node_id))
@@ -81,7 +82,7 @@ def plan_memory(ordered: list[Step], scratch_bytes: list[int], in_arena: list[bo
             intervals.append(Interval(("scratch", i), scratch_bytes[i], i, i))
     arena = _assign_offsets(intervals)
     peak = max((sum(iv.size for iv in intervals if iv.start <= s <= iv.end) for s in range(len(ordered))), default=0)
-    return MemoryPlan({iv.key: iv.offset for iv in intervals}, arena, peak)
+    return MemoryPlan({iv.key: iv.offset for iv in intervals}, arena, peak, intervals)
 
 
 def _bytes(node) -> int:
