@@ -86,6 +86,10 @@ class Plan:
         return self._built[0]
 
     @property
+    def source_outputs(self) -> list:
+        return self._built[0]
+
+    @property
     def _request(self) -> dict:
         return self._built[1]
 
@@ -149,6 +153,12 @@ class CompiledFunction:
     @property
     def optimization(self):
         return self._plan.optimized
+
+    @property
+    def source_outputs(self) -> list:
+        """The outputs before optimization (a training step's loss, then its in-place writes),
+        in the graph the compiler differentiated: what reports draw as the forward and backward graphs."""
+        return list(self._plan.source_outputs)
 
     @property
     def graph(self):
