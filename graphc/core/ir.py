@@ -171,9 +171,10 @@ class ConstArray:
 class Tensor:
     """A node of a Graph and the value it produces."""
 
-    __slots__ = ("graph", "id", "op", "inputs", "attrs", "shape", "dtype", "name", "site", "grad_of", "__weakref__")
+    __slots__ = ("graph", "id", "op", "inputs", "attrs", "shape", "dtype", "name", "site", "grad_of", "origin",
+                 "__weakref__")
 
-    def __init__(self, graph, id, op, inputs, attrs, shape, dtype, name, site, grad_of):
+    def __init__(self, graph, id, op, inputs, attrs, shape, dtype, name, site, grad_of, origin=None):
         self.graph = graph
         self.id = id
         self.op = op
@@ -184,6 +185,9 @@ class Tensor:
         self.name = name
         self.site = site
         self.grad_of = grad_of
+        # For a node a rebuild (an optimization pass) made: the node of the graph before that it
+        # was made for. Followed back, it maps an optimized node to the one the user wrote.
+        self.origin = origin
 
     @property
     def ndim(self) -> int:

@@ -10,7 +10,8 @@ A rebuilt graph keeps, from the original:
 - every declared input and param, in declaration order, so feeds and params bind identically;
 - provenance: the nodes built while rewriting node `n` get `n.site`, and `grad_of` pointing at
   the new-graph stand-in of `n.grad_of`: what that forward node became; if it was absorbed into
-  a consumer, that consumer's stand-in; if it disappeared, its nearest surviving ancestor's.
+  a consumer, that consumer's stand-in; if it disappeared, its nearest surviving ancestor's;
+  and `origin`, the node `n` itself, so an optimized node leads back to the one the user wrote.
 
 The IR gives a new node the caller's site and the `building_gradient_of` block's forward node,
 and has no call that copies another node's provenance; so provenance is copied by assigning
@@ -160,6 +161,7 @@ class _Copy:
             new = self.new.param(name, node.shape, node.dtype, init=old.initial_values.get(name))
         self.values[node.id] = new
         new.site = node.site
+        new.origin = node
 
     def _carry_buffer_updates(self):
         """The old graph's buffer updates whose owner and value both have a stand-in here."""
@@ -182,6 +184,7 @@ class _Copy:
         # Helpers such as make_ew create nodes (a trailing broadcast_to) without a site of ours.
         for new in built:
             new.site = node.site
+            new.origin = node
             self.built_for[new.id] = node
 
     def _link_gradients(self):
