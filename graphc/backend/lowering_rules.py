@@ -14,6 +14,7 @@ from typing import Callable
 import llvmlite.ir as ir
 import sympy
 
+from graphc.backend import costs
 from graphc.backend.emit.kernel import Kernel
 from graphc.core.ir import Tensor
 from graphc.core.scalar import symbol
@@ -29,10 +30,18 @@ class Step:
     build: Callable[[ir.Module, str, int], Kernel]   # (module, function name, max_threads) -> Kernel
     label: str                         # what runs, for listings and profiles: "gemm+bias+relu"
     covers: list[Tensor]               # every IR node this step computes
+    # The FLOPs of everything the step covers, by the rules of costs.py (an FMA is 2, fused
+    # epilogues count as if unfused; the dropout mask counts FLOP equivalents)
     flops: int = 0
     # Sources (params, state) whose buffers the step also overwrites, beside its node's own:
     # in-place updates computed with it (an optimizer's moments beside the param they move)
     side_writes: list[Tensor] = dataclasses.field(default_factory=list)
+
+    @property
+    def bytes_moved(self) -> int:
+        """The least the kernel must move: each distinct buffer it reads, once, plus its node's
+        and its side writes' buffers, once each, at the dtype's size (costs.py)."""
+        return costs.bytes_moved([alias_root(t) for t in self.operands], [self.node, *self.side_writes])
 
 
 @dataclasses.dataclass
@@ -137,13 +146,15 @@ def alias_root(node: Tensor) -> Tensor:
 def step_with_elementwise_epilogue(node, epilogue: Epilogue | None, emit, flops: int) -> Step:
     """The step of a kernel that may take its elementwise consumer as an epilogue (pooling and
     conv input gradients): its inputs are the node's, then the epilogue's operands; `emit`
-    takes `epilogue` and `epilogue_operands` when there is one."""
+    takes `epilogue` and `epilogue_operands` when there is one. `flops` are the kernel's own;
+    the epilogue's are added."""
     if epilogue is None:
         return Step(node, list(node.inputs), emit, node.op, [node], flops=flops)
     fused = dict(epilogue=epilogue.expr, epilogue_operands=len(epilogue.operands))
     return Step(epilogue.node, list(node.inputs) + list(epilogue.operands),
                 lambda m, name, threads: emit(m, name, threads, **fused),
-                node.op + "+ew", [node, epilogue.node], flops=flops)
+                node.op + "+ew", [node, epilogue.node],
+                flops=flops + costs.elementwise_flops(node.size, [epilogue.expr]))
 
 
 def no_param_operands(producer: Tensor, others: list[Tensor]) -> bool:

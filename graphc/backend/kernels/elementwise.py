@@ -12,6 +12,7 @@ import math
 import sympy
 from llvmlite import ir
 
+from graphc.backend import costs
 from graphc.backend.emit.expr import ExprEmitter
 from graphc.backend.emit.kernel import Kernel, phase_args, phase_function
 from graphc.backend.kernels.layout import only_thread_zero
@@ -187,7 +188,7 @@ def lower_elementwise(node, _epilogue) -> Step:
     label = "fill" if node.op == "fill" else "ew"
     return Step(node, operands,
                 lambda m, name, threads: emit_elementwise(m, name, node.shape, shapes, expr, max_threads=threads),
-                label, [node], flops=node.size * max(1, sympy.count_ops(expr)))
+                label, [node], flops=costs.elementwise_flops(node.size, [expr]))
 
 
 def lower_elementwise_group(node, writes) -> Step:
@@ -196,9 +197,9 @@ def lower_elementwise_group(node, writes) -> Step:
     shape): Adam's moments, stored beside the param they move, in one pass over memory."""
     expr, operands, side_stores = group_expression(node, writes)
     shapes = [o.shape for o in operands]
-    count_ops = sympy.count_ops(expr) + sum(sympy.count_ops(e) for _, e in side_stores)
     return Step(node, operands,
                 lambda m, name, threads: emit_elementwise(m, name, node.shape, shapes, expr, max_threads=threads,
                                                           side_stores=side_stores),
                 f"ew+{len(writes)} in place", [value for value, _ in writes] + [node],
-                flops=node.size * max(1, count_ops), side_writes=[source for _, source in writes])
+                flops=costs.elementwise_flops(node.size, [expr] + [e for _, e in side_stores]),
+                side_writes=[source for _, source in writes])

@@ -60,6 +60,7 @@ from typing import NamedTuple
 import llvmlite.ir as ir
 import sympy
 
+from graphc.backend import costs
 from graphc.backend.emit.expr import ExprEmitter
 from graphc.backend.emit.kernel import Kernel, phase_args, phase_function
 from graphc.backend.emit.kernel_builder import I1, I64, PTR, KernelBuilder
@@ -791,4 +792,13 @@ def lower_matmul(node, epilogue: Epilogue | None) -> Step:
     folded = [t for t, is_folded in ((a, trans_a), (b, trans_b)) if is_folded]
     covers = folded + [node] + list(epilogue.absorbed) + ([epilogue.node] if epilogue.node is not node else [])
     side_writes = [epilogue.operands[k - 1] for k, _ in epilogue.side_stores]
-    return Step(epilogue.node, operands, build, label, covers, flops=2 * M * N * K, side_writes=side_writes)
+    return Step(epilogue.node, operands, build, label, covers, flops=matmul_flops(M, N, K, epilogue),
+                side_writes=side_writes)
+
+
+def matmul_flops(M: int, N: int, K: int, epilogue: Epilogue) -> int:
+    """The GEMM's, its bias and ReLU's, and its elementwise epilogue's with its side stores."""
+    flops = costs.gemm_flops(M, N, K) + costs.bias_relu_flops(M * N, epilogue.bias is not None, epilogue.relu)
+    if epilogue.expr is not None:
+        flops += costs.elementwise_flops(M * N, [epilogue.expr] + [e for _, e in epilogue.side_stores])
+    return flops

@@ -27,6 +27,7 @@ from typing import Callable, Iterator, Sequence
 
 import llvmlite.ir as ir
 
+from graphc.backend import costs
 from graphc.backend.emit.kernel import Kernel, phase_args, phase_function
 from graphc.backend.emit.kernel_builder import I32, I64, KernelBuilder, shared_constant
 from graphc.backend.kernels.conv.buffers import emit_fill_zero, splat_i32
@@ -690,21 +691,33 @@ def _load_strided(kb: KernelBuilder, base: ir.Value, start: ir.Value, stride: in
 
 # ---- lowering --------------------------------------------------------------------------------
 
-def _lower_pool(emit, x_shape_of):
+def _lower_pool(emit, x_shape_of, windows_of, flops):
+    """`windows_of(node)`: the pooling's windows (elements of y, or of dy for a gradient);
+    `flops(windows, kernel)`: their cost (costs.py)."""
     def lower(node, epilogue):
         a = node.attrs
         x_shape = x_shape_of(node)
         return step_with_elementwise_epilogue(
             node, epilogue, lambda m, name, threads, **fused: emit(
                 m, name, x_shape, a["kernel"], a["stride"], a["padding"], max_threads=threads, **fused),
-            flops=node.size * math.prod(a["kernel"]))
+            flops=flops(windows_of(node), a["kernel"]))
     return lower
 
 
-lowers("avg_pool2d")(_lower_pool(emit_avg_pool2d, lambda node: node.inputs[0].shape))
-lowers("max_pool2d")(_lower_pool(emit_max_pool2d, lambda node: node.inputs[0].shape))
+def _output_size(node) -> int:
+    return node.size
+
+
+def _dy_size(node) -> int:
+    return node.inputs[-1].size   # a gradient's last input is dy
+
+
+lowers("avg_pool2d")(_lower_pool(emit_avg_pool2d, lambda node: node.inputs[0].shape, _output_size,
+                                 costs.avg_pool2d_flops))
+lowers("max_pool2d")(_lower_pool(emit_max_pool2d, lambda node: node.inputs[0].shape, _output_size,
+                                 costs.max_pool2d_flops))
 # The gradients take their elementwise consumer (ReLU's backward) as an epilogue.
 lowers("avg_pool2d_grad", elementwise_epilogue=True, epilogue_allowed=no_param_operands)(
-    _lower_pool(emit_avg_pool2d_grad, lambda node: node.attrs["x_shape"]))
+    _lower_pool(emit_avg_pool2d_grad, lambda node: node.attrs["x_shape"], _dy_size, costs.avg_pool2d_grad_flops))
 lowers("max_pool2d_grad", elementwise_epilogue=True, epilogue_allowed=no_param_operands)(
-    _lower_pool(emit_max_pool2d_grad, lambda node: node.inputs[0].shape))
+    _lower_pool(emit_max_pool2d_grad, lambda node: node.inputs[0].shape, _dy_size, costs.max_pool2d_grad_flops))

@@ -18,6 +18,7 @@ import math
 
 import llvmlite.ir as ir
 
+from graphc.backend import costs
 from graphc.backend.emit.kernel import Kernel, phase_args
 from graphc.backend.emit.kernel_builder import I32, I64, KernelBuilder, shared_constant
 from graphc.backend.kernels.layout import ROW_CHUNK_FLOATS, open_phase, store_lanes
@@ -29,14 +30,6 @@ __all__ = ["emit_dropout_mask"]
 # A thread's unit of work: one of the layout kernels' row chunks of mask. A multiple of every
 # group (4 * width elements), so only the mask's last chunk has a partial group.
 CHUNK_ELEMENTS = ROW_CHUNK_FLOATS
-
-# The work of one element, in the FLOPs the thread-count choice counts (thread_costs.py
-# calibrates the seconds per FLOP on FMA chains): about 37 integer lane operations per element
-# (per block and round, two 32x32->64-bit products, each two pmuludq on pairs of lanes, with
-# the shifts and ors that split and rejoin them, and four xors), the products at half an FMA's
-# throughput. The equivalence is bench/NOTES.md's ("Dropout masks"). Profiles print the
-# GFLOP/s of these equivalents.
-FLOPS_PER_ELEMENT = 128
 
 WORD = 0xFFFFFFFF
 
@@ -181,4 +174,4 @@ def lower_dropout_mask(node, _epilogue) -> Step:
     return Step(node, [node.inputs[0]],
                 lambda m, name, threads: emit_dropout_mask(m, name, node.size, attrs["p"], attrs["stream"],
                                                            max_threads=threads),
-                "dropout_mask", [node], flops=FLOPS_PER_ELEMENT * node.size)
+                "dropout_mask", [node], flops=costs.dropout_mask_flops(node.size))

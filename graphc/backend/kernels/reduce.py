@@ -32,6 +32,7 @@ from typing import Callable, Sequence
 import llvmlite.ir as ir
 import sympy
 
+from graphc.backend import costs
 from graphc.backend.emit.kernel import Kernel, phase_args, phase_function
 from graphc.backend.emit.kernel_builder import F32, I32, KernelBuilder, shared_constant
 from graphc.backend.kernels.layout import (collapse_dims, contiguous_strides, declare_intrinsic, dot_offset, emit_copy,
@@ -502,11 +503,12 @@ def sum_prologue(node, producer) -> Step | None:
     return Step(node, operands,
                 lambda m, name, threads: emit_sum(m, name, producer.shape, axes, max_threads=threads,
                                                   prologue=prologue),
-                "sum+ew", [producer, node], flops=producer.size * (1 + sympy.count_ops(prologue.expr)))
+                "sum+ew", [producer, node],
+                flops=costs.elementwise_flops(producer.size, [prologue.expr]) + costs.sum_flops(producer.size))
 
 
 @lowers("sum", prologue=sum_prologue)
 def lower_sum(node, _epilogue) -> Step:
     x = node.inputs[0]
     return Step(node, [x], lambda m, name, threads: emit_sum(m, name, x.shape, node.attrs["axes"], max_threads=threads),
-                "sum", [node], flops=x.size)
+                "sum", [node], flops=costs.sum_flops(x.size))

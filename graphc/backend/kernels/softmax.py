@@ -13,6 +13,7 @@ from typing import Callable, Sequence
 
 import llvmlite.ir as ir
 
+from graphc.backend import costs
 from graphc.backend.emit.kernel import Kernel, phase_args, phase_function
 from graphc.backend.emit.kernel_builder import F32, I32, I64, PTR, TRANSPOSE_WIDTHS, KernelBuilder, shared_constant
 from graphc.backend.kernels.layout import (declare_intrinsic, for_each_vector, load_lanes, only_thread_zero, open_phase,
@@ -485,7 +486,8 @@ def emit_one_hot(module: ir.Module, name: str, n: int, classes: int, *,
 def lower_softmax(node, _epilogue) -> Step:
     return Step(node, [node.inputs[0]],
                 lambda m, name, threads: emit_softmax(m, name, node.shape, node.attrs["axis"], max_threads=threads),
-                "softmax", [node], flops=4 * node.size)
+                "softmax", [node],
+                flops=costs.softmax_flops(node.size, rows=node.size // node.shape[node.attrs["axis"]]))
 
 
 # Class ids index the logits' rows: the runtime checks them before native code runs.
@@ -495,7 +497,7 @@ def lower_softmax_cross_entropy(node, _epilogue) -> Step:
     logits = node.inputs[0]
     return Step(node, list(node.inputs),
                 lambda m, name, threads: emit_softmax_cross_entropy(m, name, logits.shape, max_threads=threads),
-                "softmax_cross_entropy", [node], flops=4 * logits.size)
+                "softmax_cross_entropy", [node], flops=costs.softmax_cross_entropy_flops(*logits.shape))
 
 
 @lowers("one_hot", label_range=lambda node: (alias_root(node.inputs[0]), node.attrs["classes"]))

@@ -70,11 +70,11 @@ model that chooses among them, and the public `emit_*` functions.
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Callable, Sequence
 
 import llvmlite.ir as ir
 
+from graphc.backend import costs
 from graphc.backend.emit.kernel import Kernel
 from graphc.backend.kernels.conv.buffers import _round_up
 from graphc.backend.kernels.conv.forward import _emit_forward_channel_lanes, _emit_forward_pixel_lanes
@@ -263,8 +263,8 @@ def lower_conv2d(node, epilogue) -> Step:
 
     label = "conv2d" + ("+bias" if epilogue else "") + ("+relu" if relu else "")
     covers = [node] + ([epilogue.node] if epilogue else [])
-    return Step(epilogue.node if epilogue else node, operands, build, label, covers,
-                flops=2 * node.size * math.prod(w.shape[1:]))
+    flops = costs.conv2d_flops(node.shape, w.shape) + costs.bias_relu_flops(node.size, epilogue is not None, relu)
+    return Step(epilogue.node if epilogue else node, operands, build, label, covers, flops=flops)
 
 
 @lowers("conv2d_input_grad", elementwise_epilogue=True, epilogue_allowed=no_param_operands)
@@ -274,7 +274,7 @@ def lower_conv2d_input_grad(node, epilogue) -> Step:
     return step_with_elementwise_epilogue(
         node, epilogue, lambda m, name, threads, **fused: emit_conv2d_input_grad(
             m, name, g.shape, w.shape, a["x_shape"], a["stride"], a["padding"], max_threads=threads, **fused),
-        flops=2 * g.size * math.prod(w.shape[1:]))
+        flops=costs.conv2d_flops(g.shape, w.shape))
 
 
 @lowers("conv2d_weight_grad")
@@ -284,4 +284,4 @@ def lower_conv2d_weight_grad(node, _epilogue) -> Step:
     return Step(node, [x, g],
                 lambda m, name, threads: emit_conv2d_weight_grad(m, name, x.shape, g.shape, a["w_shape"], a["stride"],
                                                                  a["padding"], max_threads=threads),
-                "conv2d_weight_grad", [node], flops=2 * g.size * math.prod(a["w_shape"][1:]))
+                "conv2d_weight_grad", [node], flops=costs.conv2d_flops(g.shape, a["w_shape"]))
