@@ -19,7 +19,7 @@ import os
 import threading
 import time
 import weakref
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from types import MappingProxyType
 
 import numpy as np
@@ -50,6 +50,12 @@ class Program:
     Calls from several Python threads are serialized per program: the argument vector,
     the workspace and the state are shared by all calls. A fork waits for running calls to
     finish, and the child gets new locks (see `_ForkGuard`).
+
+    An entry may stop at one of its own checks (a compiler's check_finite) with a negative
+    Status; `on_stop(status, memory)` then makes the exception the call raises, where
+    `memory(position)` is the array of slot `position` as the entry left it (this call's feeds
+    and outputs included). Without `on_stop`, the call raises a FloatingPointError giving the
+    status alone.
     """
 
     def __init__(
@@ -61,6 +67,7 @@ class Program:
         *,
         max_threads: int = 1,
         ignored_inputs: Iterable[str] = (),
+        on_stop: Callable[[int, Callable[[int], np.ndarray]], BaseException] | None = None,
     ):
         self.library = library  # keeps the machine code mapped while the program exists
         self.entry = entry
@@ -96,10 +103,12 @@ class Program:
         self._workspaces = {
             slot.name: aligned_zeros(slot.nbytes, np.uint8) for slot in self.slots if isinstance(slot, Workspace)
         }
-        # Where the entry reports inputs it refused (Input.range_checked_natively), if anywhere.
+        # Where the entry reports inputs it refused (Input.range_checked_natively) or the check
+        # it stopped at (on_stop), if anywhere.
         self._status = aligned_zeros((1,), np.int64) if any(isinstance(s, Status) for s in self.slots) else None
         self._status_cell = None if self._status is None else ctypes.c_int64.from_address(data_pointer(self._status))
         self._inputs_by_position = {position: slot for slot, position in _plan_of(Input, self.slots)}
+        self._on_stop = on_stop
 
         self._argv = (ctypes.c_void_p * max(len(self.slots), 1))()
         self._argv_address = ctypes.addressof(self._argv)
@@ -161,7 +170,7 @@ class Program:
                 array = np.empty(slot.shape, slot.dtype)
                 outputs.append(array)
                 self._argv[position] = unchecked_data_pointer(array)
-            self._run_entry(inputs, nthreads)
+            self._run_entry(inputs, outputs, nthreads)
         return outputs
 
     def call_scalar(self, feeds: Mapping[str, object]):
@@ -189,7 +198,7 @@ class Program:
             argv[position] = unchecked_data_pointer(array)
         return prepared
 
-    def _run_entry(self, inputs: list[np.ndarray], nthreads: int) -> None:
+    def _run_entry(self, inputs: list[np.ndarray], outputs: list[np.ndarray], nthreads: int) -> None:
         """Run the entry once on `nthreads` threads; `inputs` (the bound feeds, some of them
         converted copies) is held here so that no copy is freed while native code reads it."""
         if self._status_cell is not None:
@@ -199,11 +208,21 @@ class Program:
         else:
             default_team().run(self._entry_address, self._argv_address, nthreads)
         if self._status_cell is not None and self._status_cell.value:
-            raise self._refused_input_error(inputs)
+            raise self._status_error(inputs, outputs)
 
-    def _refused_input_error(self, inputs: list[np.ndarray]) -> ValueError:
+    def _status_error(self, inputs: list[np.ndarray], outputs: list[np.ndarray]) -> BaseException:
+        """The error of a call whose entry set the Status slot: `inputs` and `outputs` the
+        call's arrays, in slot order."""
+        status = self._status_cell.value
+        if status > 0:
+            return self._refused_input_error(status - 1, inputs)
+        memory = _SlotMemory(self, inputs, outputs)
+        if self._on_stop is None:
+            return FloatingPointError(f"{self!r} stopped at its own check (status {status}) and reports no more")
+        return self._on_stop(status, memory)
+
+    def _refused_input_error(self, position: int, inputs: list[np.ndarray]) -> ValueError:
         """The entry returned before any kernel ran: an input was out of its valid range."""
-        position = self._status_cell.value - 1
         slot = self._inputs_by_position[position]
         array = inputs[[p for _, p, _ in self._input_plan].index(position)]
         return slot.range_error(array)
@@ -399,7 +418,8 @@ def _call_namespace(program: Program) -> dict:
         "_ONE_THREAD": _ONE_THREAD, "_get_num_threads": get_num_threads, "_team": default_team,
         "_entry_address": program._entry_address, "_argv_address": program._argv_address,
         "_max_threads": program.max_threads, "_output_address": address, "_value": value,
-        "_status": program._status_cell, "_refused": program._refused_input_error,
+        "_status": program._status_cell, "_status_error": program._status_error,
+        "_outputs": [program._scalar_output[0]],
     })
 
 
@@ -427,8 +447,25 @@ def _call_body(program: Program, namespace: dict) -> list[str]:
         "            _entry(_argv_pointer, _TID_0, _ONE_THREAD)",
         "        else:",
         "            _team().run(_entry_address, _argv_address, _min(_get_num_threads(), _max_threads))",
-        *(["        if _status.value:", f"            raise _refused([{inputs}])"] if checked else []),
+        *(["        if _status.value:", f"            raise _status_error([{inputs}], _outputs)"] if checked else []),
         "        return _value.value"]
+
+
+class _SlotMemory:
+    """`memory(position)`: the array of a slot as a call's entry left it."""
+
+    def __init__(self, program: Program, inputs: list[np.ndarray], outputs: list[np.ndarray]):
+        self._program = program
+        self._per_call = {position: array for (_, position, _), array in zip(program._input_plan, inputs)}
+        self._per_call.update({position: array for (_, position), array in zip(program._output_plan, outputs)})
+
+    def __call__(self, position: int) -> np.ndarray:
+        if position in self._per_call:
+            return self._per_call[position]
+        memory = self._program._bound_memory(self._program.slots[position])
+        if memory is None:
+            raise KeyError(f"slot {position} has no memory after the call")
+        return memory
 
 
 def _define(name: str, lines: list[str], namespace: dict, program: Program):

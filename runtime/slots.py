@@ -9,7 +9,8 @@ can be stored and cached next to the object code; `Program` binds memory to them
     State      a buffer the runtime owns and zero-fills once, kept across calls (momentum)
     Output     a fresh array per call, returned to and owned by the caller
     Workspace  a scratch arena allocated once, 64-byte aligned, reused by every call
-    Status     one int64 the entry sets when it refuses the call's inputs (see Input)
+    Status     one int64 the entry sets when it refuses the call's inputs (see Input) or
+               stops at one of its own checks
 
 Data pointers of caller memory (inputs, params, outputs) are only as aligned as numpy makes
 them (the element size at least); State and Workspace start on a 64-byte boundary.
@@ -211,8 +212,10 @@ class Workspace:
 
 @dataclasses.dataclass(frozen=True)
 class Status:
-    """One int64 the runtime zeroes before each call; non-zero after it when the entry refused
-    the inputs (the argv position + 1 of the first input it found out of range)."""
+    """One int64 the runtime zeroes before each call. After it: positive when the entry refused
+    the inputs (the argv position + 1 of the first input it found out of range), negative
+    when it stopped at one of its own checks (a code its compiler defines: see Program's
+    `on_stop`), zero when it ran to the end."""
 
     name: str = "status"
 

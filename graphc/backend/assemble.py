@@ -17,11 +17,12 @@ import numpy as np
 
 import graphc_runtime as rt
 from graphc.backend.emit.entry import EntryBuilder, emit_constant, emit_ticks_function
+from graphc.backend.emit.finite_check import FiniteGuard
 from graphc.backend.kernels.layout import copy_step
 from graphc.backend.llvm.program_modules import ProgramModules
 from graphc.backend.lowering import Step, alias_root, plan_steps
 from graphc.backend.lowering_rules import LOWERINGS
-from graphc.backend.memory import MemoryPlan, plan_memory, schedule
+from graphc.backend.memory import ALIGNMENT, MemoryPlan, plan_memory, schedule
 from graphc.core.ir import Graph, Tensor
 
 SUPPORTED_DTYPES = ("float32", "int32")
@@ -34,6 +35,16 @@ NATIVE_RANGE_CHECK_DTYPES = (np.dtype("int32"), np.dtype("int64"))
 
 
 @dataclasses.dataclass
+class FiniteCheck:
+    """A buffer a check_finite program scans after step `step`: `node`'s value at `location`
+    (("slot", i) or ("arena", offset)), the step's result or one of its side writes."""
+
+    step: int
+    node: Tensor
+    location: tuple
+
+
+@dataclasses.dataclass
 class ProgramSpec:
     modules: list[str]           # LLVM IR of each module; the last holds the entry
     slots: list
@@ -41,6 +52,11 @@ class ProgramSpec:
     memory: MemoryPlan
     max_threads: int
     phase_steps: list[int]       # for each phase the entry calls, the index of its step
+    operand_locations: list[list[tuple]] = dataclasses.field(default_factory=list)   # each step's, in order
+    # check_finite only: the buffers scanned, in the order the entry scans them (a Status code
+    # names one, emit/finite_check.py), and the slots saved before the first kernel
+    checks: list[FiniteCheck] = dataclasses.field(default_factory=list)
+    saved_slots: list[int] = dataclasses.field(default_factory=list)
 
     @property
     def llvm_ir(self) -> str:
@@ -51,7 +67,7 @@ class ProgramSpec:
 
 def assemble(graph: Graph, outputs: list[Tensor], *, output_names: list[str], inplace: dict[int, str],
              state_names: set[str], max_threads: int, profile: bool = False,
-             instructions_per_module: int | None = None,
+             check_finite: bool = False, instructions_per_module: int | None = None,
              on_module: Callable[[str], None] | None = None) -> ProgramSpec:
     """Lower `outputs` of `graph`.
 
@@ -64,6 +80,10 @@ def assemble(graph: Graph, outputs: list[Tensor], *, output_names: list[str], in
     whole program is one module; llvm/program_modules.default_budget() suits the compile
     threads of this machine), and `on_module` is given its text at once, so that compiling it
     can start while the next is generated.
+
+    `check_finite`: the entry scans every step's results and stops at the first NaN or
+    infinity, with every buffer updated in place restored (emit/finite_check.py); without it,
+    the program is exactly the one it was before the option existed.
     """
     writes = [graph.nodes[i] for i in inplace]
     needed = graph.ancestors(list(outputs) + writes)
@@ -71,6 +91,8 @@ def assemble(graph: Graph, outputs: list[Tensor], *, output_names: list[str], in
 
     slots, locations = _slots(graph, needed, outputs, output_names, inplace, state_names)
     sources = graph.bound_sources()
+    written = {sources[name].id: graph.nodes[node_id] for node_id, name in inplace.items()}   # source -> new value
+    saved_slots = list(dict.fromkeys(locations[source_id][1] for source_id in written)) if check_finite else []
     steps = plan_steps(graph, list(outputs) + writes, {node_id: sources[name] for node_id, name in inplace.items()})
     inplace_sources = {node_id: sources[name].id for node_id, name in inplace.items()}
     for node_id, name in inplace.items():
@@ -96,8 +118,10 @@ def assemble(graph: Graph, outputs: list[Tensor], *, output_names: list[str], in
     module = modules.module  # the last: entry, constants and profiling clock go here
     memory = plan_memory(ordered, [k.scratch_floats * 4 for k in kernels], [loc is None for loc in step_out])
 
+    checks = _finite_checks(ordered[:len(steps)], step_out, locations, memory, written) if check_finite else []
+    backups, workspace_bytes = _backups(saved_slots, slots, memory.arena_bytes)
     workspace_index = len(slots)
-    slots.append(rt.Workspace(max(memory.arena_bytes, 64)))
+    slots.append(rt.Workspace(max(workspace_bytes, 64)))
     calls_index = len(slots)
     slots.append(rt.State(CALLS_SLOT, (1,), "int64"))
     phase_steps = [i for i, kernel in enumerate(kernels) for _ in kernel.phases]
@@ -110,23 +134,66 @@ def assemble(graph: Graph, outputs: list[Tensor], *, output_names: list[str], in
                     for position, slot in enumerate(slots)
                     if isinstance(slot, rt.Input) and slot.range_checked_natively]
     status_index = None
-    if range_checks:
+    if range_checks or check_finite:
         status_index = len(slots)
         slots.append(rt.Status())
     entry = EntryBuilder(module, len(slots), workspace_index, profile_index, calls_slot=calls_index)
     if range_checks:
         entry.refuse_out_of_range(status_index, range_checks)
+    guard = None
+    if check_finite:
+        guard = FiniteGuard(entry, status_index, len(checks))
+        guard.save([(entry.pointer(("slot", position)), entry.pointer(("arena", offset)), nbytes)
+                    for position, offset, nbytes in backups])
     constants = {}
+    operand_locations = []
     for i, (step, kernel) in enumerate(zip(ordered, kernels)):
         out_location = step_out[i] if step_out[i] is not None else ("arena", memory.offset_of_value(step.node.id))
-        in_pointers = [entry.pointer(_location_of(alias_root(o), locations, memory, module, constants))
-                       for o in step.operands]
+        in_locations = [_location_of(alias_root(o), locations, memory, module, constants) for o in step.operands]
+        operand_locations.append(in_locations)
+        in_pointers = [entry.pointer(location) for location in in_locations]
         scratch_offset = memory.offset_of_scratch(i)
         scratch = entry.pointer(("arena", scratch_offset)) if scratch_offset is not None else None
         phases = [modules.callee(phase) for phase in kernel.phases]
         entry.call_phases(phases, entry.pointer(out_location), in_pointers, scratch)
+        step_checks = [check for check in checks if check.step == i]
+        if guard is not None and step_checks:
+            guard.check([(entry.pointer(check.location), check.node.size) for check in step_checks])
+    if guard is not None:
+        guard.finish()
     entry.finish()
-    return ProgramSpec(modules.finish(), slots, ordered, memory, max_threads, phase_steps)
+    return ProgramSpec(modules.finish(), slots, ordered, memory, max_threads, phase_steps, operand_locations,
+                       checks, saved_slots)
+
+
+def _finite_checks(steps: list[Step], step_out: list, locations: dict, memory: MemoryPlan,
+                   written: dict[int, Tensor]) -> list[FiniteCheck]:
+    """The buffers to scan after each step (the output copies excepted: they compute nothing):
+    its result, then the state its side writes updated, each float32 one of some elements."""
+    checks = []
+    for i, step in enumerate(steps):
+        out_location = step_out[i] if step_out[i] is not None else ("arena", memory.offset_of_value(step.node.id))
+        results = [(step.node, out_location)] + [(written[source.id], locations[source.id])
+                                                 for source in step.side_writes]
+        checks += [FiniteCheck(i, node, location) for node, location in results
+                   if node.dtype == "float32" and node.size > 0]
+    return checks
+
+
+def _backups(saved_slots: list[int], slots: list, arena_bytes: int) -> tuple[list[tuple[int, int, int]], int]:
+    """Where check_finite saves each slot the program overwrites: (slot position, workspace
+    offset, bytes), after the arena; and the workspace's size."""
+    backups, offset = [], _aligned(arena_bytes)
+    for position in saved_slots:
+        slot = slots[position]
+        nbytes = math.prod(slot.shape) * slot.dtype.itemsize
+        backups.append((position, offset, nbytes))
+        offset += _aligned(nbytes)
+    return backups, offset if backups else arena_bytes
+
+
+def _aligned(nbytes: int) -> int:
+    return -(-nbytes // ALIGNMENT) * ALIGNMENT
 
 
 def _generation_order(step: Step) -> tuple:

@@ -3,6 +3,10 @@
     optimize (passes/) -> lower + schedule + plan memory + emit LLVM IR (assemble.py)
     -> machine code (llvm/parallel.py) -> a runtime Program (graphc_runtime)
 
+With `check_finite` (or GRAPHC_CHECK_FINITE=1), the program is another one: its entry scans
+every kernel's results and stops at the first NaN or infinity, its updates undone, and the
+call raises FloatingPointError naming the node (finite_report.py).
+
 A large program's IR is several modules, compiled on all cores while the next is still being
 generated (llvm/parallel.py); its machine code is then several object files, loaded
 together.
@@ -17,6 +21,8 @@ from __future__ import annotations
 import dataclasses
 import functools
 import numbers
+import os
+import warnings
 from collections import Counter
 from types import MappingProxyType
 from typing import Mapping
@@ -28,6 +34,7 @@ from graphc.backend import step_state, thread_costs
 from graphc.backend.assemble import CALLS_SLOT, ProgramSpec, assemble
 from graphc.backend.call_values import CallValues
 from graphc.backend.emit.entry import ENTRY_NAME
+from graphc.backend.finite_report import stopped_error
 from graphc.backend.llvm.parallel import ObjectCompiler, compile_modules, split_modules
 from graphc.backend.llvm.program_modules import default_budget
 from graphc.backend.program_cache import CachedProgram, pack_entry, program_key, unpack_entry
@@ -36,6 +43,7 @@ from graphc.core.ir import Tensor
 from graphc.core.reference import checked_seed
 
 _cache: rt.ObjectCache | None = None
+CHECK_FINITE_VARIABLE = "GRAPHC_CHECK_FINITE"
 
 
 def object_cache() -> rt.ObjectCache:
@@ -128,10 +136,20 @@ class Plan:
     def recipe(self) -> Recipe:
         graph, outputs = self.optimized.graph, self.optimized.outputs
         output_names = self._request["output_names"]
-        return Recipe(graph, outputs[:len(output_names)], dict(output_names=output_names, inplace=self._inplace_ids(),
-                                                state_names=set(self._request["state_names"]),
-                                                max_threads=self.max_threads),
-                      instructions_per_module=default_budget())
+        args = dict(output_names=output_names, inplace=self._inplace_ids(),
+                    state_names=set(self._request["state_names"]), max_threads=self.max_threads)
+        if self.check_finite:
+            args["check_finite"] = True
+        return Recipe(graph, outputs[:len(output_names)], args, instructions_per_module=default_budget())
+
+    @property
+    def check_finite(self) -> bool:
+        return self._request.get("check_finite", False)
+
+    @functools.cached_property
+    def spec(self) -> ProgramSpec:
+        # Generated on demand: a program loaded from the cache never needed its IR.
+        return self.recipe.assemble()
 
 
 class CompiledFunction:
@@ -191,10 +209,14 @@ class CompiledFunction:
     def calls(self) -> int:
         return self._call_values.calls
 
-    @functools.cached_property
+    @property
     def _spec(self) -> ProgramSpec:
-        # Generated on demand: a program loaded from the cache never needed its IR.
-        return self.recipe.assemble()
+        return self._plan.spec
+
+    @property
+    def check_finite(self) -> bool:
+        """Whether every call checks each kernel's results for NaN and infinities (see `compile`)."""
+        return self._plan.check_finite
 
     @property
     def llvm_ir(self) -> str:
@@ -319,13 +341,20 @@ class CompiledTrainingStep(CompiledFunction):
             step_state.load_state_dict(values, self._program, self.state, self._call_values)
 
 
-def compile(outputs, params: Mapping[str, np.ndarray], seed: int = 0) -> CompiledFunction:  # noqa: A001
+def compile(outputs, params: Mapping[str, np.ndarray], seed: int = 0,  # noqa: A001
+            check_finite: bool | None = None) -> CompiledFunction:
     """Native code computing `outputs` (a Tensor or a list of them) from the graph's inputs.
 
     The arrays of `params` are bound without copy: later calls see their current values. Buffers
     the outputs' ops update (batch norm's running statistics) are updated in place at every
     call. Random masks (dropout) are drawn from `seed`: call 0's masks first, new ones at every
     call.
+
+    `check_finite=True` compiles a program that checks every kernel's results: the first NaN
+    or infinity raises FloatingPointError naming the node, its kernel, the user's line and the
+    value ranges of what the kernel read, with nothing updated (buffers keep their values,
+    the call is not counted). None (the default) means False unless the environment variable
+    GRAPHC_CHECK_FINITE=1 was set when compiling; an explicit False is never overridden.
     """
     single = isinstance(outputs, Tensor)
     outputs = [outputs] if single else list(outputs)
@@ -335,17 +364,18 @@ def compile(outputs, params: Mapping[str, np.ndarray], seed: int = 0) -> Compile
         if not isinstance(out, Tensor):
             raise TypeError(f"compile: outputs must be graphc Tensors, got {type(out).__name__}")
     seed = checked_seed(seed, "compile")
+    check_finite = _check_finite_wanted(check_finite, "compile")
     graph = outputs[0].graph
     updates = graph.buffer_updates_for(outputs)
     writes = [update.value for update in updates]
     _check_params(outputs + writes, params)
     names = _unclaimed_names(graph, [f"output{i}" for i in range(len(outputs))])
     return _build(CompiledFunction, outputs + writes, params, output_names=names, single=single,
-                  inplace=[update.buffer.name for update in updates], seed=seed)
+                  inplace=[update.buffer.name for update in updates], seed=seed, check_finite=check_finite)
 
 
 def compile_training_step(loss: Tensor, params: Mapping[str, np.ndarray], optimizer,
-                          seed: int = 0) -> CompiledTrainingStep:
+                          seed: int = 0, check_finite: bool | None = None) -> CompiledTrainingStep:
     """Native code for one training step of `loss` w.r.t. every param in `params` it depends on.
 
     The gradient graph and the updates are built on a copy of the loss's graph: the user's
@@ -355,6 +385,11 @@ def compile_training_step(loss: Tensor, params: Mapping[str, np.ndarray], optimi
     A step compiled before (same forward graph, params, optimizer and threads) is found in the
     disk cache by its forward graph alone: the gradient graph is built only if someone asks to
     see it.
+
+    `check_finite`: as for `compile`. A step that meets a NaN or infinity raises
+    FloatingPointError before its update takes effect: params, buffers and the optimizer's
+    state keep their values, and neither the call count (dropout's masks) nor Adam's step
+    count advances.
     """
     from graphc.core.optim import Optimizer
 
@@ -363,6 +398,7 @@ def compile_training_step(loss: Tensor, params: Mapping[str, np.ndarray], optimi
     if not isinstance(optimizer, Optimizer):
         raise TypeError(f"compile_training_step: expected an optimizer such as gc.SGD or gc.Adam, got {optimizer!r}")
     seed = checked_seed(seed, "compile_training_step")
+    check_finite = _check_finite_wanted(check_finite, "compile_training_step")
     buffer_updates = loss.graph.buffer_updates_for([loss])
     forward_outputs = [loss] + [update.value for update in buffer_updates]
     _check_params(forward_outputs, params, "compile_training_step")
@@ -381,24 +417,27 @@ def compile_training_step(loss: Tensor, params: Mapping[str, np.ndarray], optimi
         built = training_graph()
         return _build(CompiledTrainingStep, built.outputs, params, output_names=built.output_names,
                       inplace=built.inplace, state_names=built.state_names, state_names_for_caller=built.renames,
-                      seed=seed, optimizer=optimizer, hyper_slots=built.hyper_slots)
+                      seed=seed, optimizer=optimizer, hyper_slots=built.hyper_slots, check_finite=check_finite)
     step_request = dict(kind="training step", trainable=trainable, optimizer=optimizer_key,
-                        buffers=[update.buffer.name for update in buffer_updates], **_thread_request(threads))
+                        buffers=[update.buffer.name for update in buffer_updates], **_thread_request(threads),
+                        **_check_finite_request(check_finite))
     cache = object_cache()
     step_key = program_key(loss.graph, forward_outputs, step_request)
     compiled, library = _load(cache, step_key)
     made = _step_names(compiled, optimizer) if compiled is not None else None
     if made is not None:
-        plan = Plan(lambda: training_graph().outputs_and_request(threads), max_threads=compiled.max_threads)
+        plan = Plan(lambda: training_graph().outputs_and_request(threads, check_finite),
+                    max_threads=compiled.max_threads)
         return _bound(CompiledTrainingStep, compiled, library, plan, params, loss.graph,
                       single=False, seed=seed, optimizer=optimizer, renames=made["renames"],
-                      hyper_slots=made["hyper_slots"], random_key=made["random_key"])
+                      hyper_slots=made["hyper_slots"], random_key=made["random_key"], check_finite=check_finite)
     built = training_graph()
     extras = {"step": {"renames": built.renames, "hyper_slots": built.hyper_slots,
                        "random_key": built.graph.random_key.name if built.graph.random_key is not None else None}}
     return _build(CompiledTrainingStep, built.outputs, params, output_names=built.output_names,
                   inplace=built.inplace, state_names=built.state_names, state_names_for_caller=built.renames,
-                  seed=seed, optimizer=optimizer, hyper_slots=built.hyper_slots, missed_key=step_key, extras=extras)
+                  seed=seed, optimizer=optimizer, hyper_slots=built.hyper_slots, missed_key=step_key, extras=extras,
+                  check_finite=check_finite)
 
 
 def _optimizer_key(optimizer) -> str | None:
@@ -448,8 +487,9 @@ class _TrainingGraph:
     renames: dict         # graph name of a state buffer -> the name step.state shows
     hyper_slots: dict     # hyperparameter -> its slot's graph name
 
-    def outputs_and_request(self, threads: int) -> tuple[list, dict]:
-        return self.outputs, _request(self.graph, self.output_names, self.inplace, self.state_names, threads)
+    def outputs_and_request(self, threads: int, check_finite: bool) -> tuple[list, dict]:
+        return self.outputs, _request(self.graph, self.output_names, self.inplace, self.state_names, threads,
+                                      check_finite)
 
 
 def _training_graph(loss, buffer_updates, trainable_names, optimizer) -> _TrainingGraph:
@@ -520,7 +560,8 @@ def _unclaimed_names(graph, names: list[str]) -> list[str]:
 
 
 def _build(cls, outputs, params, *, output_names, single=False, inplace=(), state_names=(),
-           state_names_for_caller=None, seed=0, optimizer=None, hyper_slots=None, missed_key=None, extras=None):
+           state_names_for_caller=None, seed=0, optimizer=None, hyper_slots=None, missed_key=None, extras=None,
+           check_finite=False):
     """Load the program from the cache or optimize, assemble and compile it; bind params.
 
     The first len(output_names) outputs are returned to the caller; each further one is written
@@ -531,7 +572,7 @@ def _build(cls, outputs, params, *, output_names, single=False, inplace=(), stat
     """
     graph = outputs[0].graph
     random_key = graph.random_key.name if graph.random_key is not None else None
-    request = _request(graph, output_names, inplace, state_names, rt.get_num_threads())
+    request = _request(graph, output_names, inplace, state_names, rt.get_num_threads(), check_finite)
     cache = object_cache()
     key = missed_key or program_key(outputs[0].graph, outputs, request)
     compiled, library = _load(cache, key) if missed_key is None else (None, None)
@@ -543,25 +584,50 @@ def _build(cls, outputs, params, *, output_names, single=False, inplace=(), stat
     else:
         plan = Plan(outputs, request, compiled.max_threads)
     return _bound(cls, compiled, library, plan, params, graph, single=single, seed=seed, optimizer=optimizer,
-                  renames=state_names_for_caller or {}, hyper_slots=hyper_slots or {}, random_key=random_key)
+                  renames=state_names_for_caller or {}, hyper_slots=hyper_slots or {}, random_key=random_key,
+                  check_finite=check_finite)
 
 
-def _request(graph, output_names, inplace, state_names, threads: int) -> dict:
+def _request(graph, output_names, inplace, state_names, threads: int, check_finite: bool = False) -> dict:
     """What is asked of a program besides its graph: part of its cache key and of its plan."""
     random_key = [graph.random_key.name] if graph.random_key is not None else []
     # The costs decide the program's thread count, so they are part of its cache key.
     return dict(output_names=list(output_names), inplace=list(inplace),
-                state_names=sorted(list(state_names) + random_key), **_thread_request(threads))
+                state_names=sorted(list(state_names) + random_key), **_thread_request(threads),
+                **_check_finite_request(check_finite))
+
+
+def _check_finite_request(check_finite: bool) -> dict:
+    # Asked for only when on: a program without checks keeps the key it always had.
+    return {"check_finite": True} if check_finite else {}
+
+
+def _check_finite_wanted(check_finite, where: str) -> bool:
+    """The check_finite argument, or for None the environment's GRAPHC_CHECK_FINITE (read at
+    every compile: a program's checks are fixed when it is compiled)."""
+    if check_finite is not None:
+        if not isinstance(check_finite, (bool, np.bool_)):
+            raise TypeError(f"{where}: check_finite must be True, False or None, got {check_finite!r}")
+        return bool(check_finite)
+    text = os.environ.get(CHECK_FINITE_VARIABLE, "").strip().lower()
+    if text in ("1", "true", "yes", "on"):
+        return True
+    if text not in ("", "0", "false", "no", "off"):
+        warnings.warn(f"{CHECK_FINITE_VARIABLE}={text!r} is neither 1 nor 0; compiling without finite checks",
+                      RuntimeWarning, stacklevel=3)
+    return False
 
 
 def _bound(cls, compiled: CachedProgram, library, plan: Plan, params, graph, *, single, seed, optimizer,
-           renames: dict, hyper_slots: dict, random_key: str | None):
+           renames: dict, hyper_slots: dict, random_key: str | None, check_finite: bool):
     """The compiled function or step running `compiled` with `params` bound."""
     plan.hidden_state = {renames.get(name, name) for name in hyper_slots.values()} | (
         {random_key} if random_key else set()) | {CALLS_SLOT}
     slots = _renamed_state_slots(compiled.slots, renames)
-    program = rt.Program(library, ENTRY_NAME, slots, params,
-                         max_threads=compiled.max_threads, ignored_inputs=graph.inputs)
+    # The error names nodes and kernels: made from the plan, which a cached program builds then.
+    on_stop = (lambda status, memory: stopped_error(plan.spec, status, memory)) if check_finite else None
+    program = rt.Program(library, ENTRY_NAME, slots, params, max_threads=compiled.max_threads,
+                         ignored_inputs=graph.inputs, on_stop=on_stop)
     call_values = CallValues(program.state, CALLS_SLOT, seed=seed, random_key_slot=random_key, optimizer=optimizer,
                              hyper_slots={name: renames.get(slot, slot) for name, slot in hyper_slots.items()})
     return cls(program, plan, single, call_values)

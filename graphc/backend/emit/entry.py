@@ -145,6 +145,17 @@ class EntryBuilder:
                 self._count_phase_ticks()
             self.phase_count += 1
 
+    def barrier_before_next_phase(self) -> None:
+        """Make the next phase (or `settle`) wait for every thread to finish what came before."""
+        self._pending_barrier = True
+
+    def settle(self, force: bool = False) -> None:
+        """A barrier now if one is due (or, with `force`, anyway): what every thread wrote
+        before it is visible to all after it."""
+        if self._pending_barrier or force:
+            self.b.call(self.barrier, [self.nthreads])
+        self._pending_barrier = False
+
     def _count_phase_ticks(self):
         self.b.call(self.barrier, [self.nthreads])
         self._pending_barrier = False
