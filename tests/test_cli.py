@@ -1,5 +1,7 @@
 """The `graphc` command: help for every subcommand, a short demo run that writes every file,
-`show` on a script, and `profile`."""
+`show` and `report` on a script, and `profile`."""
+import json
+import re
 import subprocess
 import sys
 
@@ -9,7 +11,8 @@ import graphc_runtime as rt
 from graphc.tools.cli import main
 
 
-@pytest.mark.parametrize("argv", [["--help"], ["demo", "--help"], ["show", "--help"], ["profile", "--help"]])
+@pytest.mark.parametrize("argv", [["--help"], ["demo", "--help"], ["show", "--help"], ["report", "--help"],
+                                  ["profile", "--help"]])
 def test_help_explains_every_option(argv, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(argv)
@@ -30,7 +33,12 @@ def test_quick_demo_prints_every_classifier_and_writes_its_files(tmp_path, capsy
     assert "DIFFERS" not in text
     for picture in ("cnn_training.png", "learning_curve.png", "cnn_conv1_filters.png"):
         assert (tmp_path / picture).stat().st_size > 1000
-    assert (tmp_path / "cnn_gradient_graph.dot").read_text().startswith("digraph")
+    report = (tmp_path / "cnn_report.html").read_text()
+    assert "graphc report: digits_cnn (training step)" in report
+    data = json.loads(re.search(r'id="graphc-data">(.*?)</script>', report, re.S).group(1).replace("<\\/", "</"))
+    assert any(node["kind"] == "backward" for node in data["graphs"][1]["nodes"].values())
+    assert all(kernel["us"] >= 0 for kernel in data["kernels"])      # timed on a minibatch
+    assert not list(tmp_path.glob("*.dot"))                          # no Graphviz needed
     from graphc.tools.checkpoint import load_params
     assert "conv1.w" in load_params(tmp_path / "cnn_params.npz")
 
@@ -48,6 +56,31 @@ def test_show_prints_forward_backward_and_kernels(tmp_path, capsys):
     assert "graph 'tiny'" in text and "* %" in text          # backward nodes are listed and marked
     assert "[k0 gemm" in text                                 # the kernel of each optimized node
     assert (tmp_path / "graphs" / "0_tiny_kernels.dot").read_text().count("subgraph cluster_") >= 2
+
+
+def test_report_writes_a_page_per_graph(tmp_path, capsys):
+    script = tmp_path / "model.py"
+    script.write_text(
+        "import graphc as gc\n"
+        "g = gc.Graph('tiny')\n"
+        "x = g.input('x', (4, 3))\n"
+        "y = g.input('y', (4,), dtype='int32')\n"
+        "loss = gc.softmax_cross_entropy(gc.linear(x, g.param('w', (2, 3)), g.param('b', (2,))), y)\n"
+        "h = gc.Graph('plain')\n"
+        "z = gc.exp(h.input('z', (5,)))\n")
+    assert main(["report", str(script), "--out", str(tmp_path / "reports")]) == 0
+    text = capsys.readouterr().out
+    tiny, plain = tmp_path / "reports" / "0_tiny.html", tmp_path / "reports" / "1_plain.html"
+    assert f"wrote {tiny}" in text and f"wrote {plain}" in text
+    assert "graphc report: tiny (training step)" in tiny.read_text()
+    assert 'data-graph="backward"' in tiny.read_text() and 'data-graph="backward"' not in plain.read_text()
+
+
+def test_report_of_a_script_without_graphs_fails(tmp_path, capsys):
+    script = tmp_path / "empty.py"
+    script.write_text("x = 1\n")
+    assert main(["report", str(script), "--out", str(tmp_path)]) == 1
+    assert "built no graphc graph" in capsys.readouterr().out
 
 
 def test_console_script_entry_point_runs():

@@ -3,6 +3,7 @@
     graphc demo                 train the digits CNN with the compiled step, compare every classic
                                 classifier, write pictures of training and of the gradient graph
     graphc show SCRIPT.py       print and draw the graphs a script builds (--grad adds the backward graph)
+    graphc report SCRIPT.py     an HTML report of each graph a script builds: graphs, kernels, code, memory
     graphc profile WORKLOAD     time each kernel of a benchmark workload's compiled training step
 """
 from __future__ import annotations
@@ -39,6 +40,16 @@ def main(argv=None) -> int:
     show.add_argument("--grad", action="store_true", help="add the gradient graph of each graph's loss")
     show.add_argument("--out", default="graphc-out/graphs", help="folder for the drawings (default: %(default)s)")
 
+    report = commands.add_parser("report", help="write an HTML report of each graph a script builds",
+                                 description="Run SCRIPT.py, then compile each graphc graph it built (a training "
+                                             "step of its loss, or a function of its outputs) and write one "
+                                             "self-contained HTML file per graph: the forward, backward and "
+                                             "optimized graphs, each kernel with its IR and assembly, the passes "
+                                             "and the memory plan. Open it in any browser; nothing else is needed.")
+    report.add_argument("script", help="a Python script that builds graphc graphs")
+    report.add_argument("script_args", nargs="*", help="arguments passed to the script (after --)")
+    report.add_argument("--out", default="graphc-out/reports", help="folder for the reports (default: %(default)s)")
+
     profile = commands.add_parser("profile", help="time each kernel of a workload's compiled training step",
                                   description="Compile a benchmark workload's training step and print the time, "
                                               "share and GFLOP/s of each kernel.")
@@ -64,6 +75,9 @@ def main(argv=None) -> int:
     if args.command == "show":
         from graphc.tools.show import show as run_show
         return run_show(args.script, with_grad=args.grad, out_dir=args.out, script_args=args.script_args)
+    if args.command == "report":
+        from graphc.tools.report_script import report_script
+        return report_script(args.script, out_dir=args.out, script_args=args.script_args)
     return _profile(args)
 
 

@@ -3,8 +3,9 @@
 Trains the CNN with the compiled training step (progress bar), then every classic classifier of
 the course, then a modern CNN (batch norm, dropout, Adam, a cosine learning-rate schedule), and
 prints one table: train/test accuracy, training time, inference time of the test set. Writes the
-CNN's loss/error curves, a learning curve, the CNN's first-layer filters, its gradient graph and
-its trained parameters to the output folder.
+CNN's loss/error curves, a learning curve, the CNN's first-layer filters, the HTML report of its
+compiled training step (gradient graph, kernels, timings: open it in a browser) and its trained
+parameters to the output folder.
 """
 from __future__ import annotations
 
@@ -14,13 +15,13 @@ from pathlib import Path
 
 import numpy as np
 
-from graphc.core.autodiff import grad
-from graphc.core.display import to_dot
-from graphc.core.optim import Adam
+from graphc.backend.compiler import compile_training_step
+from graphc.core.optim import SGD, Adam
+from graphc.inspection import report
 from graphc.tools import classic, models
 from graphc.tools.checkpoint import save_params
 from graphc.tools.data import Dataset, load_digits
-from graphc.tools.plots import plot_filters, plot_learning_curve, plot_training_curves, render_dot
+from graphc.tools.plots import plot_filters, plot_learning_curve, plot_training_curves
 from graphc.tools.train import train
 
 
@@ -146,12 +147,17 @@ def _pictures(cnn, data, out: Path, args, short_epochs):
     yield plot_learning_curve(sizes, train_errors, test_errors, out / "learning_curve.png",
                               title="MLP on digits: error vs training-set size")
     yield plot_filters(cnn.params["conv1.w"], out / "cnn_conv1_filters.png")
-    model = classic.digits_cnn(2)
-    grad(model.loss, list(model.graph.params.values()))
-    path, hint = render_dot(to_dot(model.graph), out / "cnn_gradient_graph")
-    if hint:
-        print(f"  {hint}")
-    yield path
+    yield _step_report(cnn, data, out, args)
+
+
+def _step_report(cnn, data: Dataset, out: Path, args) -> Path:
+    """The report of the CNN's training step, its kernels timed on one minibatch (on copies of
+    the trained params: nothing more is trained)."""
+    model = classic.digits_cnn(args.batch)
+    params = {name: array.copy() for name, array in cnn.params.items()}
+    step = compile_training_step(model.loss, params, SGD(lr=args.lr, momentum=0.9, weight_decay=1e-4))
+    feeds = {"x": data.x_train[:args.batch], "y": data.y_train[:args.batch].astype(np.int32)}
+    return report(step, out / "cnn_report.html", feeds=feeds)
 
 
 def _learning_curve(data: Dataset, args, short_epochs):

@@ -53,7 +53,7 @@ def show(script: str, *, with_grad: bool, out_dir: str, script_args=()) -> int:
         groups = kernel_groups(optimized.graph, optimized.outputs)
         print(f"\noptimized for native code ({len(set(groups.values()))} kernels; [kN] is the kernel computing a node):")
         print(listing(optimized.graph, groups=groups))
-        stem = out / f"{index}_{_safe(graph.name)}"
+        stem = out / f"{index}_{safe_file_name(graph.name)}"
         for suffix, dot in (("", to_dot(graph)), ("_kernels", to_dot(optimized.graph, groups=groups))):
             path, hint = render_dot(dot, f"{stem}{suffix}")
             print(hint or f"wrote {path}")
@@ -61,5 +61,5 @@ def show(script: str, *, with_grad: bool, out_dir: str, script_args=()) -> int:
     return 0
 
 
-def _safe(name: str) -> str:
+def safe_file_name(name: str) -> str:
     return "".join(c if c.isalnum() or c in "-_" else "_" for c in name)
