@@ -11,10 +11,11 @@ FLOPs count the arithmetic of the op's definition, not of one code path:
   framework reports): a convolution and each of its gradients 2·(output elements)·C·kh·kw;
   pooling kh·kw per window, plus the average's one divide, plus, in a gradient, one op per
   window for spreading dy (the average's scale, the max's add to its winner).
-- Elementwise work costs, per element, `sympy.count_ops` of its expressions after `sympy.cse`:
-  each operation, comparison and function (exp, relu, sigmoid) is one FLOP, and a common
-  subexpression counts once, as the kernel evaluates it once. Fused bias, ReLU, epilogues and
-  prologues count the same as unfused, so fusion changes no program's total.
+- Elementwise work costs, per element, `sympy.count_ops` of its expressions after `sympy.cse`,
+  fractions written as floats: each operation (a subtraction, a multiply by 9/10, a square
+  root), comparison and function (exp, relu, sigmoid) is one FLOP, and a common subexpression
+  counts once, as the kernel evaluates it once. Fused bias, ReLU, epilogues and prologues count
+  the same as unfused, so fusion changes no program's total.
 - Softmax: per element its max, subtract, exp, add and scale (5), per row one reciprocal.
   Cross-entropy: per logit max, subtract, exp, add (4); per row log and two subtracts (3) and
   its term of the mean (1); one divide for the mean.
@@ -57,8 +58,16 @@ def bytes_moved(reads: Iterable, writes: Iterable) -> int:
 def expression_flops(exprs: tuple) -> int:
     """FLOPs per element of evaluating every expression of `exprs` together (their common
     subexpressions once)."""
-    replacements, reduced = sympy.cse(list(exprs), symbols=sympy.numbered_symbols("c", real=True))
+    replacements, reduced = sympy.cse([_as_evaluated(e) for e in exprs],
+                                      symbols=sympy.numbered_symbols("c", real=True))
     return int(sum(sympy.count_ops(value) for _, value in replacements) + sympy.count_ops(reduced))
+
+
+def _as_evaluated(expr: sympy.Expr) -> sympy.Expr:
+    """`expr` with its fractions as the floats the kernel multiplies by: count_ops counts 9*x/10
+    as a multiply and a divide, and sqrt(x), x**(1/2), as a power and a divide, where the kernel
+    does one operation (0.9*x, sqrt)."""
+    return expr.xreplace({r: sympy.Float(r) for r in expr.atoms(sympy.Rational) if not r.is_Integer})
 
 
 def elementwise_flops(elements: int, exprs: Sequence[sympy.Expr]) -> int:
