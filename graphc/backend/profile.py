@@ -32,6 +32,7 @@ class KernelTime:
     flops: int
     bytes_moved: int = 0      # the least the kernel moves (Step.bytes_moved)
 
+    # The rates are None where there is nothing to divide: no FLOPs (a copy), or no time measured.
     @property
     def gflop_per_s(self) -> float | None:
         return self.flops / self.seconds / 1e9 if self.flops and self.seconds > 0 else None
