@@ -24,7 +24,6 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Callable, Iterable, Union
 
-import networkx as nx
 import numpy as np
 import sympy
 
@@ -229,15 +228,8 @@ def use_counts(graph: Graph) -> dict[int, int]:
 
 
 def needed_nodes(graph: Graph, outputs: list[Tensor]) -> list[Tensor]:
-    """Every node `outputs` depend on, outputs included, in topological order.
-
-    One traversal from a sink fed by every output: a training graph has an output per param, and
-    a traversal per output (`Graph.ancestors`) costs quadratic time on deep networks."""
-    dg = graph.to_networkx()
-    sink = "outputs"
-    dg.add_node(sink)
-    dg.add_edges_from((out.id, sink) for out in outputs)
-    return [graph.nodes[node_id] for node_id in sorted(nx.ancestors(dg, sink))]
+    """Every node `outputs` depend on, outputs included, in topological order."""
+    return graph.ancestors(outputs)
 
 
 def _has_dead_nodes(graph: Graph, outputs: list[Tensor]) -> bool:
