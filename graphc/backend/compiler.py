@@ -78,11 +78,13 @@ class Plan:
     compiled, so that the plan made later has the cached program's kernels.
     """
 
-    def __init__(self, outputs, request: dict | None = None, max_threads: int | None = None):
+    def __init__(self, outputs, request: dict | None = None, max_threads: int | None = None, *,
+                 check_finite: bool = False):
         # `outputs` may be a function giving (outputs, request): a training step loaded from the
         # cache builds its gradient graph only if someone asks to see it.
         self._source = outputs if request is None else (lambda: (outputs, request))
         self._max_threads = max_threads
+        self.check_finite = check_finite   # the program checks every kernel's results (assemble.py)
         self.hidden_state: set[str] = set()   # State slots that are not the optimizer's (call_values.py)
 
     @functools.cached_property
@@ -138,13 +140,9 @@ class Plan:
         output_names = self._request["output_names"]
         args = dict(output_names=output_names, inplace=self._inplace_ids(),
                     state_names=set(self._request["state_names"]), max_threads=self.max_threads)
-        if self.check_finite:
+        if self.check_finite:   # only then: the program without checks is assembled as it always was
             args["check_finite"] = True
         return Recipe(graph, outputs[:len(output_names)], args, instructions_per_module=default_budget())
-
-    @property
-    def check_finite(self) -> bool:
-        return self._request.get("check_finite", False)
 
     @functools.cached_property
     def spec(self) -> ProgramSpec:
@@ -427,7 +425,7 @@ def compile_training_step(loss: Tensor, params: Mapping[str, np.ndarray], optimi
     made = _step_names(compiled, optimizer) if compiled is not None else None
     if made is not None:
         plan = Plan(lambda: training_graph().outputs_and_request(threads, check_finite),
-                    max_threads=compiled.max_threads)
+                    max_threads=compiled.max_threads, check_finite=check_finite)
         return _bound(CompiledTrainingStep, compiled, library, plan, params, loss.graph,
                       single=False, seed=seed, optimizer=optimizer, renames=made["renames"],
                       hyper_slots=made["hyper_slots"], random_key=made["random_key"], check_finite=check_finite)
@@ -577,12 +575,12 @@ def _build(cls, outputs, params, *, output_names, single=False, inplace=(), stat
     key = missed_key or program_key(outputs[0].graph, outputs, request)
     compiled, library = _load(cache, key) if missed_key is None else (None, None)
     if compiled is None:
-        plan = Plan(outputs, request)
+        plan = Plan(outputs, request, check_finite=check_finite)
         compiled = dataclasses.replace(compile_recipe(plan.recipe), extras=extras or {})
         cache.put(key, pack_entry(compiled))
         library = rt.NativeLibrary(compiled.objects)
     else:
-        plan = Plan(outputs, request, compiled.max_threads)
+        plan = Plan(outputs, request, compiled.max_threads, check_finite=check_finite)
     return _bound(cls, compiled, library, plan, params, graph, single=single, seed=seed, optimizer=optimizer,
                   renames=state_names_for_caller or {}, hyper_slots=hyper_slots or {}, random_key=random_key,
                   check_finite=check_finite)

@@ -28,44 +28,52 @@ def stopped_error(spec: ProgramSpec, status: int, memory) -> FloatingPointError:
                                   f"its {len(spec.checks)} checks (internal error)")
     check = spec.checks[index]
     step, node = spec.steps[check.step], check.node
+    kernel = f"kernel k{check.step} {step.label}"
     reader = _MemoryReader(spec, memory)
     restored = check.location[0] == "slot" and check.location[1] in spec.saved_slots
     found = "a NaN or infinity" if restored else _non_finite_counts(reader.values(node, check.location))
-    lines = [f"check_finite: {found} in %{node.id} {node.op} {type_string(node)} at {node.site}, "
-             f"the first of this call, computed by kernel k{check.step} {step.label} "
+    lines = [f"check_finite: the first NaN or infinity of this call: {found} in %{node.id} {node.op} "
+             f"{type_string(node)} made at {node.site}, computed by {kernel} "
              f"(step {check.step + 1} of {len(spec.steps)} in execution order)",
              f"  node: {_described(node)}"]
     if node.grad_of is not None:
-        lines += [f"  a backward node, for forward node {origin(node.grad_of)}",
-                  f"  its derivative: {derivation(node)}"]
+        lines += [f"  a backward node; its forward node: {origin(node.grad_of)}",
+                  f"  derivative: {derivation(node)}"]
+    if node is not step.node:
+        lines.append(f"  {kernel} stores it in place beside its result %{step.node.id}")
+    if restored:
+        lines.append(f"  it is the new value of {_slot_name(spec.slots[check.location[1]])}, which was restored: "
+                     f"its non-finite values are not shown")
     others = [covered for covered in step.covers if covered is not node]
     if others:
-        lines.append(f"  the kernel also computes {len(others)} fused node(s): "
-                     + "; ".join(_described(covered) for covered in others))
-    if node is not step.node:
-        lines.append(f"  (an in-place value the kernel stores beside its result %{step.node.id})")
-    if restored:
-        lines.append(f"  (it updates {_slot_name(spec.slots[check.location[1]])} in place: its values are "
-                     f"restored, not shown)")
-    lines.append("  the kernel's operands, as it read them:")
+        lines.append(f"  {kernel} also computes (fused): " + "; ".join(_described(covered) for covered in others))
+    lines.append(f"  the operands of {kernel}, as it read them:")
     seen = set()
     for operand, location in zip(step.operands, spec.operand_locations[check.step]):
         root = alias_root(operand)
-        if root.id in seen:
-            continue
-        seen.add(root.id)
-        lines.append(f"    {_described(root)}: {_value_range(reader.values(root, location))}")
+        if root.id not in seen:
+            seen.add(root.id)
+            lines.append(f"    {_described(root)}: {_value_range(reader.values(root, location))}")
     if spec.saved_slots:
-        names = [_slot_name(spec.slots[position]) for position in spec.saved_slots]
-        listed = ", ".join(names[:MAX_NAMES_LISTED]) + (f" and {len(names) - MAX_NAMES_LISTED} more"
-                                                         if len(names) > MAX_NAMES_LISTED else "")
-        lines.append(f"  the call was undone before returning: {listed} hold their values from before it")
+        saved = [spec.slots[position] for position in spec.saved_slots]
+        groups = [_listed([slot.name for slot in saved if not isinstance(slot, rt.State)], "params and buffers"),
+                  _listed([slot.name for slot in saved if isinstance(slot, rt.State)], "optimizer state")]
+        lines.append(f"  nothing was updated: {' and '.join(group for group in groups if group)} keep their values "
+                     f"from before this call, which is not counted")
     return FloatingPointError("\n".join(lines))
 
 
 def _described(node) -> str:
     site = "" if node.op in ("input", "param", "constant") else f" at {node.site}"
     return f"%{node.id} {node_summary(node)} {type_string(node)}{site}"
+
+
+def _listed(names: list[str], kind: str) -> str:
+    if not names:
+        return ""
+    shown = ", ".join(repr(name) for name in names[:MAX_NAMES_LISTED])
+    more = f" and {len(names) - MAX_NAMES_LISTED} more" if len(names) > MAX_NAMES_LISTED else ""
+    return f"{kind} {shown}{more}"
 
 
 def _slot_name(slot) -> str:
