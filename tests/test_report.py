@@ -76,6 +76,7 @@ def test_kernels_carry_their_ir_assembly_and_costs(mlp_step, tmp_path):
     assert len(data["kernels"]) == len(step.steps)
     for kernel, planned in zip(data["kernels"], step.steps):
         assert kernel["label"] == planned.label and kernel["flops"] == planned.flops
+        assert kernel["bytes"] == planned.bytes_moved > 0
         assert kernel["functions"], f"k{kernel['index']} has no function of its own"
         for name in kernel["functions"] + kernel["helpers"]:
             assert data["ir"][name].startswith("define ") and data["ir"][name].endswith("}")
@@ -99,6 +100,8 @@ def test_feeds_time_each_kernel_and_train_nothing(mlp_step, tmp_path):
     for kernel in data["kernels"]:
         assert kernel["us"] >= 0 and kernel["gflops"] >= 0 and kernel["gbs"] >= 0
     assert sum(k["us"] for k in data["kernels"]) > 0
+    gemms = [k for k in data["kernels"] if k["label"].startswith("gemm")]
+    assert gemms and all(k["peak"] > 0 for k in gemms if k["us"] > 0)
     for name, array in params.items():
         np.testing.assert_array_equal(array, before[name])
 

@@ -111,18 +111,11 @@ def kernel_records(fn, times=None) -> tuple[list[dict], dict[str, str], dict[str
         helpers = [name for f in own for name in code.callees(ir[f]) if name in ir and name not in own]
         record = {"index": index, "label": step.label, "node": step.node.id, "shape": list(step.node.shape),
                   "covers": [node.id for node in step.covers], "flops": step.flops,
-                  "bytes": step_bytes(step), "functions": own, "helpers": list(dict.fromkeys(helpers))}
+                  "bytes": step.bytes_moved, "functions": own, "helpers": list(dict.fromkeys(helpers))}
         if times is not None:
             record.update(times[index])
         records.append(record)
     return records, ir, assembly
-
-
-def step_bytes(step) -> int:
-    """The least memory traffic of a kernel: each buffer it reads once, each it writes once."""
-    written = [step.node] + list(step.side_writes)
-    read = {operand.id: operand for operand in step.operands}
-    return sum(node.size * 4 for node in list(read.values()) + written)
 
 
 def memory_record(fn) -> dict:
