@@ -8,4 +8,6 @@
     kernels/      the kernel families: GEMM, convolution, pooling, reductions, softmax, layouts...
     llvm/         the LLVM driver: the target, compiling modules to objects in parallel
     compiler      gc.compile and gc.compile_training_step, with the on-disk program cache
+    costs         each kernel's FLOPs, by one rule per kernel family (bytes: Step.bytes_moved)
+    profile       each kernel's measured time; gemm_peak the GEMM rate it is compared with
 """
