@@ -19,6 +19,7 @@ from graphc.core.ops import (add, avg_pool2d, batch_norm, broadcast_to, concat, 
 from graphc.core.optim import SGD, Adam, AdamW, Optimizer
 from graphc.core.reference import evaluate
 from graphc.inspection import report
+from graphc.interchange import export_onnx, import_onnx
 from graphc.tools.checkpoint import load_params, save_params
 from graphc.tools.schedules import cosine_lr, step_lr, warmup_lr
 from graphc.transforms import optimize
@@ -29,6 +30,7 @@ __all__ = [
     "compile", "compile_training_step", "optimize", "CompiledFunction", "CompiledTrainingStep", "SGD",
     "Adam", "AdamW", "Optimizer", "cosine_lr", "step_lr", "warmup_lr", "batch_norm", "dropout",
     "get_num_threads", "set_num_threads", "save_params", "load_params", "fast_compile", "report",
+    "import_onnx", "export_onnx",
     "add", "avg_pool2d", "broadcast_to", "concat", "conv2d", "div", "exp", "flatten", "global_avg_pool2d",
     "leaky_relu", "linear", "log", "matmul", "max_pool2d", "mean", "mse", "mul", "neg", "pad", "power", "relu",
     "reshape", "sigmoid", "sigmoid_binary_cross_entropy", "softmax", "softmax_cross_entropy", "softplus", "sqrt", "sub",
