@@ -239,8 +239,10 @@ def _input_dtype(value, label: str) -> str:
         raise NotImplementedError(f"{label}: input {value.name!r} is not a tensor (sequences, maps and optionals "
                                   f"are not supported)")
     elem = value.type.tensor_type.elem_type
+    # int64 inputs (class labels, as torch exports them) are declared int32, which native code
+    # takes; int64 arrays can still be fed to them
     names = {TensorProto.FLOAT: "float32", TensorProto.DOUBLE: "float64", TensorProto.INT32: "int32",
-             TensorProto.INT64: "int64"}
+             TensorProto.INT64: "int32"}
     if elem not in names:
         raise NotImplementedError(f"{label}: input {value.name!r} is {TensorProto.DataType.Name(elem)}; graphc "
                                   f"inputs are float32, float64, int32 or int64")
