@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 import numbers
 import os
 import warnings
@@ -252,6 +253,11 @@ class CompiledFunction:
         spec = self._spec
         lines = [f"{len(spec.steps)} kernels, arena {spec.memory.arena_bytes / 1024:.1f} KiB "
                  f"(peak live set {spec.memory.peak_live_bytes / 1024:.1f} KiB), up to {spec.max_threads} threads"]
+        if self.check_finite:
+            saved = sum(math.prod(spec.slots[position].shape) * spec.slots[position].dtype.itemsize
+                        for position in spec.saved_slots)
+            lines.append(f"check_finite: {len(spec.checks)} results scanned after their kernels; "
+                         f"{len(spec.saved_slots)} updated buffers ({saved / 1024:.1f} KiB) saved before the first")
         for i, step in enumerate(spec.steps):
             covered = ", ".join(f"%{n.id}" for n in step.covers)
             lines.append(f"  k{i:<3} {step.label:<24} -> %{step.node.id:<5} {step.node.shape}  covers {covered}")
