@@ -120,11 +120,14 @@ def _batch_norm(node: Tensor, scaled: Tensor, shifted: Tensor, consumers) -> Pla
     return Plan(operands, write)
 
 
-def _expression_over_leaves(t: Tensor, leaves: dict) -> sympy.Expr:
-    """t's value as one sympy expression over the non-elementwise tensors it is computed from."""
-    if t.op != "ew":
+def _expression_over_leaves(t: Tensor, leaves: dict, depth: int = 0) -> sympy.Expr:
+    """t's value as one sympy expression over the non-elementwise tensors it is computed from.
+
+    batch_norm's scale and shift are a few elementwise nodes deep; below that, a tensor counts as
+    a leaf (and the match then fails), so a long elementwise chain costs no deep recursion."""
+    if t.op != "ew" or depth > 6:
         return leaves.setdefault(t, sympy.Symbol(f"leaf{len(leaves)}", real=True))
-    operands = [_expression_over_leaves(o, leaves) for o in t.inputs]
+    operands = [_expression_over_leaves(o, leaves, depth + 1) for o in t.inputs]
     return t.attrs["expr"].xreplace({symbol(i): e for i, e in enumerate(operands)})
 
 
