@@ -216,10 +216,9 @@ class Program:
         status = self._status_cell.value
         if status > 0:
             return self._refused_input_error(status - 1, inputs)
-        memory = _SlotMemory(self, inputs, outputs)
         if self._on_stop is None:
             return FloatingPointError(f"{self!r} stopped at its own check (status {status}) and reports no more")
-        return self._on_stop(status, memory)
+        return self._on_stop(status, _SlotMemory(self, inputs, outputs))
 
     def _refused_input_error(self, position: int, inputs: list[np.ndarray]) -> ValueError:
         """The entry returned before any kernel ran: an input was out of its valid range."""

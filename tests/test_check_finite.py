@@ -287,3 +287,15 @@ def test_labels_out_of_range_are_still_refused_before_any_kernel_with_checks_on(
     with pytest.raises(ValueError, match=r"input 'y': values must lie in the valid range \[0, 4\)"):
         step(**feeds)
     assert_unchanged(step, before)
+
+
+def test_the_runtime_alone_raises_floating_point_error_giving_the_status():
+    """A program run by graphc_runtime without the compiler's on_stop (a deployed one) still
+    refuses the call, with what the runtime knows: the entry's status."""
+    g = gc.Graph("bare")
+    x = g.input("x", (5,))
+    fn = gc.compile(gc.log(x), {}, check_finite=True)
+    bare = rt.Program(fn._program.library, "graphc_entry", fn._program.slots, {})
+    np.testing.assert_array_equal(bare(x=np.ones(5, np.float32))[0], np.zeros(5, np.float32))
+    with pytest.raises(FloatingPointError, match=r"stopped at its own check \(status -1\)"):
+        bare(x=np.zeros(5, np.float32))

@@ -140,8 +140,10 @@ def assemble(graph: Graph, outputs: list[Tensor], *, output_names: list[str], in
     entry = EntryBuilder(module, len(slots), workspace_index, profile_index, calls_slot=calls_index)
     if range_checks:
         entry.refuse_out_of_range(status_index, range_checks)
-    guard = None
+    guard, checks_of_step = None, {}
     if check_finite:
+        for check in checks:
+            checks_of_step.setdefault(check.step, []).append(check)
         guard = FiniteGuard(entry, status_index, len(checks))
         guard.save([(entry.pointer(("slot", position)), entry.pointer(("arena", offset)), nbytes)
                     for position, offset, nbytes in backups])
@@ -156,9 +158,8 @@ def assemble(graph: Graph, outputs: list[Tensor], *, output_names: list[str], in
         scratch = entry.pointer(("arena", scratch_offset)) if scratch_offset is not None else None
         phases = [modules.callee(phase) for phase in kernel.phases]
         entry.call_phases(phases, entry.pointer(out_location), in_pointers, scratch)
-        step_checks = [check for check in checks if check.step == i]
-        if guard is not None and step_checks:
-            guard.check([(entry.pointer(check.location), check.node.size) for check in step_checks])
+        if guard is not None and checks_of_step.get(i):
+            guard.check([(entry.pointer(check.location), check.node.size) for check in checks_of_step[i]])
     if guard is not None:
         guard.finish()
     entry.finish()
