@@ -309,3 +309,16 @@ def test_a_shape_mismatch_inside_the_model_names_the_node():
                        [init("w", np.zeros((5, 4), np.float32))])
     with pytest.raises(ValueError, match="mm"):
         gc.import_onnx(model)
+
+
+@pytest.mark.parametrize("op, attrs", [("MaxPool", dict(kernel_shape=[2, 2], strides=[0, 1])),
+                                       ("AveragePool", dict(kernel_shape=[0, 2])),
+                                       ("Conv", dict(group=0))])
+def test_impossible_attribute_values_are_value_errors_naming_the_node(op, attrs):
+    # onnx's checker refuses some (strides of 0), graphc the rest (group=0): never a crash
+    node = helper.make_node(op, ["x"] + (["w"] if op == "Conv" else []), ["y"], name="bad", **attrs)
+    initializers = [init("w", np.zeros((2, 2, 3, 3), np.float32))] if op == "Conv" else []
+    model = make_model([node], [tensor_info("x", [1, 2, 6, 6])], [tensor_info("y", ["n", "c", "h", "w"])],
+                       initializers)
+    with pytest.raises(ValueError, match=rf"^ONNX model 'm': .*\bbad\b.*{op}|^ONNX model 'm': .*{op}.*\bbad\b"):
+        gc.import_onnx(model)

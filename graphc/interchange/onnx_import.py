@@ -217,6 +217,8 @@ class _Importer:
             raise
         except (ShapeError, ValueError, TypeError) as err:
             raise type(err)(f"{self.label}: {where}: {err}") from err
+        except Exception as err:   # attributes no checker vets (a stride of 0, ...) must not crash the importer
+            raise ValueError(f"{self.label}: {where}: cannot be imported: {type(err).__name__}: {err}") from err
         results = results if isinstance(results, (list, tuple)) else [results]
         for out_name, result in zip(node.output, results):
             if out_name and result is not None:

@@ -41,6 +41,14 @@ def _window_pads(ctx, sizes, kernel, strides, dilations) -> list[tuple[int, int]
     return result
 
 
+def _positive(ctx, name: str, values, rank: int) -> tuple[int, ...]:
+    """An attribute of one int >= 1 per spatial axis (kernel_shape, strides, dilations)."""
+    values = tuple(values)
+    if len(values) != rank or min(values, default=1) < 1:
+        raise ValueError(f"{ctx.node.op_type}: {name} {values} must hold {rank} values >= 1")
+    return values
+
+
 def _spatial_rank(ctx, x: Tensor) -> int:
     rank = x.ndim - 2
     if rank not in (1, 2):
@@ -62,9 +70,11 @@ def conv(ctx):
     kernel = tuple(w.shape[2:])
     if ctx.ints("kernel_shape", kernel) != kernel:
         raise ValueError(f"Conv: kernel_shape {ctx.ints('kernel_shape', kernel)} differs from the weight's {kernel}")
-    strides = ctx.ints("strides", (1,) * rank)
-    dilations = ctx.ints("dilations", (1,) * rank)
+    strides = _positive(ctx, "strides", ctx.ints("strides", (1,) * rank), rank)
+    dilations = _positive(ctx, "dilations", ctx.ints("dilations", (1,) * rank), rank)
     groups = int(ctx.attr("group", 1))
+    if groups < 1:
+        raise ValueError(f"Conv: group must be >= 1, got {groups}")
     pads = _window_pads(ctx, x.shape[2:], kernel, strides, dilations)
     if rank == 1:
         x, w = _lift_1d(x), _lift_1d(w)
@@ -103,11 +113,9 @@ def _grouped_conv(ctx, x, w, b, groups, strides, padding):
 
 
 def _pool_geometry(ctx, x, rank):
-    kernel = ctx.ints("kernel_shape", ())
-    if len(kernel) != rank:
-        raise ValueError(f"kernel_shape {kernel} must have {rank} values")
-    strides = ctx.ints("strides", (1,) * rank)
-    dilations = ctx.ints("dilations", (1,) * rank)
+    kernel = _positive(ctx, "kernel_shape", ctx.ints("kernel_shape", ()), rank)
+    strides = _positive(ctx, "strides", ctx.ints("strides", (1,) * rank), rank)
+    dilations = _positive(ctx, "dilations", ctx.ints("dilations", (1,) * rank), rank)
     if any(d != 1 for d in dilations):
         ctx.unsupported(f"{ctx.node.op_type} with dilations {dilations}")
     pads = _window_pads(ctx, x.shape[2:], kernel, strides, dilations)
