@@ -132,7 +132,7 @@ def test_a_backward_only_infinity_names_the_backward_node_its_forward_sqrt_and_d
     assert "sqrt(" in forward_line and f"at {site}" in forward_line
     derivative = next(line for line in message.splitlines() if line.startswith("  derivative: "))
     assert "sympy: ∂/∂x0 sqrt(" in derivative and "/(2*sqrt(" in derivative
-    assert "+inf" in message.splitlines()[0] or "NaN" in message.splitlines()[0]
+    assert f"1 +inf (of {x.size} values)" in message.splitlines()[0]    # the one element at sqrt(0)
     assert "nothing was updated: params and buffers 'w'" in message
     assert_unchanged(step, before)
     assert step.optimizer_steps == 2 and step.calls == 2
