@@ -230,6 +230,11 @@ class CompiledFunction:
         return self._spec.memory
 
     @property
+    def shares_code_with(self) -> list[int]:
+        """For each step, the step whose kernel it calls (itself, or an earlier, identical one)."""
+        return self._spec.shares_code_with
+
+    @property
     def num_threads(self) -> int:
         return self._program.num_threads
 
