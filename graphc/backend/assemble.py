@@ -18,6 +18,7 @@ import numpy as np
 import graphc_runtime as rt
 from graphc.backend.emit.entry import EntryBuilder, emit_constant, emit_ticks_function
 from graphc.backend.emit.finite_check import FiniteGuard
+from graphc.backend.kernel_identity import kernel_key
 from graphc.backend.kernels.layout import copy_step
 from graphc.backend.llvm.program_modules import ProgramModules
 from graphc.backend.lowering import Step, alias_root, plan_steps
@@ -57,6 +58,9 @@ class ProgramSpec:
     # names one, emit/finite_check.py), and the slots saved before the first kernel
     checks: list[FiniteCheck] = dataclasses.field(default_factory=list)
     saved_slots: list[int] = dataclasses.field(default_factory=list)
+    # For each step, the step whose kernel it calls: itself, or an earlier one with the same
+    # code (kernel_identity.py), whose functions are named after that step (k<index>.<label>)
+    shares_code_with: list[int] = dataclasses.field(default_factory=list)
 
     @property
     def llvm_ir(self) -> str:
@@ -113,7 +117,13 @@ def assemble(graph: Graph, outputs: list[Tensor], *, output_names: list[str], in
 
     modules = ProgramModules(graph.name, instructions_per_module, on_module)
     kernels = [None] * len(ordered)
+    shares_code_with = list(range(len(ordered)))
+    generated: dict[tuple, int] = {}
     for i in sorted(range(len(ordered)), key=lambda i: _generation_order(ordered[i])):
+        first = generated.setdefault(kernel_key(ordered[i]), i)
+        if first != i:      # a repeated layer: the same code, called with other buffers
+            kernels[i], shares_code_with[i] = kernels[first], first
+            continue
         kernels[i] = modules.add_kernel(_kernel_builder(i, ordered[i], max_threads), group=ordered[i].label)
     module = modules.module  # the last: entry, constants and profiling clock go here
     memory = plan_memory(ordered, [k.scratch_floats * 4 for k in kernels], [loc is None for loc in step_out])
@@ -164,7 +174,7 @@ def assemble(graph: Graph, outputs: list[Tensor], *, output_names: list[str], in
         guard.finish()
     entry.finish()
     return ProgramSpec(modules.finish(), slots, ordered, memory, max_threads, phase_steps, operand_locations,
-                       checks, saved_slots)
+                       checks, saved_slots, shares_code_with)
 
 
 def _finite_checks(steps: list[Step], step_out: list, locations: dict, memory: MemoryPlan,

@@ -107,11 +107,12 @@ def kernel_records(fn, times=None) -> tuple[list[dict], dict[str, str], dict[str
     assembly = code.assembly_functions([compile_to_assembly(text) for text in modules], ir)
     records = []
     for index, step in enumerate(fn.steps):
-        own = code.kernel_functions(index, ir)
+        # a repeated layer's step calls the functions generated for the first of its kind
+        own = code.kernel_functions(fn.shares_code_with[index], ir)
         helpers = [name for f in own for name in code.callees(ir[f]) if name in ir and name not in own]
         record = {"index": index, "label": step.label, "node": step.node.id, "shape": list(step.node.shape),
                   "covers": [node.id for node in step.covers], "flops": step.flops,
-                  "bytes": step.bytes_moved, "functions": own, "helpers": list(dict.fromkeys(helpers))}
+                  "bytes": step.bytes_moved, "code_of": fn.shares_code_with[index], "functions": own, "helpers": list(dict.fromkeys(helpers))}
         if times is not None:
             record.update(times[index])
         records.append(record)

@@ -73,6 +73,7 @@ function kernelCode(k) {
   const kernel = data.kernels[k];
   const box = el("div", {class: "kernel-code", "data-kernel": String(k)});
   box.append(el("h4", {}, `k${k} ${kernel.label}, writing optimized node %${kernel.node}`));
+  if (kernel.code_of !== k) box.append(el("p", {class: "note"}, `the same code as k${kernel.code_of}: generated once, called by both`));
   const facts = [`${fmt(kernel.flops)} FLOP`, `${fmt(kernel.bytes)} B`];
   if (kernel.us !== undefined) facts.push(`${kernel.us.toFixed(1)} µs`, `${kernel.gflops.toFixed(1)} GFLOP/s`,
                                            `${kernel.gbs.toFixed(1)} GB/s`);

@@ -27,6 +27,7 @@ from typing import Callable, Iterable, Union
 import numpy as np
 import sympy
 
+from graphc.core.errors import building_for
 from graphc.core.ir import ConstArray, Graph, Tensor
 from graphc.core.ops.elementwise import make_ew
 from graphc.core.ops.registry import OPS
@@ -144,11 +145,19 @@ class _Copy:
         raise RuntimeError(f"%{old.id} ({old.op}) is used before it was rebuilt")
 
     def copy_node(self, node: Tensor, operands: list[Tensor]) -> Tensor:
-        if not node.inputs:  # constant or fill: nothing to type-check again
-            return self.new.add_node(node.op, [], node.attrs, node.shape, node.dtype, name=node.name, site=node.site)
+        if len(operands) == len(node.inputs) and all(new.shape == old.shape and new.dtype == old.dtype
+                                                     for new, old in zip(operands, node.inputs)):
+            # Every stand-in has its original's type (_check_replacement), so the type rule
+            # would give the node's own: skip it (it is most of a pass's time on deep networks).
+            return self.new.add_node(node.op, operands, node.attrs, node.shape, node.dtype, name=node.name,
+                                     site=node.site)
         return OPS[node.op].apply(operands, site=node.site, name=node.name, **node.attrs)
 
     def _declare(self, node: Tensor):
+        with building_for(node.site):      # the node's line, without walking the stack for it
+            self._declare_like(node)
+
+    def _declare_like(self, node: Tensor):
         old, name = self.old, node.name
         if node.op == "input":
             new = self.new.input(name, node.shape, node.dtype)
@@ -171,9 +180,12 @@ class _Copy:
 
     def _visit(self, node: Tensor):
         first_new_id = len(self.new.nodes)
-        replacement = self.rewrite(Rewrite(self, node)) if self.rewrite else None
-        if replacement is None:
-            replacement = self.copy_node(node, [self.value_of(operand) for operand in node.inputs])
+        # Nodes a rewrite builds belong to the node's line (errors name it too); set here, it
+        # spares every op built a walk up the stack to find it.
+        with building_for(node.site):
+            replacement = self.rewrite(Rewrite(self, node)) if self.rewrite else None
+            if replacement is None:
+                replacement = self.copy_node(node, [self.value_of(operand) for operand in node.inputs])
         if isinstance(replacement, Tensor):
             _check_replacement(node, replacement, self.new)
         self.values[node.id] = replacement
