@@ -10,4 +10,6 @@
     compiler      gc.compile and gc.compile_training_step, with the on-disk program cache
     costs         each kernel's FLOPs, by one rule per kernel family (bytes: Step.bytes_moved)
     profile       each kernel's measured time; gemm_peak the GEMM rate it is compared with
+    finite_report the FloatingPointError of a check_finite program, built after the call stopped
+    kernel_identity  which steps can call one kernel (repeated layers)
 """
