@@ -11,6 +11,13 @@ import graphc_runtime as rt
 from graphc.tools.cli import main
 
 
+TINY_MODEL = ("import graphc as gc\n"
+              "g = gc.Graph('tiny')\n"
+              "x = g.input('x', (4, 3))\n"
+              "y = g.input('y', (4,), dtype='int32')\n"
+              "loss = gc.softmax_cross_entropy(gc.linear(x, g.param('w', (2, 3)), g.param('b', (2,))), y)\n")
+
+
 @pytest.mark.parametrize("argv", [["--help"], ["demo", "--help"], ["show", "--help"], ["report", "--help"],
                                   ["profile", "--help"]])
 def test_help_explains_every_option(argv, capsys):
@@ -45,12 +52,7 @@ def test_quick_demo_prints_every_classifier_and_writes_its_files(tmp_path, capsy
 
 def test_show_prints_forward_backward_and_kernels(tmp_path, capsys):
     script = tmp_path / "model.py"
-    script.write_text(
-        "import graphc as gc\n"
-        "g = gc.Graph('tiny')\n"
-        "x = g.input('x', (4, 3))\n"
-        "y = g.input('y', (4,), dtype='int32')\n"
-        "loss = gc.softmax_cross_entropy(gc.linear(x, g.param('w', (2, 3)), g.param('b', (2,))), y)\n")
+    script.write_text(TINY_MODEL)
     assert main(["show", str(script), "--grad", "--out", str(tmp_path / "graphs")]) == 0
     text = capsys.readouterr().out
     assert "graph 'tiny'" in text and "* %" in text          # backward nodes are listed and marked
@@ -60,14 +62,7 @@ def test_show_prints_forward_backward_and_kernels(tmp_path, capsys):
 
 def test_report_writes_a_page_per_graph(tmp_path, capsys):
     script = tmp_path / "model.py"
-    script.write_text(
-        "import graphc as gc\n"
-        "g = gc.Graph('tiny')\n"
-        "x = g.input('x', (4, 3))\n"
-        "y = g.input('y', (4,), dtype='int32')\n"
-        "loss = gc.softmax_cross_entropy(gc.linear(x, g.param('w', (2, 3)), g.param('b', (2,))), y)\n"
-        "h = gc.Graph('plain')\n"
-        "z = gc.exp(h.input('z', (5,)))\n")
+    script.write_text(TINY_MODEL + "h = gc.Graph('plain')\nz = gc.exp(h.input('z', (5,)))\n")
     assert main(["report", str(script), "--out", str(tmp_path / "reports")]) == 0
     text = capsys.readouterr().out
     tiny, plain = tmp_path / "reports" / "0_tiny.html", tmp_path / "reports" / "1_plain.html"

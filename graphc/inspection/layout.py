@@ -97,25 +97,28 @@ def _rows_with_waypoints(nodes, edges, layer):
     return rows, waypoints
 
 
+def _unit_edges(edges, waypoints):
+    """Every edge as its one-layer pieces, through its waypoints."""
+    for a, b in edges:
+        path = [a] + waypoints.get((a, b), []) + [b]
+        yield from zip(path, path[1:])
+
+
 def _neighbours(edges, waypoints) -> dict[int, list[int]]:
     """Each node's neighbours one layer away (waypoints included), both directions."""
     adjacent: dict[int, list[int]] = defaultdict(list)
-    for a, b in edges:
-        path = [a] + waypoints.get((a, b), []) + [b]
-        for u, v in zip(path, path[1:]):
-            adjacent[u].append(v)
-            adjacent[v].append(u)
+    for u, v in _unit_edges(edges, waypoints):
+        adjacent[u].append(v)
+        adjacent[v].append(u)
     return adjacent
 
 
 def _order_rows(rows, edges, waypoints):
     up: dict[int, list[int]] = defaultdict(list)
     down: dict[int, list[int]] = defaultdict(list)
-    for a, b in edges:
-        path = [a] + waypoints.get((a, b), []) + [b]
-        for u, v in zip(path, path[1:]):
-            down[u].append(v)
-            up[v].append(u)
+    for u, v in _unit_edges(edges, waypoints):
+        down[u].append(v)
+        up[v].append(u)
     for sweep in range(SWEEPS):
         downward = sweep % 2 == 0
         sequence = range(1, len(rows)) if downward else range(len(rows) - 2, -1, -1)
