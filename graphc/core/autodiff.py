@@ -47,6 +47,8 @@ def grad(y: Tensor, xs, seed: Tensor | None = None):
     totals: dict[int, Tensor] = {}
     for node_id in sorted(between, reverse=True):
         node = graph.nodes[node_id]
+        if node_id not in contributions:    # reaches y only through stop_gradient: no gradient
+            continue
         with graph.building_gradient_of(node):
             totals[node_id] = total = _sum_contributions(contributions.pop(node_id), site)
             wanted = tuple(operand.id in between for operand in node.inputs)

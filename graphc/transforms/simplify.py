@@ -150,7 +150,12 @@ def _constant(rewrite: Rewrite) -> Tensor | None:
     return rewrite.fill(float(array.flat[0]))
 
 
+def _stop_gradient(rewrite: Rewrite) -> Tensor:
+    return rewrite.operands[0]      # gradients are built by now: only the identity is left
+
+
 _RULES = {
+    "stop_gradient": _stop_gradient,
     "ew": _elementwise,
     "transpose": _transpose,
     "reshape": _reshape,

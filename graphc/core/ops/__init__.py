@@ -10,10 +10,10 @@ from graphc.core.ops.pool import avg_pool2d, global_avg_pool2d, max_pool2d
 from graphc.core.ops.random import dropout
 from graphc.core.ops.reduce import mean, sum
 from graphc.core.ops.registry import OPS
-from graphc.core.ops.shape import broadcast_to, concat, flatten, pad, reshape, slice_, transpose
+from graphc.core.ops.shape import broadcast_to, concat, flatten, pad, reshape, slice_, stop_gradient, transpose
 
 __all__ = ["conv2d", "add", "div", "exp", "leaky_relu", "log", "mul", "neg", "power", "relu", "sigmoid", "softplus",
            "sqrt", "sub", "tanh", "linear", "matmul", "mse", "sigmoid_binary_cross_entropy", "softmax",
            "softmax_cross_entropy", "avg_pool2d", "global_avg_pool2d", "max_pool2d", "mean", "sum",
-           "broadcast_to", "concat", "flatten", "pad", "reshape", "slice_", "transpose", "batch_norm", "dropout",
+           "broadcast_to", "concat", "flatten", "pad", "reshape", "slice_", "stop_gradient", "transpose", "batch_norm", "dropout",
            "OPS"]

@@ -10,7 +10,7 @@ from __future__ import annotations
 from graphc.core.errors import shape_error, user_site
 from graphc.core.ir import Tensor, as_bool, as_finite_float
 from graphc.core.ops.reduce import mean
-from graphc.core.ops.shape import reshape
+from graphc.core.ops.shape import reshape, stop_gradient
 
 
 def batch_norm(x: Tensor, weight: Tensor | None, bias: Tensor | None, running_mean: Tensor | None,
@@ -58,7 +58,11 @@ def batch_norm(x: Tensor, weight: Tensor | None, bias: Tensor | None, running_me
                           f"{count} (shape {x.shape})", operands, site)
     batch_mean = mean(x, axes, keepdims=True)
     centred = x - batch_mean
-    batch_var = mean(centred * centred, axes, keepdims=True)
+    # The variance's own path to the mean contributes -2/n·Σ(x - mean) = 0 to the gradient:
+    # cut it, so the backward pass makes no sum for it (torch's formula has none either).
+    # After differentiation both centred tensors are one node again.
+    centred_for_var = x - stop_gradient(batch_mean)
+    batch_var = mean(centred_for_var * centred_for_var, axes, keepdims=True)
     y = centred * (batch_var + eps) ** -0.5
     if weight is not None:
         y = y * reshape(weight, per_channel)

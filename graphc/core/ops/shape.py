@@ -1,5 +1,5 @@
-"""Shape ops: reshape, flatten, transpose, broadcast_to, pad, slice, concat, and sum_to (the adjoint
-of broadcasting)."""
+"""Shape ops: reshape, flatten, transpose, broadcast_to, pad, slice, concat, sum_to (the adjoint
+of broadcasting), and stop_gradient (an identity gradients do not cross)."""
 from __future__ import annotations
 
 import numpy as np
@@ -7,6 +7,29 @@ import numpy as np
 from graphc.core.errors import ShapeError, shape_error, user_site
 from graphc.core.ir import Tensor, as_finite_float, as_int, as_int_tuple, normalize_shape
 from graphc.core.ops.registry import Mismatch, OpDef, op, register
+
+
+@register
+class StopGradient(OpDef):
+    """The identity, through which no gradient flows (JAX's stop_gradient, torch's detach).
+    The optimizer removes it: it never reaches native code."""
+
+    name = "stop_gradient"
+    vjp_rule = "none: the operand is treated as a constant"
+
+    def infer(self, inputs, attrs):
+        return inputs[0].shape, inputs[0].dtype
+
+    def reference(self, args, attrs, node, float_dtype):
+        return args[0]
+
+    def vjp(self, node, g, wanted):
+        return [None]
+
+
+def stop_gradient(x: Tensor) -> Tensor:
+    """`x`, treated by `gc.grad` as a constant."""
+    return op("stop_gradient").apply([x])
 
 
 @register
