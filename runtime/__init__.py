@@ -10,17 +10,27 @@
     buffers      aligned allocation and fast data pointers (internal)
     team_native  the native fork/join code behind ThreadTeam (internal)
     native_ir    compiles and caches the runtime's own LLVM IR (team_native's) (internal)
+    deployed     programs saved to a file and loaded without the compiler (load, LoadedFunction)
+    artifact     the file: a checksummed manifest and sections (internal)
+    manifest     what the manifest says, checked (internal)
+    optimizers   graphc's optimizers' per-call hyperparameters, for loaded steps (internal)
+    cpu_features the CPU features code needs and this CPU has (internal)
 
 The ABI between compiler and runtime: a program is one function
 
     void entry(void **args, int64_t tid, int64_t nthreads)
 
 run concurrently by threads tid = 0 .. nthreads-1, where args[i] points to the memory of
-slot i. It imports neither the compiler nor sympy nor networkx.
+slot i. It imports neither the compiler nor sympy nor networkx, and imports llvmlite only to
+compile its own helpers or link with MCJIT: running a saved artifact on x86-64 Linux needs
+numpy alone.
 """
 
 from . import host
+
+__version__ = "0.1.0"
 from .cache import CacheStats, ObjectCache, default_cache_directory, make_key
+from .deployed import LoadedFunction, LoadedTrainingStep, load
 from .loader import (
     HostTarget,
     MissingSymbolError,
@@ -46,6 +56,8 @@ __all__ = [
     "EntryFunction",
     "HostTarget",
     "Input",
+    "LoadedFunction",
+    "LoadedTrainingStep",
     "MAX_THREADS",
     "MissingSymbolError",
     "NativeLibrary",
@@ -63,6 +75,7 @@ __all__ = [
     "get_num_threads",
     "host_target",
     "initialize_llvm",
+    "load",
     "make_key",
     "set_num_threads",
     "usable_cpu_count",

@@ -4,6 +4,9 @@ One owner for what compiled code is specialised to: the triple, the CPU name and
 feature string, and what follows from them for the kernels (floats per vector register, vector
 registers). The compiler plans and emits for it; the runtime keys its caches by it.
 
+llvmlite is imported by the functions that ask LLVM, not by this module: a process that only
+runs saved artifacts (artifact.py) never imports it on x86-64 Linux.
+
 `GRAPHC_TARGET` (read once, at first use) narrows the instruction set below the host's, so that
 one machine can run the code another would get: `native` (the default), `avx512`, `avx2` or
 `sse` on x86-64, `native` or `neon` on AArch64. A level the host cannot run is refused with a
@@ -17,8 +20,6 @@ import functools
 import os
 import threading
 import warnings
-
-import llvmlite.binding as llvm
 
 __all__ = ["SimdShape", "SIMD_SHAPES", "HostTarget", "TARGET_LEVELS", "host_target", "initialize_llvm",
            "narrowed_features", "runnable_levels", "create_target_machine"]
@@ -62,6 +63,7 @@ def initialize_llvm() -> None:
     global _initialized
     if _initialized:
         return
+    import llvmlite.binding as llvm
     with _initialize_lock:
         if not _initialized:
             llvm.initialize_native_target()
@@ -109,6 +111,7 @@ def narrowed_features(features: str, level: str) -> str:
 
 
 def _host_features() -> str:
+    import llvmlite.binding as llvm
     try:
         return llvm.get_host_cpu_features().flatten()
     except RuntimeError:
@@ -137,6 +140,7 @@ def runnable_levels() -> tuple[str, ...]:
 
 @functools.cache
 def _native_target() -> HostTarget:
+    import llvmlite.binding as llvm
     initialize_llvm()
     return HostTarget(llvm.get_process_triple(), llvm.get_host_cpu_name(), _host_features())
 
@@ -157,13 +161,14 @@ def host_target() -> HostTarget:
 
 
 def create_target_machine(host: HostTarget | None = None, *, opt_level: int,
-                          code_model: str = "jitdefault") -> llvm.TargetMachine:
+                          code_model: str = "jitdefault") -> "llvm.TargetMachine":
     """A fresh target machine for `host` (default `host_target()`) with the JIT code model.
 
     Fresh because MCJIT takes ownership of the target machine it is given. On x86-64 the JIT
     code model is the large one: 64-bit absolute addresses for constants and calls, which any
     loader can resolve wherever it places the sections.
     """
+    import llvmlite.binding as llvm
     host = host or host_target()
     initialize_llvm()
     return llvm.Target.from_triple(host.triple).create_target_machine(

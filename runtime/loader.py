@@ -17,6 +17,9 @@ ValueError instead of crashing the process.
 Objects must be emitted by a target machine from `create_host_target_machine`: it selects
 the JIT code model, whose absolute 64-bit calls reach libm wherever MCJIT places the code;
 the default small code model can overflow its 32-bit relocations.
+
+llvmlite is imported only where MCJIT links: on x86-64 Linux, loading code (a saved artifact
+included) imports no LLVM at all.
 """
 
 from __future__ import annotations
@@ -27,8 +30,6 @@ import struct
 import sys
 import warnings
 from typing import NamedTuple
-
-import llvmlite.binding as llvm
 
 from . import elf_link
 from .host import HostTarget, create_target_machine, host_target, initialize_llvm
@@ -54,7 +55,7 @@ class MissingSymbolError(LookupError, ValueError):
     here, and loading refuses whatever it cannot load with a ValueError."""
 
 
-def create_host_target_machine(opt_level: int = 3) -> llvm.TargetMachine:
+def create_host_target_machine(opt_level: int = 3) -> "llvm.TargetMachine":
     """A fresh target machine for this process's target (host.py) with the JIT code model.
 
     Fresh because MCJIT takes ownership of the target machine it is given.
@@ -65,7 +66,9 @@ def create_host_target_machine(opt_level: int = 3) -> llvm.TargetMachine:
 class NativeLibrary:
     """Object files linked into this process, alive as long as this object is.
 
-    `objects` is one object file (bytes) or a sequence of them, linked together.
+    `objects` is one object file (bytes) or a sequence of them, linked together; they are
+    kept (`objects`), so that a program can be saved with its code (artifact.py): as many
+    bytes again as the code mapped.
     """
 
     def __init__(self, objects):
@@ -74,6 +77,7 @@ class NativeLibrary:
         objects = [bytes(obj) for obj in objects]
         if not objects:
             raise ValueError("NativeLibrary needs at least one object file")
+        self.objects = tuple(objects)
         self._addresses: dict[str, int] = {}
         # graphc's own linker where it applies (x86-64 ELF: no engine resident per library),
         # MCJIT for everything else.
@@ -92,7 +96,8 @@ class NativeLibrary:
         return "graphc" if self._image is not None else "mcjit"
 
     @staticmethod
-    def _link_with_mcjit(objects: list[bytes]) -> llvm.ExecutionEngine:
+    def _link_with_mcjit(objects: list[bytes]) -> "llvm.ExecutionEngine":
+        import llvmlite.binding as llvm
         target_machine = create_host_target_machine()
         # MCJIT is created around a module; an empty one serves, the code comes from the object.
         anchor = llvm.parse_assembly("")
@@ -124,8 +129,10 @@ class NativeLibrary:
 # ELF64 symbol bindings and types, beyond the layouts shared with elf_link.
 _STB_GLOBAL, _STB_WEAK = 1, 2
 _STT_FUNC = 2
+# LLVM emits ELF for every host but macOS (Mach-O) and Windows (COFF).
 _HOST_USES_ELF64_LITTLE_ENDIAN = (
-    llvm.get_object_format() == "ELF" and sys.byteorder == "little" and struct.calcsize("P") == 8
+    not sys.platform.startswith(("darwin", "win32", "cygwin", "msys")) and sys.byteorder == "little"
+    and struct.calcsize("P") == 8
 )
 _HOST_IS_X86_64_ELF = _HOST_USES_ELF64_LITTLE_ENDIAN and platform.machine().lower() in ("x86_64", "amd64")
 
@@ -302,6 +309,7 @@ def _check_in_reach(obj: ElfObject, relocation, rule: _McjitRelocation, patched,
 
 
 def _check_symbols_resolve(parsed: list[ElfObject]) -> None:
+    import llvmlite.binding as llvm
     needed, defined = set(), set()
     for obj in parsed:
         exported = {s.name for s in obj.symbols if s.binding in (_STB_GLOBAL, _STB_WEAK) and s.section != SHN_UNDEF}

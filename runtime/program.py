@@ -149,6 +149,19 @@ class Program:
         return self._params_view
 
     @property
+    def ignored_inputs(self) -> frozenset[str]:
+        """Names a caller may feed that the program does not read."""
+        return self._ignored_inputs
+
+    def snapshot(self) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+        """Copies of the params and the state, taken between calls (for saving the program)."""
+        with self._lock:
+            if self._params_replaced():
+                self._rebind_params()
+            return ({name: array.copy() for name, array in self._bound.items()},
+                    {name: array.copy() for name, array in self.state.items()})
+
+    @property
     def num_threads(self) -> int:
         """Threads the next call will use."""
         return min(get_num_threads(), self.max_threads)

@@ -34,7 +34,6 @@ import functools
 import string
 
 from .loader import NativeLibrary, host_target
-from .native_ir import library_from_ir
 
 MAX_THREADS = 1024  # mailbox capacity; tid 0 (the caller) needs none but keeps indexing simple
 
@@ -352,4 +351,5 @@ class TeamFunctions:
 @functools.cache
 def team_functions() -> TeamFunctions:
     """The fork/join code for this host, once per process (see `native_ir.library_from_ir`)."""
+    from .native_ir import library_from_ir   # LLVM only here: a saved artifact brings this code
     return TeamFunctions(library_from_ir("graphc-team", team_ir(host_target().triple), __file__))

@@ -25,7 +25,7 @@ import weakref
 import numpy as np
 
 from .buffers import aligned_zeros, data_pointer
-from .team_native import CONTROL_BLOCK_BYTES, MAX_THREADS, team_functions
+from .team_native import CONTROL_BLOCK_BYTES, MAX_THREADS, TeamFunctions, team_functions
 
 __all__ = [
     "EntryFunction",
@@ -103,8 +103,10 @@ class ThreadTeam:
     from several Python threads are serialized: a job owns all the team's workers.
     """
 
-    def __init__(self):
-        native = team_functions()
+    def __init__(self, native: TeamFunctions | None = None):
+        # `native`: the fork/join code, if not this process's own (team_functions compiles
+        # that); a saved artifact brings it, so that running one needs no LLVM.
+        native = native if native is not None else team_functions()
         self._native = native
         self._control = aligned_zeros(CONTROL_BLOCK_BYTES, np.uint8)
         self._control_address = data_pointer(self._control)
@@ -192,6 +194,9 @@ def _shut_down(native, control: np.ndarray, workers: list[threading.Thread], loc
 _live_teams: weakref.WeakSet[ThreadTeam] = weakref.WeakSet()
 _default_team: ThreadTeam | None = None
 _default_team_lock = threading.Lock()
+# The fork/join code of a loaded artifact, which the default team is then made with instead of
+# compiling its own (the same IR: artifact.py checks its digest).
+_default_team_code: TeamFunctions | None = None
 
 
 def default_team() -> ThreadTeam:
@@ -201,9 +206,22 @@ def default_team() -> ThreadTeam:
     if team is None:
         with _default_team_lock:
             if _default_team is None:
-                _default_team = ThreadTeam()
+                _default_team = ThreadTeam(_default_team_code)
             team = _default_team
     return team
+
+
+def needs_team_code() -> bool:
+    """Whether the default team would have to compile its fork/join code (see `provide_team_code`)."""
+    return _default_team is None and _default_team_code is None
+
+
+def provide_team_code(native: TeamFunctions) -> None:
+    """Let the default team use `native` (loaded from an artifact) if it has no code yet."""
+    global _default_team_code
+    with _default_team_lock:
+        if _default_team_code is None:
+            _default_team_code = native
 
 
 def _abandon_teams_in_forked_child() -> None:

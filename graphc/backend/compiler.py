@@ -253,6 +253,12 @@ class CompiledFunction:
         """
         self._program.load_params(values, strict=strict)
 
+    def save(self, path) -> None:
+        """Write this function or step, with its params and state, to `path`: an artifact that
+        `graphc_runtime.load(path)` runs without the compiler (graphc/backend/artifact.py)."""
+        from graphc.backend.artifact import save
+        save(self, path)
+
     def describe(self) -> str:
         """The kernels in execution order, what each computes, and the memory plan."""
         spec = self._spec

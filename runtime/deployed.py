@@ -1,0 +1,308 @@
+"""Compiled programs saved to a file and loaded without the compiler: `graphc_runtime.load`.
+
+An artifact (artifact.py, manifest.py) holds a program's object code, the thread team's, its
+slot layout, its params and buffers, its State (optimizer state, call counter) and what the
+runtime must write before each call (dropout's key, the optimizer's hyperparameters:
+optimizers.py). Loading checks the whole file, this CPU and the code before anything runs;
+then a loaded function or training step behaves as the compiled one did, bit for bit: the
+same machine code, on the same slots, fed the same per-call values.
+
+Needs numpy and this package only: on x86-64 Linux no LLVM is imported (the objects are linked
+by elf_link, the thread team's code comes from the file).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import os
+import platform
+import sys
+import threading
+from collections.abc import Mapping
+from types import MappingProxyType
+
+import numpy as np
+
+from . import artifact, threads
+from .artifact import ArtifactError
+from .buffers import aligned_zeros
+from .cpu_features import missing_features
+from .loader import NativeLibrary
+from .manifest import Manifest, manifest_to_json, parse_manifest
+from .optimizers import changes_every_call, finite_non_negative, hyper_values
+from .program import Program
+from .slots import Param, State
+from .team_native import TeamFunctions, team_ir
+
+__all__ = ["load", "save_program", "LoadedFunction", "LoadedTrainingStep", "team_ir_digest"]
+
+
+def load(path) -> LoadedFunction:
+    """The compiled function or training step saved at `path` (by `fn.save(path)`).
+
+    Raises ValueError naming the file and the check for a damaged file, another format
+    version, code for another CPU (or features this one lacks), or code the linker refuses;
+    nothing runs before every check has passed.
+    """
+    where = os.fspath(path)
+    raw, sections = artifact.read(where)
+    manifest = parse_manifest(where, raw, sections)
+    _check_target(where, manifest)
+    if manifest.team_ir_sha256 != team_ir_digest(manifest.target["triple"]):
+        raise ArtifactError(f"{where}: its thread team's code is not this graphc_runtime's (another version)")
+    params = {slot.name: _array(sections[f"param:{slot.name}"], slot)
+              for slot in manifest.slots if isinstance(slot, Param)}
+    team_object = bytes(sections[manifest.team_section])
+    try:
+        library = NativeLibrary([bytes(sections[name]) for name in manifest.objects])
+        team = NativeLibrary(team_object) if manifest.max_threads > 1 and threads.needs_team_code() else None
+    except ValueError as error:   # elf_link's checks: malformed objects, missing symbols
+        raise ArtifactError(f"{where}: its object code is refused: {error}") from None
+    try:
+        program = Program(library, manifest.entry, manifest.slots, params, max_threads=manifest.max_threads,
+                          ignored_inputs=manifest.ignored_inputs)
+        if team is not None:
+            threads.provide_team_code(TeamFunctions(team))
+    except ValueError as error:   # a symbol the objects lack, slots the program refuses
+        raise ArtifactError(f"{where}: {error}") from None
+    for name, memory in program.state.items():
+        np.copyto(memory, _array(sections[f"state:{name}"], _state_slot(manifest, name)))
+    cls = LoadedTrainingStep if manifest.kind == "training step" else LoadedFunction
+    return cls(program, manifest, team_object)
+
+
+def save_program(path, program: Program, manifest: Manifest, team_object: bytes) -> None:
+    """Write `program` (its code, params and state as they are now) as an artifact at `path`."""
+    params, state = program.snapshot()
+    sections = {f"object:{i}": obj for i, obj in enumerate(program.library.objects)}
+    sections["team"] = team_object
+    sections.update({f"param:{name}": array.tobytes() for name, array in params.items()})
+    sections.update({f"state:{name}": array.tobytes() for name, array in state.items()})
+    objects = tuple(name for name in sections if name.startswith("object:"))
+    fields = manifest_to_json(manifest)
+    fields.update(objects=list(objects), team={"section": "team", "ir_sha256": manifest.team_ir_sha256})
+    artifact.write(path, fields, sections)
+
+
+def team_ir_digest(triple: str) -> str:
+    """Identifies the thread team's code: an artifact's must be the one this runtime drives."""
+    return hashlib.sha256(team_ir(triple).encode()).hexdigest()
+
+
+class LoadedFunction:
+    """A compiled function loaded from an artifact: call it with the inputs as keywords.
+
+    `params` are its own arrays (loaded from the file; buffers its ops update change in place),
+    `load_params(values)` copies values into them, `save(path)` writes it again as it is now.
+    """
+
+    def __init__(self, program: Program, manifest: Manifest, team_object: bytes):
+        self._program = program
+        self._manifest = manifest
+        self._team_object = team_object
+        self._call_values = _CallValues(program.state, manifest)
+
+    def __call__(self, /, **feeds):
+        values = self._call_values
+        if values.per_call:
+            with values.lock:
+                values.before_call()
+                results = self._program(**feeds)
+        else:
+            results = self._program(**feeds)
+        return results[0] if self._manifest.single_output else results
+
+    @property
+    def manifest(self) -> Manifest:
+        """What the file said (as loaded: calls and lr change as it runs; `save` writes the new ones)."""
+        return self._manifest
+
+    @property
+    def params(self) -> Mapping[str, np.ndarray]:
+        """The params and buffers, by name (a read-only mapping of writable arrays)."""
+        return self._program.params
+
+    @property
+    def inputs(self) -> dict[str, tuple]:
+        """Each input's (shape, dtype)."""
+        return {slot.name: (slot.shape, slot.dtype) for slot in self._program.inputs}
+
+    @property
+    def seed(self) -> int:
+        return self._call_values.seed
+
+    @property
+    def calls(self) -> int:
+        return self._call_values.calls
+
+    @property
+    def num_threads(self) -> int:
+        return self._program.num_threads
+
+    def load_params(self, values: Mapping[str, np.ndarray], strict: bool = True) -> None:
+        """Copy `values` into the params (as a compiled function's `load_params`)."""
+        self._program.load_params(values, strict=strict)
+
+    def save(self, path) -> None:
+        """Write this program, with its params and state as they are now, to `path`."""
+        with self._call_values.lock:
+            manifest = self._call_values.updated(self._manifest)
+            save_program(path, self._program, manifest, self._team_object)
+
+    def __repr__(self) -> str:
+        return f"<loaded {self._manifest.kind} of graph {self._manifest.graph_hash[:12]}>"
+
+
+class LoadedTrainingStep(LoadedFunction):
+    """A training step loaded from an artifact: `step(**feeds)` trains and returns the loss.
+
+    `lr` is settable between calls; `state` holds the optimizer's state; training goes on
+    exactly as the saved step's would have.
+    """
+
+    def __call__(self, /, **feeds) -> float:
+        values = self._call_values
+        if not values.per_call:
+            return self._program.call_scalar(feeds)
+        with values.lock:
+            values.before_call()
+            return self._program.call_scalar(feeds)
+
+    @property
+    def lr(self) -> float:
+        return self._call_values.lr
+
+    @lr.setter
+    def lr(self, value) -> None:
+        self._call_values.lr = value
+
+    @property
+    def optimizer_steps(self) -> int:
+        """Updates since the optimizer's state was last zeroed (Adam's step count)."""
+        return self._call_values.optimizer_steps
+
+    @property
+    def state(self) -> Mapping[str, np.ndarray]:
+        """The optimizer's state (momentum, Adam's moments), by name."""
+        hidden = self._call_values.hidden_slots
+        return MappingProxyType({name: array for name, array in self._program.state.items() if name not in hidden})
+
+    def reset_state(self) -> None:
+        """Zero the optimizer's state; dropout's masks go on from where they were."""
+        with self._call_values.lock:
+            calls = self._call_values.calls
+            self._program.reset_state()
+            self._call_values.reset_optimizer(calls)
+
+
+class _CallValues:
+    """What the runtime writes into a program's State before calls: dropout's random key
+    [seed, call] and the optimizer's hyperparameter slots (graphc's call_values.py, driven
+    by the manifest)."""
+
+    def __init__(self, state: Mapping[str, np.ndarray], manifest: Manifest):
+        self.seed = manifest.seed
+        self.lock = threading.Lock()
+        self._counter = state[manifest.calls_slot]
+        self._steps_before_reset = self.calls - manifest.optimizer_steps
+        self._key = state[manifest.random_key_slot].view(np.uint32) if manifest.random_key_slot else None
+        self._optimizer = manifest.optimizer
+        self._lr = manifest.optimizer["lr"] if manifest.optimizer else None
+        self._hyper = {name: state[slot] for name, slot in manifest.hyper_slots.items()}
+        self.hidden_slots = frozenset(manifest.hyper_slots.values()) | {manifest.calls_slot} | (
+            {manifest.random_key_slot} if manifest.random_key_slot else set())
+        self._changes = manifest.optimizer is not None and changes_every_call(manifest.optimizer)
+        self.per_call = self._key is not None or (self._changes and bool(self._hyper))
+        self.write_hyper()
+
+    @property
+    def calls(self) -> int:
+        return int(self._counter[0])
+
+    @property
+    def optimizer_steps(self) -> int:
+        return self.calls - self._steps_before_reset
+
+    @property
+    def lr(self) -> float | None:
+        return self._lr
+
+    @lr.setter
+    def lr(self, value) -> None:
+        if self._optimizer is None:
+            raise AttributeError("lr: this loaded function has no optimizer")
+        checked = finite_non_negative(value.item() if isinstance(value, np.generic) else value)
+        if checked is None:
+            raise ValueError(f"lr must be a finite number >= 0, got {value!r}")
+        with self.lock:
+            self._lr = checked
+            self.write_hyper()
+
+    def write_hyper(self) -> None:
+        if self._optimizer is None or not self._hyper:
+            return
+        values = hyper_values(self._optimizer, self._lr, self.optimizer_steps + 1)
+        for name, array in self._hyper.items():
+            array[0] = values[name]
+
+    def before_call(self) -> None:
+        if self._key is not None:
+            self._key[0] = self.seed
+            self._key[1] = self.calls & 0xFFFFFFFF
+        if self._changes:
+            self.write_hyper()
+
+    def reset_optimizer(self, calls: int) -> None:
+        self._counter[0] = calls
+        self._steps_before_reset = calls
+        self.write_hyper()
+
+    def updated(self, manifest: Manifest) -> Manifest:
+        """`manifest` with the counts and lr as they are now."""
+        optimizer = None if manifest.optimizer is None else {**manifest.optimizer, "lr": self._lr}
+        return dataclasses.replace(manifest, optimizer_steps=self.optimizer_steps, optimizer=optimizer)
+
+
+def _array(section: memoryview, slot) -> np.ndarray:
+    """A fresh, aligned, writable copy of a section's values."""
+    array = aligned_zeros(slot.shape, slot.dtype)
+    np.copyto(array, np.frombuffer(section, slot.dtype).reshape(slot.shape))
+    return array
+
+
+def _state_slot(manifest: Manifest, name: str) -> State:
+    return next(slot for slot in manifest.slots if isinstance(slot, State) and slot.name == name)
+
+
+def _check_target(where: str, manifest: Manifest) -> None:
+    """Code for this kind of machine and OS, needing no CPU feature this one lacks."""
+    triple = manifest.target["triple"]
+    if _arch(triple.split("-")[0]) != _arch(platform.machine()) or _os_of_triple(triple) != _host_os():
+        raise ArtifactError(f"{where}: code for {triple}, not for this machine ({platform.machine()}, {sys.platform})")
+    missing = missing_features(manifest.target["cpu_features"])
+    if missing:
+        raise ArtifactError(f"{where}: its code needs CPU features this CPU lacks: {', '.join(missing)} "
+                            f"(compiled for {manifest.target['cpu']}; save it from a program compiled with "
+                            f"GRAPHC_TARGET=avx2 or sse to run it on older CPUs)")
+
+
+def _arch(name: str) -> str:
+    name = name.lower()
+    return {"amd64": "x86_64", "arm64": "aarch64"}.get(name, name)
+
+
+def _os_of_triple(triple: str) -> str:
+    for marker, name in (("linux", "linux"), ("darwin", "darwin"), ("apple", "darwin"), ("macos", "darwin"),
+                         ("windows", "win32"), ("freebsd", "freebsd")):
+        if marker in triple:
+            return name
+    return triple
+
+
+def _host_os() -> str:
+    for prefix in ("linux", "darwin", "win32", "freebsd"):
+        if sys.platform.startswith(prefix):
+            return prefix
+    return sys.platform
+
