@@ -230,7 +230,7 @@ def _dropout_mask(node, operands, feeds, params) -> Bounded:
 
 
 def _moves_values(node, operands, feeds, params) -> Bounded:
-    """reshape, transpose, broadcast_to: no arithmetic, magnitudes move with their values."""
+    """reshape, transpose, broadcast_to, stop_gradient: no arithmetic, magnitudes move with their values."""
     (x,) = operands
     return Bounded(_apply(node, [x.exact]), _apply(node, [x.magnitude]), x.depth)
 
@@ -519,6 +519,7 @@ RULES: dict[str, Callable] = {
     "one_hot": _one_hot,
     "dropout_mask": _dropout_mask,
     "reshape": _moves_values,
+    "stop_gradient": _moves_values,
     "transpose": _moves_values,
     "broadcast_to": _moves_values,
     "slice": _moves_values,

@@ -35,7 +35,7 @@ from graphc.transforms.simplify import leaves_the_reals
 MAX_OPERANDS = 8
 MAX_EXPRESSION_OPS = 64
 CHEAP_EXPRESSION_OPS = 4
-MAX_RECOMPUTATIONS = 4
+MAX_RECOMPUTATIONS = 6
 
 _PIECEWISE_LINEAR = (Relu, Step)
 
