@@ -2,7 +2,9 @@
 
 - the random key [seed, call index] that dropout's masks are drawn with;
 - the optimizer's hyperparameter slots: the learning rate, and Adam's bias corrections, which
-  depend on the step count.
+  depend on the step count;
+- slots fixed when the program is bound (a data-parallel step's MPI handles and function
+  addresses): written then, and again whenever the state is zeroed.
 
 Each lives in a State buffer of the program. The program's entry counts its completed calls
 itself (assemble.CALLS_SLOT), so every call path, the fastest included, keeps the count; this
@@ -27,7 +29,7 @@ class CallValues:
     """
 
     def __init__(self, state, calls_slot: str, *, seed: int, random_key_slot: str | None, optimizer=None,
-                 hyper_slots: dict[str, str] | None = None):
+                 hyper_slots: dict[str, str] | None = None, fixed_state: dict[str, np.ndarray] | None = None):
         self.seed = seed
         self.lock = threading.Lock()
         self._counter = state[calls_slot]
@@ -39,7 +41,15 @@ class CallValues:
         self._hyper = {name: state[slot] for name, slot in (hyper_slots or {}).items()}
         self.per_call = self._key is not None or (optimizer is not None and optimizer.changes_every_call
                                                   and bool(self._hyper))
+        # slot name -> its words (int64), copied over the slot's memory whatever its dtype
+        self._fixed = {name: (state[name].view(np.int64), np.asarray(words, np.int64))
+                       for name, words in (fixed_state or {}).items()}
+        self.write_fixed()
         self.write_hyper()
+
+    def write_fixed(self) -> None:
+        for memory, words in self._fixed.values():
+            memory[:] = words
 
     @property
     def uses_masks(self) -> bool:
@@ -86,6 +96,7 @@ class CallValues:
         counted from 0 again, the slots rewritten."""
         self._counter[0] = calls
         self._steps_before_reset = calls
+        self.write_fixed()
         self.write_hyper()
 
     def counters(self) -> dict[str, int]:

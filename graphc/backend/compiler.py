@@ -38,7 +38,7 @@ from graphc.backend.emit.entry import ENTRY_NAME
 from graphc.backend.finite_report import stopped_error
 from graphc.backend.llvm.parallel import ObjectCompiler, compile_modules, split_modules
 from graphc.backend.llvm.program_modules import default_budget
-from graphc.backend.program_cache import CachedProgram, pack_entry, program_key, unpack_entry
+from graphc.backend.program_cache import CachedProgram, compiler_source_digest, pack_entry, program_key, unpack_entry
 from graphc.core.errors import building_for, user_site
 from graphc.core.ir import Tensor
 from graphc.core.reference import checked_seed
@@ -390,7 +390,8 @@ def compile(outputs, params: Mapping[str, np.ndarray], seed: int = 0,  # noqa: A
 
 
 def compile_training_step(loss: Tensor, params: Mapping[str, np.ndarray], optimizer,
-                          seed: int = 0, check_finite: bool | None = None) -> CompiledTrainingStep:
+                          seed: int = 0, check_finite: bool | None = None, *, comm=None,
+                          bucket_bytes: int | None = None) -> CompiledTrainingStep:
     """Native code for one training step of `loss` w.r.t. every param in `params` it depends on.
 
     The gradient graph and the updates are built on a copy of the loss's graph: the user's
@@ -405,6 +406,15 @@ def compile_training_step(loss: Tensor, params: Mapping[str, np.ndarray], optimi
     FloatingPointError before its update takes effect: params, buffers and the optimizer's
     state keep their values, and neither the call count (dropout's masks) nor Adam's step
     count advances.
+
+    `comm` (an mpi4py communicator) makes a data-parallel step: every rank compiles the same
+    step for its shard of the global batch, and the step averages the loss, the gradients and
+    the buffers' new values over the ranks before the update, summing each bucket of about
+    `bucket_bytes` with MPI_Iallreduce as soon as the backward has computed it (see
+    graphc/distributed/). Compiling is collective: the ranks check that they compiled the
+    same program from the same params, and raise ValueError on every rank if not. Each rank
+    uses its share of its node's cores. Run it under `mpiexec -n N python -m mpi4py script.py`,
+    so that an exception on one rank aborts them all.
     """
     from graphc.core.optim import Optimizer
 
@@ -413,7 +423,15 @@ def compile_training_step(loss: Tensor, params: Mapping[str, np.ndarray], optimi
     if not isinstance(optimizer, Optimizer):
         raise TypeError(f"compile_training_step: expected an optimizer such as gc.SGD or gc.Adam, got {optimizer!r}")
     seed = checked_seed(seed, "compile_training_step")
-    check_finite = _check_finite_wanted(check_finite, "compile_training_step")
+    data_parallel = None
+    if comm is not None:
+        from graphc.distributed.data_parallel import DataParallel
+        data_parallel = DataParallel.of(comm, bucket_bytes, "compile_training_step")
+        check_finite = _without_finite_checks(check_finite)
+    elif bucket_bytes is not None:
+        raise ValueError("compile_training_step: bucket_bytes sizes the all-reduces of a step compiled with comm=")
+    else:
+        check_finite = _check_finite_wanted(check_finite, "compile_training_step")
     buffer_updates = loss.graph.buffer_updates_for([loss])
     forward_outputs = [loss] + [update.value for update in buffer_updates]
     _check_params(forward_outputs, params, "compile_training_step")
@@ -424,35 +442,88 @@ def compile_training_step(loss: Tensor, params: Mapping[str, np.ndarray], optimi
 
     def training_graph() -> _TrainingGraph:
         with building_for(site):     # also when built later, for a step loaded from the cache
-            return _training_graph(loss, buffer_updates, trainable, optimizer)
+            return _training_graph(loss, buffer_updates, trainable, optimizer, data_parallel)
 
-    threads = rt.get_num_threads()
+    threads = rt.get_num_threads() if data_parallel is None else data_parallel.threads
     optimizer_key = _optimizer_key(optimizer)
     if optimizer_key is None:    # an optimizer we cannot describe exactly: keyed by its update graph
         built = training_graph()
+        if data_parallel is not None:
+            _check_same_program(data_parallel, built.graph, built.outputs, dict(optimizer=repr(optimizer)), loss,
+                                params)
         return _build(CompiledTrainingStep, built.outputs, params, output_names=built.output_names,
                       inplace=built.inplace, state_names=built.state_names, state_names_for_caller=built.renames,
-                      seed=seed, optimizer=optimizer, hyper_slots=built.hyper_slots, check_finite=check_finite)
+                      seed=seed, optimizer=optimizer, hyper_slots=built.hyper_slots, check_finite=check_finite,
+                      threads=threads, fixed_state=_comm_slot_values(data_parallel, built.graph, built.comm_slot))
     step_request = dict(kind="training step", trainable=trainable, optimizer=optimizer_key,
-                        buffers=[update.buffer.name for update in buffer_updates], **_thread_request(threads),
+                        buffers=[update.buffer.name for update in buffer_updates],
+                        **(data_parallel.request() if data_parallel is not None else {}),
                         **_check_finite_request(check_finite))
+    if data_parallel is not None:
+        _check_same_program(data_parallel, loss.graph, forward_outputs, step_request, loss, params)
+    step_request.update(_thread_request(threads))
     cache = object_cache()
     step_key = program_key(loss.graph, forward_outputs, step_request)
     compiled, library = _load(cache, step_key)
-    made = _step_names(compiled, optimizer) if compiled is not None else None
+    made = _step_names(compiled, optimizer, data_parallel is not None) if compiled is not None else None
     if made is not None:
         plan = Plan(lambda: training_graph().outputs_and_request(threads, check_finite),
                     max_threads=compiled.max_threads, check_finite=check_finite)
         return _bound(CompiledTrainingStep, compiled, library, plan, params, loss.graph,
                       single=False, seed=seed, optimizer=optimizer, renames=made["renames"],
-                      hyper_slots=made["hyper_slots"], random_key=made["random_key"], check_finite=check_finite)
+                      hyper_slots=made["hyper_slots"], random_key=made["random_key"], check_finite=check_finite,
+                      fixed_state=_comm_slot_values(data_parallel, compiled.slots, made.get("comm_slot")))
     built = training_graph()
     extras = {"step": {"renames": built.renames, "hyper_slots": built.hyper_slots,
-                       "random_key": built.graph.random_key.name if built.graph.random_key is not None else None}}
+                       "random_key": built.graph.random_key.name if built.graph.random_key is not None else None,
+                       **({"comm_slot": built.comm_slot} if built.comm_slot is not None else {})}}
     return _build(CompiledTrainingStep, built.outputs, params, output_names=built.output_names,
                   inplace=built.inplace, state_names=built.state_names, state_names_for_caller=built.renames,
                   seed=seed, optimizer=optimizer, hyper_slots=built.hyper_slots, missed_key=step_key, extras=extras,
-                  check_finite=check_finite)
+                  check_finite=check_finite, threads=threads,
+                  fixed_state=_comm_slot_values(data_parallel, built.graph, built.comm_slot))
+
+
+def _without_finite_checks(check_finite) -> bool:
+    """check_finite for a data-parallel step: refused, for a rank that stopped at a NaN would leave
+    the others waiting for its gradients; off, with a warning, when only the environment asks."""
+    if not _check_finite_wanted(check_finite, "compile_training_step"):
+        return False
+    if check_finite is None:
+        warnings.warn(f"{CHECK_FINITE_VARIABLE} is set, but a step compiled with comm= has no finite checks: a "
+                      f"rank stopping at a NaN would leave the other ranks waiting", RuntimeWarning, stacklevel=3)
+        return False
+    raise ValueError("compile_training_step: check_finite=True cannot be combined with comm=: a rank stopping "
+                     "at a NaN would leave the other ranks waiting for its gradients")
+
+
+def _check_same_program(data_parallel, graph, outputs, request: dict, loss: Tensor, params) -> None:
+    """Every rank compiled this program from these params (distributed/agreement.py): its hash is
+    the cache key's, without the thread count, which may differ between ranks."""
+    from graphc.backend.llvm.target import target_fingerprint
+    forward = loss.graph
+    bound = [name for name in forward.bound_sources() if name in params]
+    description = dict(graph=forward.name, nodes=len(forward.ancestors([loss])),
+                       inputs={name: (node.shape, node.dtype) for name, node in forward.inputs.items()},
+                       params={name: tuple(np.shape(params[name])) for name in bound},
+                       optimizer=request.get("optimizer"), target=target_fingerprint(),
+                       graphc=compiler_source_digest()[:16], request=repr(sorted(request.items())))
+    data_parallel.check_same_program("compile_training_step", program_key(graph, outputs, request), description,
+                                     params, bound)
+
+
+def _comm_slot_values(data_parallel, slots_of, comm_slot: str | None) -> dict[str, np.ndarray]:
+    """{comm slot name: its words} for a data-parallel step; `slots_of` the graph or the slots
+    that give the slot's length."""
+    if data_parallel is None:
+        return {}
+    if comm_slot is None:
+        raise ValueError("internal error: a data-parallel step without its communicator slot")
+    if isinstance(slots_of, list):
+        length = next(math.prod(slot.shape) for slot in slots_of if isinstance(slot, rt.State) and slot.name == comm_slot)
+    else:
+        length = slots_of.params[comm_slot].size
+    return {comm_slot: data_parallel.slot_values(length)}
 
 
 def _optimizer_key(optimizer) -> str | None:
@@ -464,7 +535,7 @@ def _optimizer_key(optimizer) -> str | None:
     return f"{type(optimizer).__module__}.{type(optimizer).__qualname__}{sorted(fields.items())!r}"
 
 
-def _step_names(compiled: CachedProgram, optimizer) -> dict | None:
+def _step_names(compiled: CachedProgram, optimizer, data_parallel: bool = False) -> dict | None:
     """A cached training step's state names (see compile_training_step), if the entry has them
     and they name its own State slots; else None, and the step is compiled afresh."""
     made = compiled.extras.get("step")
@@ -480,6 +551,8 @@ def _step_names(compiled: CachedProgram, optimizer) -> dict | None:
     if (key is not None and not isinstance(key, str)) or not named <= states or not set(made["renames"]) <= states:
         return None
     if set(made["hyper_slots"]) != set(optimizer.hyper_values(optimizer.lr, 1)):
+        return None
+    if data_parallel and made.get("comm_slot") not in states:
         return None
     return made
 
@@ -501,25 +574,41 @@ class _TrainingGraph:
     state_names: list
     renames: dict         # graph name of a state buffer -> the name step.state shows
     hyper_slots: dict     # hyperparameter -> its slot's graph name
+    comm_slot: str | None = None    # a data-parallel step's communicator slot (its graph name)
 
     def outputs_and_request(self, threads: int, check_finite: bool) -> tuple[list, dict]:
         return self.outputs, _request(self.graph, self.output_names, self.inplace, self.state_names, threads,
                                       check_finite)
 
 
-def _training_graph(loss, buffer_updates, trainable_names, optimizer) -> _TrainingGraph:
+def _training_graph(loss, buffer_updates, trainable_names, optimizer, data_parallel=None) -> _TrainingGraph:
     from graphc.core.autodiff import grad
     from graphc.transforms.rebuild import rebuild
 
     graph, (train_loss, *buffer_values) = rebuild(loss.graph, [loss] + [update.value for update in buffer_updates])
     trainable = [graph.params[name] for name in trainable_names]
+    if data_parallel is not None:
+        from graphc.distributed.buckets import declare_comm_slot
+        comm = declare_comm_slot(graph, _unclaimed_names(graph, ["mpi:comm"])[0],
+                                 1 + len(buffer_values) + len(trainable))
     grads = grad(train_loss, trainable)
+    if data_parallel is not None:
+        # The loss, the buffers' new values and the gradients, averaged over the ranks.
+        from graphc.distributed.buckets import averaged_values
+        graph, (train_loss, *averages) = averaged_values(
+            graph, [train_loss, *buffer_values, *grads], comm, abi=dataclasses.astuple(data_parallel.abi),
+            bucket_bytes=data_parallel.bucket_bytes)
+        buffer_values, grads = averages[:len(buffer_values)], averages[len(buffer_values):]
+        trainable = [graph.params[name] for name in trainable_names]
     optimizer_graph = _OptimizerGraph(graph)
     writes, state_names = optimizer.updates(optimizer_graph, trainable, grads, hyper=optimizer_graph.hyper)
     writes += [(update.buffer.name, value) for update, value in zip(buffer_updates, buffer_values)]
+    comm_slot = [comm.name] if data_parallel is not None else []
     return _TrainingGraph(graph, [train_loss] + [value for _, value in writes], _unclaimed_names(graph, ["loss"]),
-                          [name for name, _ in writes], list(state_names) + list(optimizer_graph.hyper_names.values()),
-                          optimizer_graph.names_for_caller(), dict(optimizer_graph.hyper_names))
+                          [name for name, _ in writes],
+                          list(state_names) + list(optimizer_graph.hyper_names.values()) + comm_slot,
+                          optimizer_graph.names_for_caller(), dict(optimizer_graph.hyper_names),
+                          comm_slot[0] if comm_slot else None)
 
 
 class _OptimizerGraph:
@@ -576,18 +665,20 @@ def _unclaimed_names(graph, names: list[str]) -> list[str]:
 
 def _build(cls, outputs, params, *, output_names, single=False, inplace=(), state_names=(),
            state_names_for_caller=None, seed=0, optimizer=None, hyper_slots=None, missed_key=None, extras=None,
-           check_finite=False):
+           check_finite=False, threads=None, fixed_state=None):
     """Load the program from the cache or optimize, assemble and compile it; bind params.
 
     The first len(output_names) outputs are returned to the caller; each further one is written
     in place into the param (or state buffer) named by the matching entry of `inplace`.
     `state_names_for_caller` renames State slots (graph name -> the name step.state shows).
     `missed_key`: the caller's own cache key, already looked up and missed; the program is
-    stored under it (with `extras`) instead of under the key of `outputs`' graph.
+    stored under it (with `extras`) instead of under the key of `outputs`' graph. `threads`:
+    the most the program may use (default gc.get_num_threads()); `fixed_state`: see `_bound`.
     """
     graph = outputs[0].graph
     random_key = graph.random_key.name if graph.random_key is not None else None
-    request = _request(graph, output_names, inplace, state_names, rt.get_num_threads(), check_finite)
+    threads = rt.get_num_threads() if threads is None else threads
+    request = _request(graph, output_names, inplace, state_names, threads, check_finite)
     cache = object_cache()
     key = missed_key or program_key(outputs[0].graph, outputs, request)
     compiled, library = _load(cache, key) if missed_key is None else (None, None)
@@ -600,7 +691,7 @@ def _build(cls, outputs, params, *, output_names, single=False, inplace=(), stat
         plan = Plan(outputs, request, compiled.max_threads, check_finite=check_finite)
     return _bound(cls, compiled, library, plan, params, graph, single=single, seed=seed, optimizer=optimizer,
                   renames=state_names_for_caller or {}, hyper_slots=hyper_slots or {}, random_key=random_key,
-                  check_finite=check_finite)
+                  check_finite=check_finite, fixed_state=fixed_state)
 
 
 def _request(graph, output_names, inplace, state_names, threads: int, check_finite: bool = False) -> dict:
@@ -634,17 +725,21 @@ def _check_finite_wanted(check_finite, where: str) -> bool:
 
 
 def _bound(cls, compiled: CachedProgram, library, plan: Plan, params, graph, *, single, seed, optimizer,
-           renames: dict, hyper_slots: dict, random_key: str | None, check_finite: bool):
-    """The compiled function or step running `compiled` with `params` bound."""
+           renames: dict, hyper_slots: dict, random_key: str | None, check_finite: bool,
+           fixed_state: dict[str, np.ndarray] | None = None):
+    """The compiled function or step running `compiled` with `params` bound. `fixed_state`:
+    State slots whose words are set once, at binding (a data-parallel step's MPI handles)."""
+    fixed_state = fixed_state or {}
     plan.hidden_state = {renames.get(name, name) for name in hyper_slots.values()} | (
-        {random_key} if random_key else set()) | {CALLS_SLOT}
+        {random_key} if random_key else set()) | {CALLS_SLOT} | set(fixed_state)
     slots = _renamed_state_slots(compiled.slots, renames)
     # The error names nodes and kernels: made from the plan, which a cached program builds then.
     on_stop = (lambda status, memory: stopped_error(plan.spec, status, memory)) if check_finite else None
     program = rt.Program(library, ENTRY_NAME, slots, params, max_threads=compiled.max_threads,
                          ignored_inputs=graph.inputs, on_stop=on_stop)
     call_values = CallValues(program.state, CALLS_SLOT, seed=seed, random_key_slot=random_key, optimizer=optimizer,
-                             hyper_slots={name: renames.get(slot, slot) for name, slot in hyper_slots.items()})
+                             hyper_slots={name: renames.get(slot, slot) for name, slot in hyper_slots.items()},
+                             fixed_state=fixed_state)
     return cls(program, plan, single, call_values)
 
 

@@ -1,5 +1,6 @@
 """Every op of graphc. Importing this package registers all primitives."""
 from graphc.core.ops import sources  # noqa: F401  (registers input/param/constant/fill)
+from graphc.core.ops import collective  # noqa: F401  (registers the all-reduce ops of data-parallel steps)
 from graphc.core.ops.conv import conv2d
 from graphc.core.ops.elementwise import (add, div, exp, leaky_relu, log, mul, neg, power, relu, sigmoid, softplus, sqrt,
                                          sub, tanh)

@@ -1,0 +1,294 @@
+"""Kernels of the collective ops (graphc/core/ops/collective.py): the gradients of a
+data-parallel step summed over the ranks by MPI, called from the step's own native code.
+
+MPI is reached through the communicator slot, int64 words that the step's binder writes
+(graphc/distributed/comm.py), never through symbols: the addresses of MPI_Iallreduce,
+MPI_Wait, MPI_Test and MPI_Abort, the communicator, datatype and op handles, MPI_IN_PLACE,
+1/ranks, then one MPI_Request per bucket. Thread 0 alone calls MPI (the thread that calls the
+step); the other threads return from those phases at once and meet it at the next barrier.
+
+- allreduce_start: every thread copies its share of the values into the bucket; then thread 0
+  starts MPI_Iallreduce on the bucket, in place.
+- allreduce_progress: thread 0 calls MPI_Test on each bucket under way (MPI advances a
+  nonblocking collective only inside its calls), between backward kernels.
+- allreduce_done: thread 0 waits for the bucket (and tests the later ones); then every thread
+  writes its slice times 1/ranks, with the consumer fused in (the optimizer's update).
+
+The slot is this process's only if its first word is this process's id: a slot of zeros (a
+profiling twin of the program) or one written by another process (a step saved and loaded
+elsewhere) is no communicator, and the kernels then run as one process would: no MPI call,
+and each value is its own average.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import llvmlite.ir as ir
+import sympy
+
+from graphc.backend.emit.kernel import Kernel, phase_args, phase_function
+from graphc.backend.emit.kernel_builder import F32, I32, I64, PTR, KernelBuilder
+from graphc.backend.kernels.elementwise import emit_elementwise
+from graphc.backend.kernels.layout import emit_concat, only_thread_zero
+from graphc.backend.lowering_rules import Epilogue, Step, lowers
+from graphc.backend import costs
+from graphc.core.scalar import symbol
+
+__all__ = ["MpiAbi", "SlotWord", "REQUESTS", "slot_words"]
+
+
+class SlotWord:
+    """Positions of the communicator slot's int64 words."""
+
+    OWNER_PID = 0      # the process whose addresses and handles these are
+    LIVE = 1           # 1 while a call runs in that process (written by every start)
+    IALLREDUCE = 2
+    WAIT = 3
+    TEST = 4
+    ABORT = 5
+    COMM = 6
+    DATATYPE = 7       # MPI_FLOAT
+    OP = 8             # MPI_SUM
+    IN_PLACE = 9
+    SCALE = 10         # float32 1/ranks in the low four bytes
+
+
+REQUESTS = 11          # then one word per bucket, holding its MPI_Request
+
+
+def slot_words(buckets: int) -> int:
+    """The slot's length in int64 words for a program of at most `buckets` buckets."""
+    return REQUESTS + buckets
+
+
+@dataclasses.dataclass(frozen=True)
+class MpiAbi:
+    """What the generated calls assume of the MPI library: the sizes in bytes of its handles
+    (4 for MPICH's ints, 8 for Open MPI's pointers), of MPI_Request and of MPI_Status. Part
+    of a program's cache key."""
+
+    comm_bytes: int
+    datatype_bytes: int
+    op_bytes: int
+    request_bytes: int
+    status_bytes: int
+
+    def __post_init__(self):
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            if field.name != "status_bytes" and value not in (4, 8):
+                raise ValueError(f"MPI {field.name} of {value} bytes: graphc calls MPI with 4- or 8-byte handles")
+        if not 0 < self.status_bytes <= 256:
+            raise ValueError(f"MPI_Status of {self.status_bytes} bytes")
+
+
+class _FunctionPointer:
+    """A function's address loaded from memory, callable with `IRBuilder.call` as a function of
+    `function_type` (llvmlite's call asks its callee only for these two things)."""
+
+    def __init__(self, pointer: ir.Value, function_type: ir.FunctionType):
+        self.pointer, self.function_type, self.type = pointer, function_type, pointer.type
+
+    def get_reference(self) -> str:
+        return self.pointer.get_reference()
+
+
+class _Mpi:
+    """Calls into MPI from thread 0 of a phase, through the communicator slot `words`."""
+
+    def __init__(self, kb: KernelBuilder, words: ir.Value, abi: MpiAbi):
+        self.kb, self.b, self.words, self.abi = kb, kb.b, words, abi
+
+    def word_address(self, index: int) -> ir.Value:
+        return self.b.gep(self.words, [ir.Constant(I64, index)], inbounds=True, source_etype=I64)
+
+    def word(self, index: int) -> ir.Value:
+        return self.b.load(self.word_address(index), typ=I64, align=8)
+
+    def handle(self, index: int, nbytes: int) -> ir.Value:
+        value = self.word(index)
+        return self.b.trunc(value, I32) if nbytes == 4 else value
+
+    def function(self, index: int, return_type, argument_types) -> _FunctionPointer:
+        pointer = self.b.inttoptr(self.word(index), PTR)
+        return _FunctionPointer(pointer, ir.FunctionType(return_type, argument_types))
+
+    def live(self) -> ir.Value:
+        return self.b.icmp_signed("!=", self.word(SlotWord.LIVE), ir.Constant(I64, 0))
+
+    def mark_live(self) -> ir.Value:
+        """LIVE := (OWNER_PID == getpid()); returns it as an i1."""
+        getpid = self.b.module.globals.get("getpid") or ir.Function(self.b.module, ir.FunctionType(I32, []), "getpid")
+        pid = self.b.sext(self.b.call(getpid, []), I64)
+        live = self.b.icmp_signed("==", self.word(SlotWord.OWNER_PID), pid)
+        self.b.store(self.b.zext(live, I64), self.word_address(SlotWord.LIVE), align=8)
+        return live
+
+    def _types(self):
+        a = self.abi
+        return ir.IntType(8 * a.comm_bytes), ir.IntType(8 * a.datatype_bytes), ir.IntType(8 * a.op_bytes)
+
+    def _checked(self, code: ir.Value) -> None:
+        """An MPI error inside a step leaves every rank's step half done: abort the job, as
+        MPI's default error handler would, rather than let the other ranks wait forever."""
+        comm_type, _, _ = self._types()
+        with self.b.if_then(self.b.icmp_signed("!=", code, ir.Constant(I32, 0)), likely=False):
+            abort = self.function(SlotWord.ABORT, I32, [comm_type, I32])
+            self.b.call(abort, [self.handle(SlotWord.COMM, self.abi.comm_bytes), code])
+
+    def request(self, bucket: int) -> ir.Value:
+        return self.word_address(REQUESTS + bucket)
+
+    def start_sum(self, buffer: ir.Value, count: int, bucket: int) -> None:
+        comm_type, datatype_type, op_type = self._types()
+        iallreduce = self.function(SlotWord.IALLREDUCE, I32,
+                                   [PTR, PTR, I32, datatype_type, op_type, comm_type, PTR])
+        in_place = self.b.inttoptr(self.word(SlotWord.IN_PLACE), PTR)
+        self._checked(self.b.call(iallreduce, [
+            in_place, buffer, ir.Constant(I32, count), self.handle(SlotWord.DATATYPE, self.abi.datatype_bytes),
+            self.handle(SlotWord.OP, self.abi.op_bytes), self.handle(SlotWord.COMM, self.abi.comm_bytes),
+            self.request(bucket)]))
+
+    def _status(self) -> ir.Value:
+        with self.b.goto_entry_block():
+            return self.b.alloca(ir.ArrayType(I64, -(-self.abi.status_bytes // 8)))
+
+    def wait(self, bucket: int) -> None:
+        wait = self.function(SlotWord.WAIT, I32, [PTR, PTR])
+        self._checked(self.b.call(wait, [self.request(bucket), self._status()]))
+
+    def test(self, buckets) -> None:
+        """MPI_Test each bucket's request: drives MPI's progress engine (a request already
+        completed is MPI_REQUEST_NULL by then, and tests at once)."""
+        if not buckets:
+            return
+        test = self.function(SlotWord.TEST, I32, [PTR, PTR, PTR])
+        status = self._status()
+        with self.b.goto_entry_block():
+            flag = self.b.alloca(I32)
+        for bucket in buckets:
+            self._checked(self.b.call(test, [self.request(bucket), flag, status]))
+
+
+def _mpi_phase(module: ir.Module, name: str, n_inputs: int, words_index: int, abi: MpiAbi, body,
+               mark_live: bool = False) -> ir.Function:
+    """A phase that runs `body(mpi)` on thread 0, when the slot is live (or marks it so first)."""
+    fn, kb = phase_function(module, name, n_inputs)
+    _, inputs, _, tid, _ = phase_args(fn)
+    only_thread_zero(kb, tid)
+    mpi = _Mpi(kb, inputs[words_index], abi)
+    live = mpi.mark_live() if mark_live else mpi.live()
+    with kb.b.if_then(live):
+        body(mpi)
+    kb.b.ret_void()
+    return fn
+
+
+def emit_allreduce_start(module: ir.Module, name: str, shapes, bucket: int, abi: MpiAbi, *,
+                         max_threads: int) -> Kernel:
+    """(out, value_0..value_{k-1}, words): out = the values flattened one after the other, then
+    MPI_Iallreduce(MPI_IN_PLACE, out, SUM) into request `bucket`."""
+    sizes = [math.prod(shape) for shape in shapes]
+    concat = emit_concat(module, f"{name}.gather", [(size,) for size in sizes], 0, max_threads=max_threads)
+    gather, kb = phase_function(module, f"{name}.copy", len(shapes) + 1)
+    out, inputs, scratch, tid, nthreads = phase_args(gather)
+    kb.b.call(concat.phases[0], [out, *inputs[:-1], scratch, tid, nthreads])
+    kb.b.ret_void()
+
+    def start(mpi: _Mpi) -> None:
+        mpi.start_sum(mpi.b.function.args[0], sum(sizes), bucket)
+    return Kernel([gather, _mpi_phase(module, f"{name}.start", len(shapes) + 1, len(shapes), abi, start,
+                                      mark_live=True)])
+
+
+def emit_allreduce_progress(module: ir.Module, name: str, buckets: tuple[int, ...], abi: MpiAbi, *,
+                            max_threads: int) -> Kernel:
+    """(out, after, words): MPI_Test on each of `buckets`."""
+    return Kernel([_mpi_phase(module, name, 2, 1, abi, lambda mpi: mpi.test(buckets))])
+
+
+def emit_allreduce_done(module: ir.Module, name: str, shape, offset: int, bucket: int, later: tuple[int, ...],
+                        n_after: int, abi: MpiAbi, *, max_threads: int, epilogue=None,
+                        epilogue_shapes=(), side_stores=()) -> Kernel:
+    """(out, bucket, words, after..., epilogue operands...): wait for request `bucket` (and
+    test `later`, the buckets still under way); then out = e(bucket[offset:] * scale, epilogue
+    operands...) elementwise, e the fused consumer (x0 alone without one), and each side store
+    into its operand. `scale` is 1/ranks, or 1 when the slot is not live."""
+    n_inputs = 2 + n_after + len(epilogue_shapes)
+
+    def wait(mpi: _Mpi) -> None:
+        mpi.wait(bucket)
+        mpi.test(later)
+    waiting = _mpi_phase(module, f"{name}.wait", n_inputs, 1, abi, wait)
+
+    # x0 is the rank's sum as the bucket holds it: the consumer sees it times x_last, the scale.
+    scale = symbol(1 + len(epilogue_shapes))
+    averaged = {symbol(0): symbol(0) * scale}
+    expr = (epilogue if epilogue is not None else symbol(0)).xreplace(averaged)
+    stores = tuple((k, e.xreplace(averaged)) for k, e in side_stores)
+    shape, epilogue_shapes = tuple(shape) or (1,), [tuple(s) or (1,) for s in epilogue_shapes]   # a scalar loss: ()
+    apply = emit_elementwise(module, f"{name}.apply", shape, [shape, *epilogue_shapes, (1,)], expr,
+                             max_threads=max_threads, side_stores=stores)
+
+    compute, kb = phase_function(module, f"{name}.average", n_inputs)
+    out, inputs, scratch, tid, nthreads = phase_args(compute)
+    values, words, extras = inputs[0], inputs[1], inputs[2 + n_after:]
+    mpi = _Mpi(kb, words, abi)
+    scale_pointer = kb.b.select(mpi.live(), mpi.word_address(SlotWord.SCALE), _one(module))
+    kb.b.call(apply.phases[0], [out, kb.gep(values, offset), *extras, scale_pointer, scratch, tid, nthreads])
+    kb.b.ret_void()
+    return Kernel([waiting, compute])
+
+
+def _one(module: ir.Module) -> ir.GlobalVariable:
+    """1.0f: the scale of a program run without a communicator."""
+    existing = module.globals.get("graphc.collective.one")
+    if existing is not None:
+        return existing
+    one = ir.GlobalVariable(module, F32, "graphc.collective.one")
+    one.initializer, one.global_constant, one.linkage = ir.Constant(F32, 1.0), True, "internal"
+    return one
+
+
+# ---- lowering --------------------------------------------------------------------------------
+
+def _abi(node) -> MpiAbi:
+    return MpiAbi(*node.attrs["abi"])
+
+
+@lowers("allreduce_start")
+def lower_allreduce_start(node, _epilogue) -> Step:
+    shapes, bucket, abi = [value.shape for value in node.inputs[:-1]], node.attrs["bucket"], _abi(node)
+    return Step(node, list(node.inputs),
+                lambda m, name, threads: emit_allreduce_start(m, name, shapes, bucket, abi, max_threads=threads),
+                "allreduce_start", [node], flops=0)
+
+
+@lowers("allreduce_progress")
+def lower_allreduce_progress(node, _epilogue) -> Step:
+    buckets, abi = node.attrs["buckets"], _abi(node)
+    return Step(node, list(node.inputs),
+                lambda m, name, threads: emit_allreduce_progress(m, name, buckets, abi, max_threads=threads),
+                "allreduce_progress", [node], flops=0)
+
+
+@lowers("allreduce_done", elementwise_epilogue=True, scalar_epilogue_operands=True)
+def lower_allreduce_done(node, epilogue: Epilogue | None) -> Step:
+    bucket_values, comm, *after = node.inputs
+    a, abi = node.attrs, _abi(node)
+    epilogue = epilogue or Epilogue(node)
+    extras = list(epilogue.operands)
+    fused = dict(epilogue=epilogue.expr, epilogue_shapes=[t.shape for t in extras], side_stores=epilogue.side_stores)
+    label = "allreduce_done" + ("+ew" if epilogue.expr is not None else "") + (
+        f"+{len(epilogue.side_stores)} in place" if epilogue.side_stores else "")
+    covers = [node] + list(epilogue.absorbed) + ([epilogue.node] if epilogue.node is not node else [])
+    expr = epilogue.expr if epilogue.expr is not None else symbol(0)
+    flops = node.size + costs.elementwise_flops(node.size, [expr] + [e for _, e in epilogue.side_stores])
+    return Step(epilogue.node, [bucket_values, comm, *after, *extras],
+                lambda m, name, threads: emit_allreduce_done(
+                    m, name, node.shape, a["offset"], a["bucket"], a["later"], len(after), abi,
+                    max_threads=threads, **fused),
+                label, covers, flops=flops,
+                side_writes=[extras[k - 1] for k, _ in epilogue.side_stores])
+

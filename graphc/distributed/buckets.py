@@ -1,0 +1,135 @@
+"""A data-parallel step's values averaged over the ranks: buckets planned by the backward's own
+order, their all-reduces placed in the schedule where their last value is computed.
+
+The values are the loss, the buffers' new values (batch norm's running statistics, so that
+every rank keeps the same) and the gradients. Ordered by the graph's node order, which the
+passes keep and the schedule follows (memory.schedule is a lexicographic topological sort),
+they are cut into buckets of at most `bucket_bytes` (a larger value in one of its own). Then:
+
+- `averaged_values` builds, on the training graph, one `allreduce_start` per bucket and one
+  `allreduce_done` per value, all after the backward;
+- `placed` copies the graph moving each start right after the last node its bucket needs,
+  and putting an `allreduce_progress` after every later backward node that does real work,
+  so that the reductions advance while the backward goes on; the dones stay at the end, each
+  where the optimizer's update of its value will be fused into it.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+from graphc.core.ir import Graph, Tensor
+from graphc.core.ops.collective import allreduce_done, allreduce_progress, allreduce_start
+from graphc.transforms.rebuild import DECLARED_OPS, rebuild
+
+__all__ = ["DEFAULT_BUCKET_BYTES", "declare_comm_slot", "averaged_values"]
+
+DEFAULT_BUCKET_BYTES = 64 * 1024
+
+# Ops whose kernels are cheap next to an MPI_Test (moving data, elementwise work, which fusion
+# mostly folds into other kernels): no progress point after them.
+_CHEAP_OPS = frozenset({"ew", "fill", "broadcast_to", "reshape", "transpose", "slice", "pad", "concat", "constant",
+                        "one_hot"})
+
+
+def declare_comm_slot(graph: Graph, name: str, values: int) -> Tensor:
+    """The communicator slot (backend/kernels/collective.py's words, as int32 pairs), with room
+    for a request per value: declared before the backward, so that placed starts can read it."""
+    from graphc.backend.kernels.collective import slot_words
+    return graph.param(name, (2 * slot_words(values),), "int32")
+
+
+@dataclasses.dataclass
+class _Bucket:
+    index: int
+    members: list[int]      # positions in the values list
+    ready: int              # id of the last node computing a member (-1: all are sources)
+
+
+def plan_buckets(values: list[Tensor], bucket_bytes: int) -> list[_Bucket]:
+    """Values by the order they are computed in, cut into buckets of at most `bucket_bytes`
+    (a larger value alone in its own)."""
+    def ready(value: Tensor) -> int:
+        return -1 if value.op in DECLARED_OPS else value.id
+
+    order = sorted(range(len(values)), key=lambda i: ready(values[i]))
+    buckets, current, held = [], [], 0
+    for i in order:
+        size = values[i].size * np.dtype(values[i].dtype).itemsize
+        if current and held + size > bucket_bytes:
+            buckets.append(current)
+            current, held = [], 0
+        current.append(i)
+        held += size
+    if current:
+        buckets.append(current)
+    return [_Bucket(b, members, max(ready(values[i]) for i in members)) for b, members in enumerate(buckets)]
+
+
+def averaged_values(graph: Graph, values: list[Tensor], comm: Tensor, *, abi: tuple, bucket_bytes: int
+                    ) -> tuple[Graph, list[Tensor]]:
+    """A copy of `graph` computing, besides its nodes, each of `values` averaged over the ranks
+    (in one process, the value itself); returns it and the averages, in the order of `values`."""
+    buckets = plan_buckets(values, bucket_bytes)
+    count = len(buckets)
+    starts, averages = {}, [None] * len(values)
+    for bucket in buckets:
+        members = [values[i] for i in bucket.members]
+        start = allreduce_start(members, comm, bucket=bucket.index, abi=abi)
+        starts[start.id] = bucket
+        offset = 0
+        for i, value in zip(bucket.members, members):
+            averages[i] = allreduce_done(start, comm, offset=offset, shape=value.shape, bucket=bucket.index,
+                                         later=tuple(range(bucket.index + 1, count)), abi=abi)
+            offset += value.size
+    return _placed(graph, averages, comm, starts, abi)
+
+
+def _placed(graph: Graph, outputs: list[Tensor], comm: Tensor, starts: dict[int, _Bucket], abi: tuple
+            ) -> tuple[Graph, list[Tensor]]:
+    """`graph` copied with each start moved up to right after its bucket's last value, and a
+    progress point after each later backward node with real work (see the module's doc)."""
+    by_ready: dict[int, list[Tensor]] = {}
+    for node_id, bucket in starts.items():
+        if bucket.ready > comm.id:       # else it stays where it is: the comm slot comes first
+            by_ready.setdefault(bucket.ready, []).append(graph.nodes[node_id])
+    placed: dict[int, Tensor] = {}       # start id in `graph` -> its copy, built early
+    started: list[int] = []              # buckets started so far, in order
+    token: list[Tensor] = []             # the last progress point's token
+
+    def place(rewrite):
+        node = rewrite.node
+        if node.id in placed:
+            return placed[node.id]
+        if node is first_done and token:
+            return rewrite.apply("allreduce_done", rewrite.operands + [token[0]], **node.attrs)
+        triggered = by_ready.get(node.id, [])
+        progress = started and node.is_backward and node.op not in _CHEAP_OPS
+        if not triggered and not progress:
+            return None
+        copy = rewrite.copy()
+        for start in triggered:      # MPI_Iallreduce drives the earlier buckets on, as a test would
+            operands = [copy if operand is node else rewrite.new(operand) for operand in start.inputs]
+            placed[start.id] = rewrite.apply("allreduce_start", operands, **start.attrs)
+            started.append(start.attrs["bucket"])
+        if progress and not triggered:
+            after = token[0] if token else placed[first_start.id]
+            token[:] = [allreduce_progress(after, rewrite.new(comm), buckets=tuple(started), abi=abi)]
+        return copy
+
+    first_start = graph.nodes[min(starts, key=lambda node_id: starts[node_id].index)]
+    first_done = next(out for out in outputs if out.inputs[0] is first_start)
+    new_graph, new_outputs = rebuild(graph, outputs, place)
+    _restore_provenance(new_graph, {bucket.index: graph.nodes[node_id] for node_id, bucket in starts.items()})
+    return new_graph, new_outputs
+
+
+def _restore_provenance(graph: Graph, starts: dict[int, Tensor]) -> None:
+    """A start built early was stamped with the provenance of the node it follows: give it its
+    own back (the line that asked for the step; no forward node: the reduction is not part of
+    any one gradient). Assigned on a graph nothing else has seen yet, as rebuild does."""
+    for node in graph.nodes:
+        if node.op == "allreduce_start":
+            original = starts[node.attrs["bucket"]]
+            node.site, node.origin, node.grad_of = original.site, original, None

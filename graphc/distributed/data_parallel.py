@@ -1,0 +1,52 @@
+"""What `compile_training_step(..., comm=)` adds to a step, gathered in one object: the checked
+communicator, the MPI ABI the kernels are generated for, the bucket size, each rank's threads,
+the agreement check and the communicator slot's words."""
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+
+import numpy as np
+
+from graphc.backend.kernels.collective import MpiAbi
+from graphc.core.ir import is_int
+from graphc.distributed import agreement, comm as comms
+from graphc.distributed.buckets import DEFAULT_BUCKET_BYTES
+
+__all__ = ["DataParallel"]
+
+
+@dataclasses.dataclass(frozen=True)
+class DataParallel:
+    comm: object
+    abi: MpiAbi
+    bucket_bytes: int
+    threads: int          # each rank's share of its node's cores
+
+    @classmethod
+    def of(cls, comm, bucket_bytes, where: str) -> "DataParallel":
+        if bucket_bytes is None:
+            bucket_bytes = DEFAULT_BUCKET_BYTES
+        elif not is_int(bucket_bytes) or bucket_bytes < 1:
+            raise ValueError(f"{where}: bucket_bytes must be a positive int, got {bucket_bytes!r}")
+        comm = comms.checked_comm(comm, where)
+        return cls(comm, comms.mpi_abi(), int(bucket_bytes), comms.threads_per_rank(comm))
+
+    @property
+    def ranks(self) -> int:
+        return self.comm.Get_size()
+
+    def request(self) -> dict:
+        """What the program depends on (part of its cache key). Not the number of ranks: the
+        kernels read 1/ranks from the communicator slot, so one program serves any count."""
+        return {"allreduce": {"bucket_bytes": self.bucket_bytes, "mpi_abi": dataclasses.astuple(self.abi)}}
+
+    def check_same_program(self, where: str, program_hash: str, description: dict,
+                           params: Mapping[str, np.ndarray], bound_names) -> None:
+        agreement.check_same_program(self.comm, where, program_hash, description,
+                                     agreement.params_digest(params, bound_names))
+
+    def slot_values(self, slot_length: int) -> np.ndarray:
+        """The communicator slot's words, for a slot of `slot_length` int32 elements."""
+        from graphc.backend.kernels.collective import REQUESTS
+        return comms.slot_values(self.comm, slot_length // 2 - REQUESTS)
