@@ -35,7 +35,7 @@ from .program import Program
 from .slots import Param, State
 from .team_native import TeamFunctions, team_ir
 
-__all__ = ["load", "save_program", "LoadedFunction", "LoadedTrainingStep", "team_ir_digest"]
+__all__ = ["load", "read_checked", "save_program", "LoadedFunction", "LoadedTrainingStep", "team_ir_digest"]
 
 
 def load(path) -> LoadedFunction:
@@ -46,11 +46,7 @@ def load(path) -> LoadedFunction:
     nothing runs before every check has passed.
     """
     where = os.fspath(path)
-    raw, sections = artifact.read(where)
-    manifest = parse_manifest(where, raw, sections)
-    _check_target(where, manifest)
-    if manifest.team_ir_sha256 != team_ir_digest(manifest.target["triple"]):
-        raise ArtifactError(f"{where}: its thread team's code is not this graphc_runtime's (another version)")
+    manifest, sections = read_checked(where)
     params = {slot.name: _array(sections[f"param:{slot.name}"], slot)
               for slot in manifest.slots if isinstance(slot, Param)}
     team_object = bytes(sections[manifest.team_section])
@@ -70,6 +66,18 @@ def load(path) -> LoadedFunction:
         np.copyto(memory, _array(sections[f"state:{name}"], _state_slot(manifest, name)))
     cls = LoadedTrainingStep if manifest.kind == "training step" else LoadedFunction
     return cls(program, manifest, team_object)
+
+
+def read_checked(path) -> tuple[Manifest, dict[str, memoryview]]:
+    """The artifact's checked manifest and its sections, every check of `load` passed but the
+    linker's (which `load` runs on the objects)."""
+    where = os.fspath(path)
+    raw, sections = artifact.read(where)
+    manifest = parse_manifest(where, raw, sections)
+    _check_target(where, manifest)
+    if manifest.team_ir_sha256 != team_ir_digest(manifest.target["triple"]):
+        raise ArtifactError(f"{where}: its thread team's code is not this graphc_runtime's (another version)")
+    return manifest, sections
 
 
 def save_program(path, program: Program, manifest: Manifest, team_object: bytes) -> None:

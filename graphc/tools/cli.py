@@ -5,6 +5,7 @@
     graphc show SCRIPT.py       print and draw the graphs a script builds (--grad adds the backward graph)
     graphc report SCRIPT.py     an HTML report of each graph a script builds: graphs, kernels, code, memory
     graphc profile WORKLOAD     time each kernel of a benchmark workload's compiled training step
+    graphc export-c A.gcx OUT/  a shared library and a C header for saved programs (fn.save)
 """
 from __future__ import annotations
 
@@ -63,6 +64,16 @@ def main(argv=None) -> int:
                                     "them. Run it on an idle machine: costs measured under load keep programs "
                                     "on fewer threads.")
 
+    export = commands.add_parser("export-c", help="a shared library and a C header for saved programs",
+                                 description="Link artifacts saved with fn.save(path) (a training step and/or a "
+                                             "compiled function) into OUTDIR/lib<name>.so with OUTDIR/<name>.h: "
+                                             "<prefix>_step and <prefix>_predict, params in the caller's memory. "
+                                             "Needs a C compiler (cc, or $CC).")
+    export.add_argument("paths", nargs="+", metavar="ARTIFACT... OUTDIR", help="the artifacts, then the folder")
+    export.add_argument("--name", default=None, help="the library's name (default: the first artifact's)")
+    export.add_argument("--prefix", default="gc", help="prefix of the C functions (default: %(default)s)")
+    export.add_argument("--cc", default=None, help="the C compiler (default: $CC, else cc)")
+
     args = parser.parse_args(argv)
     if getattr(args, "threads", None):
         from graphc_runtime import set_num_threads
@@ -78,7 +89,24 @@ def main(argv=None) -> int:
     if args.command == "report":
         from graphc.tools.report_script import report_script
         return report_script(args.script, out_dir=args.out, script_args=args.script_args)
+    if args.command == "export-c":
+        return _export_c(parser, args)
     return _profile(args)
+
+
+def _export_c(parser, args) -> int:
+    from graphc.tools.export_c import export_c
+    if len(args.paths) < 2:
+        parser.error("export-c needs at least one artifact and the output folder")
+    *artifacts, out_dir = args.paths
+    try:
+        written = export_c(artifacts, out_dir, name=args.name, prefix=args.prefix, cc=args.cc)
+    except ValueError as error:
+        print(f"graphc export-c: {error}", file=sys.stderr)
+        return 1
+    for path in written.values():
+        print(path)
+    return 0
 
 
 def _profile(args) -> int:
