@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import math
+import os
 import time
 import warnings
 from collections.abc import Callable, Iterable, Mapping
@@ -28,6 +29,8 @@ from graphc.backend.compiler import CompiledFunction
 from graphc.core.init import init_params
 from graphc.core.ir import Tensor
 from graphc.core.optim import SGD, Optimizer
+from graphc.distributed.checkpoint import load_checkpoint, save_checkpoint
+from graphc.distributed.sampler import ShardedSampler
 from graphc.tools.data import Dataset, epoch_indices, sample_indices
 from graphc.tools.models import Model
 from graphc.tools.schedules import cosine_lr
@@ -67,7 +70,8 @@ class TrainResult:
 def train(model_fn: Callable[..., Model], data: Dataset, *, epochs: int, batch_size: int, lr: float | None = None,
           momentum: float | None = None, weight_decay: float | None = None, optimizer: Optimizer | None = None,
           schedule=None, sampling: str = "epoch", seed: int = 0, progress: bool = True,
-          eval_batch: int | None = None, params: Mapping[str, np.ndarray] | None = None) -> TrainResult:
+          eval_batch: int | None = None, params: Mapping[str, np.ndarray] | None = None, comm=None,
+          checkpoint=None) -> TrainResult:
     """Train `model_fn(batch_size)` on `data` by minibatch SGD (or `optimizer`) with the compiled training step.
 
     model_fn(batch) builds the model for a static batch size; it is called for `batch_size` and,
@@ -92,8 +96,21 @@ def train(model_fn: Callable[..., Model], data: Dataset, *, epochs: int, batch_s
     resumes from given values and is updated in place; by default fresh values from
     `init_params(graph, seed)`; `seed` also seeds dropout's masks (the training step's `seed=`)
     and the sampling. Raises FloatingPointError if the loss stops being finite.
+
+    `comm` (an mpi4py communicator) trains data-parallel: every rank makes the same call
+    (`mpiexec -n N python -m mpi4py script.py`), with the same `params` or seed. `batch_size`
+    is each rank's: the global batch is batch_size × ranks. Each rank draws its batches from
+    its own shard of the training split (graphc/distributed/sampler.py), the compiled step
+    averages the gradients over the ranks, the errors are counted over all ranks' shares of
+    the splits, and only rank 0 shows progress.
+
+    `checkpoint` (a path): after every epoch the step's whole state, the epoch and the history
+    are written there (by rank 0, atomically); a run that finds the file resumes after that
+    epoch, drawing the batches the run that never stopped drew. With `comm` or `checkpoint`,
+    each epoch's batches come from (seed, rank, epoch) alone (distributed/sampler.py).
     """
     _check_options(data, epochs, batch_size, sampling, eval_batch)
+    rank, ranks = (comm.Get_rank(), comm.Get_size()) if comm is not None else (0, 1)
     optimizer = _optimizer(optimizer, lr, momentum, weight_decay)
     make_schedule = _schedule_maker(schedule)
     started = time.perf_counter()
@@ -102,29 +119,39 @@ def train(model_fn: Callable[..., Model], data: Dataset, *, epochs: int, batch_s
     x_train = _as_model_input(data.x_train, model.x)
     y_train = data.y_train.astype(model.y.dtype).reshape((-1,) + model.y.shape[1:])
     params = init_params(model.graph, seed) if params is None else params
-    step = compiler.compile_training_step(model.loss, params, optimizer, seed=seed)
+    step = compiler.compile_training_step(model.loss, params, optimizer, seed=seed, comm=comm)
     predict_fn = compiler.compile(eval_model.logits, params)
     compile_seconds = time.perf_counter() - started
 
-    batches = _batch_sampler(sampling, np.random.default_rng(_sampling_seed(seed)), len(x_train), batch_size)
-    steps_per_epoch = len(x_train) // batch_size
+    if comm is None and checkpoint is None:
+        batches = _batch_sampler(sampling, np.random.default_rng(_sampling_seed(seed)), len(x_train), batch_size)
+        steps_per_epoch = len(x_train) // batch_size
+        epoch_batches = lambda _epoch: batches()   # noqa: E731
+    else:
+        sampler = ShardedSampler(len(x_train), batch_size, rank=rank, ranks=ranks, seed=seed, sampling=sampling)
+        steps_per_epoch, epoch_batches = sampler.steps_per_epoch, sampler.epoch
     lr_schedule = make_schedule(step, epochs * steps_per_epoch) if make_schedule else None
     if lr_schedule is not None and not callable(getattr(lr_schedule, "step", None)):
         raise TypeError(f"train: the schedule function returned {lr_schedule!r}, which has no step() method; "
                         f"return a schedule such as schedules.step_lr(step, n // 3)")
-    history = []
-    display = _progress_display(progress, epochs, epochs * steps_per_epoch)
+    history = _resumed_history(checkpoint, step, comm)
+    for _ in range(len(history) * steps_per_epoch if lr_schedule is not None else 0):
+        lr_schedule.step()
+    display = _progress_display(progress and rank == 0, epochs, epochs * steps_per_epoch)
     try:
-        for epoch in range(1, epochs + 1):
-            loss, seconds, last_lr = _run_epoch(step, model, x_train, y_train, batches(), display, lr_schedule)
+        for epoch in range(len(history) + 1, epochs + 1):
+            loss, seconds, last_lr = _run_epoch(step, model, x_train, y_train, epoch_batches(epoch - 1), display,
+                                                lr_schedule)
             if not math.isfinite(loss):
                 raise FloatingPointError(f"training diverged in epoch {epoch}: the mean loss is {loss}; "
                                          f"try a smaller lr (now {last_lr})")
-            train_error = error_rate(predict_fn, data.x_train, data.y_train)
-            test_error = error_rate(predict_fn, data.x_test, data.y_test)
+            train_error = _error_rate(predict_fn, data.x_train, data.y_train, comm)
+            test_error = _error_rate(predict_fn, data.x_test, data.y_test, comm)
             history.append(EpochRecord(epoch, loss, train_error, test_error, test_error - train_error,
-                                       seconds, steps_per_epoch * batch_size / seconds, last_lr))
+                                       seconds, steps_per_epoch * batch_size * ranks / seconds, last_lr))
             display.epoch_done(history[-1])
+            if checkpoint is not None:
+                save_checkpoint(checkpoint, step, comm, extra={"history": _history_array(history)})
     finally:
         display.close()
     return TrainResult(params, history, sum(record.seconds for record in history), compile_seconds, predict_fn)
@@ -218,6 +245,33 @@ def _batch_sampler(sampling: str, rng: np.random.Generator, n: int, k: int) -> C
     if sampling == "uniform":
         return lambda: (sample_indices(rng, n, k) for _ in range(n // k))
     return lambda: epoch_indices(rng, n, k, drop_last=True)
+
+
+def _resumed_history(checkpoint, step, comm) -> list[EpochRecord]:
+    """The epochs a checkpoint holds, loaded into `step` (on every rank), or [] without one.
+    Rank 0 decides whether the file exists, so that every rank takes the same path."""
+    if checkpoint is None:
+        return []
+    exists = os.path.exists(checkpoint) if comm is None or comm.Get_rank() == 0 else None
+    if comm is not None:
+        exists = comm.bcast(exists, root=0)
+    if not exists:
+        return []
+    rows = load_checkpoint(checkpoint, step, comm).get("history", np.zeros((0, len(dataclasses.fields(EpochRecord)))))
+    return [EpochRecord(int(row[0]), *(float(value) for value in row[1:])) for row in rows]
+
+
+def _history_array(history: list[EpochRecord]) -> np.ndarray:
+    return np.array([dataclasses.astuple(record) for record in history], np.float64)
+
+
+def _error_rate(predict_fn: CompiledFunction, x: np.ndarray, y: np.ndarray, comm) -> float:
+    """error_rate over all of x; with `comm`, each rank classifies its share and the counts are summed."""
+    if comm is None:
+        return error_rate(predict_fn, x, y)
+    share = np.array_split(np.arange(len(x)), comm.Get_size())[comm.Get_rank()]
+    wrong = int(np.sum(predict_classes(predict_fn, x[share]) != np.asarray(y).reshape(-1)[share]))
+    return comm.allreduce(wrong) / len(x)
 
 
 def _run_epoch(step, model: Model, x: np.ndarray, y: np.ndarray, batches: Iterable[np.ndarray], display,
