@@ -67,7 +67,33 @@ def test_batch_norm_statistics_and_backward_use_fused_sums():
     loss = gc.sum(y * g.constant(np.linspace(-1, 1, 8 * 4 * 36).reshape(8, 4, 6, 6)))
     dx = gc.grad(loss, [x])[0]
     fn = gc.compile(dx, gc.init_params(g))
-    assert sum(s.label == "sum+ew" for s in fn.steps) >= 2, [s.label for s in fn.steps]
+    members = [label for s in fn.steps for label in s.label.split("&")]
+    assert members.count("sum+ew") >= 2, [s.label for s in fn.steps]
+    # the backward pass's Σdy and Σdy·(x - mean) read dy once, in one kernel
+    assert any("&" in s.label and "sum+ew" in s.label for s in fn.steps), [s.label for s in fn.steps]
     xv = np.random.default_rng(1).normal(3, 2, size=(8, 4, 6, 6)).astype(np.float32)
     exact = gc.evaluate(dx, {"x": xv}, gc.init_params(g), dtype="float64")
     np.testing.assert_allclose(fn(x=xv), exact, rtol=1e-3, atol=1e-4 * np.abs(exact).max())
+
+
+@pytest.mark.parametrize("channels", [4, 600])   # per-channel totals on the stack, or one output at a time
+def test_row_sums_reading_one_tensor_share_one_pass(channels):
+    g = gc.Graph()
+    a, b = g.input("a", (3, channels, 2, 5)), g.input("b", (3, channels, 2, 5))
+    c = g.input("c", (1, channels, 1, 1))
+    axes = (0, 2, 3)
+    outputs = [gc.sum(a, axis=axes), gc.sum(a * b, axis=axes), gc.sum((a - c) * (a - c), axis=axes)]
+    fn = gc.compile([out * 1.5 for out in outputs], {})
+    assert "sum&sum+ew&sum+ew" in [step.label for step in fn.steps]
+    rng = np.random.default_rng(3)
+    feeds = {name: rng.standard_normal(node.shape).astype(np.float32) for name, node in g.inputs.items()}
+    for got, exact in zip(fn(**feeds), gc.evaluate([out * 1.5 for out in outputs], feeds, {}, dtype="float64")):
+        np.testing.assert_allclose(got, exact, rtol=1e-5, atol=1e-5)
+
+
+def test_a_sum_that_reads_another_stays_in_its_own_pass():
+    g = gc.Graph()
+    a = g.input("a", (3, 4, 2, 5))
+    total = gc.sum(a, axis=(0, 2, 3), keepdims=True)
+    fn = gc.compile([gc.sum((a - total) * (a - total), axis=(0, 2, 3)) * 1.5], {})
+    assert not any("&" in step.label for step in fn.steps)

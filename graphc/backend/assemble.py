@@ -163,7 +163,8 @@ def assemble(graph: Graph, outputs: list[Tensor], *, output_names: list[str], in
         out_location = step_out[i] if step_out[i] is not None else ("arena", memory.offset_of_value(step.node.id))
         in_locations = [_location_of(alias_root(o), locations, memory, module, constants) for o in step.operands]
         operand_locations.append(in_locations)
-        in_pointers = [entry.pointer(location) for location in in_locations]
+        extra_out_locations = [("arena", memory.offset_of_value(node.id)) for node in step.extra_outputs]
+        in_pointers = [entry.pointer(location) for location in in_locations + extra_out_locations]
         scratch_offset = memory.offset_of_scratch(i)
         scratch = entry.pointer(("arena", scratch_offset)) if scratch_offset is not None else None
         phases = [modules.callee(phase) for phase in kernel.phases]
@@ -186,6 +187,7 @@ def _finite_checks(steps: list[Step], step_out: list, locations: dict, memory: M
         out_location = step_out[i] if step_out[i] is not None else ("arena", memory.offset_of_value(step.node.id))
         results = [(step.node, out_location)] + [(written[source.id], locations[source.id])
                                                  for source in step.side_writes]
+        results += [(node, ("arena", memory.offset_of_value(node.id))) for node in step.extra_outputs]
         checks += [FiniteCheck(i, node, location) for node, location in results
                    if node.dtype == "float32" and node.size > 0]
     return checks

@@ -34,7 +34,9 @@ def kernel_key(step: Step) -> tuple:
     others = tuple((position(node), node.op, attrs_key(node.attrs), node.shape, node.dtype)
                    for node in _read_by(step.covers) if node.id not in known)
     side_writes = tuple((position(node), node.shape, node.dtype) for node in step.side_writes)
-    return step.label, position(step.node), step.node.shape, step.node.dtype, operands, covered, others, side_writes
+    extra_outputs = tuple(position(node) for node in step.extra_outputs)
+    return (step.label, position(step.node), step.node.shape, step.node.dtype, operands, covered, others,
+            side_writes, extra_outputs)
 
 
 def _value(node):

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import graphc.backend.kernels  # noqa: F401 (the kernel families register their lowerings)
 from graphc.backend.kernels.elementwise import lower_elementwise_group
+from graphc.backend.kernels.reduce import joins_row_sums, row_sums_in_one_pass
 from graphc.backend.lowering_rules import LOWERINGS, Epilogue, Step, UpdateGroup, alias_root, group_expression
 from graphc.core.ir import Tensor
 from graphc.core.scalar import Relu, symbol
@@ -81,7 +82,27 @@ def plan_steps(graph, outputs: list[Tensor], inplace: dict[int, Tensor] | None =
             absorbed.add(epilogue.node.id)
             absorbed.update(t.id for t in epilogue.absorbed)
         steps.append(rule.lower(node, epilogue))
-    return steps
+    return _sums_in_one_pass(graph, steps, output_ids)
+
+
+def _sums_in_one_pass(graph, steps: list[Step], output_ids: set[int]) -> list[Step]:
+    """Row sums over the same data, computed by one kernel in one pass (`row_sums_in_one_pass`):
+    later sums join the first one's step. A sum joins only if it depends on none of the group,
+    and is not an output (it is written where a step's extra outputs go: the arena)."""
+    merged, joined = [], set()
+    for i, step in enumerate(steps):
+        if i in joined:
+            continue
+        group = [step]
+        for j in range(i + 1, len(steps)) if step.label in ("sum", "sum+ew") else ():
+            other = steps[j]
+            if j in joined or other.node.id in output_ids or not joins_row_sums(group, other):
+                continue
+            if not {member.node.id for member in group} & {n.id for n in graph.ancestors(other.operands)}:
+                group.append(other)
+                joined.add(j)
+        merged.append(row_sums_in_one_pass(group) if len(group) > 1 else step)
+    return merged
 
 
 def _update_group_epilogue(producer: Tensor, consumers: _Consumers, side_writes, allowed) -> Epilogue | None:

@@ -36,12 +36,21 @@ class Step:
     # Sources (params, state) whose buffers the step also overwrites, beside its node's own:
     # in-place updates computed with it (an optimizer's moments beside the param they move)
     side_writes: list[Tensor] = dataclasses.field(default_factory=list)
+    # Further nodes whose values the step writes, each to a buffer of its own passed after the
+    # operands (sums computed in one pass over the data they share)
+    extra_outputs: list[Tensor] = dataclasses.field(default_factory=list)
+
+    @property
+    def outputs(self) -> list[Tensor]:
+        """Every node whose value the step writes to a buffer of its own: its node, then the
+        extra outputs (side writes go to their sources' buffers)."""
+        return [self.node, *self.extra_outputs]
 
     @property
     def bytes_moved(self) -> int:
-        """The least the kernel must move: each distinct buffer it reads, once, plus its node's
-        and its side writes' buffers, once each, at the dtype's size (costs.py)."""
-        return costs.bytes_moved([alias_root(t) for t in self.operands], [self.node, *self.side_writes])
+        """The least the kernel must move: each distinct buffer it reads, once, plus its
+        outputs' and its side writes' buffers, once each, at the dtype's size (costs.py)."""
+        return costs.bytes_moved([alias_root(t) for t in self.operands], [*self.outputs, *self.side_writes])
 
 
 @dataclasses.dataclass

@@ -22,7 +22,7 @@ def schedule(steps: list[Step], inplace: dict[int, int]) -> list[Step]:
     """Steps in an order that respects dependences; `inplace` maps a step node id to the id of the
     source (param/state) node whose buffer it overwrites. A step overwriting a source (as its
     result or a side write) runs after every other step reading that source."""
-    producer = {step.node.id: i for i, step in enumerate(steps)}
+    producer = {node.id: i for i, step in enumerate(steps) for node in step.outputs}
     dg = nx.DiGraph()
     dg.add_nodes_from(range(len(steps)))
     readers: dict[int, list[int]] = {}
@@ -75,8 +75,8 @@ def plan_memory(ordered: list[Step], scratch_bytes: list[int], in_arena: list[bo
             last_use[alias_root(operand).id] = i
     intervals = []
     for i, step in enumerate(ordered):
-        node = step.node
-        if in_arena[i]:
+        # a step's extra outputs always live in the arena (lowering.py keeps outputs out of them)
+        for node in ([step.node] if in_arena[i] else []) + step.extra_outputs:
             intervals.append(Interval(("value", node.id), _bytes(node), i, max(i, last_use.get(node.id, i))))
         if scratch_bytes[i]:
             intervals.append(Interval(("scratch", i), scratch_bytes[i], i, i))

@@ -39,7 +39,8 @@ from graphc.backend.kernels.layout import (collapse_dims, contiguous_strides, de
                                            entry_alloca, for_each_vector, load_lanes, only_thread_zero, open_phase,
                                            store_lanes, strided_loops, unflatten_index, vector_lanes, vector_suffix,
                                            zero_floats)
-from graphc.backend.lowering_rules import Step, lowers
+from graphc.backend.lowering_rules import Step, alias_root, lowers
+from graphc.core.scalar import symbol
 
 __all__ = ["emit_sum"]
 
@@ -371,7 +372,14 @@ def _emit_row_sums(module: ir.Module, name: str, sizes: Sequence[int],
     of x (one per index of the outer reduced dims)."""
     fn, kb = open_phase(module, name, 1 if prologue is None else len(prologue.kinds), width)
     out, inputs, _, tid, nthreads = phase_args(fn)
-    x = _Source(kb, inputs, prologue)
+    _row_sums_body(kb, [_Source(kb, inputs, prologue)], [out], sizes, in_strides, out_strides, tid, nthreads)
+    return Kernel([fn])
+
+
+def _row_sums_body(kb: KernelBuilder, sources: list[_Source], outs: list[ir.Value], sizes: Sequence[int],
+                   in_strides: Sequence[int], out_strides: Sequence[int], tid: ir.Value, nthreads: ir.Value) -> None:
+    """The loops of row sums, one output array per source, all summed over the same rows: a
+    row the sources share is read from memory once and from cache by the others."""
     kept = [d for d, stride in enumerate(out_strides) if stride]
     outer_reduced = [d for d, stride in enumerate(out_strides[:-1]) if not stride]
     kept_sizes = [sizes[d] for d in kept]
@@ -380,51 +388,69 @@ def _emit_row_sums(module: ir.Module, name: str, sizes: Sequence[int],
     lo, hi = kb.split_range(math.prod(kept_sizes), tid, nthreads)
     reduced_outside_kept = bool(outer_reduced) and outer_reduced[0] < kept[-1]
     if reduced_outside_kept and math.prod(kept_sizes) <= MEMORY_ORDER_OUTPUTS:
-        _emit_row_sums_in_memory_order(kb, x, out, lo, hi, sizes, in_strides, kept,
-                                       outer_reduced)
+        _emit_row_sums_in_memory_order(kb, sources, outs, lo, hi, sizes, in_strides, kept, outer_reduced)
         kb.b.ret_void()
-        return Kernel([fn])
-    total = VectorAccumulators(kb, 1, SUM_IDENTITY, vector_add, name="total")
+        return
+    totals = VectorAccumulators(kb, len(sources), SUM_IDENTITY, vector_add, name="total")
     with kb.for_range(lo, hi, name="out") as index:
         base = dot_offset(kb, unflatten_index(kb, index, kept_sizes),
                           [in_strides[d] for d in kept])
-        total.reset()
-        rows = x.loader(index)
+        totals.reset()
+        loaders = [source.loader(index) for source in sources]
         with strided_loops(kb, [sizes[d] for d in outer_reduced],
                            [in_strides[d] for d in outer_reduced], base) as row_start:
-            total.update(0, span_sum(kb, rows, row_start, row_length))
-        kb.store(horizontal_sum(kb, total.values()[0]), out, index)
+            for k, rows in enumerate(loaders):
+                totals.update(k, span_sum(kb, rows, row_start, row_length))
+        for out, total in zip(outs, totals.values()):
+            kb.store(horizontal_sum(kb, total), out, index)
     kb.b.ret_void()
-    return Kernel([fn])
 
 
-def _emit_row_sums_in_memory_order(kb: KernelBuilder, x: _Source, out: ir.Value, lo: ir.Value,
-                                   hi: ir.Value, sizes: Sequence[int],
+def _emit_row_sums_in_memory_order(kb: KernelBuilder, sources: list[_Source], outs: list[ir.Value],
+                                   lo: ir.Value, hi: ir.Value, sizes: Sequence[int],
                                    in_strides: Sequence[int], kept: list[int],
                                    outer_reduced: list[int]) -> None:
-    """`_emit_row_sums` with the outer reduced dims as the outer loops: x is read in memory
+    """`_row_sums_body` with the outer reduced dims as the outer loops: x is read in memory
     order (the bias gradient of a conv: per sample, each channel's plane in turn), one
     running vector total per output in a stack array. Each output still adds up the same
     rows in the same order: the results are those of the output-major loops."""
     kept_sizes = [sizes[d] for d in kept]
     n_kept = math.prod(kept_sizes)
     with kb.b.goto_entry_block():
-        totals = kb.b.alloca(kb.vec_type, size=kb.i64(n_kept), name="totals")
+        totals = [kb.b.alloca(kb.vec_type, size=kb.i64(n_kept), name=f"totals{k}") for k in range(len(sources))]
 
-    def total(index: ir.Value) -> ir.Value:
-        return kb.b.gep(totals, [index], source_etype=kb.vec_type)
+    def total(k: int, index: ir.Value) -> ir.Value:
+        return kb.b.gep(totals[k], [index], source_etype=kb.vec_type)
 
     with kb.for_range(lo, hi, name="out") as index:
-        kb.b.store(kb.splat(SUM_IDENTITY), total(index))
+        for k in range(len(sources)):
+            kb.b.store(kb.splat(SUM_IDENTITY), total(k, index))
     with strided_loops(kb, [sizes[d] for d in outer_reduced],
                        [in_strides[d] for d in outer_reduced], kb.i64(0)) as rows_start:
         with kb.for_range(lo, hi, name="out") as index:
             row_start = dot_offset(kb, unflatten_index(kb, index, kept_sizes),
                                    [in_strides[d] for d in kept], rows_start)
-            running = kb.b.load(total(index), typ=kb.vec_type)
-            kb.b.store(kb.fadd(running, span_sum(kb, x.loader(index), row_start, sizes[-1])), total(index))
+            for k, source in enumerate(sources):
+                running = kb.b.load(total(k, index), typ=kb.vec_type)
+                row_sum = span_sum(kb, source.loader(index), row_start, sizes[-1])
+                kb.b.store(kb.fadd(running, row_sum), total(k, index))
     with kb.for_range(lo, hi, name="out") as index:
-        kb.store(horizontal_sum(kb, kb.b.load(total(index), typ=kb.vec_type)), out, index)
+        for k, out in enumerate(outs):
+            kb.store(horizontal_sum(kb, kb.b.load(total(k, index), typ=kb.vec_type)), out, index)
+
+
+def emit_row_sum_group(module: ir.Module, name: str, x_shape: Sequence[int], axes: Sequence[int],
+                       members: Sequence[tuple[Prologue, Sequence[int]]], n_inputs: int,
+                       width: int | None = None) -> Kernel:
+    """Several row sums over x's shape and `axes` in one pass: member k sums its prologue, whose
+    inputs are the kernel inputs `members[k][1]`; its result goes to `out` for member 0 and to
+    kernel input n_inputs + k - 1 (an output passed where inputs are) for the others."""
+    _, in_strides, sizes, out_strides = _collapsed(tuple(x_shape), tuple(axes))
+    fn, kb = open_phase(module, name, n_inputs + len(members) - 1, width)
+    out, pointers, _, tid, nthreads = phase_args(fn)
+    sources = [_Source(kb, [pointers[i] for i in indexes], prologue) for prologue, indexes in members]
+    _row_sums_body(kb, sources, [out] + list(pointers[n_inputs:]), sizes, in_strides, out_strides, tid, nthreads)
+    return Kernel([fn])
 
 
 def _emit_column_sums(module: ir.Module, name: str, sizes: Sequence[int],
@@ -481,6 +507,18 @@ def sum_prologue(node, producer) -> Step | None:
     """The sum `node` computing its elementwise operand `producer` as it reads it, if the sum is
     a total or row sum and each of the producer's operands is x-shaped, one value per output
     (batch norm's per-channel statistics) or one value."""
+    prologue = _prologue(node, producer)
+    if prologue is None:
+        return None
+    axes = node.attrs["axes"]
+    return Step(node, list(producer.inputs),
+                lambda m, name, threads: emit_sum(m, name, producer.shape, axes, max_threads=threads,
+                                                  prologue=prologue),
+                "sum+ew", [producer, node],
+                flops=costs.elementwise_flops(producer.size, [prologue.expr]) + costs.sum_flops(producer.size))
+
+
+def _prologue(node, producer) -> Prologue | None:
     axes = node.attrs["axes"]
     if producer.dtype != "float32" or sum_path(producer.shape, axes) not in ("total", "rows"):
         return None
@@ -498,13 +536,54 @@ def sum_prologue(node, producer) -> Step | None:
             kinds.append("per_output")
         else:
             return None
-    prologue = Prologue(producer.attrs["expr"], tuple(kinds))
-    operands = list(producer.inputs)
-    return Step(node, operands,
-                lambda m, name, threads: emit_sum(m, name, producer.shape, axes, max_threads=threads,
-                                                  prologue=prologue),
-                "sum+ew", [producer, node],
-                flops=costs.elementwise_flops(producer.size, [prologue.expr]) + costs.sum_flops(producer.size))
+    return Prologue(producer.attrs["expr"], tuple(kinds))
+
+
+MAX_SUMS_IN_ONE_PASS = 4
+
+
+def joins_row_sums(group: list[Step], step: Step) -> bool:
+    """Whether `step` can be computed in the pass of the row sums `group` (see `row_sums_in_one_pass`):
+    both are float32 row sums, with or without a prologue, of one shape over the same axes, and
+    it reads a buffer of that shape that a member reads. The caller makes sure that it does not
+    depend on the group."""
+    if len(group) >= MAX_SUMS_IN_ONE_PASS:
+        return False
+    first, candidate = _row_sum_member(group[0]), _row_sum_member(step)
+    if first is None or candidate is None or first[:2] != candidate[:2]:
+        return False
+    full = tuple(first[0])
+    read = {alias_root(t).id for member in group for t in member.operands if t.shape == full}
+    return any(alias_root(t).id in read for t in step.operands if t.shape == full)
+
+
+def row_sums_in_one_pass(group: list[Step]) -> Step:
+    """One step computing the row sums of `group` (see `joins_row_sums`) in a single pass over
+    the data they share, as batch norm's backward needs Σdy and Σdy·(x - mean): its node is the
+    first member's, the others are its extra outputs."""
+    x_shape, axes, _ = _row_sum_member(group[0])
+    inputs = list(dict.fromkeys(t for step in group for t in step.operands))
+    position = {t.id: i for i, t in enumerate(inputs)}
+    members = tuple((_row_sum_member(step)[2], tuple(position[t.id] for t in step.operands)) for step in group)
+    return Step(group[0].node, inputs,
+                lambda m, name, threads: emit_row_sum_group(m, name, x_shape, axes, members, len(inputs)),
+                "&".join(step.label for step in group), [node for step in group for node in step.covers],
+                flops=sum(step.flops for step in group), extra_outputs=[step.node for step in group[1:]])
+
+
+def _row_sum_member(step: Step):
+    """(x's shape, axes, prologue) of a plain sum or a sum+ew step that is a float32 row sum."""
+    node = step.node
+    if node.op != "sum" or step.label not in ("sum", "sum+ew") or node.dtype != "float32":
+        return None
+    axes = node.attrs["axes"]
+    if step.label == "sum":
+        x_shape, prologue = node.inputs[0].shape, Prologue(symbol(0), ("full",))
+    else:
+        x_shape, prologue = step.covers[0].shape, _prologue(node, step.covers[0])
+    if prologue is None or sum_path(x_shape, axes) != "rows":
+        return None
+    return tuple(x_shape), axes, prologue
 
 
 @lowers("sum", prologue=sum_prologue)
