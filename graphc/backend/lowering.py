@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import graphc.backend.kernels  # noqa: F401 (the kernel families register their lowerings)
 from graphc.backend.kernels.elementwise import lower_elementwise_group
-from graphc.backend.kernels.reduce import joins_row_sums, row_sums_in_one_pass
+from graphc.backend.kernels.reduce import joins_row_sums, row_sum_kind, row_sums_in_one_pass
 from graphc.backend.lowering_rules import LOWERINGS, Epilogue, Step, UpdateGroup, alias_root, group_expression
 from graphc.core.ir import Tensor
 from graphc.core.scalar import Relu, symbol
@@ -89,20 +89,28 @@ def _sums_in_one_pass(graph, steps: list[Step], output_ids: set[int]) -> list[St
     """Row sums over the same data, computed by one kernel in one pass (`row_sums_in_one_pass`):
     later sums join the first one's step. A sum joins only if it depends on none of the group,
     and is not an output (it is written where a step's extra outputs go: the arena)."""
-    merged, joined = [], set()
+    of_kind: dict[tuple, list[int]] = {}
     for i, step in enumerate(steps):
-        if i in joined:
-            continue
-        group = [step]
-        for j in range(i + 1, len(steps)) if step.label in ("sum", "sum+ew") else ():
-            other = steps[j]
-            if j in joined or other.node.id in output_ids or not joins_row_sums(group, other):
+        kind = row_sum_kind(step) if step.node.op == "sum" else None
+        if kind is not None:
+            of_kind.setdefault(kind, []).append(i)
+    grouped: dict[int, Step] = {}
+    joined: set[int] = set()
+    for members in of_kind.values():
+        for position, i in enumerate(members):
+            if i in joined:
                 continue
-            if not {member.node.id for member in group} & {n.id for n in graph.ancestors(other.operands)}:
-                group.append(other)
-                joined.add(j)
-        merged.append(row_sums_in_one_pass(group) if len(group) > 1 else step)
-    return merged
+            group = [steps[i]]
+            for j in members[position + 1:]:
+                other = steps[j]
+                if j in joined or other.node.id in output_ids or not joins_row_sums(group, other):
+                    continue
+                if not {member.node.id for member in group} & {n.id for n in graph.ancestors(other.operands)}:
+                    group.append(other)
+                    joined.add(j)
+            if len(group) > 1:
+                grouped[i] = row_sums_in_one_pass(group)
+    return [grouped.get(i, step) for i, step in enumerate(steps) if i not in joined]
 
 
 def _update_group_epilogue(producer: Tensor, consumers: _Consumers, side_writes, allowed) -> Epilogue | None:

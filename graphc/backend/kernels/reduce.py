@@ -542,17 +542,20 @@ def _prologue(node, producer) -> Prologue | None:
 MAX_SUMS_IN_ONE_PASS = 4
 
 
+def row_sum_kind(step: Step) -> tuple | None:
+    """(x's shape, axes) of a step that could share a pass with other row sums (a float32 row
+    sum, with or without a prologue), else None. Only steps of one kind can share."""
+    member = _row_sum_member(step)
+    return member[:2] if member is not None else None
+
+
 def joins_row_sums(group: list[Step], step: Step) -> bool:
-    """Whether `step` can be computed in the pass of the row sums `group` (see `row_sums_in_one_pass`):
-    both are float32 row sums, with or without a prologue, of one shape over the same axes, and
-    it reads a buffer of that shape that a member reads. The caller makes sure that it does not
-    depend on the group."""
+    """Whether `step`, a row sum of the group's kind (`row_sum_kind`), can be computed in the
+    group's pass: it reads a buffer of x's shape that a member reads, and the group is not
+    full. The caller makes sure that it does not depend on the group."""
     if len(group) >= MAX_SUMS_IN_ONE_PASS:
         return False
-    first, candidate = _row_sum_member(group[0]), _row_sum_member(step)
-    if first is None or candidate is None or first[:2] != candidate[:2]:
-        return False
-    full = tuple(first[0])
+    full = group[0].covers[0].shape if group[0].label == "sum+ew" else group[0].node.inputs[0].shape
     read = {alias_root(t).id for member in group for t in member.operands if t.shape == full}
     return any(alias_root(t).id in read for t in step.operands if t.shape == full)
 
