@@ -204,3 +204,18 @@ def test_saving_an_optimizer_the_runtime_cannot_drive_is_refused(tmp_path):
 
     with pytest.raises(ValueError, match="Scaled"):
         _optimizer(Scaled(lr=0.1), 0.1)
+
+
+def test_a_loaded_check_finite_step_stops_at_a_nan_with_nothing_updated(tmp_path):
+    model = models.lenet5(BATCH)
+    params = gc.init_params(model.graph, seed=0)
+    step = gc.compile_training_step(model.loss, params, gc.SGD(lr=0.1, momentum=0.9), check_finite=True)
+    step.save(tmp_path / "checked.gcx")
+    loaded = rt.load(tmp_path / "checked.gcx")
+    assert loaded.manifest.check_finite
+    feeds = _batches(model, 1)[0]
+    feeds["x"][0, 0, 3, 3] = np.nan
+    before = {name: array.copy() for name, array in loaded.params.items()}
+    with pytest.raises(FloatingPointError):
+        loaded(**feeds)
+    assert all(np.array_equal(before[name], loaded.params[name]) for name in before) and loaded.calls == 0
