@@ -39,7 +39,9 @@ def stopped_error(spec: ProgramSpec, status: int, memory) -> FloatingPointError:
     if node.grad_of is not None:
         lines += [f"  a backward node; its forward node: {origin(node.grad_of)}",
                   f"  derivative: {derivation(node)}"]
-    if node is not step.node:
+    if node in step.extra_outputs:
+        lines.append(f"  {kernel} computes it beside its result %{step.node.id}, in the same pass over the data")
+    elif node is not step.node:
         lines.append(f"  {kernel} stores it in place beside its result %{step.node.id}")
     if restored:
         lines.append(f"  it is the new value of {_slot_name(spec.slots[check.location[1]])}, which was restored: "
