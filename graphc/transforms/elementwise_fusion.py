@@ -23,6 +23,7 @@ before them: the result is acyclic by construction.
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import sympy
@@ -67,7 +68,7 @@ def plan_fusion(graph: Graph, outputs: list[Tensor]) -> FusionPlan:
     """Which `ew` nodes are inlined, and the composed expression of each kernel that inlines some."""
     needed = needed_nodes(graph, outputs)
     consumers = graph.to_networkx().subgraph(node.id for node in needed)
-    own_ops = {node.id: int(sympy.count_ops(node.attrs["expr"])) for node in needed if node.op == "ew"}
+    own_ops = {node.id: operation_count(node.attrs["expr"]) for node in needed if node.op == "ew"}
     kept = {out.id for out in outputs}  # nodes that must keep a buffer of their own
     while True:
         kernels = _assign_kernels(graph, needed, consumers, own_ops, kept)
@@ -144,11 +145,18 @@ def _compose(needed, kernels, own_ops) -> tuple[dict[int, sympy.Expr], set[int]]
     return expressions, splits
 
 
+@functools.lru_cache(maxsize=4096)     # deep networks repeat a few expressions many times
 def is_transcendental(expr: sympy.Expr) -> bool:
     """Whether `expr` calls a function dearer than a few arithmetic operations (exp, log, tanh, sqrt...)."""
     if any(not isinstance(call, _PIECEWISE_LINEAR) for call in expr.atoms(sympy.Function)):
         return True
     return any(not power.exp.is_Integer for power in expr.atoms(sympy.Pow))
+
+
+@functools.lru_cache(maxsize=4096)
+def operation_count(expr: sympy.Expr) -> int:
+    """sympy's count of the operations in `expr` (cached: layers repeat their expressions)."""
+    return int(sympy.count_ops(expr))
 
 
 def _leaf_symbol(node: Tensor) -> sympy.Symbol:

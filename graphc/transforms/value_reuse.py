@@ -12,11 +12,9 @@ from __future__ import annotations
 
 from collections import defaultdict
 
-import sympy
-
 from graphc.core.ir import Graph, Tensor
 from graphc.core.scalar import symbol
-from graphc.transforms.elementwise_fusion import is_transcendental
+from graphc.transforms.elementwise_fusion import is_transcendental, operation_count
 from graphc.transforms.rebuild import Rewrite, rebuild
 
 
@@ -40,7 +38,7 @@ def _reuse_in(rewrite: Rewrite, stored_by_operand) -> Tensor | None:
     candidates = {id(m): m for operand in operands for m in stored_by_operand[operand.id]}.values()
     # Biggest expressions first: reusing tanh(z)**2 beats reusing tanh(z) inside it.
     changed = False
-    for stored in sorted(candidates, key=lambda m: sympy.count_ops(m.attrs["expr"]), reverse=True):
+    for stored in sorted(candidates, key=lambda m: operation_count(m.attrs["expr"]), reverse=True):
         if not all(operand in operands for operand in stored.inputs):
             continue
         pattern = stored.attrs["expr"].xreplace(
