@@ -27,8 +27,6 @@ numpy alone.
 """
 
 from . import host
-
-__version__ = "0.1.0"
 from .cache import CacheStats, ObjectCache, default_cache_directory, make_key
 from .deployed import LoadedFunction, LoadedTrainingStep, load
 from .loader import (
@@ -50,6 +48,8 @@ from .threads import (
     set_num_threads,
     usable_cpu_count,
 )
+
+__version__ = "0.1.0"
 
 __all__ = [
     "CacheStats",

@@ -5,7 +5,7 @@ feature string, and what follows from them for the kernels (floats per vector re
 registers). The compiler plans and emits for it; the runtime keys its caches by it.
 
 llvmlite is imported by the functions that ask LLVM, not by this module: a process that only
-runs saved artifacts (artifact.py) never imports it on x86-64 Linux.
+runs saved artifacts (deployed.py) never imports it on x86-64 Linux.
 
 `GRAPHC_TARGET` (read once, at first use) narrows the instruction set below the host's, so that
 one machine can run the code another would get: `native` (the default), `avx512`, `avx2` or

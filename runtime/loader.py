@@ -67,7 +67,7 @@ class NativeLibrary:
     """Object files linked into this process, alive as long as this object is.
 
     `objects` is one object file (bytes) or a sequence of them, linked together; they are
-    kept (`objects`), so that a program can be saved with its code (artifact.py): as many
+    kept (`objects`), so that a program can be saved with its code (deployed.py): as many
     bytes again as the code mapped.
     """
 

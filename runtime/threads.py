@@ -195,7 +195,7 @@ _live_teams: weakref.WeakSet[ThreadTeam] = weakref.WeakSet()
 _default_team: ThreadTeam | None = None
 _default_team_lock = threading.Lock()
 # The fork/join code of a loaded artifact, which the default team is then made with instead of
-# compiling its own (the same IR: artifact.py checks its digest).
+# compiling its own (the same IR: deployed.py checks its digest).
 _default_team_code: TeamFunctions | None = None
 
 

@@ -32,6 +32,9 @@ def save(fn, path) -> None:
     from graphc.backend.compiler import CompiledTrainingStep
 
     program, values = fn._program, fn._call_values
+    if getattr(values, "_fixed", None):   # slots bound to this process: MPI handles, function addresses
+        raise ValueError("save: a data-parallel step (compiled with comm=) holds this process's MPI handles and "
+                         "cannot be saved; save a step compiled without comm= from the same params")
     source = fn.source_outputs          # builds a cached step's gradient graph if not yet built
     buffers = source[0].graph.buffers
     host = rt.host_target()
