@@ -219,3 +219,12 @@ def test_a_loaded_check_finite_step_stops_at_a_nan_with_nothing_updated(tmp_path
     with pytest.raises(FloatingPointError):
         loaded(**feeds)
     assert all(np.array_equal(before[name], loaded.params[name]) for name in before) and loaded.calls == 0
+
+
+def test_a_data_parallel_step_is_not_saved(tmp_path):
+    model = models.softmax_regression(BATCH, features=16)
+    step = gc.compile_training_step(model.loss, gc.init_params(model.graph, seed=0), gc.SGD(lr=0.1))
+    step._call_values._fixed = {"graphc:comm": None}     # what comm= binds: this process's MPI handles
+    with pytest.raises(ValueError, match="data-parallel"):
+        step.save(tmp_path / "step.gcx")
+    assert not (tmp_path / "step.gcx").exists()

@@ -19,7 +19,7 @@ needs_a_c_compiler = pytest.mark.skipif(CC is None or not cpu_features.host_is_x
                                         reason="needs a C compiler and x86-64 Linux")
 
 _DRIVER = r"""
-#include "lenet.h"
+#include "model.h"
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -59,16 +59,35 @@ int main(int argc, char **argv) {
 """
 
 
+MODELS = {
+    # LeNet-5 with Adam: the bias corrections computed in C
+    "lenet5-adam": (models.lenet5, models.lenet5, lambda: gc.Adam(lr=1e-3)),
+    # batch norm's buffers, dropout's key and SGD's lr slot; the predictor is the eval graph
+    "digits-bn-dropout-sgd": (models.digits_cnn, lambda batch: models.digits_cnn(batch, training=False),
+                              lambda: gc.SGD(lr=0.05, momentum=0.9, nesterov=True)),
+}
+
+
+@pytest.fixture(params=list(MODELS))
+def saved(request, tmp_path, splitting_pays):
+    return _saved(request.param, tmp_path)
+
+
 @pytest.fixture
-def saved(tmp_path, splitting_pays):
-    """A LeNet-5 Adam step trained once and its predictor, saved; batches for more steps."""
-    model = models.lenet5(BATCH)
+def lenet_saved(tmp_path, splitting_pays):
+    return _saved("lenet5-adam", tmp_path)
+
+
+def _saved(name, tmp_path):
+    """A step trained once and its predictor, saved as step.gcx and predict.gcx; batches for more steps."""
+    training, evaluation, optimizer = MODELS[name]
+    model = training(BATCH)
     params = gc.init_params(model.graph, seed=0)
-    step = gc.compile_training_step(model.loss, params, gc.Adam(lr=1e-3), seed=0)
-    predict = gc.compile(model.logits, params)
+    step = gc.compile_training_step(model.loss, params, optimizer(), seed=3)
+    predict = gc.compile(evaluation(BATCH).logits, params)
     rng = np.random.default_rng(0)
     step(**models.random_batch(model, rng))
-    step.save(tmp_path / "lenet.gcx")
+    step.save(tmp_path / "step.gcx")
     predict.save(tmp_path / "predict.gcx")
     return model, [models.random_batch(model, rng) for _ in range(STEPS)]
 
@@ -76,13 +95,14 @@ def saved(tmp_path, splitting_pays):
 @needs_a_c_compiler
 def test_the_exported_step_and_predictor_give_pythons_numbers_bit_for_bit(saved, tmp_path):
     model, batches = saved
-    assert main(["export-c", str(tmp_path / "lenet.gcx"), str(tmp_path / "predict.gcx"), str(tmp_path / "out")]) == 0
-    assert {p.name for p in (tmp_path / "out").iterdir()} == {"liblenet.so", "lenet.h", "lenet.c"}
-    exported = subprocess.run(["nm", "-D", "--defined-only", str(tmp_path / "out" / "liblenet.so")],
+    assert main(["export-c", str(tmp_path / "step.gcx"), str(tmp_path / "predict.gcx"), str(tmp_path / "out"),
+                 "--name", "model"]) == 0
+    assert {p.name for p in (tmp_path / "out").iterdir()} == {"libmodel.so", "model.h", "model.c"}
+    exported = subprocess.run(["nm", "-D", "--defined-only", str(tmp_path / "out" / "libmodel.so")],
                               capture_output=True, text=True).stdout
     assert "gc_step_create" in exported and "graphc_entry" not in exported and "graphc_team" not in exported
 
-    step, predict = rt.load(tmp_path / "lenet.gcx"), rt.load(tmp_path / "predict.gcx")
+    step, predict = rt.load(tmp_path / "step.gcx"), rt.load(tmp_path / "predict.gcx")
     threads = step.num_threads
     assert step.manifest.max_threads > 1          # the C library runs the thread team
     with open(tmp_path / "batches.bin", "wb") as data:
@@ -90,7 +110,7 @@ def test_the_exported_step_and_predictor_give_pythons_numbers_bit_for_bit(saved,
             data.write(feeds["x"].tobytes() + feeds["y"].tobytes())
     driver = tmp_path / "driver"
     (tmp_path / "driver.c").write_text(_DRIVER)
-    subprocess.run([CC, "-O2", f"-I{tmp_path / 'out'}", str(tmp_path / "driver.c"), f"-L{tmp_path / 'out'}", "-llenet",
+    subprocess.run([CC, "-O2", f"-I{tmp_path / 'out'}", str(tmp_path / "driver.c"), f"-L{tmp_path / 'out'}", "-lmodel",
                     f"-Wl,-rpath,{tmp_path / 'out'}", "-o", str(driver), f"-DX_SIZE={batches[0]['x'].size}",
                     f"-DBATCH={BATCH}", f"-DLOGITS_SIZE={BATCH * 10}", f"-DSTEPS={STEPS}"], check=True, timeout=120)
     ran = subprocess.run([str(driver), str(tmp_path / "batches.bin"), str(tmp_path / "results.bin"), str(threads)],
@@ -117,31 +137,31 @@ def test_the_exported_step_and_predictor_give_pythons_numbers_bit_for_bit(saved,
     assert np.array_equal(trained, np.concatenate([step.params[name].ravel() for name in step.params]))
 
 
-def test_renamed_objects_still_load_and_run_as_before(saved, tmp_path):
+def test_renamed_objects_still_load_and_run_as_before(lenet_saved, tmp_path):
     """The renaming that keeps two programs' symbols apart in one library, checked in-process."""
-    model, batches = saved
-    manifest, sections = artifact.read(tmp_path / "lenet.gcx")
+    model, batches = lenet_saved
+    manifest, sections = artifact.read(tmp_path / "step.gcx")
     objects = _renamed_symbols([bytes(sections[name]) for name in manifest["objects"]], "gc_step__")
     edited = {name: bytes(view) for name, view in sections.items()}
     edited.update(zip(manifest["objects"], objects))
     renamed_manifest = {key: value for key, value in manifest.items() if key != "sections"}
     renamed_manifest["entry"] = "gc_step__" + manifest["entry"]
     (tmp_path / "renamed.gcx").write_bytes(artifact.pack(renamed_manifest, edited))
-    renamed, original = rt.load(tmp_path / "renamed.gcx"), rt.load(tmp_path / "lenet.gcx")
+    renamed, original = rt.load(tmp_path / "renamed.gcx"), rt.load(tmp_path / "step.gcx")
     assert all(renamed(**feeds) == original(**feeds) for feeds in batches)
     assert rt.loader.defined_symbols(objects[-1]) and all(
         name.startswith("gc_step__") for obj in objects for name in rt.loader.defined_symbols(obj))
 
 
 @needs_a_c_compiler
-def test_export_refusals_name_the_problem(saved, tmp_path):
-    (tmp_path / "damaged.gcx").write_bytes((tmp_path / "lenet.gcx").read_bytes()[:-10])
+def test_export_refusals_name_the_problem(lenet_saved, tmp_path):
+    (tmp_path / "damaged.gcx").write_bytes((tmp_path / "step.gcx").read_bytes()[:-10])
     with pytest.raises(ValueError, match="damaged"):
         export_c([tmp_path / "damaged.gcx"], tmp_path / "out")
     with pytest.raises(ExportError, match="at most one training step"):
-        export_c([tmp_path / "lenet.gcx", tmp_path / "lenet.gcx"], tmp_path / "out")
+        export_c([tmp_path / "step.gcx", tmp_path / "step.gcx"], tmp_path / "out")
     with pytest.raises(ExportError, match="prefix"):
-        export_c([tmp_path / "lenet.gcx"], tmp_path / "out", prefix="not-c")
+        export_c([tmp_path / "step.gcx"], tmp_path / "out", prefix="not-c")
     assert main(["export-c", str(tmp_path / "damaged.gcx"), str(tmp_path / "out")]) == 1
 
 
