@@ -506,8 +506,8 @@ def _check_same_program(data_parallel, graph, outputs, request: dict, loss: Tens
     description = dict(graph=forward.name, nodes=len(forward.ancestors([loss])),
                        inputs={name: (node.shape, node.dtype) for name, node in forward.inputs.items()},
                        params={name: tuple(np.shape(params[name])) for name in bound},
-                       optimizer=request.get("optimizer"), target=target_fingerprint(),
-                       graphc=compiler_source_digest()[:16], request=repr(sorted(request.items())))
+                       target=target_fingerprint(), graphc_source=compiler_source_digest()[:16],
+                       **{key: value for key, value in request.items() if key != "kind"})
     data_parallel.check_same_program("compile_training_step", program_key(graph, outputs, request), description,
                                      params, bound)
 

@@ -64,12 +64,17 @@ def _function_addresses() -> dict[int, int]:
     return {word: ctypes.cast(getattr(library, name), ctypes.c_void_p).value for word, name in MPI_FUNCTIONS.items()}
 
 
+@functools.lru_cache(maxsize=1)
+def _getpid_address() -> int:
+    return ctypes.cast(ctypes.CDLL(None).getpid, ctypes.c_void_p).value
+
+
 def slot_values(comm, buckets: int) -> np.ndarray:
     """The communicator slot's int64 words (backend/kernels/collective.py) for `comm`, with
     room for `buckets` requests, each MPI_REQUEST_NULL."""
     MPI = _mpi()
     words = np.zeros(slot_words(buckets), np.int64)
-    words[SlotWord.OWNER_PID] = os.getpid()
+    words[SlotWord.OWNER] = os.getpid() ^ _getpid_address()
     for word, address in _function_addresses().items():
         words[word] = address
     words[SlotWord.COMM] = MPI._handleof(comm)

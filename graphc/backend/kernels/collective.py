@@ -14,7 +14,7 @@ step); the other threads return from those phases at once and meet it at the nex
 - allreduce_done: thread 0 waits for the bucket (and tests the later ones); then every thread
   writes its slice times 1/ranks, with the consumer fused in (the optimizer's update).
 
-The slot is this process's only if its first word is this process's id: a slot of zeros (a
+The slot is this process's only if its first word names this process: a slot of zeros (a
 profiling twin of the program) or one written by another process (a step saved and loaded
 elsewhere) is no communicator, and the kernels then run as one process would: no MPI call,
 and each value is its own average.
@@ -41,7 +41,7 @@ __all__ = ["MpiAbi", "SlotWord", "REQUESTS", "slot_words"]
 class SlotWord:
     """Positions of the communicator slot's int64 words."""
 
-    OWNER_PID = 0      # the process whose addresses and handles these are
+    OWNER = 0          # the process whose addresses and handles these are: its id ^ &getpid
     LIVE = 1           # 1 while a call runs in that process (written by every start)
     IALLREDUCE = 2
     WAIT = 3
@@ -118,10 +118,13 @@ class _Mpi:
         return self.b.icmp_signed("!=", self.word(SlotWord.LIVE), ir.Constant(I64, 0))
 
     def mark_live(self) -> ir.Value:
-        """LIVE := (OWNER_PID == getpid()); returns it as an i1."""
+        """LIVE := (OWNER == this process's id ^ &getpid); returns it as an i1. The address,
+        which differs between processes, tells apart two that had the same id (the first
+        process of two containers), the id two that share the address (a fork)."""
         getpid = self.b.module.globals.get("getpid") or ir.Function(self.b.module, ir.FunctionType(I32, []), "getpid")
         pid = self.b.sext(self.b.call(getpid, []), I64)
-        live = self.b.icmp_signed("==", self.word(SlotWord.OWNER_PID), pid)
+        owner = self.b.xor(pid, self.b.ptrtoint(getpid, I64))
+        live = self.b.icmp_signed("==", self.word(SlotWord.OWNER), owner)
         self.b.store(self.b.zext(live, I64), self.word_address(SlotWord.LIVE), align=8)
         return live
 
