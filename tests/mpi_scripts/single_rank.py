@@ -1,0 +1,42 @@
+"""Run under `mpiexec -n 1` by tests/test_distributed.py: a data-parallel step on one rank.
+
+    python -m mpi4py single_rank.py DIRECTORY
+
+Compares it with the plain step (the average over one rank is the value itself), profiles it
+(the profiling twin runs without a communicator), checks that its communicator slot is not
+optimizer state, and that saving it (to DIRECTORY) is refused. Prints RESULT {json}.
+"""
+import json
+import os
+import sys
+
+import numpy as np
+from mpi4py import MPI
+
+import graphc as gc
+from graphc.tools import models
+
+directory = sys.argv[1]
+model = models.small_convnet(8, image=(2, 8, 8), classes=5)
+optimizer = gc.SGD(lr=0.1, momentum=0.9)
+distributed_params, plain_params = gc.init_params(model.graph, 0), gc.init_params(model.graph, 0)
+step = gc.compile_training_step(model.loss, distributed_params, optimizer, comm=MPI.COMM_WORLD)
+plain = gc.compile_training_step(model.loss, plain_params, optimizer)
+rng = np.random.default_rng(0)
+feeds = [models.random_batch(model, rng) for _ in range(4)]
+losses = [(step(**f), plain(**f)) for f in feeds]
+before = {name: value.copy() for name, value in distributed_params.items()}
+report = step.profile(**feeds[0])
+result = {
+    "losses": losses,
+    "param_error": max(float(np.max(np.abs(distributed_params[n] - plain_params[n]))) for n in plain_params),
+    "profiled_kernels": [kernel.label for kernel in report.kernels if kernel.label.startswith("allreduce")],
+    "profile_kept_params": all(np.array_equal(before[n], distributed_params[n]) for n in before),
+    "state": sorted(step.state),
+    "state_dict": sorted(step.state_dict()),
+}
+try:
+    step.save(os.path.join(directory, "step.gcx"))
+except ValueError as error:
+    result["save_refused"] = str(error)
+print("RESULT " + json.dumps(result), flush=True)
