@@ -2,6 +2,7 @@
 graph with its all-reduces (buckets, their place in the schedule), its native kernels run
 without a communicator (each value is then its own average) against the reference executor,
 and the sharded sampler. tests/test_distributed.py runs the steps on several ranks."""
+import dataclasses
 import types
 
 import numpy as np
@@ -9,7 +10,8 @@ import pytest
 
 import graphc as gc
 from graphc.backend.compiler import _training_graph
-from graphc.backend.kernels.collective import MpiAbi
+from graphc.backend.kernels.collective import MpiAbi, sums_in_place
+from graphc.core.ops.collective import allreduce_start
 from graphc.distributed.buckets import plan_buckets
 from graphc.distributed.sampler import ShardedSampler
 from graphc.tools import models
@@ -56,6 +58,9 @@ def test_native_step_without_communicator_matches_the_reference(name):
     built = training_graph(model, optimizer, bucket_bytes=512)
     ops = [node.op for node in built.graph.nodes]
     assert ops.count("allreduce_start") > 1 and "allreduce_progress" in ops
+    if name == "lenet":     # its largest gradient has a bucket of its own, summed in place after optimization
+        optimized = gc.optimize(built.outputs).graph
+        assert any(sums_in_place(node) for node in optimized.nodes if node.op == "allreduce_start")
     params = state_values(built, gc.init_params(model.graph, seed=0), optimizer)
     feeds = models.random_batch(model, np.random.default_rng(0))
     expected = gc.evaluate(built.outputs, feeds, {k: v.copy() for k, v in params.items()})
@@ -121,6 +126,23 @@ def test_buckets_follow_the_backward_order_and_the_byte_budget():
     big = next(i for i, value in enumerate(values) if value.size == 300 * 10)
     assert [bucket.members for bucket in buckets if big in bucket.members] == [[big]]
     assert [bucket.ready for bucket in buckets] == sorted(bucket.ready for bucket in buckets)
+
+
+def test_a_bucket_is_summed_in_place_only_in_a_buffer_nothing_else_reads():
+    g = gc.Graph()
+    x, w = g.input("x", (4, 3)), g.param("w", (4, 3))
+    comm = g.param("comm", (2 * 20,), "int32")
+    alone = gc.exp(x * w)
+    shared = gc.exp(x + w)
+    also_read = gc.sum(shared)
+
+    def start(*values):
+        return allreduce_start(list(values), comm, bucket=0, abi=dataclasses.astuple(MPICH))
+    assert sums_in_place(start(alone))
+    assert sums_in_place(start(gc.reshape(gc.exp(x - w), (12,))))   # through a reshape
+    assert not sums_in_place(start(shared)) and also_read is not None   # another kernel reads it
+    assert not sums_in_place(start(w)) and not sums_in_place(start(x))  # the caller's memory
+    assert not sums_in_place(start(gc.exp(x), gc.exp(w)))               # two values: copied into the bucket
 
 
 def test_bucket_bytes_needs_a_communicator():

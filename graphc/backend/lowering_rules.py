@@ -19,8 +19,8 @@ from graphc.backend.emit.kernel import Kernel
 from graphc.core.ir import Tensor
 from graphc.core.scalar import symbol
 
-__all__ = ["Step", "Epilogue", "Lowering", "LOWERINGS", "lowers", "alias_root", "step_with_elementwise_epilogue",
-           "UpdateGroup", "group_expression"]
+__all__ = ["Step", "Epilogue", "Lowering", "LOWERINGS", "ALIASES", "lowers", "alias_root",
+           "step_with_elementwise_epilogue", "UpdateGroup", "group_expression"]
 
 
 @dataclasses.dataclass
@@ -145,9 +145,14 @@ def lowers(*ops: str, **rules) -> Callable:
     return register
 
 
+# Ops whose value a node may keep in its first operand's buffer, as every reshape does: op ->
+# rule(node) saying whether this node does (an all-reduce of one value, summed in place).
+ALIASES: dict[str, Callable[[Tensor], bool]] = {}
+
+
 def alias_root(node: Tensor) -> Tensor:
     """The node whose buffer holds `node`'s value (reshapes share their operand's buffer)."""
-    while node.op == "reshape":
+    while node.op == "reshape" or node.op in ALIASES and ALIASES[node.op](node):
         node = node.inputs[0]
     return node
 

@@ -52,7 +52,8 @@ def shard(feeds):
 build, optimizer = BUILDERS[model_name], OPTIMIZERS[optimizer_name]
 local, whole = build(PER_RANK), build(PER_RANK * ranks)
 params = gc.init_params(local.graph, seed=3)
-step = gc.compile_training_step(local.loss, params, optimizer, comm=comm)
+# Small buckets: several of them, some of one value summed in its own buffer, progress points
+step = gc.compile_training_step(local.loss, params, optimizer, comm=comm, bucket_bytes=1024)
 
 result = {"ranks": ranks, "losses": []}
 if rank == 0:

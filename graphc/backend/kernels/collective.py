@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import weakref
 
 import llvmlite.ir as ir
 import sympy
@@ -31,7 +32,7 @@ from graphc.backend.emit.kernel import Kernel, phase_args, phase_function
 from graphc.backend.emit.kernel_builder import F32, I32, I64, PTR, KernelBuilder
 from graphc.backend.kernels.elementwise import emit_elementwise
 from graphc.backend.kernels.layout import emit_concat, only_thread_zero
-from graphc.backend.lowering_rules import Epilogue, Step, lowers
+from graphc.backend.lowering_rules import ALIASES, Epilogue, Step, lowers
 from graphc.backend import costs
 from graphc.core.scalar import symbol
 
@@ -205,6 +206,15 @@ def emit_allreduce_start(module: ir.Module, name: str, shapes, bucket: int, abi:
                                       mark_live=True)])
 
 
+def emit_allreduce_in_place(module: ir.Module, name: str, size: int, bucket: int, abi: MpiAbi, *,
+                            max_threads: int) -> Kernel:
+    """(out, value, words): MPI_Iallreduce(MPI_IN_PLACE, value, SUM) into request `bucket`; the
+    value's own buffer holds the bucket (out is not written: see `sums_in_place`)."""
+    def start(mpi: _Mpi) -> None:
+        mpi.start_sum(mpi.b.function.args[1], size, bucket)
+    return Kernel([_mpi_phase(module, name, 2, 1, abi, start, mark_live=True)])
+
+
 def emit_allreduce_progress(module: ir.Module, name: str, buckets: tuple[int, ...], abi: MpiAbi, *,
                             max_threads: int) -> Kernel:
     """(out, after, words): MPI_Test on each of `buckets`."""
@@ -260,9 +270,51 @@ def _abi(node) -> MpiAbi:
     return MpiAbi(*node.attrs["abi"])
 
 
+def sums_in_place(start) -> bool:
+    """Whether a start sums its bucket in its one value's own buffer rather than a copy: when
+    that buffer is a kernel's result (not a source's, nor a constant) that nothing else reads.
+    Then the bucket is that buffer (lowering_rules.ALIASES), kept until the last done reads it.
+
+    The values of buckets are never a program's outputs (graphc/distributed/buckets.py
+    averages them; the averages are the outputs), so their buffers are the arena's."""
+    if len(start.inputs) != 2:
+        return False
+    chain = [start.inputs[0]]
+    while chain[-1].op == "reshape":
+        chain.append(chain[-1].inputs[0])
+    if chain[-1].op in ("input", "param", "constant"):
+        return False
+    readers = _readers(start.graph)
+    allowed = {node.id for node in chain} | {start.id}
+    return all(reader.id in allowed for node in chain for reader in readers.get(node.id, ()))
+
+
+_readers_of: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _readers(graph) -> dict[int, list]:
+    """node id -> the nodes that read it, made once per graph (and again if nodes were added)."""
+    known = _readers_of.get(graph)
+    if known is None or known[0] != len(graph.nodes):
+        readers: dict[int, list] = {}
+        for node in graph.nodes:
+            for operand in node.inputs:
+                readers.setdefault(operand.id, []).append(node)
+        known = _readers_of[graph] = (len(graph.nodes), readers)
+    return known[1]
+
+
+ALIASES["allreduce_start"] = sums_in_place
+
+
 @lowers("allreduce_start")
 def lower_allreduce_start(node, _epilogue) -> Step:
     shapes, bucket, abi = [value.shape for value in node.inputs[:-1]], node.attrs["bucket"], _abi(node)
+    if sums_in_place(node):
+        return Step(node, list(node.inputs),
+                    lambda m, name, threads: emit_allreduce_in_place(m, name, node.size, bucket, abi,
+                                                                     max_threads=threads),
+                    "allreduce_start", [node], flops=0)
     return Step(node, list(node.inputs),
                 lambda m, name, threads: emit_allreduce_start(m, name, shapes, bucket, abi, max_threads=threads),
                 "allreduce_start", [node], flops=0)
