@@ -449,8 +449,9 @@ def compile_training_step(loss: Tensor, params: Mapping[str, np.ndarray], optimi
     if optimizer_key is None:    # an optimizer we cannot describe exactly: keyed by its update graph
         built = training_graph()
         if data_parallel is not None:
-            _check_same_program(data_parallel, built.graph, built.outputs, dict(optimizer=repr(optimizer)), loss,
-                                params)
+            _check_same_program(data_parallel, built.graph, built.outputs,
+                                dict(optimizer=f"{type(optimizer).__module__}.{type(optimizer).__qualname__}"),
+                                loss, params)
         return _build(CompiledTrainingStep, built.outputs, params, output_names=built.output_names,
                       inplace=built.inplace, state_names=built.state_names, state_names_for_caller=built.renames,
                       seed=seed, optimizer=optimizer, hyper_slots=built.hyper_slots, check_finite=check_finite,

@@ -35,6 +35,21 @@ result = {
     "state": sorted(step.state),
     "state_dict": sorted(step.state_dict()),
 }
+
+
+class HandWritten(gc.Optimizer):
+    """An optimizer that is not a dataclass: its step is keyed by its update graph."""
+    lr = 0.1
+
+    def updates(self, graph, params, grads, hyper=None):
+        lr = self._hyper(hyper)("lr")
+        return [(p.name, p - lr * g) for p, g in zip(params, grads)], []
+
+
+own_params, reference_params = gc.init_params(model.graph, 0), gc.init_params(model.graph, 0)
+own = gc.compile_training_step(model.loss, own_params, HandWritten(), comm=MPI.COMM_WORLD)
+reference = gc.compile_training_step(model.loss, reference_params, gc.SGD(lr=0.1))
+result["hand_written"] = [(own(**f), reference(**f)) for f in feeds]
 try:
     step.save(os.path.join(directory, "step.gcx"))
 except ValueError as error:

@@ -163,16 +163,24 @@ class _Mpi:
         self._checked(self.b.call(wait, [self.request(bucket), self._status()]))
 
     def test(self, buckets) -> None:
-        """MPI_Test each bucket's request: drives MPI's progress engine (a request already
-        completed is MPI_REQUEST_NULL by then, and tests at once)."""
+        """MPI_Test the buckets' requests in order, up to the first one still under way: a test
+        of it drives MPI's progress engine, which moves every pending operation on (a request
+        completed before is MPI_REQUEST_NULL by now, and tests at once)."""
         if not buckets:
             return
         test = self.function(SlotWord.TEST, I32, [PTR, PTR, PTR])
         status = self._status()
         with self.b.goto_entry_block():
             flag = self.b.alloca(I32)
+        done = self.b.append_basic_block("tested")
         for bucket in buckets:
             self._checked(self.b.call(test, [self.request(bucket), flag, status]))
+            complete = self.b.icmp_signed("!=", self.b.load(flag, typ=I32), ir.Constant(I32, 0))
+            following = self.b.append_basic_block(f"test{bucket}")
+            self.b.cbranch(complete, following, done)
+            self.b.position_at_end(following)
+        self.b.branch(done)
+        self.b.position_at_end(done)
 
 
 def _mpi_phase(module: ir.Module, name: str, n_inputs: int, words_index: int, abi: MpiAbi, body,
