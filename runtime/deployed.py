@@ -28,6 +28,7 @@ from . import artifact, threads
 from .artifact import ArtifactError
 from .buffers import aligned_zeros
 from .cpu_features import missing_features
+from .elf_link import ElfObject
 from .loader import NativeLibrary
 from .manifest import Manifest, manifest_to_json, parse_manifest
 from .optimizers import changes_every_call, finite_non_negative, hyper_values
@@ -51,6 +52,7 @@ def load(path) -> LoadedFunction:
               for slot in manifest.slots if isinstance(slot, Param)}
     team_object = bytes(sections[manifest.team_section])
     try:
+        ElfObject(team_object)   # checked as the program's objects are, also when it is not linked here
         library = NativeLibrary([bytes(sections[name]) for name in manifest.objects])
         team = NativeLibrary(team_object) if manifest.max_threads > 1 and threads.needs_team_code() else None
     except ValueError as error:   # elf_link's checks: malformed objects, missing symbols

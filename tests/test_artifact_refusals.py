@@ -169,6 +169,9 @@ def test_damaged_object_code_with_right_checksums_is_refused_by_the_linker(saved
     (tmp_path / "text.gcx").write_bytes(_rewritten(blob, edit_sections=lambda s: s.update({"object:0": b"#!/bin/sh"})))
     with pytest.raises(ValueError, match="object code is refused"):
         rt.load(tmp_path / "text.gcx")
+    (tmp_path / "team.gcx").write_bytes(_rewritten(blob, edit_sections=lambda s: s.update({"team": b"\x7fELF"})))
+    with pytest.raises(ValueError, match="object code is refused"):
+        rt.load(tmp_path / "team.gcx")
 
 
 def test_a_thread_team_of_another_runtime_version_is_refused(saved, tmp_path, linked):

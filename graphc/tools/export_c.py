@@ -105,6 +105,11 @@ def _program(path: str, prefix: str) -> _Program:
     for slot in manifest.slots:
         if isinstance(slot, Param) and slot.dtype != np.float32:
             raise ExportError(f"{path}: param {slot.name!r} is {slot.dtype}; the C API's params are float32")
+    for name in (*manifest.objects, manifest.team_section):
+        try:
+            ElfObject(bytes(sections[name]))   # the runtime's checks of an object, before cc sees it
+        except ValueError as error:
+            raise ExportError(f"{path}: its object code is refused: {error}") from None
     kind = "step" if manifest.kind == "training step" else "predict"
     return _Program(path, manifest, {key: bytes(value) for key, value in sections.items()}, f"{prefix}_{kind}")
 
