@@ -75,7 +75,10 @@ def read_checked(path) -> tuple[Manifest, dict[str, memoryview]]:
     linker's (which `load` runs on the objects)."""
     where = os.fspath(path)
     raw, sections = artifact.read(where)
-    manifest = parse_manifest(where, raw, sections)
+    try:
+        manifest = parse_manifest(where, raw, sections)
+    except (TypeError, KeyError, AttributeError, OverflowError) as error:   # a shape the checks did not foresee
+        raise ArtifactError(f"{where}: the manifest is malformed ({type(error).__name__}: {error})") from None
     _check_target(where, manifest)
     if manifest.team_ir_sha256 != team_ir_digest(manifest.target["triple"]):
         raise ArtifactError(f"{where}: its thread team's code is not this graphc_runtime's (another version)")

@@ -120,7 +120,8 @@ def parse_manifest(where: str, manifest: dict, sections: dict) -> Manifest:
     if not objects or any(name not in sections for name in objects):
         fail("object files that are not among its sections")
     team = manifest["team"]
-    if not (isinstance(team, dict) and set(team) == {"section", "ir_sha256"} and team["section"] in sections
+    if not (isinstance(team, dict) and set(team) == {"section", "ir_sha256"} and isinstance(team["section"], str)
+            and team["section"] in sections
             and isinstance(team["ir_sha256"], str) and _HEX_DIGEST.fullmatch(team["ir_sha256"])):
         fail("no thread team's object among its sections")
     max_threads = manifest["max_threads"]
@@ -177,7 +178,7 @@ def _slots(items, fail) -> tuple[list, dict]:
         fail("no slots")
     slots, roles = [], {}
     for item in items:
-        if not isinstance(item, dict) or item.get("kind") not in _SLOT_FIELDS:
+        if not isinstance(item, dict) or not isinstance(item.get("kind"), str) or item["kind"] not in _SLOT_FIELDS:
             fail(f"a slot {str(item)[:100]}")
         fields, cls = _SLOT_FIELDS[item["kind"]]
         if set(item) - {"kind"} != fields:

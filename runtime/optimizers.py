@@ -40,7 +40,8 @@ def changes_every_call(optimizer: Mapping) -> bool:
 
 def check_optimizer(optimizer) -> str | None:
     """What is wrong with an optimizer description from a manifest, or None."""
-    if not isinstance(optimizer, dict) or optimizer.get("kind") not in OPTIMIZER_KINDS:
+    if not isinstance(optimizer, dict) or not isinstance(optimizer.get("kind"), str) \
+            or optimizer["kind"] not in OPTIMIZER_KINDS:
         return f"an optimizer of unknown kind (the runtime drives {', '.join(OPTIMIZER_KINDS)})"
     fields = OPTIMIZER_KINDS[optimizer["kind"]]
     if set(optimizer) != {"kind", "lr", *fields}:

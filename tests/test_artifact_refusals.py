@@ -207,6 +207,10 @@ MANIFEST_DAMAGE = {
     "too many threads": (lambda m: m.update(max_threads=10 ** 6), "max_threads"),
     "objects that are not sections": (lambda m: m.update(objects=["elsewhere"]), "object files"),
     "a slot named twice": (lambda m: m["slots"].insert(0, dict(_slot(m, "x"))), "two slots"),
+    "a list for a slot kind": (lambda m: _slot(m, "x").update(kind=["input"]), "a slot"),
+    "a list for the team's section": (lambda m: m["team"].update(section=["team"]), "thread team"),
+    "a list for the optimizer's kind": (lambda m: m["optimizer"].update(kind=["Adam"]), "unknown kind"),
+    "a list for the entry": (lambda m: m.update(entry=["graphc_entry"]), "entry"),
 }
 
 
@@ -259,3 +263,32 @@ def test_a_manifest_that_is_not_strict_json_is_refused(saved, tmp_path):
         with pytest.raises(ValueError, match="not JSON"):
             rt.load(tmp_path / "j.gcx")
     assert json.loads(text)["kind"] == "training step"
+
+
+def _paths(value, prefix=()):
+    """Every place in a JSON value: (path, value) pairs, the containers' included."""
+    yield prefix, value
+    if isinstance(value, dict):
+        for key, item in value.items():
+            yield from _paths(item, (*prefix, key))
+    elif isinstance(value, list):
+        for index, item in enumerate(value[:3]):   # the first few of a list stand for the rest
+            yield from _paths(item, (*prefix, index))
+
+
+def test_any_value_of_any_type_anywhere_in_the_manifest_is_a_value_error_or_harmless(saved, tmp_path):
+    blob, _ = saved
+    manifest, _ = _parse(blob)
+    places = [path for path, _ in _paths({k: v for k, v in manifest.items() if k != "sections"}) if path]
+    for path in places:
+        for replacement in (None, [], {}, "x", -1, 2 ** 70, 1.5, True, [[0]]):
+            def edit(m, path=path, replacement=replacement):
+                *parents, last = path
+                for key in parents:
+                    m = m[key]
+                m[last] = replacement
+            (tmp_path / "t.gcx").write_bytes(_rewritten(blob, edit))
+            try:
+                rt.load(tmp_path / "t.gcx")
+            except ValueError as error:
+                assert str(tmp_path / "t.gcx") in str(error), (path, replacement, error)
