@@ -16,7 +16,6 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 SCRIPTS = Path(__file__).parent / "mpi_scripts"

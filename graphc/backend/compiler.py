@@ -437,6 +437,7 @@ def compile_training_step(loss: Tensor, params: Mapping[str, np.ndarray], optimi
     _check_params(forward_outputs, params, "compile_training_step")
     used = {node.id for node in loss.graph.ancestors([loss])}
     trainable = [name for name in params if name in loss.graph.params and loss.graph.params[name].id in used]
+    averaged = 1 + len(buffer_updates) + len(trainable)   # with comm: the loss, buffers and gradients
 
     site = user_site()
 
@@ -455,7 +456,7 @@ def compile_training_step(loss: Tensor, params: Mapping[str, np.ndarray], optimi
         return _build(CompiledTrainingStep, built.outputs, params, output_names=built.output_names,
                       inplace=built.inplace, state_names=built.state_names, state_names_for_caller=built.renames,
                       seed=seed, optimizer=optimizer, hyper_slots=built.hyper_slots, check_finite=check_finite,
-                      threads=threads, fixed_state=_comm_slot_values(data_parallel, built.graph, built.comm_slot))
+                      threads=threads, fixed_state=_comm_slot_values(data_parallel, built.comm_slot, averaged))
     step_request = dict(kind="training step", trainable=trainable, optimizer=optimizer_key,
                         buffers=[update.buffer.name for update in buffer_updates],
                         **(data_parallel.request() if data_parallel is not None else {}),
@@ -473,7 +474,7 @@ def compile_training_step(loss: Tensor, params: Mapping[str, np.ndarray], optimi
         return _bound(CompiledTrainingStep, compiled, library, plan, params, loss.graph,
                       single=False, seed=seed, optimizer=optimizer, renames=made["renames"],
                       hyper_slots=made["hyper_slots"], random_key=made["random_key"], check_finite=check_finite,
-                      fixed_state=_comm_slot_values(data_parallel, compiled.slots, made.get("comm_slot")))
+                      fixed_state=_comm_slot_values(data_parallel, made.get("comm_slot"), averaged))
     built = training_graph()
     extras = {"step": {"renames": built.renames, "hyper_slots": built.hyper_slots,
                        "random_key": built.graph.random_key.name if built.graph.random_key is not None else None,
@@ -482,7 +483,7 @@ def compile_training_step(loss: Tensor, params: Mapping[str, np.ndarray], optimi
                   inplace=built.inplace, state_names=built.state_names, state_names_for_caller=built.renames,
                   seed=seed, optimizer=optimizer, hyper_slots=built.hyper_slots, missed_key=step_key, extras=extras,
                   check_finite=check_finite, threads=threads,
-                  fixed_state=_comm_slot_values(data_parallel, built.graph, built.comm_slot))
+                  fixed_state=_comm_slot_values(data_parallel, built.comm_slot, averaged))
 
 
 def _without_finite_checks(check_finite) -> bool:
@@ -513,18 +514,14 @@ def _check_same_program(data_parallel, graph, outputs, request: dict, loss: Tens
                                      params, bound)
 
 
-def _comm_slot_values(data_parallel, slots_of, comm_slot: str | None) -> dict[str, np.ndarray]:
-    """{comm slot name: its words} for a data-parallel step; `slots_of` the graph or the slots
-    that give the slot's length."""
+def _comm_slot_values(data_parallel, name: str | None, values: int) -> dict[str, np.ndarray]:
+    """{the communicator slot's name: its words} for a data-parallel step averaging `values`
+    values (at most as many buckets); {} for another step."""
     if data_parallel is None:
         return {}
-    if comm_slot is None:
+    if name is None:
         raise ValueError("internal error: a data-parallel step without its communicator slot")
-    if isinstance(slots_of, list):
-        length = next(math.prod(slot.shape) for slot in slots_of if isinstance(slot, rt.State) and slot.name == comm_slot)
-    else:
-        length = slots_of.params[comm_slot].size
-    return {comm_slot: data_parallel.slot_values(length)}
+    return {name: data_parallel.slot_values(buckets=values)}
 
 
 def _optimizer_key(optimizer) -> str | None:

@@ -22,9 +22,8 @@ EXTRA_PREFIX = "train:"     # arrays stored beside the step's state (the epoch, 
 def save_checkpoint(path, step, comm=None, extra: Mapping[str, np.ndarray] | None = None) -> None:
     """Rank 0 writes the step's state and `extra` (names prefixed with "train:") to `path`; every
     rank returns once the file is complete."""
-    def write():
-        save_params(path, {**step.state_dict(), **{EXTRA_PREFIX + name: value for name, value in (extra or {}).items()}})
-    _on_rank_zero(write, comm)
+    extra = {EXTRA_PREFIX + name: value for name, value in (extra or {}).items()}
+    _on_rank_zero(lambda: save_params(path, {**step.state_dict(), **extra}), comm)
 
 
 def load_checkpoint(path, step, comm=None) -> dict[str, np.ndarray]:

@@ -10,7 +10,8 @@ import numpy as np
 
 from graphc.backend.kernels.collective import MpiAbi
 from graphc.core.ir import is_int
-from graphc.distributed import agreement, comm as comms
+from graphc.distributed import agreement
+from graphc.distributed import comm as comms
 from graphc.distributed.buckets import DEFAULT_BUCKET_BYTES
 
 __all__ = ["DataParallel"]
@@ -46,7 +47,6 @@ class DataParallel:
         agreement.check_same_program(self.comm, where, program_hash, description,
                                      agreement.params_digest(params, bound_names))
 
-    def slot_values(self, slot_length: int) -> np.ndarray:
-        """The communicator slot's words, for a slot of `slot_length` int32 elements."""
-        from graphc.backend.kernels.collective import REQUESTS
-        return comms.slot_values(self.comm, slot_length // 2 - REQUESTS)
+    def slot_values(self, buckets: int) -> np.ndarray:
+        """The communicator slot's words, for a program of at most `buckets` buckets."""
+        return comms.slot_values(self.comm, buckets)

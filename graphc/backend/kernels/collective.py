@@ -26,14 +26,13 @@ import math
 import weakref
 
 import llvmlite.ir as ir
-import sympy
 
+from graphc.backend import costs
 from graphc.backend.emit.kernel import Kernel, phase_args, phase_function
 from graphc.backend.emit.kernel_builder import F32, I32, I64, PTR, KernelBuilder
 from graphc.backend.kernels.elementwise import emit_elementwise
 from graphc.backend.kernels.layout import emit_concat, only_thread_zero
 from graphc.backend.lowering_rules import ALIASES, Epilogue, Step, lowers
-from graphc.backend import costs
 from graphc.core.scalar import symbol
 
 __all__ = ["MpiAbi", "SlotWord", "REQUESTS", "slot_words"]
