@@ -20,6 +20,10 @@ import functools
 import os
 import threading
 import warnings
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import llvmlite.binding as llvm
 
 __all__ = ["SimdShape", "SIMD_SHAPES", "HostTarget", "TARGET_LEVELS", "host_target", "initialize_llvm",
            "narrowed_features", "runnable_levels", "create_target_machine"]
@@ -161,7 +165,7 @@ def host_target() -> HostTarget:
 
 
 def create_target_machine(host: HostTarget | None = None, *, opt_level: int,
-                          code_model: str = "jitdefault") -> "llvm.TargetMachine":
+                          code_model: str = "jitdefault") -> llvm.TargetMachine:
     """A fresh target machine for `host` (default `host_target()`) with the JIT code model.
 
     Fresh because MCJIT takes ownership of the target machine it is given. On x86-64 the JIT

@@ -29,12 +29,15 @@ import platform
 import struct
 import sys
 import warnings
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 from . import elf_link
 from .host import HostTarget, create_target_machine, host_target, initialize_llvm
 from .elf_link import EM_AARCH64, EM_X86_64, SHF_ALLOC, SHN_ABS, SHN_UNDEF, STT_FILE, STT_SECTION, ElfObject
 from .perf_map import PERF_MAP_VARIABLE, append_perf_map, perf_map_lines, perf_map_wanted
+
+if TYPE_CHECKING:
+    import llvmlite.binding as llvm
 
 __all__ = [
     "HostTarget",
@@ -55,7 +58,7 @@ class MissingSymbolError(LookupError, ValueError):
     here, and loading refuses whatever it cannot load with a ValueError."""
 
 
-def create_host_target_machine(opt_level: int = 3) -> "llvm.TargetMachine":
+def create_host_target_machine(opt_level: int = 3) -> llvm.TargetMachine:
     """A fresh target machine for this process's target (host.py) with the JIT code model.
 
     Fresh because MCJIT takes ownership of the target machine it is given.
@@ -96,7 +99,7 @@ class NativeLibrary:
         return "graphc" if self._image is not None else "mcjit"
 
     @staticmethod
-    def _link_with_mcjit(objects: list[bytes]) -> "llvm.ExecutionEngine":
+    def _link_with_mcjit(objects: list[bytes]) -> llvm.ExecutionEngine:
         import llvmlite.binding as llvm
         target_machine = create_host_target_machine()
         # MCJIT is created around a module; an empty one serves, the code comes from the object.

@@ -269,7 +269,8 @@ def manifest_to_json(manifest: Manifest) -> dict:
     return {
         "format_version": FORMAT_VERSION, "kind": manifest.kind, "graph_hash": manifest.graph_hash,
         "graphc_version": manifest.graphc_version, "target": manifest.target, "entry": manifest.entry,
-        "objects": list(manifest.objects), "team": {"section": manifest.team_section, "ir_sha256": manifest.team_ir_sha256},
+        "objects": list(manifest.objects),
+        "team": {"section": manifest.team_section, "ir_sha256": manifest.team_ir_sha256},
         "max_threads": manifest.max_threads, "single_output": manifest.single_output,
         "ignored_inputs": list(manifest.ignored_inputs),
         "slots": [slot_to_json(slot, manifest.param_roles.get(slot.name) if isinstance(slot, Param) else None)

@@ -185,9 +185,9 @@ def test_a_saved_lenet_step_runs_where_the_compiler_cannot_be_imported(tmp_path,
     step.save(tmp_path / "lenet.gcx")
     np.savez(tmp_path / "batches.npz", **{f"{k}{i}": feeds[k] for i, feeds in enumerate(batches[1:]) for k in feeds})
     environment = {**os.environ, "GRAPHC_NUM_THREADS": str(gc.get_num_threads())}
-    done = subprocess.run([sys.executable, "-c", textwrap.dedent(_LOAD_WITHOUT_THE_COMPILER), str(tmp_path / "lenet.gcx"),
-                           str(tmp_path / "batches.npz"), "4"], capture_output=True, text=True, timeout=120,
-                          env=environment)
+    done = subprocess.run([sys.executable, "-c", textwrap.dedent(_LOAD_WITHOUT_THE_COMPILER),
+                           str(tmp_path / "lenet.gcx"), str(tmp_path / "batches.npz"), "4"],
+                          capture_output=True, text=True, timeout=120, env=environment)
     assert done.returncode == 0, done.stderr
     result = json.loads(done.stdout)
     assert result["modules"] == []

@@ -134,7 +134,8 @@ def test_code_needing_a_cpu_feature_this_host_lacks_is_refused(saved, tmp_path, 
 
 def test_code_for_another_machine_is_refused(saved, tmp_path, linked):
     blob, _ = saved
-    (tmp_path / "arm.gcx").write_bytes(_rewritten(blob, lambda m: m["target"].update(triple="aarch64-unknown-linux-gnu")))
+    arm = _rewritten(blob, lambda m: m["target"].update(triple="aarch64-unknown-linux-gnu"))
+    (tmp_path / "arm.gcx").write_bytes(arm)
     machine = "aarch64" if cpu_features.host_is_x86_64_linux() else ""
     _refused(tmp_path / "arm.gcx", f"code for {machine}", linked)
 

@@ -192,7 +192,8 @@ def _data_blob(program: _Program) -> bytes:
 def _link(build: Path, programs: list[_Program], compiler: str, wrapper: Path, library: Path, out_dir: Path) -> None:
     objects = []
     for program in programs:
-        renamed = _renamed_symbols([program.sections[name] for name in program.manifest.objects], f"{program.function}__")
+        renamed = _renamed_symbols([program.sections[name] for name in program.manifest.objects],
+                                   f"{program.function}__")
         for i, blob in enumerate(renamed):
             path = build / f"{program.function}_{i}.o"
             path.write_bytes(blob)
@@ -343,10 +344,11 @@ def _program_source(program: _Program, upper: str) -> str:
              f"static const size_t {f}_param_offsets[] = "
              f"{{{', '.join(str(param_offsets[s.name]) for s in params) or '0'}}};",
              "", f"struct {f}_context {{", f"    void *args[{len(slots)}];", "    unsigned char *state;",
-             "    unsigned char *workspace;", "    int64_t status;", "    double lr;", "    int64_t steps_before_reset;",
+             "    unsigned char *workspace;", "    int64_t status;", "    double lr;",
+             "    int64_t steps_before_reset;",
              "    struct team team;", "};", "",
              f"int {f}_create({f}_context **out, int threads) {{",
-             f"    *out = NULL;",
+             "    *out = NULL;",
              f"    if (PREFIX_missing_cpu_feature() != NULL) return {upper}_ERROR_CPU;".replace(
                  "PREFIX", f.rsplit("_", 1)[0]),
              f"    {f}_context *c = calloc(1, sizeof *c);",
