@@ -118,14 +118,12 @@ class ObjectCache:
         return self._writable
 
     def path_for(self, key: str) -> Path:
-        if not isinstance(key, str) or not _KEY_PATTERN.fullmatch(key):
-            raise ValueError(f"cache key must be 1-128 characters of [0-9A-Za-z_-], got {key!r}")
-        return self.directory / (key + _ENTRY_SUFFIX)
+        return self.directory / _entry_name(key)
 
     def get(self, key: str) -> bytes | None:
         """The payload stored under `key`, or None on a miss (absent, unreadable, untrusted
         or damaged)."""
-        name = self.path_for(key).name
+        name = _entry_name(key)
         directory = self._open_directory_to_read()
         if directory is None:
             self._count(misses=1)
@@ -139,23 +137,23 @@ class ObjectCache:
 
     def put(self, key: str, data: bytes) -> None:
         """Store `data` under `key`, atomically replacing any previous entry."""
-        path = self.path_for(key)
+        name = _entry_name(key)
         if not self._writable:
             return
         entry = _pack_entry(bytes(data))
         if len(entry) > _MAX_ENTRY_BYTES:
-            self._warn_once("entry too large", f"graphc object cache: not storing {path}: {len(entry)} "
-                            f"bytes, more than the {_MAX_ENTRY_BYTES}-byte limit on what it reads back")
+            self._warn_once("entry too large", f"graphc object cache: not storing {self.path_for(key)}: "
+                            f"{len(entry)} bytes, more than the {_MAX_ENTRY_BYTES}-byte limit on what it reads back")
             return
         directory = self._open_directory_to_write()
         if directory is None:
             return
         try:
-            _write_atomically(directory, path.name, entry)
+            _write_atomically(directory, name, entry)
         except OSError as error:
             # This entry only: a directory sitting at its path must not turn the cache off.
             self._warn_once(f"cannot write entry: {error.strerror}",
-                            f"cannot write the graphc object cache entry {path} ({error.strerror}); "
+                            f"cannot write the graphc object cache entry {self.path_for(key)} ({error.strerror}); "
                             "that entry is not cached, others still are")
         finally:
             os.close(directory)
@@ -271,6 +269,14 @@ class ObjectCache:
 
     def __repr__(self) -> str:
         return f"ObjectCache({str(self.directory)!r}, {self.stats})"
+
+
+def _entry_name(key: str) -> str:
+    """The file name of `key`'s entry. A plain string: pathlib interns every part it parses,
+    and each compile's key is new, so the interpreter's intern table would grow with them."""
+    if not isinstance(key, str) or not _KEY_PATTERN.fullmatch(key):
+        raise ValueError(f"cache key must be 1-128 characters of [0-9A-Za-z_-], got {key!r}")
+    return key + _ENTRY_SUFFIX
 
 
 def _make_private_directories(directory: Path) -> None:
