@@ -291,4 +291,6 @@ _WRITERS = {
     "concat": lambda out, node, names, result: out.node("Concat", names, [result], axis=node.attrs["axis"]),
     "pad": _pad,
     "slice": _slice,
+    # a value gradients do not cross; ONNX graphs carry no gradients
+    "stop_gradient": lambda out, node, names, result: out.node("Identity", names, [result]),
 }
