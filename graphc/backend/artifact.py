@@ -32,7 +32,7 @@ def save(fn, path) -> None:
     from graphc.backend.compiler import CompiledTrainingStep
 
     program, values = fn._program, fn._call_values
-    if getattr(values, "_fixed", None):   # slots bound to this process: MPI handles, function addresses
+    if values.bound_to_this_process:     # MPI handles, function addresses
         raise ValueError("save: a data-parallel step (compiled with comm=) holds this process's MPI handles and "
                          "cannot be saved; save a step compiled without comm= from the same params")
     source = fn.source_outputs          # builds a cached step's gradient graph if not yet built
@@ -50,9 +50,9 @@ def save(fn, path) -> None:
             ignored_inputs=tuple(sorted(program.ignored_inputs)), slots=program.slots,
             param_roles={name: "buffer" if name in buffers else "param" for name in program.params},
             calls_slot=CALLS_SLOT, seed=values.seed,
-            random_key_slot=state_slot(values._key) if values._key is not None else None,
-            optimizer_steps=values.optimizer_steps, optimizer=_optimizer(values._optimizer, values.lr),
-            hyper_slots={name: state_slot(array) for name, array in values._hyper.items()},
+            random_key_slot=state_slot(values.random_key) if values.random_key is not None else None,
+            optimizer_steps=values.optimizer_steps, optimizer=_optimizer(values.optimizer, values.lr),
+            hyper_slots={name: state_slot(array) for name, array in values.hyper_slots.items()},
             check_finite=fn.check_finite)
         save_program(path, program, manifest, team_functions().library.objects[0])
 

@@ -56,6 +56,25 @@ class CallValues:
         return self._key is not None
 
     @property
+    def random_key(self) -> np.ndarray | None:
+        """The key slot's memory (uint32 [seed, call index]), if the program draws masks."""
+        return self._key
+
+    @property
+    def optimizer(self):
+        return self._optimizer
+
+    @property
+    def hyper_slots(self) -> dict[str, np.ndarray]:
+        """Hyperparameter name -> its slot's memory."""
+        return dict(self._hyper)
+
+    @property
+    def bound_to_this_process(self) -> bool:
+        """Whether some slot holds values only this process can use (MPI handles, addresses)."""
+        return bool(self._fixed)
+
+    @property
     def calls(self) -> int:
         return int(self._counter[0])
 
