@@ -6,6 +6,7 @@ step and from Python between native calls, the all-reduce on loopback, and a sca
     python bench/bench_distributed.py --models lenet5 --repeats 5
     python bench/bench_distributed.py --loopback             # the all-reduce's latency and bandwidth alone
     python bench/bench_distributed.py --scaling              # the model of bench/README.md, from a profile
+    python bench/bench_distributed.py --sweep 16384 65536 262144 1099511627776   # the step's own profile, MPI bound
 
 The script starts its own workers (`mpiexec -n 2 python -m mpi4py bench/bench_distributed.py
 --worker ...`, and plain processes for one rank), so run it with plain `python`. In the 2-rank
@@ -67,7 +68,7 @@ def single_worker(args) -> dict:
     feeds = models.random_batch(model, np.random.default_rng(0))
     timed(step, feeds, 20)
     rounds = [float(np.median(timed(step, feeds, args.steps))) for _ in range(args.rounds)]
-    return {"seconds": float(np.median(rounds)), "threads": step.num_threads}
+    return {"seconds": float(np.median(rounds)), "best": min(rounds), "threads": step.num_threads}
 
 
 class PythonBetween:
@@ -134,8 +135,9 @@ def ranks_worker(args) -> dict | None:
     if comm.Get_rank() != 0:
         return None
     seconds = {name: float(np.median(values)) for name, values in rounds.items()}
+    best = {name: min(values) for name, values in rounds.items()}
     python = variants["python"]
-    return {"seconds": seconds, "kernels": kernels,
+    return {"seconds": seconds, "best": best, "kernels": kernels,
             "python_phases": {phase: float(np.median(times)) for phase, times in python.phases.items()},
             "buckets": variants["overlapped"].describe().count("allreduce_start"),
             "progress_points": variants["overlapped"].describe().count("allreduce_progress")}
@@ -186,6 +188,24 @@ def bound_profile(step, comm, feeds, calls: int) -> dict:
             kind = "other kernels"
         kinds[kind] += median[phase]
     return {kind: float(value) for kind, value in kinds.items()}
+
+
+def sweep_worker(args) -> dict | None:
+    """Under mpiexec: the bound profile of the overlapped step for each of args.sweep's bucket sizes."""
+    from mpi4py import MPI
+    comm = MPI.COMM_WORLD
+    model = WORKLOADS[args.model](args.batch)
+    start = gc.init_params(model.graph, seed=0)
+    feeds = models.random_batch(model, np.random.default_rng(comm.Get_rank()))
+    rows = []
+    for bucket_bytes in args.sweep:
+        step = gc.compile_training_step(model.loss, {k: v.copy() for k, v in start.items()}, gc.SGD(lr=LR),
+                                        comm=comm, bucket_bytes=bucket_bytes)
+        kernels = bound_profile(step, comm, feeds, args.rounds * args.steps)
+        listing = step.describe()
+        rows.append({"bucket_bytes": bucket_bytes, "buckets": listing.count("allreduce_start"),
+                     "progress_points": listing.count("allreduce_progress"), "kernels": kernels})
+    return {"rows": rows} if comm.Get_rank() == 0 else None
 
 
 def loopback_worker(args) -> dict | None:
@@ -241,7 +261,7 @@ def _run(worker: str, args, ranks: int = 0, threads: int = 1, **options) -> dict
     command = [sys.executable, *(["-m", "mpi4py"] if ranks else []), os.path.abspath(__file__), "--worker", worker,
                "--steps", str(args.steps), "--rounds", str(args.rounds), "--bucket-bytes", str(args.bucket_bytes)]
     for name, value in options.items():
-        command += [f"--{name}", str(value)]
+        command += [f"--{name}", *str(value).split()]
     if ranks:
         command = [_mpiexec(), "-n", str(ranks), *command]
     env = {**os.environ, "GRAPHC_NUM_THREADS": str(threads), "MPIEXEC_TIMEOUT": "1200"}
@@ -253,42 +273,63 @@ def _run(worker: str, args, ranks: int = 0, threads: int = 1, **options) -> dict
 
 
 def compare(args) -> None:
+    """Rows of median and best (the least busy round's) ms per step; exposed shares and the
+    2-rank / 2-thread ratio from both."""
     rows = []
     for name in args.models:
-        samples = {"1x1": [], "1x2 (B=128)": [], "1x2 (B=64)": [], "ranks": []}
+        samples = {"1x1": [], "1x2 (B=128)": [], "1x2 (B=64)": []}
+        ranks = []
         for _ in range(args.repeats):    # the configurations alternate, so that a busy spell hits them all
-            samples["1x1"].append(_run("single", args, model=name, batch=args.batch)["seconds"])
-            samples["1x2 (B=128)"].append(_run("single", args, threads=2, model=name,
-                                               batch=2 * args.batch)["seconds"])
-            samples["1x2 (B=64)"].append(_run("single", args, threads=2, model=name, batch=args.batch)["seconds"])
-            samples["ranks"].append(_run("ranks", args, ranks=2, model=name, batch=args.batch))
-        ranks = samples.pop("ranks")
-        single = {key: float(np.median(values)) for key, values in samples.items()}
-        two = {variant: float(np.median([r["seconds"][variant] for r in ranks])) for variant in ranks[0]["seconds"]}
+            samples["1x1"].append(_run("single", args, model=name, batch=args.batch))
+            samples["1x2 (B=128)"].append(_run("single", args, threads=2, model=name, batch=2 * args.batch))
+            samples["1x2 (B=64)"].append(_run("single", args, threads=2, model=name, batch=args.batch))
+            ranks.append(_run("ranks", args, ranks=2, model=name, batch=args.batch))
+        single = {key: (float(np.median([r["seconds"] for r in runs])), min(r["best"] for r in runs))
+                  for key, runs in samples.items()}
+        two = {variant: (float(np.median([r["seconds"][variant] for r in ranks])),
+                         min(r["best"][variant] for r in ranks)) for variant in ranks[0]["seconds"]}
         phases = {phase: float(np.median([r["python_phases"][phase] for r in ranks])) for phase in
                   ranks[0]["python_phases"]}
         kernels = {kind: float(np.median([r["kernels"][kind] for r in ranks])) for kind in ranks[0]["kernels"]}
         rows.append((name, single, two, phases, kernels, ranks[0]["buckets"], ranks[0]["progress_points"]))
     batch = args.batch
-    print(f"per-rank batch {batch}; medians of {args.repeats} runs x {args.rounds} rounds x {args.steps} steps; "
-          f"load average {os.getloadavg()[0]:.2f}")
+    print(f"per-rank batch {batch}; {args.repeats} runs x {args.rounds} rounds x {args.steps} steps: median and best "
+          f"round; load average {os.getloadavg()[0]:.2f}")
     for name, single, two, phases, kernels, buckets, points in rows:
         print(f"\n{name}: {buckets} buckets, {points} progress points")
-        print(f"  {'configuration':<34} {'ms/step':>8} {'examples/s':>11} {'exposed':>8}")
-        for key, seconds, examples in [("1 rank x 1 thread, B=64", single["1x1"], batch),
-                                       ("1 rank x 2 threads, B=128", single["1x2 (B=128)"], 2 * batch),
-                                       ("1 rank x 2 threads, B=64", single["1x2 (B=64)"], batch)]:
-            print(f"  {key:<34} {seconds * 1e3:8.3f} {examples / seconds:11.0f}")
-        for variant, seconds in two.items():
-            exposed = (seconds - two["local"]) / seconds if variant != "local" else float("nan")
-            label = f"2 ranks x 1 thread: {variant}"
-            print(f"  {label:<34} {seconds * 1e3:8.3f} {2 * batch / seconds:11.0f} {exposed:8.1%}")
+        print(f"  {'configuration':<34} {'ms/step':>8} {'best':>7} {'examples/s':>11} {'best':>8} {'exposed':>8} "
+              f"{'best':>6}")
+        configurations = [("1 rank x 1 thread, B=64", single["1x1"], batch),
+                          ("1 rank x 2 threads, B=128", single["1x2 (B=128)"], 2 * batch),
+                          ("1 rank x 2 threads, B=64", single["1x2 (B=64)"], batch)]
+        configurations += [(f"2 ranks x 1 thread: {variant}", seconds, 2 * batch) for variant, seconds in two.items()]
+        for label, (median, best), examples in configurations:
+            line = f"  {label:<34} {median * 1e3:8.3f} {best * 1e3:7.3f} {examples / median:11.0f} {examples / best:8.0f}"
+            if label.startswith("2 ranks") and not label.endswith("local"):
+                line += f" {(median - two['local'][0]) / median:8.1%} {(best - two['local'][1]) / best:6.1%}"
+            print(line)
         print("  python variant per step: " + ", ".join(f"{phase} {s * 1e3:.3f} ms" for phase, s in phases.items()))
         total = sum(kernels.values())
         print(f"  overlapped, profiled with MPI ({total * 1e3:.3f} ms): " + ", ".join(
             f"{kind} {value * 1e3:.3f} ms ({value / total:.1%})" for kind, value in kernels.items()))
-        ratio = single["1x2 (B=128)"] / two["overlapped"]
-        print(f"  2 ranks (overlapped) / 1 rank x 2 threads at the same global batch: {ratio:.2f}x throughput")
+        for reading, (same, per_rank) in [("median", (0, 0)), ("best", (1, 1))]:
+            print(f"  2 ranks (overlapped) / 1 rank x 2 threads, throughput ({reading}): "
+                  f"{single['1x2 (B=128)'][same] / two['overlapped'][same]:.2f}x at the same global batch (128), "
+                  f"{2 * single['1x2 (B=64)'][per_rank] / two['overlapped'][per_rank]:.2f}x at the same batch per "
+                  f"process (64)")
+
+
+def sweep(args) -> None:
+    for name in args.models:
+        rows = _run("sweep", args, ranks=2, model=name, batch=args.batch, sweep=" ".join(map(str, args.sweep)))["rows"]
+        kinds = list(rows[0]["kernels"])
+        print(f"\n{name}: µs per step of the overlapped step profiled with MPI bound, by bucket_bytes")
+        print(f"  {'bucket_bytes':>13} {'buckets':>7} {'points':>6} " + " ".join(f"{kind:>26}" for kind in kinds)
+              + f" {'total':>8}")
+        for row in rows:
+            values = [row["kernels"][kind] * 1e6 for kind in kinds]
+            print(f"  {row['bucket_bytes']:>13} {row['buckets']:>7} {row['progress_points']:>6} "
+                  + " ".join(f"{value:26.1f}" for value in values) + f" {sum(values):8.1f}")
 
 
 def loopback(args) -> dict:
@@ -361,7 +402,10 @@ def main() -> None:
     parser.add_argument("--bucket-bytes", type=int, default=None)
     parser.add_argument("--loopback", action="store_true", help="only the all-reduce on loopback")
     parser.add_argument("--scaling", action="store_true", help="only the scaling model")
-    parser.add_argument("--worker", choices=["single", "ranks", "loopback", "schedule"], help=argparse.SUPPRESS)
+    parser.add_argument("--sweep", type=int, nargs="+", metavar="BYTES",
+                        help="only the overlapped step's profile with MPI bound, for each bucket_bytes")
+    parser.add_argument("--worker", choices=["single", "ranks", "loopback", "schedule", "sweep"],
+                        help=argparse.SUPPRESS)
     parser.add_argument("--model", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.bucket_bytes is None:
@@ -369,12 +413,14 @@ def main() -> None:
         args.bucket_bytes = DEFAULT_BUCKET_BYTES
     if args.worker:
         worker = {"single": single_worker, "ranks": ranks_worker, "loopback": loopback_worker,
-                  "schedule": schedule_worker}[args.worker]
+                  "schedule": schedule_worker, "sweep": sweep_worker}[args.worker]
         result = worker(args)
         if result is not None:
             print("RESULT " + json.dumps(result), flush=True)
         return
-    if args.loopback:
+    if args.sweep:
+        sweep(args)
+    elif args.loopback:
         loopback(args)
     elif args.scaling:
         scaling(args)
