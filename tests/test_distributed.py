@@ -141,5 +141,12 @@ def test_one_rank_is_the_plain_step(mpiexec, tmp_path):
     assert "allreduce_start" in result["profiled_kernels"] and result["profile_kept_params"]
     assert not any(name.startswith("mpi") for name in result["state"] + result["state_dict"])
     assert "data-parallel step" in result["save_refused"]
+    assert result["report_bytes"] > 10000
+    assert result["refused"] == {
+        "check_finite": "ValueError: compile_training_step: check_finite=True cannot be combined with comm=: a rank "
+                        "stopping at a NaN would leave the other ranks waiting for its gradients",
+        "bucket_bytes": "ValueError: compile_training_step: bucket_bytes must be a positive int, got 0",
+        "comm": "TypeError: compile_training_step: comm must be an mpi4py intracommunicator such as MPI.COMM_WORLD, "
+                "got 'world'"}
     for own, reference in result["hand_written"]:      # an optimizer that is not a dataclass
         assert own == pytest.approx(reference, rel=1e-6)

@@ -4,7 +4,8 @@
 
 Compares it with the plain step (the average over one rank is the value itself), profiles it
 (the profiling twin runs without a communicator), checks that its communicator slot is not
-optimizer state, and that saving it (to DIRECTORY) is refused. Prints RESULT {json}.
+optimizer state, that its report (DIRECTORY/step.html) is written, that saving it is refused,
+and what compile_training_step refuses with comm=. Prints RESULT {json}.
 """
 import json
 import os
@@ -50,6 +51,19 @@ own_params, reference_params = gc.init_params(model.graph, 0), gc.init_params(mo
 own = gc.compile_training_step(model.loss, own_params, HandWritten(), comm=MPI.COMM_WORLD)
 reference = gc.compile_training_step(model.loss, reference_params, gc.SGD(lr=0.1))
 result["hand_written"] = [(own(**f), reference(**f)) for f in feeds]
+gc.report(step, os.path.join(directory, "step.html"), feeds=feeds[0])
+result["report_bytes"] = os.path.getsize(os.path.join(directory, "step.html"))
+refusals = {"check_finite": lambda: gc.compile_training_step(model.loss, plain_params, optimizer, check_finite=True,
+                                                             comm=MPI.COMM_WORLD),
+            "bucket_bytes": lambda: gc.compile_training_step(model.loss, plain_params, optimizer, bucket_bytes=0,
+                                                             comm=MPI.COMM_WORLD),
+            "comm": lambda: gc.compile_training_step(model.loss, plain_params, optimizer, comm="world")}
+result["refused"] = {}
+for name, attempt in refusals.items():
+    try:
+        attempt()
+    except (TypeError, ValueError) as error:
+        result["refused"][name] = f"{type(error).__name__}: {error}"
 try:
     step.save(os.path.join(directory, "step.gcx"))
 except ValueError as error:
