@@ -38,7 +38,7 @@ from graphc.backend.emit.entry import ENTRY_NAME
 from graphc.backend.finite_report import stopped_error
 from graphc.backend.llvm.parallel import ObjectCompiler, compile_modules, split_modules
 from graphc.backend.llvm.program_modules import default_budget
-from graphc.backend.program_cache import CachedProgram, compiler_source_digest, pack_entry, program_key, unpack_entry
+from graphc.backend.program_cache import CachedProgram, pack_entry, program_key, unpack_entry
 from graphc.core.errors import building_for, user_site
 from graphc.core.ir import Tensor
 from graphc.core.reference import checked_seed
@@ -449,10 +449,10 @@ def compile_training_step(loss: Tensor, params: Mapping[str, np.ndarray], optimi
     optimizer_key = _optimizer_key(optimizer)
     if optimizer_key is None:    # an optimizer we cannot describe exactly: keyed by its update graph
         built = training_graph()
-        if data_parallel is not None:
-            _check_same_program(data_parallel, built.graph, built.outputs,
-                                dict(optimizer=f"{type(optimizer).__module__}.{type(optimizer).__qualname__}"),
-                                loss, params)
+        if data_parallel is not None:   # keyed by its class: its repr may hold an address
+            request = dict(optimizer=f"{type(optimizer).__module__}.{type(optimizer).__qualname__}")
+            data_parallel.check_same_program("compile_training_step", program_key(built.graph, built.outputs, request),
+                                             request, loss, params)
         return _build(CompiledTrainingStep, built.outputs, params, output_names=built.output_names,
                       inplace=built.inplace, state_names=built.state_names, state_names_for_caller=built.renames,
                       seed=seed, optimizer=optimizer, hyper_slots=built.hyper_slots, check_finite=check_finite,
@@ -461,8 +461,9 @@ def compile_training_step(loss: Tensor, params: Mapping[str, np.ndarray], optimi
                         buffers=[update.buffer.name for update in buffer_updates],
                         **(data_parallel.request() if data_parallel is not None else {}),
                         **_check_finite_request(check_finite))
-    if data_parallel is not None:
-        _check_same_program(data_parallel, loss.graph, forward_outputs, step_request, loss, params)
+    if data_parallel is not None:   # the threads may differ between ranks: not part of the hash
+        program_hash = program_key(loss.graph, forward_outputs, step_request)
+        data_parallel.check_same_program("compile_training_step", program_hash, step_request, loss, params)
     step_request.update(_thread_request(threads))
     cache = object_cache()
     step_key = program_key(loss.graph, forward_outputs, step_request)
@@ -499,29 +500,9 @@ def _without_finite_checks(check_finite) -> bool:
                      "at a NaN would leave the other ranks waiting for its gradients")
 
 
-def _check_same_program(data_parallel, graph, outputs, request: dict, loss: Tensor, params) -> None:
-    """Every rank compiled this program from these params (distributed/agreement.py): its hash is
-    the cache key's, without the thread count, which may differ between ranks."""
-    from graphc.backend.llvm.target import target_fingerprint
-    forward = loss.graph
-    bound = [name for name in forward.bound_sources() if name in params]
-    description = dict(graph=forward.name, nodes=len(forward.ancestors([loss])),
-                       inputs={name: (node.shape, node.dtype) for name, node in forward.inputs.items()},
-                       params={name: tuple(np.shape(params[name])) for name in bound},
-                       target=target_fingerprint(), graphc_source=compiler_source_digest()[:16],
-                       **{key: value for key, value in request.items() if key != "kind"})
-    data_parallel.check_same_program("compile_training_step", program_key(graph, outputs, request), description,
-                                     params, bound)
-
-
 def _comm_slot_values(data_parallel, name: str | None, values: int) -> dict[str, np.ndarray]:
-    """{the communicator slot's name: its words} for a data-parallel step averaging `values`
-    values (at most as many buckets); {} for another step."""
-    if data_parallel is None:
-        return {}
-    if name is None:
-        raise ValueError("internal error: a data-parallel step without its communicator slot")
-    return {name: data_parallel.slot_values(buckets=values)}
+    """{the communicator slot's name: its words} for a data-parallel step; {} for another."""
+    return {} if data_parallel is None else data_parallel.slot_values(name, buckets=values)
 
 
 def _optimizer_key(optimizer) -> str | None:

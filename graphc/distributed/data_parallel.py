@@ -42,11 +42,25 @@ class DataParallel:
         kernels read 1/ranks from the communicator slot, so one program serves any count."""
         return {"allreduce": {"bucket_bytes": self.bucket_bytes, "mpi_abi": dataclasses.astuple(self.abi)}}
 
-    def check_same_program(self, where: str, program_hash: str, description: dict,
-                           params: Mapping[str, np.ndarray], bound_names) -> None:
+    def check_same_program(self, where: str, program_hash: str, request: dict, loss, params: Mapping) -> None:
+        """Every rank compiled the program `program_hash` names (its cache key without the thread
+        count, which may differ between ranks) from the same params, or ValueError on every rank
+        (agreement.py). The description says what differs: the graph's inputs and params, the
+        request (optimizer, buffers, buckets), the CPU target and graphc's source."""
+        from graphc.backend.llvm.target import target_fingerprint
+        from graphc.backend.program_cache import compiler_source_digest
+        graph = loss.graph
+        bound = [name for name in graph.bound_sources() if name in params]
+        description = dict(graph=graph.name, nodes=len(graph.ancestors([loss])),
+                           inputs={name: (node.shape, node.dtype) for name, node in graph.inputs.items()},
+                           params={name: tuple(np.shape(params[name])) for name in bound},
+                           target=target_fingerprint(), graphc_source=compiler_source_digest()[:16],
+                           **{key: value for key, value in request.items() if key != "kind"})
         agreement.check_same_program(self.comm, where, program_hash, description,
-                                     agreement.params_digest(params, bound_names))
+                                     agreement.params_digest(params, bound))
 
-    def slot_values(self, buckets: int) -> np.ndarray:
-        """The communicator slot's words, for a program of at most `buckets` buckets."""
-        return comms.slot_values(self.comm, buckets)
+    def slot_values(self, name: str | None, buckets: int) -> dict[str, np.ndarray]:
+        """{the communicator slot's name: its words}, for a program of at most `buckets` buckets."""
+        if name is None:
+            raise ValueError("internal error: a data-parallel step without its communicator slot")
+        return {name: comms.slot_values(self.comm, buckets)}
