@@ -28,11 +28,11 @@ def params_digest(params: Mapping[str, np.ndarray], names) -> dict[str, str]:
     return digests
 
 
-def check_same_program(comm, where: str, program_hash: str, description: dict, params: dict[str, str]) -> None:
-    """All-gather (program hash, description, params digest) over `comm`; ValueError on every
+def check_same_program(comm, where: str, program_hash: str, description: dict, param_digests: dict[str, str]) -> None:
+    """All-gather (program hash, description, params_digest) over `comm`; ValueError on every
     rank if they differ. `description`: what a reader needs to tell two programs apart (the
     graph's inputs, params, optimizer, ...), compared field by field."""
-    everyone = comm.allgather((program_hash, description, params))
+    everyone = comm.allgather((program_hash, description, param_digests))
     groups = _groups([(hash_, repr(sorted(desc.items()))) for hash_, desc, _ in everyone])
     if len(groups) > 1:
         first, other = groups[0][0], groups[1][0]

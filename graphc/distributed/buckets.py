@@ -8,7 +8,7 @@ they are cut into buckets of at most `bucket_bytes` (a larger value in one of it
 
 - `averaged_values` builds, on the training graph, one `allreduce_start` per bucket and one
   `allreduce_done` per value, all after the backward;
-- `placed` copies the graph moving each start right after the last node its bucket needs,
+- `_placed` copies the graph moving each start right after the last node its bucket needs,
   and putting an `allreduce_progress` after every later backward node that does real work,
   so that the reductions advance while the backward goes on; the dones stay at the end, each
   where the optimizer's update of its value will be fused into it.
@@ -97,6 +97,8 @@ def _placed(graph: Graph, outputs: list[Tensor], comm: Tensor, starts: dict[int,
     placed: dict[int, Tensor] = {}       # start id in `graph` -> its copy, built early
     started: list[int] = []              # buckets started so far, in order
     token: list[Tensor] = []             # the last progress point's token
+    first_start = graph.nodes[min(starts, key=lambda node_id: starts[node_id].index)]
+    first_done = next(out for out in outputs if out.inputs[0] is first_start)   # it keeps the tokens alive
 
     def place(rewrite):
         node = rewrite.node
@@ -105,7 +107,7 @@ def _placed(graph: Graph, outputs: list[Tensor], comm: Tensor, starts: dict[int,
         if node is first_done and token:
             return rewrite.apply("allreduce_done", rewrite.operands + [token[0]], **node.attrs)
         triggered = by_ready.get(node.id, [])
-        progress = started and node.is_backward and node.op not in _CHEAP_OPS
+        progress = bool(started) and node.is_backward and node.op not in _CHEAP_OPS
         if not triggered and not progress:
             return None
         copy = rewrite.copy()
@@ -118,8 +120,6 @@ def _placed(graph: Graph, outputs: list[Tensor], comm: Tensor, starts: dict[int,
             token[:] = [allreduce_progress(after, rewrite.new(comm), buckets=tuple(started), abi=abi)]
         return copy
 
-    first_start = graph.nodes[min(starts, key=lambda node_id: starts[node_id].index)]
-    first_done = next(out for out in outputs if out.inputs[0] is first_start)
     new_graph, new_outputs = rebuild(graph, outputs, place)
     _restore_provenance(new_graph, {bucket.index: graph.nodes[node_id] for node_id, bucket in starts.items()})
     return new_graph, new_outputs

@@ -8,9 +8,11 @@ MPI_Wait, MPI_Test and MPI_Abort, the communicator, datatype and op handles, MPI
 step); the other threads return from those phases at once and meet it at the next barrier.
 
 - allreduce_start: every thread copies its share of the values into the bucket; then thread 0
-  starts MPI_Iallreduce on the bucket, in place.
-- allreduce_progress: thread 0 calls MPI_Test on each bucket under way (MPI advances a
-  nonblocking collective only inside its calls), between backward kernels.
+  starts MPI_Iallreduce on the bucket, in place. A bucket of one value that nothing else reads
+  is that value's own buffer, summed without a copy (`sums_in_place`).
+- allreduce_progress: thread 0 calls MPI_Test on the buckets under way, up to the first one
+  still unfinished (MPI advances a nonblocking collective only inside its calls), between
+  backward kernels.
 - allreduce_done: thread 0 waits for the bucket (and tests the later ones); then every thread
   writes its slice times 1/ranks, with the consumer fused in (the optimizer's update).
 
@@ -224,7 +226,7 @@ def emit_allreduce_in_place(module: ir.Module, name: str, size: int, bucket: int
 
 def emit_allreduce_progress(module: ir.Module, name: str, buckets: tuple[int, ...], abi: MpiAbi, *,
                             max_threads: int) -> Kernel:
-    """(out, after, words): MPI_Test on each of `buckets`."""
+    """(out, after, words): MPI_Test on `buckets`, up to the first one still under way."""
     return Kernel([_mpi_phase(module, name, 2, 1, abi, lambda mpi: mpi.test(buckets))])
 
 
