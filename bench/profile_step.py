@@ -47,7 +47,7 @@ def kernel_class(step_, forward_ids: set, stat_ids: set) -> str:
       normalization, its affine), ReLU, and the residual add fused with them, forward or their
       gradients. In a model without batch norm, whatever elementwise and reduction work is left.
     """
-    base = step_.label.split("+")[0]
+    base = step_.label.split("+")[0].split("&")[0]   # "sum&sum+ew": sums sharing one pass
     if base in CONV_CLASSES:
         return CONV_CLASSES[base]
     nodes = step_.covers
