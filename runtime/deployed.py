@@ -18,9 +18,7 @@ import hashlib
 import os
 import platform
 import sys
-import threading
 from collections.abc import Mapping
-from types import MappingProxyType
 
 import numpy as np
 
@@ -31,7 +29,8 @@ from .cpu_features import missing_features
 from .elf_link import ElfObject
 from .loader import NativeLibrary
 from .manifest import Manifest, manifest_to_json, parse_manifest
-from .optimizers import changes_every_call, finite_non_negative, hyper_values
+from .call_values import CallValues, TrainingStepCalls
+from .optimizers import changes_every_call, hyper_values
 from .program import Program
 from .slots import Param, State
 from .team_native import TeamFunctions, team_ir
@@ -167,113 +166,29 @@ class LoadedFunction:
         return f"<loaded {self._manifest.kind} of graph {self._manifest.graph_hash[:12]}>"
 
 
-class LoadedTrainingStep(LoadedFunction):
+class LoadedTrainingStep(TrainingStepCalls, LoadedFunction):
     """A training step loaded from an artifact: `step(**feeds)` trains and returns the loss.
 
     `lr` is settable between calls; `state` holds the optimizer's state; training goes on
     exactly as the saved step's would have.
     """
 
-    def __call__(self, /, **feeds) -> float:
-        values = self._call_values
-        if not values.per_call:
-            return self._program.call_scalar(feeds)
-        with values.lock:
-            values.before_call()
-            return self._program.call_scalar(feeds)
 
-    @property
-    def lr(self) -> float:
-        return self._call_values.lr
-
-    @lr.setter
-    def lr(self, value) -> None:
-        self._call_values.lr = value
-
-    @property
-    def optimizer_steps(self) -> int:
-        """Updates since the optimizer's state was last zeroed (Adam's step count)."""
-        return self._call_values.optimizer_steps
-
-    @property
-    def state(self) -> Mapping[str, np.ndarray]:
-        """The optimizer's state (momentum, Adam's moments), by name."""
-        hidden = self._call_values.hidden_slots
-        return MappingProxyType({name: array for name, array in self._program.state.items() if name not in hidden})
-
-    def reset_state(self) -> None:
-        """Zero the optimizer's state; dropout's masks go on from where they were."""
-        with self._call_values.lock:
-            calls = self._call_values.calls
-            self._program.reset_state()
-            self._call_values.reset_optimizer(calls)
-
-
-class _CallValues:
-    """What the runtime writes into a program's State before calls: dropout's random key
-    [seed, call] and the optimizer's hyperparameter slots (graphc's call_values.py, driven
-    by the manifest)."""
+class _CallValues(CallValues):
+    """The per-call values of a loaded program, driven by the manifest: its optimizer's
+    description stands for graphc's optimizer object (optimizers.py)."""
 
     def __init__(self, state: Mapping[str, np.ndarray], manifest: Manifest):
-        self.seed = manifest.seed
-        self.lock = threading.Lock()
-        self._counter = state[manifest.calls_slot]
-        self._steps_before_reset = self.calls - manifest.optimizer_steps
-        self._key = state[manifest.random_key_slot].view(np.uint32) if manifest.random_key_slot else None
-        self._optimizer = manifest.optimizer
-        self._lr = manifest.optimizer["lr"] if manifest.optimizer else None
-        self._hyper = {name: state[slot] for name, slot in manifest.hyper_slots.items()}
-        self.hidden_slots = frozenset(manifest.hyper_slots.values()) | {manifest.calls_slot} | (
-            {manifest.random_key_slot} if manifest.random_key_slot else set())
-        self._changes = manifest.optimizer is not None and changes_every_call(manifest.optimizer)
-        self.per_call = self._key is not None or (self._changes and bool(self._hyper))
-        self.write_hyper()
-
-    @property
-    def calls(self) -> int:
-        return int(self._counter[0])
-
-    @property
-    def optimizer_steps(self) -> int:
-        return self.calls - self._steps_before_reset
-
-    @property
-    def lr(self) -> float | None:
-        return self._lr
-
-    @lr.setter
-    def lr(self, value) -> None:
-        if self._optimizer is None:
-            raise AttributeError("lr: this loaded function has no optimizer")
-        checked = finite_non_negative(value.item() if isinstance(value, np.generic) else value)
-        if checked is None:
-            raise ValueError(f"lr must be a finite number >= 0, got {value!r}")
-        with self.lock:
-            self._lr = checked
-            self.write_hyper()
-
-    def write_hyper(self) -> None:
-        if self._optimizer is None or not self._hyper:
-            return
-        values = hyper_values(self._optimizer, self._lr, self.optimizer_steps + 1)
-        for name, array in self._hyper.items():
-            array[0] = values[name]
-
-    def before_call(self) -> None:
-        if self._key is not None:
-            self._key[0] = self.seed
-            self._key[1] = self.calls & 0xFFFFFFFF
-        if self._changes:
-            self.write_hyper()
-
-    def reset_optimizer(self, calls: int) -> None:
-        self._counter[0] = calls
-        self._steps_before_reset = calls
-        self.write_hyper()
+        optimizer = manifest.optimizer
+        super().__init__(state, manifest.calls_slot, seed=manifest.seed, random_key_slot=manifest.random_key_slot,
+                         hyper_slots=manifest.hyper_slots,
+                         hyper_values=(lambda lr, step: hyper_values(optimizer, lr, step)) if optimizer else None,
+                         changes_every_call=optimizer is not None and changes_every_call(optimizer),
+                         lr=optimizer["lr"] if optimizer else None, optimizer_steps=manifest.optimizer_steps)
 
     def updated(self, manifest: Manifest) -> Manifest:
         """`manifest` with the counts and lr as they are now."""
-        optimizer = None if manifest.optimizer is None else {**manifest.optimizer, "lr": self._lr}
+        optimizer = None if manifest.optimizer is None else {**manifest.optimizer, "lr": self.lr}
         return dataclasses.replace(manifest, optimizer_steps=self.optimizer_steps, optimizer=optimizer)
 
 

@@ -25,7 +25,6 @@ import numbers
 import os
 import warnings
 from collections import Counter
-from types import MappingProxyType
 from typing import Mapping
 
 import numpy as np
@@ -42,6 +41,7 @@ from graphc.backend.program_cache import CachedProgram, pack_entry, program_key,
 from graphc.core.errors import building_for, user_site
 from graphc.core.ir import Tensor
 from graphc.core.reference import checked_seed
+from graphc_runtime.call_values import TrainingStepCalls
 
 _cache: rt.ObjectCache | None = None
 CHECK_FINITE_VARIABLE = "GRAPHC_CHECK_FINITE"
@@ -86,7 +86,6 @@ class Plan:
         self._source = outputs if request is None else (lambda: (outputs, request))
         self._max_threads = max_threads
         self.check_finite = check_finite   # the program checks every kernel's results (assemble.py)
-        self.hidden_state: set[str] = set()   # State slots that are not the optimizer's (call_values.py)
 
     @functools.cached_property
     def _built(self) -> tuple[list, dict]:
@@ -288,7 +287,7 @@ class CompiledFunction:
         return profile(self, {**(feeds or {}), **keyword_feeds}, int(repeats))
 
 
-class CompiledTrainingStep(CompiledFunction):
+class CompiledTrainingStep(TrainingStepCalls, CompiledFunction):
     """One native call: forward, backward and the optimizer's update. Returns the loss (a float)
     and updates the bound param and buffer arrays in place."""
 
@@ -301,46 +300,6 @@ class CompiledTrainingStep(CompiledFunction):
             self.__class__ = type(type(self).__name__, (type(self),), {
                 "__call__": program.keyword_call_scalar, "__module__": type(self).__module__,
                 "__qualname__": type(self).__qualname__})
-
-    def __call__(self, /, **feeds) -> float:
-        # The loss is the program's only output: read straight from a reused buffer.
-        values = self._call_values
-        if not values.per_call:
-            return self._program.call_scalar(feeds)
-        with values.lock:
-            values.before_call()
-            return self._program.call_scalar(feeds)
-
-    @property
-    def lr(self) -> float:
-        """The learning rate; setting it takes effect at the next call, without recompiling."""
-        return self._call_values.lr
-
-    @lr.setter
-    def lr(self, value) -> None:
-        self._call_values.lr = value
-
-    @property
-    def optimizer_steps(self) -> int:
-        """Updates made since the optimizer's state was last zeroed (Adam's step count)."""
-        return self._call_values.optimizer_steps
-
-    @property
-    def state(self):
-        """The optimizer's state buffers (momentum, Adam's moments), by name."""
-        hidden = self._hidden_state_names
-        return MappingProxyType({name: array for name, array in self._program.state.items() if name not in hidden})
-
-    @functools.cached_property
-    def _hidden_state_names(self) -> frozenset:
-        return frozenset(self._plan.hidden_state)
-
-    def reset_state(self) -> None:
-        """Zero the optimizer's state (momentum buffers, Adam's moments and step count)."""
-        with self._call_values.lock:
-            calls = self._call_values.calls     # dropout's masks go on from where they were
-            self._program.reset_state()
-            self._call_values.reset_optimizer(calls)
 
     def state_dict(self) -> dict[str, np.ndarray]:
         """Everything a resumed run needs to continue bit for bit, as float32 arrays by name
@@ -708,9 +667,6 @@ def _bound(cls, compiled: CachedProgram, library, plan: Plan, params, graph, *, 
            fixed_state: dict[str, np.ndarray] | None = None):
     """The compiled function or step running `compiled` with `params` bound. `fixed_state`:
     State slots whose words are set once, at binding (a data-parallel step's MPI handles)."""
-    fixed_state = fixed_state or {}
-    plan.hidden_state = {renames.get(name, name) for name in hyper_slots.values()} | (
-        {random_key} if random_key else set()) | {CALLS_SLOT} | set(fixed_state)
     slots = _renamed_state_slots(compiled.slots, renames)
     # The error names nodes and kernels: made from the plan, which a cached program builds then.
     on_stop = (lambda status, memory: stopped_error(plan.spec, status, memory)) if check_finite else None
@@ -718,7 +674,7 @@ def _bound(cls, compiled: CachedProgram, library, plan: Plan, params, graph, *, 
                          ignored_inputs=graph.inputs, on_stop=on_stop)
     call_values = CallValues(program.state, CALLS_SLOT, seed=seed, random_key_slot=random_key, optimizer=optimizer,
                              hyper_slots={name: renames.get(slot, slot) for name, slot in hyper_slots.items()},
-                             fixed_state=fixed_state)
+                             fixed_state=fixed_state or {})
     return cls(program, plan, single, call_values)
 
 
