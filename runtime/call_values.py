@@ -23,7 +23,7 @@ import numpy as np
 
 from .optimizers import finite_non_negative
 
-__all__ = ["CallValues", "TrainingStepCalls"]
+__all__ = ["CallValues", "FunctionCalls", "TrainingStepCalls"]
 
 HyperValues = Callable[[float, int], Mapping[str, float]]   # (lr, step from 1) -> slot name -> value
 
@@ -144,9 +144,51 @@ class CallValues:
         self.write_hyper()
 
 
-class TrainingStepCalls:
-    """A training step's calls and optimizer controls, over `self._program` (a Program whose
-    only output is the loss) and `self._call_values` (a CallValues)."""
+class FunctionCalls:
+    """A compiled function's calls, over `self._program` (a Program), `self._call_values` (a
+    CallValues) and `self._single` (whether it returns one array rather than a list)."""
+
+    def __call__(self, /, **feeds):
+        values = self._call_values
+        if values.per_call:
+            with values.lock:
+                values.before_call()
+                results = self._program(**feeds)
+        else:
+            results = self._program(**feeds)
+        return results[0] if self._single else results
+
+    @property
+    def seed(self) -> int:
+        """The seed of the random masks (dropout); `calls` says how many calls drew them so far."""
+        return self._call_values.seed
+
+    @property
+    def calls(self) -> int:
+        return self._call_values.calls
+
+    @property
+    def num_threads(self) -> int:
+        return self._program.num_threads
+
+    @property
+    def params(self) -> Mapping[str, np.ndarray]:
+        """The arrays bound as params and buffers, by name."""
+        return self._program.params
+
+    def load_params(self, values: Mapping[str, np.ndarray], strict: bool = True) -> None:
+        """Copy `values` (e.g. `gc.load_params(path, graph)`) into the arrays bound as params.
+
+        As torch's `load_state_dict`: with `strict`, missing and unexpected names are errors;
+        `strict=False` loads the names both have. Names, shapes and dtypes are all checked
+        before anything is copied.
+        """
+        self._program.load_params(values, strict=strict)
+
+
+class TrainingStepCalls(FunctionCalls):
+    """A training step's calls and optimizer controls (see FunctionCalls); the program's only
+    output is the loss."""
 
     def __call__(self, /, **feeds) -> float:
         # The loss is the program's only output: read straight from a reused buffer.

@@ -29,7 +29,7 @@ from .cpu_features import missing_features
 from .elf_link import ElfObject
 from .loader import NativeLibrary
 from .manifest import Manifest, manifest_to_json, parse_manifest
-from .call_values import CallValues, TrainingStepCalls
+from .call_values import CallValues, FunctionCalls, TrainingStepCalls
 from .optimizers import changes_every_call, hyper_values
 from .program import Program
 from .slots import Param, State
@@ -102,7 +102,7 @@ def team_ir_digest(triple: str) -> str:
     return hashlib.sha256(team_ir(triple).encode()).hexdigest()
 
 
-class LoadedFunction:
+class LoadedFunction(FunctionCalls):
     """A compiled function loaded from an artifact: call it with the inputs as keywords.
 
     `params` are its own arrays (loaded from the file; buffers its ops update change in place),
@@ -113,17 +113,8 @@ class LoadedFunction:
         self._program = program
         self._manifest = manifest
         self._team_object = team_object
+        self._single = manifest.single_output
         self._call_values = _CallValues(program.state, manifest)
-
-    def __call__(self, /, **feeds):
-        values = self._call_values
-        if values.per_call:
-            with values.lock:
-                values.before_call()
-                results = self._program(**feeds)
-        else:
-            results = self._program(**feeds)
-        return results[0] if self._manifest.single_output else results
 
     @property
     def manifest(self) -> Manifest:
@@ -131,30 +122,9 @@ class LoadedFunction:
         return self._manifest
 
     @property
-    def params(self) -> Mapping[str, np.ndarray]:
-        """The params and buffers, by name (a read-only mapping of writable arrays)."""
-        return self._program.params
-
-    @property
     def inputs(self) -> dict[str, tuple]:
         """Each input's (shape, dtype)."""
         return {slot.name: (slot.shape, slot.dtype) for slot in self._program.inputs}
-
-    @property
-    def seed(self) -> int:
-        return self._call_values.seed
-
-    @property
-    def calls(self) -> int:
-        return self._call_values.calls
-
-    @property
-    def num_threads(self) -> int:
-        return self._program.num_threads
-
-    def load_params(self, values: Mapping[str, np.ndarray], strict: bool = True) -> None:
-        """Copy `values` into the params (as a compiled function's `load_params`)."""
-        self._program.load_params(values, strict=strict)
 
     def save(self, path) -> None:
         """Write this program, with its params and state as they are now, to `path`."""

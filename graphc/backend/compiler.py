@@ -41,7 +41,7 @@ from graphc.backend.program_cache import CachedProgram, pack_entry, program_key,
 from graphc.core.errors import building_for, user_site
 from graphc.core.ir import Tensor
 from graphc.core.reference import checked_seed
-from graphc_runtime.call_values import TrainingStepCalls
+from graphc_runtime.call_values import FunctionCalls, TrainingStepCalls
 
 _cache: rt.ObjectCache | None = None
 CHECK_FINITE_VARIABLE = "GRAPHC_CHECK_FINITE"
@@ -150,7 +150,7 @@ class Plan:
         return self.recipe.assemble()
 
 
-class CompiledFunction:
+class CompiledFunction(FunctionCalls):
     """A compiled graph: call it with the graph's inputs as keyword arguments.
 
     `graph` is the optimized graph it runs, `optimization` what each pass did, `llvm_ir` the
@@ -188,25 +188,6 @@ class CompiledFunction:
     def outputs(self) -> list:
         return self._plan.recipe.outputs
 
-    def __call__(self, /, **feeds):
-        values = self._call_values
-        if values.per_call:
-            with values.lock:
-                values.before_call()
-                results = self._program(**feeds)
-        else:
-            results = self._program(**feeds)
-        return results[0] if self._single else results
-
-    @property
-    def seed(self) -> int:
-        """The seed of the random masks (dropout); `calls` says how many calls drew them so far."""
-        return self._call_values.seed
-
-    @property
-    def calls(self) -> int:
-        return self._call_values.calls
-
     @property
     def _spec(self) -> ProgramSpec:
         return self._plan.spec
@@ -234,23 +215,10 @@ class CompiledFunction:
         return self._spec.shares_code_with
 
     @property
-    def num_threads(self) -> int:
-        return self._program.num_threads
-
-    @property
     def params(self):
         """The arrays bound as params (the caller's own arrays, as now in the `params` it was
         compiled with: an array put there after compiling is bound at the next call)."""
         return self._program.params
-
-    def load_params(self, values: Mapping[str, np.ndarray], strict: bool = True) -> None:
-        """Copy `values` (e.g. `gc.load_params(path, graph)`) into the arrays bound as params.
-
-        As torch's `load_state_dict`: with `strict`, missing and unexpected names are errors;
-        `strict=False` loads the names both have. Names, shapes and dtypes are all checked
-        before anything is copied. Every function compiled with the same arrays sees the values.
-        """
-        self._program.load_params(values, strict=strict)
 
     def save(self, path) -> None:
         """Write this function or step, with its params and state, to `path`: an artifact that
