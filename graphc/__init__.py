@@ -33,6 +33,6 @@ __all__ = [
     "import_onnx", "export_onnx",
     "add", "avg_pool2d", "broadcast_to", "concat", "conv2d", "div", "exp", "flatten", "global_avg_pool2d",
     "leaky_relu", "linear", "log", "matmul", "max_pool2d", "mean", "mse", "mul", "neg", "pad", "power", "relu",
-    "reshape", "sigmoid", "sigmoid_binary_cross_entropy", "softmax", "softmax_cross_entropy", "softplus", "sqrt", "stop_gradient", "sub",
-    "sum", "tanh", "transpose",
+    "reshape", "sigmoid", "sigmoid_binary_cross_entropy", "softmax", "softmax_cross_entropy", "softplus", "sqrt",
+    "stop_gradient", "sub", "sum", "tanh", "transpose",
 ]

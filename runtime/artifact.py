@@ -109,6 +109,8 @@ def _read_file(where: str) -> bytes:
     end) of at most MAX_FILE_BYTES."""
     try:
         descriptor = os.open(where, _OPEN_FLAGS)
+    except (FileNotFoundError, PermissionError) as error:   # as open() says it: not a damaged artifact
+        raise type(error)(error.errno, f"cannot open the artifact ({error.strerror})", where) from None
     except OSError as error:
         raise ArtifactError(f"{where}: cannot open the artifact ({error.strerror})") from None
     try:

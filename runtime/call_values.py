@@ -141,6 +141,7 @@ class CallValues:
     def restore(self, calls: int, optimizer_steps: int) -> None:
         self._counter[0] = calls
         self._steps_before_reset = calls - optimizer_steps
+        self.write_fixed()
         self.write_hyper()
 
 
@@ -222,7 +223,7 @@ class TrainingStepCalls(FunctionCalls):
     def reset_state(self) -> None:
         """Zero the optimizer's state (momentum buffers, Adam's moments and step count); dropout's
         masks go on from where they were."""
-        with self._call_values.lock:
-            calls = self._call_values.calls
-            self._program.reset_state()
-            self._call_values.reset_optimizer(calls)
+        values = self._call_values
+        with values.lock:
+            calls = values.calls
+            self._program.reset_state(then=lambda: values.reset_optimizer(calls))

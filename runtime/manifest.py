@@ -201,7 +201,8 @@ def _slots(items, fail) -> tuple[list, dict]:
         if cls is Input:
             valid_range = item["valid_range"]
             if valid_range is not None and not (isinstance(valid_range, list) and len(valid_range) == 2
-                                                and all(type(n) is int for n in valid_range)):
+                                                and all(type(n) is int for n in valid_range)
+                                                and valid_range[0] < valid_range[1]):
                 fail(f"input {name!r} with valid_range {str(valid_range)[:60]}")
             if type(item["range_checked_natively"]) is not bool:
                 fail(f"input {name!r} whose range_checked_natively is not true or false")

@@ -280,11 +280,15 @@ class Program:
         self.max_threads = 1
         self._publish({"_max_threads": 1})
 
-    def reset_state(self) -> None:
-        """Zero every State buffer (e.g. forget the optimizer's momentum)."""
+    def reset_state(self, then: Callable[[], None] | None = None) -> None:
+        """Zero every State buffer (e.g. forget the optimizer's momentum). `then` runs before
+        any call can see the zeros: it writes back what must not stay zero (a step's learning
+        rate, its MPI handles)."""
         with self._lock:
             for buffer in self.state.values():
                 buffer.fill(0)
+            if then is not None:
+                then()
 
     def _scalar_output_buffer(self) -> tuple[np.ndarray, int, int, ctypes._SimpleCData] | None:
         """`call_scalar`'s output buffer (memory, address, argv position, ctypes view of the

@@ -244,7 +244,7 @@ def test_files_that_are_not_artifacts_are_refused_without_waiting(tmp_path):
     assert_fifo_refused_without_waiting(rt.load, tmp_path / "fifo.gcx")
     with pytest.raises(ValueError, match="not a regular file"):
         rt.load(tmp_path)
-    with pytest.raises(ValueError, match="cannot open"):
+    with pytest.raises(FileNotFoundError, match="cannot open the artifact"):   # missing, not damaged
         rt.load(tmp_path / "absent.gcx")
     (tmp_path / "params.npz").write_bytes(b"PK\x03\x04" + bytes(100))
     with pytest.raises(ValueError, match="not a graphc artifact"):
@@ -293,3 +293,13 @@ def test_any_value_of_any_type_anywhere_in_the_manifest_is_a_value_error_or_harm
                 rt.load(tmp_path / "t.gcx")
             except ValueError as error:
                 assert str(tmp_path / "t.gcx") in str(error), (path, replacement, error)
+
+
+def test_a_manifest_input_range_must_not_be_empty(saved, tmp_path, linked):
+    blob, _ = saved
+    def empty_range(manifest):
+        for slot in manifest["slots"]:
+            if slot.get("valid_range") is not None:
+                slot["valid_range"] = [5, 2]
+    (tmp_path / "range.gcx").write_bytes(_rewritten(blob, edit_manifest=empty_range))
+    _refused(tmp_path / "range.gcx", "valid_range", linked)

@@ -162,6 +162,10 @@ def test_export_refusals_name_the_problem(lenet_saved, tmp_path):
         export_c([tmp_path / "step.gcx", tmp_path / "step.gcx"], tmp_path / "out")
     with pytest.raises(ExportError, match="prefix"):
         export_c([tmp_path / "step.gcx"], tmp_path / "out", prefix="not-c")
+    for name in ("my-model", "../escape", "a/b"):      # the header's guard and the files' names
+        with pytest.raises(ExportError, match="name .* is not a C identifier"):
+            export_c([tmp_path / "step.gcx"], tmp_path / "out", name=name)
+    assert not (tmp_path / "escape.h").exists()
     assert main(["export-c", str(tmp_path / "damaged.gcx"), str(tmp_path / "out")]) == 1
 
 

@@ -13,7 +13,7 @@ import hashlib
 
 import graphc_runtime as rt
 from graphc.backend.assemble import CALLS_SLOT
-from graphc.backend.program_cache import _attr_text
+from graphc.backend.program_cache import graph_lines
 from graphc.core.optim import SGD, Adam, AdamW
 from graphc_runtime.buffers import data_pointer
 from graphc_runtime.cpu_features import required_features
@@ -25,48 +25,38 @@ from graphc_runtime.team_native import team_functions
 __all__ = ["save", "graph_hash"]
 
 
-def save(fn, path) -> None:
-    """Write `fn` (a CompiledFunction or CompiledTrainingStep), with its params, buffers and
-    state as they are now, to `path`."""
+def save(path, *, program, values, kind: str, single_output: bool, source_outputs, check_finite: bool) -> None:
+    """Write a compiled function or training step (`kind`), running `program` with per-call
+    `values` (call_values.py), with its params, buffers and state as they are now, to `path`.
+    `source_outputs`: the outputs before optimization, whose graph the manifest's hash names."""
     from graphc import __version__
-    from graphc.backend.compiler import CompiledTrainingStep
 
-    program, values = fn._program, fn._call_values
     if values.bound_to_this_process:     # MPI handles, function addresses
         raise ValueError("save: a data-parallel step (compiled with comm=) holds this process's MPI handles and "
                          "cannot be saved; save a step compiled without comm= from the same params")
-    source = fn.source_outputs          # builds a cached step's gradient graph if not yet built
-    buffers = source[0].graph.buffers
+    buffers = source_outputs[0].graph.buffers
     host = rt.host_target()
     with values.lock:                   # between calls: the counts and slots belong together
         state_slot = _state_slot_of(program.state)
         manifest = Manifest(
-            kind="training step" if isinstance(fn, CompiledTrainingStep) else "function",
-            graph_hash=graph_hash(source), graphc_version=__version__,
+            kind=kind, graph_hash=graph_hash(source_outputs), graphc_version=__version__,
             target={"triple": host.triple, "cpu": host.cpu, "level": host.level,
                     "cpu_features": required_features(host.triple, host.features)},
             entry=program.entry, objects=(), team_section="team", team_ir_sha256=team_ir_digest(host.triple),
-            max_threads=program.max_threads, single_output=fn._single,
+            max_threads=program.max_threads, single_output=single_output,
             ignored_inputs=tuple(sorted(program.ignored_inputs)), slots=program.slots,
             param_roles={name: "buffer" if name in buffers else "param" for name in program.params},
             calls_slot=CALLS_SLOT, seed=values.seed,
             random_key_slot=state_slot(values.random_key) if values.random_key is not None else None,
             optimizer_steps=values.optimizer_steps, optimizer=_optimizer(values.optimizer, values.lr),
             hyper_slots={name: state_slot(array) for name, array in values.hyper_slots.items()},
-            check_finite=fn.check_finite)
+            check_finite=check_finite)
         save_program(path, program, manifest, team_functions().library.objects[0])
 
 
 def graph_hash(outputs) -> str:
-    """sha256 of the graph computing `outputs`, as the program cache keys it (ops, attributes,
-    operands, shapes, dtypes, names of inputs and params; not the user's lines)."""
-    lines = []
-    for node in outputs[0].graph.ancestors(outputs):
-        attrs = sorted((k, _attr_text(v)) for k, v in node.attrs.items())
-        name = node.name if node.op in ("input", "param") else ""
-        lines.append(f"{node.id} {node.op} {name} {attrs} {[i.id for i in node.inputs]} {node.shape} {node.dtype}")
-    lines.append(f"outputs {[out.id for out in outputs]}")
-    return hashlib.sha256("\n".join(lines).encode()).hexdigest()
+    """sha256 of the graph computing `outputs`, as the program cache keys it."""
+    return hashlib.sha256("\n".join(graph_lines(outputs[0].graph, outputs)).encode()).hexdigest()
 
 
 def _state_slot_of(state):

@@ -224,7 +224,10 @@ class CompiledFunction(FunctionCalls):
         """Write this function or step, with its params and state, to `path`: an artifact that
         `graphc_runtime.load(path)` runs without the compiler (graphc/backend/artifact.py)."""
         from graphc.backend.artifact import save
-        save(self, path)
+        save(path, program=self._program, values=self._call_values, single_output=self._single,
+             kind="training step" if isinstance(self, CompiledTrainingStep) else "function",
+             source_outputs=self.source_outputs,     # builds a cached step's gradient graph if not yet built
+             check_finite=self.check_finite)
 
     def describe(self) -> str:
         """The kernels in execution order, what each computes, and the memory plan."""

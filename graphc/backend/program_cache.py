@@ -49,6 +49,13 @@ def compiler_source_digest() -> str:
 def program_key(graph, outputs, request: dict) -> str:
     """The key of the program computing `outputs` of `graph` (before optimization) as `request`
     (output names, in-place updates, threads...) asks."""
+    lines = graph_lines(graph, outputs) + [repr(sorted((k, repr(v)) for k, v in request.items()))]
+    return rt.make_key("\n".join(lines), compiler_source_digest(), target_fingerprint(), llvmlite.__version__)
+
+
+def graph_lines(graph, outputs) -> list[str]:
+    """The graph computing `outputs` as exact text, a line per node (op, attributes, operands,
+    shape, dtype, the names of inputs and params; not the user's lines), then the outputs."""
     lines = []
     for node in graph.ancestors(outputs):
         attrs = sorted((k, _attr_text(v)) for k, v in node.attrs.items())
@@ -56,8 +63,7 @@ def program_key(graph, outputs, request: dict) -> str:
         name = node.name if node.op in ("input", "param") else ""
         lines.append(f"{node.id} {node.op} {name} {attrs} {operands} {node.shape} {node.dtype}")
     lines.append(f"outputs {[out.id for out in outputs]}")
-    lines.append(repr(sorted((k, repr(v)) for k, v in request.items())))
-    return rt.make_key("\n".join(lines), compiler_source_digest(), target_fingerprint(), llvmlite.__version__)
+    return lines
 
 
 # 3: the thread count is stored (keys hash the unoptimized graph, which does not give it);

@@ -35,22 +35,27 @@ def load_checkpoint(path, step, comm=None) -> dict[str, np.ndarray]:
 
 
 def _on_rank_zero(work, comm):
-    """work()'s result on rank 0, broadcast to every rank; its exception raised on every rank."""
+    """work()'s result on rank 0, broadcast to every rank; its exception raised on every rank
+    (the others get its built-in type, or RuntimeError, and its message: the exception itself
+    may not survive pickling, and a failed broadcast would leave them waiting)."""
     if comm is None:
         return work()
-    outcome = None
+    outcome, failure = None, None
     if comm.Get_rank() == 0:
         try:
             outcome = (True, work())
         except Exception as error:      # raised below, on every rank
-            outcome = (False, error)
+            failure = error
+            kind = type(error) if type(error).__module__ == "builtins" else RuntimeError
+            outcome = (False, (kind, f"on rank 0: {type(error).__name__}: {error}"))
     ok, value = comm.bcast(outcome, root=0)
     if ok:
         return value
-    if comm.Get_rank() == 0:
-        raise value
+    if failure is not None:
+        raise failure
+    kind, message = value
     try:
-        error = type(value)(f"on rank 0: {value}")
-    except Exception:       # an exception type that takes other arguments
-        error = RuntimeError(f"on rank 0: {value!r}")
+        error = kind(message)
+    except Exception:       # a built-in type that takes other arguments
+        error = RuntimeError(message)
     raise error

@@ -112,7 +112,8 @@ def kernel_records(fn, times=None) -> tuple[list[dict], dict[str, str], dict[str
         helpers = [name for f in own for name in code.callees(ir[f]) if name in ir and name not in own]
         record = {"index": index, "label": step.label, "node": step.node.id, "shape": list(step.node.shape),
                   "covers": [node.id for node in step.covers], "flops": step.flops,
-                  "bytes": step.bytes_moved, "code_of": fn.shares_code_with[index], "functions": own, "helpers": list(dict.fromkeys(helpers))}
+                  "bytes": step.bytes_moved, "code_of": fn.shares_code_with[index], "functions": own,
+                  "helpers": list(dict.fromkeys(helpers))}
         if times is not None:
             record.update(times[index])
         records.append(record)

@@ -47,12 +47,14 @@ def _overview(rows: list[tuple[str, str]]) -> str:
 def _legend() -> str:
     return ('<p class="legend"><span style="background:#fff3b0">input</span><span style="background:#c8f0c8">param'
             '</span><span style="background:#e0d0f0">state</span><span>forward</span>'
-            '<span style="background:#cfe2ff">backward</span><span style="background:#ffe2c4">update</span> k<i>N</i>: the kernel computing the node</p>')
+            '<span style="background:#cfe2ff">backward</span><span style="background:#ffe2c4">update</span>'
+            ' k<i>N</i>: the kernel computing the node</p>')
 
 
 def _kernel_table(kernels: list[dict]) -> str:
     timed = kernels and "us" in kernels[0]
-    head = ["k", "what", "node", "shape", "FLOP", "bytes"] + (["µs", "GFLOP/s", "GB/s", "% GEMM peak"] if timed else [])
+    timing = ["µs", "GFLOP/s", "GB/s", "% GEMM peak"] if timed else []
+    head = ["k", "what", "node", "shape", "FLOP", "bytes"] + timing
     rows = ["<tr>" + "".join(f'<th{_text_class(h)}>{h}</th>' for h in head) + "</tr>"]
     for k in kernels:
         cells = [f"k{k['index']}", k["label"], f"%{k['node']}", str(tuple(k["shape"])), f"{k['flops']:,}",

@@ -151,8 +151,9 @@ class _Importer:
             if not array.size or any(d < 1 for d in array.shape):
                 raise NotImplementedError(f"{self.label}: initializer {tensor.name!r} has shape {array.shape}; "
                                           f"graphc tensors have no empty dimensions")
-            if "buffer" in kinds and array.dtype == np.float32:
-                # running statistics: state batch_norm updates, never trained
+            if "buffer" in kinds:
+                # running statistics: state batch_norm updates, never trained (buffers are float32)
+                array = array.astype(np.float32)
                 node = self.graph.buffer(tensor.name, array.shape, init=0.0)
             else:
                 node = self.graph.param(tensor.name, array.shape, dtype=array.dtype.name)
@@ -216,7 +217,11 @@ class _Importer:
         except NotImplementedError:
             raise
         except (ShapeError, ValueError, TypeError) as err:
-            raise type(err)(f"{self.label}: {where}: {err}") from err
+            try:
+                renamed = type(err)(f"{self.label}: {where}: {err}")
+            except Exception:      # an exception type that takes other arguments
+                renamed = ValueError(f"{self.label}: {where}: {type(err).__name__}: {err}")
+            raise renamed from err
         except Exception as err:   # attributes no checker vets (a stride of 0, ...) must not crash the importer
             raise ValueError(f"{self.label}: {where}: cannot be imported: {type(err).__name__}: {err}") from err
         results = results if isinstance(results, (list, tuple)) else [results]

@@ -16,5 +16,6 @@ from graphc.core.ops.shape import broadcast_to, concat, flatten, pad, reshape, s
 __all__ = ["conv2d", "add", "div", "exp", "leaky_relu", "log", "mul", "neg", "power", "relu", "sigmoid", "softplus",
            "sqrt", "sub", "tanh", "linear", "matmul", "mse", "sigmoid_binary_cross_entropy", "softmax",
            "softmax_cross_entropy", "avg_pool2d", "global_avg_pool2d", "max_pool2d", "mean", "sum",
-           "broadcast_to", "concat", "flatten", "pad", "reshape", "slice_", "stop_gradient", "transpose", "batch_norm", "dropout",
+           "broadcast_to", "concat", "flatten", "pad", "reshape", "slice_", "stop_gradient", "transpose", "batch_norm",
+           "dropout",
            "OPS"]

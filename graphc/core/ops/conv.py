@@ -68,7 +68,8 @@ def _windows(x, kernel, stride, padding, out_hw):
 @register
 class Conv2d(OpDef):
     name = "conv2d"
-    vjp_rule = "dx = conv2d_input_grad(dy, w) (transposed convolution); dw = conv2d_weight_grad(x, dy) (correlation of x with dy)"
+    vjp_rule = ("dx = conv2d_input_grad(dy, w) (transposed convolution); "
+                "dw = conv2d_weight_grad(x, dy) (correlation of x with dy)")
 
     def infer(self, inputs, attrs):
         x, w = inputs
