@@ -127,8 +127,8 @@ def _compose(needed, kernels, own_ops) -> tuple[dict[int, sympy.Expr], set[int]]
     ops: dict[int, int] = {}  # operations of the composed expression, as a tree (an upper bound)
     splits: set[int] = set()
     for node in needed:
-        if node.op != "ew":
-            continue
+        if node.op != "ew" or node.id not in kernels and not any(o.id in kernels for o in node.inputs):
+            continue   # neither inlined nor inlining: its kernel is itself, nobody composes it
         while True:
             inlined = {i: o for i, o in enumerate(node.inputs) if o.id in kernels and o.id not in splits}
             expr = node.attrs["expr"].xreplace({

@@ -19,6 +19,7 @@ and turns `x*0` into a fill.
 """
 from __future__ import annotations
 
+import functools
 from fractions import Fraction
 
 import numpy as np
@@ -176,10 +177,11 @@ def exact_number(value: float) -> sympy.Number:
     return sympy.Float(value)
 
 
+@functools.lru_cache(maxsize=4096)     # layers repeat their expressions
 def leaves_the_reals(expr: sympy.Expr) -> bool:
     """Whether sympy's exact algebra made `expr` infinite, undefined or complex: where it did
     (log(0), 1/0, sqrt(-1)), IEEE floats give inf or nan instead, so the rewrite must not happen."""
-    return any(expr.has(special) for special in _NOT_FINITE_REAL)
+    return expr.has(*_NOT_FINITE_REAL)
 
 
 def _promoted_dtype(operands: list[Tensor]) -> str:
