@@ -191,3 +191,18 @@ def test_an_epoch_depends_on_seed_rank_and_epoch_alone():
 def test_too_few_examples_for_every_rank_is_refused():
     with pytest.raises(ValueError, match="10 examples cannot give each of 3 ranks a batch of 4"):
         ShardedSampler(10, 4, rank=0, ranks=3)
+
+
+@pytest.mark.parametrize("bucket_bytes", [1, 4, 64])
+def test_buckets_ready_before_the_communicator_start_with_the_backward(bucket_bytes):
+    """The loss and batch norm's statistics exist before the comm slot: their buckets start at
+    the backward's first node, before any progress point reads them."""
+    for name in sorted(MODELS):
+        build, optimizer = MODELS[name]
+        built = training_graph(build(), optimizer, bucket_bytes=bucket_bytes)
+        nodes = built.graph.nodes
+        first_start = min(node.id for node in nodes if node.op == "allreduce_start")
+        first_progress = min((node.id for node in nodes if node.op == "allreduce_progress"), default=None)
+        assert first_progress is None or first_start < first_progress
+        last_backward = max(node.id for node in nodes if node.is_backward and node.op != "allreduce_start")
+        assert first_start < last_backward, f"{name}: the first bucket starts only after the backward"

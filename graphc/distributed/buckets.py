@@ -27,6 +27,7 @@ __all__ = ["DEFAULT_BUCKET_BYTES", "declare_comm_slot", "averaged_values"]
 
 DEFAULT_BUCKET_BYTES = 64 * 1024
 
+_SOURCE_AND_COLLECTIVE_OPS = frozenset({"input", "param", "allreduce_start", "allreduce_progress", "allreduce_done"})
 # Ops whose kernels are cheap next to an MPI_Test (moving data, elementwise work, which fusion
 # mostly folds into other kernels): no progress point after them.
 _CHEAP_OPS = frozenset({"ew", "fill", "broadcast_to", "reshape", "transpose", "slice", "pad", "concat", "constant",
@@ -90,10 +91,15 @@ def _placed(graph: Graph, outputs: list[Tensor], comm: Tensor, starts: dict[int,
             ) -> tuple[Graph, list[Tensor]]:
     """`graph` copied with each start moved up to right after its bucket's last value, and a
     progress point after each later backward node with real work (see the module's doc)."""
+    # A bucket whose values are all ready before the comm slot exists (the loss, batch norm's
+    # statistics) starts at the first node after it: the backward's first.
+    first_after_comm = min((node.id for node in graph.ancestors(outputs)
+                            if node.id > comm.id and node.op not in _SOURCE_AND_COLLECTIVE_OPS), default=None)
     by_ready: dict[int, list[Tensor]] = {}
     for node_id, bucket in starts.items():
-        if bucket.ready > comm.id:       # else it stays where it is: the comm slot comes first
-            by_ready.setdefault(bucket.ready, []).append(graph.nodes[node_id])
+        trigger = bucket.ready if bucket.ready > comm.id else first_after_comm
+        if trigger is not None:          # else it stays where it is: nothing follows the comm slot
+            by_ready.setdefault(trigger, []).append(graph.nodes[node_id])
     placed: dict[int, Tensor] = {}       # start id in `graph` -> its copy, built early
     started: list[int] = []              # buckets started so far, in order
     token: list[Tensor] = []             # the last progress point's token
