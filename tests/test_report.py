@@ -16,7 +16,7 @@ from graphc.tools import models
 def page_data(path):
     text = path.read_text()
     block = re.search(r'<script type="application/json" id="graphc-data">(.*?)</script>', text, re.S).group(1)
-    return text, json.loads(block.replace("<\\/", "</"))
+    return text, json.loads(block)
 
 
 def drawn_ids(text, graph_key):
@@ -122,6 +122,17 @@ def test_the_page_is_self_contained(mlp_step, tmp_path):
     assert not re.search(r'\b(src|href)="(?!#)', text), "no reference to another file or address"
     urls = set(re.findall(r"https?://[^\s\"'<)]+", text))
     assert urls <= {"http://www.w3.org/2000/svg"}
+
+
+def test_names_cannot_end_or_hide_the_pages_script(tmp_path):
+    g = gc.Graph("<!--<script>")
+    x = g.input("</script><script>alert(1)</script>", (2, 2))
+    fn = gc.compile(gc.exp(x), {})
+    text, data = page_data(gc.report(fn, tmp_path / "names.html"))
+    block = re.search(r'id="graphc-data">(.*?)</script>', text, re.S).group(1)
+    assert "<" not in block
+    assert "</script><script>alert(1)</script>" in {n["name"] for n in data["graphs"][0]["nodes"].values()}
+    assert "<script>alert" not in text.replace("&lt;script&gt;alert", "")
 
 
 def test_lenet_report_is_at_most_5_mb(tmp_path):

@@ -34,7 +34,7 @@ def lenet_page(tmp_path_factory):
     path = gc.report(step, tmp_path_factory.mktemp("report") / "lenet.html")
     text = path.read_text()
     block = re.search(r'id="graphc-data">(.*?)</script>', text, re.S).group(1)
-    data = json.loads(block.replace("<\\/", "</"))
+    data = json.loads(block)
     with playwright.sync_playwright() as driver:
         browser = driver.chromium.launch(executable_path=chromium_path(), args=["--no-sandbox"])
         page = browser.new_page(viewport={"width": 1400, "height": 900})

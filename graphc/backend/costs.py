@@ -25,7 +25,7 @@ FLOPs count the arithmetic of the op's definition, not of one code path:
   weighs its time.
 
 Bytes (`bytes_moved`) are the least a kernel must move: each distinct buffer it reads, once, plus
-each buffer it writes (its node's and its side writes), once, at the dtype's size. Re-reads,
+each buffer it writes (its node's, its extra outputs' and its side writes'), once, at the dtype's size. Re-reads,
 packing and scratch are not counted, so bytes / time is a lower bound of the traffic's rate.
 """
 from __future__ import annotations

@@ -1,6 +1,7 @@
 """Lowering an optimized graph to steps: which kernel computes which node, with what fused in.
 
-Each Step produces one IR node's value with one kernel (`Kernel`, emit/kernel.py). Some nodes
+Each Step produces one IR node's value with one kernel (`Kernel`, emit/kernel.py), and some a
+few more (row sums over the same data, in one pass: `Step.extra_outputs`). Some nodes
 need no step: inputs and params live in the caller's arrays, constants in the module, reshapes
 alias their operand's buffer, and an operand layout a kernel reads in place (a 2-D transpose
 read only by matmuls) is folded into that kernel. Some steps cover several nodes: a GEMM or a
@@ -82,16 +83,18 @@ def plan_steps(graph, outputs: list[Tensor], inplace: dict[int, Tensor] | None =
             absorbed.add(epilogue.node.id)
             absorbed.update(t.id for t in epilogue.absorbed)
         steps.append(rule.lower(node, epilogue))
-    return _sums_in_one_pass(graph, steps, output_ids)
+    return _sums_in_one_pass(graph, steps, output_ids, inplace or {})
 
 
-def _sums_in_one_pass(graph, steps: list[Step], output_ids: set[int]) -> list[Step]:
+def _sums_in_one_pass(graph, steps: list[Step], output_ids: set[int], inplace: dict[int, Tensor]) -> list[Step]:
     """Row sums over the same data, computed by one kernel in one pass (`row_sums_in_one_pass`):
-    later sums join the first one's step. A sum joins only if it depends on none of the group,
-    and is not an output (it is written where a step's extra outputs go: the arena)."""
+    later sums join the first one's step. A sum joins only if it is not an output (it is
+    written where a step's extra outputs go: the arena) and does not come after the group: it
+    depends on no member, nor on an in-place update of a source a member reads (which must run
+    after that read: the joined step would have to run both before and after it)."""
     of_kind: dict[tuple, list[int]] = {}
     for i, step in enumerate(steps):
-        kind = row_sum_kind(step) if step.node.op == "sum" else None
+        kind = row_sum_kind(step)
         if kind is not None:
             of_kind.setdefault(kind, []).append(i)
     grouped: dict[int, Step] = {}
@@ -105,12 +108,21 @@ def _sums_in_one_pass(graph, steps: list[Step], output_ids: set[int]) -> list[St
                 other = steps[j]
                 if j in joined or other.node.id in output_ids or not joins_row_sums(group, other):
                     continue
-                if not {member.node.id for member in group} & {n.id for n in graph.ancestors(other.operands)}:
+                if not _comes_after(graph, other, group, inplace):
                     group.append(other)
                     joined.add(j)
             if len(group) > 1:
                 grouped[i] = row_sums_in_one_pass(group)
     return [grouped.get(i, step) for i, step in enumerate(steps) if i not in joined]
+
+
+def _comes_after(graph, step: Step, group: list[Step], inplace: dict[int, Tensor]) -> bool:
+    """Whether `step` must run after some member of `group`."""
+    before = {node.id for node in graph.ancestors(step.operands)}
+    if any(member.node.id in before for member in group):
+        return True
+    read = {alias_root(operand).id for member in group for operand in member.operands}
+    return any(node_id in before and source.id in read for node_id, source in inplace.items())
 
 
 def _update_group_epilogue(producer: Tensor, consumers: _Consumers, side_writes, allowed) -> Epilogue | None:

@@ -104,7 +104,6 @@ def kernel_records(fn, times=None) -> tuple[list[dict], dict[str, str], dict[str
     from graphc.backend.llvm.target import compile_to_assembly
     modules = split_modules(fn.llvm_ir)
     ir = code.ir_functions(modules)
-    assembly = code.assembly_functions([compile_to_assembly(text) for text in modules], ir)
     records = []
     for index, step in enumerate(fn.steps):
         # a repeated layer's step calls the functions generated for the first of its kind
@@ -117,7 +116,9 @@ def kernel_records(fn, times=None) -> tuple[list[dict], dict[str, str], dict[str
         if times is not None:
             record.update(times[index])
         records.append(record)
-    return records, ir, assembly
+    shown = {name for record in records for name in record["functions"] + record["helpers"]}   # not the entry
+    assembly = code.assembly_functions([compile_to_assembly(text) for text in modules], shown)
+    return records, {name: text for name, text in ir.items() if name in shown}, assembly
 
 
 def memory_record(fn) -> dict:

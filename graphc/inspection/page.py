@@ -23,7 +23,9 @@ def html_page(title: str, overview: list[tuple[str, str]], graphs: list[dict], k
     sections += [_section(g["key"], _legend() + g["svg"]) for g in graphs]
     sections += [_section("kernels", _kernel_table(kernels)), _section("passes", _pass_table(passes)),
                  _section("memory", _memory(memory, memory_svg))]
-    payload = json.dumps(data, separators=(",", ":")).replace("</", "<\\/")
+    # No "<" in the script block at all: "</script" would end it, "<!--" can keep the real end
+    # tag from ending it; both as user names could. \u003c is the same JSON string.
+    payload = json.dumps(data, separators=(",", ":")).replace("<", "\\u003c")
     return (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
             f'<meta http-equiv="Content-Security-Policy" content="{POLICY}">'
             f'<title>{escape(title)}</title><style>{(_HERE / "page.css").read_text()}</style></head><body>'

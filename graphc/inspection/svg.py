@@ -3,8 +3,8 @@ from __future__ import annotations
 
 from html import escape
 
-from graphc.inspection.collect import GraphView
 from graphc.core.display import node_summary, type_string
+from graphc.inspection.collect import GraphView
 from graphc.inspection.layout import Box, layered_layout
 
 CHAR_WIDTH = 6.4      # px per character of the 11px monospace labels

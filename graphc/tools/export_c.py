@@ -237,9 +237,14 @@ def _exported_names(programs: list[_Program]) -> list[str]:
 
 # ---------------------------------------------------------------------------- C text
 
+_WRAPPER_CALLS = ("pow", "powf", "sqrt", "sqrtf", "size_t", "int32_t", "int64_t", "uint32_t", "uint64_t",
+                  "team_run", "memcpy", "memset", "free", "aligned_alloc")
+
+
 def _c_names(slots) -> dict[str, str]:
     """A C identifier for each input and output, unique among them."""
-    names, taken = {}, {"c", "i", "t", "key", "params", *_C_KEYWORDS}
+    # the wrapper's own locals and the library names its bodies call: a parameter must not hide them
+    names, taken = {}, {"c", "i", "t", "key", "params", *_C_KEYWORDS, *_WRAPPER_CALLS}
     for slot in slots:
         if isinstance(slot, (Input, Output)):
             base = _identifier(slot.name)

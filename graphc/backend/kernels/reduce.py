@@ -17,6 +17,10 @@ reduced and whether anything is kept:
     split chunks of COLUMN_CHUNK_VECTORS vectors of out; each chunk accumulates rows of x in
     registers and is stored once.
 
+Row sums of one shape over the same axes can share one loop nest (`emit_row_sum_group`): each
+sums its own prologue over the same rows, so data they share is read from memory once, and each
+output gets exactly the sum it would get alone.
+
 Every output is computed by the same instructions whichever thread owns it, and partial
 results are combined in a fixed order, so results do not depend on the thread count.
 Accumulation is float32 in blocks (SPAN_BLOCK floats, ROW_BLOCK rows) whose results are added
@@ -42,7 +46,7 @@ from graphc.backend.kernels.layout import (collapse_dims, contiguous_strides, de
 from graphc.backend.lowering_rules import Step, alias_root, lowers
 from graphc.core.scalar import symbol
 
-__all__ = ["emit_sum"]
+__all__ = ["emit_sum", "emit_row_sum_group", "row_sum_kind", "joins_row_sums", "row_sums_in_one_pass"]
 
 # Independent accumulators of a span loop: enough to hide the latency of vector adds.
 SPAN_ACCUMULATORS = 4
@@ -57,8 +61,8 @@ PARALLEL_TOTAL_MIN = 32768
 # Floats per work unit of a parallel total; one scratch float each.
 TOTAL_BLOCK = 8192
 
-# Most outputs of a row sum that reads x in memory order (one stack vector each: 16 KB with
-# 8-lane vectors).
+# Most outputs of a row sum that reads x in memory order (one stack vector each, per sum of the
+# pass: 16 KB with 8-lane vectors, 32 KB with 16).
 MEMORY_ORDER_OUTPUTS = 512
 
 # The identity of float addition that LLVM may fold away: x + -0.0 == x for every x.
@@ -539,6 +543,8 @@ def _prologue(node, producer) -> Prologue | None:
     return Prologue(producer.attrs["expr"], tuple(kinds))
 
 
+# Each sum of a pass keeps a vector total per output (and, in memory order, a stack array of
+# them): 4 stay in registers and in a few KB of stack, and BN never needs more than 3.
 MAX_SUMS_IN_ONE_PASS = 4
 
 
@@ -555,9 +561,9 @@ def joins_row_sums(group: list[Step], step: Step) -> bool:
     full. The caller makes sure that it does not depend on the group."""
     if len(group) >= MAX_SUMS_IN_ONE_PASS:
         return False
-    full = group[0].covers[0].shape if group[0].label == "sum+ew" else group[0].node.inputs[0].shape
-    read = {alias_root(t).id for member in group for t in member.operands if t.shape == full}
-    return any(alias_root(t).id in read for t in step.operands if t.shape == full)
+    x_shape = row_sum_kind(group[0])[0]
+    read = {alias_root(t).id for member in group for t in member.operands if t.shape == x_shape}
+    return any(alias_root(t).id in read for t in step.operands if t.shape == x_shape)
 
 
 def row_sums_in_one_pass(group: list[Step]) -> Step:
