@@ -14,6 +14,7 @@ pytest.importorskip("onnx")
 nn = torch.nn
 
 import graphc as gc  # noqa: E402
+from torch_models import torch_resnet  # noqa: E402
 
 BATCH = 8
 
@@ -31,35 +32,9 @@ class LeNet5(nn.Module):
         return self.fc3(torch.relu(self.fc2(torch.relu(self.fc1(h)))))
 
 
-class BasicBlock(nn.Module):
-    def __init__(self, cin, cout, stride):
-        super().__init__()
-        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(cout)
-        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(cout)
-        self.shortcut = nn.Sequential()
-        if stride != 1 or cin != cout:
-            self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
-
-    def forward(self, x):
-        h = torch.relu(self.bn1(self.conv1(x)))
-        return torch.relu(self.bn2(self.conv2(h)) + self.shortcut(x))
-
-
-class ResNet8(nn.Module):
+def resnet8():
     """CIFAR ResNet-8: a stem and three stages of one basic block each (16, 32, 64 channels)."""
-
-    def __init__(self):
-        super().__init__()
-        self.conv1, self.bn1 = nn.Conv2d(3, 16, 3, 1, 1, bias=False), nn.BatchNorm2d(16)
-        self.layer1, self.layer2, self.layer3 = BasicBlock(16, 16, 1), BasicBlock(16, 32, 2), BasicBlock(32, 64, 2)
-        self.fc = nn.Linear(64, 10)
-
-    def forward(self, x):
-        h = torch.relu(self.bn1(self.conv1(x)))
-        h = self.layer3(self.layer2(self.layer1(h)))
-        return self.fc(torch.flatten(nn.functional.adaptive_avg_pool2d(h, 1), 1))
+    return torch_resnet(torch, 8)
 
 
 def export(model, example, training):
@@ -100,7 +75,7 @@ def graphc_losses(onnx_bytes, data, lr):
     return m, [step(x=x, y=y) for x, y in data]
 
 
-@pytest.mark.parametrize("make, shape, training", [(LeNet5, (1, 28, 28), False), (ResNet8, (3, 16, 16), True)],
+@pytest.mark.parametrize("make, shape, training", [(LeNet5, (1, 28, 28), False), (resnet8, (3, 16, 16), True)],
                          ids=["lenet5", "resnet8"])
 def test_a_torch_model_trains_natively_as_in_torch(make, shape, training):
     torch.manual_seed(0)
@@ -119,16 +94,16 @@ def test_a_torch_model_trains_natively_as_in_torch(make, shape, training):
 
 def test_resnet8_imports_its_batch_norms_as_layers_with_buffers():
     torch.manual_seed(0)
-    model = ResNet8()
+    model = resnet8()
     m = gc.import_onnx(export(model, torch.zeros(BATCH, 3, 16, 16), training=True))
-    assert {"bn1.running_mean", "layer2.shortcut.1.running_var"} <= set(m.graph.buffers)
+    assert {"bn1.running_mean", "layer2.0.downsample.1.running_var"} <= set(m.graph.buffers)
     assert "conv1.weight" in m.graph.params and "bn1.running_mean" not in m.graph.params
     assert set(m.params) == set(m.graph.params) | set(m.graph.buffers)
 
 
 def test_an_eval_export_evaluates_as_torch():
     torch.manual_seed(0)
-    model = ResNet8()
+    model = resnet8()
     x = np.random.default_rng(1).standard_normal((BATCH, 3, 16, 16)).astype(np.float32)
     model.train()
     model(torch.from_numpy(x))   # running statistics that are not the initial ones
