@@ -13,10 +13,15 @@ The script starts its own workers (`mpiexec -n 2 python -m mpi4py bench/bench_di
 job every variant runs on both ranks in the same interleaved rounds (a barrier before each
 block of steps), rank 0 reports; each rank has one thread (GRAPHC_NUM_THREADS=1):
 
-- `overlapped`: compile_training_step(comm=): buckets started by the step's own kernels as soon
-  as the backward has computed them, driven on by MPI_Test between later kernels (the default).
-- `one bucket`: the same with one bucket (bucket_bytes huge): the all-reduce starts after the
-  whole backward; native, but nothing overlaps.
+- `shared`: compile_training_step(comm=), the default on one node (allreduce="auto"): each
+  bucket written into memory the ranks share, an MPI_Ibarrier started by the step's own
+  kernels as soon as the backward has computed it, and every rank summing all the ranks'
+  buckets in its update.
+- `mpi overlapped`: allreduce="mpi": buckets summed by MPI_Iallreduce, started by the step's
+  own kernels as soon as the backward has computed them, driven on by MPI_Test between later
+  kernels.
+- `mpi one bucket`: the same with one bucket (bucket_bytes huge): the all-reduce starts after
+  the whole backward; native, but nothing overlaps.
 - `python`: the step split at the all-reduce: a compiled function of the loss and gradients,
   comm.Allreduce of them from Python, then the SGD update in numpy.
 - `local`: the step without comm=, on both ranks at once: the same load on the machine, no
@@ -117,9 +122,12 @@ def ranks_worker(args) -> dict | None:
         return {name: value.copy() for name, value in start.items()}
 
     variants = {
-        "overlapped": gc.compile_training_step(model.loss, fresh(), gc.SGD(lr=LR), comm=comm,
-                                               bucket_bytes=args.bucket_bytes),
-        "one bucket": gc.compile_training_step(model.loss, fresh(), gc.SGD(lr=LR), comm=comm, bucket_bytes=HUGE_BUCKET),
+        "shared": gc.compile_training_step(model.loss, fresh(), gc.SGD(lr=LR), comm=comm,
+                                           bucket_bytes=args.bucket_bytes),
+        "mpi overlapped": gc.compile_training_step(model.loss, fresh(), gc.SGD(lr=LR), comm=comm,
+                                                   bucket_bytes=args.bucket_bytes, allreduce="mpi"),
+        "mpi one bucket": gc.compile_training_step(model.loss, fresh(), gc.SGD(lr=LR), comm=comm,
+                                                   bucket_bytes=HUGE_BUCKET, allreduce="mpi"),
         "python": PythonBetween(WORKLOADS[args.model](args.batch), fresh(), comm),
         "local": gc.compile_training_step(model.loss, fresh(), gc.SGD(lr=LR)),
     }
@@ -131,7 +139,8 @@ def ranks_worker(args) -> dict | None:
         for name, step in variants.items():
             comm.Barrier()
             rounds[name].append(float(np.median(timed(step, feeds, args.steps))))
-    kernels = bound_profile(variants["overlapped"], comm, feeds, args.rounds * args.steps)
+    kernels = {variant: bound_profile(variants[variant], comm, feeds, args.rounds * args.steps)
+               for variant in ("shared", "mpi overlapped")}
     if comm.Get_rank() != 0:
         return None
     seconds = {name: float(np.median(values)) for name, values in rounds.items()}
@@ -139,15 +148,16 @@ def ranks_worker(args) -> dict | None:
     python = variants["python"]
     return {"seconds": seconds, "best": best, "kernels": kernels,
             "python_phases": {phase: float(np.median(times)) for phase, times in python.phases.items()},
-            "buckets": variants["overlapped"].describe().count("allreduce_start"),
-            "progress_points": variants["overlapped"].describe().count("allreduce_progress")}
+            "buckets": variants["shared"].describe().count("allreduce_start"),
+            "progress_points": variants["shared"].describe().count("allreduce_progress")}
 
 
 def bound_profile(step, comm, feeds, calls: int) -> dict:
     """Median seconds per call, by kind of work, of `step`'s profiling twin with its MPI slot
     bound (step.profile runs the twin without a communicator): waits (blocked until a bucket's
     sum is complete), MPI's work inside the starts and progress points, the collective kernels'
-    copies and averaging, and the other kernels. Every rank must call it (it runs collectives)."""
+    copies and averaging, and the other kernels. Every rank must call it (it runs collectives).
+    The twin's buckets are the step's own shared memory (it only reads its own otherwise)."""
     import ctypes
 
     import graphc_runtime as rt
@@ -157,7 +167,9 @@ def bound_profile(step, comm, feeds, calls: int) -> dict:
     spec = step.recipe.assemble(profile=True)
     library = rt.NativeLibrary(object_code(spec.llvm_ir))
     params = {name: array.copy() for name, array in step.params.items()}
-    twin = rt.Program(library, ENTRY_NAME, spec.slots, params, max_threads=spec.max_threads)
+    from graphc.distributed.buckets import BUCKET_STATE
+    shared = {name: array for name, array in step._program.state.items() if name.startswith(BUCKET_STATE)}
+    twin = rt.Program(library, ENTRY_NAME, spec.slots, params, max_threads=spec.max_threads, state_memory=shared)
     (slot,) = [name for name in twin.state if name.startswith("mpi:comm")]
     twin.state[slot].view(np.int64)[:] = step._call_values._fixed[slot][1]
     ticks = ctypes.CFUNCTYPE(ctypes.c_int64)(library.address(TICKS_NAME))
@@ -180,6 +192,8 @@ def bound_profile(step, comm, feeds, calls: int) -> dict:
         label, nth = spec.steps[index].label, position.setdefault(index, phase) != phase
         if label.startswith("allreduce_done"):           # wait, then average (and the fused update)
             kind = "copies and averaging" if nth else "waits"
+        elif label == "allreduce_finish":                 # the shared step's last barrier
+            kind = "waits"
         elif label == "allreduce_start" and phases_of[index] == 2 and not nth:   # copy into the bucket
             kind = "copies and averaging"
         elif label in ("allreduce_start", "allreduce_progress"):
@@ -290,7 +304,8 @@ def compare(args) -> None:
                          min(r["best"][variant] for r in ranks)) for variant in ranks[0]["seconds"]}
         phases = {phase: float(np.median([r["python_phases"][phase] for r in ranks])) for phase in
                   ranks[0]["python_phases"]}
-        kernels = {kind: float(np.median([r["kernels"][kind] for r in ranks])) for kind in ranks[0]["kernels"]}
+        kernels = {variant: {kind: float(np.median([r["kernels"][variant][kind] for r in ranks]))
+                             for kind in ranks[0]["kernels"][variant]} for variant in ranks[0]["kernels"]}
         rows.append((name, single, two, phases, kernels, ranks[0]["buckets"], ranks[0]["progress_points"]))
     batch = args.batch
     print(f"per-rank batch {batch}; {args.repeats} runs x {args.rounds} rounds x {args.steps} steps: median and best "
@@ -309,14 +324,15 @@ def compare(args) -> None:
                 line += f" {(median - two['local'][0]) / median:8.1%} {(best - two['local'][1]) / best:6.1%}"
             print(line)
         print("  python variant per step: " + ", ".join(f"{phase} {s * 1e3:.3f} ms" for phase, s in phases.items()))
-        total = sum(kernels.values())
-        print(f"  overlapped, profiled with MPI ({total * 1e3:.3f} ms): " + ", ".join(
-            f"{kind} {value * 1e3:.3f} ms ({value / total:.1%})" for kind, value in kernels.items()))
-        for reading, (same, per_rank) in [("median", (0, 0)), ("best", (1, 1))]:
-            print(f"  2 ranks (overlapped) / 1 rank x 2 threads, throughput ({reading}): "
-                  f"{single['1x2 (B=128)'][same] / two['overlapped'][same]:.2f}x at the same global batch (128), "
-                  f"{2 * single['1x2 (B=64)'][per_rank] / two['overlapped'][per_rank]:.2f}x at the same batch per "
-                  f"process (64)")
+        for variant, kinds in kernels.items():
+            total = sum(kinds.values())
+            print(f"  {variant}, profiled with MPI ({total * 1e3:.3f} ms): " + ", ".join(
+                f"{kind} {value * 1e3:.3f} ms ({value / total:.1%})" for kind, value in kinds.items()))
+        for variant in ("shared", "mpi overlapped"):
+            for reading, k in [("median", 0), ("best", 1)]:
+                print(f"  2 ranks ({variant}) / 1 rank x 2 threads, throughput ({reading}): "
+                      f"{single['1x2 (B=128)'][k] / two[variant][k]:.2f}x at the same global batch (128), "
+                      f"{2 * single['1x2 (B=64)'][k] / two[variant][k]:.2f}x at the same batch per process (64)")
 
 
 def sweep(args) -> None:

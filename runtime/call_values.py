@@ -16,7 +16,7 @@ corrections) come here before each call.
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from types import MappingProxyType
 
 import numpy as np
@@ -40,7 +40,7 @@ class CallValues:
     def __init__(self, state: Mapping[str, np.ndarray], calls_slot: str, *, seed: int, random_key_slot: str | None,
                  hyper_slots: Mapping[str, str] | None = None, hyper_values: HyperValues | None = None,
                  changes_every_call: bool = False, lr: float | None = None, optimizer_steps: int | None = None,
-                 fixed_state: Mapping[str, np.ndarray] | None = None):
+                 fixed_state: Mapping[str, np.ndarray] | None = None, hidden_state: Iterable[str] = ()):
         self.seed = seed
         self.lock = threading.Lock()
         self._counter = state[calls_slot]
@@ -57,6 +57,7 @@ class CallValues:
                        for name, words in (fixed_state or {}).items()}
         # State slots that hold none of the optimizer's state (what step.state leaves out)
         self.hidden_slots = frozenset(set((hyper_slots or {}).values()) | {calls_slot} | set(self._fixed)
+                                      | set(hidden_state)
                                       | ({random_key_slot} if random_key_slot else set()))
         self.write_fixed()
         self.write_hyper()

@@ -56,6 +56,10 @@ class Program:
     `memory(position)` is the array of slot `position` as the entry left it (this call's feeds
     and outputs included). Without `on_stop`, the call raises a FloatingPointError giving the
     status alone.
+
+    `state_memory` maps some State slots' names to memory the caller provides instead (memory
+    other processes share, for example): C-contiguous arrays of the slot's shape and dtype,
+    64-byte aligned, bound without copy and not zeroed here.
     """
 
     def __init__(
@@ -68,6 +72,7 @@ class Program:
         max_threads: int = 1,
         ignored_inputs: Iterable[str] = (),
         on_stop: Callable[[int, Callable[[int], np.ndarray]], BaseException] | None = None,
+        state_memory: Mapping[str, np.ndarray] | None = None,
     ):
         self.library = library  # keeps the machine code mapped while the program exists
         self.entry = entry
@@ -97,8 +102,11 @@ class Program:
         # mapping (np.load's NpzFile) may hand out a new array at every lookup: bound once.
         self._given_params = given if isinstance(given, dict) else self._bound
         self._params_view = MappingProxyType(self._bound)
+        given_state = _checked_state_memory(self.slots, state_memory or {})
+        self._given_state = frozenset(given_state)
         self.state = MappingProxyType(
-            {slot.name: aligned_zeros(slot.shape, slot.dtype) for slot in self.slots if isinstance(slot, State)}
+            {slot.name: given_state[slot.name] if slot.name in given_state else aligned_zeros(slot.shape, slot.dtype)
+             for slot in self.slots if isinstance(slot, State)}
         )
         self._workspaces = {
             slot.name: aligned_zeros(slot.nbytes, np.uint8) for slot in self.slots if isinstance(slot, Workspace)
@@ -281,12 +289,13 @@ class Program:
         self._publish({"_max_threads": 1})
 
     def reset_state(self, then: Callable[[], None] | None = None) -> None:
-        """Zero every State buffer (e.g. forget the optimizer's momentum). `then` runs before
-        any call can see the zeros: it writes back what must not stay zero (a step's learning
-        rate, its MPI handles)."""
+        """Zero every State buffer (e.g. forget the optimizer's momentum) but those bound to the
+        caller's memory (`state_memory`). `then` runs before any call can see the zeros: it
+        writes back what must not stay zero (a step's learning rate, its MPI handles)."""
         with self._lock:
-            for buffer in self.state.values():
-                buffer.fill(0)
+            for name, buffer in self.state.items():
+                if name not in self._given_state:
+                    buffer.fill(0)
             if then is not None:
                 then()
 
@@ -496,6 +505,21 @@ def _plan_of(kind: type, slots: Sequence[Slot]) -> tuple[tuple[Slot, int], ...]:
 # The tables a slot's name is looked up in. Feeds, bindings and results are the caller's
 # names, one namespace as a graph's inputs and params are; state, workspace and status are
 # the runtime's own, so that no name a caller chooses collides with an optimizer's state.
+def _checked_state_memory(slots, given: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """`given` (State name -> caller's memory), checked against the State slots."""
+    states = {slot.name: slot for slot in slots if isinstance(slot, State)}
+    for name, memory in given.items():
+        slot = states.get(name)
+        if slot is None:
+            raise ValueError(f"state_memory: the program has no State slot {name!r}")
+        if not isinstance(memory, np.ndarray) or memory.shape != slot.shape or memory.dtype != slot.dtype:
+            raise ValueError(f"state_memory: {name!r} must be an array of {slot.description}, got "
+                             f"{getattr(memory, 'shape', type(memory).__name__)} {getattr(memory, 'dtype', '')}")
+        if not memory.flags.c_contiguous or not memory.flags.writeable or data_pointer(memory) % 64:
+            raise ValueError(f"state_memory: {name!r} must be C-contiguous, writeable and 64-byte aligned")
+    return dict(given)
+
+
 _NAMESPACES = {Input: "caller", Param: "caller", Output: "caller", State: "state", Workspace: "workspace",
                Status: "status"}
 

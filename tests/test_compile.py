@@ -526,3 +526,23 @@ def test_unsupported_tensors_are_refused_at_compile_time_with_the_users_line():
     wide = g.input("z", (2, 3), dtype="float64")
     with pytest.raises(NotImplementedError, match="float64"):
         gc.compile(gc.relu(wide), {})
+
+
+@pytest.mark.parametrize("view_of", ["a kernel's result", "an input"])
+def test_a_buffer_updated_with_a_view_of_a_value_gets_its_values(view_of):
+    """An in-place write of a reshape: the kernel computing the value writes the buffer itself,
+    or, for a value no kernel computes (an input), a copy does."""
+    g = gc.Graph("views")
+    x = g.input("x", (3, 4))
+    w = g.param("w", (4, 2))
+    hidden = gc.relu(x @ w)
+    viewed = hidden if view_of == "a kernel's result" else x
+    kept = g.buffer("kept", (viewed.size,))
+    g.update_buffer(kept, gc.reshape(viewed, (viewed.size,)), owner=hidden)
+    params = gc.init_params(g, seed=1)
+    feeds = {"x": np.random.default_rng(2).standard_normal((3, 4)).astype(np.float32)}
+    (total,) = gc.compile([gc.sum(hidden * 2.0)], params)(**feeds)
+    expected = np.maximum(feeds["x"] @ params["w"], 0)
+    np.testing.assert_allclose(total, 2 * expected.sum(), rtol=1e-5)
+    source = expected if view_of == "a kernel's result" else feeds["x"]
+    np.testing.assert_allclose(params["kept"], source.reshape(-1), rtol=1e-5)

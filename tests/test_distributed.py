@@ -63,14 +63,19 @@ def result_of(job: subprocess.CompletedProcess) -> dict:
     return json.loads(lines[0][len("RESULT "):])
 
 
+# "auto": every rank is on this machine, so the ranks sum their buckets in shared memory;
+# "mpi": MPI_Iallreduce sums them, as across machines.
+@pytest.mark.parametrize("allreduce", ["auto", "mpi"])
 @pytest.mark.parametrize("ranks, model, optimizer", [
     (2, "convnet", "sgd"),       # momentum and weight decay: updates fused into the all-reduce's kernel
     (3, "mlp", "adam"),          # Adam's moments; three ranks, oversubscribed
     (2, "mlp", "plain_sgd"),     # also checked against the reference executor's gradients
 ])
-def test_equals_one_process_on_the_global_batch(mpiexec, ranks, model, optimizer):
-    result = result_of(run(mpiexec, ranks, "train_steps.py", model, optimizer, 5))
+def test_equals_one_process_on_the_global_batch(mpiexec, ranks, model, optimizer, allreduce):
+    result = result_of(run(mpiexec, ranks, "train_steps.py", model, optimizer, 5, allreduce))
     assert result["ranks"] == ranks
+    assert result["shared"] == (allreduce == "auto")
+    assert not any(name.startswith("mpi") for name in result["state"])
     assert result["identical"], "the ranks' params differ"
     for distributed, single in result["losses"]:
         assert distributed == pytest.approx(single, rel=1e-5)
@@ -79,8 +84,9 @@ def test_equals_one_process_on_the_global_batch(mpiexec, ranks, model, optimizer
         assert result["reference_error"] < 1e-4
 
 
-def test_reset_state_keeps_the_communicator(mpiexec):
-    result = result_of(run(mpiexec, 2, "train_steps.py", "mlp", "sgd", 4, "reset"))
+@pytest.mark.parametrize("allreduce", ["auto", "mpi"])
+def test_reset_state_keeps_the_communicator(mpiexec, allreduce):
+    result = result_of(run(mpiexec, 2, "train_steps.py", "mlp", "sgd", 4, "reset", allreduce))
     assert result["identical"] and result["param_error"] < 1e-4
 
 
@@ -91,10 +97,10 @@ def test_batch_norm_buffers_stay_identical(mpiexec):
     assert result["identical"]
 
 
-@pytest.mark.parametrize("ranks", [2, 3])
-def test_runs_are_bitwise_reproducible(mpiexec, ranks):
-    first = result_of(run(mpiexec, ranks, "train_steps.py", "convnet", "sgd", 6))
-    second = result_of(run(mpiexec, ranks, "train_steps.py", "convnet", "sgd", 6))
+@pytest.mark.parametrize("ranks, allreduce", [(2, "auto"), (3, "auto"), (3, "mpi")])
+def test_runs_are_bitwise_reproducible(mpiexec, ranks, allreduce):
+    first = result_of(run(mpiexec, ranks, "train_steps.py", "convnet", "sgd", 6, allreduce))
+    second = result_of(run(mpiexec, ranks, "train_steps.py", "convnet", "sgd", 6, allreduce))
     assert first["identical"] and second["identical"]
     assert first["digest"] == second["digest"]
     assert first["losses"] == second["losses"]
@@ -147,6 +153,8 @@ def test_one_rank_is_the_plain_step(mpiexec, tmp_path):
                         "stopping at a NaN would leave the other ranks waiting for its gradients",
         "bucket_bytes": "ValueError: compile_training_step: bucket_bytes must be a positive int, got 0",
         "comm": "TypeError: compile_training_step: comm must be an mpi4py intracommunicator such as MPI.COMM_WORLD, "
-                "got 'world'"}
+                "got 'world'",
+        "allreduce": "ValueError: compile_training_step: allreduce must be one of 'auto', 'shared', 'mpi', "
+                     "got 'ring'"}
     for own, reference in result["hand_written"]:      # an optimizer that is not a dataclass
         assert own == pytest.approx(reference, rel=1e-6)

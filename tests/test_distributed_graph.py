@@ -19,16 +19,16 @@ from graphc.tools import models
 MPICH = MpiAbi(comm_bytes=4, datatype_bytes=4, op_bytes=4, request_bytes=4, status_bytes=20)
 
 
-def data_parallel(bucket_bytes):
+def data_parallel(bucket_bytes, shared=0):
     """What _training_graph reads of a DataParallel, without a communicator."""
-    return types.SimpleNamespace(abi=MPICH, bucket_bytes=bucket_bytes)
+    return types.SimpleNamespace(abi=MPICH, bucket_bytes=bucket_bytes, shared=shared)
 
 
-def training_graph(model, optimizer, bucket_bytes=1024):
+def training_graph(model, optimizer, bucket_bytes=1024, shared=0):
     graph = model.graph
     updates = graph.buffer_updates_for([model.loss])
     trainable = [name for name in graph.params]
-    return _training_graph(model.loss, updates, trainable, optimizer, data_parallel(bucket_bytes))
+    return _training_graph(model.loss, updates, trainable, optimizer, data_parallel(bucket_bytes, shared))
 
 
 def state_values(built, params, optimizer):
@@ -50,15 +50,18 @@ MODELS = {
 }
 
 
+@pytest.mark.parametrize("shared", [0, 3])
 @pytest.mark.parametrize("name", sorted(MODELS))
-def test_native_step_without_communicator_matches_the_reference(name):
-    """Without a communicator the kernels run as one process: each average is the value itself."""
+def test_native_step_without_communicator_matches_the_reference(name, shared):
+    """Without a communicator the kernels run as one process: each average is the value itself
+    (summed by MPI, or in the shared memory of 3 ranks: then each bucket is also written)."""
     build, optimizer = MODELS[name]
     model = build()
-    built = training_graph(model, optimizer, bucket_bytes=512)
+    built = training_graph(model, optimizer, bucket_bytes=512, shared=shared)
     ops = [node.op for node in built.graph.nodes]
     assert ops.count("allreduce_start") > 1 and "allreduce_progress" in ops
-    if name == "lenet":     # its largest gradient has a bucket of its own, summed in place after optimization
+    assert ops.count("allreduce_finish") == (1 if shared else 0)
+    if name == "lenet" and not shared:     # its largest gradient has a bucket of its own, summed in place
         optimized = gc.optimize(built.outputs).graph
         assert any(sums_in_place(node) for node in optimized.nodes if node.op == "allreduce_start")
     params = state_values(built, gc.init_params(model.graph, seed=0), optimizer)
@@ -145,10 +148,12 @@ def test_a_bucket_is_summed_in_place_only_in_a_buffer_nothing_else_reads():
     assert not sums_in_place(start(gc.exp(x), gc.exp(w)))               # two values: copied into the bucket
 
 
-def test_bucket_bytes_needs_a_communicator():
+def test_bucket_bytes_and_allreduce_need_a_communicator():
     model = models.mlp(4, (10, 5, 3))
     with pytest.raises(ValueError, match="bucket_bytes sizes the all-reduces of a step compiled with comm="):
         gc.compile_training_step(model.loss, gc.init_params(model.graph), gc.SGD(lr=0.1), bucket_bytes=1024)
+    with pytest.raises(ValueError, match="allreduce chooses how a step compiled with comm= averages; there is no comm"):
+        gc.compile_training_step(model.loss, gc.init_params(model.graph), gc.SGD(lr=0.1), allreduce="mpi")
 
 
 # ---- the sharded sampler -------------------------------------------------------------------

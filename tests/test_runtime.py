@@ -563,6 +563,28 @@ def test_program_runs_binds_params_without_copy_and_keeps_state(step):
     assert data_pointer(program._workspaces["scratch"]) % 64 == 0
 
 
+def test_state_bound_to_the_callers_memory_is_used_in_place_and_not_zeroed(step_library):
+    weights = np.array([1.0, 2.0, 3.0, 4.0], np.float32)
+    calls = aligned_zeros((1,))
+    calls[0] = 5.0
+    program = rt.Program(step_library, "step", STEP_SLOTS, {"w": weights}, state_memory={"calls": calls})
+    program(x=X, labels=LABELS)
+    assert program.state["calls"] is calls and calls[0] == 6.0
+    program.reset_state()
+    assert calls[0] == 6.0
+
+
+@pytest.mark.parametrize("memory, message", [
+    ({"count": aligned_zeros((1,))}, "the program has no State slot 'count'"),
+    ({"calls": aligned_zeros((2,))}, r"'calls' must be an array of shape \(1,\) float32, got \(2,\) float32"),
+    ({"calls": aligned_zeros((1,), np.int32)}, r"'calls' must be an array of shape \(1,\) float32"),
+    ({"calls": aligned_zeros((2,))[1:]}, "'calls' must be C-contiguous, writeable and 64-byte aligned"),
+])
+def test_state_memory_of_the_wrong_kind_is_refused(step_library, memory, message):
+    with pytest.raises(ValueError, match="state_memory: " + message):
+        rt.Program(step_library, "step", STEP_SLOTS, {"w": np.ones(4, np.float32)}, state_memory=memory)
+
+
 def test_outputs_are_fresh_arrays_owned_by_the_caller(step):
     program, _ = step
     (first,) = program(x=X, labels=LABELS)

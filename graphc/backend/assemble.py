@@ -101,6 +101,7 @@ def assemble(graph: Graph, outputs: list[Tensor], *, output_names: list[str], in
     inplace_sources = {node_id: sources[name].id for node_id, name in inplace.items()}
     for node_id, name in inplace.items():
         locations[node_id] = locations[sources[name].id]
+    steps += _aliased_writes(graph, steps, outputs, inplace, locations, inplace_sources)
 
     step_ids = {step.node.id for step in steps}
     output_steps, output_locations = [], {}
@@ -241,6 +242,29 @@ def _keep_phases_apart(kernel) -> None:
     """
     for phase in kernel.phases:
         phase.attributes.add("noinline")
+
+
+def _aliased_writes(graph, steps: list[Step], outputs, inplace: dict[int, str], locations: dict,
+                    inplace_sources: dict[int, int]) -> list[Step]:
+    """In-place writes of a value no step computes (a reshape of another value): the kernel
+    computing the value it views writes the source's memory itself, when that value is a
+    step's own result and not an output or another write; else a copy step does. Returns
+    the copy steps; updates `locations` and `inplace_sources`."""
+    step_ids = {step.node.id for step in steps}
+    taken = {out.id for out in outputs} | set(inplace)
+    copies = []
+    for node_id in inplace:
+        node = graph.nodes[node_id]
+        root = alias_root(node)
+        if node_id in step_ids or root is node:     # a step's result or side write
+            continue
+        if root.id in step_ids and root.id not in taken:
+            locations[root.id] = locations[node_id]
+            inplace_sources[root.id] = inplace_sources[node_id]
+            taken.add(root.id)
+        else:
+            copies.append(copy_step(node, root))
+    return copies
 
 
 def _slots(graph, needed, outputs, output_names, inplace, state_names):

@@ -13,12 +13,14 @@ class CallValues(_RuntimeCallValues):
     graphc_runtime.call_values), with `optimizer` the graphc optimizer that computes them."""
 
     def __init__(self, state, calls_slot: str, *, seed: int, random_key_slot: str | None, optimizer=None,
-                 hyper_slots: dict[str, str] | None = None, fixed_state: dict[str, np.ndarray] | None = None):
+                 hyper_slots: dict[str, str] | None = None, fixed_state: dict[str, np.ndarray] | None = None,
+                 hidden_state=()):
         self._optimizer = optimizer
         super().__init__(state, calls_slot, seed=seed, random_key_slot=random_key_slot, hyper_slots=hyper_slots,
                          hyper_values=optimizer.hyper_values if optimizer is not None else None,
                          changes_every_call=optimizer is not None and optimizer.changes_every_call,
-                         lr=optimizer.lr if optimizer is not None else None, fixed_state=fixed_state)
+                         lr=optimizer.lr if optimizer is not None else None, fixed_state=fixed_state,
+                         hidden_state=hidden_state)
 
     @property
     def optimizer(self):

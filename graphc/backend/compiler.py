@@ -321,7 +321,7 @@ def compile(outputs, params: Mapping[str, np.ndarray], seed: int = 0,  # noqa: A
 
 def compile_training_step(loss: Tensor, params: Mapping[str, np.ndarray], optimizer,
                           seed: int = 0, check_finite: bool | None = None, *, comm=None,
-                          bucket_bytes: int | None = None) -> CompiledTrainingStep:
+                          bucket_bytes: int | None = None, allreduce: str = "auto") -> CompiledTrainingStep:
     """Native code for one training step of `loss` w.r.t. every param in `params` it depends on.
 
     The gradient graph and the updates are built on a copy of the loss's graph: the user's
@@ -340,11 +340,13 @@ def compile_training_step(loss: Tensor, params: Mapping[str, np.ndarray], optimi
     `comm` (an mpi4py communicator) makes a data-parallel step: every rank compiles the same
     step for its shard of the global batch, and the step averages the loss, the gradients and
     the buffers' new values over the ranks before the update, summing each bucket of about
-    `bucket_bytes` with MPI_Iallreduce as soon as the backward has computed it (see
-    graphc/distributed/). Compiling is collective: the ranks check that they compiled the
-    same program from the same params, and raise ValueError on every rank if not. Each rank
-    uses its share of its node's cores. Run it under `mpiexec -n N python -m mpi4py script.py`,
-    so that an exception on one rank aborts them all.
+    `bucket_bytes` as soon as the backward has computed it (see graphc/distributed/).
+    `allreduce` says how: "shared", in memory the ranks share, MPI only synchronizing them
+    (every rank must run on one node); "mpi", with MPI_Iallreduce; "auto" (the default),
+    shared where every rank runs on one node. Compiling is collective: the ranks check that
+    they compiled the same program from the same params, and raise ValueError on every rank
+    if not. Each rank uses its share of its node's cores. Run it under
+    `mpiexec -n N python -m mpi4py script.py`, so that an exception on one rank aborts them all.
     """
     from graphc.core.optim import Optimizer
 
@@ -356,10 +358,13 @@ def compile_training_step(loss: Tensor, params: Mapping[str, np.ndarray], optimi
     data_parallel = None
     if comm is not None:
         from graphc.distributed.data_parallel import DataParallel
-        data_parallel = DataParallel.of(comm, bucket_bytes, "compile_training_step")
+        data_parallel = DataParallel.of(comm, bucket_bytes, "compile_training_step", allreduce)
         check_finite = _without_finite_checks(check_finite)
     elif bucket_bytes is not None:
         raise ValueError("compile_training_step: bucket_bytes sizes the all-reduces of a step compiled with comm=")
+    elif allreduce != "auto":
+        raise ValueError("compile_training_step: allreduce chooses how a step compiled with comm= averages; "
+                         "there is no comm")
     else:
         check_finite = _check_finite_wanted(check_finite, "compile_training_step")
     buffer_updates = loss.graph.buffer_updates_for([loss])
@@ -386,7 +391,7 @@ def compile_training_step(loss: Tensor, params: Mapping[str, np.ndarray], optimi
         return _build(CompiledTrainingStep, built.outputs, params, output_names=built.output_names,
                       inplace=built.inplace, state_names=built.state_names, state_names_for_caller=built.renames,
                       seed=seed, optimizer=optimizer, hyper_slots=built.hyper_slots, check_finite=check_finite,
-                      threads=threads, fixed_state=_comm_slot_values(data_parallel, built.comm_slot, averaged))
+                      threads=threads, binding=_comm_binding(data_parallel, built.comm_slot, averaged))
     step_request = dict(kind="training step", trainable=trainable, optimizer=optimizer_key,
                         buffers=[update.buffer.name for update in buffer_updates],
                         **(data_parallel.request() if data_parallel is not None else {}),
@@ -405,7 +410,7 @@ def compile_training_step(loss: Tensor, params: Mapping[str, np.ndarray], optimi
         return _bound(CompiledTrainingStep, compiled, library, plan, params, loss.graph,
                       single=False, seed=seed, optimizer=optimizer, renames=made["renames"],
                       hyper_slots=made["hyper_slots"], random_key=made["random_key"], check_finite=check_finite,
-                      fixed_state=_comm_slot_values(data_parallel, made.get("comm_slot"), averaged))
+                      binding=_comm_binding(data_parallel, made.get("comm_slot"), averaged))
     built = training_graph()
     extras = {"step": {"renames": built.renames, "hyper_slots": built.hyper_slots,
                        "random_key": built.graph.random_key.name if built.graph.random_key is not None else None,
@@ -414,7 +419,7 @@ def compile_training_step(loss: Tensor, params: Mapping[str, np.ndarray], optimi
                   inplace=built.inplace, state_names=built.state_names, state_names_for_caller=built.renames,
                   seed=seed, optimizer=optimizer, hyper_slots=built.hyper_slots, missed_key=step_key, extras=extras,
                   check_finite=check_finite, threads=threads,
-                  fixed_state=_comm_slot_values(data_parallel, built.comm_slot, averaged))
+                  binding=_comm_binding(data_parallel, built.comm_slot, averaged))
 
 
 def _without_finite_checks(check_finite) -> bool:
@@ -430,9 +435,12 @@ def _without_finite_checks(check_finite) -> bool:
                      "at a NaN would leave the other ranks waiting for its gradients")
 
 
-def _comm_slot_values(data_parallel, name: str | None, values: int) -> dict[str, np.ndarray]:
-    """{the communicator slot's name: its words} for a data-parallel step; {} for another."""
-    return {} if data_parallel is None else data_parallel.slot_values(name, buckets=values)
+def _comm_binding(data_parallel, name: str | None, values: int):
+    """For `_bound`, a data-parallel step's binding (DataParallel.bind, given the program's
+    slots); None for another step."""
+    if data_parallel is None:
+        return None
+    return lambda slots: data_parallel.bind(name, values, slots)
 
 
 def _optimizer_key(optimizer) -> str | None:
@@ -499,25 +507,43 @@ def _training_graph(loss, buffer_updates, trainable_names, optimizer, data_paral
     if data_parallel is not None:
         from graphc.distributed.buckets import declare_comm_slot
         comm = declare_comm_slot(graph, _unclaimed_names(graph, ["mpi:comm"])[0],
-                                 1 + len(buffer_values) + len(trainable))
+                                 1 + len(buffer_values) + len(trainable), data_parallel.shared)
     grads = grad(train_loss, trainable)
     if data_parallel is not None:
         # The loss, the buffers' new values and the gradients, averaged over the ranks.
         from graphc.distributed.buckets import averaged_values
         graph, (train_loss, *averages) = averaged_values(
             graph, [train_loss, *buffer_values, *grads], comm, abi=dataclasses.astuple(data_parallel.abi),
-            bucket_bytes=data_parallel.bucket_bytes)
+            bucket_bytes=data_parallel.bucket_bytes, shared=data_parallel.shared)
         buffer_values, grads = averages[:len(buffer_values)], averages[len(buffer_values):]
         trainable = [graph.params[name] for name in trainable_names]
     optimizer_graph = _OptimizerGraph(graph)
     writes, state_names = optimizer.updates(optimizer_graph, trainable, grads, hyper=optimizer_graph.hyper)
     writes += [(update.buffer.name, value) for update, value in zip(buffer_updates, buffer_values)]
     comm_slot = [comm.name] if data_parallel is not None else []
+    if data_parallel is not None and data_parallel.shared:
+        writes, shared_states = _with_shared_buckets(graph, comm.name, train_loss, writes, data_parallel)
+        comm_slot += shared_states
     return _TrainingGraph(graph, [train_loss] + [value for _, value in writes], _unclaimed_names(graph, ["loss"]),
                           [name for name, _ in writes],
                           list(state_names) + list(optimizer_graph.hyper_names.values()) + comm_slot,
                           optimizer_graph.names_for_caller(), dict(optimizer_graph.hyper_names),
                           comm_slot[0] if comm_slot else None)
+
+
+def _with_shared_buckets(graph, comm_name: str, train_loss, writes: list, data_parallel) -> tuple[list, list[str]]:
+    """A shared-memory step's writes: the step's own, each bucket into its State, and the
+    finish barrier's token after every value computed from the buckets (the loss and each
+    write no other write reads; those others are computed in the same kernels). Also the
+    State names they add."""
+    from graphc.distributed.buckets import FINISHED_STATE, finished, shared_writes
+    buckets = shared_writes(graph)
+    read_by_writes = {operand.id for _, value in writes for operand in value.inputs}
+    results = [train_loss] + [value for _, value in writes if value.id not in read_by_writes]
+    token_name = _unclaimed_names(graph, [FINISHED_STATE])[0]
+    graph.param(token_name, (1,), "int32")
+    token = finished(graph.params[comm_name], results, dataclasses.astuple(data_parallel.abi))
+    return writes + buckets + [(token_name, token)], [name for name, _ in buckets] + [token_name]
 
 
 class _OptimizerGraph:
@@ -574,7 +600,7 @@ def _unclaimed_names(graph, names: list[str]) -> list[str]:
 
 def _build(cls, outputs, params, *, output_names, single=False, inplace=(), state_names=(),
            state_names_for_caller=None, seed=0, optimizer=None, hyper_slots=None, missed_key=None, extras=None,
-           check_finite=False, threads=None, fixed_state=None):
+           check_finite=False, threads=None, binding=None):
     """Load the program from the cache or optimize, assemble and compile it; bind params.
 
     The first len(output_names) outputs are returned to the caller; each further one is written
@@ -582,7 +608,7 @@ def _build(cls, outputs, params, *, output_names, single=False, inplace=(), stat
     `state_names_for_caller` renames State slots (graph name -> the name step.state shows).
     `missed_key`: the caller's own cache key, already looked up and missed; the program is
     stored under it (with `extras`) instead of under the key of `outputs`' graph. `threads`:
-    the most the program may use (default gc.get_num_threads()); `fixed_state`: see `_bound`.
+    the most the program may use (default gc.get_num_threads()); `binding`: see `_bound`.
     """
     graph = outputs[0].graph
     random_key = graph.random_key.name if graph.random_key is not None else None
@@ -600,7 +626,7 @@ def _build(cls, outputs, params, *, output_names, single=False, inplace=(), stat
         plan = Plan(outputs, request, compiled.max_threads, check_finite=check_finite)
     return _bound(cls, compiled, library, plan, params, graph, single=single, seed=seed, optimizer=optimizer,
                   renames=state_names_for_caller or {}, hyper_slots=hyper_slots or {}, random_key=random_key,
-                  check_finite=check_finite, fixed_state=fixed_state)
+                  check_finite=check_finite, binding=binding)
 
 
 def _request(graph, output_names, inplace, state_names, threads: int, check_finite: bool = False) -> dict:
@@ -635,17 +661,20 @@ def _check_finite_wanted(check_finite, where: str) -> bool:
 
 def _bound(cls, compiled: CachedProgram, library, plan: Plan, params, graph, *, single, seed, optimizer,
            renames: dict, hyper_slots: dict, random_key: str | None, check_finite: bool,
-           fixed_state: dict[str, np.ndarray] | None = None):
-    """The compiled function or step running `compiled` with `params` bound. `fixed_state`:
-    State slots whose words are set once, at binding (a data-parallel step's MPI handles)."""
+           binding=None):
+    """The compiled function or step running `compiled` with `params` bound. `binding`, given
+    the slots, returns a data-parallel step's (distributed/data_parallel.Binding)."""
+    from graphc.distributed.data_parallel import Binding
     slots = _renamed_state_slots(compiled.slots, renames)
+    bound = binding(slots) if binding is not None else Binding({})
     # The error names nodes and kernels: made from the plan, which a cached program builds then.
     on_stop = (lambda status, memory: stopped_error(plan.spec, status, memory)) if check_finite else None
     program = rt.Program(library, ENTRY_NAME, slots, params, max_threads=compiled.max_threads,
-                         ignored_inputs=graph.inputs, on_stop=on_stop)
+                         ignored_inputs=graph.inputs, on_stop=on_stop, state_memory=bound.state_memory)
+    program.memory_owner = bound.memory_owner      # kept while the program lives
     call_values = CallValues(program.state, CALLS_SLOT, seed=seed, random_key_slot=random_key, optimizer=optimizer,
                              hyper_slots={name: renames.get(slot, slot) for name, slot in hyper_slots.items()},
-                             fixed_state=fixed_state or {})
+                             fixed_state=bound.fixed_state, hidden_state=bound.hidden)
     return cls(program, plan, single, call_values)
 
 

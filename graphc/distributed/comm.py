@@ -16,11 +16,11 @@ import numpy as np
 import graphc_runtime as rt
 from graphc.backend.kernels.collective import REQUESTS, MpiAbi, SlotWord, slot_words
 
-__all__ = ["checked_comm", "mpi_abi", "slot_values", "threads_per_rank", "MPI_FUNCTIONS"]
+__all__ = ["checked_comm", "mpi_abi", "slot_values", "ranks_share_memory", "threads_per_rank", "MPI_FUNCTIONS"]
 
 # What the kernels call, by their slot word.
 MPI_FUNCTIONS = {SlotWord.IALLREDUCE: "MPI_Iallreduce", SlotWord.WAIT: "MPI_Wait", SlotWord.TEST: "MPI_Test",
-                 SlotWord.ABORT: "MPI_Abort"}
+                 SlotWord.ABORT: "MPI_Abort", SlotWord.IBARRIER: "MPI_Ibarrier"}
 
 
 def _mpi():
@@ -69,11 +69,12 @@ def _getpid_address() -> int:
     return ctypes.cast(ctypes.CDLL(None).getpid, ctypes.c_void_p).value
 
 
-def slot_values(comm, buckets: int) -> np.ndarray:
+def slot_values(comm, buckets: int, bases: tuple[int, ...] = ()) -> np.ndarray:
     """The communicator slot's int64 words (backend/kernels/collective.py) for `comm`, with
-    room for `buckets` requests, each MPI_REQUEST_NULL."""
+    room for `buckets` requests, each MPI_REQUEST_NULL, then `bases`, each rank's address of
+    the shared memory of its buckets (none: MPI sums them)."""
     MPI = _mpi()
-    words = np.zeros(slot_words(buckets), np.int64)
+    words = np.zeros(slot_words(buckets, len(bases)), np.int64)
     words[SlotWord.OWNER] = os.getpid() ^ _getpid_address()
     for word, address in _function_addresses().items():
         words[word] = address
@@ -82,8 +83,22 @@ def slot_values(comm, buckets: int) -> np.ndarray:
     words[SlotWord.OP] = MPI._handleof(MPI.SUM)
     words[SlotWord.IN_PLACE] = int(MPI.IN_PLACE)
     words[SlotWord.SCALE] = np.array([1.0 / comm.Get_size(), 0.0], np.float32).view(np.int64)[0]
-    words[REQUESTS:] = MPI._handleof(MPI.REQUEST_NULL)
+    words[SlotWord.RANK] = comm.Get_rank()
+    words[SlotWord.FINISHED] = MPI._handleof(MPI.REQUEST_NULL)
+    words[REQUESTS:REQUESTS + buckets] = MPI._handleof(MPI.REQUEST_NULL)
+    if bases:
+        words[SlotWord.BASES_AT] = REQUESTS + buckets
+        words[REQUESTS + buckets:] = bases
     return words
+
+
+def ranks_share_memory(comm) -> bool:
+    """Whether every rank of `comm` runs on this node. Collective over `comm`."""
+    node = comm.Split_type(_mpi().COMM_TYPE_SHARED)
+    try:
+        return node.Get_size() == comm.Get_size()
+    finally:
+        node.Free()
 
 
 def threads_per_rank(comm) -> int:

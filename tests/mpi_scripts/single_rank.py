@@ -57,7 +57,9 @@ refusals = {"check_finite": lambda: gc.compile_training_step(model.loss, plain_p
                                                              comm=MPI.COMM_WORLD),
             "bucket_bytes": lambda: gc.compile_training_step(model.loss, plain_params, optimizer, bucket_bytes=0,
                                                              comm=MPI.COMM_WORLD),
-            "comm": lambda: gc.compile_training_step(model.loss, plain_params, optimizer, comm="world")}
+            "comm": lambda: gc.compile_training_step(model.loss, plain_params, optimizer, comm="world"),
+            "allreduce": lambda: gc.compile_training_step(model.loss, plain_params, optimizer, comm=MPI.COMM_WORLD,
+                                                          allreduce="ring")}
 result["refused"] = {}
 for name, attempt in refusals.items():
     try:

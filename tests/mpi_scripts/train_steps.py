@@ -1,12 +1,13 @@
 """Run under mpiexec by tests/test_distributed.py: a few data-parallel steps, checked on rank 0.
 
-    python -m mpi4py train_steps.py MODEL OPTIMIZER STEPS [reset]
+    python -m mpi4py train_steps.py MODEL OPTIMIZER STEPS [reset] [mpi]
 
 Each rank trains its part of a global batch (rank r: examples [r*b, (r+1)*b)) with a step
 compiled with comm=MPI.COMM_WORLD. Rank 0 also trains one process on the whole global batch,
 and, for the first step, computes the update from the reference executor's gradients. With
 `reset`, both steps zero their optimizer state after the second step (which zeroes the
-communicator slot too, to be written again). Rank 0
+communicator slot too, to be written again). With `mpi`, MPI_Iallreduce sums the buckets
+instead of the ranks' shared memory. Rank 0
 prints one line, RESULT {json}: the largest differences, whether every rank holds the same
 params and buffers bit for bit, and a digest of them.
 """
@@ -23,7 +24,8 @@ from graphc.tools import models
 comm = MPI.COMM_WORLD
 rank, ranks = comm.Get_rank(), comm.Get_size()
 model_name, optimizer_name, steps = sys.argv[1], sys.argv[2], int(sys.argv[3])
-reset = sys.argv[4:] == ["reset"]
+reset = "reset" in sys.argv[4:]
+allreduce = "mpi" if "mpi" in sys.argv[4:] else "auto"
 PER_RANK = 8
 
 BUILDERS = {
@@ -53,9 +55,9 @@ build, optimizer = BUILDERS[model_name], OPTIMIZERS[optimizer_name]
 local, whole = build(PER_RANK), build(PER_RANK * ranks)
 params = gc.init_params(local.graph, seed=3)
 # Small buckets: several of them, some of one value summed in its own buffer, progress points
-step = gc.compile_training_step(local.loss, params, optimizer, comm=comm, bucket_bytes=1024)
+step = gc.compile_training_step(local.loss, params, optimizer, comm=comm, bucket_bytes=1024, allreduce=allreduce)
 
-result = {"ranks": ranks, "losses": []}
+result = {"ranks": ranks, "losses": [], "shared": "allreduce_finish" in step.describe(), "state": list(step.state)}
 if rank == 0:
     single_params = gc.init_params(whole.graph, seed=3)
     single = gc.compile_training_step(whole.loss, single_params, optimizer)

@@ -16,6 +16,20 @@ step); the other threads return from those phases at once and meet it at the nex
 - allreduce_done: thread 0 waits for the bucket (and tests the later ones); then every thread
   writes its slice times 1/ranks, with the consumer fused in (the optimizer's update).
 
+On one node, with `shared` ranks, each bucket lives in memory the ranks share (a State of its
+own, bound to an MPI shared-memory window by distributed/shared_window.py), and MPI only
+synchronizes:
+
+- allreduce_start: thread 0 starts MPI_Ibarrier into request `bucket`: this rank's bucket is
+  written (the kernel that computed it wrote it there, or a concat did).
+- allreduce_done: thread 0 waits for that barrier; then every thread writes its slice of the
+  ranks' buckets summed in rank order, times 1/ranks, with the consumer fused in. Rank q's
+  bucket is at its base (a slot word) plus the bucket's offset in the window, which the
+  kernel also checks its own bucket against: a program whose buckets are not in the window
+  (a profiling twin) reads its own alone.
+- allreduce_finish: thread 0 waits at a barrier (MPI_Ibarrier, MPI_Wait): every rank has read
+  every bucket, so none's next call overwrites one another still reads.
+
 The slot is this process's only if its first word names this process: a slot of zeros (a
 profiling twin of the program) or one written by another process (a step saved and loaded
 elsewhere) is no communicator, and the kernels then run as one process would: no MPI call,
@@ -28,6 +42,7 @@ import math
 import weakref
 
 import llvmlite.ir as ir
+import sympy
 
 from graphc.backend import costs
 from graphc.backend.emit.kernel import Kernel, phase_args, phase_function
@@ -54,14 +69,19 @@ class SlotWord:
     OP = 8             # MPI_SUM
     IN_PLACE = 9
     SCALE = 10         # float32 1/ranks in the low four bytes
+    IBARRIER = 11
+    RANK = 12          # this process's rank
+    BASES_AT = 13      # where the ranks' bases in shared memory start (0: none)
+    FINISHED = 14      # the request of a shared-memory step's last barrier
 
 
-REQUESTS = 11          # then one word per bucket, holding its MPI_Request
+REQUESTS = 15          # then one word per bucket, holding its MPI_Request; then each rank's base
 
 
-def slot_words(buckets: int) -> int:
-    """The slot's length in int64 words for a program of at most `buckets` buckets."""
-    return REQUESTS + buckets
+def slot_words(buckets: int, shared: int = 0) -> int:
+    """The slot's length in int64 words for a program of at most `buckets` buckets, summed in
+    the shared memory of `shared` ranks (0: by MPI)."""
+    return REQUESTS + buckets + shared
 
 
 @dataclasses.dataclass(frozen=True)
@@ -145,6 +165,24 @@ class _Mpi:
     def request(self, bucket: int) -> ir.Value:
         return self.word_address(REQUESTS + bucket)
 
+    def start_barrier(self, request: ir.Value) -> None:
+        """MPI_Ibarrier into `request`, after every store of this thread (and of the threads
+        that met it at the phase's barrier) is visible to the other ranks."""
+        comm_type, _, _ = self._types()
+        self.b.fence("seq_cst")
+        ibarrier = self.function(SlotWord.IBARRIER, I32, [comm_type, PTR])
+        self._checked(self.b.call(ibarrier, [self.handle(SlotWord.COMM, self.abi.comm_bytes), request]))
+
+    def wait_request(self, request: ir.Value) -> None:
+        wait = self.function(SlotWord.WAIT, I32, [PTR, PTR])
+        self._checked(self.b.call(wait, [request, self._status()]))
+        self.b.fence("seq_cst")
+
+    def base(self, rank) -> ir.Value:
+        """Rank `rank`'s base in the shared memory, as an i64 (`rank` an i64 value)."""
+        at = self.b.add(self.word(SlotWord.BASES_AT), rank)
+        return self.b.load(self.b.gep(self.words, [at], inbounds=True, source_etype=I64), typ=I64, align=8)
+
     def start_sum(self, buffer: ir.Value, count: int, bucket: int) -> None:
         comm_type, datatype_type, op_type = self._types()
         iallreduce = self.function(SlotWord.IALLREDUCE, I32,
@@ -160,8 +198,7 @@ class _Mpi:
             return self.b.alloca(ir.ArrayType(I64, -(-self.abi.status_bytes // 8)))
 
     def wait(self, bucket: int) -> None:
-        wait = self.function(SlotWord.WAIT, I32, [PTR, PTR])
-        self._checked(self.b.call(wait, [self.request(bucket), self._status()]))
+        self.wait_request(self.request(bucket))
 
     def test(self, buckets) -> None:
         """MPI_Test the buckets' requests in order, up to the first one still under way: a test
@@ -185,11 +222,14 @@ class _Mpi:
 
 
 def _mpi_phase(module: ir.Module, name: str, n_inputs: int, words_index: int, abi: MpiAbi, body,
-               mark_live: bool = False) -> ir.Function:
-    """A phase that runs `body(mpi)` on thread 0, when the slot is live (or marks it so first)."""
+               mark_live: bool = False, token: bool = False) -> ir.Function:
+    """A phase that runs `body(mpi)` on thread 0, when the slot is live (or marks it so first).
+    `token`: its out is an int32 token, written 0."""
     fn, kb = phase_function(module, name, n_inputs)
-    _, inputs, _, tid, _ = phase_args(fn)
+    out, inputs, _, tid, _ = phase_args(fn)
     only_thread_zero(kb, tid)
+    if token:
+        kb.b.store(ir.Constant(I32, 0), out)
     mpi = _Mpi(kb, inputs[words_index], abi)
     live = mpi.mark_live() if mark_live else mpi.live()
     with kb.b.if_then(live):
@@ -224,6 +264,22 @@ def emit_allreduce_in_place(module: ir.Module, name: str, size: int, bucket: int
     return Kernel([_mpi_phase(module, name, 2, 1, abi, start, mark_live=True)])
 
 
+def emit_shared_start(module: ir.Module, name: str, bucket: int, abi: MpiAbi, *, max_threads: int) -> Kernel:
+    """(out, bucket, words): MPI_Ibarrier into request `bucket`; the bucket is already written
+    (out aliases it)."""
+    return Kernel([_mpi_phase(module, name, 2, 1, abi, lambda mpi: mpi.start_barrier(mpi.request(bucket)),
+                              mark_live=True)])
+
+
+def emit_allreduce_finish(module: ir.Module, name: str, n_inputs: int, abi: MpiAbi, *, max_threads: int) -> Kernel:
+    """(out, words, results...): a barrier of the ranks."""
+    def barrier(mpi: _Mpi) -> None:
+        request = mpi.word_address(SlotWord.FINISHED)
+        mpi.start_barrier(request)
+        mpi.wait_request(request)
+    return Kernel([_mpi_phase(module, name, n_inputs, 0, abi, barrier, token=True)])
+
+
 def emit_allreduce_progress(module: ir.Module, name: str, buckets: tuple[int, ...], abi: MpiAbi, *,
                             max_threads: int) -> Kernel:
     """(out, after, words): MPI_Test on `buckets`, up to the first one still under way."""
@@ -232,11 +288,12 @@ def emit_allreduce_progress(module: ir.Module, name: str, buckets: tuple[int, ..
 
 def emit_allreduce_done(module: ir.Module, name: str, shape, offset: int, bucket: int, later: tuple[int, ...],
                         n_after: int, abi: MpiAbi, *, max_threads: int, epilogue=None,
-                        epilogue_shapes=(), side_stores=()) -> Kernel:
+                        epilogue_shapes=(), side_stores=(), shared: int = 0, window_offset: int = 0) -> Kernel:
     """(out, bucket, words, after..., epilogue operands...): wait for request `bucket` (and
     test `later`, the buckets still under way); then out = e(bucket[offset:] * scale, epilogue
     operands...) elementwise, e the fused consumer (x0 alone without one), and each side store
-    into its operand. `scale` is 1/ranks, or 1 when the slot is not live."""
+    into its operand. `scale` is 1/ranks, or 1 when the slot is not live. With `shared` ranks,
+    bucket[offset:] is the sum of every rank's, in rank order (see the module's doc)."""
     n_inputs = 2 + n_after + len(epilogue_shapes)
 
     def wait(mpi: _Mpi) -> None:
@@ -244,23 +301,51 @@ def emit_allreduce_done(module: ir.Module, name: str, shape, offset: int, bucket
         mpi.test(later)
     waiting = _mpi_phase(module, f"{name}.wait", n_inputs, 1, abi, wait)
 
-    # x0 is the rank's sum as the bucket holds it: the consumer sees it times x_last, the scale.
-    scale = symbol(1 + len(epilogue_shapes))
-    averaged = {symbol(0): symbol(0) * scale}
-    expr = (epilogue if epilogue is not None else symbol(0)).xreplace(averaged)
-    stores = tuple((k, e.xreplace(averaged)) for k, e in side_stores)
+    consumer = epilogue if epilogue is not None else symbol(0)
     shape, epilogue_shapes = tuple(shape) or (1,), [tuple(s) or (1,) for s in epilogue_shapes]   # a scalar loss: ()
-    apply = emit_elementwise(module, f"{name}.apply", shape, [shape, *epilogue_shapes, (1,)], expr,
-                             max_threads=max_threads, side_stores=stores)
+    apply = _averaging(module, f"{name}.apply", shape, epilogue_shapes, consumer, side_stores, 1, max_threads)
 
     compute, kb = phase_function(module, f"{name}.average", n_inputs)
     out, inputs, scratch, tid, nthreads = phase_args(compute)
     values, words, extras = inputs[0], inputs[1], inputs[2 + n_after:]
     mpi = _Mpi(kb, words, abi)
-    scale_pointer = kb.b.select(mpi.live(), mpi.word_address(SlotWord.SCALE), _one(module))
-    kb.b.call(apply.phases[0], [out, kb.gep(values, offset), *extras, scale_pointer, scratch, tid, nthreads])
+    live = mpi.live()
+    scale_pointer = kb.b.select(live, mpi.word_address(SlotWord.SCALE), _one(module))
+    if shared:
+        # The ranks' buckets, if this one is where the window says: else it reads its own alone.
+        own = kb.b.ptrtoint(values, I64)
+        in_window = kb.b.and_(live, kb.b.icmp_signed("==", own, kb.b.add(
+            kb.b.select(live, mpi.base(mpi.word(SlotWord.RANK)), ir.Constant(I64, 0)),
+            ir.Constant(I64, window_offset))))
+        summed = _averaging(module, f"{name}.sum", shape, epilogue_shapes, consumer, side_stores, shared,
+                            max_threads)
+        with kb.b.if_else(in_window) as (sum_ranks, own_only):
+            with sum_ranks:
+                peers = [kb.gep(kb.b.inttoptr(kb.b.add(mpi.base(ir.Constant(I64, q)), ir.Constant(I64, window_offset)),
+                                              PTR), offset) for q in range(shared)]
+                kb.b.call(summed.phases[0], [out, *peers, *extras, scale_pointer, scratch, tid, nthreads])
+            with own_only:
+                kb.b.call(apply.phases[0], [out, kb.gep(values, offset), *extras, scale_pointer, scratch, tid,
+                                            nthreads])
+    else:
+        kb.b.call(apply.phases[0], [out, kb.gep(values, offset), *extras, scale_pointer, scratch, tid, nthreads])
     kb.b.ret_void()
     return Kernel([waiting, compute])
+
+
+def _averaging(module: ir.Module, name: str, shape, epilogue_shapes, consumer, side_stores, ranks: int,
+               max_threads: int) -> Kernel:
+    """out = consumer((y_0 + ... + y_{ranks-1}) * scale, epilogue operands...) elementwise, with
+    its side stores: operands y_0.., the epilogue's, then the scale. `consumer` and the side
+    stores are over x0 (the bucket's values), x1.. (the epilogue's operands)."""
+    extra = len(epilogue_shapes)
+    summed = sympy.Add(*(symbol(q) for q in range(ranks)))
+    renamed = {symbol(0): summed * symbol(ranks + extra)}
+    renamed.update({symbol(k): symbol(k + ranks - 1) for k in range(1, extra + 1)})
+    expr = consumer.xreplace(renamed)
+    stores = tuple((k + ranks - 1, e.xreplace(renamed)) for k, e in side_stores)
+    return emit_elementwise(module, name, shape, [shape] * ranks + [*epilogue_shapes, (1,)], expr,
+                            max_threads=max_threads, side_stores=stores)
 
 
 def _one(module: ir.Module) -> ir.GlobalVariable:
@@ -313,12 +398,22 @@ def _readers(graph) -> dict[int, list]:
     return known[1]
 
 
-ALIASES["allreduce_start"] = sums_in_place
+def _aliases_its_bucket(start) -> bool:
+    """A shared-memory start's bucket is its value, written before it; an MPI start's, see
+    `sums_in_place`."""
+    return bool(start.attrs.get("shared")) or sums_in_place(start)
+
+
+ALIASES["allreduce_start"] = _aliases_its_bucket
 
 
 @lowers("allreduce_start")
 def lower_allreduce_start(node, _epilogue) -> Step:
     shapes, bucket, abi = [value.shape for value in node.inputs[:-1]], node.attrs["bucket"], _abi(node)
+    if node.attrs.get("shared"):
+        return Step(node, list(node.inputs),
+                    lambda m, name, threads: emit_shared_start(m, name, bucket, abi, max_threads=threads),
+                    "allreduce_start", [node], flops=0)
     if sums_in_place(node):
         return Step(node, list(node.inputs),
                     lambda m, name, threads: emit_allreduce_in_place(m, name, node.size, bucket, abi,
@@ -337,13 +432,22 @@ def lower_allreduce_progress(node, _epilogue) -> Step:
                 "allreduce_progress", [node], flops=0)
 
 
+@lowers("allreduce_finish")
+def lower_allreduce_finish(node, _epilogue) -> Step:
+    n_inputs, abi = len(node.inputs), _abi(node)
+    return Step(node, list(node.inputs),
+                lambda m, name, threads: emit_allreduce_finish(m, name, n_inputs, abi, max_threads=threads),
+                "allreduce_finish", [node], flops=0)
+
+
 @lowers("allreduce_done", elementwise_epilogue=True, scalar_epilogue_operands=True)
 def lower_allreduce_done(node, epilogue: Epilogue | None) -> Step:
     bucket_values, comm, *after = node.inputs
     a, abi = node.attrs, _abi(node)
     epilogue = epilogue or Epilogue(node)
     extras = list(epilogue.operands)
-    fused = dict(epilogue=epilogue.expr, epilogue_shapes=[t.shape for t in extras], side_stores=epilogue.side_stores)
+    fused = dict(epilogue=epilogue.expr, epilogue_shapes=[t.shape for t in extras], side_stores=epilogue.side_stores,
+                 shared=a.get("shared", 0), window_offset=a.get("window_offset", 0))
     label = "allreduce_done" + ("+ew" if epilogue.expr is not None else "") + (
         f"+{len(epilogue.side_stores)} in place" if epilogue.side_stores else "")
     covers = [node] + list(epilogue.absorbed) + ([epilogue.node] if epilogue.node is not node else [])

@@ -7,6 +7,14 @@ values into buckets and averages each bucket over the ranks while the backward p
     token  = allreduce_progress(bucket, comm)        # between later backward kernels
     mean_i = allreduce_done(bucket, comm, token)      # v_i averaged over the ranks
 
+On one node (every rank sharing memory), the buckets live in memory the ranks share instead,
+and MPI only synchronizes (`shared` = the number of ranks):
+
+    bucket = the values, flattened and concatenated, written into its bucket state
+    bucket = allreduce_start(bucket, comm)             # "mine is written"
+    mean_i = allreduce_done(bucket, comm, token)      # the ranks' buckets summed, in rank order
+    token  = allreduce_finish(comm, results...)        # every rank has read every bucket
+
 `comm` is the int32 State slot holding the MPI handles (backend/kernels/collective.py). In one
 process, which is all the reference executor ever runs, the average over the ranks of a value
 is the value itself: `allreduce_done` gives back its slice of the bucket, `allreduce_progress`
@@ -22,7 +30,7 @@ import numpy as np
 from graphc.core.ir import Tensor
 from graphc.core.ops.registry import Mismatch, OpDef, op, register
 
-__all__ = ["allreduce_start", "allreduce_done", "allreduce_progress"]
+__all__ = ["allreduce_start", "allreduce_done", "allreduce_progress", "allreduce_finish"]
 
 
 def _check_comm(comm: Tensor) -> None:
@@ -41,6 +49,8 @@ class AllreduceStart(OpDef):
     def infer(self, inputs, attrs):
         *values, comm = inputs
         _check_comm(comm)
+        if attrs.get("shared") and len(values) != 1:
+            raise Mismatch("a bucket in shared memory is one value, written into its bucket state")
         if not values:
             raise Mismatch("a bucket needs at least one value")
         for i, value in enumerate(values):
@@ -94,19 +104,48 @@ class AllreduceProgress(OpDef):
         return np.zeros(1, np.int32)
 
 
+class _Token(OpDef):
+    """comm, operands... -> int32 (1,): a point of the schedule, after its operands."""
+
+    vjp_rule = "no gradient: a token"
+
+    def infer(self, inputs, attrs):
+        _check_comm(inputs[0])
+        return (1,), "int32"
+
+    def reference(self, args, attrs, node, float_dtype):
+        return np.zeros(1, np.int32)
+
+
+@register
+class AllreduceFinish(_Token):
+    """comm, results... -> a token: every rank has read every rank's buckets (the results are
+    the step's values computed from them), so the next call may overwrite them."""
+
+    name = "allreduce_finish"
+
+
 # Every op carries `abi`, the sizes the MPI library's handles have (backend/kernels/collective.py's
 # MpiAbi as a tuple), which its kernel's calls are generated for.
 
-def allreduce_start(values: list[Tensor], comm: Tensor, *, bucket: int, abi: tuple) -> Tensor:
-    return op("allreduce_start").apply(list(values) + [comm], bucket=bucket, abi=abi)
+def allreduce_start(values: list[Tensor], comm: Tensor, *, bucket: int, abi: tuple, **shared) -> Tensor:
+    """`shared`: shared= the ranks sharing the buckets' memory (then `values` is the bucket
+    alone); none: MPI sums."""
+    return op("allreduce_start").apply(list(values) + [comm], bucket=bucket, abi=abi, **shared)
 
 
 def allreduce_done(bucket_values: Tensor, comm: Tensor, *, offset: int, shape: tuple, bucket: int,
-                   later: tuple[int, ...], abi: tuple, after: tuple[Tensor, ...] = ()) -> Tensor:
-    """`later`: the buckets still under way when this one is waited for, tested meanwhile."""
+                   later: tuple[int, ...], abi: tuple, after: tuple[Tensor, ...] = (), **shared) -> Tensor:
+    """`later`: the buckets still under way when this one is waited for, tested meanwhile.
+    `shared`: shared= the ranks sharing the buckets' memory, window_offset= the bucket's bytes
+    into each rank's part of it; none: MPI sums."""
     return op("allreduce_done").apply([bucket_values, comm, *after], offset=offset, shape=tuple(shape),
-                                      bucket=bucket, later=tuple(later), abi=abi)
+                                      bucket=bucket, later=tuple(later), abi=abi, **shared)
 
 
 def allreduce_progress(after: Tensor, comm: Tensor, *, buckets: tuple[int, ...], abi: tuple) -> Tensor:
     return op("allreduce_progress").apply([after, comm], buckets=tuple(buckets), abi=abi)
+
+
+def allreduce_finish(comm: Tensor, results: list[Tensor], *, abi: tuple) -> Tensor:
+    return op("allreduce_finish").apply([comm, *results], abi=abi)
