@@ -70,9 +70,10 @@ def plan_fusion(graph: Graph, outputs: list[Tensor]) -> FusionPlan:
     consumers = graph.to_networkx().subgraph(node.id for node in needed)
     own_ops = {node.id: operation_count(node.attrs["expr"]) for node in needed if node.op == "ew"}
     kept = {out.id for out in outputs}  # nodes that must keep a buffer of their own
+    composed: dict = {}                 # what _compose made in earlier rounds, to reuse
     while True:
         kernels = _assign_kernels(graph, needed, consumers, own_ops, kept)
-        expressions, splits = _compose(needed, kernels, own_ops)
+        expressions, splits = _compose(needed, kernels, own_ops, composed)
         if not splits - kept:
             break
         kept |= splits
@@ -117,12 +118,13 @@ def _worth_recomputing(node: Tensor, kernel_count: int, ops: int) -> bool:
     return recomputed <= stored
 
 
-def _compose(needed, kernels, own_ops) -> tuple[dict[int, sympy.Expr], set[int]]:
+def _compose(needed, kernels, own_ops, composed: dict) -> tuple[dict[int, sympy.Expr], set[int]]:
     """Each `ew` node's expression over leaf symbols, its inlined operands substituted, and the
     inlined nodes to keep as kernels of their own so that every composition fits.
 
     Kernels fill up from the producer side: a node whose composition breaks a rule keeps its
-    biggest inlined operands (whose compositions fit, as checked before) as kernels until it fits."""
+    biggest inlined operands (whose compositions fit, as checked before) as kernels until it fits.
+    `composed` holds the compositions of earlier calls, reused where the operands' are the same."""
     expressions: dict[int, sympy.Expr] = {}
     ops: dict[int, int] = {}  # operations of the composed expression, as a tree (an upper bound)
     splits: set[int] = set()
@@ -131,18 +133,31 @@ def _compose(needed, kernels, own_ops) -> tuple[dict[int, sympy.Expr], set[int]]
             continue   # neither inlined nor inlining: its kernel is itself, nobody composes it
         while True:
             inlined = {i: o for i, o in enumerate(node.inputs) if o.id in kernels and o.id not in splits}
-            expr = node.attrs["expr"].xreplace({
-                symbol(i): expressions[o.id] if i in inlined else _leaf_symbol(o) for i, o in enumerate(node.inputs)})
-            ops[node.id] = own_ops[node.id] + sum(node.attrs["expr"].count(symbol(i)) * ops[o.id]
-                                                  for i, o in inlined.items())
-            fits = (len(expr.free_symbols) <= MAX_OPERANDS and ops[node.id] <= MAX_EXPRESSION_OPS
-                    and not leaves_the_reals(expr))
+            expr, ops[node.id], fits = _composition(node, inlined, expressions, ops, own_ops, composed)
             if fits or not inlined:
                 break
             biggest = max(inlined.values(), key=lambda o: (len(expressions[o.id].free_symbols), ops[o.id]))
             splits.add(biggest.id)
         expressions[node.id] = expr
     return expressions, splits
+
+
+def _composition(node, inlined: dict, expressions: dict, ops: dict, own_ops: dict, composed: dict
+                 ) -> tuple[sympy.Expr, int, bool]:
+    """`node`'s expression with the expressions of its `inlined` operands substituted, its
+    operation count, and whether it fits a kernel; from `composed` if an earlier call made it
+    from the same operand expressions (the same objects)."""
+    key = (node.id, tuple(id(expressions[o.id]) if i in inlined else None for i, o in enumerate(node.inputs)))
+    known = composed.get(key)
+    if known is not None and all(expressions[o.id] is kept for (i, o), kept in zip(inlined.items(), known[1])):
+        return known[0]
+    expr = node.attrs["expr"].xreplace({
+        symbol(i): expressions[o.id] if i in inlined else _leaf_symbol(o) for i, o in enumerate(node.inputs)})
+    count = own_ops[node.id] + sum(node.attrs["expr"].count(symbol(i)) * ops[o.id] for i, o in inlined.items())
+    fits = len(expr.free_symbols) <= MAX_OPERANDS and count <= MAX_EXPRESSION_OPS and not leaves_the_reals(expr)
+    # The operands' expressions are kept with it: their ids in the key stay theirs.
+    composed[key] = ((expr, count, fits), [expressions[o.id] for o in inlined.values()])
+    return expr, count, fits
 
 
 @functools.lru_cache(maxsize=4096)     # deep networks repeat a few expressions many times
