@@ -546,3 +546,16 @@ def test_a_buffer_updated_with_a_view_of_a_value_gets_its_values(view_of):
     np.testing.assert_allclose(total, 2 * expected.sum(), rtol=1e-5)
     source = expected if view_of == "a kernel's result" else feeds["x"]
     np.testing.assert_allclose(params["kept"], source.reshape(-1), rtol=1e-5)
+
+
+def test_a_buffer_updated_with_an_input_gets_its_values_and_the_input_stays_itself():
+    g = gc.Graph("flat")
+    x = g.input("x", (3,))
+    kept = g.buffer("kept", (3,))
+    total = gc.sum(x * 2.0)
+    g.update_buffer(kept, x, owner=total)
+    params = gc.init_params(g)
+    feeds = {"x": np.array([1.0, 2.0, 3.0], np.float32)}
+    (result,) = gc.compile([total], params)(**feeds)
+    assert result == pytest.approx(12.0)
+    np.testing.assert_array_equal(params["kept"], feeds["x"])

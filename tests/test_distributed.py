@@ -84,6 +84,15 @@ def test_equals_one_process_on_the_global_batch(mpiexec, ranks, model, optimizer
         assert result["reference_error"] < 1e-4
 
 
+def test_shared_buckets_copy_what_no_kernel_can_write_in_place(mpiexec):
+    """Tied gradients (one node in two buckets), a gradient that is an input, one-value
+    buckets: the shared-memory step trains as the MPI one does."""
+    result = result_of(run(mpiexec, 2, "odd_gradients.py"))
+    assert result["identical"] == [True, True]
+    for name, difference in result["difference"].items():
+        assert difference < 1e-6, name
+
+
 @pytest.mark.parametrize("allreduce", ["auto", "mpi"])
 def test_reset_state_keeps_the_communicator(mpiexec, allreduce):
     result = result_of(run(mpiexec, 2, "train_steps.py", "mlp", "sgd", 4, "reset", allreduce))

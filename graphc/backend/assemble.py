@@ -21,7 +21,7 @@ from graphc.backend.emit.finite_check import FiniteGuard
 from graphc.backend.kernel_identity import kernel_key
 from graphc.backend.kernels.layout import copy_step
 from graphc.backend.llvm.program_modules import ProgramModules
-from graphc.backend.lowering import Step, alias_root, plan_steps
+from graphc.backend.lowering import NO_STEP_OPS, Step, alias_root, plan_steps
 from graphc.backend.lowering_rules import LOWERINGS
 from graphc.backend.memory import ALIGNMENT, MemoryPlan, plan_memory, schedule
 from graphc.core.ir import Graph, Tensor
@@ -99,12 +99,10 @@ def assemble(graph: Graph, outputs: list[Tensor], *, output_names: list[str], in
     saved_slots = list(dict.fromkeys(locations[source_id][1] for source_id in written)) if check_finite else []
     steps = plan_steps(graph, list(outputs) + writes, {node_id: sources[name] for node_id, name in inplace.items()})
     inplace_sources = {node_id: sources[name].id for node_id, name in inplace.items()}
-    for node_id, name in inplace.items():
-        locations[node_id] = locations[sources[name].id]
-    steps += _aliased_writes(graph, steps, outputs, inplace, locations, inplace_sources)
+    output_steps = _place_writes(graph, steps, outputs, inplace, sources, locations, inplace_sources)
 
     step_ids = {step.node.id for step in steps}
-    output_steps, output_locations = [], {}
+    output_locations = {}
     for k, out in enumerate(outputs):
         slot = ("slot", next(i for i, s in enumerate(slots) if isinstance(s, rt.Output) and s.name == output_names[k]))
         if out.id in step_ids and out.id not in inplace and out.id not in output_locations:
@@ -244,27 +242,43 @@ def _keep_phases_apart(kernel) -> None:
         phase.attributes.add("noinline")
 
 
-def _aliased_writes(graph, steps: list[Step], outputs, inplace: dict[int, str], locations: dict,
-                    inplace_sources: dict[int, int]) -> list[Step]:
-    """In-place writes of a value no step computes (a reshape of another value): the kernel
-    computing the value it views writes the source's memory itself, when that value is a
-    step's own result and not an output or another write; else a copy step does. Returns
-    the copy steps; updates `locations` and `inplace_sources`."""
-    step_ids = {step.node.id for step in steps}
+def _place_writes(graph, steps: list[Step], outputs, inplace: dict[int, str], sources: dict, locations: dict,
+                  inplace_sources: dict[int, int]) -> list[tuple[Step, tuple]]:
+    """Where each in-place write's value is computed into its source's memory:
+
+    - by the step computing it (its result or a side write);
+    - by the kernel computing the value it views (a reshape of it), or the value its step
+      would copy (`Step.forwards_operand`), when that value is a step's own result and not an
+      output or another write: that kernel then writes the source's memory itself;
+    - else by a copy after every other step (a view of an input, a param or a constant),
+      returned with its location as the output copies are.
+
+    Updates `locations` and `inplace_sources` (which orders the writing step after the
+    readers of the source's old value)."""
+    step_of = {step.node.id: step for step in steps}
     taken = {out.id for out in outputs} | set(inplace)
-    copies = []
-    for node_id in inplace:
-        node = graph.nodes[node_id]
-        root = alias_root(node)
-        if node_id in step_ids or root is node:     # a step's result or side write
-            continue
-        if root.id in step_ids and root.id not in taken:
-            locations[root.id] = locations[node_id]
-            inplace_sources[root.id] = inplace_sources[node_id]
-            taken.add(root.id)
-        else:
-            copies.append(copy_step(node, root))
-    return copies
+
+    def write_directly(value, memory, source_id: int) -> bool:
+        root = alias_root(value)
+        if root.id not in step_of or root.id in taken:
+            return False
+        locations[root.id], inplace_sources[root.id] = memory, source_id
+        taken.add(root.id)
+        return True
+
+    late_copies = []
+    for node_id, name in inplace.items():
+        node, memory, source_id = graph.nodes[node_id], locations[sources[name].id], sources[name].id
+        if node_id in step_of or (alias_root(node) is node and node.op not in NO_STEP_OPS):   # result, side write
+            locations[node_id] = memory
+            step = step_of.get(node_id)
+            if step is not None and step.forwards_operand is not None:
+                write_directly(step.operands[step.forwards_operand], memory, source_id)
+        elif write_directly(node, memory, source_id):
+            locations[node_id] = memory
+        else:     # the value keeps its own buffer (an input's, a param's): copied at the end
+            late_copies.append((copy_step(node, alias_root(node)), memory))
+    return late_copies
 
 
 def _slots(graph, needed, outputs, output_names, inplace, state_names):

@@ -536,13 +536,14 @@ def _with_shared_buckets(graph, comm_name: str, train_loss, writes: list, data_p
     finish barrier's token after every value computed from the buckets (the loss and each
     write no other write reads; those others are computed in the same kernels). Also the
     State names they add."""
-    from graphc.distributed.buckets import FINISHED_STATE, finished, shared_writes
+    from graphc.core.ops.collective import allreduce_finish
+    from graphc.distributed.buckets import FINISHED_STATE, shared_writes
     buckets = shared_writes(graph)
     read_by_writes = {operand.id for _, value in writes for operand in value.inputs}
     results = [train_loss] + [value for _, value in writes if value.id not in read_by_writes]
     token_name = _unclaimed_names(graph, [FINISHED_STATE])[0]
     graph.param(token_name, (1,), "int32")
-    token = finished(graph.params[comm_name], results, dataclasses.astuple(data_parallel.abi))
+    token = allreduce_finish(graph.params[comm_name], results, abi=dataclasses.astuple(data_parallel.abi))
     return writes + buckets + [(token_name, token)], [name for name, _ in buckets] + [token_name]
 
 

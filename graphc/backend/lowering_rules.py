@@ -39,6 +39,9 @@ class Step:
     # Further nodes whose values the step writes, each to a buffer of its own passed after the
     # operands (sums computed in one pass over the data they share)
     extra_outputs: list[Tensor] = dataclasses.field(default_factory=list)
+    # The operand whose values the kernel copies into its result, skipping the copy when the
+    # two are one buffer: the assembler may have the operand's kernel write there directly
+    forwards_operand: int | None = None
 
     @property
     def outputs(self) -> list[Tensor]:

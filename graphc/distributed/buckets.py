@@ -14,9 +14,9 @@ they are cut into buckets of at most `bucket_bytes` (a larger value in one of it
   where the optimizer's update of its value will be fused into it.
 
 With `shared` ranks on one node, each bucket is a State of its own ("mpi:bucket<b>") in memory
-the ranks share (distributed/shared_window.py), written in place by the kernel computing its
-value where it can; the start only tells the other ranks it is written, and the done sums
-every rank's copy. `shared_writes` and `finished` give the writes and the step's last token.
+the ranks share (distributed/shared_window.py), which its start writes in place (or, for a
+bucket of one value, the kernel computing it: the assembler elides the copy) before telling
+the other ranks; the done sums every rank's copy. `shared_writes` gives these writes.
 """
 from __future__ import annotations
 
@@ -25,11 +25,11 @@ import dataclasses
 import numpy as np
 
 from graphc.core.ir import Graph, Tensor
-from graphc.core.ops.collective import allreduce_done, allreduce_finish, allreduce_progress, allreduce_start
+from graphc.core.ops.collective import allreduce_done, allreduce_progress, allreduce_start
 from graphc.transforms.rebuild import DECLARED_OPS, rebuild
 
 __all__ = ["DEFAULT_BUCKET_BYTES", "BUCKET_STATE", "FINISHED_STATE", "declare_comm_slot", "averaged_values",
-           "shared_writes", "finished", "window_layout"]
+           "shared_writes", "window_layout"]
 
 DEFAULT_BUCKET_BYTES = 64 * 1024
 BUCKET_STATE = "mpi:bucket"      # + the bucket's number: its State in shared memory
@@ -103,7 +103,7 @@ def averaged_values(graph: Graph, values: list[Tensor], comm: Tensor, *, abi: tu
     starts, averages = {}, [None] * len(values)
     for bucket in buckets:
         members = [values[i] for i in bucket.members]
-        start = allreduce_start(members, comm, bucket=bucket.index, abi=abi)
+        start = allreduce_start(members, comm, bucket=bucket.index, abi=abi, **({"shared": shared} if shared else {}))
         starts[start.id] = bucket
         where = dict(shared=shared, window_offset=offsets[bucket.index]) if shared else {}
         offset = 0
@@ -111,24 +111,18 @@ def averaged_values(graph: Graph, values: list[Tensor], comm: Tensor, *, abi: tu
             averages[i] = allreduce_done(start, comm, offset=offset, shape=value.shape, bucket=bucket.index,
                                          later=tuple(range(bucket.index + 1, count)), abi=abi, **where)
             offset += value.size
-    return _placed(graph, averages, comm, starts, abi, shared=shared)
+    return _placed(graph, averages, comm, starts, abi)
 
 
 def shared_writes(graph: Graph) -> list[tuple[str, Tensor]]:
-    """(bucket State name, the bucket's value) of each shared-memory bucket of `graph`: the
+    """(bucket State name, the start writing it) of each shared-memory bucket of `graph`: the
     in-place writes that put each rank's bucket where the others read it."""
-    return [(f"{BUCKET_STATE}{node.attrs['bucket']}", node.inputs[0]) for node in graph.nodes
+    return [(f"{BUCKET_STATE}{node.attrs['bucket']}", node) for node in graph.nodes
             if node.op == "allreduce_start" and node.attrs.get("shared")]
 
 
-def finished(comm: Tensor, results: list[Tensor], abi: tuple) -> Tensor:
-    """The step's last token: a barrier after `results`, the values the step computes from the
-    buckets, so that no rank's next call overwrites a bucket another still reads."""
-    return allreduce_finish(comm, results, abi=abi)
-
-
-def _placed(graph: Graph, outputs: list[Tensor], comm: Tensor, starts: dict[int, _Bucket], abi: tuple, *,
-            shared: int = 0) -> tuple[Graph, list[Tensor]]:
+def _placed(graph: Graph, outputs: list[Tensor], comm: Tensor, starts: dict[int, _Bucket], abi: tuple
+            ) -> tuple[Graph, list[Tensor]]:
     """`graph` copied with each start moved up to right after its bucket's last value, and a
     progress point after each later backward node with real work (see the module's doc)."""
     # A bucket whose values are all ready before the comm slot exists (the loss, batch norm's
@@ -146,22 +140,12 @@ def _placed(graph: Graph, outputs: list[Tensor], comm: Tensor, starts: dict[int,
     first_start = graph.nodes[min(starts, key=lambda node_id: starts[node_id].index)]
     first_done = next(out for out in outputs if out.inputs[0] is first_start)   # it keeps the tokens alive
 
-    def shared_start(rewrite, start: Tensor, values: list[Tensor]) -> Tensor:
-        """The bucket written as one flat value, then a start that tells the other ranks."""
-        flat = [value if value.shape == (value.size,) else rewrite.apply("reshape", [value], shape=(value.size,))
-                for value in values]
-        packed = flat[0] if len(flat) == 1 else rewrite.apply("concat", flat, axis=0)
-        return rewrite.apply("allreduce_start", [packed, rewrite.new(comm)], **start.attrs, shared=shared)
-
     def place(rewrite):
         node = rewrite.node
         if node.id in placed:
             return placed[node.id]
         if node is first_done and token:
             return rewrite.apply("allreduce_done", rewrite.operands + [token[0]], **node.attrs)
-        if shared and node.op == "allreduce_start":      # not moved: nothing followed the comm slot
-            placed[node.id] = shared_start(rewrite, node, rewrite.operands[:-1])
-            return placed[node.id]
         triggered = by_ready.get(node.id, [])
         progress = bool(started) and node.is_backward and node.op not in _CHEAP_OPS
         if not triggered and not progress:
@@ -169,8 +153,7 @@ def _placed(graph: Graph, outputs: list[Tensor], comm: Tensor, starts: dict[int,
         copy = rewrite.copy()
         for start in triggered:      # MPI_Iallreduce drives the earlier buckets on, as a test would
             operands = [copy if operand is node else rewrite.new(operand) for operand in start.inputs]
-            placed[start.id] = (shared_start(rewrite, start, operands[:-1]) if shared
-                                else rewrite.apply("allreduce_start", operands, **start.attrs))
+            placed[start.id] = rewrite.apply("allreduce_start", operands, **start.attrs)
             started.append(start.attrs["bucket"])
         if progress and not triggered:
             after = token[0] if token else placed[first_start.id]

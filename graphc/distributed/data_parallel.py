@@ -41,8 +41,9 @@ class DataParallel:
                              f"got {allreduce!r}")
         comm = comms.checked_comm(comm, where)
         shared = 0
+        one_node = comms.ranks_share_memory(comm)     # collective: every rank asks, whatever it chose
         if allreduce != "mpi" and comm.Get_size() > 1:
-            if comms.ranks_share_memory(comm):
+            if one_node:
                 shared = comm.Get_size()
             elif allreduce == "shared":
                 raise ValueError(f"{where}: allreduce='shared' needs every rank on one node; the "

@@ -3,7 +3,8 @@ shared-memory window (MPI_Win_allocate_shared), a part per rank, each holding ev
 at the offsets of buckets.window_layout. Each rank's step writes its own part and reads all.
 
 The window is never freed: MPI_Win_free is collective, and ranks release their steps at
-different moments. It lives until MPI_Finalize, one per data-parallel step compiled.
+different moments. It lives until MPI_Finalize, one per data-parallel step compiled. A
+process forked from a rank shares it too: it must not call the rank's step.
 """
 from __future__ import annotations
 

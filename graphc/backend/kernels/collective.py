@@ -20,13 +20,14 @@ On one node, with `shared` ranks, each bucket lives in memory the ranks share (a
 own, bound to an MPI shared-memory window by distributed/shared_window.py), and MPI only
 synchronizes:
 
-- allreduce_start: thread 0 starts MPI_Ibarrier into request `bucket`: this rank's bucket is
-  written (the kernel that computed it wrote it there, or a concat did).
+- allreduce_start: every thread copies its share of the values into the bucket (nothing for
+  a bucket of one value whose kernel the assembler had write it there); then thread 0
+  starts MPI_Ibarrier into request `bucket`: this rank's bucket is written.
 - allreduce_done: thread 0 waits for that barrier; then every thread writes its slice of the
-  ranks' buckets summed in rank order, times 1/ranks, with the consumer fused in. Rank q's
-  bucket is at its base (a slot word) plus the bucket's offset in the window, which the
-  kernel also checks its own bucket against: a program whose buckets are not in the window
-  (a profiling twin) reads its own alone.
+  ranks' buckets summed (in one order on every rank), times 1/ranks, with the consumer fused
+  in. Rank q's bucket is at its base (a slot word) plus the bucket's offset in the window;
+  a live slot whose own bucket is not there (a compiler bug) aborts the job. A slot that is
+  not live (one process, a profiling twin) reads its own bucket alone.
 - allreduce_finish: thread 0 waits at a barrier (MPI_Ibarrier, MPI_Wait): every rank has read
   every bucket, so none's next call overwrites one another still reads.
 
@@ -165,6 +166,12 @@ class _Mpi:
     def request(self, bucket: int) -> ir.Value:
         return self.word_address(REQUESTS + bucket)
 
+    def abort(self) -> None:
+        """MPI_Abort: the step cannot go on on this rank, nor the others without it."""
+        comm_type, _, _ = self._types()
+        self.b.call(self.function(SlotWord.ABORT, I32, [comm_type, I32]),
+                    [self.handle(SlotWord.COMM, self.abi.comm_bytes), ir.Constant(I32, 1)])
+
     def start_barrier(self, request: ir.Value) -> None:
         """MPI_Ibarrier into `request`, after every store of this thread (and of the threads
         that met it at the phase's barrier) is visible to the other ranks."""
@@ -264,11 +271,22 @@ def emit_allreduce_in_place(module: ir.Module, name: str, size: int, bucket: int
     return Kernel([_mpi_phase(module, name, 2, 1, abi, start, mark_live=True)])
 
 
-def emit_shared_start(module: ir.Module, name: str, bucket: int, abi: MpiAbi, *, max_threads: int) -> Kernel:
-    """(out, bucket, words): MPI_Ibarrier into request `bucket`; the bucket is already written
-    (out aliases it)."""
-    return Kernel([_mpi_phase(module, name, 2, 1, abi, lambda mpi: mpi.start_barrier(mpi.request(bucket)),
-                              mark_live=True)])
+def emit_shared_start(module: ir.Module, name: str, shapes, bucket: int, abi: MpiAbi, *,
+                      max_threads: int) -> Kernel:
+    """(out, value_0..value_{k-1}, words): out (the rank's bucket in shared memory) = the
+    values flattened one after the other, a lone value copied only if it is elsewhere; then
+    MPI_Ibarrier into request `bucket`."""
+    sizes = [math.prod(shape) for shape in shapes]
+    concat = emit_concat(module, f"{name}.gather", [(size,) for size in sizes], 0, max_threads=max_threads)
+    gather, kb = phase_function(module, f"{name}.copy", len(shapes) + 1)
+    out, inputs, scratch, tid, nthreads = phase_args(gather)
+    elsewhere = kb.b.icmp_unsigned("!=", kb.b.ptrtoint(inputs[0], I64), kb.b.ptrtoint(out, I64))
+    with kb.b.if_then(elsewhere if len(shapes) == 1 else ir.Constant(ir.IntType(1), 1)):
+        kb.b.call(concat.phases[0], [out, *inputs[:-1], scratch, tid, nthreads])
+    kb.b.ret_void()
+    start = _mpi_phase(module, f"{name}.start", len(shapes) + 1, len(shapes), abi,
+                       lambda mpi: mpi.start_barrier(mpi.request(bucket)), mark_live=True)
+    return Kernel([gather, start])
 
 
 def emit_allreduce_finish(module: ir.Module, name: str, n_inputs: int, abi: MpiAbi, *, max_threads: int) -> Kernel:
@@ -293,7 +311,7 @@ def emit_allreduce_done(module: ir.Module, name: str, shape, offset: int, bucket
     test `later`, the buckets still under way); then out = e(bucket[offset:] * scale, epilogue
     operands...) elementwise, e the fused consumer (x0 alone without one), and each side store
     into its operand. `scale` is 1/ranks, or 1 when the slot is not live. With `shared` ranks,
-    bucket[offset:] is the sum of every rank's, in rank order (see the module's doc)."""
+    bucket[offset:] is the sum of every rank's, in one order on every rank (see the module's doc)."""
     n_inputs = 2 + n_after + len(epilogue_shapes)
 
     def wait(mpi: _Mpi) -> None:
@@ -325,6 +343,8 @@ def emit_allreduce_done(module: ir.Module, name: str, shape, offset: int, bucket
                                               PTR), offset) for q in range(shared)]
                 kb.b.call(summed.phases[0], [out, *peers, *extras, scale_pointer, scratch, tid, nthreads])
             with own_only:
+                with kb.b.if_then(live, likely=False):
+                    mpi.abort()
                 kb.b.call(apply.phases[0], [out, kb.gep(values, offset), *extras, scale_pointer, scratch, tid,
                                             nthreads])
     else:
@@ -365,13 +385,15 @@ def _abi(node) -> MpiAbi:
 
 
 def sums_in_place(start) -> bool:
-    """Whether a start sums its bucket in its one value's own buffer rather than a copy: when
-    that buffer is a kernel's result (not a source's, nor a constant) that nothing else reads.
+    """Whether an MPI start sums its bucket in its one value's own buffer rather than a copy:
+    when that buffer is a kernel's result (not a source's, nor a constant) that nothing else
+    reads. (A shared-memory start's bucket is its State: the assembler may have the value's
+    kernel write there instead, `Step.forwards_operand`.)
     Then the bucket is that buffer (lowering_rules.ALIASES), kept until the last done reads it.
 
     The values of buckets are never a program's outputs (graphc/distributed/buckets.py
     averages them; the averages are the outputs), so their buffers are the arena's."""
-    if len(start.inputs) != 2:
+    if len(start.inputs) != 2 or start.attrs.get("shared"):
         return False
     chain = [start.inputs[0]]
     while chain[-1].op == "reshape":
@@ -398,13 +420,7 @@ def _readers(graph) -> dict[int, list]:
     return known[1]
 
 
-def _aliases_its_bucket(start) -> bool:
-    """A shared-memory start's bucket is its value, written before it; an MPI start's, see
-    `sums_in_place`."""
-    return bool(start.attrs.get("shared")) or sums_in_place(start)
-
-
-ALIASES["allreduce_start"] = _aliases_its_bucket
+ALIASES["allreduce_start"] = sums_in_place
 
 
 @lowers("allreduce_start")
@@ -412,8 +428,8 @@ def lower_allreduce_start(node, _epilogue) -> Step:
     shapes, bucket, abi = [value.shape for value in node.inputs[:-1]], node.attrs["bucket"], _abi(node)
     if node.attrs.get("shared"):
         return Step(node, list(node.inputs),
-                    lambda m, name, threads: emit_shared_start(m, name, bucket, abi, max_threads=threads),
-                    "allreduce_start", [node], flops=0)
+                    lambda m, name, threads: emit_shared_start(m, name, shapes, bucket, abi, max_threads=threads),
+                    "allreduce_start", [node], flops=0, forwards_operand=0 if len(shapes) == 1 else None)
     if sums_in_place(node):
         return Step(node, list(node.inputs),
                     lambda m, name, threads: emit_allreduce_in_place(m, name, node.size, bucket, abi,

@@ -10,9 +10,9 @@ values into buckets and averages each bucket over the ranks while the backward p
 On one node (every rank sharing memory), the buckets live in memory the ranks share instead,
 and MPI only synchronizes (`shared` = the number of ranks):
 
-    bucket = the values, flattened and concatenated, written into its bucket state
-    bucket = allreduce_start(bucket, comm)             # "mine is written"
-    mean_i = allreduce_done(bucket, comm, token)      # the ranks' buckets summed, in rank order
+    bucket = allreduce_start(v_1, ..., v_k, comm)     # written into its bucket state, then
+                                                      # "mine is written"
+    mean_i = allreduce_done(bucket, comm, token)      # the ranks' buckets summed, one order everywhere
     token  = allreduce_finish(comm, results...)        # every rank has read every bucket
 
 `comm` is the int32 State slot holding the MPI handles (backend/kernels/collective.py). In one
@@ -49,8 +49,6 @@ class AllreduceStart(OpDef):
     def infer(self, inputs, attrs):
         *values, comm = inputs
         _check_comm(comm)
-        if attrs.get("shared") and len(values) != 1:
-            raise Mismatch("a bucket in shared memory is one value, written into its bucket state")
         if not values:
             raise Mismatch("a bucket needs at least one value")
         for i, value in enumerate(values):
@@ -104,9 +102,12 @@ class AllreduceProgress(OpDef):
         return np.zeros(1, np.int32)
 
 
-class _Token(OpDef):
-    """comm, operands... -> int32 (1,): a point of the schedule, after its operands."""
+@register
+class AllreduceFinish(OpDef):
+    """comm, results... -> int32 (1,), a token: every rank has read every rank's buckets (the
+    results are the step's values computed from them), so the next call may overwrite them."""
 
+    name = "allreduce_finish"
     vjp_rule = "no gradient: a token"
 
     def infer(self, inputs, attrs):
@@ -117,20 +118,11 @@ class _Token(OpDef):
         return np.zeros(1, np.int32)
 
 
-@register
-class AllreduceFinish(_Token):
-    """comm, results... -> a token: every rank has read every rank's buckets (the results are
-    the step's values computed from them), so the next call may overwrite them."""
-
-    name = "allreduce_finish"
-
-
 # Every op carries `abi`, the sizes the MPI library's handles have (backend/kernels/collective.py's
 # MpiAbi as a tuple), which its kernel's calls are generated for.
 
 def allreduce_start(values: list[Tensor], comm: Tensor, *, bucket: int, abi: tuple, **shared) -> Tensor:
-    """`shared`: shared= the ranks sharing the buckets' memory (then `values` is the bucket
-    alone); none: MPI sums."""
+    """`shared`: shared= the ranks sharing the buckets' memory; none: MPI sums."""
     return op("allreduce_start").apply(list(values) + [comm], bucket=bucket, abi=abi, **shared)
 
 
