@@ -168,6 +168,13 @@ PATH_GRID = [
     ((2, 17, 6, 7), (9, 17, 2, 2), (1, 1), ((0, 0), (0, 0))),
     ((3, 8, 5, 30), (16, 8, 3, 1), (2, 1), ((1, 1), (0, 0))),
     ((1, 2, 4, 25), (8, 2, 1, 5), (1, 3), ((0, 0), (2, 2))),
+    # By phases (strided input gradients): rows of 6 and 7 (a last tile overlapping the one
+    # before it); a 1x1 kernel, whose other phases have no taps; 17 channels, stride 2 x 3,
+    # an asymmetric kernel and padding; stride 2 along the height only.
+    ((2, 3, 12, 14), (5, 3, 3, 3), (2, 2), ((1, 1), (1, 1))),
+    ((2, 4, 13, 24), (3, 4, 1, 1), (2, 2), ((0, 0), (0, 0))),
+    ((1, 17, 7, 20), (9, 17, 3, 2), (2, 3), ((1, 0), (2, 1))),
+    ((2, 2, 9, 8), (4, 2, 3, 3), (2, 1), ((1, 1), (1, 1))),
 ]
 
 

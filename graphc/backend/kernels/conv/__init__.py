@@ -40,7 +40,9 @@ Each kernel has two or three paths (`FORWARD_PATHS`, `INPUT_GRAD_PATHS`,
 The input gradient is either a forward convolution with channels in lanes, of g dilated by
 the stride and padded by the kernel size less the conv's padding, with the weights
 flipped and transposed (`_emit_input_grad_as_forward`: any stride; with "same" padding,
-the conv net, no multiply-add is wasted), or, with stride 1 and few input channels
+the conv net, no multiply-add is wasted), or the same split by phases of the stride
+(phases.py: strided, skipping the dilation's zeros, 3 multiply-adds in 4 of a stride-2
+conv's), or, with stride 1 and few input channels
 (LeNet's conv2: 6, where the former would waste half its work on g's zero border and a
 quarter of its lanes), one of:
 
@@ -64,7 +66,7 @@ sample's tiles many times for no speed), so the code size does not grow with the
 
 The package: `geometry` (shapes, vector covers), `tiles` (the shared register tiles, their
 offset tables, the transpose), `buffers` (padded sample copies, scratch, row primitives),
-`forward`, `input_grad` and `weight_grad` (the paths' emitters); here, the paths, the cost
+`forward`, `input_grad`, `phases` and `weight_grad` (the paths' emitters); here, the paths, the cost
 model that chooses among them, and the public `emit_*` functions.
 """
 from __future__ import annotations
@@ -82,6 +84,7 @@ from graphc.backend.kernels.conv.geometry import _ONE_VECTOR_EFFICIENCY, ConvGeo
 from graphc.backend.kernels.conv.input_grad import (_MAX_BATCH_G_FLOATS, _MAX_COLS_FLOATS, _DxEpilogue,
                                                     _emit_input_grad_as_forward, _emit_input_grad_batch_lanes,
                                                     _emit_input_grad_by_cols, _emit_input_grad_pixel_lanes)
+from graphc.backend.kernels.conv.phases import by_phases_efficiency, by_phases_possible, emit_input_grad_by_phases
 from graphc.backend.kernels.conv.tiles import _TILE_ROWS
 from graphc.backend.kernels.conv.weight_grad import _emit_weight_grad_channel_lanes, _emit_weight_grad_pixel_lanes
 from graphc.backend.llvm.target import vector_width_f32
@@ -229,6 +232,7 @@ INPUT_GRAD_PATHS = (
           _emit_input_grad_pixel_lanes),
     _Path("as forward", _always, _input_grad_as_forward_efficiency,
           _emit_input_grad_as_forward),
+    _Path("by phases", by_phases_possible, by_phases_efficiency, emit_input_grad_by_phases),
     _Path("cols", _input_grad_by_cols_possible,
           lambda g, width: g.pixels / _VectorCover.of(g.pixels, width).lanes,
           _emit_input_grad_by_cols),
