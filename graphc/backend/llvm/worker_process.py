@@ -46,11 +46,14 @@ class WorkerProcess:
                                           script=_WORKER_SCRIPT)
             self._process = subprocess.Popen([sys.executable, "-I", "-c", bootstrap], stdin=subprocess.PIPE,
                                              stdout=subprocess.PIPE, stderr=self._errors, close_fds=True)
-            write_frame(self._process.stdin, json.dumps(settings).encode("utf-8"))
-            ready = self._process.stdout.read(1) == READY
         except OSError as error:
             self.close()
             raise WorkerUnavailable(f"cannot start a graphc compile worker: {error}") from error
+        try:
+            write_frame(self._process.stdin, json.dumps(settings).encode("utf-8"))
+            ready = self._process.stdout.read(1) == READY
+        except OSError:         # it ended before reading its settings (a broken pipe): it died
+            ready = False
         if not ready:
             report = self._death_report()
             self.close()
