@@ -559,3 +559,50 @@ def test_a_buffer_updated_with_an_input_gets_its_values_and_the_input_stays_itse
     (result,) = gc.compile([total], params)(**feeds)
     assert result == pytest.approx(12.0)
     np.testing.assert_array_equal(params["kept"], feeds["x"])
+
+
+@pytest.mark.parametrize("view", [False, True])
+def test_a_buffer_updated_with_another_buffers_old_value_gets_the_old_value(view):
+    """`a ← b` (or a reshape of it) while b is updated in place in the same call: a gets b's
+    value from before the call, as the reference executor computes it."""
+    g = gc.Graph("swap")
+    x = g.input("x", (3,))
+    a, b = g.buffer("a", (3,)), g.buffer("b", (3,))
+    total = gc.sum(x * 2.0)
+    g.update_buffer(a, gc.reshape(gc.reshape(b, (1, 3)), (3,)) if view else b, owner=total)
+    g.update_buffer(b, b * 0.5 + x, owner=total)
+    params = gc.init_params(g)
+    params["a"][:], params["b"][:] = [10, 20, 30], [1, 2, 3]
+    gc.compile([total], params)(x=np.array([1.0, 2.0, 3.0], np.float32))
+    np.testing.assert_array_equal(params["a"], [1, 2, 3])
+    np.testing.assert_array_equal(params["b"], [1.5, 3, 4.5])
+
+
+@pytest.mark.parametrize("rows", [2, 40])
+def test_a_buffer_updated_with_its_own_transpose_gets_the_transpose(rows):
+    """A kernel that reads the buffer it writes at other positions than each one it writes
+    (a transpose) computes into a buffer of its own, then a copy writes the buffer."""
+    g = gc.Graph("transposed")
+    x = g.input("x", (3,))
+    kept = g.buffer("kept", (rows * 4,))
+    total = gc.sum(x * 2.0)
+    g.update_buffer(kept, gc.reshape(gc.transpose(gc.reshape(kept, (rows, 4)), (1, 0)), (rows * 4,)), owner=total)
+    params = gc.init_params(g)
+    params["kept"][:] = np.arange(rows * 4, dtype=np.float32)
+    old = params["kept"].copy()
+    gc.compile([total], params)(x=np.ones(3, np.float32))
+    np.testing.assert_array_equal(params["kept"], old.reshape(rows, 4).T.reshape(-1))
+
+
+def test_a_buffer_updated_with_a_transpose_a_matmul_also_reads_gets_its_values():
+    """A transpose its consumers would read in place is computed when a buffer is its write."""
+    g = gc.Graph("folded")
+    x = g.input("x", (3, 4))
+    w = g.param("w", (2, 4))
+    wt = gc.transpose(w, (1, 0))
+    kept = g.buffer("kept", (4, 2))
+    out = gc.sum(x @ wt)
+    g.update_buffer(kept, wt, owner=out)
+    params = gc.init_params(g, seed=0)
+    gc.compile([out], params)(x=np.ones((3, 4), np.float32))
+    np.testing.assert_array_equal(params["kept"], params["w"].T)

@@ -62,6 +62,7 @@ def conv_grid():
         ((3, 4, 5, 6), (1, 4, 1, 1), (1, 1), ((0, 0), (0, 0))),      # pointwise, one channel out
         ((2, 2, 5, 4), (3, 2, 2, 3), (1, 2), ((0, 1), (2, 0))),      # asymmetric everything
         ((1, 2, 5, 19), (3, 2, 3, 3), (1, 1), ((1, 1), (1, 1))),     # rows of several vectors
+        ((1, 2, 1, 8), (2, 2, 1, 1), (2, 1), ((1, 0), (0, 0))),      # a strided phase with taps, no pixels
     ]
     return grid
 

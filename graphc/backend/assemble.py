@@ -99,10 +99,10 @@ def assemble(graph: Graph, outputs: list[Tensor], *, output_names: list[str], in
     saved_slots = list(dict.fromkeys(locations[source_id][1] for source_id in written)) if check_finite else []
     steps = plan_steps(graph, list(outputs) + writes, {node_id: sources[name] for node_id, name in inplace.items()})
     inplace_sources = {node_id: sources[name].id for node_id, name in inplace.items()}
-    output_steps = _place_writes(graph, steps, outputs, inplace, sources, locations, inplace_sources)
+    _place_writes(graph, steps, outputs, inplace, sources, locations, inplace_sources)
 
     step_ids = {step.node.id for step in steps}
-    output_locations = {}
+    output_steps, output_locations = [], {}
     for k, out in enumerate(outputs):
         slot = ("slot", next(i for i, s in enumerate(slots) if isinstance(s, rt.Output) and s.name == output_names[k]))
         if out.id in step_ids and out.id not in inplace and out.id not in output_locations:
@@ -243,42 +243,53 @@ def _keep_phases_apart(kernel) -> None:
 
 
 def _place_writes(graph, steps: list[Step], outputs, inplace: dict[int, str], sources: dict, locations: dict,
-                  inplace_sources: dict[int, int]) -> list[tuple[Step, tuple]]:
+                  inplace_sources: dict[int, int]) -> None:
     """Where each in-place write's value is computed into its source's memory:
 
-    - by the step computing it (its result or a side write);
+    - by the step computing it (its result, or a side write), unless that step also reads
+      the source at other positions than the one it writes (only an elementwise kernel reads
+      each element before writing it);
     - by the kernel computing the value it views (a reshape of it), or the value its step
-      would copy (`Step.forwards_operand`), when that value is a step's own result and not an
-      output or another write: that kernel then writes the source's memory itself;
-    - else by a copy after every other step (a view of an input, a param or a constant),
-      returned with its location as the output copies are.
+      would copy (`Step.forwards_operand`), when that value is a step's own result, not an
+      output or another write, and that kernel does not read the source;
+    - else by a copy step, scheduled as any other (after the readers of the source's old
+      value, before the writers of what it copies), from the value's own buffer.
 
-    Updates `locations` and `inplace_sources` (which orders the writing step after the
-    readers of the source's old value)."""
+    Adds the copy steps to `steps`; updates `locations` and `inplace_sources` (which orders
+    each writing step after the readers of the source's old value)."""
     step_of = {step.node.id: step for step in steps}
+    side_written = {source.id for step in steps for source in step.side_writes}
     taken = {out.id for out in outputs} | set(inplace)
+
+    def may_write(step: Step, source_id: int) -> bool:
+        return step.node.op == "ew" or all(alias_root(t).id != source_id for t in step.operands)
 
     def write_directly(value, memory, source_id: int) -> bool:
         root = alias_root(value)
-        if root.id not in step_of or root.id in taken:
+        if root.id not in step_of or root.id in taken or not may_write(step_of[root.id], source_id):
             return False
         locations[root.id], inplace_sources[root.id] = memory, source_id
         taken.add(root.id)
         return True
 
-    late_copies = []
     for node_id, name in inplace.items():
         node, memory, source_id = graph.nodes[node_id], locations[sources[name].id], sources[name].id
-        if node_id in step_of or (alias_root(node) is node and node.op not in NO_STEP_OPS):   # result, side write
+        step = step_of.get(node_id)
+        if step is not None and may_write(step, source_id) or step is None and source_id in side_written:
             locations[node_id] = memory
-            step = step_of.get(node_id)
             if step is not None and step.forwards_operand is not None:
                 write_directly(step.operands[step.forwards_operand], memory, source_id)
-        elif write_directly(node, memory, source_id):
+            continue
+        del inplace_sources[node_id]        # the value is computed elsewhere, then copied
+        if step is None and write_directly(node, memory, source_id):
             locations[node_id] = memory
-        else:     # the value keeps its own buffer (an input's, a param's): copied at the end
-            late_copies.append((copy_step(node, alias_root(node)), memory))
-    return late_copies
+            continue
+        # A node standing for the copy's result, which no graph holds: it only carries the copy's
+        # place in the schedule and its destination.
+        copied = Tensor(graph, len(graph.nodes) + len(steps), "copy", (node,), {}, node.shape, node.dtype,
+                        node.name, node.site, None)
+        steps.append(copy_step(copied, alias_root(node)))
+        locations[copied.id], inplace_sources[copied.id] = memory, source_id
 
 
 def _slots(graph, needed, outputs, output_names, inplace, state_names):

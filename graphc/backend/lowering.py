@@ -54,7 +54,8 @@ def plan_steps(graph, outputs: list[Tensor], inplace: dict[int, Tensor] | None =
     absorbed.update(step.covers[0].id for step in with_prologue.values())
     steps = []
     for node in nodes:
-        if node.op in NO_STEP_OPS or node.id in absorbed or _folded_into_consumers(node, consumers):
+        if (node.op in NO_STEP_OPS or node.id in absorbed
+                or node.id not in output_ids and _folded_into_consumers(node, consumers)):
             continue
         rule = LOWERINGS.get(node.op)
         if rule is None:

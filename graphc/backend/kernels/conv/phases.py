@@ -70,9 +70,11 @@ def phases_of(g: ConvGeometry) -> tuple[Phase, ...]:
 
 
 def by_phases_possible(g: ConvGeometry, width: int) -> bool:
-    """Strided, and each phase with taps has rows of a whole tile at least."""
-    return (g.stride_h, g.stride_w) != (1, 1) and all(
-        phase.cols >= _TILE_ROWS for phase in phases_of(g) if phase.taps)
+    """Strided, some phase has both pixels and taps, and each such phase has rows of a whole
+    tile at least."""
+    working = [phase for phase in phases_of(g) if phase.taps and phase.rows]
+    return (g.stride_h, g.stride_w) != (1, 1) and bool(working) and all(
+        phase.cols >= _TILE_ROWS for phase in working)
 
 
 def by_phases_efficiency(g: ConvGeometry, width: int) -> float:
