@@ -21,7 +21,7 @@ from graphc.backend.emit.finite_check import FiniteGuard
 from graphc.backend.kernel_identity import kernel_key
 from graphc.backend.kernels.layout import copy_step
 from graphc.backend.llvm.program_modules import ProgramModules
-from graphc.backend.lowering import NO_STEP_OPS, Step, alias_root, plan_steps
+from graphc.backend.lowering import Step, alias_root, plan_steps
 from graphc.backend.lowering_rules import LOWERINGS
 from graphc.backend.memory import ALIGNMENT, MemoryPlan, plan_memory, schedule
 from graphc.core.ir import Graph, Tensor

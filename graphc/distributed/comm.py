@@ -16,7 +16,7 @@ import numpy as np
 import graphc_runtime as rt
 from graphc.backend.kernels.collective import REQUESTS, MpiAbi, SlotWord, slot_words
 
-__all__ = ["checked_comm", "mpi_abi", "slot_values", "ranks_share_memory", "threads_per_rank", "MPI_FUNCTIONS"]
+__all__ = ["checked_comm", "mpi_abi", "slot_values", "ranks_on_this_node", "threads_per_rank", "MPI_FUNCTIONS"]
 
 # What the kernels call, by their slot word.
 MPI_FUNCTIONS = {SlotWord.IALLREDUCE: "MPI_Iallreduce", SlotWord.WAIT: "MPI_Wait", SlotWord.TEST: "MPI_Test",
@@ -92,22 +92,17 @@ def slot_values(comm, buckets: int, bases: tuple[int, ...] = ()) -> np.ndarray:
     return words
 
 
-def ranks_share_memory(comm) -> bool:
-    """Whether every rank of `comm` runs on this node. Collective over `comm`."""
+def ranks_on_this_node(comm) -> int:
+    """How many ranks of `comm` run on this node. Collective over `comm`."""
     node = comm.Split_type(_mpi().COMM_TYPE_SHARED)
     try:
-        return node.Get_size() == comm.Get_size()
+        return node.Get_size()
     finally:
         node.Free()
 
 
-def threads_per_rank(comm) -> int:
-    """The threads one rank's programs use: its share of the node's cores among the ranks
-    running on the node (the node's ranks each defaulting to all cores would oversubscribe
-    them), at most gc.get_num_threads(). Collective over `comm`."""
-    node = comm.Split_type(_mpi().COMM_TYPE_SHARED)
-    try:
-        ranks_here = node.Get_size()
-    finally:
-        node.Free()
+def threads_per_rank(ranks_here: int) -> int:
+    """The threads one rank's programs use: its share of the node's cores among the
+    `ranks_here` ranks running on the node (each defaulting to all cores would oversubscribe
+    them), at most gc.get_num_threads()."""
     return max(1, min(rt.get_num_threads(), rt.usable_cpu_count() // ranks_here))

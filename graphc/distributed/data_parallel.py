@@ -41,14 +41,14 @@ class DataParallel:
                              f"got {allreduce!r}")
         comm = comms.checked_comm(comm, where)
         shared = 0
-        one_node = comms.ranks_share_memory(comm)     # collective: every rank asks, whatever it chose
+        ranks_here = comms.ranks_on_this_node(comm)     # collective: every rank asks, whatever it chose
         if allreduce != "mpi" and comm.Get_size() > 1:
-            if one_node:
+            if ranks_here == comm.Get_size():
                 shared = comm.Get_size()
             elif allreduce == "shared":
                 raise ValueError(f"{where}: allreduce='shared' needs every rank on one node; the "
                                  f"{comm.Get_size()} ranks of this communicator are not")
-        return cls(comm, comms.mpi_abi(), int(bucket_bytes), comms.threads_per_rank(comm), shared)
+        return cls(comm, comms.mpi_abi(), int(bucket_bytes), comms.threads_per_rank(ranks_here), shared)
 
     @property
     def ranks(self) -> int:

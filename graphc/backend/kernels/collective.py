@@ -330,7 +330,8 @@ def emit_allreduce_done(module: ir.Module, name: str, shape, offset: int, bucket
     live = mpi.live()
     scale_pointer = kb.b.select(live, mpi.word_address(SlotWord.SCALE), _one(module))
     if shared:
-        # The ranks' buckets, if this one is where the window says: else it reads its own alone.
+        # Every rank's bucket, if this one is where the window says; a live slot whose bucket
+        # is elsewhere aborts, a slot that is not live reads its own bucket alone.
         own = kb.b.ptrtoint(values, I64)
         in_window = kb.b.and_(live, kb.b.icmp_signed("==", own, kb.b.add(
             kb.b.select(live, mpi.base(mpi.word(SlotWord.RANK)), ir.Constant(I64, 0)),
