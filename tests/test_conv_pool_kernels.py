@@ -176,6 +176,15 @@ PATH_GRID = [
     ((2, 4, 13, 24), (3, 4, 1, 1), (2, 2), ((0, 0), (0, 0))),
     ((1, 17, 7, 20), (9, 17, 3, 2), (2, 3), ((1, 0), (2, 1))),
     ((2, 2, 9, 8), (4, 2, 3, 3), (2, 1), ((1, 1), (1, 1))),
+    # Winograd (3x3, stride 1, even outputs): rows of 6 tiles (vectors of 4, the last one
+    # overlapping with 8 or 16 lanes); 20 tiles (16 + an overlapping 16); a chunk of
+    # several rows of 2 tiles; no padding; padding only below and on the left; 17 and 13
+    # channels (groups of 6 rows: 6 + 6 + 5 and 5 + 4 + 4).
+    ((2, 5, 8, 12), (7, 5, 3, 3), (1, 1), ((1, 1), (1, 1))),
+    ((1, 17, 6, 40), (13, 17, 3, 3), (1, 1), ((1, 1), (1, 1))),
+    ((3, 4, 16, 4), (6, 4, 3, 3), (1, 1), ((1, 1), (1, 1))),
+    ((2, 3, 10, 14), (17, 3, 3, 3), (1, 1), ((0, 0), (0, 0))),
+    ((2, 6, 9, 11), (5, 6, 3, 3), (1, 1), ((0, 1), (1, 0))),
 ]
 
 

@@ -87,6 +87,9 @@ from graphc.backend.kernels.conv.input_grad import (_MAX_BATCH_G_FLOATS, _MAX_CO
 from graphc.backend.kernels.conv.phases import by_phases_efficiency, by_phases_possible, emit_input_grad_by_phases
 from graphc.backend.kernels.conv.tiles import _TILE_ROWS
 from graphc.backend.kernels.conv.weight_grad import _emit_weight_grad_channel_lanes, _emit_weight_grad_pixel_lanes
+from graphc.backend.kernels.conv.winograd import (emit_forward_winograd, emit_input_grad_winograd,
+                                                  input_grad_winograd_efficiency, input_grad_winograd_possible,
+                                                  winograd_efficiency, winograd_possible)
 from graphc.backend.llvm.target import vector_width_f32
 from graphc.backend.lowering_rules import Step, lowers, no_param_operands, step_with_elementwise_epilogue
 
@@ -212,6 +215,7 @@ FORWARD_PATHS = (
     _Path("channels in lanes", _always,
           lambda g, width: _lanes_efficiency(g.out_channels, width),
           _emit_forward_channel_lanes),
+    _Path("winograd", winograd_possible, winograd_efficiency, emit_forward_winograd),
 )
 
 def _input_grad_pixels_possible(g: ConvGeometry, width: int) -> bool:
@@ -238,6 +242,8 @@ INPUT_GRAD_PATHS = (
           _emit_input_grad_by_cols),
     _Path("batch in lanes", _input_grad_batch_lanes_possible,
           _input_grad_batch_lanes_efficiency, _emit_input_grad_batch_lanes),
+    _Path("winograd", input_grad_winograd_possible, input_grad_winograd_efficiency,
+          emit_input_grad_winograd),
 )
 
 # Channels in lanes win ties: the dot products' partial sums in every lane are added up

@@ -1,0 +1,327 @@
+"""3x3 stride-1 convolutions by Winograd's minimal filtering F(2x2, 3x3) (Lavin & Gray, 2015).
+
+Each 2x2 block of output pixels (a *tile*) of output channel o is
+
+    Y = A^T [ sum over c of U[o, c] * V[c] ] A      (* elementwise on 4 x 4 arrays)
+
+where V[c] = B^T d B transforms the 4x4 cells d of input channel c the tile reads, and
+U[o, c] = G w[o, c] G^T the 3x3 weights. Per tile, the sum takes 16 x C multiply-adds per
+output channel against the direct convolution's 36 x C: 2.25 times fewer. For each of the 16
+positions xi of the 4x4 arrays, the sum over c is a GEMM
+
+    M[xi][o, t] = sum over c of U[xi][o, c] * V[xi][c, t]
+
+run on the conv package's register tile with tiles in the lanes (6 output channels x a pair
+of vectors of tiles, U broadcast), as the pixels-in-lanes forward runs with pixels.
+
+A kernel works on one sample at a time (threads split the batch) and on it a chunk of whole
+rows of tiles at a time, so that V and M (16 x C and 16 x O floats a tile) stay in cache:
+  1. V of the chunk's tiles, vectorised along a row of tiles: each row of the input tile is
+     read as two runs of 2W floats, 2 apart, whose even and odd cells are a tile's columns
+     0-3; stored channel by channel (V[xi][c, t], tiles minor).
+  2. The 16 GEMMs.
+  3. Y from M, along a row of tiles too: a tile's two columns interleaved into output rows,
+     with the bias and the ReLU, stored straight into out.
+Phase 1 (thread 0) transforms the weights into U, packed per group of output channels as the
+pixels-in-lanes forward packs its weights.
+
+The input gradient of such a conv is one too (of g padded by 1, with the weights flipped
+and transposed): `emit_input_grad_winograd`.
+
+Possible when the kernel is 3x3, the stride 1, the output's height and width even (whole
+tiles), and a chunk of tiles holds at least a vector. The vector width of the transforms is
+the power of two at most W that fits a row of tiles; rows not a whole number of such
+vectors end on an overlapping one (the same tiles computed twice).
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import llvmlite.ir as ir
+
+from graphc.backend.emit.kernel import Kernel, phase_args, phase_function
+from graphc.backend.emit.kernel_builder import I32, KernelBuilder
+from graphc.backend.kernels.conv.buffers import _CACHE_LINE_FLOATS, _my_samples, _round_up, _Placement, _sample, _ScratchLayout, _thread0_phase
+from graphc.backend.kernels.conv.geometry import _ONE_VECTOR_EFFICIENCY, ConvGeometry, _VectorCover
+from graphc.backend.kernels.conv.input_grad import _NO_EPILOGUE, _as_forward_geometry, _DxEpilogue
+from graphc.backend.kernels.conv.tiles import _TILE_ROWS, _equal_runs, _row_indices, _Tables, _tiles_along, _zeros
+from graphc.backend.llvm.target import vector_width_f32
+
+__all__ = ["winograd_possible", "winograd_efficiency", "input_grad_winograd_possible",
+           "input_grad_winograd_efficiency", "emit_forward_winograd", "emit_input_grad_winograd"]
+
+
+# What the cost model leaves out (V and M going through cache) cost about a fifth.
+_UNCOUNTED = 0.8
+
+# Weight(kb, w, o, c, i, j) -> the index in w of tap (i, j) of output channel o, input c.
+WeightIndex = Callable[[KernelBuilder, ir.Value, ir.Value, int, int], ir.Value]
+
+
+# ---------------------------------------------------------------------------- planning
+
+def _tiles(g: ConvGeometry) -> tuple[int, int]:
+    return g.out_h // 2, g.out_w // 2
+
+
+def _transform_width(g: ConvGeometry, width: int) -> int:
+    """Lanes of the transforms: the widest power of two <= W that a row of tiles holds."""
+    lanes = width
+    while lanes > _tiles(g)[1]:
+        lanes //= 2
+    return lanes
+
+
+def _chunk_rows(g: ConvGeometry, width: int) -> int:
+    """Rows of tiles per chunk: the fewest that divide the tile rows and hold two vectors of
+    tiles (the register tile's pair), else all of them. More tiles a chunk only made V and
+    M spill from L1 (bench/NOTES.md, "Winograd")."""
+    rows, cols = _tiles(g)
+    enough = [d for d in range(1, rows + 1) if rows % d == 0 and d * cols >= 2 * width]
+    return min(enough) if enough else rows
+
+
+def winograd_possible(g: ConvGeometry, width: int) -> bool:
+    rows, cols = _tiles(g)
+    return ((g.kernel_h, g.kernel_w, g.stride_h, g.stride_w) == (3, 3, 1, 1) and
+            g.out_h % 2 == 0 and g.out_w % 2 == 0 and rows * cols >= width)
+
+
+def winograd_efficiency(g: ConvGeometry, width: int) -> float:
+    """The direct paths' multiply-adds (36 C O a tile, over W lanes at two FMAs a cycle) per
+    cycle this path spends, as the other paths count theirs: the GEMMs' 16 C O (a chunk's
+    vectors of tiles counted as the other paths count lanes), plus the transforms, about 3
+    cycles per tile and input channel and 4 per output channel (measured: bench/NOTES.md,
+    "Winograd"), discounted by `_UNCOUNTED` for the memory traffic of V and M."""
+    chunk = _chunk_rows(g, width) * _tiles(g)[1]
+    cover = _VectorCover.of(chunk, width)
+    lanes_efficiency = chunk / cover.lanes * (_ONE_VECTOR_EFFICIENCY if cover.lanes == width else 1.0)
+    C, O, lanes = g.channels, g.out_channels, _transform_width(g, width)
+    made = 16 * C * O / lanes_efficiency + 2 * width * (C * (16 / lanes + 1.6) + 4 * O)
+    return 36 * C * O / made * _UNCOUNTED
+
+
+def input_grad_winograd_possible(g: ConvGeometry, width: int) -> bool:
+    return winograd_possible(_as_forward_geometry(g)[0], width)
+
+
+def input_grad_winograd_efficiency(g: ConvGeometry, width: int) -> float:
+    return winograd_efficiency(_as_forward_geometry(g)[0], width)
+
+
+# ----------------------------------------------------------------------------- kernels
+
+def emit_forward_winograd(module: ir.Module, name: str, g: ConvGeometry, *, bias: bool,
+                          relu: bool, max_threads: int) -> Kernel:
+    C = g.channels
+
+    def weight(kb, o, c, i, j):
+        return kb.add(kb.mul(kb.add(kb.mul(o, C), c), 9), 3 * i + j)
+
+    return _Winograd(g, _Placement.padding_of(g), weight, bias=bias, relu=relu).emit(
+        module, name, n_inputs=3 if bias else 2, max_threads=max_threads)
+
+
+def emit_input_grad_winograd(module: ir.Module, name: str, g: ConvGeometry, *, max_threads: int,
+                             epilogue: _DxEpilogue = _NO_EPILOGUE) -> Kernel:
+    """dx = the forward conv of g padded by 2 - padding with W[o, c] flipped, o and c
+    swapped (input_grad.py's `_emit_input_grad_as_forward`), by Winograd."""
+    forward, placement = _as_forward_geometry(g)
+    C = g.channels
+
+    def weight(kb, c, o, i, j):      # the forward's output channel is dx's channel c
+        return kb.add(kb.mul(kb.add(kb.mul(o, C), c), 9), 3 * (2 - i) + (2 - j))
+
+    def after_sample(kb, out, inputs, n):
+        epilogue.apply(kb, out, inputs, n, g.sample_floats)
+
+    return _Winograd(forward, placement, weight, after_sample=after_sample).emit(
+        module, name, n_inputs=epilogue.inputs, max_threads=max_threads)
+
+
+# F(2x2, 3x3): the rows of B^T, G and A^T as (coefficient, index) terms.
+_BT = (((1, 0), (-1, 2)), ((1, 1), (1, 2)), ((-1, 1), (1, 2)), ((1, 1), (-1, 3)))
+_G = (((1, 0),), ((.5, 0), (.5, 1), (.5, 2)), ((.5, 0), (-.5, 1), (.5, 2)), ((1, 2),))
+_AT = (((1, 0), (1, 1), (1, 2)), ((1, 1), (-1, 2), (-1, 3)))
+
+
+def _combine(kb: KernelBuilder, terms, values):
+    """sum of coefficient * values[index] over terms (coefficients 1, -1 or 0.5 x those)."""
+    total = None
+    for coefficient, index in terms:
+        value = values[index]
+        if abs(coefficient) != 1:
+            value = kb.b.fmul(value, _constant_like(kb, value, abs(coefficient)))
+        if total is None:
+            total = value if coefficient > 0 else kb.b.fneg(value)
+        else:
+            total = kb.b.fadd(total, value) if coefficient > 0 else kb.b.fsub(total, value)
+    return total
+
+
+def _constant_like(kb: KernelBuilder, value: ir.Value, number: float) -> ir.Value:
+    if isinstance(value.type, ir.VectorType):
+        return KernelBuilder(kb.b, value.type.count).splat(number)
+    return kb.f32(number)
+
+
+def _transform(kb: KernelBuilder, rows, cells):
+    """rows(matrix) x cells x rows(matrix)^T for a 2D list of cells (len(matrix[0]) square)."""
+    left = [[_combine(kb, terms, [cells[k][j] for k in range(len(cells))])
+             for j in range(len(cells[0]))] for terms in rows]
+    return [[_combine(kb, terms, line) for terms in rows] for line in left]
+
+
+class _Winograd:
+    """The kernel: see the module's docstring. `placement` lays out a sample as `g`'s padded
+    planes; `weight` indexes the conv's weights; `after_sample` as `_LanesForward`'s."""
+
+    def __init__(self, g: ConvGeometry, placement: _Placement, weight: WeightIndex, *,
+                 bias: bool = False, relu: bool = False, after_sample: Callable | None = None):
+        self.g, self.placement, self.weight = g, placement, weight
+        self.bias, self.relu, self.after_sample = bias, relu, after_sample
+        self.width = vector_width_f32()
+        self.lanes = _transform_width(g, self.width)
+        self.tile_rows, self.tile_cols = _tiles(g)
+        self.chunk_rows = _chunk_rows(g, self.width)
+        self.chunk = self.chunk_rows * self.tile_cols
+        # V[xi] and M[xi] a cache line more than their size apart: the 16 cells of a tile,
+        # read or written together, would otherwise often be a multiple of 4 KB apart, all
+        # in one set of L1.
+        self.v_stride = _round_up(g.channels * self.chunk, _CACHE_LINE_FLOATS) + _CACHE_LINE_FLOATS
+        self.m_stride = _round_up(g.out_channels * self.chunk, _CACHE_LINE_FLOATS) + _CACHE_LINE_FLOATS
+
+    def _row_starts(self) -> list[int]:
+        """The first tile of each transform vector along a row of tiles."""
+        starts = list(range(0, self.tile_cols - self.lanes + 1, self.lanes))
+        if starts[-1] + self.lanes < self.tile_cols:
+            starts.append(self.tile_cols - self.lanes)
+        return starts
+
+    def emit(self, module: ir.Module, name: str, *, n_inputs: int, max_threads: int) -> Kernel:
+        g, chunk = self.g, self.chunk
+        C, O = g.channels, g.out_channels
+        layout = self._layout()
+        steps = _Tables(module, name).add("steps", [c * chunk for c in range(C)])
+
+        fn, kb = phase_function(module, f"{name}.compute", n_inputs)
+        out, inputs, scratch, tid, nthreads = phase_args(fn)
+        u = layout.shared(kb, scratch, "u")
+        v, m = layout.private(kb, scratch, tid, "v"), layout.private(kb, scratch, tid, "m")
+        x_buffer = self.placement.prepare_buffer(kb, layout.private(kb, scratch, tid, "x"))
+        bias = inputs[2] if self.bias else None
+        with _my_samples(kb, g.batch, tid, nthreads) as n:
+            x_n = self.placement.place(kb, _sample(kb, inputs[0], n, self.placement.source_floats),
+                                       x_buffer)
+            out_n = _sample(kb, out, n, O * g.pixels)
+            with kb.for_range(0, self.tile_rows // self.chunk_rows, name="chunk") as index:
+                row0 = kb.mul(index, self.chunk_rows)
+                self._transform_input(kb, x_n, row0, v)
+                self._multiply(kb, u, v, m, steps)
+                self._transform_output(kb, m, row0, out_n, bias)
+            if self.after_sample is not None:
+                self.after_sample(kb, out, inputs, n)
+        kb.b.ret_void()
+        pack = _thread0_phase(module, f"{name}.pack", n_inputs, self._transform_weights)
+        return Kernel([pack, fn], layout.total_floats(max_threads))
+
+    def _layout(self) -> _ScratchLayout:
+        C, O = self.g.channels, self.g.out_channels
+        return _ScratchLayout(shared={"u": 16 * O * C},
+                              private={"x": self.placement.buffer_floats(self.width),
+                                       "v": 16 * self.v_stride, "m": 16 * self.m_stride})
+
+    # -- phase 1 ----------------------------------------------------------------------
+
+    def _transform_weights(self, kb: KernelBuilder, inputs, scratch) -> None:
+        """U[xi] for each group of output channels from o0: the (C, rows) block at o0*C."""
+        C, O = self.g.channels, self.g.out_channels
+        w, u = inputs[1], self._layout().shared(kb, scratch, "u")
+        for first, rows, count in _equal_runs(O, _TILE_ROWS):
+            with kb.for_range(0, count, name="group") as group:
+                o0 = kb.add(first, kb.mul(group, rows))
+                with kb.for_range(0, C, name="c") as c:
+                    for r in range(rows):
+                        o = kb.add(o0, r)
+                        taps = [[kb.load(w, self.weight(kb, o, c, i, j)) for j in range(3)]
+                                for i in range(3)]
+                        transformed = _transform(kb, _G, taps)
+                        at = kb.add(kb.mul(o0, C), kb.add(kb.mul(c, rows), r))
+                        for xi in range(16):
+                            kb.store(transformed[xi // 4][xi % 4], u, kb.add(at, xi * O * C))
+
+    # -- phase 2 ----------------------------------------------------------------------
+
+    def _transform_input(self, kb: KernelBuilder, x_n, row0, v) -> None:
+        """V[xi][c, t] for the chunk's tiles t, from the placed sample x_n."""
+        g, lanes, chunk = self.g, self.lanes, self.chunk
+        wide, narrow = KernelBuilder(kb.b, 2 * lanes), KernelBuilder(kb.b, lanes)
+        plane = self.placement.dst_h * self.placement.dst_w
+        row_w = self.placement.dst_w
+        evens = ir.Constant(ir.VectorType(I32, lanes), list(range(0, 2 * lanes, 2)))
+        odds = ir.Constant(ir.VectorType(I32, lanes), list(range(1, 2 * lanes, 2)))
+        with kb.for_range(0, g.channels, name="c") as c:
+            with kb.for_range(0, self.chunk_rows, name="row") as row:
+                top = kb.gep(x_n, kb.add(kb.mul(c, plane), kb.mul(kb.add(row0, row), 2 * row_w)))
+                for start in self._row_starts():
+                    cells = []   # cells[k][l]: column l of the tiles' row k
+                    runs = [[wide.load_vec(top, k * row_w + 2 * start + shift) for shift in (0, 2)]
+                            for k in range(4)]
+                    # B^T over the rows first (on whole runs), then over the columns.
+                    rows = [[_combine(kb, terms, [runs[k][shift] for k in range(4)])
+                             for shift in (0, 1)] for terms in _BT]
+                    for pair in rows:
+                        a, b = pair
+                        cells.append([kb.b.shuffle_vector(a, a, evens), kb.b.shuffle_vector(a, a, odds),
+                                      kb.b.shuffle_vector(b, b, evens), kb.b.shuffle_vector(b, b, odds)])
+                    tile = kb.add(kb.mul(row, self.tile_cols), start)
+                    for i in range(4):
+                        for j, terms in enumerate(_BT):
+                            value = _combine(narrow, terms, cells[i])
+                            narrow.store_vec(value, v, kb.add(kb.add(kb.mul(c, chunk), tile),
+                                                              (4 * i + j) * self.v_stride))
+
+    def _multiply(self, kb: KernelBuilder, u, v, m, steps) -> None:
+        """M[xi] = U[xi] V[xi] for the 16 xi: tiles of up to 6 output channels x vectors
+        of the chunk's tiles."""
+        C, O, chunk = self.g.channels, self.g.out_channels, self.chunk
+        cover = _VectorCover.of(chunk, self.width)
+        rows_table, zeros = _row_indices(kb.module), _zeros(kb.module)
+        with kb.for_range(0, 16, name="xi") as xi:
+            u_xi = kb.gep(u, kb.mul(xi, O * C))
+            v_xi, m_xi = kb.gep(v, kb.mul(xi, self.v_stride)), kb.gep(m, kb.mul(xi, self.m_stride))
+            for first, rows, count in _equal_runs(O, _TILE_ROWS):
+                with kb.for_range(0, count, name="group") as group:
+                    o0 = kb.add(first, kb.mul(group, rows))
+                    cover.emit_each(kb, _tiles_along(
+                        kb, rows, "b", b=v_xi, c=kb.gep(m_xi, kb.mul(o0, chunk)),
+                        a=kb.gep(u_xi, kb.mul(o0, C)), a_rows=rows_table, steps=steps, stride=rows,
+                        n=kb.i64(C), c_row=chunk, init=zeros, init_row=0, init_vec=0, relu=False))
+
+    def _transform_output(self, kb: KernelBuilder, m, row0, out_n, bias) -> None:
+        """out[o] rows 2*(row0 + row) and the next from M[xi][o, t] of the chunk's tiles."""
+        g, lanes, chunk = self.g, self.lanes, self.chunk
+        narrow = KernelBuilder(kb.b, lanes)
+        interleave = ir.Constant(ir.VectorType(I32, 2 * lanes),
+                                 [k // 2 + (k % 2) * lanes for k in range(2 * lanes)])
+        O = g.out_channels
+        with kb.for_range(0, O, name="o") as o:
+            shift = narrow.splat(kb.load(bias, o)) if bias is not None else None
+            with kb.for_range(0, self.chunk_rows, name="row") as row:
+                y = kb.mul(kb.add(row0, row), 2)
+                for start in self._row_starts():
+                    tile = kb.add(kb.add(kb.mul(o, chunk), kb.mul(row, self.tile_cols)), start)
+                    cells = [[narrow.load_vec(m, kb.add(tile, (4 * i + j) * self.m_stride)) for j in range(4)]
+                             for i in range(4)]
+                    result = _transform(kb, _AT, cells)
+                    for dy in range(2):
+                        pair = []
+                        for value in result[dy]:
+                            if shift is not None:
+                                value = kb.b.fadd(value, shift)
+                            if self.relu:
+                                value = narrow.relu(value)
+                            pair.append(value)
+                        line = kb.b.shuffle_vector(pair[0], pair[1], interleave)
+                        kb.store_vec(line, out_n, kb.add(kb.mul(o, g.pixels),
+                                                         kb.add(kb.mul(kb.add(y, dy), g.out_w), 2 * start)))
