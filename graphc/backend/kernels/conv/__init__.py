@@ -90,6 +90,9 @@ from graphc.backend.kernels.conv.weight_grad import _emit_weight_grad_channel_la
 from graphc.backend.kernels.conv.winograd import (emit_forward_winograd, emit_input_grad_winograd,
                                                   input_grad_winograd_efficiency, input_grad_winograd_possible,
                                                   winograd_efficiency, winograd_possible)
+from graphc.backend.kernels.conv.winograd_weight_grad import (emit_weight_grad_winograd,
+                                                              weight_grad_winograd_efficiency,
+                                                              weight_grad_winograd_possible)
 from graphc.backend.llvm.target import vector_width_f32
 from graphc.backend.lowering_rules import Step, lowers, no_param_operands, step_with_elementwise_epilogue
 
@@ -255,6 +258,8 @@ WEIGHT_GRAD_PATHS = (
           _emit_weight_grad_channel_lanes),
     _Path("pixels in lanes", _stride_one, lambda g, width: g.out_w / g.padded_w,
           _emit_weight_grad_pixel_lanes),
+    _Path("winograd", weight_grad_winograd_possible, weight_grad_winograd_efficiency,
+          emit_weight_grad_winograd),
 )
 
 

@@ -172,6 +172,63 @@ def _transform(kb: KernelBuilder, rows, cells):
     return [[_combine(kb, terms, line) for terms in rows] for line in left]
 
 
+def _cache_stride(floats: int) -> int:
+    """The distance between the 16 arrays of a chunk (V[xi], M[xi]): a cache line more than
+    their size. The 16 cells of a tile, read or written together, would otherwise often be
+    a multiple of 4 KB apart, all in one set of L1."""
+    return _round_up(floats, _CACHE_LINE_FLOATS) + _CACHE_LINE_FLOATS
+
+
+class _TilePlan:
+    """A sample's 2x2 tiles, the chunks of tile rows they are worked in, and the transform
+    of a chunk's input cells (`transform_input`), shared by the forward and the weight
+    gradient. `placement` lays out a sample as `g`'s padded planes."""
+
+    def __init__(self, g: ConvGeometry, placement: _Placement, chunk_rows: int | None = None):
+        self.g, self.placement = g, placement
+        self.width = vector_width_f32()
+        self.lanes = _transform_width(g, self.width)
+        self.tile_rows, self.tile_cols = _tiles(g)
+        self.chunk_rows = chunk_rows or _chunk_rows(g, self.width)
+        self.chunk = self.chunk_rows * self.tile_cols
+        self.chunks = self.tile_rows // self.chunk_rows
+
+    def row_starts(self) -> list[int]:
+        """The first tile of each transform vector along a row of tiles."""
+        starts = list(range(0, self.tile_cols - self.lanes + 1, self.lanes))
+        if starts[-1] + self.lanes < self.tile_cols:
+            starts.append(self.tile_cols - self.lanes)
+        return starts
+
+    def transform_input(self, kb: KernelBuilder, x_n, row0, v, v_stride: int, bt) -> None:
+        """v[xi*v_stride + c*chunk + t] = (B^T d B)[xi] (bt: B^T's rows) for the cells d of
+        channel c that the chunk's tile t reads, from the placed sample x_n."""
+        lanes, chunk = self.lanes, self.chunk
+        wide, narrow = KernelBuilder(kb.b, 2 * lanes), KernelBuilder(kb.b, lanes)
+        plane = self.placement.dst_h * self.placement.dst_w
+        row_w = self.placement.dst_w
+        evens = ir.Constant(ir.VectorType(I32, lanes), list(range(0, 2 * lanes, 2)))
+        odds = ir.Constant(ir.VectorType(I32, lanes), list(range(1, 2 * lanes, 2)))
+        with kb.for_range(0, self.g.channels, name="c") as c:
+            with kb.for_range(0, self.chunk_rows, name="row") as row:
+                top = kb.gep(x_n, kb.add(kb.mul(c, plane), kb.mul(kb.add(row0, row), 2 * row_w)))
+                for start in self.row_starts():
+                    # Row k of the tiles as two runs, 2 cells apart: the even and odd cells
+                    # of the first are the tiles' columns 0 and 1, of the second 2 and 3.
+                    runs = [[wide.load_vec(top, k * row_w + 2 * start + shift) for shift in (0, 2)]
+                            for k in range(4)]
+                    # B^T over the rows first (on whole runs), then over the columns.
+                    rows = [[_combine(kb, terms, [runs[k][shift] for k in range(4)]) for shift in (0, 1)]
+                            for terms in bt]
+                    cells = [[kb.b.shuffle_vector(run, run, lanes_of) for run in pair for lanes_of in (evens, odds)]
+                             for pair in rows]
+                    tile = kb.add(kb.add(kb.mul(c, chunk), kb.mul(row, self.tile_cols)), start)
+                    for i in range(4):
+                        for j, terms in enumerate(bt):
+                            narrow.store_vec(_combine(narrow, terms, cells[i]), v,
+                                             kb.add(tile, (4 * i + j) * v_stride))
+
+
 class _Winograd:
     """The kernel: see the module's docstring. `placement` lays out a sample as `g`'s padded
     planes; `weight` indexes the conv's weights; `after_sample` as `_LanesForward`'s."""
@@ -181,22 +238,10 @@ class _Winograd:
         self.g, self.placement, self.weight = g, placement, weight
         self.bias, self.relu, self.after_sample = bias, relu, after_sample
         self.width = vector_width_f32()
-        self.lanes = _transform_width(g, self.width)
-        self.tile_rows, self.tile_cols = _tiles(g)
-        self.chunk_rows = _chunk_rows(g, self.width)
-        self.chunk = self.chunk_rows * self.tile_cols
-        # V[xi] and M[xi] a cache line more than their size apart: the 16 cells of a tile,
-        # read or written together, would otherwise often be a multiple of 4 KB apart, all
-        # in one set of L1.
-        self.v_stride = _round_up(g.channels * self.chunk, _CACHE_LINE_FLOATS) + _CACHE_LINE_FLOATS
-        self.m_stride = _round_up(g.out_channels * self.chunk, _CACHE_LINE_FLOATS) + _CACHE_LINE_FLOATS
-
-    def _row_starts(self) -> list[int]:
-        """The first tile of each transform vector along a row of tiles."""
-        starts = list(range(0, self.tile_cols - self.lanes + 1, self.lanes))
-        if starts[-1] + self.lanes < self.tile_cols:
-            starts.append(self.tile_cols - self.lanes)
-        return starts
+        self.plan = _TilePlan(g, placement)
+        self.chunk = self.plan.chunk
+        self.v_stride = _cache_stride(g.channels * self.chunk)
+        self.m_stride = _cache_stride(g.out_channels * self.chunk)
 
     def emit(self, module: ir.Module, name: str, *, n_inputs: int, max_threads: int) -> Kernel:
         g, chunk = self.g, self.chunk
@@ -214,9 +259,9 @@ class _Winograd:
             x_n = self.placement.place(kb, _sample(kb, inputs[0], n, self.placement.source_floats),
                                        x_buffer)
             out_n = _sample(kb, out, n, O * g.pixels)
-            with kb.for_range(0, self.tile_rows // self.chunk_rows, name="chunk") as index:
-                row0 = kb.mul(index, self.chunk_rows)
-                self._transform_input(kb, x_n, row0, v)
+            with kb.for_range(0, self.plan.chunks, name="chunk") as index:
+                row0 = kb.mul(index, self.plan.chunk_rows)
+                self.plan.transform_input(kb, x_n, row0, v, self.v_stride, _BT)
                 self._multiply(kb, u, v, m, steps)
                 self._transform_output(kb, m, row0, out_n, bias)
             if self.after_sample is not None:
@@ -252,35 +297,6 @@ class _Winograd:
 
     # -- phase 2 ----------------------------------------------------------------------
 
-    def _transform_input(self, kb: KernelBuilder, x_n, row0, v) -> None:
-        """V[xi][c, t] for the chunk's tiles t, from the placed sample x_n."""
-        g, lanes, chunk = self.g, self.lanes, self.chunk
-        wide, narrow = KernelBuilder(kb.b, 2 * lanes), KernelBuilder(kb.b, lanes)
-        plane = self.placement.dst_h * self.placement.dst_w
-        row_w = self.placement.dst_w
-        evens = ir.Constant(ir.VectorType(I32, lanes), list(range(0, 2 * lanes, 2)))
-        odds = ir.Constant(ir.VectorType(I32, lanes), list(range(1, 2 * lanes, 2)))
-        with kb.for_range(0, g.channels, name="c") as c:
-            with kb.for_range(0, self.chunk_rows, name="row") as row:
-                top = kb.gep(x_n, kb.add(kb.mul(c, plane), kb.mul(kb.add(row0, row), 2 * row_w)))
-                for start in self._row_starts():
-                    cells = []   # cells[k][l]: column l of the tiles' row k
-                    runs = [[wide.load_vec(top, k * row_w + 2 * start + shift) for shift in (0, 2)]
-                            for k in range(4)]
-                    # B^T over the rows first (on whole runs), then over the columns.
-                    rows = [[_combine(kb, terms, [runs[k][shift] for k in range(4)])
-                             for shift in (0, 1)] for terms in _BT]
-                    for pair in rows:
-                        a, b = pair
-                        cells.append([kb.b.shuffle_vector(a, a, evens), kb.b.shuffle_vector(a, a, odds),
-                                      kb.b.shuffle_vector(b, b, evens), kb.b.shuffle_vector(b, b, odds)])
-                    tile = kb.add(kb.mul(row, self.tile_cols), start)
-                    for i in range(4):
-                        for j, terms in enumerate(_BT):
-                            value = _combine(narrow, terms, cells[i])
-                            narrow.store_vec(value, v, kb.add(kb.add(kb.mul(c, chunk), tile),
-                                                              (4 * i + j) * self.v_stride))
-
     def _multiply(self, kb: KernelBuilder, u, v, m, steps) -> None:
         """M[xi] = U[xi] V[xi] for the 16 xi: tiles of up to 6 output channels x vectors
         of the chunk's tiles."""
@@ -300,17 +316,18 @@ class _Winograd:
 
     def _transform_output(self, kb: KernelBuilder, m, row0, out_n, bias) -> None:
         """out[o] rows 2*(row0 + row) and the next from M[xi][o, t] of the chunk's tiles."""
-        g, lanes, chunk = self.g, self.lanes, self.chunk
+        g, plan, chunk = self.g, self.plan, self.chunk
+        lanes = plan.lanes
         narrow = KernelBuilder(kb.b, lanes)
         interleave = ir.Constant(ir.VectorType(I32, 2 * lanes),
                                  [k // 2 + (k % 2) * lanes for k in range(2 * lanes)])
         O = g.out_channels
         with kb.for_range(0, O, name="o") as o:
             shift = narrow.splat(kb.load(bias, o)) if bias is not None else None
-            with kb.for_range(0, self.chunk_rows, name="row") as row:
+            with kb.for_range(0, plan.chunk_rows, name="row") as row:
                 y = kb.mul(kb.add(row0, row), 2)
-                for start in self._row_starts():
-                    tile = kb.add(kb.add(kb.mul(o, chunk), kb.mul(row, self.tile_cols)), start)
+                for start in plan.row_starts():
+                    tile = kb.add(kb.add(kb.mul(o, chunk), kb.mul(row, plan.tile_cols)), start)
                     cells = [[narrow.load_vec(m, kb.add(tile, (4 * i + j) * self.m_stride)) for j in range(4)]
                              for i in range(4)]
                     result = _transform(kb, _AT, cells)
