@@ -106,7 +106,8 @@ def input_grad_winograd_possible(g: ConvGeometry, width: int) -> bool:
 
 
 def input_grad_winograd_efficiency(g: ConvGeometry, width: int) -> float:
-    return winograd_efficiency(_as_forward_geometry(g)[0], width)
+    """As the forward's, of the cells of g among those of g dilated by the stride."""
+    return winograd_efficiency(_as_forward_geometry(g)[0], width) * g.pixels / (g.height * g.width)
 
 
 # ----------------------------------------------------------------------------- kernels
