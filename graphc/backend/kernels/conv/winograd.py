@@ -44,7 +44,8 @@ from graphc.backend.emit.kernel_builder import I32, KernelBuilder
 from graphc.backend.kernels.conv.buffers import _CACHE_LINE_FLOATS, _my_samples, _round_up, _Placement, _sample, _ScratchLayout, _thread0_phase
 from graphc.backend.kernels.conv.geometry import _ONE_VECTOR_EFFICIENCY, ConvGeometry, _VectorCover
 from graphc.backend.kernels.conv.input_grad import _NO_EPILOGUE, _as_forward_geometry, _DxEpilogue
-from graphc.backend.kernels.conv.tiles import _TILE_ROWS, _equal_runs, _row_indices, _Tables, _tiles_along, _zeros
+from graphc.backend.kernels.conv.tiles import (_TILE_ROWS, _equal_runs, _load_index, _row_indices, _Tables, _tiles_along,
+                                               _zeros)
 from graphc.backend.llvm.target import vector_width_f32
 
 __all__ = ["winograd_possible", "winograd_efficiency", "input_grad_winograd_possible",
@@ -248,7 +249,8 @@ class _Winograd:
         g, chunk = self.g, self.chunk
         C, O = g.channels, g.out_channels
         layout = self._layout()
-        steps = _Tables(module, name).add("steps", [c * chunk for c in range(C)])
+        tables = _Tables(module, name)
+        steps = tables.add("steps", [c * chunk for c in range(C)])
 
         fn, kb = phase_function(module, f"{name}.compute", n_inputs)
         out, inputs, scratch, tid, nthreads = phase_args(fn)
@@ -268,7 +270,8 @@ class _Winograd:
             if self.after_sample is not None:
                 self.after_sample(kb, out, inputs, n)
         kb.b.ret_void()
-        pack = _thread0_phase(module, f"{name}.pack", n_inputs, self._transform_weights)
+        pack = _thread0_phase(module, f"{name}.pack", n_inputs,
+                              lambda kb, inputs, scratch: self._transform_weights(kb, inputs, scratch, tables))
         return Kernel([pack, fn], layout.total_floats(max_threads))
 
     def _layout(self) -> _ScratchLayout:
@@ -279,22 +282,24 @@ class _Winograd:
 
     # -- phase 1 ----------------------------------------------------------------------
 
-    def _transform_weights(self, kb: KernelBuilder, inputs, scratch) -> None:
-        """U[xi] for each group of output channels from o0: the (C, rows) block at o0*C."""
+    def _transform_weights(self, kb: KernelBuilder, inputs, scratch, tables: _Tables) -> None:
+        """U[xi] for each group of output channels from o0: the (C, rows) block at o0*C.
+        Channel o's column of its group starts at `starts[o]`, `rows[o]` floats apart: one
+        loop over the channels, not one per group (LLVM's time)."""
         C, O = self.g.channels, self.g.out_channels
         w, u = inputs[1], self._layout().shared(kb, scratch, "u")
-        for first, rows, count in _equal_runs(O, _TILE_ROWS):
-            with kb.for_range(0, count, name="group") as group:
-                o0 = kb.add(first, kb.mul(group, rows))
-                with kb.for_range(0, C, name="c") as c:
-                    for r in range(rows):
-                        o = kb.add(o0, r)
-                        taps = [[kb.load(w, self.weight(kb, o, c, i, j)) for j in range(3)]
-                                for i in range(3)]
-                        transformed = _transform(kb, _G, taps)
-                        at = kb.add(kb.mul(o0, C), kb.add(kb.mul(c, rows), r))
-                        for xi in range(16):
-                            kb.store(transformed[xi // 4][xi % 4], u, kb.add(at, xi * O * C))
+        groups = [(o0 + r, o0 * C + r, rows) for first, rows, count in _equal_runs(O, _TILE_ROWS)
+                  for o0 in range(first, first + rows * count, rows) for r in range(rows)]
+        starts = tables.add("ustarts", [start for _, start, _ in sorted(groups)])
+        steps = tables.add("urows", [rows for _, _, rows in sorted(groups)])
+        with kb.for_range(0, O, name="o") as o:
+            start, rows = _load_index(kb, starts, o), _load_index(kb, steps, o)
+            with kb.for_range(0, C, name="c") as c:
+                taps = [[kb.load(w, self.weight(kb, o, c, i, j)) for j in range(3)] for i in range(3)]
+                transformed = _transform(kb, _G, taps)
+                at = kb.add(start, kb.mul(c, rows))
+                for xi in range(16):
+                    kb.store(transformed[xi // 4][xi % 4], u, kb.add(at, xi * O * C))
 
     # -- phase 2 ----------------------------------------------------------------------
 
