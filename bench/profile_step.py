@@ -23,6 +23,7 @@ from bench_step import WORKLOAD_OPTIMIZER, WORKLOADS, batches_of, graphc_optimiz
 from peak import PeakWorker  # noqa: E402
 
 import graphc as gc  # noqa: E402
+from graphc.backend.kernels.conv import chosen_paths  # noqa: E402
 from graphc.tools import models  # noqa: E402
 
 CONV_CLASSES = {"conv2d": "conv forward", "conv2d_input_grad": "conv input grad",
@@ -60,6 +61,19 @@ def kernel_class(step_, forward_ids: set, stat_ids: set) -> str:
     if base in ("ew", "sum"):   # also "sum+ew" (a sum reading its elementwise producer), "ew+2" (two outputs)
         return "BN+ReLU backward" if any(n.grad_of is not None for n in nodes) else "BN+ReLU forward"
     return "other"
+
+
+def conv_path(step_) -> str | None:
+    """The path (graphc/backend/kernels/conv's *_PATHS) a conv kernel takes, or None."""
+    node = step_.covers[0]
+    kind = {"conv2d": "forward", "conv2d_input_grad": "input_grad", "conv2d_weight_grad": "weight_grad"}.get(node.op)
+    if kind is None:
+        return None
+    a = node.attrs
+    x_shape, w_shape = {"forward": (node.inputs[0].shape, node.inputs[1].shape),
+                        "input_grad": (a.get("x_shape"), node.inputs[1].shape),
+                        "weight_grad": (node.inputs[0].shape, a.get("w_shape"))}[kind]
+    return chosen_paths(x_shape, w_shape, a["stride"], a["padding"])[kind]
 
 
 def breakdown(step, report) -> dict:
@@ -100,6 +114,13 @@ def print_breakdown(step, report, peak: float) -> None:
         seconds, flops = sum(c[0] for c in conv), sum(c[1] for c in conv)
         print(f"{'all convolutions':<18} {seconds * 1e6:10.1f} {seconds / total:6.1%} "
               f"{flops / seconds / 1e9:8.1f} {flops / seconds / 1e9 / peak:6.1%}")
+        by_node = {s.node.id: s for s in step.steps}
+        paths = [conv_path(by_node[k.node_id]) for k in report.kernels]
+        winograd = [k for k, path in zip(report.kernels, paths) if path == "winograd"]
+        if winograd:
+            share = sum(k.seconds for k in winograd) / seconds
+            print(f"  Winograd: {len(winograd)} of {sum(p is not None for p in paths)} conv kernels, {share:.0%} of "
+                  f"their time; GFLOP/s count the direct convolution's FLOPs, 2.25x Winograd's")
     bn = [classes[c] for c in ("BN+ReLU forward", "BN+ReLU backward", "BN running stats") if c in classes]
     if bn:
         seconds = sum(c[0] for c in bn)

@@ -185,6 +185,9 @@ PATH_GRID = [
     ((3, 4, 16, 4), (6, 4, 3, 3), (1, 1), ((1, 1), (1, 1))),
     ((2, 3, 10, 14), (17, 3, 3, 3), (1, 1), ((0, 0), (0, 0))),
     ((2, 6, 9, 11), (5, 6, 3, 3), (1, 1), ((0, 1), (1, 0))),
+    # Several chunks of tile rows a sample (4 of 2 rows with 16 lanes, 8 of 1 row for the
+    # weight gradient).
+    ((2, 3, 16, 32), (4, 3, 3, 3), (1, 1), ((1, 1), (1, 1))),
 ]
 
 
@@ -217,6 +220,37 @@ def test_conv_kernels_in_blocks_match_reference(monkeypatch):
     check_cases(cases)
 
 
+# ResNet-20's convolutions (B = 128): the first, the three stages' 3x3 stride-1 convs, and a
+# stride-2 conv between stages.
+RESNET_CONVS = {
+    "first": ((128, 3, 32, 32), (16, 3, 3, 3), (1, 1)),
+    "stage 1": ((128, 16, 32, 32), (16, 16, 3, 3), (1, 1)),
+    "stage 2": ((128, 32, 16, 16), (32, 32, 3, 3), (1, 1)),
+    "stage 3": ((128, 64, 8, 8), (64, 64, 3, 3), (1, 1)),
+    "stride 2": ((128, 16, 32, 32), (32, 16, 3, 3), (2, 2)),
+}
+
+
+@pytest.mark.parametrize("width", [4, 8, 16])
+def test_winograd_planning_at_every_width(width):
+    """Which ResNet convs the cost model gives Winograd, on SSE/NEON, AVX2 and AVX-512 (planning
+    only: any host). The 3-channel first conv and strided convs never take it; stages 2 and 3 always
+    do; on 16 lanes stage 1's 16 channels are a tie the direct kernels keep (bench/NOTES.md)."""
+    from graphc.backend.kernels.conv import chosen_paths
+    from graphc.backend.kernels.conv.winograd import winograd_possible
+
+    chosen = {name: chosen_paths(x, w, stride, ((1, 1), (1, 1)), width=width)
+              for name, (x, w, stride) in RESNET_CONVS.items()}
+    for name in ("stage 2", "stage 3"):
+        assert set(chosen[name].values()) == {"winograd"}, (name, chosen[name])
+    assert chosen["stage 1"]["weight_grad"] == "winograd"
+    assert (chosen["stage 1"]["forward"] == "winograd") == (width < 16)
+    assert "winograd" not in chosen["first"]["forward"] + chosen["first"]["weight_grad"]
+    assert "winograd" not in chosen["stride 2"].values()
+    odd = ConvGeometry.from_shapes((2, 8, 7, 8), (8, 8, 3, 3), (1, 1), ((1, 1), (1, 1)))
+    assert not winograd_possible(odd, width)     # 7 output rows: no whole tiles
+
+
 INPUT_GRAD_EPILOGUE_GRID = [
     # LeNet's conv2 at batch 40 (batch in lanes: two whole groups and a partial one; cols),
     # the conv net's "same" 3x3 (as forward), a stride-2 conv (as forward only), batch 1.
@@ -224,6 +258,7 @@ INPUT_GRAD_EPILOGUE_GRID = [
     ((3, 8, 9, 10), (5, 8, 3, 3), (1, 1), ((1, 1), (1, 1))),
     ((2, 3, 9, 8), (4, 3, 3, 3), (2, 2), ((1, 1), (1, 1))),
     ((1, 2, 6, 11), (3, 2, 3, 2), (1, 1), ((1, 0), (0, 1))),
+    ((3, 6, 8, 10), (4, 6, 3, 3), (1, 1), ((1, 1), (1, 1))),     # Winograd
 ]
 
 
