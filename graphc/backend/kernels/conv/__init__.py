@@ -58,6 +58,10 @@ quarter of its lanes), one of:
                      channel with pixels in lanes (reductions of only O = 16 steps for
                      LeNet), then col2im summed per dx row in registers (`_emit_col2im`).
 
+3x3 stride-1 convolutions with whole 2x2 output tiles have a further path for each kernel,
+"winograd" (winograd.py, winograd_weight_grad.py): Winograd's minimal filtering, 16
+multiply-adds per tile and channel pair instead of 36, plus transforms the cost model counts.
+
 Threads split the batch. Each thread owns its per-sample buffers in scratch; weights packed
 for a whole call are written by thread 0 in a first phase. All geometry is compile-time
 constant; loops stay IR loops (the module pipeline runs no unroller: LLVM's, when it ran,
@@ -66,8 +70,8 @@ sample's tiles many times for no speed), so the code size does not grow with the
 
 The package: `geometry` (shapes, vector covers), `tiles` (the shared register tiles, their
 offset tables, the transpose), `buffers` (padded sample copies, scratch, row primitives),
-`forward`, `input_grad`, `phases` and `weight_grad` (the paths' emitters); here, the paths, the cost
-model that chooses among them, and the public `emit_*` functions.
+`forward`, `input_grad`, `phases`, `weight_grad`, `winograd` and `winograd_weight_grad` (the paths'
+emitters); here, the paths, the cost model that chooses among them, and the public `emit_*` functions.
 """
 from __future__ import annotations
 
