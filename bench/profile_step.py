@@ -116,7 +116,7 @@ def print_breakdown(step, report, peak: float) -> None:
               f"{flops / seconds / 1e9:8.1f} {flops / seconds / 1e9 / peak:6.1%}")
         by_node = {s.node.id: s for s in step.steps}
         paths = [conv_path(by_node[k.node_id]) for k in report.kernels]
-        winograd = [k for k, path in zip(report.kernels, paths) if path == "winograd"]
+        winograd = [k for k, path in zip(report.kernels, paths) if path and path.startswith("winograd")]
         if winograd:
             share = sum(k.seconds for k in winograd) / seconds
             print(f"  Winograd: {len(winograd)} of {sum(p is not None for p in paths)} conv kernels, {share:.0%} of "

@@ -60,7 +60,8 @@ quarter of its lanes), one of:
 
 3x3 stride-1 convolutions with whole 2x2 output tiles have a further path for each kernel,
 "winograd" (winograd.py, winograd_weight_grad.py): Winograd's minimal filtering, 16
-multiply-adds per tile and channel pair instead of 36, plus transforms the cost model counts.
+multiply-adds per tile and channel pair instead of 36, plus transforms the cost model counts;
+with whole 4x4 tiles, the forward and the input gradient also "winograd 4x4": 36 instead of 144.
 
 Threads split the batch. Each thread owns its per-sample buffers in scratch; weights packed
 for a whole call are written by thread 0 in a first phase. All geometry is compile-time
@@ -76,6 +77,7 @@ emitters); here, the paths, the cost model that chooses among them, and the publ
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Callable, Sequence
 
 import llvmlite.ir as ir
@@ -91,7 +93,7 @@ from graphc.backend.kernels.conv.input_grad import (_MAX_BATCH_G_FLOATS, _MAX_CO
 from graphc.backend.kernels.conv.phases import by_phases_efficiency, by_phases_possible, emit_input_grad_by_phases
 from graphc.backend.kernels.conv.tiles import _TILE_ROWS
 from graphc.backend.kernels.conv.weight_grad import _emit_weight_grad_channel_lanes, _emit_weight_grad_pixel_lanes
-from graphc.backend.kernels.conv.winograd import (emit_forward_winograd, emit_input_grad_winograd,
+from graphc.backend.kernels.conv.winograd import (F2, F4, emit_forward_winograd, emit_input_grad_winograd,
                                                   input_grad_winograd_efficiency, input_grad_winograd_possible,
                                                   winograd_efficiency, winograd_possible)
 from graphc.backend.kernels.conv.winograd_weight_grad import (emit_weight_grad_winograd,
@@ -222,7 +224,10 @@ FORWARD_PATHS = (
     _Path("channels in lanes", _always,
           lambda g, width: _lanes_efficiency(g.out_channels, width),
           _emit_forward_channel_lanes),
-    _Path("winograd", winograd_possible, winograd_efficiency, emit_forward_winograd),
+    *(_Path(name, functools.partial(winograd_possible, scheme=scheme),
+            functools.partial(winograd_efficiency, scheme=scheme),
+            functools.partial(emit_forward_winograd, scheme=scheme))
+      for name, scheme in (("winograd", F2), ("winograd 4x4", F4))),
 )
 
 def _input_grad_pixels_possible(g: ConvGeometry, width: int) -> bool:
@@ -249,8 +254,10 @@ INPUT_GRAD_PATHS = (
           _emit_input_grad_by_cols),
     _Path("batch in lanes", _input_grad_batch_lanes_possible,
           _input_grad_batch_lanes_efficiency, _emit_input_grad_batch_lanes),
-    _Path("winograd", input_grad_winograd_possible, input_grad_winograd_efficiency,
-          emit_input_grad_winograd),
+    *(_Path(name, functools.partial(input_grad_winograd_possible, scheme=scheme),
+            functools.partial(input_grad_winograd_efficiency, scheme=scheme),
+            functools.partial(emit_input_grad_winograd, scheme=scheme))
+      for name, scheme in (("winograd", F2), ("winograd 4x4", F4))),
 )
 
 # Channels in lanes win ties: the dot products' partial sums in every lane are added up

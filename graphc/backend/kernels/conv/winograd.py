@@ -35,6 +35,7 @@ vectors end on an overlapping one (the same tiles computed twice).
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Callable
 
 import llvmlite.ir as ir
@@ -48,8 +49,38 @@ from graphc.backend.kernels.conv.tiles import (_TILE_ROWS, _equal_runs, _load_in
                                                _zeros)
 from graphc.backend.llvm.target import vector_width_f32
 
-__all__ = ["winograd_possible", "winograd_efficiency", "input_grad_winograd_possible",
+__all__ = ["F2", "F4", "winograd_possible", "winograd_efficiency", "input_grad_winograd_possible",
            "input_grad_winograd_efficiency", "emit_forward_winograd", "emit_input_grad_winograd"]
+
+
+@dataclasses.dataclass(frozen=True)
+class _Scheme:
+    """F(m x m, 3 x 3): m x m output tiles from (m + 2)^2 products; the rows of B^T, G and A^T
+    as (coefficient, index) terms."""
+
+    m: int
+    bt: tuple
+    g: tuple
+    at: tuple
+
+    @property
+    def n(self) -> int:
+        """Cells of a tile's input (and of its transforms) along each axis."""
+        return self.m + 2
+
+
+F2 = _Scheme(2, bt=(((1, 0), (-1, 2)), ((1, 1), (1, 2)), ((-1, 1), (1, 2)), ((1, 1), (-1, 3))),
+             g=(((1, 0),), ((.5, 0), (.5, 1), (.5, 2)), ((.5, 0), (-.5, 1), (.5, 2)), ((1, 2),)),
+             at=(((1, 0), (1, 1), (1, 2)), ((1, 1), (-1, 2), (-1, 3))))
+# The points 0, 1, -1, 2, -2 and infinity (Lavin & Gray's): float32 errors ~1e-5 of the
+# largest output where F2's are ~2e-6 (bench/NOTES.md, "Winograd").
+F4 = _Scheme(4, bt=(((4, 0), (-5, 2), (1, 4)), ((-4, 1), (-4, 2), (1, 3), (1, 4)),
+                    ((4, 1), (-4, 2), (-1, 3), (1, 4)), ((-2, 1), (-1, 2), (2, 3), (1, 4)),
+                    ((2, 1), (-1, 2), (-2, 3), (1, 4)), ((4, 1), (-5, 3), (1, 5))),
+             g=(((1 / 4, 0),), ((-1 / 6, 0), (-1 / 6, 1), (-1 / 6, 2)), ((-1 / 6, 0), (1 / 6, 1), (-1 / 6, 2)),
+                ((1 / 24, 0), (1 / 12, 1), (1 / 6, 2)), ((1 / 24, 0), (-1 / 12, 1), (1 / 6, 2)), ((1, 2),)),
+             at=(((1, 0), (1, 1), (1, 2), (1, 3), (1, 4)), ((1, 1), (-1, 2), (2, 3), (-2, 4)),
+                 ((1, 1), (1, 2), (4, 3), (4, 4)), ((1, 1), (-1, 2), (8, 3), (-8, 4), (1, 5))))
 
 
 # What the cost model leaves out (V and M going through cache) cost about a fifth.
@@ -61,74 +92,80 @@ WeightIndex = Callable[[KernelBuilder, ir.Value, ir.Value, int, int], ir.Value]
 
 # ---------------------------------------------------------------------------- planning
 
-def _tiles(g: ConvGeometry) -> tuple[int, int]:
-    return g.out_h // 2, g.out_w // 2
+def _tiles(g: ConvGeometry, m: int = 2) -> tuple[int, int]:
+    return g.out_h // m, g.out_w // m
 
 
-def _transform_width(g: ConvGeometry, width: int) -> int:
+def _transform_width(g: ConvGeometry, width: int, m: int = 2) -> int:
     """Lanes of the transforms: the widest power of two <= W that a row of tiles holds."""
     lanes = width
-    while lanes > _tiles(g)[1]:
+    while lanes > _tiles(g, m)[1]:
         lanes //= 2
     return lanes
 
 
-def _chunk_rows(g: ConvGeometry, width: int) -> int:
+def _chunk_rows(g: ConvGeometry, width: int, m: int = 2) -> int:
     """Rows of tiles per chunk: the fewest that divide the tile rows and hold two vectors of
     tiles (the register tile's pair), else all of them. More tiles a chunk only made V and
     M spill from L1 (bench/NOTES.md, "Winograd")."""
-    rows, cols = _tiles(g)
+    rows, cols = _tiles(g, m)
     enough = [d for d in range(1, rows + 1) if rows % d == 0 and d * cols >= 2 * width]
     return min(enough) if enough else rows
 
 
-def winograd_possible(g: ConvGeometry, width: int) -> bool:
-    rows, cols = _tiles(g)
+def winograd_possible(g: ConvGeometry, width: int, scheme: _Scheme = F2) -> bool:
+    rows, cols = _tiles(g, scheme.m)
     return ((g.kernel_h, g.kernel_w, g.stride_h, g.stride_w) == (3, 3, 1, 1) and
-            g.out_h % 2 == 0 and g.out_w % 2 == 0 and rows * cols >= width)
+            g.out_h % scheme.m == 0 and g.out_w % scheme.m == 0 and rows * cols >= width)
 
 
-def winograd_efficiency(g: ConvGeometry, width: int) -> float:
-    """The direct paths' multiply-adds (36 C O a tile, over W lanes at two FMAs a cycle) per
-    cycle this path spends, as the other paths count theirs: the GEMMs' 16 C O (a chunk's
-    vectors of tiles counted as the other paths count lanes), plus the transforms, about 3
-    cycles per tile and input channel and 4 per output channel (measured: bench/NOTES.md,
-    "Winograd"), discounted by `_UNCOUNTED` for the memory traffic of V and M."""
-    chunk = _chunk_rows(g, width) * _tiles(g)[1]
+def winograd_efficiency(g: ConvGeometry, width: int, scheme: _Scheme = F2) -> float:
+    """The direct paths' multiply-adds (9 m^2 C O a tile, over W lanes at two FMAs a cycle)
+    per cycle this path spends, as the other paths count theirs: the GEMMs' n^2 C O (a
+    chunk's vectors of tiles counted as the other paths count lanes), plus the transforms
+    per tile, an input channel's about n^2 / 16 (16 / lanes + 1.6) m / 2 cycles (F4's columns
+    are a run's fourths, more shuffles) and an output channel's m^2 (measured for F2 at 4
+    and 16 lanes, F4 at 4 and 8: bench/NOTES.md, "Winograd"), discounted by `_UNCOUNTED` for
+    the memory traffic of V and M."""
+    m, n = scheme.m, scheme.n
+    chunk = _chunk_rows(g, width, m) * _tiles(g, m)[1]
     cover = _VectorCover.of(chunk, width)
     lanes_efficiency = chunk / cover.lanes * (_ONE_VECTOR_EFFICIENCY if cover.lanes == width else 1.0)
-    C, O, lanes = g.channels, g.out_channels, _transform_width(g, width)
-    made = 16 * C * O / lanes_efficiency + 2 * width * (C * (16 / lanes + 1.6) + 4 * O)
-    return 36 * C * O / made * _UNCOUNTED
+    C, O, lanes = g.channels, g.out_channels, _transform_width(g, width, m)
+    made = n * n * C * O / lanes_efficiency + 2 * width * (C * n * n / 16 * (16 / lanes + 1.6) * m / 2 + m * m * O)
+    return 9 * m * m * C * O / made * _UNCOUNTED
 
 
-def input_grad_winograd_possible(g: ConvGeometry, width: int) -> bool:
-    return winograd_possible(_as_forward_geometry(g)[0], width)
+def input_grad_winograd_possible(g: ConvGeometry, width: int, scheme: _Scheme = F2) -> bool:
+    return winograd_possible(_as_forward_geometry(g)[0], width, scheme)
 
 
-def input_grad_winograd_efficiency(g: ConvGeometry, width: int) -> float:
+def input_grad_winograd_efficiency(g: ConvGeometry, width: int, scheme: _Scheme = F2) -> float:
     """As the forward's, of the cells of g among those of g dilated by the stride."""
-    return winograd_efficiency(_as_forward_geometry(g)[0], width) * g.pixels / (g.height * g.width)
+    return winograd_efficiency(_as_forward_geometry(g)[0], width, scheme) * g.pixels / (g.height * g.width)
 
 
 # ----------------------------------------------------------------------------- kernels
 
 def emit_forward_winograd(module: ir.Module, name: str, g: ConvGeometry, *, bias: bool,
-                          relu: bool, max_threads: int) -> Kernel:
+                          relu: bool, max_threads: int, scheme: _Scheme = F2) -> Kernel:
     C = g.channels
 
     def weight(kb, o, c, i, j):
         return kb.add(kb.mul(kb.add(kb.mul(o, C), c), 9), 3 * i + j)
 
-    return _Winograd(g, _Placement.padding_of(g), weight, bias=bias, relu=relu).emit(
+    # F4 reads 2 floats past a row's end (unused cells): x is copied, with room after it.
+    placement = _Placement.padding_of(g, always=scheme.m > 2, margin=scheme.m)
+    return _Winograd(g, placement, weight, scheme, bias=bias, relu=relu).emit(
         module, name, n_inputs=3 if bias else 2, max_threads=max_threads)
 
 
 def emit_input_grad_winograd(module: ir.Module, name: str, g: ConvGeometry, *, max_threads: int,
-                             epilogue: _DxEpilogue = _NO_EPILOGUE) -> Kernel:
+                             epilogue: _DxEpilogue = _NO_EPILOGUE, scheme: _Scheme = F2) -> Kernel:
     """dx = the forward conv of g padded by 2 - padding with W[o, c] flipped, o and c
     swapped (input_grad.py's `_emit_input_grad_as_forward`), by Winograd."""
     forward, placement = _as_forward_geometry(g)
+    placement = dataclasses.replace(placement, always=scheme.m > 2, margin=scheme.m)
     C = g.channels
 
     def weight(kb, c, o, i, j):      # the forward's output channel is dx's channel c
@@ -137,25 +174,24 @@ def emit_input_grad_winograd(module: ir.Module, name: str, g: ConvGeometry, *, m
     def after_sample(kb, out, inputs, n):
         epilogue.apply(kb, out, inputs, n, g.sample_floats)
 
-    return _Winograd(forward, placement, weight, after_sample=after_sample).emit(
+    return _Winograd(forward, placement, weight, scheme, after_sample=after_sample).emit(
         module, name, n_inputs=epilogue.inputs, max_threads=max_threads)
 
 
-# F(2x2, 3x3): the rows of B^T, G and A^T as (coefficient, index) terms.
-_BT = (((1, 0), (-1, 2)), ((1, 1), (1, 2)), ((-1, 1), (1, 2)), ((1, 1), (-1, 3)))
-_G = (((1, 0),), ((.5, 0), (.5, 1), (.5, 2)), ((.5, 0), (-.5, 1), (.5, 2)), ((1, 2),))
-_AT = (((1, 0), (1, 1), (1, 2)), ((1, 1), (-1, 2), (-1, 3)))
 
 
 def _combine(kb: KernelBuilder, terms, values):
-    """sum of coefficient * values[index] over terms (coefficients 1, -1 or 0.5 x those)."""
+    """sum of coefficient * values[index] over terms."""
     total = None
     for coefficient, index in terms:
         value = values[index]
-        if abs(coefficient) != 1:
-            value = kb.b.fmul(value, _constant_like(kb, value, abs(coefficient)))
         if total is None:
-            total = value if coefficient > 0 else kb.b.fneg(value)
+            if abs(coefficient) != 1:
+                total = kb.b.fmul(value, _constant_like(kb, value, coefficient))
+            else:
+                total = value if coefficient > 0 else kb.b.fneg(value)
+        elif abs(coefficient) != 1:
+            total = kb.mul_add(value, _constant_like(kb, value, coefficient), total)
         else:
             total = kb.b.fadd(total, value) if coefficient > 0 else kb.b.fsub(total, value)
     return total
@@ -182,16 +218,16 @@ def _cache_stride(floats: int) -> int:
 
 
 class _TilePlan:
-    """A sample's 2x2 tiles, the chunks of tile rows they are worked in, and the transform
+    """A sample's m x m tiles, the chunks of tile rows they are worked in, and the transform
     of a chunk's input cells (`transform_input`), shared by the forward and the weight
     gradient. `placement` lays out a sample as `g`'s padded planes."""
 
-    def __init__(self, g: ConvGeometry, placement: _Placement, chunk_rows: int | None = None):
-        self.g, self.placement = g, placement
+    def __init__(self, g: ConvGeometry, placement: _Placement, chunk_rows: int | None = None, m: int = 2):
+        self.g, self.placement, self.m = g, placement, m
         self.width = vector_width_f32()
-        self.lanes = _transform_width(g, self.width)
-        self.tile_rows, self.tile_cols = _tiles(g)
-        self.chunk_rows = chunk_rows or _chunk_rows(g, self.width)
+        self.lanes = _transform_width(g, self.width, m)
+        self.tile_rows, self.tile_cols = _tiles(g, m)
+        self.chunk_rows = chunk_rows or _chunk_rows(g, self.width, m)
         self.chunk = self.chunk_rows * self.tile_cols
         self.chunks = self.tile_rows // self.chunk_rows
 
@@ -203,45 +239,45 @@ class _TilePlan:
         return starts
 
     def transform_input(self, kb: KernelBuilder, x_n, row0, v, v_stride: int, bt) -> None:
-        """v[xi*v_stride + c*chunk + t] = (B^T d B)[xi] (bt: B^T's rows) for the cells d of
-        channel c that the chunk's tile t reads, from the placed sample x_n."""
-        lanes, chunk = self.lanes, self.chunk
-        wide, narrow = KernelBuilder(kb.b, 2 * lanes), KernelBuilder(kb.b, lanes)
+        """v[xi*v_stride + c*chunk + t] = (B^T d B)[xi] (bt: B^T's rows, n x n) for the cells
+        d of channel c that the chunk's tile t reads, from the placed sample x_n."""
+        m, n, lanes, chunk = self.m, len(bt), self.lanes, self.chunk
+        wide, narrow = KernelBuilder(kb.b, m * lanes), KernelBuilder(kb.b, lanes)
         plane = self.placement.dst_h * self.placement.dst_w
         row_w = self.placement.dst_w
-        evens = ir.Constant(ir.VectorType(I32, lanes), list(range(0, 2 * lanes, 2)))
-        odds = ir.Constant(ir.VectorType(I32, lanes), list(range(1, 2 * lanes, 2)))
+        phases = [ir.Constant(ir.VectorType(I32, lanes), list(range(phase, m * lanes, m))) for phase in range(m)]
         with kb.for_range(0, self.g.channels, name="c") as c:
             with kb.for_range(0, self.chunk_rows, name="row") as row:
-                top = kb.gep(x_n, kb.add(kb.mul(c, plane), kb.mul(kb.add(row0, row), 2 * row_w)))
+                top = kb.gep(x_n, kb.add(kb.mul(c, plane), kb.mul(kb.add(row0, row), m * row_w)))
                 for start in self.row_starts():
-                    # Row k of the tiles as two runs, 2 cells apart: the even and odd cells
-                    # of the first are the tiles' columns 0 and 1, of the second 2 and 3.
-                    runs = [[wide.load_vec(top, k * row_w + 2 * start + shift) for shift in (0, 2)]
-                            for k in range(4)]
+                    # Row k of the tiles as two runs, m cells apart: column l of the tiles is
+                    # phase l % m of run l // m.
+                    runs = [[wide.load_vec(top, k * row_w + m * start + shift) for shift in (0, m)]
+                            for k in range(n)]
                     # B^T over the rows first (on whole runs), then over the columns.
-                    rows = [[_combine(kb, terms, [runs[k][shift] for k in range(4)]) for shift in (0, 1)]
+                    rows = [[_combine(kb, terms, [runs[k][run] for k in range(n)]) for run in (0, 1)]
                             for terms in bt]
-                    cells = [[kb.b.shuffle_vector(run, run, lanes_of) for run in pair for lanes_of in (evens, odds)]
+                    cells = [[kb.b.shuffle_vector(pair[l // m], pair[l // m], phases[l % m]) for l in range(n)]
                              for pair in rows]
                     tile = kb.add(kb.add(kb.mul(c, chunk), kb.mul(row, self.tile_cols)), start)
-                    for i in range(4):
+                    for i in range(n):
                         for j, terms in enumerate(bt):
                             narrow.store_vec(_combine(narrow, terms, cells[i]), v,
-                                             kb.add(tile, (4 * i + j) * v_stride))
+                                             kb.add(tile, (n * i + j) * v_stride))
 
 
 class _Winograd:
     """The kernel: see the module's docstring. `placement` lays out a sample as `g`'s padded
     planes; `weight` indexes the conv's weights; `after_sample` as `_LanesForward`'s."""
 
-    def __init__(self, g: ConvGeometry, placement: _Placement, weight: WeightIndex, *,
+    def __init__(self, g: ConvGeometry, placement: _Placement, weight: WeightIndex, scheme: _Scheme, *,
                  bias: bool = False, relu: bool = False, after_sample: Callable | None = None):
-        self.g, self.placement, self.weight = g, placement, weight
+        self.g, self.placement, self.weight, self.scheme = g, placement, weight, scheme
         self.bias, self.relu, self.after_sample = bias, relu, after_sample
         self.width = vector_width_f32()
-        self.plan = _TilePlan(g, placement)
+        self.plan = _TilePlan(g, placement, m=scheme.m)
         self.chunk = self.plan.chunk
+        self.positions = scheme.n * scheme.n
         self.v_stride = _cache_stride(g.channels * self.chunk)
         self.m_stride = _cache_stride(g.out_channels * self.chunk)
 
@@ -264,7 +300,7 @@ class _Winograd:
             out_n = _sample(kb, out, n, O * g.pixels)
             with kb.for_range(0, self.plan.chunks, name="chunk") as index:
                 row0 = kb.mul(index, self.plan.chunk_rows)
-                self.plan.transform_input(kb, x_n, row0, v, self.v_stride, _BT)
+                self.plan.transform_input(kb, x_n, row0, v, self.v_stride, self.scheme.bt)
                 self._multiply(kb, u, v, m, steps)
                 self._transform_output(kb, m, row0, out_n, bias)
             if self.after_sample is not None:
@@ -276,9 +312,9 @@ class _Winograd:
 
     def _layout(self) -> _ScratchLayout:
         C, O = self.g.channels, self.g.out_channels
-        return _ScratchLayout(shared={"u": 16 * O * C},
+        return _ScratchLayout(shared={"u": self.positions * O * C},
                               private={"x": self.placement.buffer_floats(self.width),
-                                       "v": 16 * self.v_stride, "m": 16 * self.m_stride})
+                                       "v": self.positions * self.v_stride, "m": self.positions * self.m_stride})
 
     # -- phase 1 ----------------------------------------------------------------------
 
@@ -286,7 +322,7 @@ class _Winograd:
         """U[xi] for each group of output channels from o0: the (C, rows) block at o0*C.
         Channel o's column of its group starts at `starts[o]`, `rows[o]` floats apart: one
         loop over the channels, not one per group (LLVM's time)."""
-        C, O = self.g.channels, self.g.out_channels
+        C, O, n = self.g.channels, self.g.out_channels, self.scheme.n
         w, u = inputs[1], self._layout().shared(kb, scratch, "u")
         groups = [(o0 + r, o0 * C + r, rows) for first, rows, count in _equal_runs(O, _TILE_ROWS)
                   for o0 in range(first, first + rows * count, rows) for r in range(rows)]
@@ -296,20 +332,20 @@ class _Winograd:
             start, rows = _load_index(kb, starts, o), _load_index(kb, steps, o)
             with kb.for_range(0, C, name="c") as c:
                 taps = [[kb.load(w, self.weight(kb, o, c, i, j)) for j in range(3)] for i in range(3)]
-                transformed = _transform(kb, _G, taps)
+                transformed = _transform(kb, self.scheme.g, taps)
                 at = kb.add(start, kb.mul(c, rows))
-                for xi in range(16):
-                    kb.store(transformed[xi // 4][xi % 4], u, kb.add(at, xi * O * C))
+                for xi in range(self.positions):
+                    kb.store(transformed[xi // n][xi % n], u, kb.add(at, xi * O * C))
 
     # -- phase 2 ----------------------------------------------------------------------
 
     def _multiply(self, kb: KernelBuilder, u, v, m, steps) -> None:
-        """M[xi] = U[xi] V[xi] for the 16 xi: tiles of up to 6 output channels x vectors
+        """M[xi] = U[xi] V[xi] for the n^2 xi: tiles of up to 6 output channels x vectors
         of the chunk's tiles."""
         C, O, chunk = self.g.channels, self.g.out_channels, self.chunk
         cover = _VectorCover.of(chunk, self.width)
         rows_table, zeros = _row_indices(kb.module), _zeros(kb.module)
-        with kb.for_range(0, 16, name="xi") as xi:
+        with kb.for_range(0, self.positions, name="xi") as xi:
             u_xi = kb.gep(u, kb.mul(xi, O * C))
             v_xi, m_xi = kb.gep(v, kb.mul(xi, self.v_stride)), kb.gep(m, kb.mul(xi, self.m_stride))
             for first, rows, count in _equal_runs(O, _TILE_ROWS):
@@ -321,30 +357,40 @@ class _Winograd:
                         n=kb.i64(C), c_row=chunk, init=zeros, init_row=0, init_vec=0, relu=False))
 
     def _transform_output(self, kb: KernelBuilder, m, row0, out_n, bias) -> None:
-        """out[o] rows 2*(row0 + row) and the next from M[xi][o, t] of the chunk's tiles."""
-        g, plan, chunk = self.g, self.plan, self.chunk
-        lanes = plan.lanes
+        """out[o] rows m*(row0 + row) to the m-1 after from M[xi][o, t] of the chunk's tiles:
+        the tiles' m columns of a row interleaved."""
+        g, plan, chunk, scheme = self.g, self.plan, self.chunk, self.scheme
+        size, n, lanes = scheme.m, scheme.n, plan.lanes
         narrow = KernelBuilder(kb.b, lanes)
-        interleave = ir.Constant(ir.VectorType(I32, 2 * lanes),
-                                 [k // 2 + (k % 2) * lanes for k in range(2 * lanes)])
         O = g.out_channels
         with kb.for_range(0, O, name="o") as o:
             shift = narrow.splat(kb.load(bias, o)) if bias is not None else None
             with kb.for_range(0, plan.chunk_rows, name="row") as row:
-                y = kb.mul(kb.add(row0, row), 2)
+                y = kb.mul(kb.add(row0, row), size)
                 for start in plan.row_starts():
                     tile = kb.add(kb.add(kb.mul(o, chunk), kb.mul(row, plan.tile_cols)), start)
-                    cells = [[narrow.load_vec(m, kb.add(tile, (4 * i + j) * self.m_stride)) for j in range(4)]
-                             for i in range(4)]
-                    result = _transform(kb, _AT, cells)
-                    for dy in range(2):
-                        pair = []
+                    cells = [[narrow.load_vec(m, kb.add(tile, (n * i + j) * self.m_stride)) for j in range(n)]
+                             for i in range(n)]
+                    result = _transform(kb, scheme.at, cells)
+                    for dy in range(size):
+                        columns = []
                         for value in result[dy]:
                             if shift is not None:
                                 value = kb.b.fadd(value, shift)
                             if self.relu:
                                 value = narrow.relu(value)
-                            pair.append(value)
-                        line = kb.b.shuffle_vector(pair[0], pair[1], interleave)
-                        kb.store_vec(line, out_n, kb.add(kb.mul(o, g.pixels),
-                                                         kb.add(kb.mul(kb.add(y, dy), g.out_w), 2 * start)))
+                            columns.append(value)
+                        kb.store_vec(_interleave(kb, columns), out_n, kb.add(
+                            kb.mul(o, g.pixels), kb.add(kb.mul(kb.add(y, dy), g.out_w), size * start)))
+
+
+def _interleave(kb: KernelBuilder, columns: list[ir.Value]) -> ir.Value:
+    """One vector of len(columns) x lanes floats: lane t of each column in turn (2 or 4)."""
+    lanes = columns[0].type.count
+    if len(columns) == 2:
+        mask = [k // 2 + (k % 2) * lanes for k in range(2 * lanes)]
+        return kb.b.shuffle_vector(columns[0], columns[1], ir.Constant(ir.VectorType(I32, 2 * lanes), mask))
+    halves = [kb.b.shuffle_vector(a, b, ir.Constant(ir.VectorType(I32, 2 * lanes), list(range(2 * lanes))))
+              for a, b in (columns[:2], columns[2:])]
+    mask = [(k % 4) * lanes + k // 4 for k in range(4 * lanes)]
+    return kb.b.shuffle_vector(halves[0], halves[1], ir.Constant(ir.VectorType(I32, 4 * lanes), mask))
