@@ -61,7 +61,7 @@ quarter of its lanes), one of:
 3x3 stride-1 convolutions with whole 2x2 output tiles have a further path for each kernel,
 "winograd" (winograd.py, winograd_weight_grad.py): Winograd's minimal filtering, 16
 multiply-adds per tile and channel pair instead of 36, plus transforms the cost model counts;
-with whole 4x4 tiles, the forward and the input gradient also "winograd 4x4": 36 instead of 144.
+with whole 4x4 tiles also "winograd 4x4": 36 instead of 144.
 
 Threads split the batch. Each thread owns its per-sample buffers in scratch; weights packed
 for a whole call are written by thread 0 in a first phase. All geometry is compile-time
@@ -269,8 +269,10 @@ WEIGHT_GRAD_PATHS = (
           _emit_weight_grad_channel_lanes),
     _Path("pixels in lanes", _stride_one, lambda g, width: g.out_w / g.padded_w,
           _emit_weight_grad_pixel_lanes),
-    _Path("winograd", weight_grad_winograd_possible, weight_grad_winograd_efficiency,
-          emit_weight_grad_winograd),
+    *(_Path(name, functools.partial(weight_grad_winograd_possible, scheme=scheme),
+            functools.partial(weight_grad_winograd_efficiency, scheme=scheme),
+            functools.partial(emit_weight_grad_winograd, scheme=scheme))
+      for name, scheme in (("winograd", F2), ("winograd 4x4", F4))),
 )
 
 
