@@ -120,7 +120,7 @@ def print_breakdown(step, report, peak: float) -> None:
         if winograd:
             share = sum(k.seconds for k in winograd) / seconds
             print(f"  Winograd: {len(winograd)} of {sum(p is not None for p in paths)} conv kernels, {share:.0%} of "
-                  f"their time; GFLOP/s count the direct convolution's FLOPs, 2.25x Winograd's")
+                  f"their time; GFLOP/s count the direct convolution's FLOPs: 2.25x F(2,3)'s, 4x F(4,3)'s")
     bn = [classes[c] for c in ("BN+ReLU forward", "BN+ReLU backward", "BN running stats") if c in classes]
     if bn:
         seconds = sum(c[0] for c in bn)
