@@ -42,7 +42,8 @@ import llvmlite.ir as ir
 
 from graphc.backend.emit.kernel import Kernel, phase_args, phase_function
 from graphc.backend.emit.kernel_builder import I32, KernelBuilder
-from graphc.backend.kernels.conv.buffers import _CACHE_LINE_FLOATS, _my_samples, _round_up, _Placement, _sample, _ScratchLayout, _thread0_phase
+from graphc.backend.kernels.conv.buffers import (_CACHE_LINE_FLOATS, _my_samples, _Placement, _round_up, _sample,
+                                                 _ScratchLayout)
 from graphc.backend.kernels.conv.geometry import _ONE_VECTOR_EFFICIENCY, ConvGeometry, _VectorCover
 from graphc.backend.kernels.conv.input_grad import _NO_EPILOGUE, _as_forward_geometry, _DxEpilogue
 from graphc.backend.kernels.conv.tiles import (_TILE_ROWS, _equal_runs, _load_index, _row_indices, _Tables, _tiles_along,
@@ -306,8 +307,10 @@ class _Winograd:
             if self.after_sample is not None:
                 self.after_sample(kb, out, inputs, n)
         kb.b.ret_void()
-        pack = _thread0_phase(module, f"{name}.pack", n_inputs,
-                              lambda kb, inputs, scratch: self._transform_weights(kb, inputs, scratch, tables))
+        pack, kb = phase_function(module, f"{name}.pack", n_inputs)
+        _, inputs, scratch, tid, nthreads = phase_args(pack)
+        self._transform_weights(kb, inputs, scratch, tables, kb.split_range(O, tid, nthreads))
+        kb.b.ret_void()
         return Kernel([pack, fn], layout.total_floats(max_threads))
 
     def _layout(self) -> _ScratchLayout:
@@ -318,17 +321,17 @@ class _Winograd:
 
     # -- phase 1 ----------------------------------------------------------------------
 
-    def _transform_weights(self, kb: KernelBuilder, inputs, scratch, tables: _Tables) -> None:
-        """U[xi] for each group of output channels from o0: the (C, rows) block at o0*C.
-        Channel o's column of its group starts at `starts[o]`, `rows[o]` floats apart: one
-        loop over the channels, not one per group (LLVM's time)."""
+    def _transform_weights(self, kb: KernelBuilder, inputs, scratch, tables: _Tables, channels) -> None:
+        """U[xi] for each group of output channels from o0: the (C, rows) block at o0*C, for
+        the output channels in range(*channels) (threads split them). Channel o's column of its group starts at `starts[o]`,
+        `rows[o]` floats apart: one loop over the channels, not one per group (LLVM's time)."""
         C, O, n = self.g.channels, self.g.out_channels, self.scheme.n
         w, u = inputs[1], self._layout().shared(kb, scratch, "u")
         groups = [(o0 + r, o0 * C + r, rows) for first, rows, count in _equal_runs(O, _TILE_ROWS)
                   for o0 in range(first, first + rows * count, rows) for r in range(rows)]
         starts = tables.add("ustarts", [start for _, start, _ in sorted(groups)])
         steps = tables.add("urows", [rows for _, _, rows in sorted(groups)])
-        with kb.for_range(0, O, name="o") as o:
+        with kb.for_range(*channels, name="o") as o:
             start, rows = _load_index(kb, starts, o), _load_index(kb, steps, o)
             with kb.for_range(0, C, name="c") as c:
                 taps = [[kb.load(w, self.weight(kb, o, c, i, j)) for j in range(3)] for i in range(3)]

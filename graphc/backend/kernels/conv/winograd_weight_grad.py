@@ -22,8 +22,8 @@ per chunk of tile rows (winograd.py's `_TilePlan`):
   2. H from gT, vectorised along the output channels (channels minor);
   3. the n^2 GEMMs on the shared register tile: 6 input channels broadcast from D x vectors
      of output channels, over the chunk's tiles, adding into S.
-Phase 2 (thread 0): adds the threads' S, transforms back into dWt (K x Op) and transposes
-it into out (O, K).
+Phase 2: threads split the input channels, add the threads' S rows of theirs and transform
+them back into dWt (K x Op); phase 3 (thread 0) transposes dWt into out (O, K).
 """
 from __future__ import annotations
 
@@ -32,7 +32,7 @@ import llvmlite.ir as ir
 from graphc.backend.emit.kernel import Kernel, phase_args, phase_function
 from graphc.backend.emit.kernel_builder import KernelBuilder
 from graphc.backend.kernels.conv.buffers import (_my_samples, _Placement, _round_up, _sample, _ScratchLayout,
-                                                 _sum_thread_partials, emit_fill_zero)
+                                                 emit_fill_zero)
 from graphc.backend.kernels.conv.forward import _emit_channel_groups
 from graphc.backend.kernels.conv.geometry import ConvGeometry, _lanes_efficiency
 from graphc.backend.kernels.conv.tiles import _TILE_ROWS, _call_tile, _call_transpose, _equal_runs, _Tables, _tile_function
@@ -122,23 +122,31 @@ def emit_weight_grad_winograd(module: ir.Module, name: str, g: ConvGeometry, *, 
                         _emit_channel_groups(kb, lanes, tile)
     kb.b.ret_void()
 
+    # Threads split the input channels: each adds every thread's S rows of its channels
+    # into thread 0's and transforms them into dWt.
     reduce_fn, kb = phase_function(module, f"{name}.reduce", 2)
     out, _, scratch, tid, nthreads = phase_args(reduce_fn)
-    with kb.if_then(kb.b.icmp_signed("==", tid, kb.i64(0))):
-        total = _sum_thread_partials(kb, layout, scratch, nthreads, "s", positions * s_stride)
-        dw_t = layout.shared(kb, scratch, "dWt")
-        with kb.for_range(0, C, name="c") as c:
-            with kb.for_range(0, lanes, step=kb.width, name="o") as o:
-                at = kb.add(kb.mul(c, lanes), o)
-                sums = [[kb.load_vec(total, kb.add(at, (n * i + j) * s_stride)) for j in range(n)]
-                        for i in range(n)]
-                taps = _transform(kb, output_rows, sums)
-                for i in range(3):
-                    for j in range(3):
-                        kb.store_vec(taps[i][j], dw_t, kb.add(kb.mul(kb.add(kb.mul(c, 9), 3 * i + j), lanes), o))
-        _call_transpose(kb, dw_t, lanes, out, K, rows=K, cols=O, lanes=K)
+    total, dw_t = layout.private(kb, scratch, kb.i64(0), "s"), layout.shared(kb, scratch, "dWt")
+    with kb.for_range(*kb.split_range(C, tid, nthreads), name="c") as c:
+        with kb.for_range(0, lanes, step=kb.width, name="o") as o:
+            at = kb.add(kb.mul(c, lanes), o)
+            for xi in range(positions):
+                cell = kb.add(at, xi * s_stride)
+                with kb.for_range(1, nthreads, name="thread") as thread:
+                    other = layout.private(kb, scratch, thread, "s")
+                    kb.store_vec(kb.fadd(kb.load_vec(total, cell), kb.load_vec(other, cell)), total, cell)
+            sums = [[kb.load_vec(total, kb.add(at, (n * i + j) * s_stride)) for j in range(n)] for i in range(n)]
+            taps = _transform(kb, output_rows, sums)
+            for i in range(3):
+                for j in range(3):
+                    kb.store_vec(taps[i][j], dw_t, kb.add(kb.mul(kb.add(kb.mul(c, 9), 3 * i + j), lanes), o))
     kb.b.ret_void()
-    return Kernel([fn, reduce_fn], layout.total_floats(max_threads))
+    transpose, kb = phase_function(module, f"{name}.transpose", 2)
+    out, _, scratch, tid, _ = phase_args(transpose)
+    with kb.if_then(kb.b.icmp_signed("==", tid, kb.i64(0))):
+        _call_transpose(kb, layout.shared(kb, scratch, "dWt"), lanes, out, K, rows=K, cols=O, lanes=K)
+    kb.b.ret_void()
+    return Kernel([fn, reduce_fn, transpose], layout.total_floats(max_threads))
 
 
 def _transform_gradient(kb: KernelBuilder, plan: _TilePlan, rows, g_t, row0, h, h_stride: int,
