@@ -263,8 +263,9 @@ def _bilinear(terms_per_output: Callable) -> Callable:
         a, b = operands
         exact = _apply(node, [a.exact, b.exact])
         abs_a, abs_b = np.abs(a.exact), np.abs(b.exact)
+        own = _winograd_rounding(node, _apply(node, [abs_a, abs_b]))
         magnitude = (_apply(node, [_finite(_carried(a)), abs_b]) + _apply(node, [abs_a, _finite(_carried(b))])
-                     + _apply(node, [abs_a, abs_b]))
+                     + own)
         loose_a, loose_b = _unconstrained(a.magnitude), _unconstrained(b.magnitude)
         if loose_a.any() or loose_b.any():
             # an unconstrained operand reaches every output it meets a nonzero (or moving) partner in
@@ -273,6 +274,45 @@ def _bilinear(terms_per_output: Callable) -> Callable:
             magnitude = np.where(reach > 0, np.inf, magnitude)
         return Bounded(exact, magnitude, max(a.depth, b.depth) + terms_per_output(node) + 1)
     return rule
+
+
+# ---- Winograd ----------------------------------------------------------------------------------
+# A 3x3 stride-1 conv may run as Winograd's F(m x m, 3 x 3) (graphc/backend/kernels/conv/
+# winograd.py): its roundings then spread over the m x m tile of outputs through the transforms.
+# An output whose window reads only zeros is exactly 0 directly, not by Winograd. The rigorous
+# bound (the pipeline on absolute values: |A^T| (sum |G w G^T| |B^T| |d| |B|) |A|) is ~1e4 times
+# the direct one for m = 4 and would accept a shifted window; measured, F4's errors stay within
+# 1.1e-5 of the tile's largest output (200 random 64-channel tiles against float64; F2: 2.3e-6),
+# far inside depth · eps32 times the tile's largest direct magnitude. So each output's own
+# rounding is bounded by WINOGRAD_SPREAD times the largest direct magnitude of its tile (4 x 4
+# blocks from the origin: they hold F2's 2 x 2 tiles too). The weight gradient sums every tile,
+# so no output of it reads only zeros: it keeps the direct bound.
+WINOGRAD_SPREAD = 4.0
+
+
+def _winograd_rounding(node, own: np.ndarray) -> np.ndarray:
+    """`own` (the direct own-rounding magnitude of a conv2d or conv2d_input_grad node's output),
+    raised to WINOGRAD_SPREAD times its tile's largest where the kernels may run Winograd at
+    some vector width."""
+    from graphc.backend.kernels.conv import ConvGeometry
+    from graphc.backend.kernels.conv.input_grad import _as_forward_geometry
+    from graphc.backend.kernels.conv.winograd import F2, F4, winograd_possible
+
+    if node.op not in ("conv2d", "conv2d_input_grad"):
+        return own
+    attrs = node.attrs
+    x_shape = attrs["x_shape"] if node.op == "conv2d_input_grad" else node.inputs[0].shape
+    geometry = ConvGeometry.from_shapes(x_shape, node.inputs[1].shape, attrs["stride"], attrs["padding"])
+    if node.op == "conv2d_input_grad":
+        geometry = _as_forward_geometry(geometry)[0]
+    sizes = [scheme.m for scheme in (F2, F4) if winograd_possible(geometry, 4, scheme)]
+    if not sizes:
+        return own
+    m = max(sizes)
+    n, c, h, w = own.shape
+    tiles = own.reshape(n, c, h // m, m, w // m, m).max(axis=(3, 5), keepdims=True)
+    spread = np.broadcast_to(tiles, (n, c, h // m, m, w // m, m)).reshape(own.shape)
+    return np.maximum(own, WINOGRAD_SPREAD * spread)
 
 
 def _matmul_terms(node) -> int:

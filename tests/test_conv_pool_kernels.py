@@ -187,12 +187,13 @@ PATH_GRID = [
     ((2, 6, 9, 11), (5, 6, 3, 3), (1, 1), ((0, 1), (1, 0))),
     # Several chunks of tile rows a sample (4 of 2 rows with 16 lanes, 8 of 1 row for the
     # weight gradient); 4x4 tiles too (8 a row).
-    ((2, 3, 16, 32), (4, 3, 3, 3), (1, 1), ((1, 1), (1, 1))),
-    # 4x4 tiles: 16 a row (a whole vector of 16); 12 a row (vectors of 8, the last
-    # overlapping, or 4); no padding (x copied anyway: F4 reads past a row's end).
-    ((1, 3, 8, 64), (5, 3, 3, 3), (1, 1), ((1, 1), (1, 1))),
-    ((2, 4, 8, 48), (7, 4, 3, 3), (1, 1), ((1, 1), (1, 1))),
-    ((2, 2, 18, 34), (3, 2, 3, 3), (1, 1), ((0, 0), (0, 0))),
+    ((2, 8, 16, 32), (4, 8, 3, 3), (1, 1), ((1, 1), (1, 1))),
+    # 4x4 tiles (8 input channels at least): 16 a row (a whole vector of 16); 12 a row
+    # (vectors of 8, the last overlapping, or 4); no padding (x copied anyway: F4 reads past
+    # a row's end).
+    ((1, 8, 8, 64), (5, 8, 3, 3), (1, 1), ((1, 1), (1, 1))),
+    ((2, 9, 8, 48), (8, 9, 3, 3), (1, 1), ((1, 1), (1, 1))),
+    ((2, 8, 18, 34), (3, 8, 3, 3), (1, 1), ((0, 0), (0, 0))),
 ]
 
 
@@ -241,8 +242,8 @@ def test_winograd_planning_at_every_width(width):
     """Which ResNet convs the cost model gives Winograd, on SSE/NEON, AVX2 and AVX-512 (planning
     only: any host; bench/NOTES.md, "Winograd", has the timings at all three on one machine).
     Stages 1-3 take it in every kernel; 4x4 tiles where a row holds enough of them (not stage 3
-    but on 4 lanes); strided convs never; the 3-channel first conv only on 4 lanes, where
-    direct convolutions fill the fewest lanes."""
+    but on 4 lanes); strided convs never; the 3-channel first conv's forward never (4x4 tiles
+    not at all with so few channels: their error on raw images)."""
     from graphc.backend.kernels.conv import chosen_paths
     from graphc.backend.kernels.conv.winograd import F4, winograd_possible
 
@@ -252,12 +253,14 @@ def test_winograd_planning_at_every_width(width):
         assert all(path.startswith("winograd") for path in chosen[name].values()), (name, chosen[name])
     assert chosen["stage 1"]["forward"] == chosen["stage 2"]["input_grad"] == "winograd 4x4"
     assert chosen["stage 3"]["forward"] == ("winograd 4x4" if width == 4 else "winograd")
-    assert chosen["first"]["forward"].startswith("winograd") == (width == 4)
+    assert not chosen["first"]["forward"].startswith("winograd")
     assert not any(path.startswith("winograd") for path in chosen["stride 2"].values())
     odd = ConvGeometry.from_shapes((2, 8, 7, 8), (8, 8, 3, 3), (1, 1), ((1, 1), (1, 1)))
     assert not winograd_possible(odd, width)     # 7 output rows: no whole tiles
     six = ConvGeometry.from_shapes((2, 8, 6, 16), (8, 8, 3, 3), (1, 1), ((1, 1), (1, 1)))
     assert winograd_possible(six, 4) and not winograd_possible(six, 4, F4)
+    few = ConvGeometry.from_shapes((2, 7, 16, 16), (8, 7, 3, 3), (1, 1), ((1, 1), (1, 1)))
+    assert winograd_possible(few, 4) and not winograd_possible(few, 4, F4)   # 7 input channels
 
 
 INPUT_GRAD_EPILOGUE_GRID = [
@@ -268,7 +271,7 @@ INPUT_GRAD_EPILOGUE_GRID = [
     ((2, 3, 9, 8), (4, 3, 3, 3), (2, 2), ((1, 1), (1, 1))),
     ((1, 2, 6, 11), (3, 2, 3, 2), (1, 1), ((1, 0), (0, 1))),
     ((3, 6, 8, 10), (4, 6, 3, 3), (1, 1), ((1, 1), (1, 1))),     # Winograd
-    ((2, 4, 16, 16), (6, 4, 3, 3), (1, 1), ((1, 1), (1, 1))),    # Winograd with 4x4 tiles
+    ((2, 4, 16, 16), (8, 4, 3, 3), (1, 1), ((1, 1), (1, 1))),    # Winograd with 4x4 tiles
 ]
 
 

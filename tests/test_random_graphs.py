@@ -280,6 +280,40 @@ def test_the_bound_rejects_a_convolution_window_shifted_by_one():
     assert_rejected({k: shifted[k] for k in ("x", "w", "b")}, bounds, "a conv window shifted by one row")
 
 
+def winograd_graph(padding):
+    """A conv that every kernel runs by Winograd at every vector width (3x3, stride 1, 16
+    channels at 32 x 32: tests/test_conv_pool_kernels.py's planning test), after a ReLU."""
+    g = gc.Graph("winograd")
+    x, labels = g.param("x", (2, 16, 32, 32)), g.input("y", (2,), dtype="int32")
+    y = gc.conv2d(gc.relu(x), g.param("w", (16, 16, 3, 3)), padding=padding)
+    logits = gc.linear(gc.flatten(gc.avg_pool2d(y, 8)), g.param("v", (5, 16 * 4 * 4)))
+    return g, y, gc.softmax_cross_entropy(logits, labels)
+
+
+def test_the_bound_takes_winograd_roundings_and_still_rejects_a_shifted_window():
+    """A Winograd output rounds with its whole tile: where the ReLU zeroes a block of x, outputs
+    whose windows read only zeros are 0 exactly but not by Winograd. The bound models that
+    (error_bounds.py, "Winograd") for the conv's value and the gradients, and still rejects the
+    value of the window one row lower."""
+    from graphc.backend.kernels.conv import chosen_paths
+
+    paths = chosen_paths((2, 16, 32, 32), (16, 16, 3, 3), (1, 1), ((1, 1), (1, 1)))
+    assert all(path.startswith("winograd") for path in paths.values()), paths
+    graph, y, loss = winograd_graph(padding=1)
+    rng = np.random.default_rng(9)
+    params = {name: rng.standard_normal(p.shape).astype(np.float32) for name, p in graph.params.items()}
+    params["x"][:, :, :7, :9] = -1.0
+    feeds = {"y": np.array([4, 0], np.int32)}
+    value = gc.compile([y], params)(**feeds)
+    assert_compiled_matches_exact([y], feeds, params, value, ["the conv's value"])
+    compiled, bounds = compiled_and_bounds(graph, loss, params, feeds)
+    assert_accepted(compiled, bounds)
+    shifted_graph, shifted_y, _ = winograd_graph(padding=((0, 2), (1, 1)))
+    shifted = gc.compile([shifted_y], params)(**feeds)
+    assert_rejected({"y": shifted[0]}, {"y": bounded_values([y], feeds, params)[0]},
+                    "a Winograd conv window shifted by one row")
+
+
 def pool_graph(pool):
     g = gc.Graph("pool")
     x, labels = g.param("x", (2, 2, 8, 8)), g.input("y", (2,), dtype="int32")

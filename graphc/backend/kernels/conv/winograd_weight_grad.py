@@ -78,7 +78,7 @@ def emit_weight_grad_winograd(module: ir.Module, name: str, g: ConvGeometry, *, 
     m, n = scheme.m, scheme.n
     positions = n * n
     gradient_rows, output_rows = _transposed(scheme.at, n), _transposed(scheme.g, 3)
-    # F4 reads 2 floats past a row's end (unused cells): x is copied, with room after it.
+    # F4 reads past a row's end (winograd.py): x is copied, with a margin.
     plan = _TilePlan(g, _Placement.padding_of(g, always=m > 2, margin=m), _chunk_rows(g, width, m), m=m)
     C, O, K, P, chunk = g.channels, g.out_channels, g.patch_size, g.pixels, plan.chunk
     lanes = _round_up(O, width)
