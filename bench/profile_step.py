@@ -37,8 +37,9 @@ CLASS_ORDER = ["conv forward", "conv input grad", "conv weight grad", "BN+ReLU f
 def kernel_class(step_, forward_ids: set, stat_ids: set) -> str:
     """The class of one kernel (a `Step`) by the nodes it covers.
 
-    - conv: the kernel's label (a conv kernel may absorb an elementwise consumer, "+ew", or an
-      update; its time stays the conv's, so the BN+ReLU classes are a lower bound).
+    - conv: the kernel's label (a conv kernel may absorb an elementwise consumer, "+ew", an
+      update, or batch norm's per-channel sums of its result, "&sum"; its time stays the conv's,
+      so the BN+ReLU classes are a lower bound).
     - head: a node of a matmul, the loss or softmax, or of the global average pool (2-D (N, C)
       values), or the gradient of one of them.
     - optimizer update / BN running stats: nodes that are neither forward (ancestors of the loss)

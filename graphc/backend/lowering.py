@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import graphc.backend.kernels  # noqa: F401 (the kernel families register their lowerings)
 from graphc.backend.kernels.elementwise import lower_elementwise_group
-from graphc.backend.kernels.reduce import joins_row_sums, row_sum_kind, row_sums_in_one_pass
+from graphc.backend.kernels.reduce import MAX_SUMS_IN_ONE_PASS, joins_row_sums, row_sum_kind, row_sum_member, row_sums_in_one_pass
 from graphc.backend.lowering_rules import LOWERINGS, Epilogue, Step, UpdateGroup, alias_root, group_expression
 from graphc.core.ir import Tensor
 from graphc.core.scalar import Relu, symbol
@@ -84,7 +84,39 @@ def plan_steps(graph, outputs: list[Tensor], inplace: dict[int, Tensor] | None =
             absorbed.add(epilogue.node.id)
             absorbed.update(t.id for t in epilogue.absorbed)
         steps.append(rule.lower(node, epilogue))
+    steps = _channel_sums_in_producers(steps, output_ids)
     return _sums_in_one_pass(graph, steps, output_ids, inplace or {})
+
+
+_SOURCE_OPS = ("input", "param", "constant")
+
+
+def _channel_sums_in_producers(steps: list[Step], output_ids: set[int]) -> list[Step]:
+    """Row sums over (N, H, W) of a step's (N, C, H, W) result (batch norm's statistics and
+    backward sums after a convolution) computed by that step's kernel as it writes the result
+    (`Step.with_channel_sums`), when every other value they read is ready by then: computed
+    by an earlier step, or a source. At most `MAX_SUMS_IN_ONE_PASS` a step."""
+    made_by: dict[int, int] = {}
+    for i, step in enumerate(steps):
+        for node in step.outputs:
+            made_by[node.id] = i
+    taken: dict[int, list[Step]] = {}
+    joined: set[int] = set()
+    for i, step in enumerate(steps):
+        member = row_sum_member(step)
+        if member is None or step.node.id in output_ids or member[1] != (0, 2, 3) or len(member[0]) != 4:
+            continue
+        producers = [made_by[t.id] for t in step.operands if t.id in made_by
+                     and steps[made_by[t.id]].node.id == t.id and steps[made_by[t.id]].with_channel_sums is not None]
+        for j in producers:
+            ready = all(made_by[alias_root(t).id] < j if alias_root(t).id in made_by else alias_root(t).op in _SOURCE_OPS
+                        for t in step.operands if t.id != steps[j].node.id)
+            if ready and steps[j].node.shape == member[0] and len(taken.get(j, ())) < MAX_SUMS_IN_ONE_PASS:
+                taken.setdefault(j, []).append(step)
+                joined.add(i)
+                break
+    return [steps[i].with_channel_sums(taken[i]) if i in taken else step
+            for i, step in enumerate(steps) if i not in joined]
 
 
 def _sums_in_one_pass(graph, steps: list[Step], output_ids: set[int], inplace: dict[int, Tensor]) -> list[Step]:

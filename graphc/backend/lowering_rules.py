@@ -42,6 +42,10 @@ class Step:
     # The operand whose values the kernel copies into its result, skipping the copy when the
     # two are one buffer: the assembler may have the operand's kernel write there directly
     forwards_operand: int | None = None
+    # Given row sums over (N, H, W) of this step's (N, C, H, W) result, and of values computed
+    # before it, the step computing them too, sample by sample as its kernel writes the result
+    # (a convolution's: kernels/conv/channel_sums.py); None where the kernel cannot
+    with_channel_sums: Callable[[list["Step"]], "Step"] | None = None
 
     @property
     def outputs(self) -> list[Tensor]:
@@ -163,13 +167,14 @@ def alias_root(node: Tensor) -> Tensor:
 def step_with_elementwise_epilogue(node, epilogue: Epilogue | None, emit, flops: int) -> Step:
     """The step of a kernel that may take its elementwise consumer as an epilogue (pooling and
     conv input gradients): its inputs are the node's, then the epilogue's operands; `emit`
-    takes `epilogue` and `epilogue_operands` when there is one. `flops` are the kernel's own;
+    takes `epilogue` and `epilogue_operands` when there is one (and any further keyword the
+    step's `build` is called with). `flops` are the kernel's own;
     the epilogue's are added."""
     if epilogue is None:
         return Step(node, list(node.inputs), emit, node.op, [node], flops=flops)
     fused = dict(epilogue=epilogue.expr, epilogue_operands=len(epilogue.operands))
     return Step(epilogue.node, list(node.inputs) + list(epilogue.operands),
-                lambda m, name, threads: emit(m, name, threads, **fused),
+                lambda m, name, threads, **more: emit(m, name, threads, **fused, **more),
                 node.op + "+ew", [node, epilogue.node],
                 flops=flops + costs.elementwise_flops(node.size, [epilogue.expr]))
 

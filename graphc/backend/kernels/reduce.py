@@ -46,7 +46,8 @@ from graphc.backend.kernels.layout import (collapse_dims, contiguous_strides, de
 from graphc.backend.lowering_rules import Step, alias_root, lowers
 from graphc.core.scalar import symbol
 
-__all__ = ["emit_sum", "emit_row_sum_group", "row_sum_kind", "joins_row_sums", "row_sums_in_one_pass"]
+__all__ = ["emit_sum", "emit_row_sum_group", "row_sum_kind", "row_sum_member", "joins_row_sums", "row_sums_in_one_pass",
+           "Prologue", "PrologueSource"]
 
 # Independent accumulators of a span loop: enough to hide the latency of vector adds.
 SPAN_ACCUMULATORS = 4
@@ -241,7 +242,7 @@ class Prologue:
     kinds: tuple[str, ...]
 
 
-class _Source:
+class PrologueSource:
     """What a sum reads at an index of x: x's floats, or its prologue evaluated there."""
 
     def __init__(self, kb: KernelBuilder, inputs: Sequence[ir.Value], prologue: Prologue | None):
@@ -339,7 +340,7 @@ def _emit_total(module: ir.Module, name: str, n: int, max_threads: int,
         fn, kb = open_phase(module, name, n_inputs, width)
         out, inputs, _, tid, _ = phase_args(fn)
         only_thread_zero(kb, tid)
-        kb.store(horizontal_sum(kb, span_sum(kb, _Source(kb, inputs, prologue).loader(), kb.i64(0), n)), out)
+        kb.store(horizontal_sum(kb, span_sum(kb, PrologueSource(kb, inputs, prologue).loader(), kb.i64(0), n)), out)
         kb.b.ret_void()
         return Kernel([fn])
 
@@ -348,7 +349,7 @@ def _emit_total(module: ir.Module, name: str, n: int, max_threads: int,
     partials, kb = open_phase(module, f"{name}_block_sums", n_inputs, width)
     _, inputs, scratch, tid, nthreads = phase_args(partials)
     lo, hi = kb.split_range(n_blocks, tid, nthreads)
-    x = _Source(kb, inputs, prologue).loader()
+    x = PrologueSource(kb, inputs, prologue).loader()
 
     def store_block_sum(block: ir.Value, length: int) -> None:
         block_sum = span_sum(kb, x, kb.mul(block, TOTAL_BLOCK), length)
@@ -376,11 +377,11 @@ def _emit_row_sums(module: ir.Module, name: str, sizes: Sequence[int],
     of x (one per index of the outer reduced dims)."""
     fn, kb = open_phase(module, name, 1 if prologue is None else len(prologue.kinds), width)
     out, inputs, _, tid, nthreads = phase_args(fn)
-    _row_sums_body(kb, [_Source(kb, inputs, prologue)], [out], sizes, in_strides, out_strides, tid, nthreads)
+    _row_sums_body(kb, [PrologueSource(kb, inputs, prologue)], [out], sizes, in_strides, out_strides, tid, nthreads)
     return Kernel([fn])
 
 
-def _row_sums_body(kb: KernelBuilder, sources: list[_Source], outs: list[ir.Value], sizes: Sequence[int],
+def _row_sums_body(kb: KernelBuilder, sources: list[PrologueSource], outs: list[ir.Value], sizes: Sequence[int],
                    in_strides: Sequence[int], out_strides: Sequence[int], tid: ir.Value, nthreads: ir.Value) -> None:
     """The loops of row sums, one output array per source, all summed over the same rows: a
     row the sources share is read from memory once and from cache by the others."""
@@ -410,7 +411,7 @@ def _row_sums_body(kb: KernelBuilder, sources: list[_Source], outs: list[ir.Valu
     kb.b.ret_void()
 
 
-def _emit_row_sums_in_memory_order(kb: KernelBuilder, sources: list[_Source], outs: list[ir.Value],
+def _emit_row_sums_in_memory_order(kb: KernelBuilder, sources: list[PrologueSource], outs: list[ir.Value],
                                    lo: ir.Value, hi: ir.Value, sizes: Sequence[int],
                                    in_strides: Sequence[int], kept: list[int],
                                    outer_reduced: list[int]) -> None:
@@ -452,7 +453,7 @@ def emit_row_sum_group(module: ir.Module, name: str, x_shape: Sequence[int], axe
     _, in_strides, sizes, out_strides = _collapsed(tuple(x_shape), tuple(axes))
     fn, kb = open_phase(module, name, n_inputs + len(members) - 1, width)
     out, pointers, _, tid, nthreads = phase_args(fn)
-    sources = [_Source(kb, [pointers[i] for i in indexes], prologue) for prologue, indexes in members]
+    sources = [PrologueSource(kb, [pointers[i] for i in indexes], prologue) for prologue, indexes in members]
     _row_sums_body(kb, sources, [out] + list(pointers[n_inputs:]), sizes, in_strides, out_strides, tid, nthreads)
     return Kernel([fn])
 
@@ -551,7 +552,7 @@ MAX_SUMS_IN_ONE_PASS = 4
 def row_sum_kind(step: Step) -> tuple | None:
     """(x's shape, axes) of a step that could share a pass with other row sums (a float32 row
     sum, with or without a prologue), else None. Only steps of one kind can share."""
-    member = _row_sum_member(step)
+    member = row_sum_member(step)
     return member[:2] if member is not None else None
 
 
@@ -570,17 +571,17 @@ def row_sums_in_one_pass(group: list[Step]) -> Step:
     """One step computing the row sums of `group` (see `joins_row_sums`) in a single pass over
     the data they share, as batch norm's backward needs Σdy and Σdy·(x - mean): its node is the
     first member's, the others are its extra outputs."""
-    x_shape, axes, _ = _row_sum_member(group[0])
+    x_shape, axes, _ = row_sum_member(group[0])
     inputs = list(dict.fromkeys(t for step in group for t in step.operands))
     position = {t.id: i for i, t in enumerate(inputs)}
-    members = tuple((_row_sum_member(step)[2], tuple(position[t.id] for t in step.operands)) for step in group)
+    members = tuple((row_sum_member(step)[2], tuple(position[t.id] for t in step.operands)) for step in group)
     return Step(group[0].node, inputs,
                 lambda m, name, threads: emit_row_sum_group(m, name, x_shape, axes, members, len(inputs)),
                 "&".join(step.label for step in group), [node for step in group for node in step.covers],
                 flops=sum(step.flops for step in group), extra_outputs=[step.node for step in group[1:]])
 
 
-def _row_sum_member(step: Step):
+def row_sum_member(step: Step):
     """(x's shape, axes, prologue) of a plain sum or a sum+ew step that is a float32 row sum."""
     node = step.node
     if node.op != "sum" or step.label not in ("sum", "sum+ew") or node.dtype != "float32":

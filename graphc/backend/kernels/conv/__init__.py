@@ -85,6 +85,7 @@ import llvmlite.ir as ir
 from graphc.backend import costs
 from graphc.backend.emit.kernel import Kernel
 from graphc.backend.kernels.conv.buffers import _round_up
+from graphc.backend.kernels.conv.channel_sums import ChannelSums
 from graphc.backend.kernels.conv.forward import _emit_forward_channel_lanes, _emit_forward_pixel_lanes
 from graphc.backend.kernels.conv.geometry import _ONE_VECTOR_EFFICIENCY, ConvGeometry, _lanes_efficiency, _VectorCover
 from graphc.backend.kernels.conv.input_grad import (_MAX_BATCH_G_FLOATS, _MAX_COLS_FLOATS, _DxEpilogue,
@@ -99,6 +100,7 @@ from graphc.backend.kernels.conv.winograd import (F2, F4, emit_forward_winograd,
 from graphc.backend.kernels.conv.winograd_weight_grad import (emit_weight_grad_winograd,
                                                               weight_grad_winograd_efficiency,
                                                               weight_grad_winograd_possible)
+from graphc.backend.kernels.reduce import row_sum_member
 from graphc.backend.llvm.target import vector_width_f32
 from graphc.backend.lowering_rules import Step, lowers, no_param_operands, step_with_elementwise_epilogue
 
@@ -135,24 +137,31 @@ def _stride_one(g: ConvGeometry, width: int) -> bool:
 # --------------------------------------------------------------------------- public kernels
 
 def emit_conv2d(module: ir.Module, name: str, x_shape, w_shape, stride, padding, *,
-                bias: bool = False, relu: bool = False, max_threads: int) -> Kernel:
-    """out = conv2d(x, w) [+ b[o] on channel o] [then relu]; inputs x, w[, b]."""
+                bias: bool = False, relu: bool = False, max_threads: int,
+                sums: ChannelSums | None = None) -> Kernel:
+    """out = conv2d(x, w) [+ b[o] on channel o] [then relu]; inputs x, w[, b], then those of
+    `sums`, out's per-channel sums (channel_sums.py)."""
     g = ConvGeometry.from_shapes(x_shape, w_shape, stride, padding)
-    return _choose(FORWARD_PATHS, g).emit(module, name, g, bias=bias, relu=relu,
-                                          max_threads=max_threads)
+    path = _choose(FORWARD_PATHS, g)
+    if sums is None:
+        return path.emit(module, name, g, bias=bias, relu=relu, max_threads=max_threads)
+    conv = path.emit(module, name, g, bias=bias, relu=relu, max_threads=max_threads,
+                     after_sample=sums.after_sample, n_inputs=sums.inputs)
+    return sums.wrap(module, name, conv)
 
 
 def emit_conv2d_input_grad(module: ir.Module, name: str, g_shape, w_shape, x_shape, stride,
                            padding, *, max_threads: int, epilogue=None,
-                           epilogue_operands: int = 0) -> Kernel:
+                           epilogue_operands: int = 0, sums: ChannelSums | None = None) -> Kernel:
     """out = dL/dx (shape x_shape) from g = dL/d(conv2d(x, w)); inputs g, w, then the
     `epilogue_operands` operands of `epilogue`, a sympy expression over x0 = dx and x1.. =
     those operands (each of dx's shape), applied to dx before it leaves the kernel (ReLU's
-    backward: x0*Step(x1))."""
+    backward: x0*Step(x1)), then those of `sums`, the final dx's per-channel sums."""
     g = ConvGeometry.from_shapes(x_shape, w_shape, stride, padding)
     _check_grad_shape(g_shape, g)
-    return _choose(INPUT_GRAD_PATHS, g).emit(module, name, g, max_threads=max_threads,
-                                             epilogue=_DxEpilogue(epilogue, epilogue_operands))
+    kernel = _choose(INPUT_GRAD_PATHS, g).emit(module, name, g, max_threads=max_threads,
+                                               epilogue=_DxEpilogue(epilogue, epilogue_operands, sums))
+    return kernel if sums is None else sums.wrap(module, name, kernel)
 
 
 def emit_conv2d_weight_grad(module: ir.Module, name: str, x_shape, g_shape, w_shape, stride,
@@ -285,24 +294,46 @@ def lower_conv2d(node, epilogue) -> Step:
     relu = bool(epilogue and epilogue.relu)
     attrs = node.attrs
 
-    def build(m, name, threads):
+    def build(m, name, threads, sums=None):
         return emit_conv2d(m, name, x.shape, w.shape, attrs["stride"], attrs["padding"],
-                           bias=epilogue is not None, relu=relu, max_threads=threads)
+                           bias=epilogue is not None, relu=relu, max_threads=threads, sums=sums)
 
     label = "conv2d" + ("+bias" if epilogue else "") + ("+relu" if relu else "")
     covers = [node] + ([epilogue.node] if epilogue else [])
     flops = costs.conv2d_flops(node.shape, w.shape) + costs.bias_relu_flops(node.size, epilogue is not None, relu)
-    return Step(epilogue.node if epilogue else node, operands, build, label, covers, flops=flops)
+    return _summing(Step(epilogue.node if epilogue else node, operands, build, label, covers, flops=flops))
 
 
 @lowers("conv2d_input_grad", elementwise_epilogue=True, epilogue_allowed=no_param_operands)
 def lower_conv2d_input_grad(node, epilogue) -> Step:
     g, w = node.inputs
     a = node.attrs
-    return step_with_elementwise_epilogue(
+    return _summing(step_with_elementwise_epilogue(
         node, epilogue, lambda m, name, threads, **fused: emit_conv2d_input_grad(
             m, name, g.shape, w.shape, a["x_shape"], a["stride"], a["padding"], max_threads=threads, **fused),
-        flops=costs.conv2d_flops(g.shape, w.shape))
+        flops=costs.conv2d_flops(g.shape, w.shape)))
+
+
+def _summing(step: Step) -> Step:
+    """`step` (a conv's, whose `build` takes `sums`), able to take row sums of its result."""
+    step.with_channel_sums = lambda sum_steps: _with_channel_sums(step, sum_steps)
+    return step
+
+
+def _with_channel_sums(step: Step, sum_steps: list[Step]) -> Step:
+    """`step` also computing `sum_steps`: row sums over (N, H, W) (reduce.py's
+    `row_sum_member`) of its result and of values it does not compute."""
+    inputs = list(step.operands)
+    further = list(dict.fromkeys(t for s in sum_steps for t in s.operands if t.id != step.node.id))
+    position = {t.id: len(inputs) + i for i, t in enumerate(further)}
+    members = tuple((row_sum_member(s)[2], tuple(None if t.id == step.node.id else position[t.id] for t in s.operands))
+                    for s in sum_steps)
+    batch, channels, height, width = step.node.shape
+    sums = ChannelSums(batch, channels, height * width, members, outputs=len(inputs) + len(further))
+    return Step(step.node, inputs + further, lambda m, name, threads: step.build(m, name, threads, sums=sums),
+                "&".join([step.label] + [s.label for s in sum_steps]),
+                step.covers + [node for s in sum_steps for node in s.covers],
+                flops=step.flops + sum(s.flops for s in sum_steps), extra_outputs=[s.node for s in sum_steps])
 
 
 @lowers("conv2d_weight_grad")

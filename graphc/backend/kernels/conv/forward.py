@@ -47,7 +47,7 @@ class _LanesForward:
     weight_input: int = 1
     pack: Callable | None = None
     # after_sample(kb, out, inputs, n): more work on sample n once out[n] is written (the
-    # input gradient's fused epilogue).
+    # input gradient's fused epilogue, per-channel sums).
     after_sample: Callable | None = None
 
     def emit(self, module: ir.Module, name: str, *, n_inputs: int, max_threads: int) -> Kernel:
@@ -117,9 +117,10 @@ class _LanesForward:
 
 
 def _emit_forward_channel_lanes(module: ir.Module, name: str, g: ConvGeometry, *, bias: bool,
-                                relu: bool, max_threads: int) -> Kernel:
-    return _LanesForward(g, _Placement.padding_of(g), bias=bias, relu=relu).emit(
-        module, name, n_inputs=3 if bias else 2, max_threads=max_threads)
+                                relu: bool, max_threads: int, after_sample: Callable | None = None,
+                                n_inputs: int | None = None) -> Kernel:
+    return _LanesForward(g, _Placement.padding_of(g), bias=bias, relu=relu, after_sample=after_sample).emit(
+        module, name, n_inputs=n_inputs or (3 if bias else 2), max_threads=max_threads)
 
 
 def _emit_channel_groups(kb: KernelBuilder, lanes: int,

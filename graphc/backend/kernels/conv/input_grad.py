@@ -11,6 +11,7 @@ import sympy
 from graphc.backend.emit.kernel import Kernel, phase_args, phase_function
 from graphc.backend.emit.kernel_builder import I64, KernelBuilder
 from graphc.backend.kernels.conv.buffers import _my_samples, _Placement, _sample, _ScratchLayout, _store, _thread0_phase
+from graphc.backend.kernels.conv.channel_sums import ChannelSums
 from graphc.backend.kernels.conv.forward import _emit_forward_pixel_lanes, _LanesForward
 from graphc.backend.kernels.conv.geometry import ConvGeometry, _VectorCover
 from graphc.backend.kernels.conv.tiles import (_TILE_ROWS, _balanced, _call_tile, _call_transpose, _equal_runs,
@@ -33,19 +34,23 @@ class _DxEpilogue:
 
     expr: sympy.Expr | None = None
     operands: int = 0
+    # then dx's per-channel sums (batch norm's backward), whose inputs follow the E's
+    sums: ChannelSums | None = None
 
     @property
     def inputs(self) -> int:
-        """The kernel's inputs: g, w and the E's."""
-        return 2 + self.operands
+        """The kernel's inputs: g, w, the E's and the sums' (with their outputs)."""
+        return self.sums.inputs if self.sums is not None else 2 + self.operands
 
     def apply(self, kb: KernelBuilder, out: ir.Value, inputs, n: ir.Value, sample_floats: int,
               samples: int = 1) -> None:
-        if self.expr is None:
-            return
-        extras = [_sample(kb, extra, n, sample_floats) for extra in inputs[2:]]
-        emit_elementwise_epilogue(kb, self.expr, _sample(kb, out, n, sample_floats), extras,
-                                  samples * sample_floats)
+        if self.expr is not None:
+            extras = [_sample(kb, extra, n, sample_floats) for extra in inputs[2:2 + self.operands]]
+            emit_elementwise_epilogue(kb, self.expr, _sample(kb, out, n, sample_floats), extras,
+                                      samples * sample_floats)
+        if self.sums is not None:
+            with kb.for_range(0, samples, name="s") as s:
+                self.sums.after_sample(kb, out, inputs, kb.add(n, s))
 
 
 _NO_EPILOGUE = _DxEpilogue()

@@ -158,15 +158,16 @@ def input_grad_winograd_efficiency(g: ConvGeometry, width: int, scheme: _Scheme 
 # ----------------------------------------------------------------------------- kernels
 
 def emit_forward_winograd(module: ir.Module, name: str, g: ConvGeometry, *, bias: bool,
-                          relu: bool, max_threads: int, scheme: _Scheme = F2) -> Kernel:
+                          relu: bool, max_threads: int, scheme: _Scheme = F2,
+                          after_sample: Callable | None = None, n_inputs: int | None = None) -> Kernel:
     C = g.channels
 
     def weight(kb, o, c, i, j):
         return kb.add(kb.mul(kb.add(kb.mul(o, C), c), 9), 3 * i + j)
 
     placement = _Placement.padding_of(g, always=scheme.m > 2, margin=scheme.m)
-    return _Winograd(g, placement, weight, scheme, bias=bias, relu=relu).emit(
-        module, name, n_inputs=3 if bias else 2, max_threads=max_threads)
+    return _Winograd(g, placement, weight, scheme, bias=bias, relu=relu, after_sample=after_sample).emit(
+        module, name, n_inputs=n_inputs or (3 if bias else 2), max_threads=max_threads)
 
 
 def emit_input_grad_winograd(module: ir.Module, name: str, g: ConvGeometry, *, max_threads: int,
