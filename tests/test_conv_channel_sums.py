@@ -32,28 +32,29 @@ GRID = [
 
 def _sums(result_shape, first_input: int) -> ChannelSums:
     """Three members over the result r (input `first_input` on: z, mean, scale): Σr,
-    Σz·(r - mean) with a per-channel mean, Σr·scale with one scale."""
+    Σz·(r - mean) with a per-channel mean, Σr·scale with one scale; and Σ(r - m)², m = Σr / count."""
     batch, channels, height, width = result_shape
     zi, mi, si = first_input, first_input + 1, first_input + 2
     return ChannelSums(batch, channels, height * width, (
         (Prologue(x0, ("full",)), (None,)),
         (Prologue(x2 * (x0 - x1), ("full", "per_output", "full")), (None, mi, zi)),
         (Prologue(x0 * x1, ("full", "scalar")), (None, si)),
-    ), outputs=first_input + 3)
+    ), outputs=first_input + 3, centered=((0, x0 / (batch * height * width)),))
 
 
 def _operands(rng, result_shape):
     z = random(rng, result_shape)
     mean = random(rng, (1, result_shape[1], 1, 1))
     scale = np.array([1.5], np.float32)
-    outputs = [np.full((1, result_shape[1], 1, 1), np.nan, np.float32) for _ in range(3)]
+    outputs = [np.full((1, result_shape[1], 1, 1), np.nan, np.float32) for _ in range(4)]
     return [z, mean, scale], outputs
 
 
 def _check_sums(result, operands, outputs, label):
     z, mean, scale = (a.astype(np.float64) for a in operands)
     r = result.astype(np.float64)
-    terms = [r, z * (r - mean), r * scale[0]]
+    centered = r - r.mean(axis=(0, 2, 3), keepdims=True)
+    terms = [r, z * (r - mean), r * scale[0], centered * centered]
     for k, (term, got) in enumerate(zip(terms, outputs)):
         expected = term.sum(axis=(0, 2, 3))
         bound = 1e-5 * np.abs(term).sum(axis=(0, 2, 3)) + 1e-30
@@ -64,13 +65,15 @@ def _paths(paths, geometry):
     return [path for path in paths if path.possible(geometry, target.vector_width_f32())]
 
 
+@pytest.mark.parametrize("offset", [0.0, 1e4])
 @pytest.mark.parametrize("x_shape, w_shape, stride, padding", GRID)
-def test_forward_paths_sum_their_result(x_shape, w_shape, stride, padding):
-    """out = conv2d(x, w) + bias, relu, and its three sums, on every forward path that
-    applies, 1-3 threads, output and scratch starting as NaN."""
+def test_forward_paths_sum_their_result(x_shape, w_shape, stride, padding, offset):
+    """out = conv2d(x, w) + bias, relu, and its sums, on every forward path that applies, 1-3
+    threads, output and scratch starting as NaN. With a bias of 1e4 the variance about the
+    mean still holds to 1e-5 of itself (Σy² - (Σy)²/n would lose it all in float32)."""
     rng = np.random.default_rng(5)
     geometry = ConvGeometry.from_shapes(x_shape, w_shape, stride, padding)
-    x, w, b = random(rng, x_shape), random(rng, w_shape), random(rng, (w_shape[0],))
+    x, w, b = random(rng, x_shape), random(rng, w_shape), random(rng, (w_shape[0],)) + np.float32(offset)
     y_shape = conv_output_shape(x_shape, w_shape, stride, padding)
     attrs = dict(stride=stride, padding=padding)
     expected = np.maximum(reference("conv2d", [x, w], y_shape, **attrs) + b.reshape(1, -1, 1, 1), 0)
@@ -114,9 +117,9 @@ def test_input_gradient_paths_sum_their_result(x_shape, w_shape, stride, padding
 
 
 def test_batch_norm_statistics_and_backward_sums_ride_on_the_convolutions():
-    """In conv -> BN -> ReLU -> conv, the forward's Σx and the backward's Σdy, Σdy·(x - mean)
-    are computed by the conv kernels (the variance, which needs the mean, by a sum of its own);
-    the gradients still match the float64 reference."""
+    """In conv -> BN -> ReLU -> conv, the forward's Σx and Σ(x - mean)² and the backward's Σdy,
+    Σdy·(x - mean) are computed by the conv kernels; the gradients still match the float64
+    reference."""
     rng = np.random.default_rng(7)
     g = gc.Graph()
     x = g.input("x", (4, 3, 8, 8))
@@ -133,8 +136,8 @@ def test_batch_norm_statistics_and_backward_sums_ride_on_the_convolutions():
     expected = gc.evaluate(grads, {"x": xv}, {k: v.copy() for k, v in params.items()}, dtype="float64")
     fn = gc.compile(grads, params)
     labels = [line.split()[1] for line in fn.describe().splitlines()[1:]]
-    assert "conv2d&sum" in labels, labels
+    assert "conv2d&sum&sum+ew" in labels, labels   # Σx, then the variance about its mean
     assert any(label.startswith("conv2d_input_grad") and label.endswith("&sum&sum+ew") for label in labels), labels
-    assert "sum+ew" in labels, labels   # the variance
+    assert not any(label.startswith("sum") for label in labels), labels
     for actual, exact in zip(fn(x=xv), expected):
         np.testing.assert_allclose(actual, exact, rtol=1e-4, atol=1e-5 * np.abs(exact).max())

@@ -95,12 +95,14 @@ def _channel_sums_in_producers(steps: list[Step], output_ids: set[int]) -> list[
     """Row sums over (N, H, W) of a step's (N, C, H, W) result (batch norm's statistics and
     backward sums after a convolution) computed by that step's kernel as it writes the result
     (`Step.with_channel_sums`), when every other value they read is ready by then: computed
-    by an earlier step, or a source. At most `MAX_SUMS_IN_ONE_PASS` a step."""
+    by an earlier step, or a source; and the variance Σ(y - mean)², its mean a function of
+    the result's plain sum taken so, as a centered sum. At most `MAX_SUMS_IN_ONE_PASS` a step."""
     made_by: dict[int, int] = {}
     for i, step in enumerate(steps):
         for node in step.outputs:
             made_by[node.id] = i
     taken: dict[int, list[Step]] = {}
+    centered: dict[int, list[tuple[Step, Tensor]]] = {}
     joined: set[int] = set()
     for i, step in enumerate(steps):
         member = row_sum_member(step)
@@ -109,14 +111,34 @@ def _channel_sums_in_producers(steps: list[Step], output_ids: set[int]) -> list[
         producers = [made_by[t.id] for t in step.operands if t.id in made_by
                      and steps[made_by[t.id]].node.id == t.id and steps[made_by[t.id]].with_channel_sums is not None]
         for j in producers:
+            if steps[j].node.shape != member[0] or len(taken.get(j, ())) + len(centered.get(j, ())) >= MAX_SUMS_IN_ONE_PASS:
+                continue
             ready = all(made_by[alias_root(t).id] < j if alias_root(t).id in made_by else alias_root(t).op in _SOURCE_OPS
                         for t in step.operands if t.id != steps[j].node.id)
-            if ready and steps[j].node.shape == member[0] and len(taken.get(j, ())) < MAX_SUMS_IN_ONE_PASS:
-                taken.setdefault(j, []).append(step)
+            mean = None if ready else _centered_mean(step, steps[j], taken.get(j, []))
+            if ready or mean is not None:
+                if ready:
+                    taken.setdefault(j, []).append(step)
+                else:
+                    centered.setdefault(j, []).append((step, mean))
                 joined.add(i)
                 break
-    return [steps[i].with_channel_sums(taken[i]) if i in taken else step
+    return [steps[i].with_channel_sums(taken.get(i, []), centered.get(i, [])) if i in taken else step
             for i, step in enumerate(steps) if i not in joined]
+
+
+def _centered_mean(step: Step, producer: Step, taken: list[Step]) -> Tensor | None:
+    """The mean m when `step` sums (y - m)², y the producer's result and m an elementwise
+    function of y's plain sum, which the producer already computes (one of `taken`); else None."""
+    prologue = row_sum_member(step)[2]
+    if len(step.operands) != 2 or prologue.kinds != ("full", "per_output") or step.operands[0].id != producer.node.id:
+        return None
+    mean = step.operands[1]
+    if prologue.expr != (symbol(0) - symbol(1)) ** 2 or mean.op != "ew" or len(mean.inputs) != 1:
+        return None
+    if not any(s.label == "sum" and s.node.id == mean.inputs[0].id for s in taken):
+        return None
+    return mean
 
 
 def _sums_in_one_pass(graph, steps: list[Step], output_ids: set[int], inplace: dict[int, Tensor]) -> list[Step]:

@@ -43,9 +43,10 @@ class Step:
     # two are one buffer: the assembler may have the operand's kernel write there directly
     forwards_operand: int | None = None
     # Given row sums over (N, H, W) of this step's (N, C, H, W) result, and of values computed
-    # before it, the step computing them too, sample by sample as its kernel writes the result
-    # (a convolution's: kernels/conv/channel_sums.py); None where the kernel cannot
-    with_channel_sums: Callable[[list["Step"]], "Step"] | None = None
+    # before it, and variances about the mean of one of them ((sum step, mean node) pairs), the
+    # step computing them too, sample by sample as its kernel writes the result (a
+    # convolution's: kernels/conv/channel_sums.py); None where the kernel cannot
+    with_channel_sums: Callable[[list["Step"], list], "Step"] | None = None
 
     @property
     def outputs(self) -> list[Tensor]:

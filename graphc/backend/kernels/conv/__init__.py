@@ -316,24 +316,28 @@ def lower_conv2d_input_grad(node, epilogue) -> Step:
 
 def _summing(step: Step) -> Step:
     """`step` (a conv's, whose `build` takes `sums`), able to take row sums of its result."""
-    step.with_channel_sums = lambda sum_steps: _with_channel_sums(step, sum_steps)
+    step.with_channel_sums = lambda sum_steps, centered: _with_channel_sums(step, sum_steps, centered)
     return step
 
 
-def _with_channel_sums(step: Step, sum_steps: list[Step]) -> Step:
-    """`step` also computing `sum_steps`: row sums over (N, H, W) (reduce.py's
-    `row_sum_member`) of its result and of values it does not compute."""
+def _with_channel_sums(step: Step, sum_steps: list[Step], centered: list) -> Step:
+    """`step` also computing `sum_steps`, row sums over (N, H, W) (reduce.py's
+    `row_sum_member`) of its result and of values it does not compute, and `centered`: (a
+    sum of (y - m)², m) with m an elementwise function of y's plain sum, one of `sum_steps`."""
     inputs = list(step.operands)
     further = list(dict.fromkeys(t for s in sum_steps for t in s.operands if t.id != step.node.id))
     position = {t.id: len(inputs) + i for i, t in enumerate(further)}
     members = tuple((row_sum_member(s)[2], tuple(None if t.id == step.node.id else position[t.id] for t in s.operands))
                     for s in sum_steps)
+    sum_of = {s.node.id: k for k, s in enumerate(sum_steps)}
+    centers = tuple((sum_of[mean.inputs[0].id], mean.attrs["expr"]) for _, mean in centered)
     batch, channels, height, width = step.node.shape
-    sums = ChannelSums(batch, channels, height * width, members, outputs=len(inputs) + len(further))
+    sums = ChannelSums(batch, channels, height * width, members, outputs=len(inputs) + len(further), centered=centers)
+    joined = sum_steps + [s for s, _ in centered]
     return Step(step.node, inputs + further, lambda m, name, threads: step.build(m, name, threads, sums=sums),
-                "&".join([step.label] + [s.label for s in sum_steps]),
-                step.covers + [node for s in sum_steps for node in s.covers],
-                flops=step.flops + sum(s.flops for s in sum_steps), extra_outputs=[s.node for s in sum_steps])
+                "&".join([step.label] + [s.label for s in joined]),
+                step.covers + [node for s in joined for node in s.covers],
+                flops=step.flops + sum(s.flops for s in joined), extra_outputs=[s.node for s in joined])
 
 
 @lowers("conv2d_weight_grad")
