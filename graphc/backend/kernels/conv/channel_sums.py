@@ -35,8 +35,9 @@ from graphc.backend.emit.kernel import Kernel, phase_args, phase_function
 from graphc.backend.emit.kernel_builder import KernelBuilder
 from graphc.backend.kernels.conv.buffers import _sample
 from graphc.backend.kernels.elementwise import emit_expr
-from graphc.backend.kernels.layout import load_lanes
-from graphc.backend.kernels.reduce import SUM_IDENTITY, Prologue, PrologueSource, horizontal_sum, span_sum
+from graphc.backend.kernels.layout import for_each_vector, load_lanes
+from graphc.backend.kernels.reduce import (SPAN_BLOCK, SUM_IDENTITY, Prologue, PrologueSource, VectorAccumulators,
+                                          blocked_sum, horizontal_sum, span_sum, vector_add)
 from graphc.core.scalar import symbol
 
 __all__ = ["ChannelSums"]
@@ -109,9 +110,9 @@ class ChannelSums:
                 kb.store(totals[-1], partials, self._slot(kb, k, c, n))
             for j, (k, _) in enumerate(self.centered):
                 shift = kb.splat(kb.fmul(totals[k], kb.f32(1 / P)))
-                for power, slot in ((2, len(self.members) + 2 * j), (1, len(self.members) + 2 * j + 1)):
-                    loader = _centered_loader(kb, out_n, shift, power)
-                    kb.store(horizontal_sum(kb, span_sum(kb, loader, start, P)), partials, self._slot(kb, slot, c, n))
+                squares, deviations = _centered_sums(kb, out_n, shift, start, P)
+                kb.store(horizontal_sum(kb, squares), partials, self._slot(kb, len(self.members) + 2 * j, c, n))
+                kb.store(horizontal_sum(kb, deviations), partials, self._slot(kb, len(self.members) + 2 * j + 1, c, n))
 
     def wrap(self, module: ir.Module, name: str, conv: Kernel) -> Kernel:
         """The conv's phases called with `partials` in the scratch past their own, then the
@@ -157,12 +158,22 @@ def _lane0(kb: KernelBuilder, vector: ir.Value) -> ir.Value:
     return kb.b.extract_element(vector, ir.Constant(ir.IntType(32), 0))
 
 
-def _centered_loader(kb: KernelBuilder, sample: ir.Value, shift: ir.Value, power: int):
-    """(index, lanes) -> the vector of (y - shift)**power at sample[index:], -0.0 past `lanes`."""
-    def load(index: ir.Value, lanes: int) -> ir.Value:
-        deviation = kb.b.fsub(load_lanes(kb, sample, index, lanes), shift)
-        value = kb.fmul(deviation, deviation) if power == 2 else deviation
-        if lanes < kb.width:
-            value = kb.b.select(kb.lane_mask(lanes), value, kb.splat(SUM_IDENTITY))
-        return value
-    return load
+def _centered_sums(kb: KernelBuilder, sample: ir.Value, shift: ir.Value, start: ir.Value,
+                   count: int) -> list[ir.Value]:
+    """[Σ(y - shift)², Σ(y - shift)] over sample[start:][:count], as two vectors, in one pass."""
+    def block_sums(block_start: ir.Value, block_count: int) -> list[ir.Value]:
+        # two accumulators of each, for the add's latency
+        sums = VectorAccumulators(kb, 4, SUM_IDENTITY, vector_add, name="centered")
+        sums.reset()
+
+        def accumulate(index: ir.Value, lanes: int, slot: int) -> None:
+            deviation = kb.b.fsub(load_lanes(kb, sample, index, lanes), shift)
+            if lanes < kb.width:
+                deviation = kb.b.select(kb.lane_mask(lanes), deviation, kb.splat(SUM_IDENTITY))
+            sums.update(2 * slot, kb.fmul(deviation, deviation))
+            sums.update(2 * slot + 1, deviation)
+
+        for_each_vector(kb, kb.add(start, block_start), block_count, accumulate, unroll=2)
+        values = sums.values()
+        return [vector_add(kb, values[0], values[2]), vector_add(kb, values[1], values[3])]
+    return blocked_sum(kb, count, SPAN_BLOCK, 2, block_sums)
