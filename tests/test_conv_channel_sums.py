@@ -61,6 +61,17 @@ def _check_sums(result, operands, outputs, label):
         assert np.all(np.abs(got.ravel() - expected) <= bound), (label, k, got.ravel(), expected)
 
 
+def _run_paths(rng, paths, compiled, conv_inputs, expected):
+    """Each path's kernel on 1-3 threads: its result, then its sums (fresh operands each run)."""
+    engine, kernels = compiled
+    for path, kernel in zip(paths, kernels):
+        for nthreads in (1, 2, 3):
+            operands, outputs = _operands(rng, expected.shape)
+            got = run_kernel(engine, kernel, conv_inputs + operands + outputs, expected.shape, nthreads)
+            assert relative_error(got, expected) <= RTOL, (path.name, nthreads)
+            _check_sums(got, operands, outputs, (path.name, nthreads))
+
+
 def _paths(paths, geometry):
     return [path for path in paths if path.possible(geometry, target.vector_width_f32())]
 
@@ -79,22 +90,17 @@ def test_forward_paths_sum_their_result(x_shape, w_shape, stride, padding, offse
     expected = np.maximum(reference("conv2d", [x, w], y_shape, **attrs) + b.reshape(1, -1, 1, 1), 0)
     sums = _sums(y_shape, 3)
     paths = _paths(FORWARD_PATHS, geometry)
-    engine, kernels = compile_kernels([
+    emitters = [
         lambda m, n, path=path: sums.wrap(m, n, path.emit(
             m, n, geometry, bias=True, relu=True, max_threads=3, after_sample=sums.after_sample,
             n_inputs=sums.inputs))
-        for path in paths])
-    for path, kernel in zip(paths, kernels):
-        for nthreads in (1, 2, 3):
-            operands, outputs = _operands(rng, y_shape)
-            got = run_kernel(engine, kernel, [x, w, b] + operands + outputs, y_shape, nthreads)
-            assert relative_error(got, expected) <= RTOL, (path.name, nthreads)
-            _check_sums(got, operands, outputs, (path.name, nthreads))
+        for path in paths]
+    _run_paths(rng, paths, compile_kernels(emitters), [x, w, b], expected)
 
 
 @pytest.mark.parametrize("x_shape, w_shape, stride, padding", GRID)
 def test_input_gradient_paths_sum_their_result(x_shape, w_shape, stride, padding):
-    """dx with ReLU's backward fused, then its three sums, on every input-gradient path that
+    """dx with ReLU's backward fused, then its sums, on every input-gradient path that
     applies, 1-3 threads."""
     rng = np.random.default_rng(6)
     geometry = ConvGeometry.from_shapes(x_shape, w_shape, stride, padding)
@@ -104,16 +110,11 @@ def test_input_gradient_paths_sum_their_result(x_shape, w_shape, stride, padding
     expected = reference("conv2d_input_grad", [g, w], x_shape, x_shape=x_shape, **attrs) * (after_relu > 0)
     sums = _sums(x_shape, 3)
     paths = _paths(INPUT_GRAD_PATHS, geometry)
-    engine, kernels = compile_kernels([
+    emitters = [
         lambda m, n, path=path: sums.wrap(m, n, path.emit(
             m, n, geometry, max_threads=3, epilogue=_DxEpilogue(RELU_BACKWARD, 1, sums)))
-        for path in paths])
-    for path, kernel in zip(paths, kernels):
-        for nthreads in (1, 2, 3):
-            operands, outputs = _operands(rng, x_shape)
-            got = run_kernel(engine, kernel, [g, w, after_relu] + operands + outputs, x_shape, nthreads)
-            assert relative_error(got, expected) <= RTOL, (path.name, nthreads)
-            _check_sums(got, operands, outputs, (path.name, nthreads))
+        for path in paths]
+    _run_paths(rng, paths, compile_kernels(emitters), [g, w, after_relu], expected)
 
 
 def test_batch_norm_statistics_and_backward_sums_ride_on_the_convolutions():
