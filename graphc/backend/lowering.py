@@ -108,23 +108,31 @@ def _channel_sums_in_producers(steps: list[Step], output_ids: set[int]) -> list[
         member = row_sum_member(step)
         if member is None or step.node.id in output_ids or member[1] != (0, 2, 3) or len(member[0]) != 4:
             continue
-        producers = [made_by[t.id] for t in step.operands if t.id in made_by
-                     and steps[made_by[t.id]].node.id == t.id and steps[made_by[t.id]].with_channel_sums is not None]
-        for j in producers:
-            if steps[j].node.shape != member[0] or len(taken.get(j, ())) + len(centered.get(j, ())) >= MAX_SUMS_IN_ONE_PASS:
+        for t in step.operands:
+            j = made_by.get(t.id)
+            if (j is None or steps[j].node.id != t.id or steps[j].with_channel_sums is None
+                    or steps[j].node.shape != member[0]
+                    or len(taken.get(j, ())) + len(centered.get(j, ())) >= MAX_SUMS_IN_ONE_PASS):
                 continue
-            ready = all(made_by[alias_root(t).id] < j if alias_root(t).id in made_by else alias_root(t).op in _SOURCE_OPS
-                        for t in step.operands if t.id != steps[j].node.id)
-            mean = None if ready else _centered_mean(step, steps[j], taken.get(j, []))
-            if ready or mean is not None:
-                if ready:
-                    taken.setdefault(j, []).append(step)
-                else:
-                    centered.setdefault(j, []).append((step, mean))
-                joined.add(i)
-                break
-    return [steps[i].with_channel_sums(taken.get(i, []), centered.get(i, [])) if i in taken else step
+            if _ready_before(step, j, steps, made_by):
+                taken.setdefault(j, []).append(step)
+            elif (mean := _centered_mean(step, steps[j], taken.get(j, []))) is not None:
+                centered.setdefault(j, []).append((step, mean))
+            else:
+                continue
+            joined.add(i)
+            break
+    return [step.with_channel_sums(taken[i], centered.get(i, [])) if i in taken else step
             for i, step in enumerate(steps) if i not in joined]
+
+
+def _ready_before(step: Step, j: int, steps: list[Step], made_by: dict[int, int]) -> bool:
+    """Whether every value `step` reads besides step j's result is a source or made before step j."""
+    for t in step.operands:
+        root = alias_root(t)
+        if t.id != steps[j].node.id and not (made_by[root.id] < j if root.id in made_by else root.op in _SOURCE_OPS):
+            return False
+    return True
 
 
 def _centered_mean(step: Step, producer: Step, taken: list[Step]) -> Tensor | None:

@@ -142,12 +142,9 @@ def emit_conv2d(module: ir.Module, name: str, x_shape, w_shape, stride, padding,
     """out = conv2d(x, w) [+ b[o] on channel o] [then relu]; inputs x, w[, b], then those of
     `sums`, out's per-channel sums (channel_sums.py)."""
     g = ConvGeometry.from_shapes(x_shape, w_shape, stride, padding)
-    path = _choose(FORWARD_PATHS, g)
-    if sums is None:
-        return path.emit(module, name, g, bias=bias, relu=relu, max_threads=max_threads)
-    conv = path.emit(module, name, g, bias=bias, relu=relu, max_threads=max_threads,
-                     after_sample=sums.after_sample, n_inputs=sums.inputs)
-    return sums.wrap(module, name, conv)
+    tail = {} if sums is None else dict(after_sample=sums.after_sample, n_inputs=sums.inputs)
+    kernel = _choose(FORWARD_PATHS, g).emit(module, name, g, bias=bias, relu=relu, max_threads=max_threads, **tail)
+    return kernel if sums is None else sums.wrap(module, name, kernel)
 
 
 def emit_conv2d_input_grad(module: ir.Module, name: str, g_shape, w_shape, x_shape, stride,

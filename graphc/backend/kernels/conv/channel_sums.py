@@ -130,12 +130,12 @@ class ChannelSums:
         _, inputs, scratch, tid, nthreads = phase_args(fn)
         partials = kb.gep(scratch, offset)
         lo, hi = kb.split_range(self.channels, tid, nthreads)
-        for k in range(len(self.members)):
-            with kb.for_range(lo, hi, name="c") as c:
-                kb.store(self._total(kb, partials, k, c), inputs[self.outputs + k], c)
-        for j, (k, mean) in enumerate(self.centered):
-            with kb.for_range(lo, hi, name="c") as c:
-                m = _lane0(kb, emit_expr(kb, mean, [kb.splat(self._total(kb, partials, k, c))]))
+        with kb.for_range(lo, hi, name="c") as c:
+            totals = [self._total(kb, partials, k, c) for k in range(len(self.members))]
+            for k, total in enumerate(totals):
+                kb.store(total, inputs[self.outputs + k], c)
+            for j, (k, mean) in enumerate(self.centered):
+                m = _lane0(kb, emit_expr(kb, mean, [kb.splat(totals[k])]))
                 squares, deviations = len(self.members) + 2 * j, len(self.members) + 2 * j + 1
                 total = kb.variable(kb.f32(0.0))
                 with kb.for_range(0, self.batch, name="n") as n:
