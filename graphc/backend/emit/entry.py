@@ -90,22 +90,32 @@ class EntryBuilder:
         args, self.tid, self.nthreads = fn.args
         args.name, self.tid.name, self.nthreads.name = "args", "tid", "nthreads"
         self.b = ir.IRBuilder(fn.append_basic_block("entry"))
-        self.slots = [self.b.load(self.b.gep(args, [ir.Constant(I64, i)], source_etype=PTR), typ=PTR, name=f"slot{i}")
-                      for i in range(slot_count)]
-        self.arena = self.slots[workspace_slot] if workspace_slot is not None else None
+        self._args = args
+        self.slot_count = slot_count
+        self.workspace_slot = workspace_slot
         self._pending_barrier = False
         # Profiling: after each phase all threads meet, and thread 0 adds the ticks since the
         # previous phase ended to that phase's counter (an i64 per phase in the profile slot).
-        self.profile_counters = self.slots[profile_slot] if profile_slot is not None else None
+        self.profile_counters = self.slot(profile_slot) if profile_slot is not None else None
         self.phase_count = 0
         self._last_tick = _timestamp(self.b, module) if self.profile_counters is not None else None
+
+    def slot(self, position: int) -> ir.Value:
+        """The pointer in slot `position`, loaded here, where it is used. Loaded once at the
+        start, every slot's pointer, and every arena offset made from the workspace's, stayed
+        live across all the calls: register allocation of a large program's entry, in the
+        module compiled last, took longest (bench/NOTES.md, "Compile time: the entry")."""
+        if not 0 <= position < self.slot_count:
+            raise IndexError(f"slot {position} of {self.slot_count}")
+        return self.b.load(self.b.gep(self._args, [ir.Constant(I64, position)], source_etype=PTR), typ=PTR,
+                           name=f"slot{position}")
 
     def pointer(self, location) -> ir.Value:
         kind, where = location
         if kind == "slot":
-            return self.slots[where]
+            return self.slot(where)
         if kind == "arena":
-            return self.b.gep(self.arena, [ir.Constant(I64, where)], source_etype=I8)
+            return self.b.gep(self.slot(self.workspace_slot), [ir.Constant(I64, where)], source_etype=I8)
         if kind == "global":
             return where
         raise ValueError(f"unknown location {location!r}")
@@ -120,7 +130,7 @@ class EntryBuilder:
         """
         for position, count, bits, lo, hi in checks:
             int_type = ir.IntType(bits)
-            labels = self.slots[position]
+            labels = self.slot(position)
             bad = self.b.alloca(ir.IntType(1))
             self.b.store(ir.Constant(ir.IntType(1), 0), bad)
             loop = KernelBuilder(self.b)
@@ -131,7 +141,7 @@ class EntryBuilder:
                                                ir.Constant(int_type, hi - lo))
                 self.b.store(self.b.or_(self.b.load(bad, typ=ir.IntType(1)), outside), bad)
             with self.b.if_then(self.b.load(bad, typ=ir.IntType(1)), likely=False):
-                self.b.store(ir.Constant(I64, position + 1), self.slots[status_slot])
+                self.b.store(ir.Constant(I64, position + 1), self.slot(status_slot))
                 self.b.ret_void()
 
     def call_phases(self, phases, out, inputs, scratch):
@@ -171,7 +181,7 @@ class EntryBuilder:
             # Thread 0 counts the call once all its kernels ran; a call refused before any
             # kernel (refuse_out_of_range) returns earlier and is not counted.
             with self.b.if_then(self.b.icmp_signed("==", self.tid, ir.Constant(I64, 0))):
-                counter = self.slots[self.calls_slot]
+                counter = self.slot(self.calls_slot)
                 self.b.store(self.b.add(self.b.load(counter, typ=I64), ir.Constant(I64, 1)), counter)
         self.b.ret_void()
         return self.fn

@@ -101,7 +101,7 @@ class FiniteGuard:
 
     def __init__(self, entry, status_slot: int, check_count: int):
         self.entry = entry
-        self.status = entry.slots[status_slot]
+        self.status = entry.slot(status_slot)
         self.check_count = check_count
         self.checks_emitted = 0
         self.scan = emit_scan(entry.module)

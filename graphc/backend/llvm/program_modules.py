@@ -113,7 +113,19 @@ class ProgramModules:
         if self.on_module is not None:
             self.on_module(text, more_follow=not last)
         if not last:
+            _release_bodies(self._module)
             self._begin_module()
+
+
+def _release_bodies(module: ir.Module) -> None:
+    """Free the instructions of a finished module's functions now. Only its text is used from
+    here on, but the kernels keep its phases (their names and types, for the entry's calls),
+    and through them the module: ResNet-20's step kept some 200k objects alive to the end, which
+    every full garbage collection during the compile walked again (bench/NOTES.md)."""
+    for function in module.functions:
+        for block in function.blocks:
+            block.instructions.clear()     # an instruction points to its block: a cycle
+        function.blocks.clear()
 
 
 def _mark_nounwind(module: ir.Module) -> None:
