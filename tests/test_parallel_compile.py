@@ -329,6 +329,20 @@ def test_modules_end_between_groups_of_kernels():
     assert defined == [["k0", "k1", "k2"], ["k3", "k4"], ["k5"], ["k6"]]
 
 
+def test_a_finished_module_keeps_its_text_and_frees_its_instructions():
+    """Only a finished module's text is used after it is handed on; its functions keep their
+    names and types (the entry calls earlier modules' phases through declarations)."""
+    texts = []
+    modules = program_modules.ProgramModules("freed", budget=10, on_module=lambda text, **_: texts.append(text))
+    first = modules.add_kernel(_kernel_of(20, "k0"), group="a")
+    modules.add_kernel(_kernel_of(20, "k1"), group="b")
+    assert len(texts) == 1 and 'define external void @"k0"' in texts[0] and texts[0].count("add i64") == 19
+    phase = first.phases[0]
+    assert phase.blocks == [] and phase.name == "k0"
+    declaration = modules.callee(phase)
+    assert declaration.module is modules.module and declaration.function_type == phase.function_type
+
+
 def test_split_modules():
     a, b = _module_text("a", _define_caller), _module_text("b", _define_triple)
     assert parallel.split_modules(a) == [a]

@@ -459,3 +459,27 @@ def test_sigmoid_and_softplus_of_constants_fold_to_numbers():
     assert float(Sigmoid(sympy.Integer(-1000))) == pytest.approx(0.0, abs=1e-300)
     x = sympy.Symbol("x")
     assert Sigmoid(x).evalf() == Sigmoid(x) and Softplus(x).evalf() == Softplus(x)
+
+
+def test_optimized_nodes_point_straight_into_the_graph_optimized_and_the_graphs_between_are_freed():
+    """Each node's origin is a node of the input graph (or none), not of a graph some pass made
+    on the way, so those graphs do not live as long as the result (the compile's heap)."""
+    import gc as cyclic_gc
+    import weakref
+
+    graph, outputs, _, _ = lenet()
+    between = []
+
+    def remembered(a_pass):
+        def run(g, outs):
+            new_graph, new_outputs = a_pass(g, outs)
+            between.append(weakref.ref(new_graph))
+            return new_graph, new_outputs
+        run.__name__ = a_pass.__name__
+        return run
+
+    result = optimize(outputs, [remembered(p) for p in (dce, cse, fuse_elementwise, cse)])
+    origins = [node.origin for node in result.graph.nodes if node.origin is not None]
+    assert origins and all(origin.graph is graph for origin in origins)
+    cyclic_gc.collect()
+    assert [ref() is None for ref in between] == [True, True, True, False]   # the last is the result

@@ -51,9 +51,10 @@ class OptimizeResult:
     graph: Graph
     outputs: list[Tensor]
     log: list[PassRecord] = field(default_factory=list)
+    source: Graph = field(init=False, repr=False)   # the graph optimized
 
     def __post_init__(self):
-        self.source = self.graph     # the graph optimized
+        self.source = self.graph
 
     def summary(self) -> str:
         """The log as a table: one row per pass run."""
@@ -95,14 +96,16 @@ def optimize(outputs, passes: Sequence[Union[Pass, FixedPoint]] | None = None) -
 
 def _point_origins_into(graph: Graph, source: Graph) -> None:
     """Make the origin of each node of `graph`, the latest pass's, the node of `source` (the
-    graph optimized) it stands for, not the previous pass's: followed back, every node still
-    reaches the node it was made for (inspection/collect.py), and the graphs in between are
-    freed once the next pass has run instead of living as long as the result (ResNet-20's step
-    kept 17 graphs alive through the rest of the compile, walked by every garbage collection)."""
+    graph optimized) it stands for, not a node of a graph in between: followed back, every node
+    still reaches the same node of `source` (inspection/collect.py), and the graphs in between
+    are freed once the next pass has run instead of living as long as the result, walked by
+    every garbage collection of the compile (bench/NOTES.md, "compile time, where ResNet-20's
+    cold compile goes")."""
     for node in graph.nodes:
         origin = node.origin
-        if origin is not None and origin.graph is not source:
-            node.origin = origin.origin
+        while origin is not None and origin.graph is not source:
+            origin = origin.origin
+        node.origin = origin
 
 
 def _run_to_fixed_point(group: FixedPoint, result: OptimizeResult):

@@ -103,8 +103,9 @@ class EntryBuilder:
     def slot(self, position: int) -> ir.Value:
         """The pointer in slot `position`, loaded here, where it is used. Loaded once at the
         start, every slot's pointer, and every arena offset made from the workspace's, stayed
-        live across all the calls: register allocation of a large program's entry, in the
-        module compiled last, took longest (bench/NOTES.md, "Compile time: the entry")."""
+        live across all the calls, and allocating registers for them was most of LLVM's work
+        on a large program's entry, in the module compiled last (bench/NOTES.md, "compile
+        time, where ResNet-20's cold compile goes")."""
         if not 0 <= position < self.slot_count:
             raise IndexError(f"slot {position} of {self.slot_count}")
         return self.b.load(self.b.gep(self._args, [ir.Constant(I64, position)], source_etype=PTR), typ=PTR,

@@ -120,8 +120,8 @@ class ProgramModules:
 def _release_bodies(module: ir.Module) -> None:
     """Free the instructions of a finished module's functions now. Only its text is used from
     here on, but the kernels keep its phases (their names and types, for the entry's calls),
-    and through them the module: ResNet-20's step kept some 200k objects alive to the end, which
-    every full garbage collection during the compile walked again (bench/NOTES.md)."""
+    and through them the module, whose IR every full garbage collection of the rest of the
+    compile walked again (bench/NOTES.md, "compile time, where ResNet-20's cold compile goes")."""
     for function in module.functions:
         for block in function.blocks:
             block.instructions.clear()     # an instruction points to its block: a cycle
