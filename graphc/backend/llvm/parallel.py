@@ -133,12 +133,20 @@ class ObjectCompiler:
         if more_follow or len(self._futures) > 1:
             # Several modules: worker processes compile them all, and the caller's thread,
             # generating the next module, does not share the GIL with a compile thread.
-            self._processes_started = True
-            for _ in range(self.threads - 1):
-                self._start_worker(self._work_in_process)
+            self.start_workers()
         elif not self._workers:
             # One module (so far): a thread of this process, not worth starting a process.
             self._start_worker(self._work_here)
+
+    def start_workers(self) -> None:
+        """Start the worker processes now, before any module is submitted: a worker takes a few
+        tens of milliseconds to start, which then overlap the caller's work before its first
+        module (the graph passes) instead of delaying that module's compile."""
+        if not self._isolated or self._processes_started:
+            return
+        self._processes_started = True
+        for _ in range(self.threads - 1):
+            self._start_worker(self._work_in_process)
 
     def _start_worker(self, loop) -> None:
         worker = threading.Thread(target=loop, name=f"graphc-compile-{len(self._workers)}", daemon=True)
