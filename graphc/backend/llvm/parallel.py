@@ -9,9 +9,11 @@ it is complete and goes on generating the next (Python, holding the GIL). A prog
 modules is compiled by worker processes (worker_process.py), one per compile thread besides the
 caller's, each with an llvmlite of its own: modules compile truly in parallel through llvmlite's
 public API, which serializes the calls of one process with a process-wide lock, and no compile
-thread competes for the GIL with the generating one. A one-module program compiles on a thread of
-this process instead. When generation is done, the caller's thread compiles what is still
-queued too. Queued modules are taken largest first, so
+thread competes for the GIL with the generating one. The workers start with the second module
+submitted, or before the first by `start_workers` (the compiler starts them before the graph
+passes, which their start then overlaps); a module submitted alone without them compiles on a
+thread of this process instead. When generation is done, the caller's thread compiles what is
+still queued too. Queued modules are taken largest first, so
 that the last to finish are small ones. Where no worker process can start, the threads compile
 in this process, taking turns at llvmlite's lock.
 
