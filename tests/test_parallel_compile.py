@@ -385,26 +385,6 @@ def test_no_compile_thread_or_worker_outlives_the_compile():
     assert not any(name.startswith("graphc-compile") for name in leftover)
 
 
-def test_workers_started_before_any_module_compile_the_modules_submitted_later():
-    """The compiler starts its worker processes before the graph passes: they take what is
-    submitted afterwards, one module or several, and none outlives the compile."""
-    texts = [_module_text("a", _define_triple), _module_text("b", _define_caller)]
-    expected = parallel.compile_modules(texts, threads=1)
-    before = {t.name for t in threading.enumerate()}
-    for count in (1, 2):
-        with parallel.ObjectCompiler(threads=2) as compiler:
-            compiler.start_workers()
-            compiler.start_workers()             # once only
-            assert [t.name for t in threading.enumerate() if t.name not in before] == ["graphc-compile-0"]
-            for text in texts[:count]:
-                compiler.submit(text)
-            assert compiler.objects() == expected[:count]
-    assert not {t.name for t in threading.enumerate()} - before
-    with parallel.ObjectCompiler(threads=1) as serial:
-        serial.start_workers()                   # one thread: everything compiles here
-        assert not {t.name for t in threading.enumerate()} - before
-
-
 def test_compiling_in_parallel_over_and_over(fresh_cache, parallel_mode):
     """Many modules, many rounds, two callers at once: same objects every time, no crash."""
     fresh_cache()

@@ -620,11 +620,7 @@ def _build(cls, outputs, params, *, output_names, single=False, inplace=(), stat
     compiled, library = _load(cache, key) if missed_key is None else (None, None)
     if compiled is None:
         plan = Plan(outputs, request, check_finite=check_finite)
-        with ObjectCompiler() as compiler:
-            # Started now (after the thread costs are measured), they are ready when the first
-            # module is: their start overlaps the graph passes.
-            compiler.start_workers()
-            compiled = dataclasses.replace(compile_recipe(plan.recipe, compiler), extras=extras or {})
+        compiled = dataclasses.replace(compile_recipe(plan.recipe), extras=extras or {})
         cache.put(key, pack_entry(compiled))
         library = rt.NativeLibrary(compiled.objects)
     else:
@@ -701,10 +697,12 @@ def _load(cache: rt.ObjectCache, key: str) -> tuple[CachedProgram | None, rt.Nat
         return None, None
 
 
-def compile_recipe(recipe: Recipe, compiler: ObjectCompiler) -> CachedProgram:
-    # Each module compiles in the background as soon as assemble has finished it.
-    spec = recipe.assemble(on_module=compiler.submit)
-    return CachedProgram(compiler.objects(), spec.slots, recipe.assemble_args["max_threads"])
+def compile_recipe(recipe: Recipe) -> CachedProgram:
+    with ObjectCompiler() as compiler:
+        # Each module compiles in the background as soon as assemble has finished it.
+        spec = recipe.assemble(on_module=compiler.submit)
+        objects = compiler.objects()
+    return CachedProgram(objects, spec.slots, recipe.assemble_args["max_threads"])
 
 
 def object_code(llvm_ir: str) -> list[bytes]:

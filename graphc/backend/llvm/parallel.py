@@ -9,11 +9,9 @@ it is complete and goes on generating the next (Python, holding the GIL). A prog
 modules is compiled by worker processes (worker_process.py), one per compile thread besides the
 caller's, each with an llvmlite of its own: modules compile truly in parallel through llvmlite's
 public API, which serializes the calls of one process with a process-wide lock, and no compile
-thread competes for the GIL with the generating one. The workers start with the second module
-submitted, or before the first by `start_workers` (the compiler starts them before the graph
-passes, which their start then overlaps); a module submitted alone without them compiles on a
-thread of this process instead. When generation is done, the caller's thread compiles what is
-still queued too. Queued modules are taken largest first, so
+thread competes for the GIL with the generating one. A one-module program compiles on a thread of
+this process instead. When generation is done, the caller's thread compiles what is still
+queued too. Queued modules are taken largest first, so
 that the last to finish are small ones. Where no worker process can start, the threads compile
 in this process, taking turns at llvmlite's lock.
 
@@ -135,20 +133,12 @@ class ObjectCompiler:
         if more_follow or len(self._futures) > 1:
             # Several modules: worker processes compile them all, and the caller's thread,
             # generating the next module, does not share the GIL with a compile thread.
-            self.start_workers()
+            self._processes_started = True
+            for _ in range(self.threads - 1):
+                self._start_worker(self._work_in_process)
         elif not self._workers:
             # One module (so far): a thread of this process, not worth starting a process.
             self._start_worker(self._work_here)
-
-    def start_workers(self) -> None:
-        """Start the worker processes now, before any module is submitted: a worker takes a few
-        tens of milliseconds to start, which then overlap the caller's work before its first
-        module (the graph passes) instead of delaying that module's compile."""
-        if not self._isolated or self._processes_started:
-            return
-        self._processes_started = True
-        for _ in range(self.threads - 1):
-            self._start_worker(self._work_in_process)
 
     def _start_worker(self, loop) -> None:
         worker = threading.Thread(target=loop, name=f"graphc-compile-{len(self._workers)}", daemon=True)
