@@ -50,6 +50,7 @@ def _elementwise(rewrite: Rewrite) -> Tensor | None:
     return rewrite.ew(expr, operands)  # make_ew merges repeated operands and drops unused ones
 
 
+@functools.lru_cache(maxsize=4096)     # repeated layers repeat their expressions
 def _with_exact_numbers(expr: sympy.Expr) -> sympy.Expr:
     """`expr` with its float literals (Python scalars, 1/n of a mean) as exact numbers, so they cancel."""
     return expr.xreplace({literal: exact_number(float(literal)) for literal in expr.atoms(sympy.Float)})

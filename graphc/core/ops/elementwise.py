@@ -6,6 +6,8 @@ become constants inside the expression.
 """
 from __future__ import annotations
 
+import functools
+
 import numbers
 
 import numpy as np
@@ -97,13 +99,13 @@ def make_ew(expr: sympy.Expr, inputs: list[Tensor], shape=None, site: str | None
         except ValueError:
             raise shape_error("ew", f"operands do not broadcast together for {expr}", inputs, site) from None
     distinct: list[Tensor] = []
-    renames = {}
-    for sym in sorted(expr.free_symbols, key=symbol_index):
-        operand = inputs[symbol_index(sym)]
+    renames = []
+    for index in _symbol_indices(expr):
+        operand = inputs[index]
         if operand not in distinct:
             distinct.append(operand)
-        renames[sym] = symbol(distinct.index(operand))
-    expr = expr.xreplace(renames)
+        renames.append((index, distinct.index(operand)))
+    expr = _renumbered(expr, tuple(renames))
     graph = inputs[0].graph
     if not distinct:
         from graphc.core.ops.sources import fill
@@ -116,6 +118,18 @@ def make_ew(expr: sympy.Expr, inputs: list[Tensor], shape=None, site: str | None
         from graphc.core.ops.shape import broadcast_to
         result = broadcast_to(result, shape)
     return result
+
+
+@functools.lru_cache(maxsize=4096)     # the passes rebuild every node; layers repeat their expressions
+def _symbol_indices(expr: sympy.Expr) -> tuple[int, ...]:
+    """The indices of `expr`'s operand symbols, in order."""
+    return tuple(sorted(symbol_index(sym) for sym in expr.free_symbols))
+
+
+@functools.lru_cache(maxsize=4096)
+def _renumbered(expr: sympy.Expr, renames: tuple[tuple[int, int], ...]) -> sympy.Expr:
+    """`expr` with symbol(i) renamed symbol(j) for each (i, j) of `renames`."""
+    return expr.xreplace({symbol(i): symbol(j) for i, j in renames})
 
 
 def _float_dtype(inputs):
