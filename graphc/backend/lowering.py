@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import graphc.backend.kernels  # noqa: F401 (the kernel families register their lowerings)
 from graphc.backend.kernels.elementwise import lower_elementwise_group
-from graphc.backend.kernels.reduce import MAX_SUMS_IN_ONE_PASS, joins_row_sums, row_sum_kind, row_sum_member, row_sums_in_one_pass
+from graphc.backend.kernels.reduce import (MAX_SUMS_IN_ONE_PASS, Prologue, joins_row_sums, row_sum_kind, row_sum_member,
+                                          row_sums_in_one_pass)
 from graphc.backend.lowering_rules import LOWERINGS, Epilogue, Step, UpdateGroup, alias_root, group_expression
 from graphc.core.ir import Tensor
 from graphc.core.scalar import Relu, symbol
@@ -144,7 +145,9 @@ def _centered_mean(step: Step, producer: Step, taken: list[Step]) -> Tensor | No
     mean = step.operands[1]
     if prologue.expr != (symbol(0) - symbol(1)) ** 2 or mean.op != "ew" or len(mean.inputs) != 1:
         return None
-    if not any(s.label == "sum" and s.node.id == mean.inputs[0].id for s in taken):
+    plain_sum = Prologue(symbol(0), ("full",))
+    if not any(s.node.id == mean.inputs[0].id and row_sum_member(s)[2] == plain_sum
+               and [t.id for t in s.operands] == [producer.node.id] for s in taken):
         return None
     return mean
 

@@ -98,6 +98,18 @@ def symbol_index(sym: sympy.Symbol) -> int:
     return int(sym.name[1:])
 
 
+@functools.lru_cache(maxsize=4096)     # the passes rebuild every node; layers repeat their expressions
+def symbol_indices(expr: sympy.Expr) -> tuple[int, ...]:
+    """The indices of `expr`'s operand symbols, in order."""
+    return tuple(sorted(symbol_index(sym) for sym in expr.free_symbols))
+
+
+@functools.lru_cache(maxsize=4096)
+def renumbered(expr: sympy.Expr, renames: tuple[tuple[int, int], ...]) -> sympy.Expr:
+    """`expr` with symbol(i) renamed symbol(j) for each (i, j) of `renames`."""
+    return expr.xreplace({symbol(i): symbol(j) for i, j in renames})
+
+
 @functools.lru_cache(maxsize=4096)
 def numpy_function(expr: sympy.Expr, arity: int):
     """A numpy function of `arity` arrays computing `expr` (cached: graphs repeat expressions)."""

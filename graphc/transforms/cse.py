@@ -8,12 +8,10 @@ and `b + a` merge too. Inputs and params are never merged: each is a distinct bi
 """
 from __future__ import annotations
 
-import functools
-
 import sympy
 
 from graphc.core.ir import Graph, Tensor
-from graphc.core.scalar import symbol
+from graphc.core.scalar import renumbered
 from graphc.transforms.rebuild import Rewrite, attrs_key, rebuild
 
 
@@ -51,10 +49,4 @@ def _canonical_ew(expr: sympy.Expr, operands: list[Tensor]) -> tuple[sympy.Expr,
     """The same elementwise function over each distinct operand once, sorted by node id, with its
     symbols renamed to match: equal for `a + b` and `b + a`."""
     distinct = sorted(set(operands), key=lambda operand: operand.id)
-    return _renamed(expr, tuple(distinct.index(operand) for operand in operands)), distinct
-
-
-@functools.lru_cache(maxsize=4096)     # repeated layers repeat their expressions and operand orders
-def _renamed(expr: sympy.Expr, positions: tuple[int, ...]) -> sympy.Expr:
-    """`expr` with symbol(i) renamed symbol(positions[i])."""
-    return expr.xreplace({symbol(i): symbol(position) for i, position in enumerate(positions)})
+    return renumbered(expr, tuple((i, distinct.index(operand)) for i, operand in enumerate(operands))), distinct

@@ -6,8 +6,6 @@ become constants inside the expression.
 """
 from __future__ import annotations
 
-import functools
-
 import numbers
 
 import numpy as np
@@ -16,7 +14,7 @@ import sympy
 from graphc.core.errors import shape_error, user_site
 from graphc.core.ir import Tensor, as_finite_float
 from graphc.core.ops.registry import Mismatch, OpDef, op, register
-from graphc.core.scalar import Relu, Sigmoid, Softplus, Step, numpy_function, symbol, symbol_index
+from graphc.core.scalar import Relu, Sigmoid, Softplus, Step, numpy_function, renumbered, symbol, symbol_indices
 
 
 @register
@@ -100,12 +98,12 @@ def make_ew(expr: sympy.Expr, inputs: list[Tensor], shape=None, site: str | None
             raise shape_error("ew", f"operands do not broadcast together for {expr}", inputs, site) from None
     distinct: list[Tensor] = []
     renames = []
-    for index in _symbol_indices(expr):
+    for index in symbol_indices(expr):
         operand = inputs[index]
         if operand not in distinct:
             distinct.append(operand)
         renames.append((index, distinct.index(operand)))
-    expr = _renumbered(expr, tuple(renames))
+    expr = renumbered(expr, tuple(renames))
     graph = inputs[0].graph
     if not distinct:
         from graphc.core.ops.sources import fill
@@ -118,18 +116,6 @@ def make_ew(expr: sympy.Expr, inputs: list[Tensor], shape=None, site: str | None
         from graphc.core.ops.shape import broadcast_to
         result = broadcast_to(result, shape)
     return result
-
-
-@functools.lru_cache(maxsize=4096)     # the passes rebuild every node; layers repeat their expressions
-def _symbol_indices(expr: sympy.Expr) -> tuple[int, ...]:
-    """The indices of `expr`'s operand symbols, in order."""
-    return tuple(sorted(symbol_index(sym) for sym in expr.free_symbols))
-
-
-@functools.lru_cache(maxsize=4096)
-def _renumbered(expr: sympy.Expr, renames: tuple[tuple[int, int], ...]) -> sympy.Expr:
-    """`expr` with symbol(i) renamed symbol(j) for each (i, j) of `renames`."""
-    return expr.xreplace({symbol(i): symbol(j) for i, j in renames})
 
 
 def _float_dtype(inputs):
