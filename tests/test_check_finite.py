@@ -2,6 +2,7 @@
 first NaN or infinity, naming the node, its kernel and line, and undoing the call's updates."""
 import inspect
 import os
+import re
 
 import numpy as np
 import pytest
@@ -9,6 +10,7 @@ import pytest
 import graphc as gc
 import graphc_runtime as rt
 from graphc.backend import compiler
+from graphc.backend.emit import entry
 from graphc.tools import models
 
 HERE = os.path.basename(__file__)
@@ -144,6 +146,29 @@ def test_a_backward_only_infinity_names_the_backward_node_its_forward_sqrt_and_d
     assert step(x=feeds) == unchecked(x=feeds)
     assert_unchanged(step, snapshot(unchecked))
     assert step.optimizer_steps == 3
+
+
+def test_an_infinity_found_in_a_late_part_of_the_entry_stops_the_whole_call(threads, monkeypatch, fresh_cache):
+    """The entry calls the kernels in parts (emit/entry.py); with one call per part, the
+    backward's infinity is found in a part far from the first, and the call still stops there
+    and is undone."""
+    monkeypatch.setattr(entry, "CALLS_PER_PART", 1)
+    g, x, loss, site = sqrt_model()
+    params = gc.init_params(g, seed=0)
+    step = gc.compile_training_step(loss, params, gc.Adam(lr=0.01), check_finite=True)
+    parts = re.findall(r'^define internal i1 @"graphc_entry\.part\d+"', step.llvm_ir, re.MULTILINE)
+    assert len(parts) == len(step.steps) > 3
+    feeds = np.random.default_rng(0).uniform(0.0, 1.0, x.shape).astype(np.float32)
+    for _ in range(2):
+        assert np.isfinite(step(x=feeds))
+    before = snapshot(step)
+    bad = feeds.copy()
+    bad[3, 7] = -params["w"][7]             # sqrt(w + x) = sqrt(0)
+    with pytest.raises(FloatingPointError) as caught:
+        step(x=bad)
+    assert "a backward node; its forward node: " in str(caught.value) and f"at {site}" in str(caught.value)
+    assert_unchanged(step, before)
+    assert np.isfinite(step(x=feeds)) and step.optimizer_steps == 3
 
 
 def test_a_step_found_in_the_cache_reports_as_one_compiled_afresh(fresh_cache):

@@ -159,6 +159,7 @@ def assemble(graph: Graph, outputs: list[Tensor], *, output_names: list[str], in
     constants = {}
     operand_locations = []
     for i, (step, kernel) in enumerate(zip(ordered, kernels)):
+        entry.begin_step()
         out_location = step_out[i] if step_out[i] is not None else ("arena", memory.offset_of_value(step.node.id))
         in_locations = [_location_of(alias_root(o), locations, memory, module, constants) for o in step.operands]
         operand_locations.append(in_locations)
@@ -170,9 +171,9 @@ def assemble(graph: Graph, outputs: list[Tensor], *, output_names: list[str], in
         entry.call_phases(phases, entry.pointer(out_location), in_pointers, scratch)
         if guard is not None and checks_of_step.get(i):
             guard.check([(entry.pointer(check.location), check.node.size) for check in checks_of_step[i]])
-    if guard is not None:
-        guard.finish()
     entry.finish()
+    if guard is not None:
+        guard.finish()      # after the last part: the stop block is the entry's
     return ProgramSpec(modules.finish(), slots, ordered, memory, max_threads, phase_steps, operand_locations,
                        checks, saved_slots, shares_code_with)
 

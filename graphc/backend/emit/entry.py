@@ -4,14 +4,24 @@
 
 All threads run the same sequence of calls; a barrier after each phase keeps every thread from
 starting a phase before all have finished the one before (phases read what earlier ones wrote).
+
+The calls are made in parts, `i1 graphc_entry.part<k>(args, tid, nthreads)`, of about
+`CALLS_PER_PART` kernel calls each, which the entry calls in turn; a part returns true when
+check_finite stopped the call. One function of a large program's thousands of calls was one
+basic block whose register allocation and instruction selection took most of the LLVM time of
+the module compiled last (bench/NOTES.md, "compile time: the entry in parts").
 """
 from __future__ import annotations
 
 import llvmlite.ir as ir
 
-from graphc.backend.emit.kernel_builder import I64, PTR, KernelBuilder, i32_array
+from graphc.backend.emit.kernel_builder import I1, I64, PTR, KernelBuilder, i32_array
 
 ENTRY_NAME = "graphc_entry"
+PART_NAME = ENTRY_NAME + ".part{}"
+# Kernel calls per part of the entry: enough that calling a part costs nothing next to its
+# kernels, few enough that LLVM's time on a part stays small.
+CALLS_PER_PART = 64
 TICKS_NAME = "graphc_ticks"      # i64 graphc_ticks(void): the profiler's clock, for calibration
 SPINS_BEFORE_YIELD = 2000
 I8 = ir.IntType(8)
@@ -78,7 +88,12 @@ def _sched_yield(module: ir.Module) -> ir.Function:
 
 
 class EntryBuilder:
-    """Builds the entry: pointers to slots, arena offsets and globals, then the kernel calls."""
+    """Builds the entry: pointers to slots, arena offsets and globals, then the kernel calls.
+
+    `begin_step()` before each step's pointers and calls: the calls go into the current part,
+    or a new one. Before the first step, code goes into the entry itself (`refuse_out_of_range`,
+    check_finite's saves); `b`, `tid` and `nthreads` are those of the function being built.
+    """
 
     def __init__(self, module: ir.Module, slot_count: int, workspace_slot: int | None,
                  profile_slot: int | None = None, calls_slot: int | None = None):
@@ -87,18 +102,63 @@ class EntryBuilder:
         self.barrier = emit_barrier(module)
         fn = ir.Function(module, ir.FunctionType(ir.VoidType(), [PTR, I64, I64]), ENTRY_NAME)
         self.fn = fn
-        args, self.tid, self.nthreads = fn.args
-        args.name, self.tid.name, self.nthreads.name = "args", "tid", "nthreads"
-        self.b = ir.IRBuilder(fn.append_basic_block("entry"))
-        self._args = args
+        args, tid, nthreads = fn.args
+        args.name, tid.name, nthreads.name = "args", "tid", "nthreads"
+        self._entry = ir.IRBuilder(fn.append_basic_block("entry"))
+        self._enter(self._entry, fn)
         self.slot_count = slot_count
         self.workspace_slot = workspace_slot
         self._pending_barrier = False
+        self._loaded: dict[tuple, ir.Value] = {}   # this step's pointers, by location
+        self._loaded_in: ir.Block | None = None
+        self.parts: list[ir.Function] = []
+        self._part_calls = 0
+        # check_finite: the entry's block that undoes the call, where a part that stopped leads
+        self.stop_block: ir.Block | None = None
+        self._stop_of_part: ir.Block | None = None
         # Profiling: after each phase all threads meet, and thread 0 adds the ticks since the
         # previous phase ended to that phase's counter (an i64 per phase in the profile slot).
-        self.profile_counters = self.slot(profile_slot) if profile_slot is not None else None
+        self.profile_slot = profile_slot
         self.phase_count = 0
-        self._last_tick = _timestamp(self.b, module) if self.profile_counters is not None else None
+        self._last_tick = None
+
+    def _enter(self, builder: ir.IRBuilder, fn: ir.Function) -> None:
+        self.b = builder
+        self._args, self.tid, self.nthreads = fn.args
+
+    def begin_step(self) -> None:
+        """Before a step's pointers: start a new part if there is none or the current is full."""
+        if self.parts and self._part_calls < CALLS_PER_PART:
+            return
+        self._end_part()
+        part = ir.Function(self.module, ir.FunctionType(I1, [PTR, I64, I64]), PART_NAME.format(len(self.parts)))
+        part.linkage = "internal"
+        part.attributes.add("noinline")
+        for value, name in zip(part.args, ("args", "tid", "nthreads")):
+            value.name = name
+        stopped = self._entry.call(part, list(self.fn.args))
+        if self.stop_block is not None:
+            go_on = self.fn.append_basic_block(f"after.part{len(self.parts)}")
+            self._entry.cbranch(stopped, self.stop_block, go_on)
+            self._entry.position_at_end(go_on)
+        self.parts.append(part)
+        self._part_calls = 0
+        self._enter(ir.IRBuilder(part.append_basic_block("entry")), part)
+        if self.profile_slot is not None:
+            self._last_tick = _timestamp(self.b, self.module)
+
+    def stop(self) -> ir.Block:
+        """The block of the current part that returns "stopped" (check_finite)."""
+        part = self.b.function
+        if self._stop_of_part is None or self._stop_of_part.function is not part:
+            self._stop_of_part = part.append_basic_block("stopped")
+            ir.IRBuilder(self._stop_of_part).ret(ir.Constant(I1, 1))
+        return self._stop_of_part
+
+    def _end_part(self) -> None:
+        if self.parts:
+            self.b.ret(ir.Constant(I1, 0))
+            self._enter(self._entry, self.fn)
 
     def slot(self, position: int) -> ir.Value:
         """The pointer in slot `position`, loaded here, where it is used. Loaded once at the
@@ -108,18 +168,29 @@ class EntryBuilder:
         time, where ResNet-20's cold compile goes")."""
         if not 0 <= position < self.slot_count:
             raise IndexError(f"slot {position} of {self.slot_count}")
-        return self.b.load(self.b.gep(self._args, [ir.Constant(I64, position)], source_etype=PTR), typ=PTR,
-                           name=f"slot{position}")
+        return self._reused(("slot", position), lambda: self.b.load(
+            self.b.gep(self._args, [ir.Constant(I64, position)], source_etype=PTR), typ=PTR, name=f"slot{position}"))
 
     def pointer(self, location) -> ir.Value:
         kind, where = location
         if kind == "slot":
             return self.slot(where)
         if kind == "arena":
-            return self.b.gep(self.slot(self.workspace_slot), [ir.Constant(I64, where)], source_etype=I8)
+            return self._reused(location, lambda: self.b.gep(self.slot(self.workspace_slot), [ir.Constant(I64, where)],
+                                                             source_etype=I8))
         if kind == "global":
             return where
         raise ValueError(f"unknown location {location!r}")
+
+    def _reused(self, location: tuple, make) -> ir.Value:
+        """A pointer made once per kernel call: the operands of one call often share slots
+        (the workspace above all), and each load and offset is IR that LLVM compiles."""
+        if self._loaded_in is not self.b.block:
+            self._loaded, self._loaded_in = {}, self.b.block
+        value = self._loaded.get(location)
+        if value is None:
+            value = self._loaded[location] = make()
+        return value
 
     def refuse_out_of_range(self, status_slot: int, checks) -> None:
         """Before any kernel: if an integer input holds a value outside its [lo, hi), write that
@@ -152,9 +223,11 @@ class EntryBuilder:
                 self.b.call(self.barrier, [self.nthreads])
             self.b.call(phase, [out, *inputs, scratch if scratch is not None else null, self.tid, self.nthreads])
             self._pending_barrier = True
-            if self.profile_counters is not None:
+            self._part_calls += 1
+            if self.profile_slot is not None:
                 self._count_phase_ticks()
             self.phase_count += 1
+        self._loaded = {}
 
     def barrier_before_next_phase(self) -> None:
         """Make the next phase (or `settle`) wait for every thread to finish what came before."""
@@ -172,12 +245,13 @@ class EntryBuilder:
         self._pending_barrier = False
         now = _timestamp(self.b, self.module)
         with self.b.if_then(self.b.icmp_signed("==", self.tid, ir.Constant(I64, 0))):
-            counter = self.b.gep(self.profile_counters, [ir.Constant(I64, self.phase_count)], source_etype=I64)
+            counter = self.b.gep(self.slot(self.profile_slot), [ir.Constant(I64, self.phase_count)], source_etype=I64)
             elapsed = self.b.sub(now, self._last_tick)
             self.b.store(self.b.add(self.b.load(counter, typ=I64), elapsed), counter)
         self._last_tick = now
 
     def finish(self) -> ir.Function:
+        self._end_part()
         if self.calls_slot is not None:
             # Thread 0 counts the call once all its kernels ran; a call refused before any
             # kernel (refuse_out_of_range) returns earlier and is not counted.

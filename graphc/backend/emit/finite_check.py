@@ -101,12 +101,12 @@ class FiniteGuard:
 
     def __init__(self, entry, status_slot: int, check_count: int):
         self.entry = entry
-        self.status = entry.slot(status_slot)
+        self.status_slot = status_slot
         self.check_count = check_count
         self.checks_emitted = 0
         self.scan = emit_scan(entry.module)
         self.copy = emit_copy(entry.module)
-        self.stop_block = entry.fn.append_basic_block("stopped")
+        entry.stop_block = entry.fn.append_basic_block("stopped")
         self.saved: list[tuple[ir.Value, ir.Value, int]] = []
 
     def save(self, buffers: list[tuple[ir.Value, ir.Value, int]]) -> None:
@@ -123,23 +123,25 @@ class FiniteGuard:
         NaN or infinity. The buffers are the next `len(buffers)` checks, in order."""
         entry, b = self.entry, self.entry.b
         entry.settle()   # every thread's share of the step is written
+        status_slot = entry.slot(self.status_slot)
         for pointer, count in buffers:
             bad = b.call(self.scan, [pointer, ir.Constant(I64, count), entry.tid, entry.nthreads])
             with b.if_then(bad, likely=False):
                 code = status_code(self.checks_emitted, self.check_count)
-                b.atomic_rmw("min", self.status, ir.Constant(I64, code), "monotonic")
+                b.atomic_rmw("min", status_slot, ir.Constant(I64, code), "monotonic")
             self.checks_emitted += 1
         entry.settle(force=True)   # every thread's verdict is in the Status slot
-        status = b.load_atomic(self.status, "monotonic", 8, typ=I64)
-        go_on = entry.fn.append_basic_block("finite")
-        b.cbranch(b.icmp_signed("<", status, ir.Constant(I64, 0)), self.stop_block, go_on)
+        status = b.load_atomic(status_slot, "monotonic", 8, typ=I64)
+        go_on = b.function.append_basic_block("finite")
+        b.cbranch(b.icmp_signed("<", status, ir.Constant(I64, 0)), entry.stop(), go_on)
         b.position_at_end(go_on)
 
     def finish(self) -> None:
-        """The stop block: each thread puts back its share of the saved buffers and returns."""
+        """The stop block: each thread puts back its share of the saved buffers and returns.
+        After `entry.finish()`: the block is the entry's, not a part's."""
         if self.checks_emitted != self.check_count:
             raise RuntimeError(f"internal error: {self.checks_emitted} finite checks emitted, {self.check_count} planned")
-        b = ir.IRBuilder(self.stop_block)
+        b = ir.IRBuilder(self.entry.stop_block)
         for buffer, backup, nbytes in self.saved:
             b.call(self.copy, [buffer, backup, ir.Constant(I64, nbytes), self.entry.tid, self.entry.nthreads])
         b.ret_void()
