@@ -2,6 +2,7 @@
 (graphc/backend/llvm: parallel.py, worker_process.py, program_modules.py): the same numbers as
 the one-module serial build, workers that fail or cannot start, multi-object cache entries and
 loading, and no crash when compiling in parallel over and over."""
+import collections
 import re
 import sys
 import threading
@@ -13,6 +14,7 @@ import pytest
 import graphc as gc
 import graphc_runtime as rt
 from graphc.backend import compiler
+from graphc.backend.emit import entry
 from graphc.backend.emit.kernel import Kernel
 from graphc.backend.llvm import parallel, program_modules, target, worker_process
 from graphc.backend.program_cache import CachedProgram, pack_entry, unpack_entry
@@ -109,6 +111,28 @@ def test_llvm_ir_shows_every_module_and_profile_works(fresh_cache, parallel_mode
         assert "define external void @\"k" in module or "define external void @k" in module
     report = step.profile(repeats=2, **models.random_batch(model, np.random.default_rng(0)))
     assert len(report.kernels) == len(step.steps) and report.native_seconds > 0
+
+
+def test_an_entry_in_parts_computes_what_one_part_does_and_profiles_every_kernel(fresh_cache, monkeypatch):
+    """The entry calls the kernels in parts of at most CALLS_PER_PART calls (emit/entry.py)."""
+    model = models.lenet5(4)
+    feeds = models.random_batch(model, np.random.default_rng(2))
+    runs = {}
+    for calls_per_part in (1, 10_000):
+        fresh_cache()
+        monkeypatch.setattr(entry, "CALLS_PER_PART", calls_per_part)
+        params = gc.init_params(model.graph, seed=0)
+        step = gc.compile_training_step(model.loss, params, gc.Adam(lr=0.01))
+        parts = re.findall(r'^define internal i1 @"graphc_entry\.part\d+"', step.llvm_ir, re.MULTILINE)
+        runs[calls_per_part] = (step, len(parts), [step(**feeds) for _ in range(3)], params)
+    many, one = runs[1], runs[10_000]
+    assert many[1] == len(many[0].steps) > 10 and one[1] == 1
+    assert many[2] == one[2]
+    for name in one[3]:
+        assert many[3][name].tobytes() == one[3][name].tobytes(), name
+    report = many[0].profile(repeats=2, **feeds)
+    assert len(report.kernels) == len(many[0].steps) and report.native_seconds > 0
+    assert sum(kernel.seconds for kernel in report.kernels) > 0
 
 
 def test_compiling_where_no_worker_process_can_start_falls_back_to_this_process(fresh_cache, parallel_mode,
@@ -341,6 +365,69 @@ def test_a_finished_module_keeps_its_text_and_frees_its_instructions():
     assert phase.blocks == [] and phase.name == "k0"
     declaration = modules.callee(phase)
     assert declaration.module is modules.module and declaration.function_type == phase.function_type
+
+
+def _kernel_calling_helper(name: str, helper_builds: list):
+    """A build function for ProgramModules.add_kernel whose phase calls the shared helper "helper"."""
+    def build(module):
+        def build_helper(helper):
+            helper_builds.append(module)
+            builder = ir.IRBuilder(helper.append_basic_block("entry"))
+            builder.ret(builder.mul(helper.args[0], ir.Constant(ir.IntType(64), 3)))
+        helper = program_modules.shared_function(module, "helper", _HELPER_TYPE, build_helper)
+        fn = ir.Function(module, ir.FunctionType(ir.VoidType(), [ir.IntType(64)]), name=name)
+        builder = ir.IRBuilder(fn.append_basic_block("entry"))
+        builder.call(helper, [fn.args[0]])
+        builder.ret_void()
+        return Kernel([fn])
+    return build
+
+
+_HELPER_TYPE = ir.FunctionType(ir.IntType(64), [ir.IntType(64)])
+
+
+def test_a_shared_helper_is_built_once_per_program_and_declared_in_its_other_modules():
+    builds = []
+    modules = program_modules.ProgramModules("shared", budget=1)
+    for i in range(3):
+        modules.add_kernel(_kernel_calling_helper(f"k{i}", builds), group=i)
+    texts = modules.finish()
+    assert len(texts) == 3 and len(builds) == 1
+    assert 'define external i64 @"helper"' in texts[0]
+    assert all('declare i64 @"helper"' in text and 'define external i64 @"helper"' not in text for text in texts[1:])
+    objects = parallel.compile_modules(texts, 1)
+    rt.NativeLibrary(objects)      # links: defined once, found by the others
+    # a module of no program keeps a definition of its own
+    def identity(fn):
+        builds.append(fn)
+        ir.IRBuilder(fn.append_basic_block()).ret(fn.args[0])
+    alone = target.new_module("alone")
+    helper = program_modules.shared_function(alone, "helper", _HELPER_TYPE, identity)
+    assert helper.linkage == "internal" and len(builds) == 2
+    assert program_modules.shared_function(alone, "helper", _HELPER_TYPE, None) is helper
+
+
+def test_the_conv_helpers_are_defined_once_per_program(fresh_cache, parallel_mode):
+    """Register tiles specialized for their callers' constants, and the transpose, are each
+    defined in one module of a program and declared in the others that call them."""
+    fresh_cache()
+    parallel_mode(3)
+    model = NETWORKS["convnet"]()
+    step = gc.compile_training_step(model.loss, gc.init_params(model.graph, seed=0), gc.SGD(lr=0.01))
+    modules = parallel.split_modules(step.llvm_ir)
+    home, declared, callers = {}, collections.defaultdict(set), collections.defaultdict(set)
+    for index, text in enumerate(modules):
+        for name in re.findall(r'^define [^@]*@"(graphc\.conv\.[^"]+)"', text, re.MULTILINE):
+            assert name not in home, f"{name} defined twice"
+            home[name] = index
+        for name in re.findall(r'^declare [^@]*@"(graphc\.conv\.[^"]+)"', text, re.MULTILINE):
+            declared[name].add(index)
+        for name in re.findall(r'call void @"(graphc\.conv\.[^"]+)"', text):
+            callers[name].add(index)
+    assert any(name.startswith("graphc.conv.tile") for name in home) and "graphc.conv.transpose" in home
+    assert any(len(where) > 1 for where in callers.values()), "no helper is called from two modules"
+    for name, where in callers.items():
+        assert where - {home[name]} <= declared[name], name
 
 
 def test_split_modules():

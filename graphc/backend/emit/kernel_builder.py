@@ -32,7 +32,7 @@ import llvmlite.ir as ir
 
 from graphc.backend.llvm.target import vector_width_f32
 
-__all__ = ["KernelBuilder", "F32", "I64", "I32", "I1", "PTR", "FAST_MATH", "shared_constant", "i32_array"]
+__all__ = ["KernelBuilder", "F32", "I64", "I32", "I1", "PTR", "FAST_MATH", "shared_constant", "i32_array", "int_constant"]
 
 F32 = ir.FloatType()
 # Vector widths (floats) that `KernelBuilder.transpose` handles: those of SSE/NEON, AVX and AVX-512.
@@ -85,7 +85,7 @@ class KernelBuilder:
     # emitted is Python and LLVM time saved at compile time (LLVM would fold
     # them too, but only after parsing them).
     def add(self, a: ValueLike, b: ValueLike) -> ir.Value:
-        x, y = _int_constant(a), _int_constant(b)
+        x, y = int_constant(a), int_constant(b)
         if x is not None and y is not None:
             return self.i64(x + y)
         if x == 0:
@@ -95,7 +95,7 @@ class KernelBuilder:
         return self.b.add(self.as_i64(a), self.as_i64(b), flags=("nsw",))
 
     def sub(self, a: ValueLike, b: ValueLike) -> ir.Value:
-        x, y = _int_constant(a), _int_constant(b)
+        x, y = int_constant(a), int_constant(b)
         if x is not None and y is not None:
             return self.i64(x - y)
         if y == 0:
@@ -103,7 +103,7 @@ class KernelBuilder:
         return self.b.sub(self.as_i64(a), self.as_i64(b), flags=("nsw",))
 
     def mul(self, a: ValueLike, b: ValueLike) -> ir.Value:
-        x, y = _int_constant(a), _int_constant(b)
+        x, y = int_constant(a), int_constant(b)
         if x is not None and y is not None:
             return self.i64(x * y)
         if x == 0 or y == 0:
@@ -199,7 +199,7 @@ class KernelBuilder:
     # ------------------------------------------------------ scalar memory
     def gep(self, ptr: ir.Value, index: ValueLike) -> ir.Value:
         """Address of float element `index` past `ptr`."""
-        if _int_constant(index) == 0:
+        if int_constant(index) == 0:
             return ptr
         return self.b.gep(ptr, [self.as_i64(index)], inbounds=True,
                           source_etype=F32)
@@ -423,7 +423,7 @@ def _shared_constant(typ: ir.Type, value, text: str) -> ir.Constant:
     return ir.Constant(typ, list(value) if isinstance(value, tuple) else value)
 
 
-def _int_constant(value: ValueLike) -> int | None:
+def int_constant(value: ValueLike) -> int | None:
     """The value of a Python int or an i64 constant; None for anything else."""
     if isinstance(value, int) and not isinstance(value, bool):
         return value

@@ -20,6 +20,7 @@ exactly as with splitting off.
 """
 from __future__ import annotations
 
+import weakref
 from typing import Callable
 
 import llvmlite.ir as ir
@@ -28,7 +29,7 @@ from graphc.backend.emit.kernel import Kernel
 from graphc.backend.llvm import parallel
 from graphc.backend.llvm.target import new_module
 
-__all__ = ["INSTRUCTIONS_PER_MODULE", "default_budget", "ProgramModules"]
+__all__ = ["INSTRUCTIONS_PER_MODULE", "default_budget", "ProgramModules", "shared_function"]
 
 # Large enough that the fixed cost of a module and its copies of shared helpers stay small,
 # small enough that the modules compiled after generation ends make a short tail; smaller and
@@ -50,6 +51,7 @@ class ProgramModules:
         self.on_module = on_module
         self.texts: list[str] = []
         self._declared: dict[str, ir.Function] = {}
+        self._shared: dict[str, ir.Function] = {}     # shared_function's, by name: where defined
         self._begin_module()
 
     @property
@@ -91,6 +93,7 @@ class ProgramModules:
 
     def _begin_module(self) -> None:
         self._module = new_module(self.name if not self.texts else f"{self.name}.part{len(self.texts)}")
+        _program_of[self._module] = weakref.ref(self)
         self._group = None
         self._size = 0
         self._counted = 0
@@ -115,6 +118,39 @@ class ProgramModules:
         if not last:
             _release_bodies(self._module)
             self._begin_module()
+
+
+# module -> a weak reference to its ProgramModules, which refers to its modules: a strong one
+# would keep both alive for good
+_program_of: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def shared_function(module: ir.Module, name: str, function_type: ir.FunctionType,
+                    build: Callable[[ir.Function], None]) -> ir.Function:
+    """The helper `name`, callable from `module`: defined by `build` in the first module of the
+    program that needs it, declared in the others. `name` must say everything `build` depends
+    on (a helper specialized for its callers' constants names them).
+
+    For helpers whose callers pass constants: a copy per module let LLVM fold its callers'
+    constants into it, but cost a copy per module; specialized in Python, one copy serves them all.
+    A module made outside ProgramModules gets its own internal definition.
+    """
+    existing = module.globals.get(name)
+    if existing is not None:
+        return existing
+    program = _program_of[module]() if module in _program_of else None
+    defined = program._shared.get(name) if program is not None else None
+    if defined is not None:
+        if defined.function_type != function_type:
+            raise TypeError(f"internal error: shared helper {name} declared as {function_type}, "
+                            f"defined as {defined.function_type}")
+        return ir.Function(module, function_type, name)
+    fn = ir.Function(module, function_type, name)
+    fn.linkage = "external" if program is not None else "internal"
+    build(fn)
+    if program is not None:
+        program._shared[name] = fn
+    return fn
 
 
 def _release_bodies(module: ir.Module) -> None:

@@ -8,12 +8,12 @@ from typing import Callable
 import llvmlite.ir as ir
 
 from graphc.backend.emit.kernel import Kernel, phase_args, phase_function
-from graphc.backend.emit.kernel_builder import I1, KernelBuilder
+from graphc.backend.emit.kernel_builder import KernelBuilder
 from graphc.backend.kernels.conv.buffers import (_ceil_div, _emit_copy_zero_tail, _my_samples, _Placement, _round_up,
                                                  _sample, _ScratchLayout, _thread0_phase, emit_fill_zero)
 from graphc.backend.kernels.conv.geometry import ConvGeometry, _VectorCover
 from graphc.backend.kernels.conv.tiles import (_TILE_ROWS, _call_tile, _call_transpose, _equal_runs, _padded_list,
-                                               _row_indices, _Tables, _tile_function, _tile_vectors, _tiles_along,
+                                               _row_indices, _Tables, _tile_vectors, _tiles_along,
                                                _zeros)
 from graphc.backend.llvm.target import vector_width_f32
 
@@ -91,20 +91,19 @@ class _LanesForward:
                 last = kb.b.icmp_signed("==", index, kb.i64(blocks - 1))
 
                 def group(ch0, vecs):
-                    tile_fn = _tile_function(module, _TILE_ROWS, vecs, "a")
                     with kb.for_range(0, tiles, name="tile") as t:
                         p0 = kb.mul(t, _TILE_ROWS)
                         c = kb.gep(out_t, kb.add(kb.mul(p0, lanes), ch0))
                         # Later blocks add to the sums of the earlier ones, kept in outT.
                         select = kb.b.select
-                        _call_tile(kb, tile_fn, a=x_n, a_rows=kb.gep(pixels, p0),
+                        _call_tile(kb, _TILE_ROWS, vecs, "a", a=x_n, a_rows=kb.gep(pixels, p0),
                                    b=kb.gep(wt, kb.add(kb.mul(k0, lanes), ch0)),
                                    steps=kb.gep(steps, k0), stride=lanes,
                                    n=kb.min(block, kb.sub(K, k0)), c=c, c_row=lanes,
                                    v_step=kb.width, init=select(first, kb.gep(biases, ch0), c),
                                    init_row=select(first, kb.i64(0), kb.i64(lanes)),
                                    init_vec=kb.i64(kb.width),
-                                   relu=kb.b.and_(last, ir.Constant(I1, int(self.relu))))
+                                   relu=last if self.relu else False)
 
                 _emit_channel_groups(kb, lanes, group)
             _call_transpose(kb, out_t, lanes, _sample(kb, out, n, O * P), P,

@@ -15,7 +15,7 @@ from graphc.backend.kernels.conv.channel_sums import ChannelSums
 from graphc.backend.kernels.conv.forward import _emit_forward_pixel_lanes, _LanesForward
 from graphc.backend.kernels.conv.geometry import ConvGeometry, _VectorCover
 from graphc.backend.kernels.conv.tiles import (_TILE_ROWS, _balanced, _call_tile, _call_transpose, _equal_runs,
-                                               _load_index, _row_indices, _Tables, _tile_function, _tiles_along, _zeros)
+                                               _load_index, _row_indices, _Tables, _tiles_along, _zeros)
 from graphc.backend.kernels.elementwise import emit_elementwise_epilogue
 from graphc.backend.llvm.target import vector_width_f32
 
@@ -301,7 +301,7 @@ class _BatchLanesInputGrad:
             n = _load_index(kb, pixels, kb.add(entry, 1))
             b = kb.gep(g_t, _load_index(kb, pixels, kb.add(entry, 2)))
             for c0, rows in _balanced(C, _TILE_ROWS):
-                _call_tile(kb, _tile_function(kb.module, rows, len(halves), "b"),
+                _call_tile(kb, rows, len(halves), "b",
                            a=kb.gep(wp, kb.add(kb.mul(first_row, C), c0)), a_rows=row_indices,
                            b=b, steps=kb.gep(steps, first_row), stride=C, n=n,
                            c=kb.gep(dx_t, kb.mul(kb.add(pixel, c0 * plane), lanes)),

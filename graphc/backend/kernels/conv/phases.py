@@ -36,7 +36,7 @@ from graphc.backend.kernels.conv.buffers import (_my_samples, _Placement, _round
 from graphc.backend.kernels.conv.forward import _emit_channel_groups
 from graphc.backend.kernels.conv.geometry import ConvGeometry, _lanes_efficiency
 from graphc.backend.kernels.conv.input_grad import _NO_EPILOGUE, _as_forward_geometry, _DxEpilogue
-from graphc.backend.kernels.conv.tiles import _TILE_ROWS, _call_tile, _call_transpose, _Tables, _tile_function
+from graphc.backend.kernels.conv.tiles import _TILE_ROWS, _call_tile, _call_transpose, _Tables
 from graphc.backend.llvm.target import vector_width_f32
 
 __all__ = ["Phase", "phases_of", "by_phases_possible", "by_phases_efficiency", "emit_input_grad_by_phases"]
@@ -164,14 +164,13 @@ def emit_input_grad_by_phases(module: ir.Module, name: str, g: ConvGeometry, *, 
         x_n = placement.place(kb, _sample(kb, inputs[0], n, placement.source_floats), x_buffer)
 
         def group(ch0, vecs):
-            tile_fn = _tile_function(module, _TILE_ROWS, vecs, "a")
             for phase, first_row, phase_pixels, phase_steps in zip(phases, first_rows, pixels, steps):
                 with kb.for_range(0, phase.rows, name="a") as a:
                     y = kb.add(kb.mul(a, g.stride_h), phase.py)
                     for start in phase.starts:
                         pixel = kb.add(kb.mul(y, g.width), start * g.stride_w + phase.px)
                         row_pixels = kb.gep(phase_pixels, kb.add(kb.mul(a, phase.cols), start))
-                        _call_tile(kb, tile_fn, a=x_n, a_rows=row_pixels,
+                        _call_tile(kb, _TILE_ROWS, vecs, "a", a=x_n, a_rows=row_pixels,
                                    b=kb.gep(wt, kb.add(ch0, first_row * lanes)), steps=phase_steps, stride=lanes,
                                    n=O * len(phase.taps), c=kb.gep(out_t, kb.add(kb.mul(pixel, lanes), ch0)),
                                    c_row=g.stride_w * lanes, v_step=kb.width, init=kb.gep(zero, ch0),

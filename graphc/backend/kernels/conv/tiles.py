@@ -2,15 +2,20 @@
 `_dot_function`), their compile-time offset tables, and the blocked transpose."""
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 from typing import Callable, Sequence
 
 import llvmlite.ir as ir
 
-from graphc.backend.emit.kernel_builder import F32, I1, I32, I64, PTR, KernelBuilder, i32_array
+from graphc.backend.emit.kernel_builder import F32, I1, I32, I64, PTR, KernelBuilder, int_constant, i32_array
+from graphc.backend.llvm.program_modules import shared_function
 from graphc.backend.llvm.target import vector_register_count
 
 # Rows of a register tile: each has a pointer to its broadcast operand, in a register.
 _TILE_ROWS = 6
+_ROWS_NAME = "graphc.conv.rows"
+_ZEROS_NAME = "graphc.conv.zeros"
 
 
 # ------------------------------------------------------------------------ register tiles
@@ -26,11 +31,49 @@ def _accumulators() -> int:
     return _TILE_ROWS * _tile_vectors()
 
 
-def _tile_function(module: ir.Module, rows: int, vecs: int, table: str) -> ir.Function:
-    """The module's register tile of `rows` x `vecs` vectors whose `table` ("a" or "b")
-    operand's steps are offsets in a table, made on first use:
+@dataclasses.dataclass(frozen=True)
+class _TileSpec:
+    """A register tile as its callers use it: its shape and the arguments they pass as
+    constants, folded into its code. An argument that is None here is a parameter.
 
-        void tile(a, a_rows, b, steps, stride, n, c, c_row, v_step, init, init_row,
+    `consecutive_rows`: a_rows is the table 0, 1, 2, ... (row r's offset is r); `zero_init`:
+    the accumulators start at zero (init, init_row and init_vec unused). The loop bound n,
+    the operands and the step table are always parameters."""
+
+    rows: int
+    vecs: int
+    table: str
+    consecutive_rows: bool
+    zero_init: bool
+    stride: int | None
+    c_row: int | None
+    v_step: int | None
+    init_row: int | None
+    init_vec: int | None
+    relu: bool | None
+
+    @property
+    def name(self) -> str:
+        constants = hashlib.sha256(repr(self).encode()).hexdigest()[:10]
+        return f"graphc.conv.tile{self.rows}x{self.vecs}{self.table}.{constants}"
+
+    def parameters(self) -> list[tuple[str, ir.Type]]:
+        """(name, type) of the tile function's parameters, in order."""
+        optional = [("a_rows", PTR, self.consecutive_rows), ("stride", I64, self.stride is not None),
+                    ("c_row", I64, self.c_row is not None), ("v_step", I64, self.v_step is not None),
+                    ("init", PTR, self.zero_init), ("init_row", I64, self.zero_init or self.init_row is not None),
+                    ("init_vec", I64, self.zero_init or self.init_vec is not None),
+                    ("relu", I1, self.relu is not None)]
+        return [("a", PTR), ("b", PTR), ("steps", PTR), ("n", I64), ("c", PTR)] + [
+            (name, typ) for name, typ, constant in optional if not constant]
+
+
+def _tile_function(module: ir.Module, spec: _TileSpec) -> ir.Function:
+    """The register tile of `spec.rows` x `spec.vecs` vectors whose `spec.table` ("a" or "b")
+    operand's steps are offsets in a table, specialized for the constants in `spec`, one
+    copy per program (program_modules.shared_function). With every argument a parameter:
+
+        void tile(a, b, steps, n, c, a_rows, stride, c_row, v_step, init, init_row,
                   init_vec, relu)
 
     acc[r][v] = init[r*init_row + v*init_vec : +W]; then for each of the n steps s,
@@ -46,24 +89,38 @@ def _tile_function(module: ir.Module, rows: int, vecs: int, table: str) -> ir.Fu
     too few to hide the FMA latency, so it alternates between two sets of them, summed at
     the end (a tile one vector wide; a short last group of rows).
     """
-    name = f"graphc.conv.tile{rows}x{vecs}{table}"
-    existing = module.globals.get(name)
-    if existing is not None:
-        return existing
-    fn, kb = _internal_function(module, name, [PTR, PTR, PTR, PTR, I64, I64, PTR, I64, I64,
-                                               PTR, I64, I64, I1])
-    a, a_rows, b, steps, stride, n, c, c_row, v_step, init, init_row, init_vec, relu = fn.args
-    row_ptrs = [kb.gep(a, _load_index(kb, a_rows, r)) for r in range(rows)]
+    parameters = spec.parameters()
+    function_type = ir.FunctionType(ir.VoidType(), [typ for _, typ in parameters])
+    return shared_function(module, spec.name, function_type,
+                           lambda fn: _build_tile(fn, spec, [name for name, _ in parameters]))
+
+
+def _build_tile(fn: ir.Function, spec: _TileSpec, names: list[str]) -> None:
+    fn.attributes.add("noinline")   # see _internal_function
+    kb = KernelBuilder(ir.IRBuilder(fn.append_basic_block("entry")))
+    arg = dict(zip(names, fn.args))
+    rows, vecs = spec.rows, spec.vecs
+    a, b, steps, n, c = arg["a"], arg["b"], arg["steps"], arg["n"], arg["c"]
+    stride, c_row, v_step = (arg.get(name, getattr(spec, name)) for name in ("stride", "c_row", "v_step"))
+    if spec.consecutive_rows:
+        row_ptrs = [kb.gep(a, r) for r in range(rows)]
+    else:
+        row_ptrs = [kb.gep(a, _load_index(kb, arg["a_rows"], r)) for r in range(rows)]
     b_ptrs = [kb.gep(b, kb.mul(v, v_step)) for v in range(vecs)]
-    first = [[kb.variable(kb.load_vec(init, kb.add(kb.mul(r, init_row), kb.mul(v, init_vec))))
-              for v in range(vecs)] for r in range(rows)]
+    if spec.zero_init:
+        first = [[kb.variable(kb.splat(0.0)) for _ in range(vecs)] for _ in range(rows)]
+    else:
+        init = arg["init"]
+        init_row, init_vec = (arg.get(name, getattr(spec, name)) for name in ("init_row", "init_vec"))
+        first = [[kb.variable(kb.load_vec(init, kb.add(kb.mul(r, init_row), kb.mul(v, init_vec))))
+                  for v in range(vecs)] for r in range(rows)]
     sets = [first]
     if 2 * rows * vecs <= _accumulators():
         sets.append([[kb.variable(kb.splat(0.0)) for _ in range(vecs)] for _ in range(rows)])
 
     def step(s, acc):
         looked_up, affine = _load_index(kb, steps, s), kb.mul(s, stride)
-        da, db = (looked_up, affine) if table == "a" else (affine, looked_up)
+        da, db = (looked_up, affine) if spec.table == "a" else (affine, looked_up)
         b_vectors = [kb.load_vec(ptr, db) for ptr in b_ptrs]
         for ptr, row_acc in zip(row_ptrs, acc):
             a_value = kb.splat(kb.load(ptr, da))
@@ -82,10 +139,12 @@ def _tile_function(module: ir.Module, rows: int, vecs: int, table: str) -> ir.Fu
             value = kb.get(first[r][v])
             if len(sets) > 1:
                 value = kb.fadd(value, kb.get(sets[1][r][v]))
-            value = kb.b.select(relu, kb.relu(value), value)
+            if spec.relu is None:
+                value = kb.b.select(arg["relu"], kb.relu(value), value)
+            elif spec.relu:
+                value = kb.relu(value)
             kb.store_vec(value, c, kb.add(kb.mul(r, c_row), kb.mul(v, v_step)))
     kb.b.ret_void()
-    return fn
 
 
 def _tiles_along(kb: KernelBuilder, rows: int, table: str, *, b: ir.Value, c: ir.Value,
@@ -93,18 +152,27 @@ def _tiles_along(kb: KernelBuilder, rows: int, table: str, *, b: ir.Value, c: ir
     """tile(start, vecs, step) for `_VectorCover.emit_each`: the tile of `rows` whose
     vectors start `start` floats into the runs at b (its vector operand) and at c."""
     def tile(start, vecs, step):
-        _call_tile(kb, _tile_function(kb.module, rows, vecs, table), b=kb.gep(b, start),
-                   c=kb.gep(c, start), v_step=step, **operands)
+        _call_tile(kb, rows, vecs, table, b=kb.gep(b, start), c=kb.gep(c, start), v_step=step, **operands)
     return tile
 
 
-def _call_tile(kb: KernelBuilder, fn: ir.Function, *, a, a_rows, b, steps, stride, n, c,
+def _call_tile(kb: KernelBuilder, rows: int, vecs: int, table: str, *, a, a_rows, b, steps, stride, n, c,
                c_row, v_step, init, init_row, init_vec, relu: bool | ir.Value = False) -> None:
-    if not isinstance(relu, ir.Value):
-        relu = ir.Constant(I1, int(relu))
-    kb.b.call(fn, [a, a_rows, b, steps, kb.as_i64(stride), kb.as_i64(n), c,
-                   kb.as_i64(c_row), kb.as_i64(v_step), init, kb.as_i64(init_row),
-                   kb.as_i64(init_vec), relu])
+    """A call of the tile of `rows` x `vecs` vectors (`_tile_function`) with these arguments:
+    Python ints and bools, i64 constants, and the module's `_row_indices` and `_zeros` are
+    folded into the tile's code."""
+    module = kb.module
+    zero_init = init is module.globals.get(_ZEROS_NAME)
+    spec = _TileSpec(rows, vecs, table, consecutive_rows=a_rows is module.globals.get(_ROWS_NAME),
+                     zero_init=zero_init, stride=int_constant(stride), c_row=int_constant(c_row),
+                     v_step=int_constant(v_step), init_row=None if zero_init else int_constant(init_row),
+                     init_vec=None if zero_init else int_constant(init_vec),
+                     relu=relu if isinstance(relu, bool) else None)
+    given = {"a": a, "b": b, "steps": steps, "n": kb.as_i64(n), "c": c, "a_rows": a_rows, "stride": stride,
+             "c_row": c_row, "v_step": v_step, "init": init, "init_row": init_row, "init_vec": init_vec,
+             "relu": relu}
+    arguments = [kb.as_i64(given[name]) if typ == I64 else given[name] for name, typ in spec.parameters()]
+    kb.b.call(_tile_function(module, spec), arguments)
 
 
 def _dot_function(module: ir.Module, rows: int, vecs: int) -> ir.Function:
@@ -194,18 +262,17 @@ def _i32_global(module: ir.Module, name: str, values: Sequence[int]) -> ir.Globa
 
 def _row_indices(module: ir.Module) -> ir.GlobalVariable:
     """0, 1, ..., 15: the row offsets of a tile whose rows are consecutive floats."""
-    existing = module.globals.get("graphc.conv.rows")
-    return existing if existing is not None else _i32_global(module, "graphc.conv.rows",
-                                                               list(range(16)))
+    existing = module.globals.get(_ROWS_NAME)
+    return existing if existing is not None else _i32_global(module, _ROWS_NAME, list(range(16)))
 
 
 def _zeros(module: ir.Module) -> ir.GlobalVariable:
     """A vector of zeros: the initial accumulators of a tile summed from zero."""
-    existing = module.globals.get("graphc.conv.zeros")
+    existing = module.globals.get(_ZEROS_NAME)
     if existing is not None:
         return existing
     typ = ir.ArrayType(F32, 16)
-    zeros = ir.GlobalVariable(module, typ, "graphc.conv.zeros")
+    zeros = ir.GlobalVariable(module, typ, _ZEROS_NAME)
     zeros.global_constant = True
     zeros.linkage = "internal"
     zeros.align = 64
@@ -244,8 +311,8 @@ def _call_transpose(kb: KernelBuilder, src: ir.Value, src_stride, dst: ir.Value,
 
 
 def _transpose_function(module: ir.Module) -> ir.Function:
-    """The module's transpose (see `_call_transpose`), W x W blocks at a time: W loads,
-    `_transpose_block`, W stores. One function shared by all the conv kernels of a module,
+    """The transpose (see `_call_transpose`), W x W blocks at a time: W loads,
+    `_transpose_block`, W stores. One function shared by all the conv kernels of a program,
     and one copy of the block in it: shuffles are slow to compile.
 
     A block at the edge (rows past `rows` or `cols`, lanes past `lanes`) is copied one
@@ -253,11 +320,13 @@ def _transpose_function(module: ir.Module) -> ir.Function:
     them (masked loads into a buffer transposed like the others, then masked stores)
     doubled the function and LLVM's time on it.
     """
-    name = "graphc.conv.transpose"
-    existing = module.globals.get(name)
-    if existing is not None:
-        return existing
-    fn, kb = _internal_function(module, name, [PTR, I64, PTR, I64, I64, I64, I64])
+    function_type = ir.FunctionType(ir.VoidType(), [PTR, I64, PTR, I64, I64, I64, I64])
+    return shared_function(module, "graphc.conv.transpose", function_type, _build_transpose)
+
+
+def _build_transpose(fn: ir.Function) -> None:
+    fn.attributes.add("noinline")   # see _internal_function
+    kb = KernelBuilder(ir.IRBuilder(fn.append_basic_block("entry")))
     src, src_stride, dst, dst_stride, rows, cols, lanes = fn.args
     w = kb.width
 
@@ -288,7 +357,6 @@ def _transpose_function(module: ir.Module) -> ir.Function:
                 with otherwise:
                     edge_block(r0, c0)
     kb.b.ret_void()
-    return fn
 
 
 def _transpose_block(kb: KernelBuilder, rows: list[ir.Value]) -> list[ir.Value]:

@@ -10,7 +10,7 @@ from graphc.backend.kernels.conv.buffers import (_my_samples, _Placement, _round
 from graphc.backend.kernels.conv.forward import _emit_channel_groups
 from graphc.backend.kernels.conv.geometry import ConvGeometry
 from graphc.backend.kernels.conv.tiles import (_TILE_ROWS, _balanced, _call_tile, _call_transpose, _dot_function,
-                                               _equal_runs, _padded_list, _Tables, _tile_function)
+                                               _equal_runs, _padded_list, _Tables)
 from graphc.backend.kernels.reduce import horizontal_sum
 from graphc.backend.llvm.target import vector_width_f32
 
@@ -61,11 +61,10 @@ def _emit_weight_grad_channel_lanes(module: ir.Module, name: str, g: ConvGeometr
 
             def group(ch0, vecs):
                 for first, rows, count in _equal_runs(K, _TILE_ROWS):
-                    tile_fn = _tile_function(module, rows, vecs, "a")
                     with kb.for_range(0, count, name="tile") as t:
                         k0 = kb.add(first, kb.mul(t, rows))
                         c = kb.gep(partial, kb.add(kb.mul(k0, lanes), ch0))
-                        _call_tile(kb, tile_fn, a=x_n, a_rows=kb.gep(taps, k0),
+                        _call_tile(kb, rows, vecs, "a", a=x_n, a_rows=kb.gep(taps, k0),
                                    b=kb.gep(g_t, kb.add(kb.mul(p0, lanes), ch0)),
                                    steps=kb.gep(steps, p0), stride=lanes,
                                    n=kb.min(block, kb.sub(P, p0)), c=c, c_row=lanes,

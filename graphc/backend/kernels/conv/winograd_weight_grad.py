@@ -35,7 +35,7 @@ from graphc.backend.kernels.conv.buffers import (_my_samples, _Placement, _round
                                                  emit_fill_zero)
 from graphc.backend.kernels.conv.forward import _emit_channel_groups
 from graphc.backend.kernels.conv.geometry import ConvGeometry, _lanes_efficiency
-from graphc.backend.kernels.conv.tiles import _TILE_ROWS, _call_tile, _call_transpose, _equal_runs, _Tables, _tile_function
+from graphc.backend.kernels.conv.tiles import _TILE_ROWS, _call_tile, _call_transpose, _equal_runs, _Tables
 from graphc.backend.kernels.conv.winograd import (_UNCOUNTED, F2, _cache_stride, _Scheme, _TilePlan, _tiles, _transform,
                                                   _transform_width, winograd_possible)
 from graphc.backend.llvm.target import vector_width_f32
@@ -113,7 +113,7 @@ def emit_weight_grad_winograd(module: ir.Module, name: str, g: ConvGeometry, *, 
 
                         def tile(ch0, vecs, c0=c0, rows=rows):
                             c = kb.gep(s_xi, kb.add(kb.mul(c0, lanes), ch0))
-                            _call_tile(kb, _tile_function(module, rows, vecs, "b"),
+                            _call_tile(kb, rows, vecs, "b",
                                        a=kb.gep(d_xi, kb.mul(c0, chunk)), a_rows=d_rows,
                                        b=kb.gep(h_xi, ch0), steps=h_steps, stride=1, n=chunk,
                                        c=c, c_row=lanes, v_step=kb.width, init=c, init_row=lanes,
