@@ -333,6 +333,39 @@ def test_elementwise_fusion_never_composes_into_an_expression_sympy_cannot_evalu
     assert not any(n.attrs["expr"].has(sympy.zoo) for n in new_graph.nodes if n.op == "ew")
 
 
+def test_elementwise_fusion_drops_an_operand_the_composition_cancels():
+    g = gc.Graph("cancelled")
+    a, b = g.input("a", (3,)), g.input("b", (3,))
+    feeds = {"a": np.arange(3, dtype=np.float32), "b": np.full(3, 1e3, np.float32)}
+    new_graph, (out,) = run_checked(fuse_elementwise, g, [gc.exp((a + b) - b)], feeds, {})
+    assert out.op == "ew" and str(out.attrs["expr"]) == "exp(x0)" and out.inputs == (new_graph.inputs["a"],)
+
+
+def test_elementwise_fusion_composes_each_repeated_layer_expression_once(monkeypatch):
+    """Compositions are written over the kernel's operand symbols, not the nodes', so the
+    repeated blocks of a deep network compose the same expressions, made once."""
+    made = []
+    substituted = elementwise_fusion._substituted
+    monkeypatch.setattr(elementwise_fusion, "_substituted", lambda *args: made.append(args) or substituted(*args))
+
+    def blocks(count):
+        g = gc.Graph(f"blocks{count}")
+        x = g.input("x", (4, 6))
+        for i in range(count):
+            w, scale = g.param(f"w{i}", (6, 6)), g.param(f"s{i}", (6,))
+            x = gc.relu(gc.linear(x, w) * scale + 1.0) * 0.5 + x      # a GEMM and a kernel
+        return g, x
+    compositions = []
+    for count in (2, 8):
+        made.clear()
+        g, out = blocks(count)
+        feeds = {"x": np.random.default_rng(0).standard_normal((4, 6)).astype(np.float32)}
+        new_graph, _ = run_checked(fuse_elementwise, g, [out], feeds, _random_params(g))
+        assert sum(n.op == "ew" for n in new_graph.nodes) == count
+        compositions.append(len(made))
+    assert compositions[0] == compositions[1] > 0
+
+
 def test_fused_forward_nodes_hand_their_gradient_provenance_to_the_kernel_that_computes_them():
     graph, outputs, feeds, params = relu_mlp()
     new_graph, _ = run_checked(fuse_elementwise, graph, outputs, feeds, params)

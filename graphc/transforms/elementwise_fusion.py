@@ -12,7 +12,9 @@ that each node knows the kernels its consumers ended up in:
   recompute its exp or log for every copy of each element.
 
 Then, walking forwards, each node's expression is composed by substituting the composed
-expressions of its inlined operands for their symbols. A kernel keeps at most `MAX_OPERANDS`
+expressions of its inlined operands for their symbols. A composition is written over the
+kernel's own operand symbols, numbered in the order the leaves first appear, so that the
+repeated layers of a deep network compose the same expressions, which are made once. A kernel keeps at most `MAX_OPERANDS`
 distinct operands and about `MAX_EXPRESSION_OPS` operations, and its exact algebra must not
 leave the reals (composing `1/(a - b)` with `b = a` gives sympy's complex infinity, where
 floats give inf): where a composition breaks a rule, its biggest inlined operands become
@@ -29,7 +31,7 @@ from dataclasses import dataclass
 import sympy
 
 from graphc.core.ir import Graph, Tensor
-from graphc.core.scalar import Relu, Step, symbol
+from graphc.core.scalar import Relu, Step, symbol, symbol_indices
 from graphc.transforms.rebuild import Absorbed, Rewrite, needed_nodes, rebuild
 from graphc.transforms.simplify import leaves_the_reals
 
@@ -41,10 +43,19 @@ MAX_RECOMPUTATIONS = 6
 _PIECEWISE_LINEAR = (Relu, Step)
 
 
+@dataclass(frozen=True)
+class Composition:
+    """An `ew` node's expression with its inlined operands substituted: over symbol(j) for
+    j < len(leaves), where symbol(j) stands for the node of id `leaves[j]`."""
+
+    expr: sympy.Expr
+    leaves: tuple[int, ...]
+
+
 @dataclass
 class FusionPlan:
     kernel_of: dict[int, Tensor]  # inlined node id -> a fused node (of the old graph) computing it
-    expression: dict[int, sympy.Expr]  # fused node id -> its composed expression over leaf symbols
+    expression: dict[int, Composition]  # fused node id -> its composed expression
 
 
 def fuse_elementwise(graph: Graph, outputs: list[Tensor]) -> tuple[Graph, list[Tensor]]:
@@ -56,10 +67,8 @@ def fuse_elementwise(graph: Graph, outputs: list[Tensor]) -> tuple[Graph, list[T
             return Absorbed(into=plan.kernel_of[node.id])
         if node.id not in plan.expression:
             return None
-        expr = plan.expression[node.id]
-        leaves = sorted(expr.free_symbols, key=_leaf_id)
-        operands = [rewrite.new(graph.nodes[_leaf_id(leaf)]) for leaf in leaves]
-        return rewrite.ew(expr.xreplace({leaf: symbol(i) for i, leaf in enumerate(leaves)}), operands)
+        composition = plan.expression[node.id]
+        return rewrite.ew(composition.expr, [rewrite.new(graph.nodes[leaf]) for leaf in composition.leaves])
 
     return rebuild(graph, outputs, fuse)
 
@@ -118,14 +127,14 @@ def _worth_recomputing(node: Tensor, kernel_count: int, ops: int) -> bool:
     return recomputed <= stored
 
 
-def _compose(needed, kernels, own_ops, composed: dict) -> tuple[dict[int, sympy.Expr], set[int]]:
-    """Each `ew` node's expression over leaf symbols, its inlined operands substituted, and the
-    inlined nodes to keep as kernels of their own so that every composition fits.
+def _compose(needed, kernels, own_ops, composed: dict) -> tuple[dict[int, Composition], set[int]]:
+    """Each `ew` node's composition, its inlined operands substituted, and the inlined nodes to
+    keep as kernels of their own so that every composition fits.
 
     Kernels fill up from the producer side: a node whose composition breaks a rule keeps its
     biggest inlined operands (whose compositions fit, as checked before) as kernels until it fits.
-    `composed` holds the compositions of earlier calls, reused where the operands' are the same."""
-    expressions: dict[int, sympy.Expr] = {}
+    `composed` holds the expressions made so far, by what they were made from (`_composition`)."""
+    compositions: dict[int, Composition] = {}
     ops: dict[int, int] = {}  # operations of the composed expression, as a tree (an upper bound)
     splits: set[int] = set()
     for node in needed:
@@ -133,31 +142,66 @@ def _compose(needed, kernels, own_ops, composed: dict) -> tuple[dict[int, sympy.
             continue   # neither inlined nor inlining: its kernel is itself, nobody composes it
         while True:
             inlined = {i: o for i, o in enumerate(node.inputs) if o.id in kernels and o.id not in splits}
-            expr, ops[node.id], fits = _composition(node, inlined, expressions, ops, own_ops, composed)
+            composition, ops[node.id], fits = _composition(node, inlined, compositions, ops, own_ops, composed)
             if fits or not inlined:
                 break
-            biggest = max(inlined.values(), key=lambda o: (len(expressions[o.id].free_symbols), ops[o.id]))
+            biggest = max(inlined.values(), key=lambda o: (len(compositions[o.id].leaves), ops[o.id]))
             splits.add(biggest.id)
-        expressions[node.id] = expr
-    return expressions, splits
+        compositions[node.id] = composition
+    return compositions, splits
 
 
-def _composition(node, inlined: dict, expressions: dict, ops: dict, own_ops: dict, composed: dict
-                 ) -> tuple[sympy.Expr, int, bool]:
-    """`node`'s expression with the expressions of its `inlined` operands substituted, its
-    operation count, and whether it fits a kernel; from `composed` if an earlier call made it
-    from the same operand expressions (the same objects)."""
-    key = (node.id, tuple(id(expressions[o.id]) if i in inlined else None for i, o in enumerate(node.inputs)))
-    known = composed.get(key)
-    if known is not None and all(expressions[o.id] is kept for (i, o), kept in zip(inlined.items(), known[1])):
-        return known[0]
-    expr = node.attrs["expr"].xreplace({
-        symbol(i): expressions[o.id] if i in inlined else _leaf_symbol(o) for i, o in enumerate(node.inputs)})
-    count = own_ops[node.id] + sum(node.attrs["expr"].count(symbol(i)) * ops[o.id] for i, o in inlined.items())
-    fits = len(expr.free_symbols) <= MAX_OPERANDS and count <= MAX_EXPRESSION_OPS and not leaves_the_reals(expr)
-    # The operands' expressions are kept with it: their ids in the key stay theirs.
-    composed[key] = ((expr, count, fits), [expressions[o.id] for o in inlined.values()])
-    return expr, count, fits
+def _composition(node, inlined: dict, compositions: dict, ops: dict, own_ops: dict, composed: dict
+                 ) -> tuple[Composition, int, bool]:
+    """`node`'s composition with its `inlined` operands', its operation count, and whether it
+    fits a kernel.
+
+    The leaves are numbered as they first appear, operand by operand. The expression depends
+    only on `node`'s own and its inlined operands' expressions and on where their leaves fall
+    in that numbering, not on which nodes the leaves are: `composed` keeps it by those, with
+    the numbers of the leaves it kept (sympy may cancel one) and whether it leaves the reals."""
+    numbers: dict[int, int] = {}     # leaf node id -> its number
+    parts = []
+    for i, operand in enumerate(node.inputs):
+        if i in inlined:
+            inner = compositions[operand.id]
+            parts.append((inner.expr, tuple(numbers.setdefault(leaf, len(numbers)) for leaf in inner.leaves)))
+        else:
+            parts.append((None, numbers.setdefault(operand.id, len(numbers))))
+    key = (node.attrs["expr"], tuple(parts))
+    made = composed.get(key)
+    if made is None:
+        made = composed[key] = _substituted(node.attrs["expr"], parts)
+    expr, kept, not_real = made
+    leaves = list(numbers)
+    composition = Composition(expr, tuple(leaves[j] for j in kept))
+    count = own_ops[node.id] + sum(_occurrences(node.attrs["expr"], i) * ops[o.id] for i, o in inlined.items())
+    fits = len(composition.leaves) <= MAX_OPERANDS and count <= MAX_EXPRESSION_OPS and not not_real
+    return composition, count, fits
+
+
+def _substituted(expr: sympy.Expr, parts: list) -> tuple[sympy.Expr, tuple[int, ...], bool]:
+    """`expr` with symbol(i) replaced by parts[i]: (an inlined operand's expression, the numbers
+    of its symbols' leaves) or (None, the number of the leaf the operand is); the numbers of the
+    leaves still in it, renumbered 0, 1, ...; and whether it leaves the reals."""
+    replacements = {}
+    for i, (inner, numbers) in enumerate(parts):
+        if inner is None:
+            replacements[symbol(i)] = symbol(numbers)
+        elif numbers == tuple(range(len(numbers))):
+            replacements[symbol(i)] = inner
+        else:
+            replacements[symbol(i)] = inner.xreplace({symbol(k): symbol(n) for k, n in enumerate(numbers)})
+    composed = expr.xreplace(replacements)
+    kept = symbol_indices(composed)
+    if kept != tuple(range(len(kept))):      # a leaf cancelled out
+        composed = composed.xreplace({symbol(old): symbol(new) for new, old in enumerate(kept)})
+    return composed, kept, leaves_the_reals(composed)
+
+
+@functools.lru_cache(maxsize=4096)
+def _occurrences(expr: sympy.Expr, i: int) -> int:
+    return expr.count(symbol(i))
 
 
 @functools.lru_cache(maxsize=4096)     # deep networks repeat a few expressions many times
@@ -172,12 +216,3 @@ def is_transcendental(expr: sympy.Expr) -> bool:
 def operation_count(expr: sympy.Expr) -> int:
     """sympy's count of the operations in `expr` (cached: layers repeat their expressions)."""
     return int(sympy.count_ops(expr))
-
-
-def _leaf_symbol(node: Tensor) -> sympy.Symbol:
-    """The symbol standing for a kernel operand while expressions are composed (real, as x0, x1...)."""
-    return sympy.Symbol(f"leaf{node.id}", real=True)
-
-
-def _leaf_id(leaf: sympy.Symbol) -> int:
-    return int(leaf.name[len("leaf"):])
