@@ -16,7 +16,7 @@ from typing import Callable
 import numpy as np
 
 import graphc_runtime as rt
-from graphc.backend.emit.entry import EntryBuilder, emit_constant, emit_ticks_function
+from graphc.backend.emit.entry import EntryBuilder, emit_ticks_function
 from graphc.backend.emit.finite_check import FiniteGuard
 from graphc.backend.kernel_identity import kernel_key
 from graphc.backend.kernels.layout import copy_step
@@ -124,7 +124,7 @@ def assemble(graph: Graph, outputs: list[Tensor], *, output_names: list[str], in
             kernels[i], shares_code_with[i] = kernels[first], first
             continue
         kernels[i] = modules.add_kernel(_kernel_builder(i, ordered[i], max_threads), group=ordered[i].label)
-    module = modules.module  # the last: entry, constants and profiling clock go here
+    module = modules.entry_module()  # the last: the entry and the profiling clock go here
     memory = plan_memory(ordered, [k.scratch_floats * 4 for k in kernels], [loc is None for loc in step_out])
 
     checks = _finite_checks(ordered[:len(steps)], step_out, locations, memory, written) if check_finite else []
@@ -146,7 +146,8 @@ def assemble(graph: Graph, outputs: list[Tensor], *, output_names: list[str], in
     if range_checks or check_finite:
         status_index = len(slots)
         slots.append(rt.Status())
-    entry = EntryBuilder(module, len(slots), workspace_index, profile_index, calls_slot=calls_index)
+    entry = EntryBuilder(module, len(slots), workspace_index, profile_index, calls_slot=calls_index,
+                         modules=modules)
     if range_checks:
         entry.refuse_out_of_range(status_index, range_checks)
     guard, checks_of_step = None, {}
@@ -156,12 +157,11 @@ def assemble(graph: Graph, outputs: list[Tensor], *, output_names: list[str], in
         guard = FiniteGuard(entry, status_index, len(checks))
         guard.save([(entry.pointer(("slot", position)), entry.pointer(("arena", offset)), nbytes)
                     for position, offset, nbytes in backups])
-    constants = {}
     operand_locations = []
     for i, (step, kernel) in enumerate(zip(ordered, kernels)):
         entry.begin_step()
         out_location = step_out[i] if step_out[i] is not None else ("arena", memory.offset_of_value(step.node.id))
-        in_locations = [_location_of(alias_root(o), locations, memory, module, constants) for o in step.operands]
+        in_locations = [_location_of(alias_root(o), locations, memory) for o in step.operands]
         operand_locations.append(in_locations)
         extra_out_locations = [("arena", memory.offset_of_value(node.id)) for node in step.extra_outputs]
         in_pointers = [entry.pointer(location) for location in in_locations + extra_out_locations]
@@ -333,13 +333,11 @@ def _label_ranges(nodes) -> dict[int, tuple[int, int]]:
     return ranges
 
 
-def _location_of(node, locations, memory, module, constants):
+def _location_of(node, locations, memory):
     if node.id in locations:
         return locations[node.id]
     if node.op == "constant":
-        if node.id not in constants:
-            constants[node.id] = emit_constant(module, f"graphc.const{node.id}", node.attrs["value"].array)
-        return ("global", constants[node.id])
+        return ("constant", (f"graphc.const{node.id}", node.attrs["value"].array))
     offset = memory.offset_of_value(node.id)
     if offset is None:
         raise RuntimeError(f"internal error: no buffer for %{node.id} ({node.op})")

@@ -5,11 +5,13 @@
 All threads run the same sequence of calls; a barrier after each phase keeps every thread from
 starting a phase before all have finished the one before (phases read what earlier ones wrote).
 
-The calls are made in parts, `i1 graphc_entry.part<k>(args, tid, nthreads)`, of about
+The calls are made in parts, `i1 graphc.entry.part<k>(args, tid, nthreads)`, of about
 `CALLS_PER_PART` kernel calls each, which the entry calls in turn; a part returns true when
 check_finite stopped the call. One function of a large program's thousands of calls was one
 basic block whose register allocation and instruction selection took most of the LLVM time of
-the module compiled last (bench/NOTES.md, "compile time: the entry in parts").
+the module compiled last; in parts, the parts of a program split into modules go into modules
+of their own, compiled while the rest of the entry is generated (bench/NOTES.md, "compile
+time, second pass").
 """
 from __future__ import annotations
 
@@ -18,7 +20,7 @@ import llvmlite.ir as ir
 from graphc.backend.emit.kernel_builder import I1, I64, PTR, KernelBuilder, i32_array
 
 ENTRY_NAME = "graphc_entry"
-PART_NAME = ENTRY_NAME + ".part{}"
+PART_NAME = "graphc.entry.part{}"
 # Kernel calls per part of the entry: enough that calling a part costs nothing next to its
 # kernels, few enough that LLVM's time on a part stays small.
 CALLS_PER_PART = 64
@@ -34,6 +36,9 @@ def emit_barrier(module: ir.Module) -> ir.Function:
     spin until they see the generation change (acquire), so everything written before the
     barrier by any thread is visible after it to all.
     """
+    existing = module.globals.get("graphc.barrier")
+    if existing is not None:
+        return existing
     count = ir.GlobalVariable(module, I64, "graphc.barrier.count")
     generation = ir.GlobalVariable(module, I64, "graphc.barrier.generation")
     for g in (count, generation):
@@ -88,7 +93,7 @@ def _sched_yield(module: ir.Module) -> ir.Function:
 
 
 class EntryBuilder:
-    """Builds the entry: pointers to slots, arena offsets and globals, then the kernel calls.
+    """Builds the entry: pointers to slots, arena offsets and constants, then the kernel calls.
 
     `begin_step()` before each step's pointers and calls: the calls go into the current part,
     or a new one. Before the first step, code goes into the entry itself (`refuse_out_of_range`,
@@ -96,10 +101,12 @@ class EntryBuilder:
     """
 
     def __init__(self, module: ir.Module, slot_count: int, workspace_slot: int | None,
-                 profile_slot: int | None = None, calls_slot: int | None = None):
+                 profile_slot: int | None = None, calls_slot: int | None = None, modules=None):
+        """`module` receives the entry; `modules` (a ProgramModules), if given, places the
+        parts (`part_module()`) and makes functions callable from other modules (`callee`)."""
         self.module = module
+        self.modules = modules
         self.calls_slot = calls_slot
-        self.barrier = emit_barrier(module)
         fn = ir.Function(module, ir.FunctionType(ir.VoidType(), [PTR, I64, I64]), ENTRY_NAME)
         self.fn = fn
         args, tid, nthreads = fn.args
@@ -131,12 +138,14 @@ class EntryBuilder:
         if self.parts and self._part_calls < CALLS_PER_PART:
             return
         self._end_part()
-        part = ir.Function(self.module, ir.FunctionType(I1, [PTR, I64, I64]), PART_NAME.format(len(self.parts)))
-        part.linkage = "internal"
+        module = self.modules.part_module() if self.modules is not None else self.module
+        part = ir.Function(module, ir.FunctionType(I1, [PTR, I64, I64]), PART_NAME.format(len(self.parts)))
+        part.linkage = "internal" if module is self.module else "external"
         part.attributes.add("noinline")
         for value, name in zip(part.args, ("args", "tid", "nthreads")):
             value.name = name
-        stopped = self._entry.call(part, list(self.fn.args))
+        callee = part if module is self.module else self.modules.callee(part, self.module)
+        stopped = self._entry.call(callee, list(self.fn.args))
         if self.stop_block is not None:
             go_on = self.fn.append_basic_block(f"after.part{len(self.parts)}")
             self._entry.cbranch(stopped, self.stop_block, go_on)
@@ -145,7 +154,7 @@ class EntryBuilder:
         self._part_calls = 0
         self._enter(ir.IRBuilder(part.append_basic_block("entry")), part)
         if self.profile_slot is not None:
-            self._last_tick = _timestamp(self.b, self.module)
+            self._last_tick = _timestamp(self.b, self.b.module)
 
     def stop(self) -> ir.Block:
         """The block of the current part that returns "stopped" (check_finite)."""
@@ -178,8 +187,9 @@ class EntryBuilder:
         if kind == "arena":
             return self._reused(location, lambda: self.b.gep(self.slot(self.workspace_slot), [ir.Constant(I64, where)],
                                                              source_etype=I8))
-        if kind == "global":
-            return where
+        if kind == "constant":     # (name, array): a read-only global of the module calling
+            name, array = where
+            return self.b.module.globals.get(name) or emit_constant(self.b.module, name, array)
         raise ValueError(f"unknown location {location!r}")
 
     def _reused(self, location: tuple, make) -> ir.Value:
@@ -220,7 +230,7 @@ class EntryBuilder:
         null = ir.Constant(PTR, None)
         for phase in phases:
             if self._pending_barrier:
-                self.b.call(self.barrier, [self.nthreads])
+                self.b.call(emit_barrier(self.b.module), [self.nthreads])
             self.b.call(phase, [out, *inputs, scratch if scratch is not None else null, self.tid, self.nthreads])
             self._pending_barrier = True
             self._part_calls += 1
@@ -237,13 +247,13 @@ class EntryBuilder:
         """A barrier now if one is due (or, with `force`, anyway): what every thread wrote
         before it is visible to all after it."""
         if self._pending_barrier or force:
-            self.b.call(self.barrier, [self.nthreads])
+            self.b.call(emit_barrier(self.b.module), [self.nthreads])
         self._pending_barrier = False
 
     def _count_phase_ticks(self):
-        self.b.call(self.barrier, [self.nthreads])
+        self.b.call(emit_barrier(self.b.module), [self.nthreads])
         self._pending_barrier = False
-        now = _timestamp(self.b, self.module)
+        now = _timestamp(self.b, self.b.module)
         with self.b.if_then(self.b.icmp_signed("==", self.tid, ir.Constant(I64, 0))):
             counter = self.b.gep(self.slot(self.profile_slot), [ir.Constant(I64, self.phase_count)], source_etype=I64)
             elapsed = self.b.sub(now, self._last_tick)

@@ -1,7 +1,7 @@
 """check_finite's native side: the entry scans each kernel's results and stops at the first
 NaN or infinity, leaving the memory the call updates in place as it was before the call.
 
-Two helpers in the entry's module, each doing thread `tid`'s share of one buffer:
+Two helpers, in the entry's module and its parts', each doing thread `tid`'s share of one buffer:
 
     i1   graphc.finite.scan(ptr data, i64 count, i64 tid, i64 nthreads)   a NaN or inf among the floats?
     void graphc.finite.copy(ptr dst, ptr src, i64 nbytes, i64 tid, i64 nthreads)
@@ -104,8 +104,7 @@ class FiniteGuard:
         self.status_slot = status_slot
         self.check_count = check_count
         self.checks_emitted = 0
-        self.scan = emit_scan(entry.module)
-        self.copy = emit_copy(entry.module)
+        self.copy = emit_copy(entry.module)       # the saves and the stop block are the entry's
         entry.stop_block = entry.fn.append_basic_block("stopped")
         self.saved: list[tuple[ir.Value, ir.Value, int]] = []
 
@@ -125,7 +124,7 @@ class FiniteGuard:
         entry.settle()   # every thread's share of the step is written
         status_slot = entry.slot(self.status_slot)
         for pointer, count in buffers:
-            bad = b.call(self.scan, [pointer, ir.Constant(I64, count), entry.tid, entry.nthreads])
+            bad = b.call(emit_scan(b.module), [pointer, ir.Constant(I64, count), entry.tid, entry.nthreads])
             with b.if_then(bad, likely=False):
                 code = status_code(self.checks_emitted, self.check_count)
                 b.atomic_rmw("min", status_slot, ir.Constant(I64, code), "monotonic")

@@ -4,15 +4,18 @@ LLVM optimizes and emits one module on one thread, so a program built as one mod
 one core. Here kernels go, in the order assemble.py generates them (by family, then label), into
 a module until it holds about `budget` LLVM instructions and the next kernel is of another group
 (label); that module is then finished (turned into text and handed to `on_module`, which may
-start compiling it while the next one is generated) and a new one begun. The last module also
-receives the entry, which calls the phases of every kernel: the phases of earlier modules are
-made external and declared in the last one; those in the last stay internal. Helper functions
-(GEMM micro-kernels, intrinsics) are per module, so a module that needs one makes its own copy:
-the price of splitting, paid in compile time only, and kept small by generating kernels by
-family and not cutting a group (bench/NOTES.md, "Compile time: program modules"). Sharing one
-external copy across the modules instead made steps slower: an internal helper's constant arguments
-(strides, flags) are propagated into it by LLVM when every caller in its module passes the same
-ones, which a register tile short of registers needs.
+start compiling it while the next one is generated) and a new one begun. The entry comes
+after the kernels: its parts fill modules the same way (`part_module`), and the entry itself,
+which calls them in turn, is the last module (`entry_module`). A phase or part called from
+another module is made external there and declared where it is called.
+
+Helper functions (GEMM micro-kernels, intrinsics) are per module, so a module that needs one
+makes its own copy: the price of splitting, paid in compile time only, and kept small by
+generating kernels by family and not cutting a group (bench/NOTES.md, "Compile time: program
+modules"). An internal helper gets the constant arguments (strides, flags) that every caller in
+its module passes folded into it by LLVM, which a register tile short of registers needs. The
+conv helpers, called by many kernels, are instead specialized for their constants in Python
+and defined once per program (`shared_function`).
 
 Instructions stand in for compile time: what LLVM spends on a kernel grows with its size, and
 counting them is cheap next to generating them. A program under the budget stays one module,
@@ -43,15 +46,16 @@ def default_budget() -> int | None:
 
 
 class ProgramModules:
-    """The modules of one program: add kernels, then build the entry in `module`, then `finish()`."""
+    """The modules of one program: add kernels, then build the entry (`entry_module`, and its
+    parts in `part_module()`), then `finish()`."""
 
     def __init__(self, name: str, budget: int | None, on_module: Callable[[str], None] | None = None):
         self.name = name
         self.budget = budget
         self.on_module = on_module
         self.texts: list[str] = []
-        self._declared: dict[str, ir.Function] = {}
         self._shared: dict[str, ir.Function] = {}     # shared_function's, by name: where defined
+        self._entry_module: ir.Module | None = None
         self._begin_module()
 
     @property
@@ -76,18 +80,43 @@ class ProgramModules:
         self._size += self._count_new_instructions()
         return kernel
 
-    def callee(self, phase: ir.Function) -> ir.Function:
-        """`phase`, callable from the current module: itself, or its declaration there."""
-        if phase.module is self._module:
-            return phase
-        declaration = self._declared.get(phase.name)
+    def callee(self, function: ir.Function, module: ir.Module | None = None) -> ir.Function:
+        """`function` (a kernel's phase, a part of the entry), callable from `module` (by default
+        the current one): itself, or its declaration there."""
+        module = self._module if module is None else module
+        if function.module is module:
+            return function
+        declaration = module.globals.get(function.name)
         if declaration is None:
-            declaration = ir.Function(self._module, phase.function_type, phase.name)
-            self._declared[phase.name] = declaration
+            declaration = ir.Function(module, function.function_type, function.name)
         return declaration
+
+    def entry_module(self) -> ir.Module:
+        """After the last kernel: the module of the entry, finished last. In a program already
+        split into modules, the entry's parts go elsewhere (`part_module`): in the entry's
+        module they were the largest piece of the program's IR, compiled after all the rest was
+        generated. A program whose kernels fit one module keeps the entry in it."""
+        if self.budget is None or not self.texts:
+            return self._module
+        if self._entry_module is None:
+            self._entry_module = new_module(f"{self.name}.entry")
+            _program_of[self._entry_module] = weakref.ref(self)
+        return self._entry_module
+
+    def part_module(self) -> ir.Module:
+        """The module for the entry's next part: the current one, or a new one once it is full
+        (when the entry has a module of its own)."""
+        self._size += self._count_new_instructions()
+        if self._entry_module is not None and self._size >= self.budget:
+            self._finish_module(last=False)
+        return self._module
 
     def finish(self) -> list[str]:
         """Finish the last module; the text of every module, in order."""
+        if self._entry_module is not None:
+            if self._module.globals:
+                self._finish_module(last=False)
+            self._module, self._phases = self._entry_module, []
         self._finish_module(last=True)
         return self.texts
 
