@@ -14,11 +14,13 @@ that each node knows the kernels its consumers ended up in:
 Then, walking forwards, each node's expression is composed by substituting the composed
 expressions of its inlined operands for their symbols. A composition is written over the
 kernel's own operand symbols, numbered in the order the leaves first appear, so that the
-repeated layers of a deep network compose the same expressions, which are made once. A kernel keeps at most `MAX_OPERANDS`
-distinct operands and about `MAX_EXPRESSION_OPS` operations, and its exact algebra must not
-leave the reals (composing `1/(a - b)` with `b = a` gives sympy's complex infinity, where
-floats give inf): where a composition breaks a rule, its biggest inlined operands become
-kernels of their own, and the plan is made again until every kernel fits.
+repeated layers of a deep network compose the same expressions, which are made once.
+
+A kernel keeps at most `MAX_OPERANDS` distinct operands and about `MAX_EXPRESSION_OPS`
+operations, and its exact algebra must not leave the reals (composing `1/(a - b)` with
+`b = a` gives sympy's complex infinity, where floats give inf): where a composition breaks a
+rule, its biggest inlined operands become kernels of their own, and the plan is made again
+until every kernel fits.
 
 Each fused kernel is a single node of an append-only graph, whose nodes only read nodes made
 before them: the result is acyclic by construction.

@@ -9,10 +9,10 @@ operand's offset per reduction step comes from a table computed at compile time,
 other's is affine: the conv's index arithmetic (channel, tap row, tap column; or output
 row and column) becomes one flat loop whatever the geometry, with no div/mod and no nest
 of short loops. Row pointers come from a table too, so a tile's rows need not be evenly
-spaced (6 output pixels that cross an output row). The tile is one internal function per
-(rows, vecs, table side), shared by every conv kernel of a module as gemm.py shares its
-micro-kernels, as is the one transpose: a program's IR, and LLVM's time on it, hardly grow
-with its number of conv kernels.
+spaced (6 output pixels that cross an output row). The tile is one function per (rows, vecs,
+table side) and the constants its callers pass, defined once per program and shared by every
+conv kernel, as is the one transpose: a program's IR, and LLVM's time on it, hardly grow with
+its number of conv kernels.
 
 Each kernel has two or three paths (`FORWARD_PATHS`, `INPUT_GRAD_PATHS`,
 `WEIGHT_GRAD_PATHS`); `_choose` takes the one that wastes fewer multiply-adds on the geometry:

@@ -1,5 +1,5 @@
-"""The helpers every conv kernel of a module shares: the register tiles (`_tile_function`,
-`_dot_function`), their compile-time offset tables, and the blocked transpose."""
+"""The helpers the conv kernels share: the register tiles (`_tile_function`, one per program;
+`_dot_function`, one per module), their compile-time offset tables, and the blocked transpose."""
 from __future__ import annotations
 
 import dataclasses
