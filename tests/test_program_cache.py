@@ -128,3 +128,14 @@ def test_constants_one_float_apart_get_different_entries(cache):
         results.append(gc.compile(y, {})(x=np.full(2, 500.0, np.float32)))
     assert cache.stats.misses == 2 and cache.stats.hits == 0
     assert results[0] != results[1]
+
+
+def test_expressions_one_float_apart_get_different_entries(cache):
+    """Keys print an elementwise expression in full precision (srepr, cached per expression)."""
+    results = []
+    for scale in (np.float32(0.001), np.nextafter(np.float32(0.001), np.float32(1))):
+        g = gc.Graph("scaled")
+        x = g.input("x", (2,))
+        results.append(gc.compile(gc.sum(x * float(scale)), {})(x=np.full(2, 500.0, np.float32)))
+    assert cache.stats.misses == 2 and cache.stats.hits == 0
+    assert results[0] != results[1]

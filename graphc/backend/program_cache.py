@@ -75,8 +75,13 @@ def _attr_text(value) -> str:
     if isinstance(value, ConstArray):
         return f"ConstArray({value.digest})"
     if isinstance(value, sympy.Basic):
-        return sympy.srepr(value)
+        return _srepr(value)
     return repr(value)
+
+
+@functools.lru_cache(maxsize=4096)     # a deep network's layers repeat their expressions
+def _srepr(expr: sympy.Basic) -> str:
+    return sympy.srepr(expr)
 
 
 _FORMAT = "graphc-program/3"
