@@ -33,7 +33,7 @@ from dataclasses import dataclass
 import sympy
 
 from graphc.core.ir import Graph, Tensor
-from graphc.core.scalar import Relu, Step, symbol, symbol_indices
+from graphc.core.scalar import Relu, Step, renumbered, symbol, symbol_indices
 from graphc.transforms.rebuild import Absorbed, Rewrite, needed_nodes, rebuild
 from graphc.transforms.simplify import leaves_the_reals
 
@@ -193,11 +193,11 @@ def _substituted(expr: sympy.Expr, parts: list) -> tuple[sympy.Expr, tuple[int, 
         elif numbers == tuple(range(len(numbers))):
             replacements[symbol(i)] = inner
         else:
-            replacements[symbol(i)] = inner.xreplace({symbol(k): symbol(n) for k, n in enumerate(numbers)})
+            replacements[symbol(i)] = renumbered(inner, tuple(enumerate(numbers)))
     composed = expr.xreplace(replacements)
     kept = symbol_indices(composed)
     if kept != tuple(range(len(kept))):      # a leaf cancelled out
-        composed = composed.xreplace({symbol(old): symbol(new) for new, old in enumerate(kept)})
+        composed = renumbered(composed, tuple((old, new) for new, old in enumerate(kept)))
     return composed, kept, leaves_the_reals(composed)
 
 

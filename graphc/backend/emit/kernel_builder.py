@@ -32,7 +32,8 @@ import llvmlite.ir as ir
 
 from graphc.backend.llvm.target import vector_width_f32
 
-__all__ = ["KernelBuilder", "F32", "I64", "I32", "I1", "PTR", "FAST_MATH", "shared_constant", "i32_array", "int_constant"]
+__all__ = ["KernelBuilder", "F32", "I64", "I32", "I1", "PTR", "FAST_MATH", "shared_constant", "i32_array",
+           "int_constant"]
 
 F32 = ir.FloatType()
 # Vector widths (floats) that `KernelBuilder.transpose` handles: those of SSE/NEON, AVX and AVX-512.
