@@ -9,9 +9,9 @@ it is complete and goes on generating the next (Python, holding the GIL). A prog
 modules is compiled by worker processes (worker_process.py), one per compile thread besides the
 caller's, each with an llvmlite of its own: modules compile truly in parallel through llvmlite's
 public API, which serializes the calls of one process with a process-wide lock, and no compile
-thread competes for the GIL with the generating one. A one-module program compiles on a thread of
-this process instead. When generation is done, the caller's thread compiles what is still
-queued too. Queued modules are taken largest first, so
+thread competes for the GIL with the generating one. A one-module program compiles on the
+caller's thread, once it is generated. When generation is done, the caller's thread compiles
+what is still queued too. Queued modules are taken largest first, so
 that the last to finish are small ones. Where no worker process can start, the threads compile
 in this process, taking turns at llvmlite's lock.
 
@@ -100,8 +100,8 @@ def compile_module(ir_text: str, *, isolated: bool) -> bytes:
 def compile_modules(ir_texts: list[str], threads: int | None = None) -> list[bytes]:
     """Object code of each module, in order, compiled on up to `threads` threads."""
     with ObjectCompiler(threads) as compiler:
-        for text in ir_texts:
-            compiler.submit(text)
+        for index, text in enumerate(ir_texts):
+            compiler.submit(text, more_follow=index < len(ir_texts) - 1)
         return compiler.objects()
 
 
@@ -133,12 +133,10 @@ class ObjectCompiler:
         if more_follow or len(self._futures) > 1:
             # Several modules: worker processes compile them all, and the caller's thread,
             # generating the next module, does not share the GIL with a compile thread.
+            # A program of one module compiles on the caller's thread, in `objects()`.
             self._processes_started = True
             for _ in range(self.threads - 1):
                 self._start_worker(self._work_in_process)
-        elif not self._workers:
-            # One module (so far): a thread of this process, not worth starting a process.
-            self._start_worker(self._work_here)
 
     def _start_worker(self, loop) -> None:
         worker = threading.Thread(target=loop, name=f"graphc-compile-{len(self._workers)}", daemon=True)
@@ -164,14 +162,6 @@ class ObjectCompiler:
 
     def __exit__(self, *exc_info) -> None:
         self.close()
-
-    def _work_here(self) -> None:
-        """Compile in this process until worker processes take over: then it would only take
-        turns with the caller's thread at llvmlite's lock."""
-        while (job := self._jobs.get())[2] is not None:
-            self._run(job)
-            if self._processes_started:
-                return
 
     def _work_in_process(self) -> None:
         """Compile jobs in a worker process of this thread's own, started at once (or here,
