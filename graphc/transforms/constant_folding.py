@@ -13,7 +13,7 @@ import numpy as np
 
 from graphc.core.ir import FLOAT_DTYPES, Graph, Tensor
 from graphc.core.ops.registry import OPS
-from graphc.transforms.rebuild import Rewrite, rebuild
+from graphc.transforms.rebuild import Rewrite, rebuild_if_changed
 
 CONSTANT_SIZE_LIMIT = 1 << 20
 EVALUATION_SIZE_LIMIT = 1 << 24
@@ -21,7 +21,7 @@ FOLDABLE_OPERAND_OPS = ("constant", "fill")
 
 
 def fold_constants(graph: Graph, outputs: list[Tensor]) -> tuple[Graph, list[Tensor]]:
-    return rebuild(graph, outputs, _fold)
+    return rebuild_if_changed(graph, outputs, lambda: _fold)
 
 
 def _fold(rewrite: Rewrite) -> Tensor | None:

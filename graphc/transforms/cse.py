@@ -12,10 +12,15 @@ import sympy
 
 from graphc.core.ir import Graph, Tensor
 from graphc.core.scalar import renumbered
-from graphc.transforms.rebuild import Rewrite, attrs_key, rebuild
+from graphc.transforms.rebuild import Rewrite, attrs_key, rebuild_if_changed
 
 
 def cse(graph: Graph, outputs: list[Tensor]) -> tuple[Graph, list[Tensor]]:
+    return rebuild_if_changed(graph, outputs, _duplicate_merger)
+
+
+def _duplicate_merger():
+    """A rewrite hook that stands the first node of each value for every node with its value."""
     first_of_kind: dict[tuple, Tensor] = {}
 
     def merge_duplicates(rewrite: Rewrite) -> Tensor:
@@ -25,7 +30,7 @@ def cse(graph: Graph, outputs: list[Tensor]) -> tuple[Graph, list[Tensor]]:
             first_of_kind[key] = _build(rewrite, operands)
         return first_of_kind[key]
 
-    return rebuild(graph, outputs, merge_duplicates)
+    return merge_duplicates
 
 
 def _value_key(node: Tensor, operands: list[Tensor]) -> tuple:

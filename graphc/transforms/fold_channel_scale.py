@@ -13,7 +13,7 @@ from __future__ import annotations
 from graphc.core.ir import Graph, Tensor
 from graphc.core.ops.elementwise import make_ew
 from graphc.core.scalar import Relu, symbol
-from graphc.transforms.rebuild import Rewrite, rebuild, use_counts
+from graphc.transforms.rebuild import Rewrite, rebuild_if_changed, use_counts
 
 _FOLDABLE = ("conv2d", "matmul")
 
@@ -29,7 +29,7 @@ def fold_channel_scale(graph: Graph, outputs: list[Tensor]) -> tuple[Graph, list
         match = _match(node, uses, output_ids)
         return _folded(rewrite, *match) if match else None
 
-    return rebuild(graph, outputs, fold)
+    return rebuild_if_changed(graph, outputs, lambda: fold)
 
 
 def _match(node: Tensor, uses: dict[int, int], output_ids: set[int]):

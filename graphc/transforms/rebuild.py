@@ -96,16 +96,86 @@ def rebuild(graph: Graph, outputs: Iterable[Tensor], rewrite: RewriteHook | None
     """A new Graph computing `outputs`, each needed node replaced by what `rewrite` returns for it.
 
     Without a hook this is a copy of what the outputs need: dead-code elimination."""
-    outputs = list(outputs)
-    for out in outputs:
-        if not isinstance(out, Tensor) or out.graph is not graph:
-            raise ValueError(f"rebuild: every output must be a Tensor of graph {graph.name!r}, got {out!r}")
+    outputs = _checked_outputs(graph, outputs)
     copy = _Copy(graph, rewrite)
     new_outputs = copy.run(outputs)
     if _has_dead_nodes(copy.new, new_outputs):
         # Substitutions orphaned some of the nodes copied before them; a plain copy drops them.
         return rebuild(copy.new, new_outputs)
     return copy.new, new_outputs
+
+
+def rebuild_if_changed(graph: Graph, outputs: Iterable[Tensor], make_rewrite: Callable[[], RewriteHook]
+                       ) -> tuple[Graph, list[Tensor]]:
+    """`rebuild(graph, outputs, make_rewrite())`, or `graph` itself where that would copy every
+    node as it is: a fixed point's last round, and late passes, mostly change nothing.
+
+    A fresh hook is asked about each node first, in a probe that builds nothing (stateful hooks
+    such as cse's need a fresh one for the rebuild that may follow); the probe stops at the
+    first node the hook would change."""
+    outputs = _checked_outputs(graph, outputs)
+    if _rewrite_changes(graph, outputs, make_rewrite()):
+        return rebuild(graph, outputs, make_rewrite())
+    return graph, outputs
+
+
+def _checked_outputs(graph: Graph, outputs: Iterable[Tensor]) -> list[Tensor]:
+    outputs = list(outputs)
+    for out in outputs:
+        if not isinstance(out, Tensor) or out.graph is not graph:
+            raise ValueError(f"rebuild: every output must be a Tensor of graph {graph.name!r}, got {out!r}")
+    return outputs
+
+
+class _WouldChange(Exception):
+    """Raised by a probe where the hook starts building a replacement."""
+
+
+class _Probe(Rewrite):
+    """A Rewrite over the graph itself: every node stands for itself, and building anything
+    means the node would change."""
+
+    def __init__(self, node: Tensor):
+        self.node = node
+
+    @property
+    def operands(self) -> list[Tensor]:
+        return list(self.node.inputs)
+
+    def new(self, old: Tensor) -> Tensor:
+        return old
+
+    def copy(self, operands: list[Tensor] | None = None) -> Tensor:
+        if operands is None or list(operands) == list(self.node.inputs):
+            return self.node
+        raise _WouldChange
+
+    def apply(self, op_name: str, operands: list[Tensor], **attrs) -> Tensor:
+        raise _WouldChange
+
+    def ew(self, expr: sympy.Expr, operands: list[Tensor]) -> Tensor:
+        raise _WouldChange
+
+    def fill(self, value: float) -> Tensor:
+        raise _WouldChange
+
+    def constant(self, array: np.ndarray) -> Tensor:
+        raise _WouldChange
+
+
+def _rewrite_changes(graph: Graph, outputs: list[Tensor], rewrite: RewriteHook) -> bool:
+    """Whether `rebuild(graph, outputs, rewrite)` would differ from `graph`."""
+    if _has_dead_nodes(graph, outputs):
+        return True
+    try:
+        for node in graph.nodes:
+            if node.op not in DECLARED_OPS:
+                replacement = rewrite(_Probe(node))
+                if replacement is not None and replacement is not node:
+                    return True
+    except _WouldChange:
+        return True
+    return False
 
 
 def attrs_key(attrs: dict) -> tuple:

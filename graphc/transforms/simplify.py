@@ -27,13 +27,13 @@ import sympy
 
 from graphc.core.ir import FLOAT_DTYPES, Graph, Tensor
 from graphc.core.scalar import symbol
-from graphc.transforms.rebuild import Rewrite, rebuild
+from graphc.transforms.rebuild import Rewrite, rebuild_if_changed
 
 _NOT_FINITE_REAL = (sympy.zoo, sympy.nan, sympy.oo, -sympy.oo, sympy.I)
 
 
 def simplify(graph: Graph, outputs: list[Tensor]) -> tuple[Graph, list[Tensor]]:
-    return rebuild(graph, outputs, _simplify_node)
+    return rebuild_if_changed(graph, outputs, lambda: _simplify_node)
 
 
 def _simplify_node(rewrite: Rewrite) -> Tensor | None:

@@ -15,10 +15,15 @@ from collections import defaultdict
 from graphc.core.ir import Graph, Tensor
 from graphc.core.scalar import symbol
 from graphc.transforms.elementwise_fusion import is_transcendental, operation_count
-from graphc.transforms.rebuild import Rewrite, rebuild
+from graphc.transforms.rebuild import Rewrite, rebuild_if_changed
 
 
 def reuse_values(graph: Graph, outputs: list[Tensor]) -> tuple[Graph, list[Tensor]]:
+    return rebuild_if_changed(graph, outputs, _stored_value_reader)
+
+
+def _stored_value_reader():
+    """A rewrite hook that makes ew nodes read the transcendental values of the ew nodes before them."""
     stored_by_operand: dict[int, list[Tensor]] = defaultdict(list)  # new operand id -> ew nodes reading it
 
     def read_stored_values(rewrite: Rewrite) -> Tensor | None:
@@ -30,7 +35,7 @@ def reuse_values(graph: Graph, outputs: list[Tensor]) -> tuple[Graph, list[Tenso
                     stored_by_operand[operand.id].append(result)
         return result
 
-    return rebuild(graph, outputs, read_stored_values)
+    return read_stored_values
 
 
 def _reuse_in(rewrite: Rewrite, stored_by_operand) -> Tensor | None:
