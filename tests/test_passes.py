@@ -13,8 +13,8 @@ import graphc as gc
 from graphc.core.ops.sources import fill
 from graphc.core.scalar import Sigmoid
 from graphc.transforms import (DEFAULT_PASSES, FixedPoint, constant_folding, cse, dce, elementwise_fusion,
-                               fold_constants, fuse_elementwise, optimize, rebuild_if_changed, reuse_values,
-                               simplify)
+                               fold_constants, fuse_elementwise, optimize, rebuild, rebuild_if_changed,
+                               reuse_values, simplify)
 from graphc.transforms.pipeline import graph_signature
 
 PASSES = [dce, cse, fold_constants, simplify, fuse_elementwise, reuse_values]
@@ -472,6 +472,23 @@ def test_rebuild_if_changed_asks_a_fresh_hook_for_the_rebuild():
     assert all(operand.graph is g for operand in probe)
     assert rebuild and all(operand.graph is new_graph for operand in rebuild)
     assert len(g.nodes) == 3, "the probe built a node in the graph it probed"
+
+
+def test_a_rebuild_drops_the_nodes_its_substitutions_orphan_and_points_provenance_at_survivors():
+    g = gc.Graph("orphans")
+    x = g.input("x", (2, 3))
+    forward = gc.tanh(gc.exp(x))
+    with g.building_gradient_of(forward):
+        backward = x * 3.0
+    y = forward + 1.0
+
+    def fill_y(rewrite):
+        return rewrite.fill(0.5) if rewrite.node is y else None
+
+    new_graph, (new_y, new_backward) = rebuild(g, [y, backward], fill_y)
+    assert ops_of(new_graph) == ["input", "ew", "fill"]       # exp and tanh were copied, then orphaned
+    assert [node.id for node in new_graph.nodes] == [0, 1, 2]
+    assert new_y.op == "fill" and new_backward.grad_of is new_graph.inputs["x"]   # tanh's nearest survivor
 
 
 def test_default_passes_are_a_list_others_can_extend():

@@ -99,9 +99,8 @@ def rebuild(graph: Graph, outputs: Iterable[Tensor], rewrite: RewriteHook | None
     outputs = _checked_outputs(graph, outputs)
     copy = _Copy(graph, rewrite)
     new_outputs = copy.run(outputs)
-    if _has_dead_nodes(copy.new, new_outputs):
-        # Substitutions orphaned some of the nodes copied before them; a plain copy drops them.
-        return rebuild(copy.new, new_outputs)
+    # Substitutions orphan some of the nodes copied before them.
+    _drop_dead_nodes(copy.new, new_outputs)
     return copy.new, new_outputs
 
 
@@ -165,7 +164,7 @@ class _Probe(Rewrite):
 
 def _rewrite_changes(graph: Graph, outputs: list[Tensor], rewrite: RewriteHook) -> bool:
     """Whether `rebuild(graph, outputs, rewrite)` would differ from `graph`."""
-    if _has_dead_nodes(graph, outputs):
+    if len(_live_ids(graph, outputs)) < len(graph.nodes):
         return True
     try:
         for node in graph.nodes:
@@ -277,19 +276,13 @@ class _Copy:
 
     def _stand_in(self, forward: Tensor) -> Tensor | None:
         """The new node that best stands for `forward`: its replacement, else its nearest ancestor's."""
-        queue, seen = deque([forward]), {forward.id}
-        while queue:
-            node = queue.popleft()
+        def replacement(node: Tensor) -> Tensor | None:
             value = self.values.get(node.id)
             while isinstance(value, Absorbed):
                 value = self.values.get(value.into.id)
-            if value is not None:
-                return value
-            for operand in node.inputs:
-                if operand.id not in seen:
-                    seen.add(operand.id)
-                    queue.append(operand)
-        return None
+            return value
+
+        return _nearest(forward, replacement)
 
 
 def _check_replacement(node: Tensor, replacement: Tensor, graph: Graph):
@@ -298,6 +291,39 @@ def _check_replacement(node: Tensor, replacement: Tensor, graph: Graph):
     if replacement.shape != node.shape or replacement.dtype != node.dtype:
         raise RuntimeError(f"the rewrite of %{node.id} ({node.op}, {node.dtype}{list(node.shape)}) returned "
                            f"{replacement.op} {replacement.dtype}{list(replacement.shape)}")
+
+
+def _drop_dead_nodes(graph: Graph, outputs: list[Tensor]) -> None:
+    """Remove, in place, the nodes of `graph` (made by this rebuild, seen by no one yet) that
+    `outputs` do not need, as a plain copy would (a second copy took as long as many passes):
+    the survivors are numbered again, a `grad_of` that pointed to a removed node points to its
+    nearest surviving ancestor, and buffer updates of removed nodes go with them."""
+    live = _live_ids(graph, outputs)
+    if len(live) == len(graph.nodes):
+        return
+    for node in graph.nodes:
+        if node.id in live and node.grad_of is not None and node.grad_of.id not in live:
+            node.grad_of = _nearest(node.grad_of, lambda ancestor: ancestor if ancestor.id in live else None)
+    graph.buffer_updates = [update for update in graph.buffer_updates
+                            if update.owner.id in live and update.value.id in live]
+    graph.nodes[:] = [node for node in graph.nodes if node.id in live]
+    for index, node in enumerate(graph.nodes):
+        node.id = index
+
+
+def _nearest(node: Tensor, found: Callable[[Tensor], Tensor | None]) -> Tensor | None:
+    """The first `found(n)` that is not None, for n = `node` and then its ancestors, nearest first."""
+    queue, seen = deque([node]), {node.id}
+    while queue:
+        node = queue.popleft()
+        result = found(node)
+        if result is not None:
+            return result
+        for operand in node.inputs:
+            if operand.id not in seen:
+                seen.add(operand.id)
+                queue.append(operand)
+    return None
 
 
 def use_counts(graph: Graph) -> dict[int, int]:
@@ -314,7 +340,8 @@ def needed_nodes(graph: Graph, outputs: list[Tensor]) -> list[Tensor]:
     return graph.ancestors(outputs)
 
 
-def _has_dead_nodes(graph: Graph, outputs: list[Tensor]) -> bool:
+def _live_ids(graph: Graph, outputs: list[Tensor]) -> set[int]:
+    """The ids of the nodes a copy of `graph` for `outputs` keeps: what they need, and declarations."""
     live = {node.id for node in needed_nodes(graph, outputs)}
-    live |= {node.id for node in graph.nodes if node.op in DECLARED_OPS}
-    return len(live) < len(graph.nodes)
+    live.update(node.id for node in graph.nodes if node.op in DECLARED_OPS)
+    return live
