@@ -17,6 +17,7 @@ from typing import Callable
 
 from graphc.core.errors import at_user_line
 from graphc.core.ir import Graph, Tensor, as_bool, as_finite_float
+from graphc.core.ops.elementwise import elementwise
 
 Hyper = Callable[[str], object]   # name -> a (1,)-shaped Tensor, or a Python float
 
@@ -127,6 +128,7 @@ class Adam(Optimizer):
         step_size, inv_bias2_sqrt = hyper("step_size"), hyper("inv_bias2_sqrt")
         decay = hyper("decay") if self._decoupled and self.weight_decay else None
         beta1, beta2 = self.betas
+        eps = self.eps
         writes, state = [], []
         for p, g in zip(params, grads):
             if self.weight_decay and not self._decoupled:
@@ -134,11 +136,14 @@ class Adam(Optimizer):
             m = graph.param(f"exp_avg:{p.name}", p.shape, p.dtype)
             v = graph.param(f"exp_avg_sq:{p.name}", p.shape, p.dtype)
             state += [m.name, v.name]
-            m_new = beta1 * m + (1.0 - beta1) * g
-            v_new = beta2 * v + (1.0 - beta2) * g * g
+            # One node per written value, its expression composed in sympy: a node per operation
+            # made the updates a large part of a ResNet's training graph, which every pass copies.
+            m_new = elementwise(lambda m, g: beta1 * m + (1.0 - beta1) * g, m, g, name="Adam")
+            v_new = elementwise(lambda v, g: beta2 * v + (1.0 - beta2) * g * g, v, g, name="Adam")
             decayed = p * decay if decay is not None else p
-            writes += [(m.name, m_new), (v.name, v_new),
-                       (p.name, decayed - step_size * m_new / (v_new ** 0.5 * inv_bias2_sqrt + self.eps))]
+            p_new = elementwise(lambda p, m, v, step, inv: p - step * m / (v ** 0.5 * inv + eps),
+                                decayed, m_new, v_new, step_size, inv_bias2_sqrt, name="Adam")
+            writes += [(m.name, m_new), (v.name, v_new), (p.name, p_new)]
         return writes, state
 
 
