@@ -10,8 +10,6 @@ from __future__ import annotations
 
 from collections import defaultdict
 
-import networkx as nx
-
 from graphc.core.errors import user_site
 from graphc.core.ir import FLOAT_DTYPES, SOURCE_OPS, Tensor
 from graphc.core.ops.elementwise import make_ew
@@ -32,12 +30,8 @@ def grad(y: Tensor, xs, seed: Tensor | None = None):
     graph = y.graph
     site = user_site()
 
-    dg = graph.to_networkx()
-    reaches_y = nx.ancestors(dg, y.id) | {y.id}
-    from_xs = set()
-    for x in xs:
-        from_xs |= nx.descendants(dg, x.id) | {x.id}
-    between = reaches_y & from_xs
+    reaches_y = {node.id for node in graph.ancestors([y])}
+    between = reaches_y & _depending_on(graph, xs)
 
     contributions: dict[int, list[Tensor]] = defaultdict(list)
     if y.id in between:
@@ -66,6 +60,16 @@ def grad(y: Tensor, xs, seed: Tensor | None = None):
             with graph.building_gradient_of(x):
                 results.append(fill(graph, x.shape, 0.0, x.dtype, site))
     return results[0] if single else results
+
+
+def _depending_on(graph, xs: list[Tensor]) -> set[int]:
+    """The ids of `xs` and of every node that depends on one: one sweep, as nodes are stored in
+    topological order (a search per x made a network's gradient quadratic in its params)."""
+    reached = {x.id for x in xs}
+    for node in graph.nodes[min(reached, default=len(graph.nodes)):]:
+        if any(operand.id in reached for operand in node.inputs):
+            reached.add(node.id)
+    return reached
 
 
 def _sum_contributions(parts: list[Tensor], site: str) -> Tensor:

@@ -1,7 +1,6 @@
 """Errors graphc raises, and where in the user's program they come from."""
 from __future__ import annotations
 
-import contextlib
 import contextvars
 import os
 import sys
@@ -19,14 +18,21 @@ class ShapeError(ValueError):
 _deferred_site: contextvars.ContextVar[str | None] = contextvars.ContextVar("graphc_deferred_site", default=None)
 
 
-@contextlib.contextmanager
-def building_for(site: str):
-    """Inside the block, `user_site()` is `site`: nodes built now belong to the user's earlier call."""
-    token = _deferred_site.set(site)
-    try:
-        yield
-    finally:
-        _deferred_site.reset(token)
+class building_for:
+    """Inside the block, `user_site()` is `site`: nodes built now belong to the user's earlier call.
+
+    A class, not a generator context manager: every graph pass enters one per node."""
+
+    __slots__ = ("_site", "_token")
+
+    def __init__(self, site: str):
+        self._site = site
+
+    def __enter__(self) -> None:
+        self._token = _deferred_site.set(self._site)
+
+    def __exit__(self, *exc_info) -> None:
+        _deferred_site.reset(self._token)
 
 
 def user_site() -> str:

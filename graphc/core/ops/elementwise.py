@@ -6,6 +6,7 @@ become constants inside the expression.
 """
 from __future__ import annotations
 
+import functools
 import numbers
 
 import numpy as np
@@ -61,14 +62,21 @@ def _derivative_via_output(expr: sympy.Expr, i: int, node: Tensor):
     pass then reads the activation rather than its input, so the input has a single consumer
     and can be fused away (e.g. a GEMM's bias + ReLU epilogue).
     Returns (derivative over x0..xk, the operands those symbols stand for)."""
+    derivative, over_output = _derivative(expr, i, len(node.inputs) == 1)
+    return derivative, [node] if over_output else list(node.inputs)
+
+
+@functools.lru_cache(maxsize=4096)     # layers repeat their expressions
+def _derivative(expr: sympy.Expr, i: int, unary: bool) -> tuple[sympy.Expr, bool]:
+    """d expr / d x_i, and whether it is written over the output (as x0) instead of the operands."""
     derivative = sympy.diff(expr, symbol(i))
-    if len(node.inputs) == 1:
+    if unary:
         y = symbol(0)
         via_output = derivative.xreplace({Step(symbol(0)): Step(expr)} if _positive_where_x0_is(expr) else {})
         via_output = via_output.xreplace({expr: sympy.Dummy("y")})
         if symbol(0) not in via_output.free_symbols:
-            return via_output.xreplace({d: y for d in via_output.atoms(sympy.Dummy)}), [node]
-    return derivative, list(node.inputs)
+            return via_output.xreplace({d: y for d in via_output.atoms(sympy.Dummy)}), True
+    return derivative, False
 
 
 def _positive_where_x0_is(expr: sympy.Expr) -> bool:
