@@ -434,7 +434,7 @@ def test_a_pass_that_changes_nothing_returns_its_graph_and_builds_nothing_in_it(
     assert_same_values(outputs, final, feeds, params)
 
 
-def test_a_pass_rebuilds_for_a_change_at_the_last_node_with_a_fresh_hook():
+def test_a_pass_rebuilds_for_a_change_only_its_last_nodes_need():
     g = gc.Graph("late")
     x = g.input("x", (3, 4))
     h = gc.tanh(x) * 3.0

@@ -189,7 +189,8 @@ class EntryBuilder:
                                                              source_etype=I8))
         if kind == "constant":     # (name, array): a read-only global of the module calling
             name, array = where
-            return self.b.module.globals.get(name) or emit_constant(self.b.module, name, array)
+            existing = self.b.module.globals.get(name)
+            return existing if existing is not None else emit_constant(self.b.module, name, array)
         raise ValueError(f"unknown location {location!r}")
 
     def _reused(self, location: tuple, make) -> ir.Value:
