@@ -263,6 +263,21 @@ def test_winograd_planning_at_every_width(width):
     assert winograd_possible(few, 4) and not winograd_possible(few, 4, F4)   # 7 input channels
 
 
+@pytest.mark.parametrize("width", [4, 8, 16])
+def test_winograd_transform_lanes_at_every_width(width):
+    """The transforms' vectors: as wide as a row of tiles allows up to a register for F2; for
+    F4, at most half a register on targets of more than 4 lanes (bench/NOTES.md, "F4's
+    transforms on AVX2"), and never fewer lanes than a row of tiles gives."""
+    from graphc.backend.kernels.conv.winograd import _transform_width
+
+    wide = ConvGeometry.from_shapes((2, 16, 64, 64), (16, 16, 3, 3), (1, 1), ((1, 1), (1, 1)))
+    narrow = ConvGeometry.from_shapes((2, 16, 16, 16), (16, 16, 3, 3), (1, 1), ((1, 1), (1, 1)))
+    assert _transform_width(wide, width, 2) == width
+    assert _transform_width(wide, width, 4) == {4: 4, 8: 4, 16: 8}[width]
+    assert _transform_width(narrow, width, 4) == 4        # 4 tiles a row
+    assert _transform_width(narrow, width, 2) == min(width, 8)
+
+
 INPUT_GRAD_EPILOGUE_GRID = [
     # LeNet's conv2 at batch 40 (batch in lanes: two whole groups and a partial one; cols),
     # the conv net's "same" 3x3 (as forward), a stride-2 conv (as forward only), batch 1.

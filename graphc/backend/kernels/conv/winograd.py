@@ -33,7 +33,8 @@ winograd_weight_grad.py.
 Possible when the kernel is 3x3, the stride 1, the output's height and width multiples of m
 (whole tiles), and a sample holds at least a vector of tiles. The vector width of the
 transforms is the power of two at most W that fits a row of tiles; rows not a whole number
-of such vectors end on an overlapping one (the same tiles computed twice). F4's second run
+of such vectors end on an overlapping one (the same tiles computed twice); F4's at most
+half a register wide on targets of more than 4 lanes. F4's second run
 ends 2 cells past a row (cells no tile uses): its samples are always copied, with a margin.
 """
 from __future__ import annotations
@@ -106,8 +107,11 @@ def _tiles(g: ConvGeometry, m: int = 2) -> tuple[int, int]:
 
 
 def _transform_width(g: ConvGeometry, width: int, m: int = 2) -> int:
-    """Lanes of the transforms: the widest power of two <= W that a row of tiles holds."""
-    lanes = width
+    """Lanes of the transforms: the widest power of two <= W that a row of tiles holds, and
+    for F4 at most max(4, W / 2): a run of the input's cells is m x lanes floats, and picking
+    the tiles' columns out of a run four registers long (F4 at full width) took more shuffles
+    than the narrower transform saves (bench/NOTES.md, "F4's transforms on AVX2")."""
+    lanes = width if m == 2 else min(width, max(4, width // 2))
     while lanes > _tiles(g, m)[1]:
         lanes //= 2
     return lanes
