@@ -39,8 +39,9 @@ ends 2 cells past a row (cells no tile uses): its samples are always copied, wit
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-from typing import Callable
+from typing import Callable, Iterator
 
 import llvmlite.ir as ir
 
@@ -243,12 +244,17 @@ class _TilePlan:
         self.chunk = self.chunk_rows * self.tile_cols
         self.chunks = self.tile_rows // self.chunk_rows
 
-    def row_starts(self) -> list[int]:
-        """The first tile of each transform vector along a row of tiles."""
-        starts = list(range(0, self.tile_cols - self.lanes + 1, self.lanes))
-        if starts[-1] + self.lanes < self.tile_cols:
-            starts.append(self.tile_cols - self.lanes)
-        return starts
+    @contextlib.contextmanager
+    def row_starts(self, kb: KernelBuilder) -> Iterator[ir.Value]:
+        """A loop over the first tile of each transform vector along a row of tiles (the last
+        one overlapping the one before where lanes do not divide the row). A loop, not one
+        copy of the transform per vector: F4's is hundreds of instructions."""
+        vectors = -(-self.tile_cols // self.lanes)
+        if vectors == 1:
+            yield kb.i64(0)
+            return
+        with kb.for_range(0, vectors, name="vector") as vector:
+            yield kb.min(kb.mul(vector, self.lanes), self.tile_cols - self.lanes)
 
     def transform_input(self, kb: KernelBuilder, x_n, row0, v, v_stride: int, bt) -> None:
         """v[xi*v_stride + c*chunk + t] = (B^T d B)[xi] (bt: B^T's rows, n x n) for the cells
@@ -261,10 +267,11 @@ class _TilePlan:
         with kb.for_range(0, self.g.channels, name="c") as c:
             with kb.for_range(0, self.chunk_rows, name="row") as row:
                 top = kb.gep(x_n, kb.add(kb.mul(c, plane), kb.mul(kb.add(row0, row), m * row_w)))
-                for start in self.row_starts():
+                with self.row_starts(kb) as start:
                     # Row k of the tiles as two runs, m cells apart: column l of the tiles is
                     # phase l % m of run l // m.
-                    runs = [[wide.load_vec(top, k * row_w + m * start + shift) for shift in (0, m)]
+                    first = kb.gep(top, kb.mul(start, m))
+                    runs = [[wide.load_vec(first, k * row_w + shift) for shift in (0, m)]
                             for k in range(n)]
                     # B^T over the rows first (on whole runs), then over the columns.
                     rows = [[_combine(kb, terms, [runs[k][run] for k in range(n)]) for run in (0, 1)]
@@ -382,7 +389,7 @@ class _Winograd:
             shift = narrow.splat(kb.load(bias, o)) if bias is not None else None
             with kb.for_range(0, plan.chunk_rows, name="row") as row:
                 y = kb.mul(kb.add(row0, row), size)
-                for start in plan.row_starts():
+                with plan.row_starts(kb) as start:
                     tile = kb.add(kb.add(kb.mul(o, chunk), kb.mul(row, plan.tile_cols)), start)
                     cells = [[narrow.load_vec(m, kb.add(tile, (n * i + j) * self.m_stride)) for j in range(n)]
                              for i in range(n)]
@@ -396,7 +403,7 @@ class _Winograd:
                                 value = narrow.relu(value)
                             columns.append(value)
                         kb.store_vec(_interleave(kb, columns), out_n, kb.add(
-                            kb.mul(o, g.pixels), kb.add(kb.mul(kb.add(y, dy), g.out_w), size * start)))
+                            kb.mul(o, g.pixels), kb.add(kb.mul(kb.add(y, dy), g.out_w), kb.mul(start, size))))
 
 
 def _interleave(kb: KernelBuilder, columns: list[ir.Value]) -> ir.Value:
