@@ -265,9 +265,9 @@ def test_winograd_planning_at_every_width(width):
 
 @pytest.mark.parametrize("width", [4, 8, 16])
 def test_winograd_transform_lanes_at_every_width(width):
-    """The transforms' vectors: as wide as a row of tiles allows up to a register for F2; for
-    F4, at most half a register on targets of more than 4 lanes (bench/NOTES.md, "F4's
-    transforms on AVX2"), and never fewer lanes than a row of tiles gives."""
+    """The transforms' lanes: the largest power of two that a row of tiles holds, at most a
+    register for F2 and for F4 at most half a register on targets of more than 4 lanes
+    (bench/NOTES.md, "F4's transforms on AVX2"); planning only, any host."""
     from graphc.backend.kernels.conv.winograd import _transform_width
 
     wide = ConvGeometry.from_shapes((2, 16, 64, 64), (16, 16, 3, 3), (1, 1), ((1, 1), (1, 1)))

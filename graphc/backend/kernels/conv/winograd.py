@@ -18,8 +18,9 @@ of vectors of tiles, U broadcast), as the pixels-in-lanes forward runs with pixe
 A kernel works on one sample at a time (threads split the batch) and on it a chunk of whole
 rows of tiles at a time, so that V and M (n^2 C and n^2 O floats a tile) stay in cache:
   1. V of the chunk's tiles, vectorised along a row of tiles: each row of the input cells is
-     read as two runs of m W floats, m apart, whose m phases (every m-th cell) are the
-     tiles' columns; stored channel by channel (V[xi][c, t], tiles minor).
+     read as two runs of m L floats (L: the transforms' lanes), m apart, whose m phases
+     (every m-th cell) are the tiles' columns; stored channel by channel (V[xi][c, t],
+     tiles minor).
   2. The n^2 GEMMs.
   3. Y from M, along a row of tiles too: a tile's m columns interleaved into output rows,
      with the bias and the ReLU, stored straight into out.
@@ -31,11 +32,11 @@ flipped and transposed): `emit_input_grad_winograd`; the weight gradient is in
 winograd_weight_grad.py.
 
 Possible when the kernel is 3x3, the stride 1, the output's height and width multiples of m
-(whole tiles), and a sample holds at least a vector of tiles. The vector width of the
-transforms is the power of two at most W that fits a row of tiles; rows not a whole number
-of such vectors end on an overlapping one (the same tiles computed twice); F4's at most
-half a register wide on targets of more than 4 lanes. F4's second run
-ends 2 cells past a row (cells no tile uses): its samples are always copied, with a margin.
+(whole tiles), and a sample holds at least a vector of tiles. The transforms' lanes L are
+the largest power of two that a row of tiles holds, at most W (F4: at most W / 2 where W > 4);
+rows not a whole number of such vectors end on an overlapping one (the same tiles computed
+twice). F4's second run ends 2 cells past a row (cells no tile uses): its samples are always
+copied, with a margin.
 """
 from __future__ import annotations
 
