@@ -188,11 +188,12 @@ PATH_GRID = [
     # Several chunks of tile rows a sample (4 of 2 rows with 16 lanes, 8 of 1 row for the
     # weight gradient); 4x4 tiles too (8 a row).
     ((2, 8, 16, 32), (4, 8, 3, 3), (1, 1), ((1, 1), (1, 1))),
-    # 4x4 tiles (8 input channels at least): 16 a row (a whole vector of 16); 12 a row
-    # (vectors of 8, the last overlapping, or 4); no padding (x copied anyway: F4 reads past
-    # a row's end).
+    # 4x4 tiles (8 input channels at least): 16 a row (vectors of 8 with 16 lanes, of 4
+    # otherwise); 12 a row (vectors of 4); 6 a row (vectors of 4, the last overlapping); no
+    # padding (x copied anyway: F4 reads past a row's end).
     ((1, 8, 8, 64), (5, 8, 3, 3), (1, 1), ((1, 1), (1, 1))),
     ((2, 9, 8, 48), (8, 9, 3, 3), (1, 1), ((1, 1), (1, 1))),
+    ((1, 8, 8, 24), (4, 8, 3, 3), (1, 1), ((1, 1), (1, 1))),
     ((2, 8, 18, 34), (3, 8, 3, 3), (1, 1), ((0, 0), (0, 0))),
 ]
 
